@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from coordinator.nested import extract, init_global_state
 from coordinator.specs import get_model_config, make_specs
 from edge_client.artifacts import submodel_paths
 from edge_client.schemas import TrainConfig
-from edge_client.trainer import OrtTrainingBackend
+from edge_client.trainer import BACKEND_FILES, create_backend
 from export.artifacts import export_set
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +39,37 @@ def time_steps(step, steps: int) -> float:  # type: ignore[no-untyped-def]
     return steps * BATCH / (time.perf_counter() - start)
 
 
+def measure(config, specs, state, folder: Path, sub, threads: int, x: np.ndarray, y: np.ndarray) -> dict:  # type: ignore[no-untyped-def]
+    """Samples/s of one SGD step (momentum 0.9) for each backend, interleaved, median of REPEATS runs."""
+    torch.set_num_threads(threads)
+    cfg = TrainConfig(lr=0.01, momentum=0.9)
+    steppers = {}
+    for kind in ("ort-training", "portable"):
+        backend = create_backend(kind, submodel_paths(folder, sub, BACKEND_FILES[kind]), sub.params, cfg, threads)
+        backend.load(extract(state, sub.index))
+        steppers[kind] = partial(backend.step, x, y)
+    net = SubmodelNet(config, specs[sub.index]).train()
+    net.load_tensors(extract(state, sub.index))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+
+    def torch_step() -> None:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(tx), ty).backward()
+        opt.step()
+
+    steppers["pytorch"] = torch_step
+    runs: dict[str, list[float]] = {k: [] for k in steppers}
+    for step in steppers.values():
+        step()
+    for _ in range(REPEATS):
+        for kind, step in steppers.items():
+            runs[kind].append(time_steps(step, STEPS))
+    row = {"submodel": sub.index, "gamma": sub.gamma, "params": sub.param_count, "threads": threads}
+    row.update({f"{k}_samples_per_s": statistics.median(v) for k, v in runs.items()})
+    return row
+
+
 def main() -> None:
     config = get_model_config("resnet-small")
     specs = make_specs(config)
@@ -49,66 +81,63 @@ def main() -> None:
         rng = np.random.default_rng(0)
         x = rng.random((BATCH, 1, 28, 28), dtype=np.float32)
         y = rng.integers(0, 10, BATCH).astype(np.int64)
-        cfg = TrainConfig(lr=0.01, momentum=0.9)
         rows = []
         for sub in (manifest.submodels[0], manifest.submodels[-1]):
             for threads in (1, 2):
-                torch.set_num_threads(threads)
-                ort = OrtTrainingBackend(submodel_paths(Path(tmp), sub), sub.params, cfg, threads)
-                ort.load(extract(state, sub.index))
-                net = SubmodelNet(config, specs[sub.index]).train()
-                net.load_tensors(extract(state, sub.index))
-                opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-                tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-
-                def torch_step() -> None:
-                    opt.zero_grad()
-                    torch.nn.functional.cross_entropy(net(tx), ty).backward()
-                    opt.step()
-
-                ort.step(x, y)
-                torch_step()
-                ort_runs, torch_runs = [], []
-                for _ in range(REPEATS):
-                    ort_runs.append(time_steps(lambda: ort.step(x, y), STEPS))
-                    torch_runs.append(time_steps(torch_step, STEPS))
-                row = {
-                    "submodel": sub.index, "gamma": sub.gamma, "params": sub.param_count, "threads": threads,
-                    "ort_samples_per_s": statistics.median(ort_runs), "torch_samples_per_s": statistics.median(torch_runs),
-                }
-                row["ratio_ort_over_torch"] = row["ort_samples_per_s"] / row["torch_samples_per_s"]
-                rows.append(row)
-                print(json.dumps(row))
+                rows.append(measure(config, specs, state, Path(tmp), sub, threads, x, y))
+                print(json.dumps(rows[-1]))
         sizes = {s.index: sum(f.size for f in s.files.values()) for s in manifest.submodels}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
     result = {
-        "command": "./dev bench", "commit": commit, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads max",
-        "batch": BATCH, "steps_per_run": STEPS, "runs": REPEATS, "export_seconds_5_submodels": export_s,
-        "artifact_bytes": sizes, "throughput": rows,
+        "command": "./dev bench",
+        "commit": commit,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads max",
+        "batch": BATCH,
+        "steps_per_run": STEPS,
+        "runs": REPEATS,
+        "export_seconds_5_submodels": export_s,
+        "artifact_bytes": sizes,
+        "throughput": rows,
     }
     out = ROOT / "bench" / "results" / "throughput.json"
     out.write_text(json.dumps(result, indent=1))
     lines = [
-        "## Local training throughput: ONNX Runtime training build vs PyTorch",
+        "## Local training throughput: ONNX Runtime training build, portable graph (stock ORT), PyTorch",
         "",
-        f"`./dev bench` at commit `{commit}` ({platform.machine()}, batch {BATCH}, median of {REPEATS} interleaved runs "
-        f"of {STEPS} SGD steps with momentum; resnet-small on 1x28x28). Raw numbers: `bench/results/throughput.json`.",
+        f"`./dev bench` at commit `{commit}` ({platform.machine()}, batch {BATCH}, median of {REPEATS} interleaved "
+        f"runs of {STEPS} SGD steps with momentum; resnet-small on 1x28x28; samples/s). "
+        "Raw numbers: `bench/results/throughput.json`.",
         "",
-        "| submodel | gamma | parameters | threads | ORT samples/s | PyTorch samples/s | ORT / PyTorch |",
-        "|---|---|---|---|---|---|---|",
+        "| submodel | gamma | parameters | threads | ORT training build | portable (stock ORT) | PyTorch "
+        "| training build / PyTorch | portable / PyTorch |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['submodel']} | {r['gamma']:.2f} | {r['params']:,} | {r['threads']} | {r['ort_samples_per_s']:.0f} | "
-                     f"{r['torch_samples_per_s']:.0f} | {r['ratio_ort_over_torch']:.2f} |")
-    lines += ["", f"Export of the 5 default submodels (fresh folder): {export_s:.1f} s; artifact sizes (all four files) "
-              + ", ".join(f"submodel {k}: {v / 1024:.0f} KiB" for k, v in sizes.items()) + ".", ""]
+        ort_, port, ref = r["ort-training_samples_per_s"], r["portable_samples_per_s"], r["pytorch_samples_per_s"]
+        lines.append(
+            f"| {r['submodel']} | {r['gamma']:.2f} | {r['params']:,} | {r['threads']} | {ort_:.0f} | {port:.0f} | "
+            f"{ref:.0f} | {ort_ / ref:.2f} | {port / ref:.2f} |"
+        )
+    lines += [
+        "",
+        f"Export of the 5 default submodels (fresh folder): {export_s:.1f} s; artifact sizes (all four files) "
+        + ", ".join(f"submodel {k}: {v / 1024:.0f} KiB" for k, v in sizes.items())
+        + ".",
+        "",
+    ]
     write_section(ROOT / "docs" / "benchmarks.md", "throughput", "\n".join(lines))
 
 
 def write_section(path: Path, name: str, text: str) -> None:
     """Replace the section between `<!-- name:begin -->` and `<!-- name:end -->` (or append it)."""
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    old = path.read_text() if path.exists() else "# Benchmarks\n\nEvery number here was written by the command it names.\n"
+    old = (
+        path.read_text()
+        if path.exists()
+        else "# Benchmarks\n\nEvery number here was written by the command it names.\n"
+    )
     block = f"{begin}\n{text}\n{end}"
     if begin in old:
         new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]

@@ -6,7 +6,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional
 
 from pydantic import ValidationError
 
@@ -55,10 +55,13 @@ def load_manifest(folder: Path, verify: bool = True) -> Manifest:
     return manifest
 
 
-def submodel_paths(folder: Path, sub: SubmodelEntry) -> Dict[str, Path]:
-    """Paths of a submodel's files in an export folder, each checked against its hash."""
+def submodel_paths(folder: Path, sub: SubmodelEntry, roles: Optional[Iterable[str]] = None) -> Dict[str, Path]:
+    """Paths of a submodel's files (all, or those of ``roles``) in an export folder, each checked against
+    its hash."""
     out: Dict[str, Path] = {}
     for role, entry in sub.files.items():
+        if roles is not None and role not in roles:
+            continue
         path = Path(folder) / entry.name
         if not path.is_file():
             raise ArtifactError(f"artifact {path} is missing; re-run the export")
@@ -96,8 +99,9 @@ class ArtifactCache:
         os.replace(tmp, self.path(digest))
         return self.path(digest)
 
-    def submodel_paths(self, sub: SubmodelEntry) -> Optional[Dict[str, Path]]:
-        """The cached files of a submodel, or ``None`` if any is missing."""
-        if all(self.has(f.sha256) for f in sub.files.values()):
-            return {role: self.path(f.sha256) for role, f in sub.files.items()}
+    def submodel_paths(self, sub: SubmodelEntry, roles: Iterable[str]) -> Optional[Dict[str, Path]]:
+        """The cached files of a submodel for ``roles``, or ``None`` if any is missing."""
+        wanted = {role: f for role, f in sub.files.items() if role in roles}
+        if all(self.has(f.sha256) for f in wanted.values()):
+            return {role: self.path(f.sha256) for role, f in wanted.items()}
         return None

@@ -59,8 +59,12 @@ def join(
     mqtt_version: Annotated[str, typer.Option(help="MQTT protocol version: 3.1.1 or 5.")] = "3.1.1",
     threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: all cores).")] = 0,
     max_samples: Annotated[Optional[int], typer.Option(help="Use only the first N samples of the data.")] = None,
-    max_message_size: Annotated[int, typer.Option(help="Bytes per MQTT message; larger payloads are chunked.")] = 1
-    << 20,
+    max_message_size: Annotated[
+        int, typer.Option(help="Bytes per MQTT message; larger payloads are chunked.")
+    ] = 1048576,
+    backend: Annotated[
+        str, typer.Option(help="Training backend: auto, ort-training (training build) or portable (stock onnxruntime).")
+    ] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Join a run: announce this device, take training tasks, train with ONNX Runtime, upload the weights."""
@@ -68,6 +72,7 @@ def join(
     from edge_client.data import DataError, load_dataset
     from edge_client.mqtt import BrokerAddress, BrokerError, Security
     from edge_client.schemas import NAME_PATTERN
+    from edge_client.trainer import BackendUnavailable
 
     setup_logging(verbose)
     node = node_id or socket.gethostname().split(".")[0]
@@ -89,11 +94,11 @@ def join(
     if max_message_size < 1024:
         fail("--max-message-size must be at least 1024 bytes")
     options = ClientOptions(
-        address, node, run, cache, security, mqtt_version, tier, threads, chunk_size=max_message_size
+        address, node, run, cache, security, mqtt_version, tier, threads, chunk_size=max_message_size, backend=backend
     )
     try:
         client = EdgeClient(options, dataset)
-    except BrokerError as exc:
+    except (BrokerError, BackendUnavailable, ValueError) as exc:
         fail(str(exc))
         return
 
@@ -117,24 +122,27 @@ def profile(
         Optional[Path], typer.Option(help="An export folder: also time training of its smallest submodel.")
     ] = None,
     threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: all cores).")] = 0,
+    backend: Annotated[str, typer.Option(help="auto, ort-training or portable.")] = "auto",
 ) -> None:
     """Print this device's profile (JSON): hardware, ONNX Runtime, training backend, throughput."""
     from edge_client.artifacts import ArtifactError, load_manifest, submodel_paths
     from edge_client.profile import device_profile, measure_throughput
-    from edge_client.trainer import BackendUnavailable, OrtTrainingBackend
+    from edge_client.trainer import BACKEND_FILES, BackendUnavailable, choose_backend, create_backend
 
     speed = probe = None
-    if artifacts is not None:
-        try:
+    try:
+        kind = choose_backend(backend)
+        if artifacts is not None:
             manifest = load_manifest(artifacts)
             sub = min(manifest.submodels, key=lambda s: s.mflops)
-            backend = OrtTrainingBackend(submodel_paths(artifacts, sub), sub.params, manifest.train, threads)
-        except (ArtifactError, BackendUnavailable) as exc:
-            fail(str(exc))
-            return
-        speed = measure_throughput(backend, manifest.input_shape, manifest.num_classes)
-        probe = sub.mflops
-    typer.echo(json.dumps(device_profile(speed, probe).model_dump(), indent=1))
+            paths = submodel_paths(artifacts, sub, BACKEND_FILES[kind])
+            trainer = create_backend(kind, paths, sub.params, manifest.train, threads)
+            speed = measure_throughput(trainer, manifest.input_shape, manifest.num_classes)
+            probe = sub.mflops
+    except (ArtifactError, BackendUnavailable, ValueError) as exc:
+        fail(str(exc))
+        return
+    typer.echo(json.dumps(device_profile(kind, speed, probe).model_dump(), indent=1))
 
 
 def main() -> None:  # pragma: no cover

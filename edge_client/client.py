@@ -29,7 +29,14 @@ from edge_client.schemas import (
     Update,
     Weights,
 )
-from edge_client.trainer import DeadlineMissed, OrtTrainingBackend, TrainerBackend, train_local
+from edge_client.trainer import (
+    BACKEND_FILES,
+    DeadlineMissed,
+    TrainerBackend,
+    choose_backend,
+    create_backend,
+    train_local,
+)
 from edge_client.wire import ProtocolError, Topics, encode, pack_tensors, sha256, unpack_tensors
 
 log = logging.getLogger(__name__)
@@ -51,6 +58,7 @@ class ClientOptions:
     tier: Optional[int] = None
     threads: int = 0
     fetch_timeout_s: float = 120.0
+    backend: str = "auto"
     chunk_size: int = 1 << 20
 
 
@@ -63,6 +71,7 @@ class EdgeClient:
         self.topics = Topics(options.run)
         self.cache = ArtifactCache(options.cache / "artifacts")
         self.manifest: Optional[Manifest] = None
+        self.backend_kind = choose_backend(options.backend)
         self._backends: Dict[str, TrainerBackend] = {}
         self._deferred: List[Inbound] = []
         self._done_tasks: set[str] = set()
@@ -172,8 +181,9 @@ class EdgeClient:
     # --- artifacts and profile -----------------------------------------------------------------------------
 
     def _fetch_artifacts(self, sub: SubmodelEntry) -> Dict[str, Path]:
+        roles = BACKEND_FILES[self.backend_kind]
         for role, entry in sub.files.items():
-            if self.cache.has(entry.sha256):
+            if role not in roles or self.cache.has(entry.sha256):
                 continue
             topic = self.topics.artifact(entry.sha256)
             self.link.subscribe(topic + "/#")
@@ -187,7 +197,7 @@ class EdgeClient:
                 self.link.unsubscribe(topic + "/#")
             self.cache.put(body, entry.sha256)
             log.info("fetched %s artifact of submodel %d (%d KiB)", role, sub.index, len(body) // 1024)
-        paths = self.cache.submodel_paths(sub)
+        paths = self.cache.submodel_paths(sub, roles)
         if paths is None:
             raise ArtifactError(f"artifacts of submodel {sub.index} vanished from the cache {self.cache.folder}")
         return paths
@@ -195,14 +205,16 @@ class EdgeClient:
     def _backend(self, manifest: Manifest, sub: SubmodelEntry) -> TrainerBackend:
         if sub.key not in self._backends:
             paths = self._fetch_artifacts(sub)
-            self._backends[sub.key] = OrtTrainingBackend(paths, sub.params, manifest.train, self.opts.threads)
+            self._backends[sub.key] = create_backend(
+                self.backend_kind, paths, sub.params, manifest.train, self.opts.threads
+            )
         return self._backends[sub.key]
 
     def _profile(self, manifest: Manifest) -> DeviceProfile:
         probe = min(manifest.submodels, key=lambda s: s.mflops)
         backend = self._backend(manifest, probe)
         speed = measure_throughput(backend, manifest.input_shape, manifest.num_classes, seconds=1.0)
-        profile = device_profile(speed, probe.mflops)
+        profile = device_profile(self.backend_kind, speed, probe.mflops)
         log.info("profile: %s", profile.model_dump_json())
         return profile
 

@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from edge_client.schemas import DeviceProfile
-from edge_client.trainer import TrainerBackend, has_training_build
+from edge_client.trainer import TrainerBackend
 
 
 def memory_mb() -> int:
@@ -36,7 +36,9 @@ def measure_throughput(
     return steps * batch / (time.perf_counter() - start)
 
 
-def device_profile(samples_per_s: Optional[float] = None, probe_mflops: Optional[float] = None) -> DeviceProfile:
+def device_profile(
+    backend: str, samples_per_s: Optional[float] = None, probe_mflops: Optional[float] = None
+) -> DeviceProfile:
     import onnxruntime
 
     return DeviceProfile(
@@ -46,7 +48,7 @@ def device_profile(samples_per_s: Optional[float] = None, probe_mflops: Optional
         cores=os.cpu_count() or 1,
         memory_mb=memory_mb(),
         onnxruntime=onnxruntime.__version__,
-        backend="ort-training" if has_training_build() else "none",
+        backend=backend,
         samples_per_s=None if samples_per_s is None else round(samples_per_s, 2),
         probe_mflops=probe_mflops,
     )

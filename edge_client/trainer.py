@@ -131,6 +131,34 @@ class OrtTrainingBackend:
         return {name: buf.copy() for name, buf in self._momentum.items()}
 
 
+BACKENDS = ("ort-training", "portable")
+BACKEND_FILES: Dict[str, Tuple[str, ...]] = {
+    "ort-training": ("training", "eval", "checkpoint"),
+    "portable": ("portable", "eval"),
+}
+
+
+def choose_backend(requested: str = "auto") -> str:
+    """``auto``: the training build when ``onnxruntime.training`` is importable, else the portable graph."""
+    if requested == "auto":
+        return "ort-training" if has_training_build() else "portable"
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown backend {requested!r}; choose auto, {', '.join(BACKENDS)}")
+    if requested == "ort-training" and not has_training_build():
+        raise BackendUnavailable("backend ort-training needs onnxruntime-training-cpu; use --backend portable")
+    return requested
+
+
+def create_backend(
+    kind: str, files: Dict[str, Path], params: List[ParamEntry], train: Optional[TrainConfig] = None, threads: int = 0
+) -> TrainerBackend:
+    if kind == "portable":
+        from edge_client.portable import PortableBackend
+
+        return PortableBackend(files, params, train, threads)
+    return OrtTrainingBackend(files, params, train, threads)
+
+
 class DeadlineMissed(RuntimeError):
     """Local training cannot finish before the task's deadline."""
 

@@ -24,14 +24,16 @@ from coordinator.specs import ModelConfig, SubmodelSpec, mflops, param_count, pa
 from edge_client.artifacts import MANIFEST_NAME, ArtifactError, file_entry, load_manifest
 from edge_client.schemas import FileEntry, Manifest, ParamEntry, SubmodelEntry, TrainConfig
 from edge_client.wire import pack_tensors
+from export.portable import PORTABLE_FILE, build_portable_step
 
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 OPSET = 17
 FILE_NAMES = {
     "training": "training_model.onnx",
     "eval": "eval_model.onnx",
     "optimizer": "optimizer_model.onnx",
     "checkpoint": "checkpoint",
+    "portable": PORTABLE_FILE,
 }
 
 
@@ -113,6 +115,9 @@ def _export_one(config: ModelConfig, spec: SubmodelSpec, folder: Path) -> None:
     onnx_path.unlink()
     _fix_eval_batchnorm(folder / FILE_NAMES["eval"])
     _fix_ir_version(folder / FILE_NAMES["optimizer"])
+    build_portable_step(
+        folder / FILE_NAMES["training"], folder / PORTABLE_FILE, requires_grad, frozen, config.num_classes
+    )
 
 
 def _fix_eval_batchnorm(path: Path) -> None:

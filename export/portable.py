@@ -41,7 +41,9 @@ class _Builder:
         self._n += 1
         return f"portable/{hint}/{self._n}"
 
-    def op(self, op_type: str, inputs: list[str], n_out: int = 1, outputs: list[str] | None = None, **attrs: Any) -> list[str]:
+    def op(
+        self, op_type: str, inputs: list[str], n_out: int = 1, outputs: list[str] | None = None, **attrs: Any
+    ) -> list[str]:
         from onnx import helper
 
         outs = outputs or [self.name(op_type) for _ in range(n_out)]
@@ -107,7 +109,7 @@ def _lower_bn(b: _Builder, node: Any) -> None:
 
 def _lower_bn_grad(b: _Builder, node: Any) -> None:
     dy, x, scale, saved_mean, saved_inv = node.input
-    dx, dscale, dbias = (list(node.output) + ["", "", ""])[:3]
+    dx, dscale, dbias = [*node.output, "", "", ""][:3]
     shape4 = b.const([1, -1, 1, 1])
     (mean4,) = b.op("Reshape", [saved_mean, shape4])
     (inv4,) = b.op("Reshape", [saved_inv, shape4])
@@ -128,7 +130,7 @@ def _lower_bn_grad(b: _Builder, node: Any) -> None:
 
 def _lower_conv_grad(b: _Builder, node: Any, dims: dict[str, list[Any]]) -> None:
     dy, x, w = node.input[:3]
-    outs = list(node.output) + ["", "", ""]
+    outs = [*node.output, "", "", ""]
     dx, dw, db = outs[:3]
     attrs = _attrs(node)
     strides, pads = list(attrs.get("strides", [1, 1])), list(attrs.get("pads", [0, 0, 0, 0]))
@@ -141,8 +143,15 @@ def _lower_conv_grad(b: _Builder, node: Any, dims: dict[str, list[Any]]) -> None
         raise NotImplementedError(f"portable ConvGrad needs static spatial sizes; {x} has {dims[x]}")
     if dx:
         extra = [x_hw[i] - (strides[i] * (dy_hw[i] - 1) + kernel[i] - pads[i] - pads[i + 2]) for i in range(2)]
-        b.op("ConvTranspose", [dy, w], outputs=[dx], strides=strides, pads=pads, output_padding=extra,
-             kernel_shape=kernel)
+        b.op(
+            "ConvTranspose",
+            [dy, w],
+            outputs=[dx],
+            strides=strides,
+            pads=pads,
+            output_padding=extra,
+            kernel_shape=kernel,
+        )
     if dw:
         perm = [1, 0, 2, 3]
         (xt,) = b.op("Transpose", [x], perm=perm)
@@ -164,7 +173,9 @@ def _lower_sce_grad(b: _Builder, node: Any, num_classes: int) -> None:
     b.op("Mul", [diff, b.op("Div", [dloss, n])[0]], outputs=[node.output[0]])
 
 
-def build_portable_step(training_model: Path, out: Path, trainable: list[str], frozen: list[str], num_classes: int) -> None:
+def build_portable_step(
+    training_model: Path, out: Path, trainable: list[str], frozen: list[str], num_classes: int
+) -> None:
     """Write the standard-op training step graph for one submodel's ORT training graph."""
     import onnx
     from onnx import TensorProto, helper
@@ -214,8 +225,10 @@ def build_portable_step(training_model: Path, out: Path, trainable: list[str], f
         (decayed,) = b.op("Add", [grads[p], b.op("Mul", [p, wd])[0]])
         b.op("Add", [b.op("Mul", [f"{p}.momentum", mom])[0], decayed], outputs=[f"{p}.momentum.new"])
         b.op("Sub", [p, b.op("Mul", [f"{p}.momentum.new", lr])[0]], outputs=[f"{p}.new"])
-        outputs += [helper.make_tensor_value_info(f"{p}.new", TensorProto.FLOAT, shape),
-                    helper.make_tensor_value_info(f"{p}.momentum.new", TensorProto.FLOAT, shape)]
+        outputs += [
+            helper.make_tensor_value_info(f"{p}.new", TensorProto.FLOAT, shape),
+            helper.make_tensor_value_info(f"{p}.momentum.new", TensorProto.FLOAT, shape),
+        ]
     bn_outputs = {n.input[3]: n.output[1] for n in graph.node if n.op_type == "BatchNormInternal"}
     bn_outputs.update({n.input[4]: n.output[2] for n in graph.node if n.op_type == "BatchNormInternal"})
     for p in frozen:
@@ -226,8 +239,9 @@ def build_portable_step(training_model: Path, out: Path, trainable: list[str], f
 
     kept_inits = [i for i in graph.initializer if i.name not in {p for p in [*trainable, *frozen]}]
     new_graph = helper.make_graph(b.nodes, "nefl_portable_step", inputs, outputs, [*kept_inits, *b.inits])
-    new_model = helper.make_model(new_graph, opset_imports=[helper.make_opsetid("", PORTABLE_OPSET)],
-                                  producer_name="nefl-edge")
+    new_model = helper.make_model(
+        new_graph, opset_imports=[helper.make_opsetid("", PORTABLE_OPSET)], producer_name="nefl-edge"
+    )
     new_model.ir_version = 8
     onnx.checker.check_model(new_model)
     onnx.save(new_model, str(out))

@@ -128,34 +128,26 @@ def device_env(folder: Path) -> dict[str, str]:
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(BLOCKER)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    repo = str(Path(__file__).resolve().parent.parent)  # importable also from a venv without nefl-edge installed
+    env["PYTHONPATH"] = os.pathsep.join([str(site), repo, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["PYTHONUNBUFFERED"] = "1"
     env["NEFL_THREADS"] = "1"
     return env
 
 
 def spawn_edge(
-    broker: str, data: Path, node: str, folder: Path, *extra: str, tier: Optional[int] = None, run: str = "default"
+    broker: str,
+    data: Path,
+    node: str,
+    folder: Path,
+    *extra: str,
+    tier: Optional[int] = None,
+    run: str = "default",
+    python: str = sys.executable,
 ) -> subprocess.Popen[bytes]:
-    args = [
-        sys.executable,
-        "-m",
-        "edge_client",
-        "join",
-        "--broker",
-        broker,
-        "--data",
-        str(data),
-        "--node-id",
-        node,
-        "--run",
-        run,
-        "--cache",
-        str(folder / f"cache-{node}"),
-        "--threads",
-        "1",
-        *extra,
-    ]
+    """A real `nefl-edge join` process in which torch and onnx cannot be imported."""
+    args = [python, "-m", "edge_client", "join", "--broker", broker, "--data", str(data), "--node-id", node]
+    args += ["--run", run, "--cache", str(folder / f"cache-{node}"), "--threads", "1", *extra]
     if tier is not None:
         args += ["--tier", str(tier)]
     log = (folder / f"{node}.log").open("ab")

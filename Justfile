@@ -22,6 +22,11 @@ test *ARGS:
 test-slow *ARGS:
     python -m pytest -q -m slow {{ARGS}}
 
+# an emulated Raspberry Pi (Debian arm64, qemu-user-static, stock onnxruntime from PyPI): one step vs x86_64
+test-arm64 *ARGS:
+    command -v debootstrap >/dev/null && command -v qemu-aarch64-static >/dev/null || apt-get install -y -q debootstrap qemu-user-static
+    python -m pytest -q -s -m slow tests/test_arm64.py {{ARGS}}
+
 # ruff and mypy
 lint:
     ruff check .

@@ -36,7 +36,7 @@ class Shortcut(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int, shortcut: bool, preact: bool) -> None:
+    def __init__(self, c_in: int, c_out: int, stride: int, shortcut: bool, preact: bool, learned_step: bool = True) -> None:
         super().__init__()
         self.preact = preact
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
@@ -44,7 +44,7 @@ class Block(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out, eps=BN_EPS, momentum=BN_MOMENTUM)
         self.shortcut: Optional[Shortcut] = Shortcut(c_in, c_out, stride) if shortcut else None
-        self.step = nn.Parameter(torch.ones(1))
+        self.step = nn.Parameter(torch.ones(1), requires_grad=learned_step)
 
     def forward(self, x: Tensor) -> Tensor:
         skip = self.shortcut(x) if self.shortcut is not None else x
@@ -82,7 +82,7 @@ class SubmodelNet(nn.Module):
             for b in range(n_blocks):
                 if b in spec.blocks[s]:
                     block_in, stride = (c_in, stage_stride(s)) if b == 0 else (c_out, 1)
-                    blocks[str(b)] = Block(block_in, c_out, stride, has_shortcut(s, b), config.preact)
+                    blocks[str(b)] = Block(block_in, c_out, stride, has_shortcut(s, b), config.preact, config.learned_step)
             self.stages.append(blocks)
             c_in = c_out
         self.final_bn = nn.BatchNorm2d(c_in, eps=BN_EPS, momentum=BN_MOMENTUM) if config.preact else None
@@ -130,7 +130,7 @@ def initial_consistent(config: ModelConfig, seed: int) -> Tensors:
     torch.manual_seed(seed)
     net = SubmodelNet(config, full_spec(config))
     layout = param_layout(config, full_spec(config))
-    return {k: v for k, v in net.tensors().items() if layout[k].kind == "consistent"}
+    return {k: v for k, v in net.tensors().items() if layout[k].kind == "consistent" or k.startswith("head.")}
 
 
 def _bn(x: Tensor, sub: dict[str, Tensor], prefix: str) -> Tensor:

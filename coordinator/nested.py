@@ -68,13 +68,7 @@ def init_global_state(
     for name, info in full.items():
         if info.kind != "consistent":
             continue
-        if name in consistent:
-            cons[name] = np.asarray(consistent[name], dtype=np.float32).copy()
-        elif name.endswith("bias"):
-            cons[name] = np.zeros(info.shape, np.float32)
-        else:
-            fan_in = int(np.prod(info.shape[1:]))
-            cons[name] = (rng.standard_normal(info.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        cons[name] = _initial(name, info.shape, consistent, rng)
     inconsistent = []
     for spec in specs:
         tensors: Tensors = {}
@@ -82,13 +76,27 @@ def init_global_state(
             if name.endswith(".step"):
                 stage = int(name.split(".")[1])
                 # The ODE reading: a stage that skips blocks takes proportionally bigger steps.
-                ratio = config.stage_blocks[stage] / len(spec.blocks[stage])
+                ratio = config.stage_blocks[stage] / len(spec.blocks[stage]) if config.learned_step else 1.0
                 tensors[name] = np.full(info.shape, ratio, np.float32)
+            elif info.kind == "inconsistent" and name.startswith("head."):
+                full_head = _initial(name, full[name].shape, consistent, rng)
+                tensors[name] = full_head[prefix_slice(info.shape)].copy()
             elif info.kind == "inconsistent":
                 one = name.endswith(("weight", "running_var"))
                 tensors[name] = (np.ones if one else np.zeros)(info.shape, np.float32)
         inconsistent.append(tensors)
     return GlobalState(config, list(specs), cons, inconsistent)
+
+
+def _initial(name: str, shape: tuple[int, ...], given: Tensors, rng: np.random.Generator) -> np.ndarray:
+    if name in given:
+        return np.asarray(given[name], dtype=np.float32).copy()
+    if name.endswith("bias") or name.endswith("running_mean"):
+        return np.zeros(shape, np.float32)
+    if len(shape) == 1:  # BatchNorm scale
+        return np.ones(shape, np.float32)
+    fan_in = int(np.prod(shape[1:]))
+    return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
 
 
 def check_global_state(state: GlobalState) -> None:

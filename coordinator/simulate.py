@@ -1,82 +1,122 @@
-"""In-process federated simulation (no broker): the same submodel extraction and NeFedAvg as the real
-coordinator, with local training in PyTorch. For quick experiments and for checking the MQTT path."""
+"""In-process federated simulation (no broker): the same specs, extraction, NeFedAvg and BatchNorm
+re-estimation as the real coordinator, with local training in PyTorch (or, with ``trainer="ort"``, through
+the exported ONNX Runtime artifacts, the device's own code path)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
 
 import numpy as np
-import torch
 
 from coordinator.evaluation import calibrate_bn, evaluate
-from coordinator.models import build_submodel, initial_consistent
+from coordinator.models import initial_consistent
 from coordinator.nefedavg import NeFedAvg, Weighting
-from coordinator.nested import GlobalState, Tensors, init_global_state
-from coordinator.specs import ModelConfig, SubmodelSpec
+from coordinator.nested import GlobalState, Tensors, extract, init_global_state
+from coordinator.specs import ModelConfig
+from coordinator.strategies import LocalTrainer, Strategy
 from edge_client.data import Dataset
 from edge_client.schemas import TrainConfig
-from edge_client.trainer import planned_steps
 
-
-def train_torch(state: GlobalState, index: int, data: Dataset, cfg: TrainConfig) -> Tensors:
-    """Local training in PyTorch with the same batches (seeded shuffle) and SGD as the device."""
-    net = build_submodel(state, index).train()
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    rng = np.random.default_rng(cfg.seed)
-    total, step = planned_steps(len(data), cfg), 0
-    while step < total:
-        order = rng.permutation(len(data))
-        for lo in range(0, len(order), cfg.batch_size):
-            idx = order[lo : lo + cfg.batch_size]
-            if len(idx) < 2 or step >= total:
-                break
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(data.x[idx])), torch.from_numpy(data.y[idx]))
-            loss.backward()
-            opt.step()
-            step += 1
-    return net.tensors()
+TrainerKind = Literal["torch", "ort"]
 
 
 @dataclass
 class SimResult:
-    accuracy: list[list[float]]  # per round (0 = before training), per submodel
+    method: str
+    gammas: list[float]
+    tier_submodel: list[Optional[int]]
+    submodel_gammas: list[float]
+    accuracy: list[list[float]]  # per evaluated round (index 0: before training), per submodel
+    rounds: list[int]
     seconds: float
+    updates: list[int] = field(default_factory=list)
+
+    def tier_accuracy(self, at: int = -1) -> list[Optional[float]]:
+        """Accuracy of the model each device tier runs (None: the tier gets no model)."""
+        row = self.accuracy[at]
+        return [None if k is None else row[k] for k in self.tier_submodel]
+
+
+def ort_trainer(folder: Path) -> LocalTrainer:
+    """Local training through exported artifacts with the edge client's own trainer (``train_local``)."""
+    from edge_client.artifacts import load_manifest, submodel_paths
+    from edge_client.trainer import BACKEND_FILES, choose_backend, create_backend, train_local
+
+    manifest = load_manifest(folder)
+    kind = choose_backend("auto")
+
+    def train(state: GlobalState, index: int, data: Dataset, cfg: TrainConfig) -> Tensors:
+        sub = manifest.submodels[index]
+        backend = create_backend(kind, submodel_paths(folder, sub, BACKEND_FILES[kind]), sub.params, cfg, 1)
+        backend.load(extract(state, index), cfg)
+        train_local(backend, data, cfg)
+        return backend.tensors()
+
+    return train
 
 
 def simulate(
+    strategy: Strategy,
     config: ModelConfig,
-    specs: list[SubmodelSpec],
+    gammas: tuple[float, ...],
     shards: list[Dataset],
-    assignment: list[int],
+    tiers: list[int],
     test: Dataset,
     rounds: int,
     train: TrainConfig,
-    fraction: float = 1.0,
+    fraction: float = 0.1,
     weighting: Weighting = "samples",
     seed: int = 0,
-    on_round: Callable[[int, list[float]], None] | None = None,
-    calibration: np.ndarray | None = None,
+    calibration: Optional[np.ndarray] = None,
+    eval_every: int = 0,
+    trainer: TrainerKind = "torch",
+    artifacts: Optional[Path] = None,
+    on_round: Optional[Callable[[int, list[float]], None]] = None,
 ) -> SimResult:
-    """Run ``rounds`` of NeFL: each round a ``fraction`` of clients trains its assigned submodel."""
+    """``rounds`` rounds of ``strategy``: each round a ``fraction`` of the devices that can train one of
+    the method's submodels (at least one) trains its tier's submodel; NeFedAvg aggregates; BatchNorm
+    statistics are re-estimated on ``calibration``; every submodel is evaluated on ``test`` before training,
+    every ``eval_every`` rounds (0: only at the end) and after the last round."""
     start = time.perf_counter()
+    config = strategy.configure(config)
+    plan = strategy.plan(config, gammas)
     rng = np.random.default_rng(seed)
-    state = init_global_state(config, specs, initial_consistent(config, seed), seed)
-    history = [[evaluate(state, k, test)[0] for k in range(len(specs))]]
+    state = init_global_state(config, plan.specs, initial_consistent(config, seed), seed)
+    local: LocalTrainer = strategy.local_train
+    if trainer == "ort":
+        if artifacts is None:
+            raise ValueError("trainer 'ort' needs the folder of the method's exported artifacts (artifacts=...)")
+        local = ort_trainer(artifacts)
+    pool = [c for c, t in enumerate(tiers) if plan.tier_submodel[t] is not None]
+
+    def score() -> list[float]:
+        return [evaluate(state, k, test)[0] for k in range(len(plan.specs))]
+
+    result = SimResult(
+        strategy.name, list(gammas), plan.tier_submodel, [s.gamma for s in plan.specs], [score()], [0], 0.0
+    )
     for r in range(1, rounds + 1):
-        count = max(1, round(fraction * len(shards)))
-        chosen = sorted(rng.choice(len(shards), size=count, replace=False).tolist())
+        count = min(len(pool), max(1, round(fraction * len(pool))))
+        chosen = sorted(rng.choice(pool, size=count, replace=False).tolist())
         agg = NeFedAvg(state, weighting)
         for c in chosen:
-            local = train.model_copy(update={"seed": int(rng.integers(1 << 31))})
-            agg.add(assignment[c], train_torch(state, assignment[c], shards[c], local), len(shards[c]))
+            index = plan.tier_submodel[tiers[c]]
+            assert index is not None
+            cfg = train.model_copy(update={"seed": int(rng.integers(1 << 31))})
+            agg.add(index, local(state, index, shards[c], cfg), len(shards[c]))
         state = agg.result()
+        result.updates.append(agg.updates)
         if calibration is not None and len(calibration):
-            for k in range(len(specs)):
+            for k in range(len(plan.specs)):
                 calibrate_bn(state, k, calibration)
-        history.append([evaluate(state, k, test)[0] for k in range(len(specs))])
-        if on_round is not None:
-            on_round(r, history[-1])
-    return SimResult(history, time.perf_counter() - start)
+        if r == rounds or (eval_every and r % eval_every == 0):
+            result.accuracy.append(score())
+            result.rounds.append(r)
+            if on_round is not None:
+                on_round(r, result.accuracy[-1])
+    result.seconds = time.perf_counter() - start
+    return result

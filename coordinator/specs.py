@@ -40,6 +40,10 @@ class ModelConfig:
     image_size: int = 28
     num_classes: int = 10
     preact: bool = False
+    # What is shared between submodels (NeFL's choices are the defaults; baselines change them):
+    shared_bn: bool = False  # BatchNorm affine as nested slices of one global tensor (HeteroFL, FjORD)
+    learned_step: bool = True  # a learnable step size per block and submodel; False: fixed at 1
+    shared_head: bool = True  # one classifier sliced along its inputs; False: one per submodel (DepthFL)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -54,6 +58,9 @@ class ModelConfig:
             image_size=int(data["image_size"]),  # type: ignore[call-overload]
             num_classes=int(data["num_classes"]),  # type: ignore[call-overload]
             preact=bool(data["preact"]),
+            shared_bn=bool(data.get("shared_bn", False)),
+            learned_step=bool(data.get("learned_step", True)),
+            shared_head=bool(data.get("shared_head", True)),
         )
 
 
@@ -122,9 +129,15 @@ class ParamInfo:
     trainable: bool
 
 
-def _bn(layout: dict[str, ParamInfo], prefix: str, channels: int) -> None:
-    for name, trainable in (("weight", True), ("bias", True), ("running_mean", False), ("running_var", False)):
-        layout[f"{prefix}.{name}"] = ParamInfo((channels,), "inconsistent", trainable)
+def _bn(layout: dict[str, ParamInfo], prefix: str, channels: int, shared: bool = False) -> None:
+    affine: ParamKind = "consistent" if shared else "inconsistent"
+    for name, kind, trainable in (
+        ("weight", affine, True),
+        ("bias", affine, True),
+        ("running_mean", "inconsistent", False),
+        ("running_var", "inconsistent", False),
+    ):
+        layout[f"{prefix}.{name}"] = ParamInfo((channels,), kind, trainable)
 
 
 def param_layout(config: ModelConfig, spec: SubmodelSpec) -> dict[str, ParamInfo]:
@@ -132,7 +145,8 @@ def param_layout(config: ModelConfig, spec: SubmodelSpec) -> dict[str, ParamInfo
 
     Conv and linear weights are consistent (nested slices of one global tensor); BatchNorm parameters and
     statistics and the per-block step sizes are inconsistent (one copy per submodel). The classifier is
-    consistent, sliced along its input features, as in the paper's code.
+    consistent, sliced along its input features, as in the paper's code. The config's ``shared_bn``,
+    ``learned_step`` and ``shared_head`` switch these choices for the baselines of ``coordinator.strategies``.
     """
     _check_spec(config, spec)
     w = spec.width
@@ -140,7 +154,7 @@ def param_layout(config: ModelConfig, spec: SubmodelSpec) -> dict[str, ParamInfo
     c_in = scaled(config.stage_widths[0], w)
     layout["stem.conv.weight"] = ParamInfo((c_in, config.in_channels, 3, 3), "consistent", True)
     if not config.preact:
-        _bn(layout, "stem.bn", c_in)
+        _bn(layout, "stem.bn", c_in, config.shared_bn)
     for s, (n_blocks, width) in enumerate(zip(config.stage_blocks, config.stage_widths, strict=True)):
         c_out = scaled(width, w)
         for b in range(n_blocks):
@@ -149,18 +163,19 @@ def param_layout(config: ModelConfig, spec: SubmodelSpec) -> dict[str, ParamInfo
             p = f"stages.{s}.{b}"
             block_in = c_in if b == 0 else c_out
             layout[f"{p}.conv1.weight"] = ParamInfo((c_out, block_in, 3, 3), "consistent", True)
-            _bn(layout, f"{p}.bn1", block_in if config.preact else c_out)
+            _bn(layout, f"{p}.bn1", block_in if config.preact else c_out, config.shared_bn)
             layout[f"{p}.conv2.weight"] = ParamInfo((c_out, c_out, 3, 3), "consistent", True)
-            _bn(layout, f"{p}.bn2", c_out)
+            _bn(layout, f"{p}.bn2", c_out, config.shared_bn)
             if has_shortcut(s, b):
                 layout[f"{p}.shortcut.conv.weight"] = ParamInfo((c_out, block_in, 1, 1), "consistent", True)
-                _bn(layout, f"{p}.shortcut.bn", c_out)
-            layout[f"{p}.step"] = ParamInfo((1,), "inconsistent", True)
+                _bn(layout, f"{p}.shortcut.bn", c_out, config.shared_bn)
+            layout[f"{p}.step"] = ParamInfo((1,), "inconsistent", config.learned_step)
         c_in = c_out
     if config.preact:
-        _bn(layout, "final_bn", c_in)
-    layout["head.weight"] = ParamInfo((config.num_classes, c_in), "consistent", True)
-    layout["head.bias"] = ParamInfo((config.num_classes,), "consistent", True)
+        _bn(layout, "final_bn", c_in, config.shared_bn)
+    head: ParamKind = "consistent" if config.shared_head else "inconsistent"
+    layout["head.weight"] = ParamInfo((config.num_classes, c_in), head, True)
+    layout["head.bias"] = ParamInfo((config.num_classes,), head, True)
     return layout
 
 

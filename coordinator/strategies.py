@@ -1,0 +1,237 @@
+"""Federated methods for heterogeneous devices, as strategy objects over one harness.
+
+Every strategy uses the same machinery as the real coordinator: submodel specs (``coordinator.specs``),
+nested extraction (``coordinator.nested``) and streaming aggregation (``coordinator.nefedavg``). What differs
+between methods is expressed in three places:
+
+- which submodels exist and which device tier trains which (``plan``);
+- what the submodels share (the ``ModelConfig`` switches ``shared_bn``, ``learned_step``, ``shared_head``);
+  NeFedAvg then averages shared tensors over every client that covers them and per-submodel tensors only
+  within a submodel, so the one aggregator is HeteroFL's, FjORD's and DepthFL's rule as well;
+- how a client trains locally (``local_train``; FjORD samples a width per batch).
+
+Device tiers: tier ``t`` is a device that can afford gamma ``gammas[t]`` (parameter ratio) and no more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import numpy as np
+import torch
+
+from coordinator.models import build_submodel
+from coordinator.nested import GlobalState, Tensors, extract, prefix_slice
+from coordinator.specs import (
+    GAMMA_TOLERANCE,
+    ModelConfig,
+    ScalingMethod,
+    SpecError,
+    SubmodelSpec,
+    _depth_candidates,
+    _with_gamma,
+    make_specs,
+    param_layout,
+)
+from edge_client.data import Dataset
+from edge_client.schemas import TrainConfig
+from edge_client.trainer import planned_steps
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The submodels of a method and, per device tier, the submodel it trains and runs (None: the tier
+    cannot afford any of the method's submodels; it neither trains nor gets a model)."""
+
+    specs: list[SubmodelSpec]
+    tier_submodel: list[Optional[int]]
+
+
+def batches(num: int, cfg: TrainConfig, rng: np.random.Generator) -> list[np.ndarray]:
+    """The local mini-batches the device trainer uses: seeded shuffles, ``planned_steps`` of them, no
+    batch smaller than two (BatchNorm in training mode needs two samples)."""
+    total, out = planned_steps(num, cfg), []
+    while len(out) < total:
+        order = rng.permutation(num)
+        for lo in range(0, num, cfg.batch_size):
+            idx = order[lo : lo + cfg.batch_size]
+            if len(idx) < 2 or len(out) >= total:
+                break
+            out.append(idx)
+    return out
+
+
+def train_torch(state: GlobalState, index: int, data: Dataset, cfg: TrainConfig) -> Tensors:
+    """Local training of submodel ``index`` in PyTorch with the device's batches and ``torch.optim.SGD``."""
+    net = build_submodel(state, index).train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    for idx in batches(len(data), cfg, np.random.default_rng(cfg.seed)):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(data.x[idx])), torch.from_numpy(data.y[idx]))
+        loss.backward()
+        opt.step()
+    return net.tensors()
+
+
+LocalTrainer = Callable[[GlobalState, int, Dataset, TrainConfig], Tensors]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A federated method: its name, where it comes from, and its choices (see the module docstring)."""
+
+    name: str
+    reference: str
+    scaling: ScalingMethod = "WD"
+    shared_bn: bool = False
+    learned_step: bool = True
+    shared_head: bool = True
+
+    def configure(self, config: ModelConfig) -> ModelConfig:
+        return replace(
+            config, shared_bn=self.shared_bn, learned_step=self.learned_step, shared_head=self.shared_head
+        )
+
+    def plan(self, config: ModelConfig, gammas: tuple[float, ...]) -> Plan:
+        if self.scaling == "D":
+            return _depth_plan(config, gammas)
+        return Plan(make_specs(config, gammas, self.scaling), list(range(len(gammas))))
+
+    def local_train(self, state: GlobalState, index: int, data: Dataset, cfg: TrainConfig) -> Tensors:
+        return train_torch(state, index, data, cfg)
+
+
+def _depth_plan(config: ModelConfig, gammas: tuple[float, ...]) -> Plan:
+    """Depth-only submodels: every tier gets the largest depth-only submodel it can afford (gamma at most
+    its own plus the spec tolerance). A shallow model family has few of them (resnet-small's smallest keeps
+    one block per stage, gamma 0.44), so the lowest tiers may get none."""
+    options = sorted((_with_gamma(config, SubmodelSpec(1.0, d)) for d in _depth_candidates(config)), key=lambda s: s.gamma)
+    specs: list[SubmodelSpec] = []
+    tiers: list[Optional[int]] = []
+    for gamma in gammas:
+        affordable = [s for s in options if s.gamma <= gamma + GAMMA_TOLERANCE]
+        if not affordable:
+            tiers.append(None)
+            continue
+        spec = affordable[-1]
+        if spec not in specs:
+            specs.append(spec)
+        tiers.append(specs.index(spec))
+    if not specs:
+        raise SpecError(f"no depth-only submodel of {config.name} fits any of the gammas {gammas}")
+    return Plan(specs, tiers)
+
+
+@dataclass(frozen=True)
+class FedAvgSmallest(Strategy):
+    """Every device trains and runs the smallest model (the one the weakest tier can afford)."""
+
+    def plan(self, config: ModelConfig, gammas: tuple[float, ...]) -> Plan:
+        return Plan(make_specs(config, (min(gammas),), "WD"), [0] * len(gammas))
+
+
+@dataclass(frozen=True)
+class FedAvgFull(Strategy):
+    """Only the devices that can afford the full model train it; the others neither train nor get a model."""
+
+    def plan(self, config: ModelConfig, gammas: tuple[float, ...]) -> Plan:
+        return Plan(make_specs(config, (1.0,), "W"), [0 if g >= 1.0 else None for g in gammas])
+
+
+@dataclass(frozen=True)
+class FjORD(Strategy):
+    """FjORD (Horváth et al., "FjORD: Fair and Accurate Federated Learning under heterogeneous targets with
+    Ordered Dropout", NeurIPS 2021). Ordered dropout: for every local batch the device samples a width
+    uniformly among the widths it can afford and trains that nested prefix of its model.
+
+    Choices where the paper leaves room: widths are the W specs of the run's gammas (a discrete uniform
+    distribution over them); BatchNorm affine parameters are shared as nested slices and statistics are
+    re-estimated after aggregation, as for HeteroFL; no knowledge distillation; plain SGD (a momentum buffer
+    would not follow the changing width, so momentum is refused)."""
+
+    def local_train(self, state: GlobalState, index: int, data: Dataset, cfg: TrainConfig) -> Tensors:
+        if cfg.momentum:
+            raise ValueError("FjORD's ordered dropout here supports plain SGD only; set momentum = 0")
+        local = state.copy()
+        rng = np.random.default_rng(cfg.seed)
+        for idx in batches(len(data), cfg, rng):
+            width = int(rng.integers(0, index + 1))
+            net = build_submodel(local, width).train()
+            params = [p for p in net.parameters() if p.requires_grad]
+            opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(data.x[idx])), torch.from_numpy(data.y[idx]))
+            loss.backward()
+            opt.step()
+            write_back(local, width, net.tensors())
+        return extract(local, index)
+
+
+def write_back(state: GlobalState, index: int, tensors: Tensors) -> None:
+    """Put a submodel's tensors back into ``state`` in place (nested slices and its own copies)."""
+    for name, info in param_layout(state.config, state.specs[index]).items():
+        if info.kind == "consistent":
+            state.consistent[name][prefix_slice(info.shape)] = tensors[name]
+        else:
+            state.inconsistent[index][name] = tensors[name].copy()
+
+
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s
+    for s in (
+        Strategy(
+            "nefl-wd",
+            "Kang et al., NeFL: Nested Model Scaling for Federated Learning with System Heterogeneous Clients, "
+            "arXiv 2308.07761 (width and depth)",
+        ),
+        Strategy("nefl-w", "Kang et al., arXiv 2308.07761 (NeFL-W, width only)", scaling="W"),
+        Strategy("nefl-d", "Kang et al., arXiv 2308.07761 (NeFL-D, depth only)", scaling="D"),
+        Strategy(
+            "heterofl",
+            "Diao et al., HeteroFL: Computation and Communication Efficient Federated Learning for Heterogeneous "
+            "Clients, ICLR 2021 (width prefixes, shared BN affine, static BN statistics)",
+            scaling="W",
+            shared_bn=True,
+            learned_step=False,
+        ),
+        FjORD(
+            "fjord",
+            "Horváth et al., FjORD: Fair and Accurate Federated Learning under heterogeneous targets with Ordered "
+            "Dropout, NeurIPS 2021",
+            scaling="W",
+            shared_bn=True,
+            learned_step=False,
+        ),
+        Strategy(
+            "depthfl",
+            "Kim et al., DepthFL: Depthwise Federated Learning for Heterogeneous Clients, ICLR 2023 (depth only, a "
+            "classifier per depth; blocks are skipped within each stage as in NeFL-D rather than cutting whole "
+            "stages, and the optional self-distillation is left out)",
+            scaling="D",
+            shared_bn=True,
+            learned_step=False,
+            shared_head=False,
+        ),
+        FedAvgSmallest(
+            "fedavg-smallest",
+            "McMahan et al., Communication-Efficient Learning of Deep Networks from Decentralized Data, AISTATS "
+            "2017, on the smallest submodel for every device",
+            shared_bn=True,
+            learned_step=False,
+        ),
+        FedAvgFull(
+            "fedavg-full",
+            "McMahan et al., AISTATS 2017, on the full model for only the devices able to train it",
+            shared_bn=True,
+            learned_step=False,
+        ),
+    )
+}
+
+
+def get_strategy(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]

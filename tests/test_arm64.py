@@ -1,0 +1,70 @@
+"""An emulated Raspberry Pi (Debian arm64 under qemu-user-static) trains with stock onnxruntime from PyPI and
+gets the same step as this x86_64 machine. Slow (a few minutes the first time): `just test-arm64`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.nested import GlobalState, extract, init_global_state
+from coordinator.models import initial_consistent
+from coordinator.specs import ModelConfig, SubmodelSpec
+from edge_client.data import load_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent / "arm64"
+
+
+@pytest.mark.slow
+def test_one_step_on_an_emulated_arm64_device_matches_x86_64(
+    small_artifacts: Path, small_config: ModelConfig, small_specs: list[SubmodelSpec], fmnist_dir: Path, tmp_path: Path
+) -> None:
+    root = Path(os.environ.get("NEFL_ARM64_ROOT", REPO / ".cache" / "arm64-rootfs"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "wheel"), str(REPO)], check=True)
+    started = time.perf_counter()
+    subprocess.run([str(HERE / "build-rootfs.sh"), str(root), str(next((tmp_path / "wheel").glob("*.whl")))], check=True)
+    built = time.perf_counter() - started
+
+    state: GlobalState = init_global_state(small_config, small_specs, initial_consistent(small_config, seed=5))
+    work = root / "tmp" / "nefl-arm64"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(small_artifacts, work / "artifacts")
+    shutil.copy(HERE / "one_step.py", work / "one_step.py")
+    data = load_dataset(fmnist_dir, "train")
+    np.savez(work / "batch.npz", x=data.x[:32], y=data.y[:32])
+    for sub in range(len(small_specs)):
+        np.savez(work / f"weights-{sub}.npz", **extract(state, sub))
+
+    subprocess.run([sys.executable, str(work / "one_step.py"), str(work)], check=True)
+    started = time.perf_counter()
+    clean_env = ["env", "-i", "PATH=/usr/bin:/bin", "HOME=/root"]
+    subprocess.run(["chroot", str(root), *clean_env, "/opt/nefl/bin/python", "/tmp/nefl-arm64/one_step.py", "/tmp/nefl-arm64"], check=True)
+    emulated = time.perf_counter() - started
+
+    pi, host = np.load(work / "result-aarch64.npz"), np.load(work / "result-x86_64.npz")
+    worst = 0.0
+    for key in host.files:
+        if key.endswith("/seconds") or key == "onnxruntime":
+            continue
+        diff = float(np.abs(pi[key] - host[key]).max())
+        worst = max(worst, diff)
+        assert diff <= 1e-5, f"{key}: aarch64 and x86_64 differ by {diff}"
+    record = {
+        "rootfs_setup_s": round(built, 1),
+        "emulated_run_s": round(emulated, 1),
+        "step_s": {"aarch64 (qemu)": [round(float(pi[f"{i}/seconds"]), 3) for i in range(len(small_specs))],
+                   "x86_64": [round(float(host[f"{i}/seconds"]), 3) for i in range(len(small_specs))]},
+        "onnxruntime": {"aarch64": str(pi["onnxruntime"]), "x86_64": str(host["onnxruntime"])},
+        "max_abs_diff": worst,
+    }
+    (REPO / "bench" / "results").mkdir(parents=True, exist_ok=True)
+    (REPO / "bench" / "results" / "arm64.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))

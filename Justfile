@@ -37,6 +37,10 @@ lint:
 bench:
     python -m bench.throughput
 
+# accuracy of every method (NeFL, HeteroFL, FjORD, DepthFL, FedAvg baselines) in one harness; --preset quick|full
+bench-accuracy *ARGS:
+    python -m bench.accuracy {{ARGS}}
+
 # regenerate the submodel table in README.md
 specs-table:
     python -m coordinator specs

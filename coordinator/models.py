@@ -36,7 +36,9 @@ class Shortcut(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int, shortcut: bool, preact: bool, learned_step: bool = True) -> None:
+    def __init__(
+        self, c_in: int, c_out: int, stride: int, shortcut: bool, preact: bool, learned_step: bool = True
+    ) -> None:
         super().__init__()
         self.preact = preact
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
@@ -82,7 +84,9 @@ class SubmodelNet(nn.Module):
             for b in range(n_blocks):
                 if b in spec.blocks[s]:
                     block_in, stride = (c_in, stage_stride(s)) if b == 0 else (c_out, 1)
-                    blocks[str(b)] = Block(block_in, c_out, stride, has_shortcut(s, b), config.preact, config.learned_step)
+                    blocks[str(b)] = Block(
+                        block_in, c_out, stride, has_shortcut(s, b), config.preact, config.learned_step
+                    )
             self.stages.append(blocks)
             c_in = c_out
         self.final_bn = nn.BatchNorm2d(c_in, eps=BN_EPS, momentum=BN_MOMENTUM) if config.preact else None

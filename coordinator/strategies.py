@@ -91,9 +91,7 @@ class Strategy:
     shared_head: bool = True
 
     def configure(self, config: ModelConfig) -> ModelConfig:
-        return replace(
-            config, shared_bn=self.shared_bn, learned_step=self.learned_step, shared_head=self.shared_head
-        )
+        return replace(config, shared_bn=self.shared_bn, learned_step=self.learned_step, shared_head=self.shared_head)
 
     def plan(self, config: ModelConfig, gammas: tuple[float, ...]) -> Plan:
         if self.scaling == "D":
@@ -108,7 +106,9 @@ def _depth_plan(config: ModelConfig, gammas: tuple[float, ...]) -> Plan:
     """Depth-only submodels: every tier gets the largest depth-only submodel it can afford (gamma at most
     its own plus the spec tolerance). A shallow model family has few of them (resnet-small's smallest keeps
     one block per stage, gamma 0.44), so the lowest tiers may get none."""
-    options = sorted((_with_gamma(config, SubmodelSpec(1.0, d)) for d in _depth_candidates(config)), key=lambda s: s.gamma)
+    options = sorted(
+        (_with_gamma(config, SubmodelSpec(1.0, d)) for d in _depth_candidates(config)), key=lambda s: s.gamma
+    )
     specs: list[SubmodelSpec] = []
     tiers: list[Optional[int]] = []
     for gamma in gammas:

@@ -1,0 +1,187 @@
+"""Benchmark: accuracy of every method of ``coordinator.strategies`` in the same harness (``simulate``).
+
+Paper-style setup (Kang et al., arXiv 2308.07761, Sec. 5): 100 devices, 10 % per round, the five gammas
+assigned to equal fractions of devices, IID and Dirichlet(0.5) partitions of Fashion-MNIST's training set,
+several seeds. Runs are spread over a process pool (one torch thread each). Writes
+bench/results/accuracy-<preset>.json and the accuracy section of docs/benchmarks.md.
+
+    python -m bench.accuracy --preset quick      # about 30 minutes on 2 cores
+    python -m bench.accuracy --preset full       # for bigger machines
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+GAMMAS = (0.2, 0.4, 0.6, 0.8, 1.0)
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {"rounds": 8, "seeds": [0, 1], "test_samples": 2000, "epochs": 1},
+    "full": {"rounds": 100, "seeds": [0, 1, 2], "test_samples": 10000, "epochs": 5},
+    "smoke": {"rounds": 1, "seeds": [0], "test_samples": 500, "epochs": 1},  # for trying the harness
+}
+
+
+def run_one(method: str, scheme: str, seed: int, preset: dict[str, Any], data_dir: Optional[str]) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)
+    from coordinator.partition import make_partitioner
+    from coordinator.simulate import simulate
+    from coordinator.specs import get_model_config
+    from coordinator.strategies import get_strategy
+    from edge_client.data import Dataset, load_dataset
+    from edge_client.schemas import TrainConfig
+
+    train = load_dataset(Path(data_dir) if data_dir else None, "train")
+    test_all = load_dataset(Path(data_dir) if data_dir else None, "test")
+    clients = 100
+    parts = make_partitioner(scheme, clients, alpha=0.5, seed=seed).split(train.y)
+    shards = [Dataset(train.x[p], train.y[p], f"client-{i}") for i, p in enumerate(parts)]
+    n = preset["test_samples"]
+    test = Dataset(test_all.x[:n], test_all.y[:n], "test")
+    calibration = test_all.x[-500:]  # held out from the evaluated part
+    tiers = [i % len(GAMMAS) for i in range(clients)]
+    result = simulate(
+        get_strategy(method),
+        get_model_config("resnet-small", "fmnist"),
+        GAMMAS,
+        shards,
+        tiers,
+        test,
+        preset["rounds"],
+        TrainConfig(epochs=preset["epochs"]),
+        fraction=0.1,
+        seed=seed,
+        calibration=calibration,
+    )
+    return {
+        "method": method,
+        "scheme": scheme,
+        "seed": seed,
+        "tier_accuracy": result.tier_accuracy(),
+        "submodel_gammas": result.submodel_gammas,
+        "tier_submodel": result.tier_submodel,
+        "seconds": round(result.seconds, 1),
+    }
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    keys = sorted({(r["scheme"], r["method"]) for r in runs}, key=lambda k: (k[0], METHOD_ORDER.index(k[1])))
+    for scheme, method in keys:
+        group = [r for r in runs if r["scheme"] == scheme and r["method"] == method]
+        tiers = []
+        for t in range(len(GAMMAS)):
+            values = [r["tier_accuracy"][t] for r in group if r["tier_accuracy"][t] is not None]
+            tiers.append(_stat(values) if values else None)
+        served = [[a for a in r["tier_accuracy"] if a is not None] for r in group]
+        rows.append(
+            {
+                "scheme": scheme,
+                "method": method,
+                "tiers": tiers,
+                "worst": _stat([min(s) for s in served]),
+                "average": _stat([sum(s) / len(s) for s in served]),
+                "served_tiers": sum(a is not None for a in group[0]["tier_accuracy"]),
+                "seeds": len(group),
+            }
+        )
+    return rows
+
+
+def _stat(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
+
+
+def _fmt(stat: Optional[dict[str, float]]) -> str:
+    if stat is None:
+        return "—"
+    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+def render(rows: list[dict[str, Any]], preset_name: str, preset: dict[str, Any], commit: str, command: str) -> str:
+    lines = [
+        f"Accuracy (%) on Fashion-MNIST test samples, `resnet-small`, preset `{preset_name}` "
+        f"({preset['rounds']} rounds, {preset['epochs']} local epoch(s), 100 devices, 10 % per round, "
+        f"seeds {preset['seeds']}: mean ± spread over seeds). Columns are device tiers: the model a device "
+        "that affords gamma g runs; — means the method gives that tier no model (it cannot afford any of "
+        "the method's models), and worst/average then cover the served tiers only.",
+        "",
+        f"Produced by `{command}` at commit `{commit}`.",
+        "",
+    ]
+    for scheme in sorted({r["scheme"] for r in rows}):
+        lines += [f"**{scheme}**", ""]
+        lines.append("| method | " + " | ".join(f"g={g}" for g in GAMMAS) + " | worst | average | tiers served |")
+        lines.append("|---|" + "---|" * (len(GAMMAS) + 3))
+        for r in (r for r in rows if r["scheme"] == scheme):
+            cells = [_fmt(t) for t in r["tiers"]]
+            lines.append(
+                f"| {r['method']} | " + " | ".join(cells) + f" | {_fmt(r['worst'])} | {_fmt(r['average'])} | "
+                f"{r['served_tiers']}/{len(GAMMAS)} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+METHOD_ORDER = ["nefl-wd", "nefl-w", "nefl-d", "heterofl", "fjord", "depthfl", "fedavg-smallest", "fedavg-full"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--methods", default=",".join(METHOD_ORDER))
+    parser.add_argument("--schemes", default="iid,dirichlet")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--data-dir", default=None, help="IDX/CIFAR folder; default Debian's Fashion-MNIST")
+    args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    jobs = [(m, s, seed) for seed in preset["seeds"] for s in args.schemes.split(",") for m in args.methods.split(",")]
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    start, runs = time.perf_counter(), []
+    with ProcessPoolExecutor(args.workers) as pool:
+        futures = {pool.submit(run_one, m, s, seed, preset, args.data_dir): (m, s, seed) for m, s, seed in jobs}
+        for done, future in enumerate(as_completed(futures), 1):
+            run = future.result()
+            runs.append(run)
+            accs = " ".join("—" if a is None else f"{100 * a:.1f}" for a in run["tier_accuracy"])
+            print(
+                f"[{done}/{len(jobs)}] {run['method']:<16} {run['scheme']:<9} seed {run['seed']}: {accs} "
+                f"({run['seconds']:.0f} s)",
+                flush=True,
+            )
+    rows = summarize(runs)
+    command = f"just bench-accuracy --preset {args.preset}"
+    out = ROOT / "bench" / "results" / f"accuracy-{args.preset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "preset": args.preset,
+        "settings": preset,
+        "commit": commit,
+        "command": command,
+        "minutes": round((time.perf_counter() - start) / 60, 1),
+        "runs": runs,
+        "summary": rows,
+    }
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    text = render(rows, args.preset, preset, commit, command)
+    text += f"\nWall time: {record['minutes']} min with {args.workers} worker process(es).\n"
+    from bench.throughput import write_section
+
+    write_section(ROOT / "docs" / "benchmarks.md", f"accuracy-{args.preset}", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

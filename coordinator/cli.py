@@ -281,6 +281,109 @@ def print_table(console: Any, rows: list[dict[str, Any]], stats: dict[str, float
 
 
 @app.command()
+def simulate(
+    method: Annotated[
+        str,
+        typer.Option(help="nefl-wd, nefl-w, nefl-d, heterofl, fjord, depthfl, fedavg-smallest or fedavg-full."),
+    ] = "nefl-wd",
+    dataset: Dataset = "fmnist",
+    data_dir: Annotated[
+        Optional[Path], typer.Option(help="IDX or CIFAR folder (or .npz); default Debian's Fashion-MNIST.")
+    ] = None,
+    model: Model = "resnet-small",
+    gammas: Gammas = None,
+    clients: Annotated[int, typer.Option(help="Number of simulated devices (tiers assigned round-robin).")] = 100,
+    fraction: Annotated[float, typer.Option(help="Share of the able devices that trains each round.")] = 0.1,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 10,
+    scheme: Annotated[str, typer.Option(help="Partition: iid, dirichlet or shards.")] = "iid",
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration.")] = 0.5,
+    epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 1,
+    lr: Annotated[float, typer.Option(help="Local learning rate.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Random seed (partition, selection, initialisation).")] = 0,
+    test_samples: Annotated[int, typer.Option(help="Test samples evaluated (0: all).")] = 0,
+    eval_every: Annotated[int, typer.Option(help="Evaluate every N rounds (0: only at the end).")] = 0,
+    trainer: Annotated[
+        str, typer.Option(help="Local training: torch, or ort (the exported ONNX Runtime artifacts).")
+    ] = "torch",
+    out: Annotated[Optional[Path], typer.Option(help="Write the result as JSON here.")] = None,
+) -> None:
+    """Simulate a federated method in this process (no broker): same specs, extraction and NeFedAvg as serve."""
+    import json
+    import tempfile
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from coordinator.config import ConfigError, parse_gammas
+    from coordinator.partition import make_partitioner
+    from coordinator.simulate import simulate as run_simulation
+    from coordinator.specs import DEFAULT_GAMMAS, SpecError, get_model_config
+    from coordinator.strategies import get_strategy
+    from edge_client.data import DataError, load_dataset
+    from edge_client.data import Dataset as Data
+    from edge_client.schemas import TrainConfig
+
+    if trainer not in ("torch", "ort"):
+        fail(f"--trainer must be torch or ort, got {trainer!r}")
+    try:
+        strategy = get_strategy(method)
+        config = get_model_config(model, dataset)
+        wanted = tuple(parse_gammas(gammas) or DEFAULT_GAMMAS)
+        train_data, test_data = load_dataset(data_dir, "train"), load_dataset(data_dir, "test")
+        train_data.check_for((config.in_channels, config.image_size, config.image_size), config.num_classes)
+        parts = make_partitioner(scheme, clients, alpha, seed).split(train_data.y)
+    except (ValueError, SpecError, DataError, ConfigError) as exc:
+        fail(str(exc))
+        return
+    shards = [Data(train_data.x[p], train_data.y[p], f"client-{i}") for i, p in enumerate(parts)]
+    n = test_samples or len(test_data)
+    calibration = test_data.x[n : n + 500] if n + 500 <= len(test_data) else test_data.x[-500:]
+    test = Data(test_data.x[:n], test_data.y[:n], "test")
+    tiers = [i % len(wanted) for i in range(clients)]
+    artifacts = None
+    if trainer == "ort":
+        from export.artifacts import export_set
+
+        plan = strategy.plan(strategy.configure(config), wanted)
+        artifacts = Path(tempfile.mkdtemp(prefix="nefl-sim-artifacts-"))
+        export_set(strategy.configure(config), plan.specs, artifacts)
+    typer.echo(f"{strategy.name}: {strategy.reference}")
+
+    def progress(r: int, accuracy: list[float]) -> None:
+        typer.echo(f"round {r}/{rounds}: " + " ".join(f"{100 * a:.1f}" for a in accuracy))
+
+    result = run_simulation(
+        strategy,
+        config,
+        wanted,
+        shards,
+        tiers,
+        test,
+        rounds,
+        TrainConfig(epochs=epochs, lr=lr),
+        fraction,
+        seed=seed,
+        calibration=calibration,
+        eval_every=eval_every,
+        trainer=trainer,  # type: ignore[arg-type]
+        artifacts=artifacts,
+        on_round=progress,
+    )
+    table = Table(title=f"{strategy.name}, {scheme}, {rounds} rounds ({result.seconds:.0f} s)")
+    for column in ("device tier (gamma)", "submodel gamma", "accuracy %"):
+        table.add_column(column, justify="right")
+    for tier, (gamma, acc) in enumerate(zip(wanted, result.tier_accuracy())):
+        index = result.tier_submodel[tier]
+        sub = "—" if index is None else f"{result.submodel_gammas[index]:.3f}"
+        table.add_row(f"{gamma}", sub, "no model" if acc is None else f"{100 * acc:.2f}")
+    Console().print(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result.__dict__, indent=2) + "\n")
+        typer.echo(f"result written to {out}")
+
+
+@app.command()
 def partition(
     out: Annotated[Path, typer.Option(help="Output folder: one client-XXX.npz per device, plus labels.png.")],
     clients: Annotated[int, typer.Option(help="Number of devices.")] = 10,

@@ -52,7 +52,8 @@ class Plan:
 def batches(num: int, cfg: TrainConfig, rng: np.random.Generator) -> list[np.ndarray]:
     """The local mini-batches the device trainer uses: seeded shuffles, ``planned_steps`` of them, no
     batch smaller than two (BatchNorm in training mode needs two samples)."""
-    total, out = planned_steps(num, cfg), []
+    total = planned_steps(num, cfg)
+    out: list[np.ndarray] = []
     while len(out) < total:
         order = rng.permutation(num)
         for lo in range(0, num, cfg.batch_size):

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.nested import GlobalState, extract, init_global_state
 from coordinator.models import initial_consistent
+from coordinator.nested import GlobalState, extract, init_global_state
 from coordinator.specs import ModelConfig, SubmodelSpec
 from edge_client.data import load_dataset
 
@@ -28,9 +28,13 @@ def test_one_step_on_an_emulated_arm64_device_matches_x86_64(
     small_artifacts: Path, small_config: ModelConfig, small_specs: list[SubmodelSpec], fmnist_dir: Path, tmp_path: Path
 ) -> None:
     root = Path(os.environ.get("NEFL_ARM64_ROOT", REPO / ".cache" / "arm64-rootfs"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "wheel"), str(REPO)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "wheel"), str(REPO)], check=True
+    )
     started = time.perf_counter()
-    subprocess.run([str(HERE / "build-rootfs.sh"), str(root), str(next((tmp_path / "wheel").glob("*.whl")))], check=True)
+    subprocess.run(
+        [str(HERE / "build-rootfs.sh"), str(root), str(next((tmp_path / "wheel").glob("*.whl")))], check=True
+    )
     built = time.perf_counter() - started
 
     state: GlobalState = init_global_state(small_config, small_specs, initial_consistent(small_config, seed=5))
@@ -46,7 +50,10 @@ def test_one_step_on_an_emulated_arm64_device_matches_x86_64(
     subprocess.run([sys.executable, str(work / "one_step.py"), str(work)], check=True)
     started = time.perf_counter()
     clean_env = ["env", "-i", "PATH=/usr/bin:/bin", "HOME=/root"]
-    subprocess.run(["chroot", str(root), *clean_env, "/opt/nefl/bin/python", "/tmp/nefl-arm64/one_step.py", "/tmp/nefl-arm64"], check=True)
+    subprocess.run(
+        ["chroot", str(root), *clean_env, "/opt/nefl/bin/python", "/tmp/nefl-arm64/one_step.py", "/tmp/nefl-arm64"],
+        check=True,
+    )
     emulated = time.perf_counter() - started
 
     pi, host = np.load(work / "result-aarch64.npz"), np.load(work / "result-x86_64.npz")
@@ -60,8 +67,10 @@ def test_one_step_on_an_emulated_arm64_device_matches_x86_64(
     record = {
         "rootfs_setup_s": round(built, 1),
         "emulated_run_s": round(emulated, 1),
-        "step_s": {"aarch64 (qemu)": [round(float(pi[f"{i}/seconds"]), 3) for i in range(len(small_specs))],
-                   "x86_64": [round(float(host[f"{i}/seconds"]), 3) for i in range(len(small_specs))]},
+        "step_s": {
+            "aarch64 (qemu)": [round(float(pi[f"{i}/seconds"]), 3) for i in range(len(small_specs))],
+            "x86_64": [round(float(host[f"{i}/seconds"]), 3) for i in range(len(small_specs))],
+        },
         "onnxruntime": {"aarch64": str(pi["onnxruntime"]), "x86_64": str(host["onnxruntime"])},
         "max_abs_diff": worst,
     }

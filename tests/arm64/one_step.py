@@ -23,7 +23,9 @@ batch = np.load(work / "batch.npz")
 cfg = TrainConfig(lr=0.01, momentum=0.9, weight_decay=5e-4)
 out = {"onnxruntime": np.array(onnxruntime.__version__)}
 for sub in manifest.submodels:
-    backend = PortableBackend(submodel_paths(work / "artifacts", sub, BACKEND_FILES["portable"]), sub.params, cfg, threads=1)
+    backend = PortableBackend(
+        submodel_paths(work / "artifacts", sub, BACKEND_FILES["portable"]), sub.params, cfg, threads=1
+    )
     backend.load(dict(np.load(work / f"weights-{sub.index}.npz")))
     start = time.perf_counter()
     loss, _ = backend.step(batch["x"], batch["y"])

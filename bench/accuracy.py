@@ -129,8 +129,26 @@ def render(rows: list[dict[str, Any]], preset_name: str, preset: dict[str, Any],
                 f"| {r['method']} | " + " | ".join(cells) + f" | {_fmt(r['worst'])} | {_fmt(r['average'])} | "
                 f"{r['served_tiers']}/{len(GAMMAS)} |"
             )
-        lines.append("")
+        lines += ["", *verdict([r for r in rows if r["scheme"] == scheme]), ""]
     return "\n".join(lines)
+
+
+def verdict(rows: list[dict[str, Any]], ours: str = "nefl-wd") -> list[str]:
+    """Where NeFL-WD does not beat a baseline (mean over seeds), said plainly."""
+    mine = next((r for r in rows if r["method"] == ours), None)
+    if mine is None:
+        return []
+    losses = []
+    for r in rows:
+        if r["method"] == ours:
+            continue
+        for key in ("worst", "average"):
+            if r[key]["mean"] >= mine[key]["mean"]:
+                partial = "" if r["served_tiers"] == len(GAMMAS) else f" (over its {r['served_tiers']} served tiers)"
+                losses.append(f"{r['method']} {key} {_fmt(r[key])}{partial} vs {_fmt(mine[key])}")
+    if not losses:
+        return [f"{ours} beats every baseline here on both worst and average accuracy."]
+    return [f"{ours} does not beat: " + "; ".join(losses) + "."]
 
 
 METHOD_ORDER = ["nefl-wd", "nefl-w", "nefl-d", "heterofl", "fjord", "depthfl", "fedavg-smallest", "fedavg-full"]
@@ -143,8 +161,13 @@ def main() -> None:
     parser.add_argument("--schemes", default="iid,dirichlet")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--data-dir", default=None, help="IDX/CIFAR folder; default Debian's Fashion-MNIST")
+    parser.add_argument("--render-only", action="store_true", help="re-render docs/benchmarks.md from the JSON")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
+    if args.render_only:
+        record = json.loads((ROOT / "bench" / "results" / f"accuracy-{args.preset}.json").read_text())
+        publish(record, args.workers)
+        return
     jobs = [(m, s, seed) for seed in preset["seeds"] for s in args.schemes.split(",") for m in args.methods.split(",")]
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
@@ -175,11 +198,16 @@ def main() -> None:
         "summary": rows,
     }
     out.write_text(json.dumps(record, indent=2) + "\n")
-    text = render(rows, args.preset, preset, commit, command)
-    text += f"\nWall time: {record['minutes']} min with {args.workers} worker process(es).\n"
+    publish(record, args.workers)
+
+
+def publish(record: dict[str, Any], workers: int) -> None:
     from bench.throughput import write_section
 
-    write_section(ROOT / "docs" / "benchmarks.md", f"accuracy-{args.preset}", text)
+    rows = summarize(record["runs"])
+    text = render(rows, record["preset"], record["settings"], record["commit"], record["command"])
+    text += f"\nWall time: {record['minutes']} min with {workers} worker process(es).\n"
+    write_section(ROOT / "docs" / "benchmarks.md", f"accuracy-{record['preset']}", text)
     print(text)
 
 

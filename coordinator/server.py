@@ -165,7 +165,7 @@ class Coordinator:
             chunk_size=cfg.chunk_size,
             clean=True,
         )
-        self._retained: set[str] = set()
+        self._retained: dict[str, tuple[Message, bytes]] = {}
         self.on_progress: Optional[Callable[[str], None]] = None
         self._test: Optional[Dataset] = None
         self._calibration: Optional[np.ndarray] = None
@@ -194,8 +194,15 @@ class Coordinator:
         return self.manifest
 
     def _publish_retained(self, topic: str, message: Message, body: bytes) -> int:
-        self._retained.add(topic)
+        self._retained[topic] = (message, body)
         return self.link.publish(topic, message, body, retain=True)
+
+    def _republish(self) -> None:
+        """After a reconnect: the broker may have restarted without persistence and lost every retained
+        message (manifest, artifacts, this round's weights), so publish them again."""
+        log.warning("reconnected to the broker: publishing %d retained messages again", len(self._retained))
+        for topic, (message, body) in list(self._retained.items()):
+            self.link.publish(topic, message, body, retain=True)
 
     def connect(self) -> None:
         link = self.link
@@ -214,12 +221,13 @@ class Coordinator:
             self.topics.manifest, ManifestMessage(run=self.cfg.run), self.manifest.to_json().encode()
         )
         link.publish(self.topics.control, Control(run=self.cfg.run, action="announce"))
+        link.on_connected = self._republish
         log.info("run %s: manifest and artifacts published on %s", self.cfg.run, self.topics.base)
 
     def close(self, reason: str = "finished") -> None:
         try:
             self.link.publish(self.topics.control, Control(run=self.cfg.run, action="end", reason=reason))
-            for topic in self._retained:
+            for topic in list(self._retained):
                 self.link.clear_retained(topic)
             time.sleep(0.3)
         finally:

@@ -174,6 +174,40 @@ def test_device_survives_garbage_and_declines_what_it_cannot_do(
     assert "rejected payload" in log
 
 
+def test_a_task_in_progress_is_uploaded_after_the_broker_comes_back(
+    broker: Broker, small_artifacts: Path, small_config: ModelConfig, small_specs: list[SubmodelSpec], tmp_path: Path
+) -> None:
+    # Prepare: a task long enough (tens of seconds) to outlast a broker restart.
+    shard = make_shards(tmp_path, [2000], offset=30000)[0]
+    state = init_global_state(small_config, small_specs, initial_consistent(small_config, seed=6))
+    stand_in = StandIn(broker, small_artifacts)
+    proc = spawn_edge(broker.address, shard, "pi-3", tmp_path)
+    log_path = tmp_path / "pi-3.log"
+    try:
+        stand_in.expect(Hello)
+        stand_in.task("pi-3", 1, 4, extract(state, 4), TrainConfig(epochs=4, seed=2), deadline_s=600)
+        deadline = time.monotonic() + 60
+        while "fetched checkpoint artifact of submodel 4" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)  # training has started: everything it needs is loaded
+
+        # Execute: the broker goes away mid-training (its state with it) and comes back on the same port.
+        broker.stop()
+        time.sleep(3)
+        broker.start()
+
+        # Assert: the device reconnects and the finished update still arrives.
+        update, body = stand_in.expect(Update, timeout=240)
+        assert update.round == 1 and update.metrics.steps == 4 * (2000 // 32)
+        assert set(unpack_tensors(body)) == set(extract(state, 4))
+        assert proc.poll() is None
+    finally:
+        stop(proc)
+        stand_in.link.close()
+    log = log_path.read_text()
+    assert "lost broker" in log and log.count("connected to broker") >= 2
+
+
 def test_join_reports_a_missing_data_file_and_an_unreachable_broker(tmp_path: Path) -> None:
     import subprocess
     import sys

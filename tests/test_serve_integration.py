@@ -102,3 +102,49 @@ def test_coordinator_killed_after_round_two_resumes_without_losing_or_repeating_
     assert len(records) == 5 * 3
     assert checkpoint_round(out) == 4
     assert "resuming" in (tmp_path / "coordinator.log").read_text()
+
+
+def test_a_broker_restart_mid_run_loses_nothing_and_late_devices_still_get_the_artifacts(
+    broker: Broker, tmp_path: Path
+) -> None:
+    # Prepare: one device, a run of four rounds; the broker keeps no state across restarts (persistence off).
+    shards = make_shards(tmp_path, [3000, 600])
+    coord = spawn_coordinator(
+        broker.address,
+        tmp_path,
+        "--rounds",
+        "4",
+        "--deadline-s",
+        "30",
+        "--epochs",
+        "2",
+        "--fraction",
+        "1",
+        "--gammas",
+        GAMMAS,
+        "--min-clients",
+        "1",
+        "--eval-samples",
+        "500",
+        "--wait-clients-s",
+        "90",
+    )
+    edges = [spawn_edge(broker.address, shards[0], "dev0", tmp_path, tier=0)]
+    try:
+        out = run_dir(tmp_path)
+        wait_for(lambda: checkpoint_round(out) >= 1, 240, "round 1")
+
+        # Execute: the broker restarts empty; then a new device joins, which needs the retained manifest.
+        broker.stop()
+        broker.start()
+        edges.append(spawn_edge(broker.address, shards[1], "dev1", tmp_path, tier=1))
+        wait_for(lambda: "joined run default" in (tmp_path / "dev1.log").read_text(), 120, "dev1 to join")
+        assert coord.wait(300) == 0, (tmp_path / "coordinator.log").read_text()[-3000:]
+    finally:
+        for p in [coord, *edges]:
+            stop(p)
+
+    # Assert: every round exactly once, and the coordinator knew to publish its retained messages again.
+    records = read_metrics(out / "metrics.jsonl")
+    assert sorted(r["round"] for r in records if r["submodel"] == 0) == [0, 1, 2, 3, 4]
+    assert "publishing" in (tmp_path / "coordinator.log").read_text()

@@ -122,7 +122,8 @@ def main() -> None:
         )
     lines += [
         "",
-        f"Export of the 5 default submodels (fresh folder): {export_s:.1f} s; artifact sizes (all four files) "
+        f"Export of the 5 default submodels (fresh folder): {export_s:.1f} s; artifact sizes "
+        "(all files of a submodel, both flavours) "
         + ", ".join(f"submodel {k}: {v / 1024:.0f} KiB" for k, v in sizes.items())
         + ".",
         "",

@@ -26,6 +26,8 @@ GAMMAS = (0.2, 0.4, 0.6, 0.8, 1.0)
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"rounds": 8, "seeds": [0, 1], "test_samples": 2000, "epochs": 1},
     "full": {"rounds": 100, "seeds": [0, 1, 2], "test_samples": 10000, "epochs": 5},
+    # Does the quick preset's ranking hold with more rounds? (one seed; pick methods with --methods)
+    "long": {"rounds": 40, "seeds": [0], "test_samples": 2000, "epochs": 1, "eval_every": 8},
     "smoke": {"rounds": 1, "seeds": [0], "test_samples": 500, "epochs": 1},  # for trying the harness
 }
 
@@ -62,6 +64,7 @@ def run_one(method: str, scheme: str, seed: int, preset: dict[str, Any], data_di
         fraction=0.1,
         seed=seed,
         calibration=calibration,
+        eval_every=preset.get("eval_every", 0),
     )
     return {
         "method": method,
@@ -71,6 +74,7 @@ def run_one(method: str, scheme: str, seed: int, preset: dict[str, Any], data_di
         "submodel_gammas": result.submodel_gammas,
         "tier_submodel": result.tier_submodel,
         "seconds": round(result.seconds, 1),
+        "curve": {str(r): result.tier_accuracy(i) for i, r in enumerate(result.rounds)},
     }
 
 
@@ -133,6 +137,26 @@ def render(rows: list[dict[str, Any]], preset_name: str, preset: dict[str, Any],
     return "\n".join(lines)
 
 
+def curves(runs: list[dict[str, Any]]) -> str:
+    """Accuracy of the weakest tier (g=0.2) after each evaluated round, mean over seeds, where recorded."""
+    if not runs or len(runs[0].get("curve", {})) <= 2:
+        return ""
+    lines = ["", "Weakest tier (g=0.2) over rounds, mean over seeds (— : no model for that tier):", ""]
+    for scheme in sorted({r["scheme"] for r in runs}):
+        group = [r for r in runs if r["scheme"] == scheme]
+        points = sorted({int(k) for r in group for k in r["curve"]})
+        lines += [f"**{scheme}**", "", "| method | " + " | ".join(f"round {p}" for p in points) + " |"]
+        lines.append("|---|" + "---|" * len(points))
+        for method in [m for m in METHOD_ORDER if any(r["method"] == m for r in group)]:
+            cells = []
+            for p in points:
+                values = [r["curve"][str(p)][0] for r in group if r["method"] == method]
+                cells.append("—" if None in values else f"{100 * statistics.fmean(values):.1f}")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def verdict(rows: list[dict[str, Any]], ours: str = "nefl-wd") -> list[str]:
     """Where NeFL-WD does not beat a baseline (mean over seeds), said plainly."""
     mine = next((r for r in rows if r["method"] == ours), None)
@@ -186,6 +210,10 @@ def main() -> None:
             )
     rows = summarize(runs)
     command = f"just bench-accuracy --preset {args.preset}"
+    if args.methods != ",".join(METHOD_ORDER):
+        command += f" --methods {args.methods}"
+    if args.schemes != "iid,dirichlet":
+        command += f" --schemes {args.schemes}"
     out = ROOT / "bench" / "results" / f"accuracy-{args.preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
@@ -206,6 +234,7 @@ def publish(record: dict[str, Any], workers: int) -> None:
 
     rows = summarize(record["runs"])
     text = render(rows, record["preset"], record["settings"], record["commit"], record["command"])
+    text += curves(record["runs"])
     text += f"\nWall time: {record['minutes']} min with {workers} worker process(es).\n"
     write_section(ROOT / "docs" / "benchmarks.md", f"accuracy-{record['preset']}", text)
     print(text)

@@ -27,6 +27,10 @@ test-arm64 *ARGS:
     command -v debootstrap >/dev/null && command -v qemu-aarch64-static >/dev/null || apt-get install -y -q debootstrap qemu-user-static
     python -m pytest -q -s -m slow tests/test_arm64.py {{ARGS}}
 
+# the device install in fresh virtual environments on Python 3.9 and 3.13 (where found): markers, CLI, one step
+test-pythons *ARGS:
+    python -m pytest -q -m slow tests/test_pythons.py {{ARGS}}
+
 # ruff and mypy
 lint:
     ruff check .

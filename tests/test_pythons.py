@@ -1,0 +1,82 @@
+"""`pip install nefl-edge` on the oldest and newest Python the device side supports: the markers pick the
+right ONNX Runtime, the CLI runs, and a portable training step equals this interpreter's within 1e-5.
+Slow (a fresh virtual environment each): `just test-pythons`."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.models import initial_consistent
+from coordinator.nested import extract, init_global_state
+from coordinator.specs import ModelConfig, SubmodelSpec
+from edge_client.data import load_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+STEP = Path(__file__).resolve().parent / "arm64" / "one_step.py"
+
+
+def interpreter(version: str) -> str | None:
+    """A working python<version>: pyenv's builds first, then the PATH (whose pyenv shims may not work)."""
+    candidates = [str(p) for p in sorted(Path.home().glob(f".pyenv/versions/{version}.*/bin/python"))]
+    candidates.append(shutil.which(f"python{version}") or "")
+    for python in filter(None, candidates):
+        if subprocess.run([python, "-c", "import venv"], capture_output=True).returncode == 0:
+            return python
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["3.9", "3.13"])
+def test_the_device_install_trains_on_python(
+    version: str,
+    small_artifacts: Path,
+    small_config: ModelConfig,
+    small_specs: list[SubmodelSpec],
+    fmnist_dir: Path,
+    tmp_path: Path,
+) -> None:
+    python = interpreter(version)
+    if python is None:
+        pytest.skip(f"no python{version} on this machine")
+    subprocess.run([python, "-m", "venv", str(tmp_path / "venv")], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(REPO)], check=True
+    )
+    venv_python = str(tmp_path / "venv" / "bin" / "python")
+    subprocess.run([venv_python, "-m", "pip", "install", "-q", str(next(tmp_path.glob("*.whl")))], check=True)
+
+    profile = subprocess.run(
+        [str(tmp_path / "venv" / "bin" / "nefl-edge"), "profile", "--artifacts", str(small_artifacts)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "artifacts").symlink_to(small_artifacts)
+    state = init_global_state(small_config, small_specs, initial_consistent(small_config, seed=5))
+    data = load_dataset(fmnist_dir, "train")
+    np.savez(work / "batch.npz", x=data.x[:32], y=data.y[:32])
+    for sub in range(len(small_specs)):
+        np.savez(work / f"weights-{sub}.npz", **extract(state, sub))
+    subprocess.run([sys.executable, str(STEP), str(work)], check=True)
+    ours = dict(np.load(work / f"result-{platform.machine()}.npz"))
+    subprocess.run([venv_python, str(STEP), str(work)], check=True, cwd=tmp_path)
+    theirs = np.load(work / f"result-{platform.machine()}.npz")
+
+    training_build = version != "3.13" and platform.machine() == "x86_64"
+    assert json.loads(profile.stdout)["backend"] == ("ort-training" if training_build else "portable")
+    assert json.loads(profile.stdout)["samples_per_s"] > 0
+    for key, value in ours.items():
+        if key.endswith("/seconds") or key == "onnxruntime":
+            continue
+        assert np.abs(theirs[key] - value).max() <= 1e-5, (version, key)

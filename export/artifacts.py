@@ -26,7 +26,7 @@ from edge_client.schemas import FileEntry, Manifest, ParamEntry, SubmodelEntry, 
 from edge_client.wire import pack_tensors
 from export.portable import PORTABLE_FILE, build_portable_step
 
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3
 OPSET = 17
 FILE_NAMES = {
     "training": "training_model.onnx",

@@ -9,8 +9,8 @@ well-defined kernels, and parity with PyTorch (tests/test_portable.py) checks ea
 - ``BatchNormInternal`` -> ReduceMean / Sqrt / Reciprocal; running variance uses the unbiased batch
   variance like PyTorch (ORT's kernel uses the biased one).
 - ``BatchNormalizationGrad`` -> the closed-form batch-norm backward.
-- ``ConvGrad`` -> ``ConvTranspose`` for dX and a ``Conv`` of the transposed input with the transposed output
-  gradient (dilated by the stride) for dW.
+- ``ConvGrad`` -> ``ConvTranspose`` for dX; for dW one ``Gemm`` per kernel position, of the output gradient with
+  a strided window of the padded input.
 - ``ReluGrad`` -> ``Where(Y > 0, dY, 0)``; ``Scale`` -> ``Div`` / ``Mul``;
   ``SoftmaxCrossEntropyLossGrad`` -> ``(exp(log_prob) - one_hot) * dloss / N``;
   ``InPlaceAccumulatorV2`` -> dropped: its value input is the gradient.
@@ -153,12 +153,24 @@ def _lower_conv_grad(b: _Builder, node: Any, dims: dict[str, list[Any]]) -> None
             kernel_shape=kernel,
         )
     if dw:
+        # dW[o, i, p, q] = sum over n, h, w of dY[n, o, h, w] * Xpad[n, i, s*h + p, s*w + q]: one GEMM per kernel
+        # position over a strided window of the padded input (big GEMMs; ORT's Conv with dY as the kernel ran
+        # 64 skinny ones and took twice the forward pass).
         perm = [1, 0, 2, 3]
         (xt,) = b.op("Transpose", [x], perm=perm)
-        (dyt,) = b.op("Transpose", [dy], perm=perm)
-        (full,) = b.op("Conv", [xt, dyt], dilations=strides, pads=pads, strides=[1, 1])
-        (cropped,) = b.op("Slice", [full, b.const([0, 0]), b.const(kernel), b.const([2, 3])])
-        b.op("Transpose", [cropped], perm=perm, outputs=[dw])
+        if any(pads):
+            (xt,) = b.op("Pad", [xt, b.const([0, 0, pads[0], pads[1], 0, 0, pads[2], pads[3]])])
+        (dy_flat,) = b.op("Reshape", [b.op("Transpose", [dy], perm=perm)[0], b.const([0, -1])])
+        columns = []
+        for p in range(kernel[0]):
+            for q in range(kernel[1]):
+                ends = [p + strides[0] * (dy_hw[0] - 1) + 1, q + strides[1] * (dy_hw[1] - 1) + 1]
+                (window,) = b.op("Slice", [xt, b.const([p, q]), b.const(ends), b.const([2, 3]), b.const(strides)])
+                (x_flat,) = b.op("Reshape", [window, b.const([0, -1])])
+                (grad,) = b.op("Gemm", [dy_flat, x_flat], transB=1)
+                columns.append(b.op("Unsqueeze", [grad, b.const([2])])[0])
+        (stacked,) = b.op("Concat", columns, axis=2) if len(columns) > 1 else (columns[0],)
+        b.op("Reshape", [stacked, b.const([0, 0, *kernel])], outputs=[dw])
     if db:
         b.op("ReduceSum", [dy, b.const([0, 2, 3])], keepdims=0, outputs=[db])
 

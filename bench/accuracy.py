@@ -114,6 +114,8 @@ def _fmt(stat: Optional[dict[str, float]]) -> str:
 
 def render(rows: list[dict[str, Any]], preset_name: str, preset: dict[str, Any], commit: str, command: str) -> str:
     lines = [
+        f"## Methods compared: accuracy, preset `{preset_name}`",
+        "",
         f"Accuracy (%) on Fashion-MNIST test samples, `resnet-small`, preset `{preset_name}` "
         f"({preset['rounds']} rounds, {preset['epochs']} local epoch(s), 100 devices, 10 % per round, "
         f"seeds {preset['seeds']}: mean ± spread over seeds). Columns are device tiers: the model a device "
@@ -222,6 +224,7 @@ def main() -> None:
         "commit": commit,
         "command": command,
         "minutes": round((time.perf_counter() - start) / 60, 1),
+        "workers": args.workers,
         "runs": runs,
         "summary": rows,
     }
@@ -235,7 +238,7 @@ def publish(record: dict[str, Any], workers: int) -> None:
     rows = summarize(record["runs"])
     text = render(rows, record["preset"], record["settings"], record["commit"], record["command"])
     text += curves(record["runs"])
-    text += f"\nWall time: {record['minutes']} min with {workers} worker process(es).\n"
+    text += f"\nWall time: {record['minutes']} min with {record.get('workers', workers)} worker process(es).\n"
     write_section(ROOT / "docs" / "benchmarks.md", f"accuracy-{record['preset']}", text)
     print(text)
 

@@ -1,0 +1,33 @@
+"""Both command lines: every command has --help, and start-up imports neither torch nor onnx."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+COMMANDS = {
+    "coordinator": ["specs", "export", "serve", "simulate", "partition", "demo"],
+    "edge_client": ["join", "profile"],
+}
+PROBE = """
+import runpy, sys
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+try:
+    runpy.run_module(sys.argv[0], run_name="__main__")
+except SystemExit as exc:
+    code = exc.code or 0
+heavy = sorted(m for m in ("torch", "onnx", "matplotlib") if m in sys.modules)
+print("HEAVY:" + ",".join(heavy))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize(("package", "command"), [(p, c) for p, cs in COMMANDS.items() for c in cs])
+def test_help_works_without_heavy_imports(package: str, command: str) -> None:
+    run = subprocess.run([sys.executable, "-c", PROBE, package, command, "--help"], capture_output=True, text=True)
+
+    assert run.returncode == 0, run.stderr
+    assert "Usage" in run.stdout and "--help" in run.stdout
+    assert run.stdout.strip().splitlines()[-1] == "HEAVY:", f"{package} {command} --help imported heavy modules"

@@ -24,7 +24,7 @@ test-slow *ARGS:
 
 # an emulated Raspberry Pi (Debian arm64, qemu-user-static, stock onnxruntime from PyPI): one step vs x86_64
 test-arm64 *ARGS:
-    command -v debootstrap >/dev/null && command -v qemu-aarch64-static >/dev/null || apt-get install -y -q debootstrap qemu-user-static
+    command -v debootstrap >/dev/null && command -v qemu-aarch64-static >/dev/null || (apt-get update -qq && apt-get install -y -q debootstrap qemu-user-static)
     python -m pytest -q -s -m slow tests/test_arm64.py {{ARGS}}
 
 # the device install in fresh virtual environments on Python 3.9 and 3.13 (where found): markers, CLI, one step

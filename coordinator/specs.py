@@ -224,7 +224,8 @@ def mflops(config: ModelConfig, spec: SubmodelSpec) -> float:
     return macs / 1e6
 
 
-def _depth_candidates(config: ModelConfig) -> list[tuple[tuple[int, ...], ...]]:
+def depth_candidates(config: ModelConfig) -> list[tuple[tuple[int, ...], ...]]:
+    """Every depth choice: a prefix of at least one block in each stage."""
     per_stage = [[tuple(range(k)) for k in range(1, n + 1)] for n in config.stage_blocks]
     return [tuple(c) for c in itertools.product(*per_stage)]
 
@@ -247,7 +248,8 @@ def _fit_width(config: ModelConfig, blocks: tuple[tuple[int, ...], ...], target:
     return below if err_below <= err_above else above
 
 
-def _with_gamma(config: ModelConfig, spec: SubmodelSpec) -> SubmodelSpec:
+def with_gamma(config: ModelConfig, spec: SubmodelSpec) -> SubmodelSpec:
+    """The spec with its gamma (parameter ratio to the full model) filled in."""
     gamma = param_count(config, spec) / param_count(config, full_spec(config))
     return SubmodelSpec(spec.width, spec.blocks, round(gamma, 4))
 
@@ -265,7 +267,7 @@ def make_specs(
     if not gammas:
         raise SpecError("give at least one gamma")
     total = param_count(config, full_spec(config))
-    depth_options = _depth_candidates(config)
+    depth_options = depth_candidates(config)
     full_depth = full_spec(config).blocks
     specs: list[SubmodelSpec] = []
     for gamma in gammas:
@@ -283,7 +285,7 @@ def make_specs(
             candidates = [_fit_width(config, best, target)]
         else:
             raise SpecError(f"unknown scaling method {method!r}; choose WD, W or D")
-        spec = min((_with_gamma(config, c) for c in candidates), key=lambda c: abs(c.gamma - gamma))
+        spec = min((with_gamma(config, c) for c in candidates), key=lambda c: abs(c.gamma - gamma))
         if abs(spec.gamma - gamma) > min(GAMMA_TOLERANCE, 0.25 * gamma):
             raise SpecError(
                 f"no {method} submodel of {config.name} has gamma {gamma} (nearest: {spec.gamma:.3f}); "

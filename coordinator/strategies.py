@@ -30,10 +30,10 @@ from coordinator.specs import (
     ScalingMethod,
     SpecError,
     SubmodelSpec,
-    _depth_candidates,
-    _with_gamma,
+    depth_candidates,
     make_specs,
     param_layout,
+    with_gamma,
 )
 from edge_client.data import Dataset
 from edge_client.schemas import TrainConfig
@@ -108,7 +108,7 @@ def _depth_plan(config: ModelConfig, gammas: tuple[float, ...]) -> Plan:
     its own plus the spec tolerance). A shallow model family has few of them (resnet-small's smallest keeps
     one block per stage, gamma 0.44), so the lowest tiers may get none."""
     options = sorted(
-        (_with_gamma(config, SubmodelSpec(1.0, d)) for d in _depth_candidates(config)), key=lambda s: s.gamma
+        (with_gamma(config, SubmodelSpec(1.0, d)) for d in depth_candidates(config)), key=lambda s: s.gamma
     )
     specs: list[SubmodelSpec] = []
     tiers: list[Optional[int]] = []

@@ -37,7 +37,7 @@ from coordinator.specs import (
 )
 from edge_client.data import Dataset
 from edge_client.schemas import TrainConfig
-from edge_client.trainer import planned_steps
+from edge_client.trainer import local_batches
 
 
 @dataclass(frozen=True)
@@ -49,31 +49,24 @@ class Plan:
     tier_submodel: list[Optional[int]]
 
 
-def batches(num: int, cfg: TrainConfig, rng: np.random.Generator) -> list[np.ndarray]:
-    """The local mini-batches the device trainer uses: seeded shuffles, ``planned_steps`` of them, no
-    batch smaller than two (BatchNorm in training mode needs two samples)."""
-    total = planned_steps(num, cfg)
-    out: list[np.ndarray] = []
-    while len(out) < total:
-        order = rng.permutation(num)
-        for lo in range(0, num, cfg.batch_size):
-            idx = order[lo : lo + cfg.batch_size]
-            if len(idx) < 2 or len(out) >= total:
-                break
-            out.append(idx)
-    return out
+def _optimizer(net: torch.nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    params = [p for p in net.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _step(net: torch.nn.Module, opt: torch.optim.SGD, data: Dataset, idx: np.ndarray) -> None:
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(data.x[idx])), torch.from_numpy(data.y[idx]))
+    loss.backward()
+    opt.step()
 
 
 def train_torch(state: GlobalState, index: int, data: Dataset, cfg: TrainConfig) -> Tensors:
     """Local training of submodel ``index`` in PyTorch with the device's batches and ``torch.optim.SGD``."""
     net = build_submodel(state, index).train()
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    for idx in batches(len(data), cfg, np.random.default_rng(cfg.seed)):
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(data.x[idx])), torch.from_numpy(data.y[idx]))
-        loss.backward()
-        opt.step()
+    opt = _optimizer(net, cfg)
+    for idx in local_batches(len(data), cfg):
+        _step(net, opt, data, idx)
     return net.tensors()
 
 
@@ -158,14 +151,11 @@ class FjORD(Strategy):
             raise ValueError("FjORD's ordered dropout here supports plain SGD only; set momentum = 0")
         local = state.copy()
         rng = np.random.default_rng(cfg.seed)
-        for idx in batches(len(data), cfg, rng):
+        # All batches first, then the widths, from one generator (the batches are the device's).
+        for idx in list(local_batches(len(data), cfg, rng)):
             width = int(rng.integers(0, index + 1))
             net = build_submodel(local, width).train()
-            params = [p for p in net.parameters() if p.requires_grad]
-            opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(data.x[idx])), torch.from_numpy(data.y[idx]))
-            loss.backward()
-            opt.step()
+            _step(net, _optimizer(net, cfg), data, idx)
             write_back(local, width, net.tensors())
         return extract(local, index)
 

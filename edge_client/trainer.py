@@ -14,7 +14,7 @@ import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
 
 import numpy as np
 
@@ -176,6 +176,25 @@ def planned_steps(num_samples: int, cfg: TrainConfig) -> int:
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
+def local_batches(
+    num_samples: int, cfg: TrainConfig, rng: Optional[np.random.Generator] = None
+) -> Iterator[np.ndarray]:
+    """The sample indices of each local step: a fresh shuffle per epoch (from ``rng``, by default seeded
+    with ``cfg.seed``), ``planned_steps`` batches in all, none smaller than two (BatchNorm cannot train on
+    one sample)."""
+    total = planned_steps(num_samples, cfg)
+    rng = rng if rng is not None else np.random.default_rng(cfg.seed)
+    step = 0
+    while step < total:
+        order = rng.permutation(num_samples)
+        for lo in range(0, num_samples, cfg.batch_size):
+            idx = order[lo : lo + cfg.batch_size]
+            if len(idx) < 2 or step >= total:
+                break
+            yield idx
+            step += 1
+
+
 def train_local(
     backend: TrainerBackend,
     data: Dataset,
@@ -190,30 +209,24 @@ def train_local(
     total = planned_steps(len(data), cfg)
     if total == 0:
         raise ValueError(f"{data.name}: {len(data)} samples are too few to train on")
-    rng = np.random.default_rng(cfg.seed)
     start = time.monotonic()
     losses: List[float] = []
     correct = seen = 0
     step = 0
-    while step < total:
-        order = rng.permutation(len(data))
-        for lo in range(0, len(order), cfg.batch_size):
-            idx = order[lo : lo + cfg.batch_size]
-            if len(idx) < 2 or step >= total:
-                break
-            loss, hits = backend.step(data.x[idx], data.y[idx])
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"training diverged at step {step}: loss {loss}; lower the learning rate")
-            losses.append(loss)
-            correct, seen, step = correct + hits, seen + len(idx), step + 1
-            elapsed = time.monotonic() - start
-            if on_progress is not None:
-                on_progress(Progress(step, total, loss))
-            if deadline_s is not None and step < total and elapsed / step * total > deadline_s:
-                raise DeadlineMissed(
-                    f"after {step}/{total} steps in {elapsed:.1f} s the projected {elapsed / step * total:.0f} s "
-                    f"exceed the deadline of {deadline_s:.0f} s"
-                )
+    for idx in local_batches(len(data), cfg):
+        loss, hits = backend.step(data.x[idx], data.y[idx])
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"training diverged at step {step}: loss {loss}; lower the learning rate")
+        losses.append(loss)
+        correct, seen, step = correct + hits, seen + len(idx), step + 1
+        elapsed = time.monotonic() - start
+        if on_progress is not None:
+            on_progress(Progress(step, total, loss))
+        if deadline_s is not None and step < total and elapsed / step * total > deadline_s:
+            raise DeadlineMissed(
+                f"after {step}/{total} steps in {elapsed:.1f} s the projected {elapsed / step * total:.0f} s "
+                f"exceed the deadline of {deadline_s:.0f} s"
+            )
     return Metrics(
         loss_first=losses[0],
         loss_last=float(np.mean(losses[-max(1, len(losses) // 10) :])),

@@ -44,14 +44,17 @@ class SimResult:
 def ort_trainer(folder: Path) -> LocalTrainer:
     """Local training through exported artifacts with the edge client's own trainer (``train_local``)."""
     from edge_client.artifacts import load_manifest, submodel_paths
-    from edge_client.trainer import BACKEND_FILES, choose_backend, create_backend, train_local
+    from edge_client.trainer import BACKEND_FILES, TrainerBackend, choose_backend, create_backend, train_local
 
     manifest = load_manifest(folder)
     kind = choose_backend("auto")
+    backends: dict[int, TrainerBackend] = {}  # one ONNX Runtime session per submodel; load() resets it fully
 
     def train(state: GlobalState, index: int, data: Dataset, cfg: TrainConfig) -> Tensors:
-        sub = manifest.submodels[index]
-        backend = create_backend(kind, submodel_paths(folder, sub, BACKEND_FILES[kind]), sub.params, cfg, 1)
+        if index not in backends:
+            sub = manifest.submodels[index]
+            backends[index] = create_backend(kind, submodel_paths(folder, sub, BACKEND_FILES[kind]), sub.params, cfg, 1)
+        backend = backends[index]
         backend.load(extract(state, index), cfg)
         train_local(backend, data, cfg)
         return backend.tensors()

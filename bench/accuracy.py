@@ -36,7 +36,7 @@ def run_one(method: str, scheme: str, seed: int, preset: dict[str, Any], data_di
     import torch
 
     torch.set_num_threads(1)
-    from coordinator.partition import make_partitioner
+    from coordinator.partition import make_partitioner, split_dataset
     from coordinator.simulate import simulate
     from coordinator.specs import get_model_config
     from coordinator.strategies import get_strategy
@@ -47,7 +47,7 @@ def run_one(method: str, scheme: str, seed: int, preset: dict[str, Any], data_di
     test_all = load_dataset(Path(data_dir) if data_dir else None, "test")
     clients = 100
     parts = make_partitioner(scheme, clients, alpha=0.5, seed=seed).split(train.y)
-    shards = [Dataset(train.x[p], train.y[p], f"client-{i}") for i, p in enumerate(parts)]
+    shards = split_dataset(train, parts)
     n = preset["test_samples"]
     test = Dataset(test_all.x[:n], test_all.y[:n], "test")
     calibration = test_all.x[-500:]  # held out from the evaluated part

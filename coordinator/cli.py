@@ -315,7 +315,7 @@ def simulate(
     from rich.table import Table
 
     from coordinator.config import ConfigError, parse_gammas
-    from coordinator.partition import make_partitioner
+    from coordinator.partition import make_partitioner, split_dataset
     from coordinator.simulate import simulate as run_simulation
     from coordinator.specs import DEFAULT_GAMMAS, SpecError, get_model_config
     from coordinator.strategies import get_strategy
@@ -335,7 +335,7 @@ def simulate(
     except (ValueError, SpecError, DataError, ConfigError) as exc:
         fail(str(exc))
         return
-    shards = [Data(train_data.x[p], train_data.y[p], f"client-{i}") for i, p in enumerate(parts)]
+    shards = split_dataset(train_data, parts)
     n = test_samples or len(test_data)
     calibration = test_data.x[n : n + 500] if n + 500 <= len(test_data) else test_data.x[-500:]
     test = Data(test_data.x[:n], test_data.y[:n], "test")

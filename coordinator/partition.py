@@ -104,6 +104,11 @@ def label_skew(hist: np.ndarray) -> float:
     return float(np.mean(1 - entropy / np.log(hist.shape[1])))
 
 
+def split_dataset(data: Dataset, parts: list[np.ndarray]) -> list[Dataset]:
+    """One in-memory ``Dataset`` per client (for simulation; ``write_shards`` writes them for devices)."""
+    return [Dataset(data.x[p], data.y[p], f"client-{i}") for i, p in enumerate(parts)]
+
+
 def write_shards(data: Dataset, parts: list[np.ndarray], out: Path, max_samples: int | None = None) -> list[Path]:
     """One ``client-XXX.npz`` per client (x as uint8 when the data came from 8-bit images)."""
     out.mkdir(parents=True, exist_ok=True)

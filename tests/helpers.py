@@ -191,3 +191,31 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):  # ty
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def build_wheel(out: Path) -> Path:
+    """The project's own wheel (the device install a user gets from `pip install nefl-edge`)."""
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(repo)], check=True)
+    return next(out.glob("*.whl"))
+
+
+def write_step_inputs(work: Path, config, specs, data_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """Inputs of tests/arm64/one_step.py: one batch and every submodel's weights (the artifacts are the caller's)."""
+    from coordinator.models import initial_consistent
+    from coordinator.nested import extract, init_global_state
+
+    state = init_global_state(config, specs, initial_consistent(config, seed=5))
+    data = load_dataset(data_dir, "train")
+    np.savez(work / "batch.npz", x=data.x[:32], y=data.y[:32])
+    for sub in range(len(specs)):
+        np.savez(work / f"weights-{sub}.npz", **extract(state, sub))
+
+
+def step_differences(a, b) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Largest absolute difference per tensor (and loss) between two results of one_step.py."""
+    return {
+        key: float(np.abs(np.asarray(a[key]) - np.asarray(b[key])).max())
+        for key in b
+        if not key.endswith("/seconds") and key != "onnxruntime"
+    }

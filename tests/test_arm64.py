@@ -14,10 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.models import initial_consistent
-from coordinator.nested import GlobalState, extract, init_global_state
 from coordinator.specs import ModelConfig, SubmodelSpec
-from edge_client.data import load_dataset
+from tests.helpers import build_wheel, step_differences, write_step_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent / "arm64"
@@ -28,24 +26,16 @@ def test_one_step_on_an_emulated_arm64_device_matches_x86_64(
     small_artifacts: Path, small_config: ModelConfig, small_specs: list[SubmodelSpec], fmnist_dir: Path, tmp_path: Path
 ) -> None:
     root = Path(os.environ.get("NEFL_ARM64_ROOT", REPO / ".cache" / "arm64-rootfs"))
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "wheel"), str(REPO)], check=True
-    )
+    wheel = build_wheel(tmp_path / "wheel")
     started = time.perf_counter()
-    subprocess.run(
-        [str(HERE / "build-rootfs.sh"), str(root), str(next((tmp_path / "wheel").glob("*.whl")))], check=True
-    )
+    subprocess.run([str(HERE / "build-rootfs.sh"), str(root), str(wheel)], check=True)
     built = time.perf_counter() - started
 
-    state: GlobalState = init_global_state(small_config, small_specs, initial_consistent(small_config, seed=5))
     work = root / "tmp" / "nefl-arm64"
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(small_artifacts, work / "artifacts")
     shutil.copy(HERE / "one_step.py", work / "one_step.py")
-    data = load_dataset(fmnist_dir, "train")
-    np.savez(work / "batch.npz", x=data.x[:32], y=data.y[:32])
-    for sub in range(len(small_specs)):
-        np.savez(work / f"weights-{sub}.npz", **extract(state, sub))
+    write_step_inputs(work, small_config, small_specs, fmnist_dir)
 
     subprocess.run([sys.executable, str(work / "one_step.py"), str(work)], check=True)
     started = time.perf_counter()
@@ -57,13 +47,10 @@ def test_one_step_on_an_emulated_arm64_device_matches_x86_64(
     emulated = time.perf_counter() - started
 
     pi, host = np.load(work / "result-aarch64.npz"), np.load(work / "result-x86_64.npz")
-    worst = 0.0
-    for key in host.files:
-        if key.endswith("/seconds") or key == "onnxruntime":
-            continue
-        diff = float(np.abs(pi[key] - host[key]).max())
-        worst = max(worst, diff)
+    differences = step_differences(pi, host)
+    for key, diff in differences.items():
         assert diff <= 1e-5, f"{key}: aarch64 and x86_64 differ by {diff}"
+    worst = max(differences.values())
     record = {
         "rootfs_setup_s": round(built, 1),
         "emulated_run_s": round(emulated, 1),

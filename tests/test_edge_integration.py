@@ -30,7 +30,7 @@ from edge_client.schemas import (
     Weights,
 )
 from edge_client.wire import Topics, pack_tensors, sha256, unpack_tensors
-from tests.helpers import Broker, make_shards, spawn_edge, stop
+from tests.helpers import Broker, make_shards, spawn_edge, stop, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -186,9 +186,7 @@ def test_a_task_in_progress_is_uploaded_after_the_broker_comes_back(
     try:
         stand_in.expect(Hello)
         stand_in.task("pi-3", 1, 4, extract(state, 4), TrainConfig(epochs=4, seed=2), deadline_s=600)
-        deadline = time.monotonic() + 60
-        while "fetched checkpoint artifact of submodel 4" not in log_path.read_text() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: "fetched checkpoint artifact of submodel 4" in log_path.read_text(), 60, "the artifacts")
         time.sleep(1)  # training has started: everything it needs is loaded
 
         # Execute: the broker goes away mid-training (its state with it) and comes back on the same port.

@@ -327,6 +327,8 @@ def simulate(
         fail(f"--trainer must be torch or ort, got {trainer!r}")
     try:
         strategy = get_strategy(method)
+        if trainer == "ort" and not strategy.device_trainable:
+            raise ValueError(f"{method} trains locally in its own way, not as the device does; use --trainer torch")
         config = get_model_config(model, dataset)
         wanted = tuple(parse_gammas(gammas) or DEFAULT_GAMMAS)
         train_data, test_data = load_dataset(data_dir, "train"), load_dataset(data_dir, "test")

@@ -91,6 +91,10 @@ def simulate(
     state = init_global_state(config, plan.specs, initial_consistent(config, seed), seed)
     local: LocalTrainer = strategy.local_train
     if trainer == "ort":
+        if not strategy.device_trainable:
+            raise ValueError(
+                f"{strategy.name} trains locally in its own way, which the ONNX Runtime trainer does not do"
+            )
         if artifacts is None:
             raise ValueError("trainer 'ort' needs the folder of the method's exported artifacts (artifacts=...)")
         local = ort_trainer(artifacts)

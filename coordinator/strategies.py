@@ -95,6 +95,11 @@ class Strategy:
     def local_train(self, state: GlobalState, index: int, data: Dataset, cfg: TrainConfig) -> Tensors:
         return train_torch(state, index, data, cfg)
 
+    @property
+    def device_trainable(self) -> bool:
+        """Whether local training is plain SGD on one submodel, as the device's ONNX Runtime trainer does."""
+        return type(self).local_train is Strategy.local_train
+
 
 def _depth_plan(config: ModelConfig, gammas: tuple[float, ...]) -> Plan:
     """Depth-only submodels: every tier gets the largest depth-only submodel it can afford (gamma at most

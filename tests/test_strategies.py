@@ -257,3 +257,15 @@ def test_simulate_command_rejects_an_unknown_method_clearly() -> None:
 def test_every_strategy_names_its_paper(name: str) -> None:
     strategy = get_strategy(name)
     assert strategy.name == name and ("et al." in strategy.reference)
+
+
+def test_simulate_refuses_the_ort_trainer_for_a_method_with_its_own_local_training() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "coordinator", "simulate", "--method", "fjord", "--trainer", "ort"],
+        capture_output=True,
+        text=True,
+    )
+
+    assert run.returncode == 2
+    assert "fjord trains locally in its own way" in run.stderr and "--trainer torch" in run.stderr
+    assert get_strategy("heterofl").device_trainable and not get_strategy("fjord").device_trainable

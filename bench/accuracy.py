@@ -36,12 +36,12 @@ def run_one(method: str, scheme: str, seed: int, preset: dict[str, Any], data_di
     import torch
 
     torch.set_num_threads(1)
-    from coordinator.partition import make_partitioner, split_dataset
-    from coordinator.simulate import simulate
-    from coordinator.specs import get_model_config
-    from coordinator.strategies import get_strategy
-    from edge_client.data import Dataset, load_dataset
-    from edge_client.schemas import TrainConfig
+    from nefl_edge.coordinator.partition import make_partitioner, split_dataset
+    from nefl_edge.coordinator.simulate import simulate
+    from nefl_edge.coordinator.specs import get_model_config
+    from nefl_edge.coordinator.strategies import get_strategy
+    from nefl_edge.edge_client.data import Dataset, load_dataset
+    from nefl_edge.edge_client.schemas import TrainConfig
 
     train = load_dataset(Path(data_dir) if data_dir else None, "train")
     test_all = load_dataset(Path(data_dir) if data_dir else None, "test")

@@ -20,14 +20,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
-
-from coordinator.models import SubmodelNet, initial_consistent
-from coordinator.nested import extract, init_global_state
-from coordinator.specs import get_model_config, make_specs
-from edge_client.artifacts import submodel_paths
-from edge_client.schemas import TrainConfig
-from edge_client.trainer import BACKEND_FILES, create_backend
-from export.artifacts import export_set
+from nefl_edge.coordinator.models import SubmodelNet, initial_consistent
+from nefl_edge.coordinator.nested import extract, init_global_state
+from nefl_edge.coordinator.specs import get_model_config, make_specs
+from nefl_edge.edge_client.artifacts import submodel_paths
+from nefl_edge.edge_client.schemas import TrainConfig
+from nefl_edge.edge_client.trainer import BACKEND_FILES, create_backend
+from nefl_edge.export.artifacts import export_set
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH, STEPS, REPEATS = 32, 10, 5

@@ -1,3 +1,3 @@
-from coordinator.cli import app
+from nefl_edge.coordinator.cli import app
 
 app(prog_name="nefl-coord")

@@ -52,8 +52,8 @@ def specs(
     method: Method = "WD",
 ) -> None:
     """Print the default submodel specs of each model as a Markdown table (width, blocks, params, gamma, MFLOPs)."""
-    from coordinator.config import ConfigError, parse_gammas
-    from coordinator.specs import DEFAULT_GAMMAS, SpecError, get_model_config, make_specs, mflops, param_count
+    from nefl_edge.coordinator.config import ConfigError, parse_gammas
+    from nefl_edge.coordinator.specs import DEFAULT_GAMMAS, SpecError, get_model_config, make_specs, mflops, param_count
 
     try:
         wanted = tuple(parse_gammas(gammas) or DEFAULT_GAMMAS)
@@ -88,10 +88,10 @@ def export(
     """Export every submodel as ONNX Runtime training artifacts plus one manifest (cached by architecture)."""
     import time
 
-    from coordinator.config import ConfigError, parse_gammas
-    from coordinator.specs import DEFAULT_GAMMAS, SpecError, get_model_config, make_specs
-    from edge_client.artifacts import ArtifactError
-    from export.artifacts import export_set
+    from nefl_edge.coordinator.config import ConfigError, parse_gammas
+    from nefl_edge.coordinator.specs import DEFAULT_GAMMAS, SpecError, get_model_config, make_specs
+    from nefl_edge.edge_client.artifacts import ArtifactError
+    from nefl_edge.export.artifacts import export_set
 
     try:
         config = get_model_config(model, dataset)
@@ -114,7 +114,7 @@ def _security(
     username: Optional[str],
     password_file: Optional[Path],
 ) -> Any:
-    from edge_client.mqtt import Security
+    from nefl_edge.edge_client.mqtt import Security
 
     return Security(tls_ca, tls_cert, tls_key, False, username, password_file)
 
@@ -163,8 +163,8 @@ def serve(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Coordinate a run over MQTT: rounds with deadlines, NeFedAvg, per-round checkpoints, metrics and a report."""
-    from coordinator.config import ConfigError, load_config, parse_gammas
-    from edge_client.mqtt import BrokerAddress
+    from nefl_edge.coordinator.config import ConfigError, load_config, parse_gammas
+    from nefl_edge.edge_client.mqtt import BrokerAddress
 
     setup_logging(verbose)
     overrides: dict[str, Any] = {
@@ -214,14 +214,13 @@ def serve(
 
 def run_coordinator(cfg: Any, address: Any, security: Any, run_dir: Optional[Path], mqtt_version: str) -> Path:
     """Prepare, connect and serve with a live progress line; print the final table. Used by serve and demo."""
+    from nefl_edge.coordinator.report import final_table, read_metrics, summary
+    from nefl_edge.coordinator.server import Coordinator
+    from nefl_edge.edge_client.artifacts import ArtifactError
+    from nefl_edge.edge_client.data import DataError
+    from nefl_edge.edge_client.mqtt import BrokerError
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from coordinator.report import final_table, read_metrics, summary
-    from coordinator.server import Coordinator
-    from edge_client.artifacts import ArtifactError
-    from edge_client.data import DataError
-    from edge_client.mqtt import BrokerError
 
     console = Console()
     try:
@@ -311,17 +310,16 @@ def simulate(
     import json
     import tempfile
 
+    from nefl_edge.coordinator.config import ConfigError, parse_gammas
+    from nefl_edge.coordinator.partition import make_partitioner, split_dataset
+    from nefl_edge.coordinator.simulate import simulate as run_simulation
+    from nefl_edge.coordinator.specs import DEFAULT_GAMMAS, SpecError, get_model_config
+    from nefl_edge.coordinator.strategies import get_strategy
+    from nefl_edge.edge_client.data import DataError, load_dataset
+    from nefl_edge.edge_client.data import Dataset as Data
+    from nefl_edge.edge_client.schemas import TrainConfig
     from rich.console import Console
     from rich.table import Table
-
-    from coordinator.config import ConfigError, parse_gammas
-    from coordinator.partition import make_partitioner, split_dataset
-    from coordinator.simulate import simulate as run_simulation
-    from coordinator.specs import DEFAULT_GAMMAS, SpecError, get_model_config
-    from coordinator.strategies import get_strategy
-    from edge_client.data import DataError, load_dataset
-    from edge_client.data import Dataset as Data
-    from edge_client.schemas import TrainConfig
 
     if trainer not in ("torch", "ort"):
         fail(f"--trainer must be torch or ort, got {trainer!r}")
@@ -344,7 +342,7 @@ def simulate(
     tiers = [i % len(wanted) for i in range(clients)]
     artifacts = None
     if trainer == "ort":
-        from export.artifacts import export_set
+        from nefl_edge.export.artifacts import export_set
 
         plan = strategy.plan(strategy.configure(config), wanted)
         artifacts = Path(tempfile.mkdtemp(prefix="nefl-sim-artifacts-"))
@@ -398,8 +396,14 @@ def partition(
     max_samples: Annotated[Optional[int], typer.Option(help="Cap on samples per device.")] = None,
 ) -> None:
     """Split a data set into one shard per device and print each device's label histogram."""
-    from coordinator.partition import label_histogram, label_skew, make_partitioner, plot_histogram, write_shards
-    from edge_client.data import DataError, load_dataset
+    from nefl_edge.coordinator.partition import (
+        label_histogram,
+        label_skew,
+        make_partitioner,
+        plot_histogram,
+        write_shards,
+    )
+    from nefl_edge.edge_client.data import DataError, load_dataset
 
     try:
         data = load_dataset(dataset, "train")
@@ -436,10 +440,10 @@ def demo(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a whole federated job on this machine: broker, N devices, R rounds, accuracy table and report."""
-    from coordinator.config import ConfigError, parse_gammas
-    from coordinator.demo import DemoOptions, run_demo
-    from coordinator.specs import DEFAULT_GAMMAS
-    from edge_client.data import DataError
+    from nefl_edge.coordinator.config import ConfigError, parse_gammas
+    from nefl_edge.coordinator.demo import DemoOptions, run_demo
+    from nefl_edge.coordinator.specs import DEFAULT_GAMMAS
+    from nefl_edge.edge_client.data import DataError
 
     setup_logging(verbose)
     try:

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import tomllib
+from nefl_edge.coordinator.specs import DEFAULT_GAMMAS
+from nefl_edge.edge_client.schemas import NAME_PATTERN, TrainConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from coordinator.specs import DEFAULT_GAMMAS
-from edge_client.schemas import NAME_PATTERN, TrainConfig
 
 
 class ConfigError(ValueError):

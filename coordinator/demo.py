@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from coordinator.broker import BrokerKind, LocalBroker
-from coordinator.config import RunConfig
-from coordinator.partition import label_histogram, make_partitioner, plot_histogram, write_shards
-from edge_client.data import load_dataset
-from edge_client.mqtt import BrokerAddress, Security
+from nefl_edge.coordinator.broker import BrokerKind, LocalBroker
+from nefl_edge.coordinator.config import RunConfig
+from nefl_edge.coordinator.partition import label_histogram, make_partitioner, plot_histogram, write_shards
+from nefl_edge.edge_client.data import load_dataset
+from nefl_edge.edge_client.mqtt import BrokerAddress, Security
 
 
 @dataclass
@@ -51,7 +51,7 @@ def spawn_clients(
         args = [
             sys.executable,
             "-m",
-            "edge_client",
+            "nefl_edge.edge_client",
             "join",
             "--broker",
             address,
@@ -90,7 +90,7 @@ def stop_all(procs: list[subprocess.Popen[bytes]], grace_s: float = 15.0) -> Non
 
 
 def run_demo(opts: DemoOptions) -> Path:
-    from coordinator.cli import run_coordinator
+    from nefl_edge.coordinator.cli import run_coordinator
 
     cfg = RunConfig(
         run="demo",

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from coordinator.models import build_submodel
-from coordinator.nested import GlobalState
-from edge_client.data import Dataset
+from nefl_edge.coordinator.models import build_submodel
+from nefl_edge.coordinator.nested import GlobalState
+from nefl_edge.edge_client.data import Dataset
 
 
 def evaluate(state: GlobalState, index: int, data: Dataset, batch: int = 500) -> tuple[float, float]:

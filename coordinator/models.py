@@ -16,10 +16,9 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from nefl_edge.coordinator.nested import GlobalState, Tensors, extract
+from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec, has_shortcut, param_layout, scaled, stage_stride
 from torch import Tensor, nn
-
-from coordinator.nested import GlobalState, Tensors, extract
-from coordinator.specs import ModelConfig, SubmodelSpec, has_shortcut, param_layout, scaled, stage_stride
 
 BN_MOMENTUM = 0.1
 BN_EPS = 1e-5
@@ -129,7 +128,7 @@ def build_submodel(state: GlobalState, index: int) -> SubmodelNet:
 
 def initial_consistent(config: ModelConfig, seed: int) -> Tensors:
     """PyTorch's default initialisation of the full model's consistent tensors, seeded."""
-    from coordinator.specs import full_spec
+    from nefl_edge.coordinator.specs import full_spec
 
     torch.manual_seed(seed)
     net = SubmodelNet(config, full_spec(config))

@@ -19,9 +19,8 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-
-from coordinator.nested import GlobalState, Tensors, prefix_slice
-from coordinator.specs import param_layout
+from nefl_edge.coordinator.nested import GlobalState, Tensors, prefix_slice
+from nefl_edge.coordinator.specs import param_layout
 
 Weighting = Literal["samples", "uniform"]
 

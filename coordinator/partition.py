@@ -15,8 +15,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
-
-from edge_client.data import Dataset
+from nefl_edge.edge_client.data import Dataset
 
 
 class Partitioner(ABC):

@@ -15,16 +15,15 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
-
-from coordinator.config import RunConfig
-from coordinator.evaluation import calibrate_bn, evaluate
-from coordinator.nefedavg import NeFedAvg
-from coordinator.nested import GlobalState, Tensors, extract, init_global_state
-from coordinator.report import read_metrics, truncate_metrics, write_report
-from coordinator.specs import ModelConfig, get_model_config, make_specs, param_layout
-from edge_client.data import Dataset, load_dataset
-from edge_client.mqtt import BrokerAddress, MqttLink, Security
-from edge_client.schemas import (
+from nefl_edge.coordinator.config import RunConfig
+from nefl_edge.coordinator.evaluation import calibrate_bn, evaluate
+from nefl_edge.coordinator.nefedavg import NeFedAvg
+from nefl_edge.coordinator.nested import GlobalState, Tensors, extract, init_global_state
+from nefl_edge.coordinator.report import read_metrics, truncate_metrics, write_report
+from nefl_edge.coordinator.specs import ModelConfig, get_model_config, make_specs, param_layout
+from nefl_edge.edge_client.data import Dataset, load_dataset
+from nefl_edge.edge_client.mqtt import BrokerAddress, MqttLink, Security
+from nefl_edge.edge_client.schemas import (
     Artifact,
     Control,
     Decline,
@@ -38,7 +37,7 @@ from edge_client.schemas import (
     Update,
     Weights,
 )
-from edge_client.wire import ProtocolError, Topics, pack_tensors, sha256, unpack_tensors
+from nefl_edge.edge_client.wire import ProtocolError, Topics, pack_tensors, sha256, unpack_tensors
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.json"
@@ -174,8 +173,8 @@ class Coordinator:
 
     def prepare(self) -> Manifest:
         """Export (or reuse) artifacts, write the resolved config, load or initialise the global state."""
-        from coordinator.models import initial_consistent
-        from export.artifacts import export_set
+        from nefl_edge.coordinator.models import initial_consistent
+        from nefl_edge.export.artifacts import export_set
 
         (self.run_dir / "config.json").write_text(self.cfg.model_dump_json(indent=1))
         self.manifest = export_set(self.config, self.specs, self.run_dir / "artifacts", self.cfg.train, log=log.info)

@@ -11,15 +11,14 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
-
-from coordinator.evaluation import calibrate_bn, evaluate
-from coordinator.models import initial_consistent
-from coordinator.nefedavg import NeFedAvg, Weighting
-from coordinator.nested import GlobalState, Tensors, extract, init_global_state
-from coordinator.specs import ModelConfig
-from coordinator.strategies import LocalTrainer, Strategy
-from edge_client.data import Dataset
-from edge_client.schemas import TrainConfig
+from nefl_edge.coordinator.evaluation import calibrate_bn, evaluate
+from nefl_edge.coordinator.models import initial_consistent
+from nefl_edge.coordinator.nefedavg import NeFedAvg, Weighting
+from nefl_edge.coordinator.nested import GlobalState, Tensors, extract, init_global_state
+from nefl_edge.coordinator.specs import ModelConfig
+from nefl_edge.coordinator.strategies import LocalTrainer, Strategy
+from nefl_edge.edge_client.data import Dataset
+from nefl_edge.edge_client.schemas import TrainConfig
 
 TrainerKind = Literal["torch", "ort"]
 
@@ -43,8 +42,8 @@ class SimResult:
 
 def ort_trainer(folder: Path) -> LocalTrainer:
     """Local training through exported artifacts with the edge client's own trainer (``train_local``)."""
-    from edge_client.artifacts import load_manifest, submodel_paths
-    from edge_client.trainer import BACKEND_FILES, TrainerBackend, choose_backend, create_backend, train_local
+    from nefl_edge.edge_client.artifacts import load_manifest, submodel_paths
+    from nefl_edge.edge_client.trainer import BACKEND_FILES, TrainerBackend, choose_backend, create_backend, train_local
 
     manifest = load_manifest(folder)
     kind = choose_backend("auto")

@@ -21,10 +21,9 @@ from typing import Optional
 
 import numpy as np
 import torch
-
-from coordinator.models import build_submodel
-from coordinator.nested import GlobalState, Tensors, extract, prefix_slice
-from coordinator.specs import (
+from nefl_edge.coordinator.models import build_submodel
+from nefl_edge.coordinator.nested import GlobalState, Tensors, extract, prefix_slice
+from nefl_edge.coordinator.specs import (
     GAMMA_TOLERANCE,
     ModelConfig,
     ScalingMethod,
@@ -35,9 +34,9 @@ from coordinator.specs import (
     param_layout,
     with_gamma,
 )
-from edge_client.data import Dataset
-from edge_client.schemas import TrainConfig
-from edge_client.trainer import local_batches
+from nefl_edge.edge_client.data import Dataset
+from nefl_edge.edge_client.schemas import TrainConfig
+from nefl_edge.edge_client.trainer import local_batches
 
 
 @dataclass(frozen=True)

@@ -1,3 +1,3 @@
-from edge_client.cli import app
+from nefl_edge.edge_client.cli import app
 
 app(prog_name="nefl-edge")

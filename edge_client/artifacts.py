@@ -8,9 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
+from nefl_edge.edge_client.schemas import FileEntry, Manifest, SubmodelEntry
 from pydantic import ValidationError
-
-from edge_client.schemas import FileEntry, Manifest, SubmodelEntry
 
 MANIFEST_NAME = "manifest.json"
 

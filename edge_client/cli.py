@@ -68,11 +68,11 @@ def join(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Join a run: announce this device, take training tasks, train with ONNX Runtime, upload the weights."""
-    from edge_client.client import ClientOptions, EdgeClient
-    from edge_client.data import DataError, load_dataset
-    from edge_client.mqtt import BrokerAddress, BrokerError, Security
-    from edge_client.schemas import NAME_PATTERN
-    from edge_client.trainer import BackendUnavailable
+    from nefl_edge.edge_client.client import ClientOptions, EdgeClient
+    from nefl_edge.edge_client.data import DataError, load_dataset
+    from nefl_edge.edge_client.mqtt import BrokerAddress, BrokerError, Security
+    from nefl_edge.edge_client.schemas import NAME_PATTERN
+    from nefl_edge.edge_client.trainer import BackendUnavailable
 
     setup_logging(verbose)
     node = node_id or socket.gethostname().split(".")[0]
@@ -125,9 +125,9 @@ def profile(
     backend: Annotated[str, typer.Option(help="auto, ort-training or portable.")] = "auto",
 ) -> None:
     """Print this device's profile (JSON): hardware, ONNX Runtime, training backend, throughput."""
-    from edge_client.artifacts import ArtifactError, load_manifest, submodel_paths
-    from edge_client.profile import device_profile, measure_throughput
-    from edge_client.trainer import BACKEND_FILES, BackendUnavailable, choose_backend, create_backend
+    from nefl_edge.edge_client.artifacts import ArtifactError, load_manifest, submodel_paths
+    from nefl_edge.edge_client.profile import device_profile, measure_throughput
+    from nefl_edge.edge_client.trainer import BACKEND_FILES, BackendUnavailable, choose_backend, create_backend
 
     speed = probe = None
     try:

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from edge_client.artifacts import ArtifactCache, ArtifactError, parse_manifest
-from edge_client.data import Dataset
-from edge_client.mqtt import BrokerAddress, Inbound, MqttLink, Security
-from edge_client.profile import device_profile, measure_throughput
-from edge_client.schemas import (
+from nefl_edge.edge_client.artifacts import ArtifactCache, ArtifactError, parse_manifest
+from nefl_edge.edge_client.data import Dataset
+from nefl_edge.edge_client.mqtt import BrokerAddress, Inbound, MqttLink, Security
+from nefl_edge.edge_client.profile import device_profile, measure_throughput
+from nefl_edge.edge_client.schemas import (
     Artifact,
     Control,
     Decline,
@@ -29,7 +29,7 @@ from edge_client.schemas import (
     Update,
     Weights,
 )
-from edge_client.trainer import (
+from nefl_edge.edge_client.trainer import (
     BACKEND_FILES,
     DeadlineMissed,
     TrainerBackend,
@@ -37,7 +37,7 @@ from edge_client.trainer import (
     create_backend,
     train_local,
 )
-from edge_client.wire import ProtocolError, Topics, encode, pack_tensors, sha256, unpack_tensors
+from nefl_edge.edge_client.wire import ProtocolError, Topics, encode, pack_tensors, sha256, unpack_tensors
 
 log = logging.getLogger(__name__)
 UPLOAD_MARGIN_S = 2.0

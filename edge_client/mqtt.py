@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
 
 import paho.mqtt.client as mqtt
+from nefl_edge.edge_client.schemas import Message
+from nefl_edge.edge_client.wire import DEFAULT_CHUNK_SIZE, Assembler, ProtocolError, decode, encode, frames
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-
-from edge_client.schemas import Message
-from edge_client.wire import DEFAULT_CHUNK_SIZE, Assembler, ProtocolError, decode, encode, frames
 
 log = logging.getLogger(__name__)
 

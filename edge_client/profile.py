@@ -8,9 +8,8 @@ import time
 from typing import Optional, Tuple
 
 import numpy as np
-
-from edge_client.schemas import DeviceProfile
-from edge_client.trainer import TrainerBackend
+from nefl_edge.edge_client.schemas import DeviceProfile
+from nefl_edge.edge_client.trainer import TrainerBackend
 
 
 def memory_mb() -> int:

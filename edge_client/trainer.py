@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
 
 import numpy as np
-
-from edge_client.data import Dataset
-from edge_client.schemas import Metrics, ParamEntry, TrainConfig
+from nefl_edge.edge_client.data import Dataset
+from nefl_edge.edge_client.schemas import Metrics, ParamEntry, TrainConfig
 
 Tensors = Dict[str, np.ndarray]
 
@@ -153,7 +152,7 @@ def create_backend(
     kind: str, files: Dict[str, Path], params: List[ParamEntry], train: Optional[TrainConfig] = None, threads: int = 0
 ) -> TrainerBackend:
     if kind == "portable":
-        from edge_client.portable import PortableBackend
+        from nefl_edge.edge_client.portable import PortableBackend
 
         return PortableBackend(files, params, train, threads)
     return OrtTrainingBackend(files, params, train, threads)

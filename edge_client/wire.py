@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+from nefl_edge.edge_client.schemas import MESSAGE_TYPES, WIRE_SCHEMA, Message
 from pydantic import ValidationError
-
-from edge_client.schemas import MESSAGE_TYPES, WIRE_SCHEMA, Message
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,12 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from coordinator.nested import GlobalState, Tensors, extract
-from coordinator.specs import ModelConfig, SubmodelSpec, mflops, param_count, param_layout
-from edge_client.artifacts import MANIFEST_NAME, ArtifactError, file_entry, load_manifest
-from edge_client.schemas import FileEntry, Manifest, ParamEntry, SubmodelEntry, TrainConfig
-from edge_client.wire import pack_tensors
-from export.portable import PORTABLE_FILE, build_portable_step
+from nefl_edge.coordinator.nested import GlobalState, Tensors, extract
+from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec, mflops, param_count, param_layout
+from nefl_edge.edge_client.artifacts import MANIFEST_NAME, ArtifactError, file_entry, load_manifest
+from nefl_edge.edge_client.schemas import FileEntry, Manifest, ParamEntry, SubmodelEntry, TrainConfig
+from nefl_edge.edge_client.wire import pack_tensors
+from nefl_edge.export.portable import PORTABLE_FILE, build_portable_step
 
 EXPORT_VERSION = 3
 OPSET = 17
@@ -70,9 +70,8 @@ def _quiet() -> Iterator[None]:
 def _export_one(config: ModelConfig, spec: SubmodelSpec, folder: Path) -> None:
     import onnx
     import torch
-
-    from coordinator.models import SubmodelNet
-    from edge_client.trainer import training_api
+    from nefl_edge.coordinator.models import SubmodelNet
+    from nefl_edge.edge_client.trainer import training_api
 
     training_api()
     from onnxruntime.training import artifacts

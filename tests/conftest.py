@@ -3,9 +3,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from coordinator.specs import ModelConfig, SubmodelSpec, get_model_config, make_specs
-from edge_client.data import FASHION_MNIST_DIR, HOW_TO_GET_DATA
+from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec, get_model_config, make_specs
+from nefl_edge.edge_client.data import FASHION_MNIST_DIR, HOW_TO_GET_DATA
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +28,7 @@ def small_specs(small_config: ModelConfig) -> list[SubmodelSpec]:
 def small_artifacts(
     tmp_path_factory: pytest.TempPathFactory, small_config: ModelConfig, small_specs: list[SubmodelSpec]
 ) -> Path:
-    from export.artifacts import export_set
+    from nefl_edge.export.artifacts import export_set
 
     out = tmp_path_factory.mktemp("artifacts")
     export_set(small_config, small_specs, out)

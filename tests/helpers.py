@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-
-from coordinator.broker import LocalBroker, free_port
-from edge_client.data import load_dataset
+from nefl_edge.coordinator.broker import LocalBroker, free_port
+from nefl_edge.edge_client.data import load_dataset
 
 
 class Broker(LocalBroker):
@@ -146,7 +145,7 @@ def spawn_edge(
     python: str = sys.executable,
 ) -> subprocess.Popen[bytes]:
     """A real `nefl-edge join` process in which torch and onnx cannot be imported."""
-    args = [python, "-m", "edge_client", "join", "--broker", broker, "--data", str(data), "--node-id", node]
+    args = [python, "-m", "nefl_edge.edge_client", "join", "--broker", broker, "--data", str(data), "--node-id", node]
     args += ["--run", run, "--cache", str(folder / f"cache-{node}"), "--threads", "1", *extra]
     if tier is not None:
         args += ["--tier", str(tier)]
@@ -158,7 +157,7 @@ def spawn_coordinator(broker: str, folder: Path, *extra: str) -> subprocess.Pope
     args = [
         sys.executable,
         "-m",
-        "coordinator",
+        "nefl_edge.coordinator",
         "serve",
         "--broker",
         broker,
@@ -202,8 +201,8 @@ def build_wheel(out: Path) -> Path:
 
 def write_step_inputs(work: Path, config, specs, data_dir: Path) -> None:  # type: ignore[no-untyped-def]
     """Inputs of tests/arm64/one_step.py: one batch and every submodel's weights (the artifacts are the caller's)."""
-    from coordinator.models import initial_consistent
-    from coordinator.nested import extract, init_global_state
+    from nefl_edge.coordinator.models import initial_consistent
+    from nefl_edge.coordinator.nested import extract, init_global_state
 
     state = init_global_state(config, specs, initial_consistent(config, seed=5))
     data = load_dataset(data_dir, "train")

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 COMMANDS = {
-    "coordinator": ["specs", "export", "serve", "simulate", "partition", "demo"],
-    "edge_client": ["join", "profile"],
+    "nefl_edge.coordinator": ["specs", "export", "serve", "simulate", "partition", "demo"],
+    "nefl_edge.edge_client": ["join", "profile"],
 }
 PROBE = """
 import runpy, sys

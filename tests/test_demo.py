@@ -11,11 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from coordinator.broker import port_open
-from coordinator.partition import DirichletPartitioner, IidPartitioner, ShardPartitioner, label_histogram, label_skew
-from coordinator.report import read_metrics
-from edge_client.data import load_dataset
+from nefl_edge.coordinator.broker import port_open
+from nefl_edge.coordinator.partition import (
+    DirichletPartitioner,
+    IidPartitioner,
+    ShardPartitioner,
+    label_histogram,
+    label_skew,
+)
+from nefl_edge.coordinator.report import read_metrics
+from nefl_edge.edge_client.data import load_dataset
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -39,7 +44,7 @@ def test_small_demo_end_to_end_leaves_nothing_behind(tmp_path: Path, broker_flag
         [
             sys.executable,
             "-m",
-            "coordinator",
+            "nefl_edge.coordinator",
             "demo",
             "--clients",
             "3",
@@ -87,7 +92,7 @@ def test_demo_without_data_says_how_to_get_it(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "coordinator",
+            "nefl_edge.coordinator",
             "demo",
             "--data-dir",
             str(tmp_path / "none"),
@@ -136,7 +141,7 @@ def test_partition_cli_writes_shards_and_histogram(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "coordinator",
+            "nefl_edge.coordinator",
             "partition",
             "--clients",
             "4",

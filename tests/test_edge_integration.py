@@ -10,14 +10,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
-from coordinator.models import SubmodelNet, initial_consistent
-from coordinator.nested import extract, init_global_state
-from coordinator.specs import ModelConfig, SubmodelSpec
-from edge_client.artifacts import load_manifest
-from edge_client.data import load_npz
-from edge_client.mqtt import BrokerAddress, MqttLink
-from edge_client.schemas import (
+from nefl_edge.coordinator.models import SubmodelNet, initial_consistent
+from nefl_edge.coordinator.nested import extract, init_global_state
+from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec
+from nefl_edge.edge_client.artifacts import load_manifest
+from nefl_edge.edge_client.data import load_npz
+from nefl_edge.edge_client.mqtt import BrokerAddress, MqttLink
+from nefl_edge.edge_client.schemas import (
     Artifact,
     Control,
     Decline,
@@ -29,7 +28,8 @@ from edge_client.schemas import (
     Update,
     Weights,
 )
-from edge_client.wire import Topics, pack_tensors, sha256, unpack_tensors
+from nefl_edge.edge_client.wire import Topics, pack_tensors, sha256, unpack_tensors
+
 from tests.helpers import Broker, make_shards, spawn_edge, stop, wait_for
 
 pytestmark = pytest.mark.integration
@@ -213,7 +213,16 @@ def test_join_reports_a_missing_data_file_and_an_unreachable_broker(tmp_path: Pa
     from tests.helpers import device_env, free_port, make_shards
 
     missing = subprocess.run(
-        [sys.executable, "-m", "edge_client", "join", "--broker", "127.0.0.1:1", "--data", str(tmp_path / "nope.npz")],
+        [
+            sys.executable,
+            "-m",
+            "nefl_edge.edge_client",
+            "join",
+            "--broker",
+            "127.0.0.1:1",
+            "--data",
+            str(tmp_path / "nope.npz"),
+        ],
         capture_output=True,
         text=True,
         env=device_env(tmp_path),
@@ -226,7 +235,7 @@ def test_join_reports_a_missing_data_file_and_an_unreachable_broker(tmp_path: Pa
         [
             sys.executable,
             "-m",
-            "edge_client",
+            "nefl_edge.edge_client",
             "join",
             "--broker",
             f"127.0.0.1:{port}",

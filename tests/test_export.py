@@ -10,16 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from coordinator.models import SubmodelNet, initial_consistent
-from coordinator.nested import GlobalState, extract, init_global_state, renest
-from coordinator.specs import ModelConfig, SubmodelSpec
-from edge_client.artifacts import ArtifactError, load_manifest, submodel_paths
-from edge_client.data import load_dataset
-from edge_client.schemas import TrainConfig
-from edge_client.trainer import OrtTrainingBackend
-from edge_client.wire import unpack_tensors
-from export.artifacts import export_set, write_weights
+from nefl_edge.coordinator.models import SubmodelNet, initial_consistent
+from nefl_edge.coordinator.nested import GlobalState, extract, init_global_state, renest
+from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec
+from nefl_edge.edge_client.artifacts import ArtifactError, load_manifest, submodel_paths
+from nefl_edge.edge_client.data import load_dataset
+from nefl_edge.edge_client.schemas import TrainConfig
+from nefl_edge.edge_client.trainer import OrtTrainingBackend
+from nefl_edge.edge_client.wire import unpack_tensors
+from nefl_edge.export.artifacts import export_set, write_weights
 
 
 @pytest.fixture(scope="module")

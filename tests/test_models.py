@@ -3,10 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from coordinator.models import SubmodelNet, build_submodel, global_forward, initial_consistent
-from coordinator.nested import init_global_state
-from coordinator.specs import get_model_config, make_specs, param_layout
+from nefl_edge.coordinator.models import SubmodelNet, build_submodel, global_forward, initial_consistent
+from nefl_edge.coordinator.nested import init_global_state
+from nefl_edge.coordinator.specs import get_model_config, make_specs, param_layout
 
 
 @pytest.mark.parametrize(
@@ -44,7 +43,7 @@ def test_state_dict_names_are_the_layout_names() -> None:
 
 
 def test_bn_calibration_makes_eval_mode_match_batch_statistics() -> None:
-    from coordinator.evaluation import calibrate_bn
+    from nefl_edge.coordinator.evaluation import calibrate_bn
 
     config = get_model_config("resnet-small")
     specs = make_specs(config)

@@ -7,8 +7,8 @@ import signal
 from pathlib import Path
 
 import pytest
+from nefl_edge.coordinator.report import read_metrics
 
-from coordinator.report import read_metrics
 from tests.helpers import Broker, make_shards, spawn_coordinator, spawn_edge, stop, wait_for
 
 pytestmark = pytest.mark.integration

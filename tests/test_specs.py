@@ -1,8 +1,7 @@
 from __future__ import annotations
 
 import pytest
-
-from coordinator.specs import (
+from nefl_edge.coordinator.specs import (
     DEFAULT_GAMMAS,
     SpecError,
     SubmodelSpec,

@@ -11,15 +11,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from coordinator.models import initial_consistent
-from coordinator.nefedavg import NeFedAvg
-from coordinator.nested import GlobalState, extract, init_global_state
-from coordinator.simulate import ort_trainer, simulate
-from coordinator.specs import DEFAULT_GAMMAS, ModelConfig, SubmodelSpec, get_model_config, param_layout, scaled
-from coordinator.strategies import STRATEGIES, Strategy, get_strategy, train_torch
-from edge_client.data import Dataset, load_dataset
-from edge_client.schemas import TrainConfig
+from nefl_edge.coordinator.models import initial_consistent
+from nefl_edge.coordinator.nefedavg import NeFedAvg
+from nefl_edge.coordinator.nested import GlobalState, extract, init_global_state
+from nefl_edge.coordinator.simulate import ort_trainer, simulate
+from nefl_edge.coordinator.specs import (
+    DEFAULT_GAMMAS,
+    ModelConfig,
+    SubmodelSpec,
+    get_model_config,
+    param_layout,
+    scaled,
+)
+from nefl_edge.coordinator.strategies import STRATEGIES, Strategy, get_strategy, train_torch
+from nefl_edge.edge_client.data import Dataset, load_dataset
+from nefl_edge.edge_client.schemas import TrainConfig
 
 
 def constant_update(state: GlobalState, index: int, value: float) -> dict[str, np.ndarray]:
@@ -213,7 +219,7 @@ def test_simulate_command_runs_on_a_cifar10_folder(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "coordinator",
+            "nefl_edge.coordinator",
             "simulate",
             "--method",
             "heterofl",
@@ -246,7 +252,9 @@ def test_simulate_command_runs_on_a_cifar10_folder(tmp_path: Path) -> None:
 
 def test_simulate_command_rejects_an_unknown_method_clearly() -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "coordinator", "simulate", "--method", "fedprox"], capture_output=True, text=True
+        [sys.executable, "-m", "nefl_edge.coordinator", "simulate", "--method", "fedprox"],
+        capture_output=True,
+        text=True,
     )
 
     assert run.returncode == 2
@@ -261,7 +269,7 @@ def test_every_strategy_names_its_paper(name: str) -> None:
 
 def test_simulate_refuses_the_ort_trainer_for_a_method_with_its_own_local_training() -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "coordinator", "simulate", "--method", "fjord", "--trainer", "ort"],
+        [sys.executable, "-m", "nefl_edge.coordinator", "simulate", "--method", "fjord", "--trainer", "ort"],
         capture_output=True,
         text=True,
     )

@@ -7,9 +7,17 @@ import struct
 
 import numpy as np
 import pytest
-
-from edge_client.schemas import Hello, Task, TrainConfig, Update
-from edge_client.wire import Assembler, ProtocolError, decode, encode, frames, pack_tensors, sha256, unpack_tensors
+from nefl_edge.edge_client.schemas import Hello, Task, TrainConfig, Update
+from nefl_edge.edge_client.wire import (
+    Assembler,
+    ProtocolError,
+    decode,
+    encode,
+    frames,
+    pack_tensors,
+    sha256,
+    unpack_tensors,
+)
 
 TASK = Task(
     run="r1", node="n1", task_id="t1", round=3, submodel=1, weights_sha256="a" * 64, train=TrainConfig(), deadline_s=30
@@ -105,7 +113,7 @@ def test_not_safetensors_body_is_rejected() -> None:
 
 
 def test_every_kind_has_a_schema() -> None:
-    from edge_client.schemas import MESSAGE_TYPES
+    from nefl_edge.edge_client.schemas import MESSAGE_TYPES
 
     assert {"hello", "status", "task", "update", "decline", "weights", "artifact", "manifest", "control"} == set(
         MESSAGE_TYPES

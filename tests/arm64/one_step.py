@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
-
-from edge_client.artifacts import load_manifest, submodel_paths
-from edge_client.portable import PortableBackend
-from edge_client.schemas import TrainConfig
-from edge_client.trainer import BACKEND_FILES
+from nefl_edge.edge_client.artifacts import load_manifest, submodel_paths
+from nefl_edge.edge_client.portable import PortableBackend
+from nefl_edge.edge_client.schemas import TrainConfig
+from nefl_edge.edge_client.trainer import BACKEND_FILES
 
 work = Path(sys.argv[1])
 manifest = load_manifest(work / "artifacts")

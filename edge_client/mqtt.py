@@ -1,5 +1,12 @@
 """One MQTT connection for either side (paho-mqtt 2.x): TLS and password options, a Last Will, persistent
-sessions, automatic reconnects with backoff, chunked publishing, and an inbox of validated messages.
+sessions, automatic reconnects with backoff, chunked and optionally signed publishing, and an inbox of
+validated (and, with a keyring, verified) messages.
+
+The receive path cannot be killed by a payload: paho's callback hands every payload to
+:meth:`Receiver.receive`, which catches every exception, counts it by reason in ``rejections`` and logs it
+(rate-limited) with the topic; the fuzz suite drives that same method. :meth:`MqttLink.subscribe` also
+subscribes the chunked form ``<topic>/chunk/+`` on which retained messages travel, so retained and plain
+messages on a topic both arrive.
 
 Correct over MQTT 3.1.1; MQTT 5 is optional (``protocol="5"``), used only for a session expiry interval.
 """
@@ -8,21 +15,37 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import ssl
 import threading
+import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
 
 import paho.mqtt.client as mqtt
-from nefl_edge.edge_client.schemas import Message
-from nefl_edge.edge_client.wire import DEFAULT_CHUNK_SIZE, Assembler, ProtocolError, decode, encode, frames
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from nefl_edge.edge_client.schemas import Message
+from nefl_edge.edge_client.signing import Keyring, SignatureError, Signer, strip_envelope
+from nefl_edge.edge_client.wire import (
+    DEFAULT_CHUNK_SIZE,
+    MESSAGE_KINDS_BY_TOPIC,
+    Assembler,
+    ProtocolError,
+    Topics,
+    decode,
+    encode,
+    frames,
+    short,
+)
 
 log = logging.getLogger(__name__)
 
 CHUNK_MARK = "/chunk/"
+CHUNK_TOPIC = re.compile(r"(.+)/chunk/(\d{1,9})")
 Inbound = Tuple[str, Message, bytes]
 
 
@@ -79,8 +102,106 @@ class Security:
             client.username_pw_set(self.username, password)
 
 
+def split_chunk_topic(topic: str) -> Tuple[str, Optional[int]]:
+    """``("<stream>", i)`` for a retained chunk topic ``<stream>/chunk/<i>``, else ``(topic, None)``."""
+    match = CHUNK_TOPIC.fullmatch(topic)
+    return (match.group(1), int(match.group(2))) if match else (topic, None)
+
+
+class Receiver:
+    """Turns one MQTT payload into a validated inbound message, or into a counted, logged rejection.
+
+    Steps: reassemble frames (:class:`edge_client.wire.Assembler`, with its caps); with a ``keyring``,
+    verify the signature and that its key id is ``sender_of(stream)``; decode and validate the logical
+    message; check it is for this ``run``, that its kind belongs on the topic and that a ``node`` field
+    names the node of a node topic. Without a keyring signed and unsigned messages are both accepted
+    (signatures are not checked).
+    """
+
+    def __init__(
+        self,
+        run: str,
+        assembler: Optional[Assembler] = None,
+        keyring: Optional[Keyring] = None,
+        sender_of: Optional[Callable[[str], Optional[str]]] = None,
+        log_burst: int = 5,
+        log_window_s: float = 60.0,
+    ) -> None:
+        if keyring is not None and sender_of is None:
+            raise ValueError("a keyring needs sender_of (who may sign each topic), e.g. signers_by_topic(...)")
+        self.run = run
+        self.assembler = assembler if assembler is not None else Assembler()
+        self.keyring = keyring
+        self.sender_of = sender_of
+        self.rejections: Counter[str] = Counter()
+        self.log_burst, self.log_window_s = log_burst, log_window_s
+        self._windows: Dict[str, List[float]] = {}  # reason -> [window start, logged, suppressed]
+
+    def parse(self, topic: str, payload: bytes) -> Optional[Inbound]:
+        """The message that ``payload`` on ``topic`` completes, or ``None`` (a chunk of a longer message, or
+        an empty payload that clears a retained topic). Raise :class:`ProtocolError` for anything invalid."""
+        if not payload:
+            return None
+        stream, index = split_chunk_topic(topic)
+        data = self.assembler.feed(stream, bytes(payload), index)
+        if data is None:
+            return None
+        if self.keyring is not None:
+            assert self.sender_of is not None
+            signer, data = self.keyring.verify(stream, data)
+            allowed = self.sender_of(stream)
+            if signer != allowed:
+                who = f"only {allowed!r} may" if allowed else "nobody may"
+                raise SignatureError(f"message signed by {signer!r}, but {who} publish on this topic", "wrong_signer")
+        else:
+            data = strip_envelope(data)
+        message, body = decode(data)
+        if message.run != self.run:
+            raise ProtocolError(f"message for run {short(message.run)}, this is run {self.run!r}", "wrong_run")
+        kind, topic_kind = getattr(message, "kind", ""), Topics.kind_of(stream)
+        if topic_kind and kind not in MESSAGE_KINDS_BY_TOPIC[topic_kind]:
+            raise ProtocolError(f"a {kind} message does not belong on a {topic_kind} topic", "wrong_topic")
+        node = getattr(message, "node", None)
+        if node is not None and topic_kind in MESSAGE_KINDS_BY_TOPIC and node != Topics.node_of(stream):
+            raise ProtocolError(
+                f"message of node {node!r} on the topic of node {Topics.node_of(stream)!r}", "wrong_topic"
+            )
+        return stream, message, body
+
+    def receive(self, topic: str, payload: bytes) -> Optional[Inbound]:
+        """:meth:`parse` that never raises: a rejection is counted in :attr:`rejections` by reason (an
+        unexpected exception as ``internal:<type>``) and logged with the topic."""
+        try:
+            return self.parse(topic, payload)
+        except ProtocolError as exc:
+            self.reject(topic, exc.reason, str(exc))
+        except Exception as exc:  # a bug, not a protocol violation: still never kill the network thread
+            self.reject(topic, f"internal:{type(exc).__name__}", f"{type(exc).__name__}: {short(str(exc), 200)}")
+        return None
+
+    def reject(self, topic: str, reason: str, text: str) -> None:
+        self.rejections[reason] += 1
+        now = time.monotonic()
+        window = self._windows.get(reason)
+        if window is None or now - window[0] > self.log_window_s:
+            if window is not None and window[2]:
+                log.warning("%d more rejections (%s) were not logged", window[2], reason)
+            window = self._windows[reason] = [now, 0, 0]
+        if window[1] < self.log_burst:
+            window[1] += 1
+            log.warning("rejected payload on %s (%s): %s", short(topic, 200), reason, text)
+        else:
+            window[2] += 1
+
+
 class MqttLink:
-    """A persistent, reconnecting MQTT session that speaks the nefl wire format."""
+    """A persistent, reconnecting MQTT session that speaks the nefl wire format.
+
+    With a ``signer`` every published message (and the Last Will) is signed. With a ``keyring`` every
+    received message must be signed by the key that ``sender_of(stream topic)`` names (see
+    :func:`edge_client.signing.signers_by_topic`); without one, messages are accepted unverified. Caps on
+    partial messages are those of ``assembler`` (default: :class:`edge_client.wire.Assembler`'s).
+    """
 
     def __init__(
         self,
@@ -92,31 +213,58 @@ class MqttLink:
         will: Optional[Tuple[str, bytes]] = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         clean: bool = False,
+        signer: Optional[Signer] = None,
+        keyring: Optional[Keyring] = None,
+        sender_of: Optional[Callable[[str], Optional[str]]] = None,
+        assembler: Optional[Assembler] = None,
     ) -> None:
         self.broker, self.run, self.chunk_size = broker, run, chunk_size
         self.protocol = protocol
+        self.signer = signer
+        self.receiver = Receiver(run, assembler, keyring, sender_of)
         self._clean = clean
         version = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
         kwargs: Dict[str, Any] = {"client_id": client_id, "protocol": version}
         if version == mqtt.MQTTv311:
             kwargs["clean_session"] = clean
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, **kwargs)
+        self.client.suppress_exceptions = True  # second line of defence: paho logs instead of dying
         security.apply(self.client)
         if will is not None:
-            self.client.will_set(will[0], frames(will[1], chunk_size)[0], qos=1, retain=True)
+            parts = frames(self._seal(will[0], will[1]), chunk_size)
+            if len(parts) != 1:
+                raise ValueError(f"the Last Will must fit one chunk of {chunk_size} bytes")
+            # on the retained chunk topic, so that it replaces the retained status the device published
+            self.client.will_set(f"{will[0]}{CHUNK_MARK}0", parts[0], qos=1, retain=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.inbox: queue.Queue[Inbound] = queue.Queue()
-        self.assembler = Assembler()
-        self.rejected = 0
         self.connected = threading.Event()
         self._refused: Optional[str] = None
         self._subs: List[str] = []
         self._retained_counts: Dict[str, int] = {}
         self.on_connected: Optional[Callable[[], None]] = None
         self._lock = threading.Lock()
+
+    @property
+    def assembler(self) -> Assembler:
+        return self.receiver.assembler
+
+    @property
+    def rejections(self) -> Counter[str]:
+        """Rejected payloads by reason code (see :class:`edge_client.wire.ProtocolError`)."""
+        return self.receiver.rejections
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.receiver.rejections.values())
+
+    def receive(self, topic: str, payload: bytes) -> Optional[Inbound]:
+        """What the MQTT callback does with one payload, minus queueing: never raises (see
+        :meth:`Receiver.receive`)."""
+        return self.receiver.receive(topic, payload)
 
     # --- connection ----------------------------------------------------------------------------------------
 
@@ -156,11 +304,15 @@ class MqttLink:
             return
         log.info("connected to broker %s", self.broker)
         with self._lock:
-            for topic in self._subs:
-                client.subscribe(topic, qos=1)
+            filters = [f for topic in self._subs for f in _filters(topic)]
+        if filters:
+            client.subscribe([(f, 1) for f in filters])
         self.connected.set()
         if self.on_connected is not None:
-            self.on_connected()
+            try:
+                self.on_connected()
+            except Exception:
+                log.exception("the on_connected handler failed")
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self.connected.clear()
@@ -170,21 +322,26 @@ class MqttLink:
     # --- traffic -------------------------------------------------------------------------------------------
 
     def subscribe(self, topic: str) -> None:
+        """Subscribe ``topic`` and, unless it ends in ``#``, its retained chunks ``<topic>/chunk/+``."""
         with self._lock:
             if topic not in self._subs:
                 self._subs.append(topic)
-        self.client.subscribe(topic, qos=1)
+        self.client.subscribe([(f, 1) for f in _filters(topic)])
 
     def unsubscribe(self, topic: str) -> None:
         with self._lock:
             if topic in self._subs:
                 self._subs.remove(topic)
-        self.client.unsubscribe(topic)
+        self.client.unsubscribe(_filters(topic))
+
+    def _seal(self, topic: str, data: bytes) -> bytes:
+        return self.signer.seal(topic, data) if self.signer is not None else data
 
     def publish(self, topic: str, message: Message, body: bytes = b"", retain: bool = False) -> int:
-        """Publish one message (chunked as needed) at QoS 1; return the bytes sent. Retained messages
-        keep chunk ``i`` on ``<topic>/chunk/<i>`` and clear chunks left over from a longer predecessor."""
-        parts = frames(encode(message, body), self.chunk_size)
+        """Publish one message (signed if this link has a signer, chunked as needed) at QoS 1; return the
+        bytes sent. Retained messages keep chunk ``i`` on ``<topic>/chunk/<i>`` and clear chunks left over
+        from a longer predecessor."""
+        parts = frames(self._seal(topic, encode(message, body)), self.chunk_size)
         if retain:
             for i, frame in enumerate(parts):
                 self.client.publish(f"{topic}{CHUNK_MARK}{i}", frame, qos=1, retain=True)
@@ -202,18 +359,13 @@ class MqttLink:
             self.client.publish(f"{topic}{CHUNK_MARK}{i}", b"", qos=1, retain=True)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if not msg.payload:
-            return
-        stream = msg.topic.split(CHUNK_MARK, 1)[0]
         try:
-            data = self.assembler.feed(stream, bytes(msg.payload))
-            if data is None:
-                return
-            message, body = decode(data)
-            if message.run != self.run:
-                raise ProtocolError(f"message for run {message.run!r}, this is run {self.run!r}")
-        except ProtocolError as exc:
-            self.rejected += 1
-            log.warning("rejected payload on %s: %s", msg.topic, exc)
-            return
-        self.inbox.put((stream, message, body))
+            item = self.receive(msg.topic, bytes(msg.payload))
+            if item is not None:
+                self.inbox.put(item)
+        except Exception as exc:  # receive() never raises; this guards the topic decoding and the queue
+            self.receiver.reject("?", f"internal:{type(exc).__name__}", short(str(exc), 200))
+
+
+def _filters(topic: str) -> List[str]:
+    return [topic] if topic.endswith("#") else [topic, f"{topic}{CHUNK_MARK}+"]

@@ -1,11 +1,27 @@
-"""The wire format, independent of MQTT: topics, message encoding, chunking and reassembly.
+"""The wire format, independent of MQTT: topics, message encoding, chunking, reassembly and tensors.
 
-A logical message is ``b"NEFL" | u32 header length | JSON header | body``; the header is one of the
-schemas in :mod:`edge_client.schemas` plus ``body_size`` and ``body_sha256``. Tensors travel in the body
-as safetensors (never pickle). Every MQTT payload is a frame ``b"NFLC" | u32 length | JSON frame header |
-chunk``, where the frame header carries the message id, chunk index and count, the whole message's size
-and sha256, and the chunk's sha256. A message larger than the chunk size becomes several frames; retained
-messages put chunk ``i`` on ``<topic>/<i>`` so that the broker keeps every chunk.
+Every input here comes from the network and is hostile: each decoder either returns a valid value or raises
+:class:`ProtocolError` with a short ``reason`` code and a message saying what is wrong; nothing else escapes.
+
+Layers, outermost first (the full description with tables is in ``docs/protocol.md``):
+
+- **Frame** (one MQTT payload): ``b"NFLC" | u32 BE header length | JSON frame header | chunk``. The frame
+  header is exactly ``{"msg", "i", "n", "size", "chunk", "sha256", "chunk_sha256"}``: message id (32 lower-case
+  hex digits), chunk index ``0 <= i < n``, chunk count ``n == max(1, ceil(size / chunk))``, the whole
+  message's size and sha256, the nominal chunk size (``chunk >= 1024``) and this chunk's sha256. Every chunk
+  but the last is exactly ``chunk`` bytes long; the last one completes ``size`` exactly. Integers are JSON
+  integers (no booleans, no floats), the header is at most 1 KiB, flat, with no duplicate keys.
+- **Signed envelope** (optional, see :mod:`edge_client.signing`): ``b"NEFS" | u8 key id length | key id |
+  64-byte Ed25519 signature | logical message``.
+- **Logical message**: ``b"NEFL" | u32 BE header length | JSON header | body``; the header (at most 64 KiB,
+  nesting depth at most 16) is one of the schemas in :mod:`edge_client.schemas` plus ``body_size`` and
+  ``body_sha256``. Tensors travel in the body as safetensors (never pickle).
+
+Retained messages put chunk ``i`` on ``<topic>/chunk/<i>`` so that the broker keeps every chunk.
+
+Partial (incomplete) messages held by an :class:`Assembler` are capped in count and bytes per sender and in
+total; when a cap is reached the oldest partial of that sender (or of all senders) is evicted with a log line
+and a counter, so memory stays bounded under a flood and returns to zero once partials complete or expire.
 """
 
 from __future__ import annotations
@@ -13,31 +29,122 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import re
 import struct
 import time
 import uuid
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from itertools import accumulate
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
-from nefl_edge.edge_client.schemas import MESSAGE_TYPES, WIRE_SCHEMA, Message
 from pydantic import ValidationError
+
+from nefl_edge.edge_client.schemas import MESSAGE_TYPES, WIRE_SCHEMA, Message
 
 log = logging.getLogger(__name__)
 
 MAGIC_MESSAGE = b"NEFL"
 MAGIC_FRAME = b"NFLC"
 DEFAULT_CHUNK_SIZE = 1 << 20
+MIN_CHUNK_SIZE = 1024
+MAX_CHUNK_SIZE = 1 << 30
 MAX_MESSAGE_SIZE = 256 << 20
 MAX_HEADER_SIZE = 64 << 10
+MAX_FRAME_HEADER_SIZE = 1024
+MAX_HEADER_DEPTH = 16
+MAX_INT_DIGITS = 40
+MAX_TENSOR_HEADER_SIZE = 16 << 20
+MAX_TENSOR_RANK = 16
+
+# Caps on partial (incomplete chunked) messages of one Assembler; see Assembler.
+MAX_PARTIALS_PER_SENDER = 8
+MAX_PARTIAL_BYTES_PER_SENDER = 64 << 20
+MAX_PARTIALS = 64
+MAX_PARTIAL_BYTES = 512 << 20
+
+FRAME_KEYS = frozenset({"msg", "i", "n", "size", "chunk", "sha256", "chunk_sha256"})
+_MSG_ID = re.compile(r"[0-9a-f]{32}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class ProtocolError(ValueError):
-    """A payload from the network that does not follow the wire protocol."""
+    """A payload from the network that does not follow the wire protocol.
+
+    ``reason`` is a short code for counters and metrics (``frame``, ``frame_header``, ``chunk``,
+    ``too_large``, ``message``, ``schema``, ``body``, ``tensors``, ``wrong_run``, ``wrong_topic``, and the
+    signature reasons of :class:`edge_client.signing.SignatureError`); ``str(exc)`` says what is wrong."""
+
+    def __init__(self, message: str, reason: str = "protocol") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def short(value: object, limit: int = 60) -> str:
+    """``repr`` of an untrusted value, cut to ``limit`` characters, for error messages and logs."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --- safe JSON ---------------------------------------------------------------------------------------------
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+_DEPTH = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def json_depth(text: str) -> int:
+    """Nesting depth of a JSON text, found without parsing it (brackets inside strings do not count; an
+    unterminated string counts its brackets, which only overestimates)."""
+    brackets = _NOT_BRACKETS.sub("", _JSON_STRING.sub("", text))
+    return max(accumulate(_DEPTH[c] for c in brackets), default=0)
+
+
+def load_json(raw: bytes, what: str, reason: str, max_depth: int = MAX_HEADER_DEPTH) -> Any:
+    """Parse untrusted JSON: strict UTF-8, nesting at most ``max_depth``, no NaN / Infinity, no float that
+    overflows, no integer longer than 40 digits, no duplicate keys. Raise :class:`ProtocolError` otherwise."""
+
+    def bad_constant(name: str) -> Any:
+        raise ProtocolError(f"{what} holds {name}, which is not allowed", reason)
+
+    def parse_int(text: str) -> int:
+        if len(text.lstrip("-")) > MAX_INT_DIGITS:
+            raise ProtocolError(f"{what} holds an integer of {len(text)} digits", reason)
+        return int(text)
+
+    def parse_float(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ProtocolError(f"{what} holds a number out of range ({short(text, 30)})", reason)
+        return value
+
+    def pairs(items: List[Tuple[str, Any]]) -> Dict[str, Any]:
+        out = dict(items)
+        if len(out) != len(items):
+            raise ProtocolError(f"{what} repeats a key", reason)
+        return out
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{what} is not UTF-8", reason) from None
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise ProtocolError(f"{what} is nested {depth} deep (at most {max_depth})", reason)
+    try:
+        return json.loads(
+            text, parse_constant=bad_constant, parse_int=parse_int, parse_float=parse_float, object_pairs_hook=pairs
+        )
+    except ProtocolError:
+        raise
+    except (ValueError, RecursionError, TypeError) as exc:
+        raise ProtocolError(f"{what} is not valid JSON: {short(str(exc), 120)}", reason) from None
 
 
 # --- topics ------------------------------------------------------------------------------------------------
@@ -74,6 +181,39 @@ class Topics:
         parts = topic.split("/")
         return parts[3] if len(parts) > 4 and parts[2] == "node" else ""
 
+    @staticmethod
+    def kind_of(topic: str) -> str:
+        """The kind of topic: ``hello``, ``status``, ``update``, ``task`` (node topics), ``manifest``,
+        ``control``, ``weights``, ``artifact`` (broadcasts), or ``""`` for a topic outside this layout."""
+        parts = topic.split("/")
+        if len(parts) == 5 and parts[2] == "node" and parts[4] in NODE_KINDS:
+            return parts[4]
+        if len(parts) == 3 and parts[2] in ("manifest", "control"):
+            return parts[2]
+        if len(parts) == 4 and parts[2] in ("weights", "artifact"):
+            return parts[2]
+        return ""
+
+    @staticmethod
+    def sender_of(topic: str) -> str:
+        """The sender a stream belongs to, for per-sender caps: ``<prefix>/<run>/node/<node>`` for node
+        topics, the topic itself otherwise."""
+        parts = topic.split("/")
+        return "/".join(parts[:4]) if len(parts) > 4 and parts[2] == "node" else topic
+
+
+NODE_KINDS = ("hello", "status", "update", "task")
+MESSAGE_KINDS_BY_TOPIC: Dict[str, Tuple[str, ...]] = {
+    "hello": ("hello",),
+    "status": ("status",),
+    "update": ("update", "decline"),
+    "task": ("task",),
+    "manifest": ("manifest",),
+    "control": ("control",),
+    "weights": ("weights",),
+    "artifact": ("artifact",),
+}
+
 
 # --- logical messages --------------------------------------------------------------------------------------
 
@@ -91,33 +231,51 @@ def encode(message: Message, body: bytes = b"") -> bytes:
 def decode(data: bytes) -> Tuple[Message, bytes]:
     """Parse and validate a logical message; raise :class:`ProtocolError` saying what is wrong."""
     if len(data) < 8 or data[:4] != MAGIC_MESSAGE:
-        raise ProtocolError("not a nefl message (bad magic)")
+        raise ProtocolError("not a nefl message (bad magic)", "message")
     (size,) = struct.unpack(">I", data[4:8])
     if size > MAX_HEADER_SIZE or 8 + size > len(data):
-        raise ProtocolError(f"header length {size} does not fit the message of {len(data)} bytes")
-    try:
-        header = json.loads(data[8 : 8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"header is not JSON: {exc}") from None
+        raise ProtocolError(f"header length {size} does not fit the message of {len(data)} bytes", "message")
+    header = load_json(data[8 : 8 + size], "message header", "message")
     if not isinstance(header, dict):
-        raise ProtocolError("header is not a JSON object")
+        raise ProtocolError("message header is not a JSON object", "message")
     body = data[8 + size :]
-    if header.pop("body_size", None) != len(body) or header.pop("body_sha256", None) != sha256(body):
-        raise ProtocolError("body size or sha256 does not match the header")
+    body_size, body_sha256 = header.pop("body_size", None), header.pop("body_sha256", None)
+    if type(body_size) is not int or body_size != len(body) or body_sha256 != sha256(body):
+        raise ProtocolError("body size or sha256 does not match the header", "body")
     if header.get("schema") != WIRE_SCHEMA:
-        raise ProtocolError(f"unsupported schema {header.get('schema')!r}; this side speaks {WIRE_SCHEMA}")
-    cls = MESSAGE_TYPES.get(str(header.get("kind")))
+        raise ProtocolError(
+            f"unsupported schema {short(header.get('schema'))}; this side speaks {WIRE_SCHEMA}", "schema"
+        )
+    kind = header.get("kind")
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise ProtocolError(f"unknown message kind {header.get('kind')!r}")
+        raise ProtocolError(f"unknown message kind {short(kind)}", "schema")
     try:
         return cls.model_validate(header), body
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ProtocolError(f"invalid {cls.__name__} header: {where}: {first['msg']}") from None
+        raise ProtocolError(f"invalid {cls.__name__} header: {short(where)}: {first['msg']}", "schema") from None
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError(f"invalid {cls.__name__} header: {short(str(exc), 120)}", "schema") from None
 
 
 # --- tensors -----------------------------------------------------------------------------------------------
+
+_TENSOR_DTYPES = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "I64": "<i8",
+    "U64": "<u8",
+    "I32": "<i4",
+    "U32": "<u4",
+    "I16": "<i2",
+    "U16": "<u2",
+    "I8": "i1",
+    "U8": "u1",
+    "BOOL": "?",
+}
 
 
 def pack_tensors(tensors: Dict[str, np.ndarray]) -> bytes:
@@ -126,14 +284,61 @@ def pack_tensors(tensors: Dict[str, np.ndarray]) -> bytes:
     return save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(tensors.items())})
 
 
-def unpack_tensors(body: bytes) -> Dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
+def _is_int(value: object) -> bool:
+    return type(value) is int
 
-    try:
-        return load(body)
-    except (SafetensorError, ValueError, OSError) as exc:
-        raise ProtocolError(f"body is not a valid safetensors blob: {exc}") from None
+
+def unpack_tensors(body: bytes) -> Dict[str, np.ndarray]:
+    """Read a safetensors blob (``u64 LE header length | JSON header | data``) without trusting it: every
+    entry must have a known dtype, a shape of non-negative integers whose byte size equals its data range,
+    and the ranges must tile the data exactly. The arrays are read-only views of ``body``."""
+
+    def bad(why: str) -> ProtocolError:
+        return ProtocolError(f"body is not a valid safetensors blob: {why}", "tensors")
+
+    if len(body) < 8:
+        raise bad(f"{len(body)} bytes is too short")
+    (size,) = struct.unpack("<Q", body[:8])
+    if size > MAX_TENSOR_HEADER_SIZE or 8 + size > len(body):
+        raise bad(f"header length {size} does not fit the {len(body)} bytes")
+    header = load_json(body[8 : 8 + size], "safetensors header", "tensors", max_depth=3)
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    start, length = 8 + size, len(body) - 8 - size
+    entries: List[Tuple[int, int, str, np.dtype, Tuple[int, ...]]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise bad("__metadata__ is not a map of strings")
+            continue
+        if not name or len(name) > 512:
+            raise bad(f"tensor name {short(name)} is empty or too long")
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"entry {short(name)} lacks dtype, shape or data_offsets, or has other keys")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _TENSOR_DTYPES:
+            raise bad(f"tensor {short(name)} has unsupported dtype {short(dtype)}")
+        if not isinstance(shape, list) or len(shape) > MAX_TENSOR_RANK or not all(_is_int(d) and d >= 0 for d in shape):
+            raise bad(f"tensor {short(name)} has an invalid shape {short(shape)}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+            raise bad(f"tensor {short(name)} has invalid data_offsets {short(offsets)}")
+        begin, end = offsets
+        np_dtype = np.dtype(_TENSOR_DTYPES[dtype])
+        if not 0 <= begin <= end <= length or math.prod(shape) * np_dtype.itemsize != end - begin:
+            raise bad(f"tensor {short(name)} of shape {short(shape)} does not match its {end - begin} data bytes")
+        entries.append((begin, end, name, np_dtype, tuple(shape)))
+    entries.sort()
+    position = 0
+    for begin, end, name, _, _ in entries:
+        if begin != position:
+            raise bad(f"tensor {short(name)} does not start where the previous one ends")
+        position = end
+    if position != length:
+        raise bad(f"the tensors cover {position} of the {length} data bytes")
+    return {
+        name: np.frombuffer(body, dtype, count=math.prod(shape), offset=start + begin).reshape(shape)
+        for begin, _, name, dtype, shape in entries
+    }
 
 
 # --- chunk frames ------------------------------------------------------------------------------------------
@@ -141,86 +346,231 @@ def unpack_tensors(body: bytes) -> Dict[str, np.ndarray]:
 
 def frames(data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> List[bytes]:
     """Split one logical message into self-describing frames."""
-    if chunk_size < 1024:
-        raise ValueError(f"chunk size must be at least 1024 bytes, got {chunk_size}")
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes, got {chunk_size}")
     msg_id = uuid.uuid4().hex
     total = sha256(data)
     count = max(1, -(-len(data) // chunk_size))
     out = []
     for i in range(count):
         chunk = data[i * chunk_size : (i + 1) * chunk_size]
-        header = {"msg": msg_id, "i": i, "n": count, "size": len(data), "sha256": total, "chunk_sha256": sha256(chunk)}
+        header = {
+            "msg": msg_id,
+            "i": i,
+            "n": count,
+            "size": len(data),
+            "chunk": chunk_size,
+            "sha256": total,
+            "chunk_sha256": sha256(chunk),
+        }
         raw = json.dumps(header, separators=(",", ":")).encode()
         out.append(MAGIC_FRAME + struct.pack(">I", len(raw)) + raw + chunk)
     return out
 
 
+@dataclass(frozen=True)
+class FrameHeader:
+    msg: str
+    i: int
+    n: int
+    size: int
+    chunk: int
+    sha256: str
+    chunk_sha256: str
+
+    def expected_length(self) -> int:
+        return self.chunk if self.i < self.n - 1 else self.size - self.chunk * (self.n - 1)
+
+
+def parse_frame(payload: bytes, max_size: int = MAX_MESSAGE_SIZE) -> Tuple[FrameHeader, bytes]:
+    """Split and validate one frame: the header schema, its bounds, and the chunk's length and sha256."""
+    if len(payload) < 8 or payload[:4] != MAGIC_FRAME:
+        raise ProtocolError("not a nefl frame (bad magic)", "frame")
+    (size,) = struct.unpack(">I", payload[4:8])
+    if size > MAX_FRAME_HEADER_SIZE or 8 + size > len(payload):
+        raise ProtocolError(f"frame header length {size} does not fit the frame", "frame")
+    h = load_json(payload[8 : 8 + size], "frame header", "frame_header", max_depth=1)
+    if not isinstance(h, dict) or set(h) != FRAME_KEYS:
+        keys = sorted(h)[:8] if isinstance(h, dict) else type(h).__name__
+        raise ProtocolError(f"frame header must have exactly {sorted(FRAME_KEYS)}, got {short(keys)}", "frame_header")
+    for key in ("i", "n", "size", "chunk"):
+        if not _is_int(h[key]):
+            raise ProtocolError(f"frame header field {key} is not an integer: {short(h[key])}", "frame_header")
+    for key, pattern in (("msg", _MSG_ID), ("sha256", _SHA256), ("chunk_sha256", _SHA256)):
+        if not isinstance(h[key], str) or not pattern.fullmatch(h[key]):
+            raise ProtocolError(f"frame header field {key} is malformed: {short(h[key])}", "frame_header")
+    head = FrameHeader(**h)
+    if not 0 <= head.size <= max_size:
+        raise ProtocolError(f"message size {head.size} is out of bounds (at most {max_size})", "too_large")
+    if not MIN_CHUNK_SIZE <= head.chunk <= MAX_CHUNK_SIZE:
+        raise ProtocolError(f"chunk size {head.chunk} is out of bounds", "frame_header")
+    if head.n != max(1, -(-head.size // head.chunk)) or not 0 <= head.i < head.n:
+        raise ProtocolError(
+            f"frame {head.i}/{head.n} does not fit a message of {head.size} bytes in chunks of {head.chunk}",
+            "frame_header",
+        )
+    chunk = payload[8 + size :]
+    if len(chunk) != head.expected_length():
+        raise ProtocolError(
+            f"chunk {head.i}/{head.n} of message {head.msg[:8]} is {len(chunk)} bytes, "
+            f"expected {head.expected_length()}",
+            "chunk",
+        )
+    if sha256(chunk) != head.chunk_sha256:
+        raise ProtocolError(f"chunk {head.i}/{head.n} of message {head.msg[:8]} is corrupt (sha256 mismatch)", "chunk")
+    return head, chunk
+
+
 @dataclass
 class _Partial:
-    count: int
-    size: int
-    digest: str
+    sender: str
+    head: FrameHeader
     started: float
+    held: int = 0
     chunks: Dict[int, bytes] = field(default_factory=dict)
 
 
 class Assembler:
-    """Reassembles frames into messages. Duplicates are ignored; corrupt frames raise
-    :class:`ProtocolError`; partial messages older than ``timeout_s`` are dropped with a log line."""
+    """Reassembles frames into messages.
 
-    def __init__(self, timeout_s: float = 300.0, max_size: int = MAX_MESSAGE_SIZE) -> None:
+    Duplicates are ignored, corrupt frames raise :class:`ProtocolError`, and partial messages are bounded:
+    at most ``max_partials_per_sender`` partials and ``max_bytes_per_sender`` chunk bytes per sender (see
+    :meth:`Topics.sender_of`), ``max_partials`` and ``max_bytes`` in total. A new partial or chunk that would
+    pass a cap evicts the oldest partial of that sender (or, for the total caps, of anyone); a message whose
+    declared size is above ``min(max_size, max_bytes_per_sender)`` is refused outright. Partials older than
+    ``timeout_s`` are dropped. Every eviction is logged and counted in :attr:`evicted` by cause
+    (``sender_count``, ``sender_bytes``, ``total_count``, ``total_bytes``, ``expired``); :attr:`held_bytes`
+    is the chunk bytes held now.
+    """
+
+    def __init__(
+        self,
+        timeout_s: float = 300.0,
+        max_size: int = MAX_MESSAGE_SIZE,
+        max_partials_per_sender: int = MAX_PARTIALS_PER_SENDER,
+        max_bytes_per_sender: int = MAX_PARTIAL_BYTES_PER_SENDER,
+        max_partials: int = MAX_PARTIALS,
+        max_bytes: int = MAX_PARTIAL_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if min(max_partials_per_sender, max_bytes_per_sender, max_partials, max_bytes) < 1:
+            raise ValueError("assembler caps must be positive")
+        if max_bytes_per_sender > max_bytes or max_partials_per_sender > max_partials:
+            raise ValueError("a per-sender cap cannot be larger than the total cap")
         self.timeout_s = timeout_s
-        self.max_size = max_size
-        self._partials: Dict[Tuple[str, str], _Partial] = {}
-        self.dropped = 0
+        self.max_size = min(max_size, max_bytes_per_sender)
+        self.max_partials_per_sender, self.max_bytes_per_sender = max_partials_per_sender, max_bytes_per_sender
+        self.max_partials, self.max_bytes = max_partials, max_bytes
+        self.clock = clock
+        self._partials: OrderedDict[Tuple[str, str], _Partial] = OrderedDict()
+        self._senders: Dict[str, List[int]] = {}  # sender -> [partials, bytes]
+        self.held_bytes = 0
+        self.evicted: Counter[str] = Counter()
 
-    def feed(self, stream: str, payload: bytes) -> Optional[bytes]:
-        """Add one frame received on ``stream`` (the topic without a chunk suffix); return the whole message
-        once its last chunk arrived and checked out, else ``None``."""
-        self._expire()
-        if len(payload) < 8 or payload[:4] != MAGIC_FRAME:
-            raise ProtocolError("not a nefl frame (bad magic)")
-        (size,) = struct.unpack(">I", payload[4:8])
-        if size > 4096 or 8 + size > len(payload):
-            raise ProtocolError("frame header length does not fit the frame")
-        try:
-            h = json.loads(payload[8 : 8 + size])
-            msg_id, i, n, total_size, digest = str(h["msg"]), int(h["i"]), int(h["n"]), int(h["size"]), str(h["sha256"])
-            chunk_digest = str(h["chunk_sha256"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ProtocolError(f"bad frame header: {exc}") from None
-        chunk = payload[8 + size :]
-        if not 0 <= i < n or n > self.max_size // 1024 + 1 or not 0 <= total_size <= self.max_size:
-            raise ProtocolError(f"frame {i}/{n} of {total_size} bytes is out of bounds")
-        if sha256(chunk) != chunk_digest:
-            raise ProtocolError(f"chunk {i}/{n} of message {msg_id[:8]} is corrupt (sha256 mismatch)")
-        key = (stream, msg_id)
+    @property
+    def dropped(self) -> int:
+        """Partials dropped for any reason (expired or evicted by a cap)."""
+        return sum(self.evicted.values())
+
+    @property
+    def partials(self) -> int:
+        return len(self._partials)
+
+    def held_by(self, sender: str) -> Tuple[int, int]:
+        """``(partials, bytes)`` held now for one sender."""
+        count, held = self._senders.get(sender, (0, 0))
+        return count, held
+
+    def feed(self, stream: str, payload: bytes, index: Optional[int] = None) -> Optional[bytes]:
+        """Add one frame received on ``stream`` (the topic without a chunk suffix; ``index`` is the ``i`` of
+        a ``<stream>/chunk/<i>`` topic); return the whole message once its last chunk arrived and checked
+        out, else ``None``."""
+        self.expire()
+        head, chunk = parse_frame(payload, self.max_size)
+        if index is not None and index != head.i:
+            raise ProtocolError(f"frame {head.i} arrived on the topic of chunk {index}", "chunk")
+        if head.n == 1:
+            if sha256(chunk) != head.sha256:
+                raise ProtocolError(f"message {head.msg[:8]} has the wrong sha256", "chunk")
+            return chunk
+        key = (stream, head.msg)
         part = self._partials.get(key)
         if part is None:
-            part = self._partials[key] = _Partial(n, total_size, digest, time.monotonic())
-        if (part.count, part.size, part.digest) != (n, total_size, digest):
-            del self._partials[key]
-            raise ProtocolError(f"frames of message {msg_id[:8]} disagree on its size or hash")
-        part.chunks.setdefault(i, chunk)
-        if len(part.chunks) < n:
+            part = self._start(key, Topics.sender_of(stream), head)
+        elif (part.head.n, part.head.size, part.head.chunk, part.head.sha256) != (
+            head.n,
+            head.size,
+            head.chunk,
+            head.sha256,
+        ):
+            self._drop(key, "")
+            raise ProtocolError(f"frames of message {head.msg[:8]} disagree on its size, chunking or hash", "chunk")
+        if head.i in part.chunks:
             return None
-        del self._partials[key]
-        data = b"".join(part.chunks[j] for j in range(n))
-        if len(data) != total_size or sha256(data) != digest:
-            raise ProtocolError(f"message {msg_id[:8]} reassembled to the wrong size or sha256")
+        self._make_room(key, part.sender, len(chunk))
+        part.chunks[head.i] = chunk
+        part.held += len(chunk)
+        self._senders[part.sender][1] += len(chunk)
+        self.held_bytes += len(chunk)
+        if len(part.chunks) < head.n:
+            return None
+        self._drop(key, "")
+        data = b"".join(part.chunks[j] for j in range(head.n))
+        if sha256(data) != head.sha256:
+            raise ProtocolError(f"message {head.msg[:8]} reassembled to the wrong sha256", "chunk")
         return data
 
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for key, part in list(self._partials.items()):
-            if now - part.started > self.timeout_s:
-                del self._partials[key]
-                self.dropped += 1
-                log.warning(
-                    "dropped incomplete message %s on %s: %d of %d chunks after %.0f s",
-                    key[1][:8],
-                    key[0],
-                    len(part.chunks),
-                    part.count,
-                    self.timeout_s,
-                )
+    def expire(self) -> None:
+        """Drop partials older than ``timeout_s`` (also done on every :meth:`feed`)."""
+        now = self.clock()
+        while self._partials:
+            key, part = next(iter(self._partials.items()))
+            if now - part.started <= self.timeout_s:
+                break
+            self._drop(key, "expired")
+
+    def clear(self) -> None:
+        for key in list(self._partials):
+            self._drop(key, "")
+
+    def _start(self, key: Tuple[str, str], sender: str, head: FrameHeader) -> _Partial:
+        count = self._senders.get(sender, [0, 0])[0]
+        if count >= self.max_partials_per_sender:
+            self._drop(self._oldest(sender, key), "sender_count")
+        if len(self._partials) >= self.max_partials:
+            self._drop(self._oldest(None, key), "total_count")
+        part = self._partials[key] = _Partial(sender, head, self.clock())
+        self._senders.setdefault(sender, [0, 0])[0] += 1
+        return part
+
+    def _make_room(self, key: Tuple[str, str], sender: str, size: int) -> None:
+        while self._senders[sender][1] + size > self.max_bytes_per_sender:
+            self._drop(self._oldest(sender, key), "sender_bytes")
+        while self.held_bytes + size > self.max_bytes:
+            self._drop(self._oldest(None, key), "total_bytes")
+
+    def _oldest(self, sender: Optional[str], keep: Tuple[str, str]) -> Tuple[str, str]:
+        for key, part in self._partials.items():
+            if key != keep and (sender is None or part.sender == sender):
+                return key
+        raise AssertionError("no partial to evict")  # unreachable: the caps hold at least one message
+
+    def _drop(self, key: Tuple[str, str], cause: str) -> None:
+        part = self._partials.pop(key)
+        counts = self._senders[part.sender]
+        counts[0] -= 1
+        counts[1] -= part.held
+        if counts[0] == 0:
+            del self._senders[part.sender]
+        self.held_bytes -= part.held
+        if cause:
+            self.evicted[cause] += 1
+            log.warning(
+                "dropped incomplete message %s on %s (%s): %d of %d chunks, %d bytes held",
+                key[1][:8],
+                short(key[0], 120),
+                cause,
+                len(part.chunks),
+                part.head.n,
+                part.held,
+            )

@@ -1,3 +1,3 @@
-from nefl_edge.coordinator.cli import app
+from nefl_edge.coordinator.cli import main
 
-app(prog_name="nefl-coord")
+main()

@@ -1,79 +1,62 @@
-"""``nefl-coord``: the coordinator's command line. Heavy imports (torch, onnx) happen inside commands."""
+"""``nefl-coord``: the coordinator's command line. Heavy imports (torch, onnx) happen inside commands;
+every run setting of ``serve`` and ``simulate`` is an option generated from ``RunConfig``."""
 
 from __future__ import annotations
 
-import logging
-import signal
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from typing_extensions import Annotated
 
+from nefl_edge.coordinator.cli_options import config_options
+from nefl_edge.edge_client.cli_common import add_version_option, fail, run_app, setup_logging
+from nefl_edge.edge_client.errors import ExitCode
+
 app = typer.Typer(
     help="nefl-coord: the coordinator of nested federated learning (NeFL) over MQTT.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
-
-EXIT_BAD_INPUT = 2
-EXIT_BROKER = 3
-
-
-def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
-
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        datefmt="%H:%M:%S",
-        handlers=[RichHandler(show_path=False, markup=False)],
-    )
-    logging.getLogger("paho").setLevel(logging.WARNING)
-
+add_version_option(app)
 
 Model = Annotated[
     str, typer.Option(help="Model shape: resnet-small, resnet18, resnet34 (preact- prefix for pre-activation).")
 ]
-Dataset = Annotated[str, typer.Option(help="Data set the model is for: fmnist, mnist, cifar10, cifar100.")]
+DatasetName = Annotated[str, typer.Option(help="Data set the model is for: fmnist, mnist, cifar10, cifar100.")]
 Gammas = Annotated[Optional[str], typer.Option(help="Comma-separated parameter ratios, e.g. 0.2,0.4,0.6,0.8,1.0.")]
-Method = Annotated[str, typer.Option(help="Scaling: WD (width+depth), W (width), D (depth).")]
+Scaling = Annotated[str, typer.Option(help="Scaling: WD (width+depth), W (width), D (depth).")]
+
+
+def main() -> None:
+    run_app(app, "nefl-coord")
 
 
 @app.command()
 def specs(
     models: Annotated[str, typer.Option(help="Comma-separated model names.")] = "resnet-small,resnet18,resnet34",
     gammas: Gammas = None,
-    method: Method = "WD",
+    method: Scaling = "WD",
 ) -> None:
     """Print the default submodel specs of each model as a Markdown table (width, blocks, params, gamma, MFLOPs)."""
-    from nefl_edge.coordinator.config import ConfigError, parse_gammas
-    from nefl_edge.coordinator.specs import DEFAULT_GAMMAS, SpecError, get_model_config, make_specs, mflops, param_count
+    from nefl_edge.coordinator.config import parse_gammas
+    from nefl_edge.coordinator.specs import DEFAULT_GAMMAS, get_model_config, make_specs, mflops, param_count
 
-    try:
-        wanted = tuple(parse_gammas(gammas) or DEFAULT_GAMMAS)
-        lines = [
-            "| model | input | gamma (target) | width ratio | kept blocks per stage | parameters | gamma "
-            "| MFLOPs/sample |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for name in models.split(","):
-            dataset = "fmnist" if "small" in name else "cifar10"
-            config = get_model_config(name.strip(), dataset)
-            for target, spec in zip(wanted, make_specs(config, wanted, method)):  # type: ignore[arg-type]
-                lines.append(
-                    f"| {config.name} | {config.in_channels}x{config.image_size}x{config.image_size} | {target} | "
-                    f"{spec.width:.4f} | {spec.describe()} | {param_count(config, spec):,} | {spec.gamma:.3f} | "
-                    f"{mflops(config, spec):.2f} |"
-                )
-    except (SpecError, ConfigError) as exc:
-        fail(str(exc))
-        return
+    wanted = tuple(parse_gammas(gammas) or DEFAULT_GAMMAS)
+    lines = [
+        "| model | input | gamma (target) | width ratio | kept blocks per stage | parameters | gamma | MFLOPs/sample |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in models.split(","):
+        dataset = "fmnist" if "small" in name else "cifar10"
+        config = get_model_config(name.strip(), dataset)
+        for target, spec in zip(wanted, make_specs(config, wanted, method)):  # type: ignore[arg-type]
+            lines.append(
+                f"| {config.name} | {config.in_channels}x{config.image_size}x{config.image_size} | {target} | "
+                f"{spec.width:.4f} | {spec.describe()} | {param_count(config, spec):,} | {spec.gamma:.3f} | "
+                f"{mflops(config, spec):.2f} |"
+            )
     typer.echo("\n".join(lines))
 
 
@@ -81,305 +64,133 @@ def specs(
 def export(
     out: Annotated[Path, typer.Option(help="Output folder for the artifacts and manifest.json.")],
     model: Model = "resnet-small",
-    dataset: Dataset = "fmnist",
+    dataset: DatasetName = "fmnist",
     gammas: Gammas = None,
-    method: Method = "WD",
+    method: Annotated[str, typer.Option(help="Federated method whose submodels to export.")] = "nefl-wd",
 ) -> None:
-    """Export every submodel as ONNX Runtime training artifacts plus one manifest (cached by architecture)."""
+    """Export every submodel of a method as ONNX Runtime training artifacts plus one manifest (cached)."""
     import time
 
-    from nefl_edge.coordinator.config import ConfigError, parse_gammas
-    from nefl_edge.coordinator.specs import DEFAULT_GAMMAS, SpecError, get_model_config, make_specs
-    from nefl_edge.edge_client.artifacts import ArtifactError
+    from nefl_edge.coordinator.config import parse_gammas
+    from nefl_edge.coordinator.specs import DEFAULT_GAMMAS, get_model_config
+    from nefl_edge.coordinator.strategies import get_strategy
     from nefl_edge.export.artifacts import export_set
 
-    try:
-        config = get_model_config(model, dataset)
-        spec_list = make_specs(config, tuple(parse_gammas(gammas) or DEFAULT_GAMMAS), method)  # type: ignore[arg-type]
-        start = time.perf_counter()
-        manifest = export_set(config, spec_list, out, log=typer.echo)
-    except (SpecError, ConfigError, ArtifactError) as exc:
-        fail(str(exc))
-        return
+    strategy = get_strategy(method)
+    config = strategy.configure(get_model_config(model, dataset))
+    plan = strategy.plan(config, tuple(parse_gammas(gammas) or DEFAULT_GAMMAS))
+    start = time.perf_counter()
+    manifest = export_set(config, plan.specs, out, log=typer.echo)
     typer.echo(f"{len(manifest.submodels)} submodels in {time.perf_counter() - start:.1f} s -> {out}")
     for sub in manifest.submodels:
         sizes = ", ".join(f"{role} {entry.size / 1024:.0f} KiB" for role, entry in sub.files.items())
         typer.echo(f"  submodel {sub.index} gamma {sub.gamma:.2f} width {sub.width:.3f}: {sizes}")
 
 
-def _security(
-    tls_ca: Optional[Path],
-    tls_cert: Optional[Path],
-    tls_key: Optional[Path],
-    username: Optional[str],
-    password_file: Optional[Path],
-) -> Any:
-    from nefl_edge.edge_client.mqtt import Security
-
-    return Security(tls_ca, tls_cert, tls_key, False, username, password_file)
-
-
 @app.command()
+@config_options()
 def serve(
     broker: Annotated[str, typer.Option(help="MQTT broker as HOST or HOST:PORT.")],
     config: Annotated[Optional[Path], typer.Option(help="Run configuration (TOML); options below override it.")] = None,
     resume: Annotated[
         Optional[Path], typer.Option(help="Run directory to resume after its last completed round.")
     ] = None,
-    run: Annotated[Optional[str], typer.Option(help="Run name (MQTT topic namespace).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Model shape.")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="fmnist, mnist, cifar10, cifar100.")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Test-set folder (default Debian's Fashion-MNIST).")] = None,
-    gammas: Gammas = None,
-    method: Annotated[Optional[str], typer.Option(help="WD, W or D.")] = None,
-    rounds: Annotated[Optional[int], typer.Option(help="Number of rounds.")] = None,
-    fraction: Annotated[Optional[float], typer.Option(help="Share of online clients per round.")] = None,
-    min_clients: Annotated[Optional[int], typer.Option(help="Clients needed before a round starts.")] = None,
-    min_updates: Annotated[Optional[int], typer.Option(help="Valid updates needed to change the model.")] = None,
-    policy: Annotated[
-        Optional[str], typer.Option(help="Submodel assignment: static (device tier) or deadline.")
-    ] = None,
-    deadline_s: Annotated[Optional[float], typer.Option(help="Seconds a client has per round.")] = None,
-    wait_clients_s: Annotated[Optional[float], typer.Option(help="Seconds a round waits for min_clients.")] = None,
-    weighting: Annotated[Optional[str], typer.Option(help="NeFedAvg weights: samples or uniform.")] = None,
-    eval_samples: Annotated[Optional[int], typer.Option(help="Test samples per evaluation.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-    runs_dir: Annotated[Optional[Path], typer.Option(help="Parent folder of run directories.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Local SGD learning rate.")] = None,
-    momentum: Annotated[Optional[float], typer.Option(help="Local SGD momentum.")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Local SGD weight decay.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Local batch size.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Local epochs per round.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Cap on local steps per round.")] = None,
-    chunk_size: Annotated[
-        Optional[int], typer.Option(help="Bytes per MQTT message; larger payloads are chunked.")
-    ] = None,
     tls_ca: Annotated[Optional[Path], typer.Option(help="CA certificate: connect with TLS.")] = None,
     tls_cert: Annotated[Optional[Path], typer.Option(help="Client certificate.")] = None,
     tls_key: Annotated[Optional[Path], typer.Option(help="Client certificate key.")] = None,
     username: Annotated[Optional[str], typer.Option(help="Broker user name.")] = None,
     password_file: Annotated[Optional[Path], typer.Option(help="File holding the broker password.")] = None,
-    mqtt_version: Annotated[str, typer.Option(help="3.1.1 or 5.")] = "3.1.1",
+    mqtt_version: Annotated[str, typer.Option(help="MQTT protocol version: 3.1.1 or 5.")] = "3.1.1",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    overrides: Optional[dict[str, Any]] = None,
 ) -> None:
     """Coordinate a run over MQTT: rounds with deadlines, NeFedAvg, per-round checkpoints, metrics and a report."""
-    from nefl_edge.coordinator.config import ConfigError, load_config, parse_gammas
-    from nefl_edge.edge_client.mqtt import BrokerAddress
+    from nefl_edge.coordinator.config import load_config, resume_config
+    from nefl_edge.coordinator.render import serve_with_progress
+    from nefl_edge.coordinator.run import ServeRun, coordinator_link
+    from nefl_edge.edge_client.mqtt import Security
 
-    setup_logging(verbose)
-    overrides: dict[str, Any] = {
-        "run": run,
-        "model": model,
-        "dataset": dataset,
-        "data_dir": data_dir,
-        "method": method,
-        "rounds": rounds,
-        "fraction": fraction,
-        "min_clients": min_clients,
-        "min_updates": min_updates,
-        "policy": policy,
-        "deadline_s": deadline_s,
-        "wait_clients_s": wait_clients_s,
-        "weighting": weighting,
-        "eval_samples": eval_samples,
-        "seed": seed,
-        "runs_dir": runs_dir,
-        "train.lr": lr,
-        "train.momentum": momentum,
-        "train.weight_decay": weight_decay,
-        "train.batch_size": batch_size,
-        "train.epochs": epochs,
-        "train.max_steps": max_steps,
-        "chunk_size": chunk_size,
-    }
-    try:
-        overrides["gammas"] = parse_gammas(gammas)
-        if resume is not None:
-            if not (resume / "config.json").is_file():
-                fail(f"{resume} is not a run directory (no config.json)")
-            base = resume / "config.json"
-            import json
-
-            data = json.loads(base.read_text())
-            data.update({k: v for k, v in overrides.items() if v is not None and k in ("rounds", "deadline_s")})
-            cfg = load_config(None, data)
-        else:
-            cfg = load_config(config, overrides)
-        address = BrokerAddress.parse(broker, 8883 if tls_ca else 1883)
-    except (ConfigError, ValueError) as exc:
-        fail(str(exc))
-        return
-    run_coordinator(cfg, address, _security(tls_ca, tls_cert, tls_key, username, password_file), resume, mqtt_version)
-
-
-def run_coordinator(cfg: Any, address: Any, security: Any, run_dir: Optional[Path], mqtt_version: str) -> Path:
-    """Prepare, connect and serve with a live progress line; print the final table. Used by serve and demo."""
-    from nefl_edge.coordinator.report import final_table, read_metrics, summary
-    from nefl_edge.coordinator.server import Coordinator
-    from nefl_edge.edge_client.artifacts import ArtifactError
-    from nefl_edge.edge_client.data import DataError
-    from nefl_edge.edge_client.mqtt import BrokerError
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console()
-    try:
-        coord = Coordinator(cfg, address, security, run_dir, mqtt_version)
-        coord.prepare()
-        coord.connect()
-    except (DataError, ArtifactError, ValueError) as exc:
-        fail(str(exc))
-        raise
-    except BrokerError as exc:
-        fail(str(exc), EXIT_BROKER)
-        raise
-
-    def interrupt(signum: int, frame: Any) -> None:
-        logging.getLogger(__name__).warning("interrupted: finishing after the current round")
-        coord.stop_event.set()
-
-    previous = signal.signal(signal.SIGINT, interrupt)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        bar = progress.add_task(f"run {cfg.run}", total=cfg.rounds, completed=coord.round)
-
-        def on_round(stats: Any, rows: list[dict[str, Any]]) -> None:
-            accs = " ".join(f"{100 * r['accuracy']:.1f}" for r in rows)
-            progress.update(
-                bar,
-                advance=1,
-                description=f"round {stats.round}: {stats.updates}/{stats.selected} updates, acc % {accs}",
-            )
-
-        coord.on_round = on_round
-        coord.on_progress = lambda text: progress.update(bar, description=text)
-        try:
-            out = coord.serve()
-        except TimeoutError as exc:
-            fail(str(exc), 4)
-            raise
-        finally:
-            signal.signal(signal.SIGINT, previous)
-    rows = final_table(read_metrics(out / "metrics.jsonl"))
-    print_table(console, rows, summary(rows))
-    console.print(f"report: {out / 'report.html'} (picture: {out / 'report.png'}); metrics: {out / 'metrics.jsonl'}")
-    return out
-
-
-def print_table(console: Any, rows: list[dict[str, Any]], stats: dict[str, float]) -> None:
-    from rich.table import Table
-
-    table = Table(title="accuracy of every submodel after the last round")
-    for column in ("submodel", "gamma", "accuracy %", "loss"):
-        table.add_column(column, justify="right")
-    for r in rows:
-        table.add_row(str(r["submodel"]), f"{r['gamma']:.2f}", f"{100 * r['accuracy']:.2f}", f"{r['loss']:.3f}")
-    for key, value in stats.items():
-        table.add_row(key, "", f"{100 * value:.2f}", "")
-    console.print(table)
+    setup_logging(verbose, rich=True)
+    overrides = overrides or {}
+    if resume is not None and config is not None:
+        fail("--config and --resume exclude each other: a resumed run keeps its own config.json")
+    cfg = resume_config(resume, overrides) if resume is not None else load_config(config, overrides)
+    security = Security(tls_ca, tls_cert, tls_key, False, username, password_file)
+    link = coordinator_link(cfg, broker, security, mqtt_version)
+    run = ServeRun(cfg, resume, resume=resume is not None)
+    run.prepare()
+    serve_with_progress(run, link)
+    if run.stopped_by is not None:
+        raise typer.Exit(ExitCode.INTERRUPTED)
 
 
 @app.command()
+@config_options(
+    exclude=("run", "policy", "deadline_s", "wait_clients_s", "chunk_size", "runs_dir", "min_clients"),
+    defaults={"fraction": 0.1, "rounds": 10},
+)
 def simulate(
-    method: Annotated[
-        str,
-        typer.Option(help="nefl-wd, nefl-w, nefl-d, heterofl, fjord, depthfl, fedavg-smallest or fedavg-full."),
-    ] = "nefl-wd",
-    dataset: Dataset = "fmnist",
-    data_dir: Annotated[
-        Optional[Path], typer.Option(help="IDX or CIFAR folder (or .npz); default Debian's Fashion-MNIST.")
-    ] = None,
-    model: Model = "resnet-small",
-    gammas: Gammas = None,
     clients: Annotated[int, typer.Option(help="Number of simulated devices (tiers assigned round-robin).")] = 100,
-    fraction: Annotated[float, typer.Option(help="Share of the able devices that trains each round.")] = 0.1,
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 10,
     scheme: Annotated[str, typer.Option(help="Partition: iid, dirichlet or shards.")] = "iid",
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration.")] = 0.5,
-    epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 1,
-    lr: Annotated[float, typer.Option(help="Local learning rate.")] = 0.1,
-    seed: Annotated[int, typer.Option(help="Random seed (partition, selection, initialisation).")] = 0,
-    test_samples: Annotated[int, typer.Option(help="Test samples evaluated (0: all).")] = 0,
     eval_every: Annotated[int, typer.Option(help="Evaluate every N rounds (0: only at the end).")] = 0,
     trainer: Annotated[
         str, typer.Option(help="Local training: torch, or ort (the exported ONNX Runtime artifacts).")
     ] = "torch",
     out: Annotated[Optional[Path], typer.Option(help="Write the result as JSON here.")] = None,
+    overrides: Optional[dict[str, Any]] = None,
 ) -> None:
-    """Simulate a federated method in this process (no broker): same specs, extraction and NeFedAvg as serve."""
+    """Simulate a federated method in this process (no broker): the round engine of serve, in-process clients."""
     import json
     import tempfile
 
-    from nefl_edge.coordinator.config import ConfigError, parse_gammas
-    from nefl_edge.coordinator.partition import make_partitioner, split_dataset
-    from nefl_edge.coordinator.simulate import simulate as run_simulation
-    from nefl_edge.coordinator.specs import DEFAULT_GAMMAS, SpecError, get_model_config
-    from nefl_edge.coordinator.strategies import get_strategy
-    from nefl_edge.edge_client.data import DataError, load_dataset
-    from nefl_edge.edge_client.data import Dataset as Data
-    from nefl_edge.edge_client.schemas import TrainConfig
     from rich.console import Console
-    from rich.table import Table
+
+    from nefl_edge.coordinator.config import load_config
+    from nefl_edge.coordinator.evaluation import held_out
+    from nefl_edge.coordinator.partition import make_partitioner, split_dataset
+    from nefl_edge.coordinator.render import print_simulation
+    from nefl_edge.coordinator.simulate import simulate as run_simulation
+    from nefl_edge.coordinator.specs import get_model_config
+    from nefl_edge.coordinator.strategies import get_strategy
+    from nefl_edge.edge_client.data import load_dataset
 
     if trainer not in ("torch", "ort"):
         fail(f"--trainer must be torch or ort, got {trainer!r}")
-    try:
-        strategy = get_strategy(method)
-        if trainer == "ort" and not strategy.device_trainable:
-            raise ValueError(f"{method} trains locally in its own way, not as the device does; use --trainer torch")
-        config = get_model_config(model, dataset)
-        wanted = tuple(parse_gammas(gammas) or DEFAULT_GAMMAS)
-        train_data, test_data = load_dataset(data_dir, "train"), load_dataset(data_dir, "test")
-        train_data.check_for((config.in_channels, config.image_size, config.image_size), config.num_classes)
-        parts = make_partitioner(scheme, clients, alpha, seed).split(train_data.y)
-    except (ValueError, SpecError, DataError, ConfigError) as exc:
-        fail(str(exc))
-        return
+    cfg = load_config(None, {**(overrides or {}), "policy": "static", "min_clients": 1})
+    strategy = get_strategy(cfg.method)
+    if trainer == "ort" and not strategy.device_trainable:
+        fail(f"{cfg.method} trains locally in its own way, not as the device does; use --trainer torch")
+    config = get_model_config(cfg.model, cfg.dataset)
+    gammas = tuple(cfg.gammas)
+    train_data, test_data = load_dataset(cfg.data_dir, "train"), load_dataset(cfg.data_dir, "test")
+    train_data.check_for((config.in_channels, config.image_size, config.image_size), config.num_classes)
+    parts = make_partitioner(scheme, clients, alpha, cfg.seed).split(train_data.y)
     shards = split_dataset(train_data, parts)
-    n = test_samples or len(test_data)
-    calibration = test_data.x[n : n + 500] if n + 500 <= len(test_data) else test_data.x[-500:]
-    test = Data(test_data.x[:n], test_data.y[:n], "test")
-    tiers = [i % len(wanted) for i in range(clients)]
+    test, calibration = held_out(test_data, cfg.eval_samples, cfg.bn_calibration)
+    tiers = [i % len(gammas) for i in range(clients)]
     artifacts = None
     if trainer == "ort":
         from nefl_edge.export.artifacts import export_set
 
-        plan = strategy.plan(strategy.configure(config), wanted)
+        plan = strategy.plan(strategy.configure(config), gammas)
         artifacts = Path(tempfile.mkdtemp(prefix="nefl-sim-artifacts-"))
         export_set(strategy.configure(config), plan.specs, artifacts)
     typer.echo(f"{strategy.name}: {strategy.reference}")
 
     def progress(r: int, accuracy: list[float]) -> None:
-        typer.echo(f"round {r}/{rounds}: " + " ".join(f"{100 * a:.1f}" for a in accuracy))
+        typer.echo(f"round {r}/{cfg.rounds}: " + " ".join(f"{100 * a:.1f}" for a in accuracy))
 
     result = run_simulation(
-        strategy,
-        config,
-        wanted,
-        shards,
-        tiers,
-        test,
-        rounds,
-        TrainConfig(epochs=epochs, lr=lr),
-        fraction,
-        seed=seed,
-        calibration=calibration,
-        eval_every=eval_every,
-        trainer=trainer,  # type: ignore[arg-type]
-        artifacts=artifacts,
-        on_round=progress,
-    )
-    table = Table(title=f"{strategy.name}, {scheme}, {rounds} rounds ({result.seconds:.0f} s)")
-    for column in ("device tier (gamma)", "submodel gamma", "accuracy %"):
-        table.add_column(column, justify="right")
-    for tier, (gamma, acc) in enumerate(zip(wanted, result.tier_accuracy())):
-        index = result.tier_submodel[tier]
-        sub = "—" if index is None else f"{result.submodel_gammas[index]:.3f}"
-        table.add_row(f"{gamma}", sub, "no model" if acc is None else f"{100 * acc:.2f}")
-    Console().print(table)
+        strategy, config, gammas, shards, tiers, test, cfg.rounds, cfg.train, cfg.fraction, cfg.weighting,
+        cfg.seed, calibration, eval_every, trainer, artifacts, progress, cfg,  # type: ignore[arg-type]
+    )  # fmt: skip
+    title = f"{strategy.name}, {scheme}, {cfg.rounds} rounds ({result.seconds:.0f} s)"
+    print_simulation(Console(), title, gammas, result)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result.__dict__, indent=2) + "\n")
+        data = {k: v for k, v in result.__dict__.items() if k != "state"}
+        out.write_text(json.dumps(data, indent=2) + "\n")
         typer.echo(f"result written to {out}")
 
 
@@ -403,14 +214,10 @@ def partition(
         plot_histogram,
         write_shards,
     )
-    from nefl_edge.edge_client.data import DataError, load_dataset
+    from nefl_edge.edge_client.data import load_dataset
 
-    try:
-        data = load_dataset(dataset, "train")
-        parts = make_partitioner(scheme, clients, alpha, seed).split(data.y)
-    except (DataError, ValueError) as exc:
-        fail(str(exc))
-        return
+    data = load_dataset(dataset, "train")
+    parts = make_partitioner(scheme, clients, alpha, seed).split(data.y)
     paths = write_shards(data, parts, out, max_samples)
     classes = int(data.y.max()) + 1
     hist = label_histogram(data.y, [p[:max_samples] if max_samples else p for p in parts], classes)
@@ -423,15 +230,16 @@ def partition(
 
 @app.command()
 def demo(
-    clients: Annotated[int, typer.Option(help="Number of edge devices (real nefl-edge processes).")] = 5,
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 8,
+    clients: Annotated[int, typer.Option(help="Number of edge devices (real nefl-edge processes).", min=1)] = 5,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.", min=1)] = 8,
+    method: Annotated[str, typer.Option(help="Federated method (one the devices can train).")] = "nefl-wd",
     gammas: Gammas = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Data folder; default Debian's Fashion-MNIST.")] = None,
     broker: Annotated[Optional[str], typer.Option(help="Use this broker (HOST:PORT) instead of starting one.")] = None,
     embedded_broker: Annotated[
         bool, typer.Option(help="Use the embedded amqtt broker even if Mosquitto is installed.")
     ] = False,
-    samples_per_client: Annotated[int, typer.Option(help="Training samples per device.")] = 2000,
+    samples_per_client: Annotated[int, typer.Option(help="Training samples per device.", min=2)] = 2000,
     scheme: Annotated[str, typer.Option(help="Partition: iid, dirichlet or shards.")] = "iid",
     alpha: Annotated[float, typer.Option(help="Dirichlet alpha.")] = 0.5,
     runs_dir: Annotated[Path, typer.Option(help="Where the run directory goes.")] = Path("runs"),
@@ -440,29 +248,132 @@ def demo(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a whole federated job on this machine: broker, N devices, R rounds, accuracy table and report."""
-    from nefl_edge.coordinator.config import ConfigError, parse_gammas
+    from nefl_edge.coordinator.config import parse_gammas
     from nefl_edge.coordinator.demo import DemoOptions, run_demo
     from nefl_edge.coordinator.specs import DEFAULT_GAMMAS
-    from nefl_edge.edge_client.data import DataError
 
-    setup_logging(verbose)
+    setup_logging(verbose, rich=True)
+    options = DemoOptions(
+        clients=clients,
+        rounds=rounds,
+        method=method,
+        gammas=tuple(parse_gammas(gammas) or DEFAULT_GAMMAS),
+        data_dir=data_dir,
+        broker=broker,
+        broker_kind="amqtt" if embedded_broker else "auto",
+        samples_per_client=samples_per_client,
+        scheme=scheme,
+        alpha=alpha,
+        runs_dir=runs_dir,
+        eval_samples=eval_samples,
+        seed=seed,
+    )
+    if run_demo(options) is None:
+        raise typer.Exit(ExitCode.INTERRUPTED)
+
+
+@app.command("broker-config")
+def broker_config(
+    out: Annotated[Path, typer.Option(help="Folder for mosquitto.conf, acl, passwd, certificates.")],
+    hostname: Annotated[
+        Optional[list[str]], typer.Option(help="Broker host name or IP devices connect to (repeatable).")
+    ] = None,
+    tls_port: Annotated[int, typer.Option(help="Port of the TLS listener.")] = 8883,
+    plain_port: Annotated[Optional[int], typer.Option(help="Also a plain MQTT listener, on 127.0.0.1 only.")] = None,
+    bind: Annotated[Optional[str], typer.Option(help="Address of the TLS listener (default: all).")] = None,
+    max_packet_size: Annotated[int, typer.Option(help="Largest MQTT packet the broker accepts.")] = 1114112,
+    coordinator_user: Annotated[str, typer.Option(help="Broker account of the coordinator.")] = "nefl-coord",
+    ca_cert: Annotated[Optional[Path], typer.Option(help="Your CA certificate (with --server-cert).")] = None,
+    server_cert: Annotated[Optional[Path], typer.Option(help="Your server certificate.")] = None,
+    server_key: Annotated[Optional[Path], typer.Option(help="Its key.")] = None,
+    install_dir: Annotated[
+        Optional[Path], typer.Option(help="Where the folder will be on the broker host (paths in mosquitto.conf).")
+    ] = None,
+) -> None:
+    """Write a Mosquitto configuration: TLS, passwords, per-device ACL, size limits (see README)."""
+    from nefl_edge.coordinator.broker_config import BrokerConfigError, BrokerOptions, write_broker_config
+
+    hosts = tuple(hostname or ["localhost"])
     try:
-        options = DemoOptions(
-            clients=clients,
-            rounds=rounds,
-            gammas=tuple(parse_gammas(gammas) or DEFAULT_GAMMAS),
-            data_dir=data_dir,
-            broker=broker,
-            broker_kind="amqtt" if embedded_broker else "auto",
-            samples_per_client=samples_per_client,
-            scheme=scheme,
-            alpha=alpha,
-            runs_dir=runs_dir,
-            eval_samples=eval_samples,
-            seed=seed,
-        )
-        if clients < 1 or rounds < 1 or samples_per_client < 2:
-            fail("--clients and --rounds must be at least 1, --samples-per-client at least 2")
-        run_demo(options)
-    except (ConfigError, DataError, ValueError, RuntimeError) as exc:
+        settings = write_broker_config(
+            BrokerOptions(
+                out, hosts, tls_port, plain_port, bind, coordinator_user, max_packet_size,
+                server_cert, server_key, ca_cert, install_dir,
+            )
+        )  # fmt: skip
+    except (BrokerConfigError, OSError) as exc:
         fail(str(exc))
+        return
+    typer.echo(f"broker configuration in {out}: start it with `mosquitto -c {out / 'mosquitto.conf'}`")
+    typer.echo(
+        f"coordinator: nefl-coord serve --broker {settings.address} --tls-ca {settings.ca_cert} "
+        f"--username {settings.coordinator_user} --password-file {settings.coordinator_password_file}"
+    )
+    typer.echo(f"enrol devices: nefl-coord add-device NAME --public-key KEY --broker-dir {out} --enrolment-dir DIR")
+
+
+EnrolmentDir = Annotated[Path, typer.Option(help="The coordinator's enrolment folder (keys, devices.json).")]
+BrokerDir = Annotated[Path, typer.Option(help="The folder written by `nefl-coord broker-config --out`.")]
+
+
+@app.command("add-device")
+def add_device(
+    name: Annotated[str, typer.Argument(help="The device's node id (e.g. the dev-... id it shows).")],
+    public_key: Annotated[str, typer.Option(help="The device's public key (ed25519:... or PEM), or a file with it.")],
+    enrolment_dir: EnrolmentDir,
+    broker_dir: BrokerDir,
+    broker: Annotated[Optional[str], typer.Option(help="HOST:PORT devices use (default from broker.json).")] = None,
+    replace: Annotated[bool, typer.Option(help="Give the name to a new key (a re-flashed device).")] = False,
+    bundle: Annotated[Optional[Path], typer.Option(help="Where to write the bundle.")] = None,
+) -> None:
+    """Enrol a device: broker account, entry in devices.json, and a bundle for `nefl-edge enrol`."""
+    from nefl_edge.coordinator.broker_config import BrokerConfigError
+    from nefl_edge.coordinator.enrolment import EnrolmentError, read_public_key
+    from nefl_edge.coordinator.enrolment import add_device as enrol_device
+
+    try:
+        done = enrol_device(enrolment_dir, name, read_public_key(public_key), broker_dir, broker, replace, bundle)
+    except (EnrolmentError, BrokerConfigError, OSError) as exc:
+        fail(str(exc))
+        return
+    verb = "re-enrolled with a new key" if done.replaced else "enrolled"
+    typer.echo(f"{name} {verb} ({done.device.fingerprint}).")
+    typer.echo(f"Bundle: {done.bundle} (holds the broker password): copy it to the device, run")
+    typer.echo(f"`nefl-edge enrol {done.bundle.name}` there, then delete it here.")
+    typer.echo("Make the broker re-read its password file: `systemctl reload mosquitto` (or kill -HUP its pid).")
+
+
+@app.command("remove-device")
+def remove_device(
+    name: Annotated[str, typer.Argument(help="The device's node id.")],
+    enrolment_dir: EnrolmentDir,
+    broker_dir: BrokerDir,
+) -> None:
+    """Withdraw a device: its broker account, its public key and its bundle."""
+    from nefl_edge.coordinator.broker_config import BrokerConfigError
+    from nefl_edge.coordinator.enrolment import EnrolmentError
+    from nefl_edge.coordinator.enrolment import remove_device as withdraw
+
+    try:
+        known = withdraw(enrolment_dir, name, broker_dir)
+    except (EnrolmentError, BrokerConfigError, OSError) as exc:
+        fail(str(exc))
+        return
+    if not known:
+        fail(f"{name} is not enrolled in {enrolment_dir}")
+    typer.echo(f"{name} removed. Reload the broker (`systemctl reload mosquitto`) to disconnect it.")
+
+
+@app.command()
+def devices(enrolment_dir: EnrolmentDir) -> None:
+    """List the enrolled devices."""
+    from nefl_edge.coordinator.enrolment import EnrolmentError, list_devices
+
+    try:
+        found = list_devices(enrolment_dir)
+    except EnrolmentError as exc:
+        fail(str(exc))
+        return
+    for d in found.values():
+        typer.echo(f"{d.name:<24} {d.fingerprint}  enrolled {d.enrolled_at}")
+    typer.echo(f"{len(found)} device(s)")

@@ -20,14 +20,17 @@ from typing import Optional
 from nefl_edge.coordinator.broker import BrokerKind, LocalBroker
 from nefl_edge.coordinator.config import RunConfig
 from nefl_edge.coordinator.partition import label_histogram, make_partitioner, plot_histogram, write_shards
+from nefl_edge.coordinator.render import serve_with_progress
+from nefl_edge.coordinator.run import ServeRun, coordinator_link
 from nefl_edge.edge_client.data import load_dataset
-from nefl_edge.edge_client.mqtt import BrokerAddress, Security
+from nefl_edge.edge_client.mqtt import Security
 
 
 @dataclass
 class DemoOptions:
     clients: int = 5
     rounds: int = 8
+    method: str = "nefl-wd"
     gammas: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
     data_dir: Optional[Path] = None
     broker: Optional[str] = None
@@ -89,11 +92,11 @@ def stop_all(procs: list[subprocess.Popen[bytes]], grace_s: float = 15.0) -> Non
             p.wait(5)
 
 
-def run_demo(opts: DemoOptions) -> Path:
-    from nefl_edge.coordinator.cli import run_coordinator
-
+def run_demo(opts: DemoOptions) -> Optional[Path]:
+    """The whole demo; the run directory, or None when it was interrupted (SIGINT / SIGTERM)."""
     cfg = RunConfig(
         run="demo",
+        method=opts.method,  # type: ignore[arg-type]
         gammas=list(opts.gammas),
         rounds=opts.rounds,
         min_clients=opts.clients,
@@ -115,6 +118,8 @@ def run_demo(opts: DemoOptions) -> Path:
         f"shards in {run_dir / 'shards'}"
     )
     tiers = [i % len(opts.gammas) for i in range(opts.clients)]
+    run = ServeRun(cfg, run_dir)
+    run.prepare()
     with ExitStack() as stack:
         if opts.broker is None:
             broker = stack.enter_context(LocalBroker(opts.broker_kind, run_dir / "broker"))
@@ -124,4 +129,5 @@ def run_demo(opts: DemoOptions) -> Path:
             address = opts.broker
         procs = spawn_clients(address, shards, tiers, cfg.run, run_dir / "logs", run_dir / "cache")
         stack.callback(stop_all, procs)
-        return run_coordinator(cfg, BrokerAddress.parse(address), Security(), run_dir, "3.1.1")
+        out = serve_with_progress(run, coordinator_link(cfg, address, Security()))
+    return None if run.stopped_by else out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from nefl_edge.coordinator.models import build_submodel
 from nefl_edge.coordinator.nested import GlobalState
 from nefl_edge.edge_client.data import Dataset
@@ -47,3 +48,18 @@ def calibrate_bn(state: GlobalState, index: int, x: np.ndarray, batch: int = 250
     for name in state.inconsistent[index]:
         if name.endswith(("running_mean", "running_var")):
             state.inconsistent[index][name] = tensors[name]
+
+
+def held_out(test: Dataset, eval_samples: int, bn_calibration: int, seed: int = 12345) -> tuple[Dataset, np.ndarray]:
+    """Two disjoint parts of ``test`` in a fixed shuffled order: ``eval_samples`` labeled samples that
+    evaluate every submodel, and the next ``bn_calibration`` unlabeled images for BatchNorm re-estimation
+    (fewer when the set is too small; the evaluated part never overlaps the calibration part)."""
+    order = np.random.default_rng(seed).permutation(len(test))
+    evaluation = order[: min(eval_samples, len(test))]
+    calibration = order[len(evaluation) : len(evaluation) + bn_calibration]
+    return Dataset(test.x[evaluation], test.y[evaluation], test.name), test.x[calibration]
+
+
+def evaluate_all(state: GlobalState, data: Dataset) -> list[tuple[float, float]]:
+    """Accuracy and loss of every submodel of ``state``."""
+    return [evaluate(state, k, data) for k in range(len(state.specs))]

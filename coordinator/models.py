@@ -16,9 +16,10 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from nefl_edge.coordinator.nested import GlobalState, Tensors, extract
 from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec, has_shortcut, param_layout, scaled, stage_stride
-from torch import Tensor, nn
 
 BN_MOMENTUM = 0.1
 BN_EPS = 1e-5

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+
 from nefl_edge.coordinator.nested import GlobalState, Tensors, prefix_slice
 from nefl_edge.coordinator.specs import param_layout
 

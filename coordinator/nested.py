@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec, full_spec, param_layout
 
 Tensors = dict[str, np.ndarray]

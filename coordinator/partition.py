@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
+
 from nefl_edge.edge_client.data import Dataset
 
 

@@ -4,38 +4,11 @@ an HTML page that shows it with the final table."""
 from __future__ import annotations
 
 import html
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def truncate_metrics(path: Path, last_round: int) -> None:
-    """Drop lines of rounds after ``last_round`` (written before a crash, never checkpointed)."""
-    kept = [r for r in read_metrics(path) if r["round"] <= last_round]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-
-def final_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per submodel, the accuracy after the last round (plus worst / average / best rows)."""
-    if not records:
-        return []
-    last = max(r["round"] for r in records)
-    rows = sorted((r for r in records if r["round"] == last), key=lambda r: r["submodel"])
-    return [
-        {"submodel": r["submodel"], "gamma": r["gamma"], "accuracy": r["accuracy"], "loss": r["loss"]} for r in rows
-    ]
-
-
-def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
-    accs = [r["accuracy"] for r in rows]
-    return {"worst": min(accs), "average": sum(accs) / len(accs), "best": max(accs)} if accs else {}
+from nefl_edge.coordinator.records import CLIENTS, METRICS, final_rows, read_jsonl, summary
 
 
 def write_report(run_dir: Path) -> Path:
@@ -44,7 +17,7 @@ def write_report(run_dir: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_jsonl(run_dir / METRICS)
     curves: dict[int, list[tuple[int, float]]] = defaultdict(list)
     gammas: dict[int, float] = {}
     for r in records:
@@ -69,18 +42,54 @@ def write_report(run_dir: Path) -> Path:
     fig.savefig(png)
     plt.close(fig)
 
-    rows = final_table(records)
+    rows = final_rows(records)
     stats = summary(rows)
     table = "".join(
         f"<tr><td>{r['submodel']}</td><td>{r['gamma']:.2f}</td><td>{100 * r['accuracy']:.2f}</td></tr>" for r in rows
     )
     stat_rows = "".join(f"<tr><th colspan=2>{k}</th><td>{100 * v:.2f}</td></tr>" for k, v in stats.items())
+    rounds = _rounds_section(records, read_jsonl(run_dir / CLIENTS))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>NeFL run {html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:4px 12px;text-align:right}}</style></head><body>
 <h1>NeFL run {html.escape(run_dir.name)}</h1><img src="report.png" alt="per-submodel accuracy over rounds">
 <h2>Accuracy after the last round</h2><table><tr><th>submodel</th><th>gamma</th><th>accuracy (%)</th></tr>
-{table}{stat_rows}</table><p>Per-round numbers: <code>metrics.jsonl</code>; configuration: <code>config.json</code>.</p>
+{table}{stat_rows}</table>{rounds}
+<p>Per-round numbers: <code>metrics.jsonl</code>, per client: <code>clients.jsonl</code>;
+configuration: <code>config.json</code>.</p>
 </body></html>"""
     out = run_dir / "report.html"
     out.write_text(page)
     return out
+
+
+def _rounds_section(records: list[dict[str, Any]], clients: list[dict[str, Any]]) -> str:
+    """Per round: which client trained which submodel (and how it ended), untrained submodels, durations."""
+    by_round: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for c in clients:
+        by_round[c["round"]].append(c)
+    first = {r["round"]: r for r in records if r["submodel"] == 0}
+    untrained: dict[int, list[int]] = defaultdict(list)
+    for r in records:
+        if r.get("untrained"):
+            untrained[r["round"]].append(r["submodel"])
+    lines = []
+    for rnd in sorted(k for k in first if k > 0):
+        row = first[rnd]
+        who = ", ".join(
+            f"{html.escape(c['node'])}&rarr;{c['submodel']}" + ("" if c["status"] == "updated" else f" ({c['status']})")
+            for c in sorted(by_round[rnd], key=lambda c: c["node"])
+        )
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in row.get("phases", {}).items())
+        lines.append(
+            f"<tr><td>{rnd}</td><td style='text-align:left'>{who}</td><td>{row.get('declined', 0)}</td>"
+            f"<td>{row.get('dropped', 0)}</td><td>{sum(row.get('rejected', {}).values())}</td>"
+            f"<td>{' '.join(map(str, untrained[rnd])) or '-'}</td><td>{row.get('seconds', 0):.1f}</td>"
+            f"<td style='text-align:left'>{phases}</td></tr>"
+        )
+    if not lines:
+        return ""
+    head = (
+        "<h2>Rounds</h2><table><tr><th>round</th><th>client &rarr; submodel</th><th>declined</th><th>dropped</th>"
+        "<th>rejected</th><th>untrained submodels</th><th>seconds</th><th>where the time went (s)</th></tr>"
+    )
+    return head + "".join(lines) + "</table>"

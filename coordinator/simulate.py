@@ -1,6 +1,6 @@
-"""In-process federated simulation (no broker): the same specs, extraction, NeFedAvg and BatchNorm
-re-estimation as the real coordinator, with local training in PyTorch (or, with ``trainer="ort"``, through
-the exported ONNX Runtime artifacts, the device's own code path)."""
+"""In-process federated simulation (no broker): the round engine of ``serve`` over an in-process grid, with
+local training in PyTorch (or, with ``trainer="ort"``, through the exported ONNX Runtime artifacts, the
+device's own code path)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,13 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
-from nefl_edge.coordinator.evaluation import calibrate_bn, evaluate
+
+from nefl_edge.coordinator.config import RunConfig
+from nefl_edge.coordinator.engine import RoundEngine
+from nefl_edge.coordinator.evaluation import evaluate_all
+from nefl_edge.coordinator.grid import InProcessGrid
 from nefl_edge.coordinator.models import initial_consistent
-from nefl_edge.coordinator.nefedavg import NeFedAvg, Weighting
+from nefl_edge.coordinator.nefedavg import Weighting
 from nefl_edge.coordinator.nested import GlobalState, Tensors, extract, init_global_state
 from nefl_edge.coordinator.specs import ModelConfig
 from nefl_edge.coordinator.strategies import LocalTrainer, Strategy
@@ -33,6 +37,7 @@ class SimResult:
     rounds: list[int]
     seconds: float
     updates: list[int] = field(default_factory=list)
+    state: Optional[GlobalState] = field(default=None, repr=False)
 
     def tier_accuracy(self, at: int = -1) -> list[Optional[float]]:
         """Accuracy of the model each device tier runs (None: the tier gets no model)."""
@@ -61,6 +66,12 @@ def ort_trainer(folder: Path) -> LocalTrainer:
     return train
 
 
+def client_names(count: int) -> list[str]:
+    """Node ids of simulated clients (zero-padded, so that sorting them keeps their order)."""
+    width = max(3, len(str(count - 1)))
+    return [f"client-{i:0{width}d}" for i in range(count)]
+
+
 def simulate(
     strategy: Strategy,
     config: ModelConfig,
@@ -78,15 +89,27 @@ def simulate(
     trainer: TrainerKind = "torch",
     artifacts: Optional[Path] = None,
     on_round: Optional[Callable[[int, list[float]], None]] = None,
+    cfg: Optional[RunConfig] = None,
 ) -> SimResult:
-    """``rounds`` rounds of ``strategy``: each round a ``fraction`` of the devices that can train one of
-    the method's submodels (at least one) trains its tier's submodel; NeFedAvg aggregates; BatchNorm
-    statistics are re-estimated on ``calibration``; every submodel is evaluated on ``test`` before training,
-    every ``eval_every`` rounds (0: only at the end) and after the last round."""
+    """``rounds`` rounds of ``strategy`` through the round engine and an in-process grid: device ``i``
+    (node ``client_names(...)[i]``) holds ``shards[i]`` and affords ``gammas[tiers[i]]``. Every submodel is
+    evaluated on ``test`` before training, every ``eval_every`` rounds (0: only at the end) and after the
+    last round. ``cfg`` gives every other rule of the run (selection, coverage, screening); by default the
+    run configuration's defaults with this call's arguments."""
     start = time.perf_counter()
+    if cfg is None:
+        cfg = RunConfig(
+            method=strategy.name,  # type: ignore[arg-type]
+            gammas=list(gammas),
+            rounds=rounds,
+            fraction=fraction,
+            weighting=weighting,
+            seed=seed,
+            train=train,
+            policy="static",
+        )
     config = strategy.configure(config)
     plan = strategy.plan(config, gammas)
-    rng = np.random.default_rng(seed)
     state = init_global_state(config, plan.specs, initial_consistent(config, seed), seed)
     local: LocalTrainer = strategy.local_train
     if trainer == "ort":
@@ -97,32 +120,24 @@ def simulate(
         if artifacts is None:
             raise ValueError("trainer 'ort' needs the folder of the method's exported artifacts (artifacts=...)")
         local = ort_trainer(artifacts)
-    pool = [c for c, t in enumerate(tiers) if plan.tier_submodel[t] is not None]
+    names = client_names(len(shards))
+    grid = InProcessGrid(dict(zip(names, shards)), dict(zip(names, tiers)), local)
+    engine = RoundEngine(strategy, cfg, config, plan, calibration)
 
     def score() -> list[float]:
-        return [evaluate(state, k, test)[0] for k in range(len(plan.specs))]
+        return [acc for acc, _ in evaluate_all(state, test)]
 
     result = SimResult(
         strategy.name, list(gammas), plan.tier_submodel, [s.gamma for s in plan.specs], [score()], [0], 0.0
     )
     for r in range(1, rounds + 1):
-        count = min(len(pool), max(1, round(fraction * len(pool))))
-        chosen = sorted(rng.choice(pool, size=count, replace=False).tolist())
-        agg = NeFedAvg(state, weighting)
-        for c in chosen:
-            index = plan.tier_submodel[tiers[c]]
-            assert index is not None
-            cfg = train.model_copy(update={"seed": int(rng.integers(1 << 31))})
-            agg.add(index, local(state, index, shards[c], cfg), len(shards[c]))
-        state = agg.result()
-        result.updates.append(agg.updates)
-        if calibration is not None and len(calibration):
-            for k in range(len(plan.specs)):
-                calibrate_bn(state, k, calibration)
+        state, report = engine.run_round(r, state, grid)
+        result.updates.append(report.updates)
         if r == rounds or (eval_every and r % eval_every == 0):
             result.accuracy.append(score())
             result.rounds.append(r)
             if on_round is not None:
                 on_round(r, result.accuracy[-1])
     result.seconds = time.perf_counter() - start
+    result.state = state
     return result

@@ -18,6 +18,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from nefl_edge.edge_client.errors import BadInput
+
 ParamKind = Literal["consistent", "inconsistent"]
 ScalingMethod = Literal["WD", "W", "D"]
 DEFAULT_GAMMAS: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
@@ -25,7 +27,7 @@ GAMMA_TOLERANCE = 0.03
 DEPTH_SHARE = 0.25
 
 
-class SpecError(ValueError):
+class SpecError(BadInput):
     """A model name, gamma or spec that cannot be built."""
 
 

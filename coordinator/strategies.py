@@ -15,12 +15,14 @@ Device tiers: tier ``t`` is a device that can afford gamma ``gammas[t]`` (parame
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
 import torch
+
 from nefl_edge.coordinator.models import build_submodel
 from nefl_edge.coordinator.nested import GlobalState, Tensors, extract, prefix_slice
 from nefl_edge.coordinator.specs import (
@@ -96,8 +98,19 @@ class Strategy:
 
     @property
     def device_trainable(self) -> bool:
-        """Whether local training is plain SGD on one submodel, as the device's ONNX Runtime trainer does."""
+        """Whether local training is plain SGD on one submodel, as the device's ONNX Runtime trainer does,
+        so that the method can run on real devices (``serve``) and with ``simulate --trainer ort``."""
         return type(self).local_train is Strategy.local_train
+
+    def select(self, rng: np.random.Generator, pool: list[str], fraction: float, minimum: int) -> list[str]:
+        """The clients that train this round: ``ceil(fraction * len(pool))`` of ``pool``, at least
+        ``minimum`` (as many as there are), drawn without replacement; sorted."""
+        count = min(len(pool), max(minimum, math.ceil(fraction * len(pool) - 1e-9)))
+        return sorted(rng.choice(sorted(pool), size=count, replace=False).tolist()) if count else []
+
+    def assign(self, plan: Plan, tier: int) -> Optional[int]:
+        """The submodel a client of capacity ``tier`` (index into the run's gammas) trains, or None."""
+        return plan.tier_submodel[min(max(tier, 0), len(plan.tier_submodel) - 1)]
 
 
 def _depth_plan(config: ModelConfig, gammas: tuple[float, ...]) -> Plan:

@@ -8,13 +8,14 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
+from nefl_edge.edge_client.errors import BadInput
 from nefl_edge.edge_client.schemas import FileEntry, Manifest, SubmodelEntry
 from pydantic import ValidationError
 
 MANIFEST_NAME = "manifest.json"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(BadInput):
     """An artifact folder or file that is missing, unreadable or tampered with."""
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal, Optional, Tuple
 
 import numpy as np
+from nefl_edge.edge_client.errors import BadInput
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 Split = Literal["train", "test"]
@@ -24,7 +25,7 @@ HOW_TO_GET_DATA = (
 )
 
 
-class DataError(ValueError):
+class DataError(BadInput):
     """A data file that is missing or does not fit; the message says what to do."""
 
 

@@ -54,11 +54,11 @@ class SubmodelEntry(Strict):
 class TrainConfig(Strict):
     """Local training hyper-parameters, with ``torch.optim.SGD``'s meaning."""
 
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    batch_size: int = Field(32, ge=1, le=4096)
-    epochs: int = Field(1, ge=1, le=1000)
+    lr: float = Field(0.1, gt=0, description="local SGD learning rate")
+    momentum: float = Field(0.0, ge=0, lt=1, description="local SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="local SGD weight decay")
+    batch_size: int = Field(32, ge=1, le=4096, description="local batch size")
+    epochs: int = Field(1, ge=1, le=1000, description="local epochs per task")
     max_steps: Optional[int] = Field(None, ge=1, description="stop after this many steps even mid-epoch")
     seed: int = 0
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from nefl_edge.coordinator.broker import port_open
 from nefl_edge.coordinator.partition import (
     DirichletPartitioner,
@@ -19,7 +20,7 @@ from nefl_edge.coordinator.partition import (
     label_histogram,
     label_skew,
 )
-from nefl_edge.coordinator.report import read_metrics
+from nefl_edge.coordinator.records import read_jsonl
 from nefl_edge.edge_client.data import load_dataset
 
 
@@ -68,7 +69,7 @@ def test_small_demo_end_to_end_leaves_nothing_behind(tmp_path: Path, broker_flag
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     run_dir = next(runs.glob("demo-*"))
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_jsonl(run_dir / "metrics.jsonl")
     assert sorted({(r["round"], r["submodel"]) for r in records}) == [(r, s) for r in range(3) for s in range(3)]
     last = {r["submodel"]: r["accuracy"] for r in records if r["round"] == 2}
     for sub, acc in last.items():

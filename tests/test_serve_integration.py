@@ -7,8 +7,8 @@ import signal
 from pathlib import Path
 
 import pytest
-from nefl_edge.coordinator.report import read_metrics
 
+from nefl_edge.coordinator.records import read_jsonl
 from tests.helpers import Broker, make_shards, spawn_coordinator, spawn_edge, stop, wait_for
 
 pytestmark = pytest.mark.integration
@@ -43,7 +43,7 @@ def test_three_devices_three_rounds_improve_every_submodel(broker: Broker, tmp_p
         for p in [coord, *edges]:
             stop(p)
     out = run_dir(tmp_path)
-    records = read_metrics(out / "metrics.jsonl")
+    records = read_jsonl(out / "metrics.jsonl")
     assert sorted({r["round"] for r in records}) == [0, 1, 2, 3]
     assert len(records) == 4 * 3
     for sub in range(3):
@@ -69,7 +69,7 @@ def test_a_client_killed_mid_round_is_dropped_and_the_rest_aggregate(broker: Bro
     finally:
         for p in [coord, *edges]:
             stop(p)
-    records = read_metrics(run_dir(tmp_path) / "metrics.jsonl")
+    records = read_jsonl(run_dir(tmp_path) / "metrics.jsonl")
     round1 = [r for r in records if r["round"] == 1]
     assert round1 and all(r["updates"] == 2 and r["aggregated"] for r in round1)
     assert all(r["dropped"] + (3 - r["updates"] - r["dropped"]) == 1 for r in round1)
@@ -96,7 +96,7 @@ def test_coordinator_killed_after_round_two_resumes_without_losing_or_repeating_
     finally:
         for p in [coord, *edges]:
             stop(p)
-    records = read_metrics(out / "metrics.jsonl")
+    records = read_jsonl(out / "metrics.jsonl")
     rounds = [r["round"] for r in records if r["submodel"] == 0]
     assert rounds == [0, 1, 2, 3, 4]
     assert len(records) == 5 * 3
@@ -145,6 +145,6 @@ def test_a_broker_restart_mid_run_loses_nothing_and_late_devices_still_get_the_a
             stop(p)
 
     # Assert: every round exactly once, and the coordinator knew to publish its retained messages again.
-    records = read_metrics(out / "metrics.jsonl")
+    records = read_jsonl(out / "metrics.jsonl")
     assert sorted(r["round"] for r in records if r["submodel"] == 0) == [0, 1, 2, 3, 4]
     assert "publishing" in (tmp_path / "coordinator.log").read_text()

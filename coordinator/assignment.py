@@ -1,0 +1,96 @@
+"""Which submodel each selected client trains: its capacity (a device tier) and the round's assignment.
+
+A client's *capacity* is an index into the run's gammas: the largest parameter ratio it can afford.
+``static``: the tier the device declared (``nefl-edge join --tier``; none: the smallest).
+``deadline``: the largest tier whose submodel the device can train within ``margin`` of the round deadline,
+projected from the throughput the device measured on a probe submodel and scaled by forward MFLOPs.
+
+The strategy then maps a capacity to one of its submodels (``Strategy.assign``). With ``cover`` the
+assignment is rebalanced so that every submodel of the method gets at least one client when the selected
+clients can afford it: a client may always train a smaller submodel than it can afford, as in the paper,
+where each client trains the submodel its tier allows and the tiers cover every submodel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from nefl_edge.coordinator.specs import ModelConfig, mflops
+from nefl_edge.coordinator.strategies import Plan, Strategy
+from nefl_edge.edge_client.schemas import DeviceProfile, TrainConfig
+from nefl_edge.edge_client.trainer import planned_steps
+
+Policy = Literal["static", "deadline"]
+DEADLINE_MARGIN = 0.7
+"""Share of the deadline a projected local training may use: the rest absorbs download, upload, the
+device's warm-up and the error of projecting from a probe submodel (tested in tests/test_engine.py)."""
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """What the coordinator knows of a client when it plans a round."""
+
+    node: str
+    num_samples: int
+    tier: Optional[int] = None
+    profile: Optional[DeviceProfile] = None
+
+
+def projected_seconds(profile: DeviceProfile, cost_mflops: float, num_samples: int, train: TrainConfig) -> float:
+    """Seconds a device needs for a task on a submodel of ``cost_mflops``; ``inf`` when its profile has no
+    usable throughput. Every number a device sent is checked before use (never a division by it)."""
+    speed, probe = profile.samples_per_s, profile.probe_mflops
+    if speed is None or probe is None or not (math.isfinite(speed) and math.isfinite(probe)):
+        return math.inf
+    if speed <= 1e-6 or probe <= 1e-6 or cost_mflops <= 0:
+        return math.inf
+    samples = planned_steps(num_samples, train) * train.batch_size
+    return samples / (speed * probe / cost_mflops)
+
+
+def capacity(
+    client: ClientInfo,
+    policy: Policy,
+    plan: Plan,
+    config: ModelConfig,
+    train: TrainConfig,
+    deadline_s: float,
+    margin: float = DEADLINE_MARGIN,
+) -> int:
+    """The client's capacity tier (an index into the run's gammas) under ``policy``."""
+    tiers = len(plan.tier_submodel)
+    if policy == "static" or client.profile is None:
+        return min(client.tier, tiers - 1) if client.tier is not None else 0
+    best = 0
+    for tier, index in enumerate(plan.tier_submodel):
+        if index is None:
+            continue
+        cost = mflops(config, plan.specs[index])
+        if projected_seconds(client.profile, cost, client.num_samples, train) <= margin * deadline_s:
+            best = tier
+    return best
+
+
+def assign(
+    strategy: Strategy, plan: Plan, capacities: dict[str, int], selected: list[str], cover: bool
+) -> dict[str, int]:
+    """Submodel per selected client. With ``cover``, a submodel no client got is given to a client that can
+    afford more, taken from the most crowded larger submodel (ties: the larger submodel), until every
+    submodel within the clients' reach is covered or no move is left."""
+    afford = {n: strategy.assign(plan, capacities[n]) for n in selected}
+    out = {n: k for n, k in afford.items() if k is not None}
+    if not cover:
+        return out
+    for missing in range(len(plan.specs)):
+        if missing in out.values():
+            continue
+        counts = Counter(out.values())
+        donors = [n for n, k in out.items() if k > missing and counts[k] > 1 and (afford[n] or 0) >= missing]
+        if not donors:
+            continue
+        node = max(sorted(donors), key=lambda n: (counts[out[n]], out[n]))
+        out[node] = missing
+    return out

@@ -1,0 +1,233 @@
+"""The MQTT grid: delivers a round's tasks to real devices through a broker and collects their answers.
+
+Publishing: the manifest and the artifacts (retained, content-addressed) once per run; per round the weights
+of every assigned submodel (retained, one broadcast per submodel: the broker fans them out) and one task per
+device on its own task topic. Collecting: hello and status feed the registry; updates and declines resolve a
+device's task; a task without an answer is dropped at the deadline (or at once when the device says it
+left, unless the broker connection was re-established during the round: then the offline status may be a
+will the broker published while it went down, and the round stays open until its deadline).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Optional
+
+from nefl_edge.coordinator.assignment import ClientInfo
+from nefl_edge.coordinator.grid import Instruction, Outcome
+from nefl_edge.coordinator.nested import GlobalState, extract
+from nefl_edge.coordinator.registry import Registry
+from nefl_edge.edge_client.errors import ExitCode, NeflError
+from nefl_edge.edge_client.mqtt import MqttLink
+from nefl_edge.edge_client.schemas import (
+    Artifact,
+    Control,
+    Decline,
+    Manifest,
+    ManifestMessage,
+    Message,
+    Task,
+    Update,
+    Weights,
+)
+from nefl_edge.edge_client.wire import ProtocolError, Topics, pack_tensors, sha256, unpack_tensors
+
+log = logging.getLogger(__name__)
+GRACE_S = 5.0
+
+
+class NotEnoughClients(NeflError, TimeoutError):
+    exit_code = ExitCode.NO_CLIENTS
+
+
+class MqttGrid:
+    """Tasks over MQTT. ``open`` publishes the run; ``close`` ends it for the devices and clears what it
+    retained on the broker."""
+
+    def __init__(
+        self,
+        link: MqttLink,
+        run: str,
+        manifest: Manifest,
+        artifacts: Path,
+        deadline_s: float,
+        wait_clients_s: float,
+        registry: Optional[Registry] = None,
+        stop: Optional[threading.Event] = None,
+    ) -> None:
+        self.link, self.run_name, self.manifest, self.artifacts = link, run, manifest, artifacts
+        self.deadline_s, self.wait_clients_s = deadline_s, wait_clients_s
+        self.registry = registry or Registry()
+        self.stop = stop or threading.Event()
+        self.topics = Topics(run)
+        self.on_progress: Optional[Callable[[str], None]] = None
+        self._retained: dict[str, tuple[Message, bytes]] = {}
+        self._bytes_out = 0
+        self._rejections: Counter[str] = Counter()
+        self._reconnected_at = 0.0
+
+    # --- the run on the broker -----------------------------------------------------------------------------
+
+    def open(self) -> None:
+        for kind in ("hello", "status", "update"):
+            self.link.subscribe(self.topics.all_nodes(kind))
+        self.link.connect()
+        for sub in self.manifest.submodels:
+            for entry in sub.files.values():
+                body = (self.artifacts / entry.name).read_bytes()
+                self._publish_retained(
+                    self.topics.artifact(entry.sha256), Artifact(run=self.run_name, name=entry.name), body
+                )
+        self._publish_retained(
+            self.topics.manifest, ManifestMessage(run=self.run_name), self.manifest.to_json().encode()
+        )
+        self.link.publish(self.topics.control, Control(run=self.run_name, action="announce"))
+        self.link.on_connected = self._reconnected
+        log.info("run %s: manifest and artifacts published on %s", self.run_name, self.topics.base)
+
+    def close(self, reason: str) -> None:
+        try:
+            self.link.publish(self.topics.control, Control(run=self.run_name, action="end", reason=reason))
+            for topic in list(self._retained):
+                self.link.clear_retained(topic)
+            time.sleep(0.5)  # let paho send the end message and the retained clears before disconnecting
+        finally:
+            self.link.close()
+
+    def _publish_retained(self, topic: str, message: Message, body: bytes) -> int:
+        self._retained[topic] = (message, body)
+        sent = self.link.publish(topic, message, body, retain=True)
+        self._bytes_out += sent
+        return sent
+
+    def _reconnected(self) -> None:
+        """The broker may have restarted without persistence: publish the retained messages again and ask
+        every device to say hello (the broker published their wills when it went down)."""
+        self._reconnected_at = time.monotonic()
+        log.warning("reconnected to the broker: publishing %d retained messages again", len(self._retained))
+        for topic, (message, body) in list(self._retained.items()):
+            self.link.publish(topic, message, body, retain=True)
+        self.link.publish(self.topics.control, Control(run=self.run_name, action="announce"))
+
+    # --- Grid ----------------------------------------------------------------------------------------------
+
+    @property
+    def bytes_out(self) -> int:
+        return self._bytes_out
+
+    def rejections(self) -> dict[str, int]:
+        out = dict(self._rejections)
+        self._rejections.clear()
+        return out
+
+    def _next(self, timeout: float) -> Optional[tuple[str, Message, bytes]]:
+        try:
+            stream, message, body = self.link.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        self.registry.note(Topics.node_of(stream), message)
+        return stream, message, body
+
+    def clients(self, minimum: int) -> dict[str, ClientInfo]:
+        deadline = time.monotonic() + self.wait_clients_s
+        while len(self.registry.online()) < minimum:
+            if time.monotonic() > deadline or self.stop.is_set():
+                raise NotEnoughClients(
+                    f"only {len(self.registry.online())} of min_clients={minimum} clients joined within "
+                    f"{self.wait_clients_s:.0f} s; start devices with `nefl-edge join --run {self.run_name}`"
+                )
+            self._next(0.5)
+        while self._next(0.0) is not None:  # take in every hello and status already waiting
+            pass
+        return self.registry.clients()
+
+    def run(self, round_: int, state: GlobalState, instructions: list[Instruction]) -> Iterator[Outcome]:
+        started = time.monotonic()
+        digests: dict[int, str] = {}
+        for k in sorted({ins.submodel for ins in instructions}):
+            body = pack_tensors(extract(state, k))
+            digests[k] = sha256(body)
+            self._publish_retained(self.topics.weights(k), Weights(run=self.run_name, round=round_, submodel=k), body)
+        tasks: dict[str, Task] = {}
+        for ins in instructions:
+            task = Task(
+                run=self.run_name,
+                node=ins.node,
+                task_id=uuid.uuid4().hex[:16],
+                round=round_,
+                submodel=ins.submodel,
+                weights_sha256=digests[ins.submodel],
+                train=ins.train,
+                deadline_s=self.deadline_s,
+            )
+            tasks[ins.node] = task
+            self._bytes_out += self.link.publish(self.topics.node(ins.node, "task"), task)
+        pending = dict(tasks)
+        deadline = started + self.deadline_s + GRACE_S
+        while pending and time.monotonic() < deadline and not self.stop.is_set():
+            for node in list(pending):
+                info = self.registry.nodes.get(node)
+                if info is not None and not info.online and self._reconnected_at < started:
+                    task = pending.pop(node)
+                    log.warning("round %d: %s left the run", round_, node)
+                    yield Outcome(node, task.submodel, "dropped", reason="went offline")
+            item = self._next(0.25)
+            if item is None:
+                continue
+            outcome = self._answer(round_, item, pending, started)
+            if outcome is not None:
+                yield outcome
+                if self.on_progress is not None:
+                    self.on_progress(f"round {round_}: {len(tasks) - len(pending)}/{len(tasks)} clients answered")
+        if pending:
+            log.warning("round %d: deadline passed without answers from %s", round_, sorted(pending))
+        for node, task in pending.items():
+            yield Outcome(node, task.submodel, "dropped", reason="no answer before the deadline")
+
+    def _answer(
+        self, round_: int, item: tuple[str, Message, bytes], pending: dict[str, Task], started: float
+    ) -> Optional[Outcome]:
+        """The outcome a device's update or decline resolves, or None (not an answer, or one to ignore)."""
+        stream, message, body = item
+        if not isinstance(message, (Update, Decline)):
+            return None
+        node = Topics.node_of(stream)
+        task = pending.get(node)
+        if message.node != node:
+            self._reject("unknown_sender", f"{message.kind} for {message.node} on {stream}")
+            return None
+        if task is None or message.task_id != task.task_id or message.round != round_:
+            self._reject("stale", f"{message.kind} from {node} for task {message.task_id} of round {message.round}")
+            return None
+        del pending[node]
+        seconds = time.monotonic() - started
+        if isinstance(message, Decline):
+            log.warning("round %d: %s declined: %s", round_, node, message.reason)
+            return Outcome(node, task.submodel, "declined", reason=message.reason[:300], seconds=seconds)
+        if message.submodel != task.submodel:
+            return Outcome(node, task.submodel, "rejected", reason=f"wrong_submodel: {message.submodel}")
+        try:
+            tensors = unpack_tensors(body)
+        except ProtocolError as exc:
+            return Outcome(node, task.submodel, "rejected", reason=f"bad_payload: {exc}", bytes_in=len(body))
+        return Outcome(
+            node,
+            task.submodel,
+            "updated",
+            message.num_samples,
+            tensors,
+            message.metrics,
+            seconds=seconds,
+            bytes_in=len(body),
+        )
+
+    def _reject(self, reason: str, detail: str) -> None:
+        self._rejections[reason] += 1
+        log.warning("rejected %s", detail)

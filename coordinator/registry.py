@@ -1,0 +1,67 @@
+"""The coordinator's view of the fleet: who said hello, with what data and profile, and who is online."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+from nefl_edge.coordinator.assignment import ClientInfo
+from nefl_edge.edge_client.schemas import DeviceProfile, Hello, Message, Status
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeInfo:
+    node: str
+    num_samples: int
+    tier: Optional[int]
+    profile: Optional[dict[str, Any]]
+    online: bool = True
+
+    def client(self) -> ClientInfo:
+        profile = DeviceProfile.model_validate(self.profile) if self.profile else None
+        return ClientInfo(self.node, self.num_samples, self.tier, profile)
+
+
+class Registry:
+    """Hello and status bookkeeping. A node's hello must come from its own topic (``node`` of the stream);
+    the sample count it declares is what its updates are later checked against."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, NodeInfo] = {}
+
+    def note(self, node: str, message: Message) -> None:
+        if isinstance(message, Hello) and message.node == node:
+            known = self.nodes.get(node)
+            self.nodes[node] = NodeInfo(node, message.num_samples, message.tier, message.profile.model_dump())
+            if known is None or not known.online:
+                log.info(
+                    "client %s joined (%d samples, tier %s, %s samples/s)",
+                    node,
+                    message.num_samples,
+                    message.tier,
+                    message.profile.samples_per_s,
+                )
+        elif isinstance(message, Status) and message.node == node and node in self.nodes:
+            online = message.state != "offline"
+            if self.nodes[node].online and not online:
+                log.warning("client %s went offline", node)
+            self.nodes[node].online = online
+
+    def online(self) -> list[str]:
+        return sorted(n for n, info in self.nodes.items() if info.online)
+
+    def clients(self) -> dict[str, ClientInfo]:
+        return {n: self.nodes[n].client() for n in self.online()}
+
+    def dump(self) -> dict[str, dict[str, Any]]:
+        return {n: asdict(i) for n, i in self.nodes.items()}
+
+    @classmethod
+    def load(cls, data: dict[str, dict[str, Any]]) -> Registry:
+        registry = cls()
+        for n, info in data.items():
+            registry.nodes[n] = NodeInfo(**{**info, "online": False})  # until they say hello again
+        return registry

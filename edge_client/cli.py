@@ -67,12 +67,44 @@ def join(
     ] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
-    """Join a run: announce this device, take training tasks, train with ONNX Runtime, upload the weights."""
-    from nefl_edge.edge_client.client import ClientOptions, EdgeClient
+    """Join one run: announce this device, take training tasks, train with ONNX Runtime, upload the weights;
+    exit when the run ends (exit 3 if the broker does not answer within 15 s). For a device that stays up,
+    run after run, use `nefl-edge agent`."""
+    _device(
+        broker, data, node_id, run, tier, cache, tls_ca, tls_cert, tls_key, username, password_file,
+        mqtt_version, threads, max_samples, max_message_size, backend, verbose,
+        pinned=True, agent_options=None,
+    )  # fmt: skip
+
+
+def _device(
+    broker: str,
+    data: Path,
+    node_id: Optional[str],
+    run: str,
+    tier: Optional[int],
+    cache: Path,
+    tls_ca: Optional[Path],
+    tls_cert: Optional[Path],
+    tls_key: Optional[Path],
+    username: Optional[str],
+    password_file: Optional[Path],
+    mqtt_version: str,
+    threads: int,
+    max_samples: Optional[int],
+    max_message_size: int,
+    backend: str,
+    verbose: bool,
+    pinned: bool,
+    agent_options: Any,
+) -> None:
+    """`join` (one run, ``agent_options`` None) and `agent` (long-lived): same options, one code path."""
+    from nefl_edge.edge_client.agent import Agent, AgentOptions
+    from nefl_edge.edge_client.client import ClientOptions
     from nefl_edge.edge_client.data import DataError, load_dataset
     from nefl_edge.edge_client.mqtt import BrokerAddress, BrokerError, Security
     from nefl_edge.edge_client.schemas import NAME_PATTERN
-    from nefl_edge.edge_client.trainer import BackendUnavailable
+    from nefl_edge.edge_client.trainer import BackendUnavailable, choose_backend
 
     setup_logging(verbose)
     node = node_id or socket.gethostname().split(".")[0]
@@ -85,7 +117,8 @@ def join(
     try:
         address = BrokerAddress.parse(broker, 8883 if tls_ca else 1883)
         dataset = load_dataset(data, "train")
-    except (ValueError, DataError) as exc:
+        choose_backend(backend)
+    except (ValueError, DataError, BackendUnavailable) as exc:
         fail(str(exc))
         return
     if max_samples is not None:
@@ -93,27 +126,162 @@ def join(
     security = Security(tls_ca, tls_cert, tls_key, False, username, password_file)
     if max_message_size < 1024:
         fail("--max-message-size must be at least 1024 bytes")
+    for path in (tls_ca, tls_cert, tls_key, password_file):
+        if path is not None and not path.is_file():
+            fail(f"file {path} does not exist; check the TLS / password options")
     options = ClientOptions(
         address, node, run, cache, security, mqtt_version, tier, threads, chunk_size=max_message_size, backend=backend
     )
-    try:
-        client = EdgeClient(options, dataset)
-    except (BrokerError, BackendUnavailable, ValueError) as exc:
-        fail(str(exc))
-        return
+    device = Agent(options, dataset, agent_options or AgentOptions(once=True, broker_wait_s=15.0), pinned=pinned)
 
     def leave(signum: int, frame: Any) -> None:
         logging.getLogger(__name__).info("interrupted; leaving the run cleanly")
-        client.stop()
+        device.stop()
 
     signal.signal(signal.SIGINT, leave)
     signal.signal(signal.SIGTERM, leave)
     try:
-        client.run()
+        device.run()
     except BrokerError as exc:
         fail(str(exc), EXIT_BROKER)
-    except DataError as exc:
+    except (DataError, BackendUnavailable, ValueError) as exc:
         fail(str(exc))
+
+
+@app.command()
+def agent(
+    broker: Annotated[str, typer.Option(help="MQTT broker as HOST or HOST:PORT.")],
+    data: Annotated[Path, typer.Option(help="Local data: an IDX or CIFAR folder, or an .npz file with x and y.")],
+    node_id: Annotated[
+        Optional[str], typer.Option(help="This device's id (letters, digits, . _ -). Default: host name.")
+    ] = None,
+    run: Annotated[
+        Optional[str],
+        typer.Option(help="Serve only this run, again after each end. Default: any run announced on the broker."),
+    ] = None,
+    once: Annotated[bool, typer.Option("--once", help="Exit after one run (as `join`).")] = False,
+    broker_wait: Annotated[
+        Optional[float], typer.Option(help="Give up (exit 3) if the broker is not reached within S seconds.")
+    ] = None,
+    backoff_max: Annotated[float, typer.Option(help="Longest wait between broker connection attempts (s).")] = 60.0,
+    tier: Annotated[
+        Optional[int],
+        typer.Option(help="Declared device tier for the coordinator's static policy (0 = smallest submodel)."),
+    ] = None,
+    cache: Annotated[
+        Path, typer.Option(help="Folder for cached artifacts and the latest trained weights.")
+    ] = Path.home() / ".cache" / "nefl-edge",
+    tls_ca: Annotated[Optional[Path], typer.Option(help="CA certificate file: connect with TLS.")] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option(help="Client certificate for TLS client authentication.")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(help="Key of the client certificate.")] = None,
+    username: Annotated[Optional[str], typer.Option(help="Broker user name.")] = None,
+    password_file: Annotated[Optional[Path], typer.Option(help="File holding the broker password.")] = None,
+    mqtt_version: Annotated[str, typer.Option(help="MQTT protocol version: 3.1.1 or 5.")] = "3.1.1",
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: all cores).")] = 0,
+    max_samples: Annotated[Optional[int], typer.Option(help="Use only the first N samples of the data.")] = None,
+    max_message_size: Annotated[
+        int, typer.Option(help="Bytes per MQTT message; larger payloads are chunked.")
+    ] = 1048576,
+    backend: Annotated[
+        str, typer.Option(help="Training backend: auto, ort-training (training build) or portable (stock onnxruntime).")
+    ] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """The long-lived device agent (what the systemd service runs): waits for the broker with backoff, serves
+    run after run (the pinned --run, or any run announced on nefl/+/manifest), reconnects forever."""
+    from nefl_edge.edge_client.agent import AgentOptions
+
+    if broker_wait is not None and broker_wait <= 0:
+        fail("--broker-wait must be positive")
+    if backoff_max < 1:
+        fail("--backoff-max must be at least 1 s")
+    options = AgentOptions(once=once, broker_wait_s=broker_wait, backoff_max_s=backoff_max)
+    _device(
+        broker, data, node_id, run or "default", tier, cache, tls_ca, tls_cert, tls_key, username, password_file,
+        mqtt_version, threads, max_samples, max_message_size, backend, verbose,
+        pinned=run is not None, agent_options=options,
+    )  # fmt: skip
+
+
+@app.command()
+def predict(
+    data: Annotated[Path, typer.Option(help="Samples: an .npz file with x (and y for accuracy), or an IDX folder.")],
+    cache: Annotated[Path, typer.Option(help="The device's --cache folder.")] = Path.home() / ".cache" / "nefl-edge",
+    submodel: Annotated[
+        Optional[int], typer.Option(help="Which kept submodel (default: the most recently trained).")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write logits and predictions to this .npz file.")] = None,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: all cores).")] = 0,
+) -> None:
+    """Local inference with the latest weights this device trained (kept after each task)."""
+    import numpy as np
+
+    from nefl_edge.edge_client.data import DataError, load_dataset
+    from nefl_edge.edge_client.latest import LatestStore, LocalModel, NoLatestWeights
+
+    try:
+        info = LatestStore(cache / "latest").get(submodel)
+        model = LocalModel(info, cache / "artifacts", threads)
+        samples = load_dataset(data, "test")
+        samples.check_for(tuple(info.input_shape), info.num_classes)
+    except (NoLatestWeights, DataError) as exc:
+        fail(str(exc))
+        return
+    logits = model.logits(samples.x)
+    predictions = logits.argmax(axis=1)
+    accuracy = float((predictions == samples.y).mean()) if len(samples) else 0.0
+    if out is not None:
+        np.savez(out, logits=logits, predictions=predictions)
+    summary = {
+        "submodel": info.submodel,
+        "gamma": info.gamma,
+        "run": info.run,
+        "round": info.round,
+        "samples": len(samples),
+        "accuracy": round(accuracy, 4),
+    }
+    typer.echo(json.dumps(summary))
+
+
+@app.command("install-service")
+def install_service(
+    broker: Annotated[str, typer.Option(help="MQTT broker as HOST or HOST:PORT.")],
+    data: Annotated[Path, typer.Option(help="The device's data (readable by the service user).")],
+    run: Annotated[Optional[str], typer.Option(help="Pin the agent to this run (default: any run).")] = None,
+    user: Annotated[str, typer.Option(help="The dedicated system user the service runs as.")] = "nefl-edge",
+    password_file: Annotated[
+        Optional[Path], typer.Option(help="Root-only file with the broker password (passed as a systemd credential).")
+    ] = None,
+    extra: Annotated[
+        Optional[str], typer.Option(help="More agent options, e.g. '--tls-ca /etc/nefl-edge/ca.crt --threads 2'.")
+    ] = None,
+    output: Annotated[Path, typer.Option(help="Where to write the unit.")] = Path(
+        "/etc/systemd/system/nefl-edge.service"
+    ),
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the unit instead of writing it.")] = False,
+) -> None:
+    """Write a systemd unit that runs `nefl-edge agent` as a dedicated user and restarts it always."""
+    import shlex
+    import shutil
+
+    from nefl_edge.edge_client.agent import systemd_unit
+
+    exe = shutil.which("nefl-edge") or str(Path(sys.executable).with_name("nefl-edge"))
+    extra_args = shlex.split(extra) if extra else []
+    if any(a in ("--password", "--password-file") for a in extra_args):
+        fail("pass the broker password with --password-file here; it becomes a systemd credential")
+    unit = systemd_unit(str(Path(exe).resolve()), broker, data.resolve(), user, run, extra_args, password_file)
+    if dry_run:
+        typer.echo(unit, nl=False)
+        return
+    try:
+        output.write_text(unit)
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc} (run as root, or pass --output FILE / --dry-run)")
+    typer.echo(f"wrote {output}. Then, as root:")
+    typer.echo(f"  useradd --system --home-dir /var/lib/nefl-edge --shell /usr/sbin/nologin {user}")
+    typer.echo("  systemctl daemon-reload && systemctl enable --now nefl-edge")
+    typer.echo("  journalctl -u nefl-edge -f     # the agent's log")
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""The device's side of the federated loop: join a run, take tasks, train with ONNX Runtime, upload."""
+"""The device's side of the federated loop for one run: join it, take tasks, train with ONNX Runtime,
+upload, keep the latest weights. :mod:`edge_client.agent` runs one of these per run, run after run."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+import numpy as np
+
 from nefl_edge.edge_client.artifacts import ArtifactCache, ArtifactError, parse_manifest
 from nefl_edge.edge_client.data import Dataset
+from nefl_edge.edge_client.latest import LatestStore
 from nefl_edge.edge_client.mqtt import BrokerAddress, Inbound, MqttLink, Security
 from nefl_edge.edge_client.profile import device_profile, measure_throughput
 from nefl_edge.edge_client.schemas import (
@@ -23,6 +27,7 @@ from nefl_edge.edge_client.schemas import (
     Manifest,
     ManifestMessage,
     Message,
+    Metrics,
     Status,
     SubmodelEntry,
     Task,
@@ -32,6 +37,7 @@ from nefl_edge.edge_client.schemas import (
 from nefl_edge.edge_client.trainer import (
     BACKEND_FILES,
     DeadlineMissed,
+    ProgressLog,
     TrainerBackend,
     choose_backend,
     create_backend,
@@ -44,7 +50,26 @@ UPLOAD_MARGIN_S = 2.0
 
 
 class RunEnded(Exception):
-    """The coordinator said the run is over."""
+    """The run is over for this device: the coordinator said so (``at``: its ``sent_at``), or the device left."""
+
+    def __init__(self, reason: str, at: float = 0.0) -> None:
+        super().__init__(reason)
+        self.at = at
+
+
+class _Stopped(Exception):
+    """``stop()`` or ``leave()`` was called while waiting."""
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How :meth:`EdgeClient.serve` returned: ``ended`` (the coordinator's ``control end``), ``stopped``
+    (``stop()``: a signal), ``left`` (``leave()``: e.g. the run's manifest was withdrawn) or ``no-manifest``
+    (none within the wait). ``ended_at`` is the end message's ``sent_at`` (coordinator clock)."""
+
+    state: str
+    reason: str = ""
+    ended_at: float = 0.0
 
 
 @dataclass
@@ -60,45 +85,77 @@ class ClientOptions:
     fetch_timeout_s: float = 120.0
     backend: str = "auto"
     chunk_size: int = 1 << 20
+    keep_latest: bool = True
+    """Keep the weights of each finished task under ``<cache>/latest`` for local inference."""
+    progress_every_s: float = 10.0
 
 
 class EdgeClient:
-    """A device in one run. ``run()`` blocks until the run ends or ``stop()`` is called."""
+    """A device in one run: ``connect()`` then ``serve()``, which blocks until the run ends, ``stop()`` or
+    ``leave()`` is called; ``run()`` does both (the one-run ``nefl-edge join``).
 
-    def __init__(self, options: ClientOptions, data: Dataset) -> None:
+    ``not_before``: manifests sent before this time (coordinator clock) are stale (a run of the same name
+    that just ended) and are ignored."""
+
+    def __init__(self, options: ClientOptions, data: Dataset, not_before: float = 0.0) -> None:
         self.opts = options
         self.data = data
+        self.not_before = not_before
         self.topics = Topics(options.run)
         self.cache = ArtifactCache(options.cache / "artifacts")
+        self.latest = LatestStore(options.cache / "latest")
         self.manifest: Optional[Manifest] = None
         self.backend_kind = choose_backend(options.backend)
         self._backends: Dict[str, TrainerBackend] = {}
         self._deferred: List[Inbound] = []
         self._done_tasks: set[str] = set()
         self._stop = threading.Event()
+        self._left: Optional[str] = None
         self._hello: Optional[Hello] = None
-        offline = encode(Status(run=options.run, node=options.node, state="offline"))
-        self.link = MqttLink(
-            f"nefl-{options.run}-{options.node}",
-            options.broker,
-            options.run,
-            options.security,
-            protocol="5" if options.protocol == "5" else "3.1.1",
-            will=(self.topics.node(options.node, "status"), offline),
-            chunk_size=options.chunk_size,
+        self._run_topics = (self.topics.manifest + "/#", self.topics.node(options.node, "task"), self.topics.control)
+        self.link = self._new_link()
+
+    def _new_link(self) -> MqttLink:
+        opts = self.opts
+        offline = encode(Status(run=opts.run, node=opts.node, state="offline"))
+        return MqttLink(
+            f"nefl-{opts.run}-{opts.node}",
+            opts.broker,
+            opts.run,
+            opts.security,
+            protocol="5" if opts.protocol == "5" else "3.1.1",
+            will=(self.topics.node(opts.node, "status"), offline),
+            chunk_size=opts.chunk_size,
         )
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
-    def run(self) -> None:
+    def run(self) -> RunOutcome:
+        """Connect (``BrokerError`` after 15 s) and serve the run until it ends."""
+        self.connect()
+        return self.serve()
+
+    def connect(self, timeout_s: float = 15.0) -> None:
+        """One attempt to reach the broker (a fresh session object each time); raises ``BrokerError``."""
+        self.link = self._new_link()
+        for topic in self._run_topics:
+            self.link.subscribe(topic)
+        self.link.connect(timeout_s)
+
+    def serve(self, manifest_timeout_s: Optional[float] = None) -> RunOutcome:
+        """Serve the run on the connected link until it ends; then unsubscribe (the persistent session keeps
+        nothing queued for a run that is over), say ``offline`` and disconnect."""
         link, node = self.link, self.opts.node
-        for topic in (self.topics.manifest + "/#", self.topics.node(node, "task"), self.topics.control):
-            link.subscribe(topic)
-        link.connect()
         link.on_connected = self._on_reconnect
+        outcome = RunOutcome("stopped", "stopped")
+        ended = False
         try:
             self._publish_status("online")
-            self.manifest = self._wait_manifest()
+            manifest = self._wait_manifest(manifest_timeout_s)
+            if manifest is None:
+                outcome = RunOutcome("no-manifest", f"no manifest within {manifest_timeout_s or 0:.0f} s")
+                return outcome
+            self.manifest = manifest
             self._check_data(self.manifest)
             self._hello = Hello(
                 run=self.opts.run,
@@ -113,14 +170,31 @@ class EdgeClient:
                 item = self._next(1.0)
                 if item is not None:
                     self._handle(*item)
+        except _Stopped:
+            pass
         except RunEnded as end:
+            ended = True
             log.info("run %s ended: %s", self.opts.run, end)
+            outcome = RunOutcome("ended", str(end), end.at)
         finally:
+            if self._left and not ended:
+                outcome = RunOutcome("left", self._left)
+                log.info("left run %s: %s", self.opts.run, self._left)
+            if outcome.state != "stopped":
+                for topic in self._run_topics:
+                    link.unsubscribe(topic)
             self._publish_status("offline")
             time.sleep(0.2)
             link.close()
+        return outcome
 
     def stop(self) -> None:
+        """Leave at the next chance (a signal); callable from any thread."""
+        self._stop.set()
+
+    def leave(self, reason: str) -> None:
+        """Leave this run for good (e.g. its manifest was withdrawn); callable from any thread."""
+        self._left = reason
         self._stop.set()
 
     def _on_reconnect(self) -> None:
@@ -157,15 +231,29 @@ class EdgeClient:
             if match(message, body):
                 return message, body
             if isinstance(message, Control) and message.action == "end":
-                raise RunEnded(message.reason)
+                raise RunEnded(message.reason, message.sent_at)
             self._deferred.append((stream, message, body))
+        if self._stop.is_set():
+            raise _Stopped()
         raise TimeoutError(f"no {what} within {timeout:.0f} s")
 
-    def _wait_manifest(self) -> Manifest:
+    def _fresh_manifest(self, message: Message) -> bool:
+        if not isinstance(message, ManifestMessage):
+            return False
+        if message.sent_at < self.not_before:
+            log.info("ignored the manifest of an earlier run %s (sent before it ended)", self.opts.run)
+            return False
+        return True
+
+    def _wait_manifest(self, timeout_s: Optional[float] = None) -> Optional[Manifest]:
         log.info("waiting for the run's manifest on %s", self.topics.manifest)
+        give_up = None if timeout_s is None else time.monotonic() + timeout_s
         while not self._stop.is_set():
+            wait = 30.0 if give_up is None else min(30.0, give_up - time.monotonic())
+            if wait <= 0:
+                return None
             try:
-                _, body = self._wait_for("manifest", lambda m, b: isinstance(m, ManifestMessage), 30.0)
+                _, body = self._wait_for("manifest", lambda m, b: self._fresh_manifest(m), wait)
             except TimeoutError:
                 log.info("no manifest yet; is the coordinator of run %r up?", self.opts.run)
                 continue
@@ -173,7 +261,7 @@ class EdgeClient:
                 return parse_manifest(body.decode(), "the manifest from the broker")
             except (ArtifactError, UnicodeDecodeError) as exc:
                 log.warning("ignored a bad manifest: %s", exc)
-        raise RunEnded("stopped before the run's manifest arrived")
+        raise _Stopped()
 
     def _check_data(self, manifest: Manifest) -> None:
         self.data.check_for(manifest.input_shape, manifest.num_classes)
@@ -223,10 +311,12 @@ class EdgeClient:
     def _handle(self, stream: str, message: Message, body: bytes) -> None:
         if isinstance(message, Control):
             if message.action == "end":
-                raise RunEnded(message.reason or "the coordinator finished")
+                raise RunEnded(message.reason or "the coordinator finished", message.sent_at)
             self._announce()  # a (re)started coordinator asks who is there
             return
         if isinstance(message, ManifestMessage):
+            if not self._fresh_manifest(message):
+                return
             try:
                 self.manifest = parse_manifest(body.decode(), "the manifest from the broker")
             except (ArtifactError, UnicodeDecodeError) as exc:
@@ -273,7 +363,8 @@ class EdgeClient:
             backend.load(tensors, task.train)
             self._publish_status("training")
             budget = task.deadline_s - (time.monotonic() - received) - UPLOAD_MARGIN_S
-            metrics = train_local(backend, self.data, task.train, deadline_s=budget)
+            progress = ProgressLog(log.info, self.opts.progress_every_s, f"round {task.round}: ")
+            metrics = train_local(backend, self.data, task.train, deadline_s=budget, on_progress=progress)
         except DeadlineMissed as exc:
             self._decline(task, str(exc))
             return
@@ -291,7 +382,10 @@ class EdgeClient:
             num_samples=len(self.data),
             metrics=metrics,
         )
-        sent = self.link.publish(topic, update, pack_tensors(backend.tensors()))
+        tensors = backend.tensors()
+        sent = self.link.publish(topic, update, pack_tensors(tensors))
+        if self.opts.keep_latest:
+            self._keep_latest(manifest, sub, task, tensors, metrics)
         log.info(
             "round %d: uploaded %d KiB; loss %.3f -> %.3f, accuracy %.3f in %.1f s",
             task.round,
@@ -306,3 +400,12 @@ class EdgeClient:
         log.warning("round %d: declining task %s: %s", task.round, task.task_id, reason)
         decline = Decline(run=self.opts.run, node=self.opts.node, task_id=task.task_id, round=task.round, reason=reason)
         self.link.publish(self.topics.node(self.opts.node, "update"), decline)
+
+    def _keep_latest(
+        self, manifest: Manifest, sub: SubmodelEntry, task: Task, tensors: Dict[str, np.ndarray], metrics: Metrics
+    ) -> None:
+        try:
+            path = self.latest.save(self.opts.run, task.round, manifest, sub, tensors, metrics)
+            log.debug("kept the trained weights in %s", path)
+        except OSError as exc:
+            log.warning("could not keep the trained weights for local inference: %s", exc)

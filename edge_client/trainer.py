@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
 
 import numpy as np
+
 from nefl_edge.edge_client.data import Dataset
 from nefl_edge.edge_client.schemas import Metrics, ParamEntry, TrainConfig
 
@@ -162,11 +163,84 @@ class DeadlineMissed(RuntimeError):
     """Local training cannot finish before the task's deadline."""
 
 
+PACE_MIN_STEPS = 5
+"""Steps after the warm-up step that must be timed before the pace may decline a task ..."""
+PACE_MIN_SECONDS = 2.0
+"""... or this many seconds of them, whichever comes first (a slow device decides sooner in steps)."""
+PACE_TOLERANCE = 0.10
+"""Safety margin against declining a task the device would finish: the projection at the measured pace may
+exceed the training budget by this share before the device declines. The budget itself already keeps
+``UPLOAD_MARGIN_S`` for the upload, and a pace measured over >= 5 steps varies by a few percent."""
+
+
 @dataclass
 class Progress:
+    """Where local training stands after ``step`` of ``total`` steps."""
+
     step: int
     total: int
     loss: float
+    elapsed_s: float = 0.0
+    projected_s: Optional[float] = None
+    """Projected duration of the whole task at the measured pace (``None`` until the pace is measured)."""
+
+
+def measured_pace(step: int, elapsed_s: float, first_step_s: float) -> Optional[float]:
+    """Seconds per step after the warm-up step, or ``None`` while too few steps were timed (fewer than
+    ``PACE_MIN_STEPS`` and less than ``PACE_MIN_SECONDS`` of them). The first step is left out: it pays for
+    ONNX Runtime's lazy initialisation and memory allocation, and is often several times slower."""
+    timed = step - 1
+    timed_s = elapsed_s - first_step_s
+    if timed < 1 or (timed < PACE_MIN_STEPS and timed_s < PACE_MIN_SECONDS):
+        return None
+    return max(0.0, timed_s) / timed
+
+
+def projected_seconds(step: int, total: int, elapsed_s: float, first_step_s: float) -> Optional[float]:
+    """The whole task's projected duration: time so far plus the remaining steps at the measured pace."""
+    pace = measured_pace(step, elapsed_s, first_step_s)
+    return None if pace is None else elapsed_s + (total - step) * pace
+
+
+def pace_verdict(step: int, total: int, elapsed_s: float, first_step_s: float, budget_s: float) -> Optional[str]:
+    """Why the task cannot finish within ``budget_s`` seconds, or ``None`` while it still can.
+
+    Declines only on evidence: when the time already spent exceeds the budget (with ``PACE_TOLERANCE``), or
+    when the pace measured over the steps after the warm-up step projects a finish beyond it. Called after
+    every step, so that a pace that worsens later is still caught."""
+    if step >= total:
+        return None
+    limit = budget_s * (1.0 + PACE_TOLERANCE)
+    if elapsed_s > limit:
+        return f"after {step}/{total} steps {elapsed_s:.1f} s have passed; the deadline of {budget_s:.0f} s is missed"
+    projected = projected_seconds(step, total, elapsed_s, first_step_s)
+    if projected is None or projected <= limit:
+        return None
+    pace = (elapsed_s - first_step_s) / (step - 1)
+    return (
+        f"after {step}/{total} steps in {elapsed_s:.1f} s ({pace:.3f} s/step after the first step) the projected "
+        f"{projected:.0f} s exceed the deadline of {budget_s:.0f} s"
+    )
+
+
+class ProgressLog:
+    """Throttles progress lines through ``emit``: the first once the pace is measured, then one every
+    ``every_s`` seconds, and the last step."""
+
+    def __init__(self, emit: Callable[[str], None], every_s: float = 10.0, prefix: str = "") -> None:
+        self.emit, self.every_s, self.prefix = emit, every_s, prefix
+        self._last: Optional[float] = None
+
+    def __call__(self, p: Progress) -> None:
+        if self._last is None:
+            due = p.projected_s is not None or p.elapsed_s >= self.every_s
+        else:
+            due = p.elapsed_s - self._last >= self.every_s
+        if not due and p.step < p.total:
+            return
+        self._last = p.elapsed_s
+        projected = "" if p.projected_s is None else f", projected {p.projected_s:.0f} s"
+        self.emit(f"{self.prefix}step {p.step}/{p.total}, loss {p.loss:.3f}, {p.elapsed_s:.1f} s{projected}")
 
 
 def planned_steps(num_samples: int, cfg: TrainConfig) -> int:
@@ -202,8 +276,9 @@ def train_local(
     on_progress: Optional[Callable[[Progress], None]] = None,
 ) -> Metrics:
     """Run the task's epochs (shuffled with ``cfg.seed``; a last batch smaller than 2 is skipped, as
-    BatchNorm cannot train on one sample). Raises :class:`DeadlineMissed` as soon as the projected finish
-    time passes ``deadline_s`` seconds from the start, so that a late device says so instead of sending late.
+    BatchNorm cannot train on one sample). With ``deadline_s``, raises :class:`DeadlineMissed` as soon as
+    :func:`pace_verdict` says the task cannot finish within that many seconds from the start, so that a late
+    device says so instead of sending late. ``on_progress`` is called after every step.
     """
     total = planned_steps(len(data), cfg)
     if total == 0:
@@ -212,6 +287,7 @@ def train_local(
     losses: List[float] = []
     correct = seen = 0
     step = 0
+    first_step_s = 0.0
     for idx in local_batches(len(data), cfg):
         loss, hits = backend.step(data.x[idx], data.y[idx])
         if not np.isfinite(loss):
@@ -219,13 +295,14 @@ def train_local(
         losses.append(loss)
         correct, seen, step = correct + hits, seen + len(idx), step + 1
         elapsed = time.monotonic() - start
+        if step == 1:
+            first_step_s = elapsed
         if on_progress is not None:
-            on_progress(Progress(step, total, loss))
-        if deadline_s is not None and step < total and elapsed / step * total > deadline_s:
-            raise DeadlineMissed(
-                f"after {step}/{total} steps in {elapsed:.1f} s the projected {elapsed / step * total:.0f} s "
-                f"exceed the deadline of {deadline_s:.0f} s"
-            )
+            on_progress(Progress(step, total, loss, elapsed, projected_seconds(step, total, elapsed, first_step_s)))
+        if deadline_s is not None:
+            reason = pace_verdict(step, total, elapsed, first_step_s, deadline_s)
+            if reason is not None:
+                raise DeadlineMissed(reason)
     return Metrics(
         loss_first=losses[0],
         loss_last=float(np.mean(losses[-max(1, len(losses) // 10) :])),

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
 from nefl_edge.coordinator.models import SubmodelNet, initial_consistent
 from nefl_edge.coordinator.nested import extract, init_global_state
 from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec
@@ -29,7 +30,6 @@ from nefl_edge.edge_client.schemas import (
     Weights,
 )
 from nefl_edge.edge_client.wire import Topics, pack_tensors, sha256, unpack_tensors
-
 from tests.helpers import Broker, make_shards, spawn_edge, stop, wait_for
 
 pytestmark = pytest.mark.integration
@@ -38,10 +38,12 @@ pytestmark = pytest.mark.integration
 class StandIn:
     """Just enough coordinator to drive one device: publish manifest, artifacts, weights and tasks."""
 
-    def __init__(self, broker: Broker, artifacts: Path, chunk_size: int = 1 << 20) -> None:
-        self.topics = Topics("default")
+    def __init__(self, broker: Broker, artifacts: Path, chunk_size: int = 1 << 20, run: str = "default") -> None:
+        self.run = run
+        self.retained: set[str] = set()
+        self.topics = Topics(run)
         self.link = MqttLink(
-            "stand-in", BrokerAddress.parse(broker.address), "default", chunk_size=chunk_size, clean=True
+            f"stand-in-{run}", BrokerAddress.parse(broker.address), run, chunk_size=chunk_size, clean=True
         )
         for kind in ("hello", "update"):
             self.link.subscribe(self.topics.all_nodes(kind))
@@ -49,15 +51,21 @@ class StandIn:
         self.manifest = load_manifest(artifacts)
         for sub in self.manifest.submodels:
             for f in sub.files.values():
-                self.link.publish(
-                    self.topics.artifact(f.sha256),
-                    Artifact(run="default", name=f.name),
-                    (artifacts / f.name).read_bytes(),
-                    retain=True,
+                self.publish_retained(
+                    self.topics.artifact(f.sha256), Artifact(run=run, name=f.name), (artifacts / f.name).read_bytes()
                 )
-        self.link.publish(
-            self.topics.manifest, ManifestMessage(run="default"), self.manifest.to_json().encode(), retain=True
-        )
+        self.publish_retained(self.topics.manifest, ManifestMessage(run=run), self.manifest.to_json().encode())
+
+    def publish_retained(self, topic: str, message: Message, body: bytes) -> None:
+        self.retained.add(topic)
+        self.link.publish(topic, message, body, retain=True)
+
+    def end(self, reason: str = "test over") -> None:
+        """What the coordinator does at the end of a run: say ``end``, clear every retained message, leave."""
+        self.link.publish(self.topics.control, Control(run=self.run, action="end", reason=reason))
+        for topic in self.retained:
+            self.link.clear_retained(topic)
+        self.link.close()
 
     def expect(self, kind: type[Message], timeout: float = 60) -> tuple[Any, bytes]:
         deadline = time.monotonic() + timeout
@@ -80,11 +88,9 @@ class StandIn:
         deadline_s: float = 60,
     ) -> Task:
         body = pack_tensors(tensors)
-        self.link.publish(
-            self.topics.weights(submodel), Weights(run="default", round=rnd, submodel=submodel), body, retain=True
-        )
+        self.publish_retained(self.topics.weights(submodel), Weights(run=self.run, round=rnd, submodel=submodel), body)
         task = Task(
-            run="default",
+            run=self.run,
             node=node,
             task_id=f"t{rnd}",
             round=rnd,

@@ -1,0 +1,367 @@
+"""The long-lived device agent (``nefl-edge agent``): waits for the broker, serves run after run.
+
+- **Broker**: connection attempts with exponential backoff (1 s, 2 s, 4 s, ... capped at 60 s, each logged)
+  until the broker answers; forever unless ``broker_wait_s`` is set. Once connected, paho reconnects by itself
+  (1-30 s) and the device re-announces itself.
+- **Runs**: pinned to one run name (``--run``), the agent serves it, and after the run's ``control end`` waits
+  for the next run of that name (a manifest sent after the end). Without ``--run`` it follows announcements:
+  the coordinator's retained manifest lives on ``nefl/<run>/manifest/chunk/<i>``, so a subscription to
+  ``nefl/+/manifest/#`` sees every run that is open (a non-empty chunk 0) and every run that closes (the
+  coordinator clears its retained messages: an empty chunk 0). The agent serves one run at a time, the
+  earliest announced first, and leaves a run whose manifest is withdrawn without an ``end``.
+- After a run it unsubscribes (so its persistent session queues nothing), keeps the artifact cache and the
+  latest weights, and waits for the next run; ``once`` exits after one run instead (``nefl-edge join``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from nefl_edge.edge_client.client import ClientOptions, EdgeClient, RunOutcome
+from nefl_edge.edge_client.data import Dataset
+from nefl_edge.edge_client.mqtt import BrokerError
+from nefl_edge.edge_client.schemas import NAME_PATTERN
+
+log = logging.getLogger(__name__)
+
+DISCOVERY_TOPIC = "nefl/+/manifest/#"
+MAX_KNOWN_RUNS = 256
+
+
+class Backoff:
+    """Delays between connection attempts: ``initial_s``, doubling, capped at ``max_s``."""
+
+    def __init__(self, initial_s: float = 1.0, max_s: float = 60.0, factor: float = 2.0) -> None:
+        if initial_s <= 0 or max_s < initial_s or factor < 1:
+            raise ValueError("backoff needs 0 < initial_s <= max_s and factor >= 1")
+        self.initial_s, self.max_s, self.factor = initial_s, max_s, factor
+        self.attempt = 0
+
+    def next(self) -> float:
+        delay = min(self.max_s, self.initial_s * self.factor**self.attempt)
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def connect_with_backoff(
+    attempt: Callable[[float], None],
+    what: str,
+    stop: threading.Event,
+    backoff: Optional[Backoff] = None,
+    give_up_s: Optional[float] = None,
+    attempt_timeout_s: float = 5.0,
+) -> bool:
+    """Call ``attempt(timeout)`` until it does not raise ``BrokerError``; wait with ``backoff`` in between and
+    log each wait. Returns ``False`` if ``stop`` was set first; re-raises the last error after ``give_up_s``."""
+    backoff = backoff or Backoff()
+    started = time.monotonic()
+    while not stop.is_set():
+        timeout = attempt_timeout_s
+        if give_up_s is not None:
+            timeout = max(1.0, min(timeout, give_up_s - (time.monotonic() - started)))
+        try:
+            attempt(timeout)
+            if backoff.attempt:
+                log.info("reached %s after %d failed attempts", what, backoff.attempt)
+            return True
+        except BrokerError as exc:
+            waited = time.monotonic() - started
+            if give_up_s is not None and waited >= give_up_s:
+                raise
+            delay = backoff.next()
+            if give_up_s is not None:
+                delay = min(delay, max(0.0, give_up_s - waited))
+            log.warning("%s; attempt %d failed, retrying in %.0f s", exc, backoff.attempt, delay)
+            stop.wait(delay)
+    return False
+
+
+class RunDiscovery:
+    """Which runs are open, from the coordinators' retained manifests (``nefl/+/manifest/#``).
+
+    Only topics are read (a run is open while chunk 0 of its manifest is retained); the manifest itself is
+    validated by the run's own :class:`EdgeClient`, so a forged announcement costs a join attempt at most."""
+
+    def __init__(self, options: ClientOptions, client_id: str) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.opts = options
+        self._mqtt = mqtt
+        self._client_id = client_id
+        self._open: Dict[str, Tuple[float, float]] = {}  # run -> (first seen, last seen), monotonic
+        self._lock = threading.Lock()
+        self.changed = threading.Event()
+        self.on_withdrawn: Optional[Callable[[str], None]] = None
+        self.client: Any = None
+        self.connected = threading.Event()
+        self._refused: Optional[str] = None
+
+    def connect(self, timeout_s: float) -> None:
+        """One attempt (a fresh client each time); raises ``BrokerError``."""
+        mqtt = self._mqtt
+        self.close()
+        self.connected.clear()
+        self._refused = None
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self._client_id,
+            protocol=mqtt.MQTTv5 if self.opts.protocol == "5" else mqtt.MQTTv311,
+        )
+        self.opts.security.apply(client)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self.client = client
+        address = self.opts.broker
+        try:
+            client.connect_async(address.host, address.port, keepalive=30)
+        except (OSError, ValueError) as exc:
+            raise BrokerError(f"cannot connect to broker {address}: {exc}") from None
+        client.loop_start()
+        if not self.connected.wait(timeout_s) or self._refused:
+            client.loop_stop()
+            self.client = None
+            raise BrokerError(f"cannot connect to MQTT broker {address}: {self._refused or 'no answer'}")
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.disconnect()
+            self.client.loop_stop()
+            self.client = None
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            self._refused = f"broker refused the connection ({reason})"
+            self.connected.set()
+            client.disconnect()
+            return
+        client.subscribe(DISCOVERY_TOPIC, qos=1)
+        self.connected.set()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self.connected.clear()
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        try:
+            parts = msg.topic.split("/")
+            if len(parts) != 5 or parts[0] != "nefl" or parts[2:4] != ["manifest", "chunk"] or parts[4] != "0":
+                return
+            run = parts[1]
+            if not re.match(NAME_PATTERN, run):
+                return
+            withdrawn = False
+            with self._lock:
+                now = time.monotonic()
+                if msg.payload:
+                    if run in self._open:
+                        self._open[run] = (self._open[run][0], now)
+                    elif len(self._open) < MAX_KNOWN_RUNS:
+                        self._open[run] = (now, now)
+                        log.info("run %s is announced", run)
+                elif self._open.pop(run, None) is not None:
+                    withdrawn = True
+                    log.info("run %s is withdrawn (its manifest was cleared)", run)
+            self.changed.set()
+            if withdrawn and self.on_withdrawn is not None:
+                self.on_withdrawn(run)
+        except Exception:  # a callback must never die: paho would drop the connection
+            log.exception("discovery: bad message on %s ignored", getattr(msg, "topic", "?"))
+
+    def open_runs(self) -> List[Tuple[str, float]]:
+        """Open runs with the time (monotonic) their manifest was last seen, earliest announced first."""
+        with self._lock:
+            return [(r, self._open[r][1]) for r in sorted(self._open, key=lambda r: self._open[r][0])]
+
+    def wait_for_run(self, stop: threading.Event, skip: Callable[[str, float], bool]) -> Optional[str]:
+        """Block until an open run that ``skip(run, last_seen)`` does not exclude exists (``None`` if ``stop``
+        is set)."""
+        logged = False
+        while not stop.is_set():
+            self.changed.clear()
+            for run, seen in self.open_runs():
+                if not skip(run, seen):
+                    return run
+            if not logged:
+                log.info("waiting for a run to be announced on %s", DISCOVERY_TOPIC)
+                logged = True
+            self.changed.wait(1.0)
+        return None
+
+
+@dataclass
+class AgentOptions:
+    """How the agent lives: ``once`` exits after one run; ``broker_wait_s`` gives up on the broker after that
+    long (``None``: never); ``manifest_wait_s`` leaves a discovered run whose manifest does not arrive."""
+
+    once: bool = False
+    broker_wait_s: Optional[float] = None
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    manifest_wait_s: float = 60.0
+    attempt_timeout_s: float = 5.0
+
+
+class Agent:
+    """Serves runs until ``stop()``: pinned to ``options.run`` when ``pinned``, else any announced run."""
+
+    def __init__(self, options: ClientOptions, data: Dataset, agent: AgentOptions, pinned: bool = True) -> None:
+        self.opts, self.data, self.agent, self.pinned = options, data, agent, pinned
+        self._stop = threading.Event()
+        self._client: Optional[EdgeClient] = None
+        self._lock = threading.Lock()
+        self.outcomes: List[RunOutcome] = []
+        self.discovery: Optional[RunDiscovery] = None
+        # run -> sent_at of its last end (coordinator clock): manifests of that run sent earlier are stale
+        self._ended: Dict[str, float] = {}
+        # run -> when (monotonic) serving it ended or failed: an announcement seen before then is done with
+        self._done: Dict[str, float] = {}
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            if self._client is not None:
+                self._client.stop()
+
+    def _backoff(self) -> Backoff:
+        return Backoff(self.agent.backoff_initial_s, self.agent.backoff_max_s)
+
+    def run(self) -> int:
+        """Serve runs; return how many ended normally. Raises ``BrokerError`` only with ``broker_wait_s``."""
+        if not self.pinned:
+            self.discovery = RunDiscovery(self.opts, f"nefl-agent-{self.opts.node}")
+            self.discovery.on_withdrawn = self._withdrawn
+            if not connect_with_backoff(
+                self.discovery.connect,
+                f"broker {self.opts.broker}",
+                self._stop,
+                self._backoff(),
+                self.agent.broker_wait_s,
+                self.agent.attempt_timeout_s,
+            ):
+                return 0
+        try:
+            return self._serve_runs()
+        finally:
+            if self.discovery is not None:
+                self.discovery.close()
+
+    def _serve_runs(self) -> int:
+        served = 0
+        while not self._stop.is_set():
+            run = self.opts.run if self.pinned else self._next_run()
+            if run is None:
+                break
+            outcome = self._serve(run)
+            if outcome is None:
+                break
+            self.outcomes.append(outcome)
+            if outcome.state == "ended":
+                served += 1
+                self._ended[run] = outcome.ended_at
+            self._done[run] = time.monotonic()
+            if self.agent.once or outcome.state == "stopped":
+                break
+            log.info("served %d run(s); waiting for the next run", served)
+        return served
+
+    def _next_run(self) -> Optional[str]:
+        assert self.discovery is not None
+        return self.discovery.wait_for_run(self._stop, lambda run, seen: self._done.get(run, -1.0) >= seen)
+
+    def _withdrawn(self, run: str) -> None:
+        with self._lock:
+            client = self._client
+        if client is not None and client.opts.run == run:
+            client.leave("its manifest was withdrawn")
+
+    def _serve(self, run: str) -> Optional[RunOutcome]:
+        client = EdgeClient(replace(self.opts, run=run), self.data, not_before=self._ended.get(run, 0.0))
+        with self._lock:
+            if self._stop.is_set():
+                return None
+            self._client = client
+        try:
+            if not connect_with_backoff(
+                client.connect,
+                f"broker {self.opts.broker}",
+                self._stop,
+                self._backoff(),
+                self.agent.broker_wait_s,
+                self.agent.attempt_timeout_s,
+            ):
+                return None
+            log.info("serving run %s", run)
+            return client.serve(None if self.pinned else self.agent.manifest_wait_s)
+        finally:
+            with self._lock:
+                self._client = None
+
+
+# --- systemd -----------------------------------------------------------------------------------------------
+
+SERVICE_NAME = "nefl-edge.service"
+
+
+def systemd_unit(
+    exec_path: str,
+    broker: str,
+    data: Path,
+    user: str = "nefl-edge",
+    run: Optional[str] = None,
+    extra_args: Optional[List[str]] = None,
+    password_file: Optional[Path] = None,
+) -> str:
+    """A systemd unit for the agent: restarts always, runs as ``user`` with its own state and cache folders
+    (``/var/lib/nefl-edge``, ``/var/cache/nefl-edge``), no secrets inline: a broker password is handed over
+    as a systemd credential (``LoadCredential``) read from ``password_file``, readable by root only."""
+    args = [exec_path, "agent", "--broker", broker, "--data", str(data), "--cache", "/var/cache/nefl-edge"]
+    if run is not None:
+        args += ["--run", run]
+    if password_file is not None:
+        args += ["--password-file", "%d/broker-password"]
+    args += list(extra_args or [])
+    credential = f"LoadCredential=broker-password:{password_file}\n" if password_file is not None else ""
+    return f"""[Unit]
+Description=nefl-edge device agent (nested federated learning)
+Documentation=https://arxiv.org/abs/2308.07761
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=simple
+User={user}
+Group={user}
+ExecStart={" ".join(_quote(a) for a in args)}
+{credential}StateDirectory=nefl-edge
+CacheDirectory=nefl-edge
+WorkingDirectory=/var/lib/nefl-edge
+Environment=PYTHONUNBUFFERED=1
+Restart=always
+RestartSec=10
+KillSignal=SIGTERM
+TimeoutStopSec=30
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=read-only
+PrivateTmp=yes
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def _quote(arg: str) -> str:
+    """systemd's ExecStart quoting: double quotes around arguments with spaces, quotes or backslashes."""
+    if arg and not any(c in arg for c in " \"\\'\t"):
+        return arg
+    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'

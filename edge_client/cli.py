@@ -313,5 +313,54 @@ def profile(
     typer.echo(json.dumps(device_profile(kind, speed, probe).model_dump(), indent=1))
 
 
+StateDir = Annotated[
+    Optional[Path],
+    typer.Option(help="Identity folder (default $NEFL_STATE_DIR or ~/.local/state/nefl-edge)."),
+]
+
+
+@app.command()
+def identity(
+    state_dir: StateDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show this device's identity (made on first use): node id, public key for `nefl-coord add-device`, enrolment."""
+    from nefl_edge.edge_client.identity import IdentityError, open_identity
+
+    try:
+        info = open_identity(state_dir, lock=False).describe()
+    except (IdentityError, OSError) as exc:
+        fail(str(exc))
+        return
+    if as_json:
+        typer.echo(json.dumps(info, indent=1))
+        return
+    for key in ("node", "public_key", "fingerprint", "state_dir"):
+        typer.echo(f"{key:<12} {info[key]}")
+    if info["enrolled"]:
+        typer.echo(f"enrolled     yes: broker {info['broker']} as {info['username']}, TLS CA {info['tls_ca']}")
+        typer.echo(f"coordinator  {info['coordinator_fingerprint']}")
+    else:
+        typer.echo("enrolled     no: give the public key to `nefl-coord add-device`, then run `nefl-edge enrol BUNDLE`")
+
+
+@app.command()
+def enrol(
+    bundle: Annotated[Path, typer.Argument(help="The bundle file made by `nefl-coord add-device`.")],
+    state_dir: StateDir = None,
+) -> None:
+    """Install an enrolment bundle: broker account, coordinator public key, CA certificate."""
+    from nefl_edge.edge_client.identity import IdentityError, install_bundle
+
+    try:
+        with install_bundle(state_dir, bundle) as ident:
+            info = ident.describe()
+    except (IdentityError, OSError) as exc:
+        fail(str(exc))
+        return
+    typer.echo(f"enrolled as {info['node']} on broker {info['broker']} (state in {info['state_dir']}).")
+    typer.echo(f"The bundle {bundle} holds the broker password: delete it now that it is installed.")
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())

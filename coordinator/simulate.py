@@ -110,7 +110,7 @@ def simulate(
         )
     config = strategy.configure(config)
     plan = strategy.plan(config, gammas)
-    state = init_global_state(config, plan.specs, initial_consistent(config, seed), seed)
+    state = init_global_state(config, plan.specs, initial_consistent(config, cfg.seed), cfg.seed)
     local: LocalTrainer = strategy.local_train
     if trainer == "ort":
         if not strategy.device_trainable:

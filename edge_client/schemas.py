@@ -43,7 +43,7 @@ class SubmodelEntry(Strict):
     gamma: float
     mflops: float
     param_count: int
-    files: Dict[Literal["training", "eval", "optimizer", "checkpoint", "portable"], FileEntry]
+    files: Dict[Literal["training", "eval", "checkpoint", "portable"], FileEntry]
     params: List[ParamEntry]
 
     @property

@@ -26,12 +26,11 @@ from nefl_edge.edge_client.schemas import FileEntry, Manifest, ParamEntry, Submo
 from nefl_edge.edge_client.wire import pack_tensors
 from nefl_edge.export.portable import PORTABLE_FILE, build_portable_step
 
-EXPORT_VERSION = 3
+EXPORT_VERSION = 4
 OPSET = 17
 FILE_NAMES = {
     "training": "training_model.onnx",
     "eval": "eval_model.onnx",
-    "optimizer": "optimizer_model.onnx",
     "checkpoint": "checkpoint",
     "portable": PORTABLE_FILE,
 }
@@ -113,7 +112,7 @@ def _export_one(config: ModelConfig, spec: SubmodelSpec, folder: Path) -> None:
         )
     onnx_path.unlink()
     _fix_eval_batchnorm(folder / FILE_NAMES["eval"])
-    _fix_ir_version(folder / FILE_NAMES["optimizer"])
+    (folder / "optimizer_model.onnx").unlink()  # the device applies SGD itself (numpy or the portable graph)
     build_portable_step(
         folder / FILE_NAMES["training"], folder / PORTABLE_FILE, requires_grad, frozen, config.num_classes
     )
@@ -130,16 +129,6 @@ def _fix_eval_batchnorm(path: Path) -> None:
             if mode == 0:
                 del node.output[1:]
     onnx.save(model, str(path))
-
-
-def _fix_ir_version(path: Path) -> None:
-    """onnx >= 1.18 writes IR 11+, which ORT 1.19.2 refuses; 10 is what it reads."""
-    import onnx
-
-    model = onnx.load(str(path))
-    if model.ir_version > 10:
-        model.ir_version = 10
-        onnx.save(model, str(path))
 
 
 def _submodel_entry(config: ModelConfig, spec: SubmodelSpec, index: int, key: str, folder: Path) -> SubmodelEntry:

@@ -246,7 +246,7 @@ def build_portable_step(
     for p in frozen:
         shape = [d.dim_value for d in by_name[p].type.tensor_type.shape.dim]
         inputs.append(by_name[p])
-        b.op("Identity", [bn_outputs[p]], outputs=[f"{p}.new"])
+        b.op("Identity", [bn_outputs.get(p, p)], outputs=[f"{p}.new"])  # fixed steps stay as they are
         outputs.append(helper.make_tensor_value_info(f"{p}.new", TensorProto.FLOAT, shape))
 
     kept_inits = [i for i in graph.initializer if i.name not in {p for p in [*trainable, *frozen]}]

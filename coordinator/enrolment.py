@@ -49,7 +49,15 @@ from nefl_edge.edge_client.identity import (
     public_key_text,
     write_file_atomic,
 )
-from nefl_edge.edge_client.signing import KeyFileError, fingerprint, load_private_key, save_private_key, save_public_key
+from nefl_edge.edge_client.signing import (
+    KeyFileError,
+    Keyring,
+    Signer,
+    fingerprint,
+    load_private_key,
+    save_private_key,
+    save_public_key,
+)
 
 DEVICES_SCHEMA = "nefl.devices/1"
 RESERVED_NAMES = frozenset({COORDINATOR_KEY_ID, COORDINATOR_USER})
@@ -116,6 +124,16 @@ def list_devices(enrolment_dir: Path) -> Dict[str, Device]:
 def device_keyring(enrolment_dir: Path) -> Dict[str, Ed25519PublicKey]:
     """``{key_id: public key}`` of every enrolled device; a device's key id is its node id."""
     return {name: parse_public_key(d.public_key) for name, d in list_devices(enrolment_dir).items()}
+
+
+def coordinator_signer(enrolment_dir: Path) -> Signer:
+    """Signs the coordinator's messages (key id ``coordinator``, as the devices' bundles name it)."""
+    return Signer(coordinator_private_key(enrolment_dir), COORDINATOR_KEY_ID)
+
+
+def coordinator_keyring(enrolment_dir: Path) -> Keyring:
+    """The enrolled devices' keys, for verifying their hello, status and updates."""
+    return Keyring(device_keyring(enrolment_dir))
 
 
 def read_public_key(text_or_file: str) -> Ed25519PublicKey:

@@ -31,13 +31,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Dict, Optional, Union
 
+from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from nefl_edge.edge_client.errors import BadInput
 from nefl_edge.edge_client.signing import (
+    KEY_ID_PATTERN,
     KeyFileError,
+    Keyring,
+    Signer,
     fingerprint,
     load_private_key,
     public_key_bytes,
@@ -206,6 +210,15 @@ class Identity:
             "coordinator_fingerprint": fingerprint(enrolled.coordinator_public_key) if enrolled else None,
         }
 
+    def signer(self) -> Signer:
+        """Signs this device's messages with key id = its node id (as the coordinator's keyring has it)."""
+        return Signer(self.private_key, self.key_id)
+
+    def keyring(self) -> Keyring:
+        """The coordinator's key under its key id; empty before enrolment."""
+        e = self.enrolment
+        return Keyring({e.coordinator_key_id: e.coordinator_public_key} if e else {})
+
     def security(self) -> Any:
         """The :class:`~nefl_edge.edge_client.mqtt.Security` of the enrolled broker account (TLS with the
         enrolment's CA when it had one); an empty one before enrolment."""
@@ -355,19 +368,24 @@ def install_bundle(state_dir: Optional[Path], bundle_path: Path) -> Identity:
     identity = open_identity(state_dir, lock=True)
     try:
         node = _field(bundle, "node", NAME_PATTERN)
-        username = _field(bundle, "username")
-        password = _field(bundle, "password")
-        broker = _field(bundle, "broker")
+        username = _field(bundle, "username", NAME_PATTERN)
+        password = _field(bundle, "password", r"^[\x21-\x7e]{8,256}$")
+        broker = _field(bundle, "broker", r"^[A-Za-z0-9.:\[\]-]{1,260}$")
         coordinator = parse_public_key(_field(bundle, "coordinator_public_key"))
         key_id = bundle.get("coordinator_key_id", COORDINATOR_KEY_ID)
+        if not isinstance(key_id, str) or not KEY_ID_PATTERN.fullmatch(key_id):
+            raise IdentityError("the enrolment bundle has no valid 'coordinator_key_id'")
         if _field(bundle, "device_fingerprint") != identity.fingerprint:
             raise IdentityError(
                 f"this bundle was made for the key {bundle['device_fingerprint']}, but this device's key is "
                 f"{identity.fingerprint}; run `nefl-coord add-device` with this device's public key"
             )
         ca = bundle.get("ca_cert")
-        if ca is not None and (not isinstance(ca, str) or "BEGIN CERTIFICATE" not in ca):
-            raise IdentityError("the enrolment bundle's 'ca_cert' is not a PEM certificate")
+        if ca is not None:
+            try:
+                x509.load_pem_x509_certificate(ca.encode())
+            except (ValueError, TypeError, AttributeError):
+                raise IdentityError("the enrolment bundle's 'ca_cert' is not a PEM certificate") from None
         folder = identity.state_dir
         write_file_atomic(folder / "broker.password", password + "\n", 0o600)
         write_file_atomic(folder / "coordinator.pub", public_key_pem(coordinator), 0o644)
@@ -378,7 +396,7 @@ def install_bundle(state_dir: Optional[Path], bundle_path: Path) -> Identity:
             "node": node,
             "username": username,
             "broker": broker,
-            "coordinator_key_id": key_id if isinstance(key_id, str) else COORDINATOR_KEY_ID,
+            "coordinator_key_id": key_id,
             "tls": ca is not None,
             "enrolled_at": now_iso(),
         }

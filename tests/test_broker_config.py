@@ -221,6 +221,8 @@ def test_plain_listener_only_on_loopback_and_only_when_asked(tmp_path: Path) -> 
         assert line in without
     assert f"password_file {tmp_path.resolve() / 'passwd'}" in without
     assert re.search(r"^max_packet_size \d+$", without, re.M)
+    moved = config_text(BrokerOptions(tmp_path, install_dir=Path("/etc/mosquitto/nefl")))
+    assert "acl_file /etc/mosquitto/nefl/acl" in moved and "keyfile /etc/mosquitto/nefl/server.key" in moved
     global_section = without.split("\nlistener ", 1)[0]
     assert "use_username_as_clientid" not in global_section  # there it would open a default listener on 1883
 

@@ -22,7 +22,9 @@ from nefl_edge.coordinator.cli import app as coord_app
 from nefl_edge.coordinator.enrolment import (
     EnrolmentError,
     add_device,
+    coordinator_keyring,
     coordinator_private_key,
+    coordinator_signer,
     device_keyring,
     list_devices,
     read_public_key,
@@ -39,6 +41,7 @@ from nefl_edge.edge_client.identity import (
     public_key_pem,
     public_key_text,
 )
+from nefl_edge.edge_client.signing import SignatureError, Signer
 from tests.helpers import device_env
 
 runner = CliRunner()
@@ -269,3 +272,48 @@ def test_files_are_private_whatever_the_umask(tmp_path: Path, broker_dir: Path) 
         assert mode(tmp_path / "device" / path) == 0o600, path
     assert mode(bundle) == 0o600
     assert mode(broker_dir / "passwd") == 0o600
+
+
+def test_enrolled_keys_sign_and_verify_both_ways(tmp_path: Path, broker_dir: Path) -> None:
+    with open_identity(tmp_path / "device") as ident:
+        key = ident.public_key
+    bundle = add_device(tmp_path / "enrol", "pi", key, broker_dir).bundle
+    topic_up, topic_down = "nefl/r/node/pi/update", "nefl/r/node/pi/task"
+
+    with install_bundle(tmp_path / "device", bundle) as device:
+        up = device.signer().seal(topic_up, b"NEFL update")
+        down = coordinator_signer(tmp_path / "enrol").seal(topic_down, b"NEFL task")
+
+        assert coordinator_keyring(tmp_path / "enrol").verify(topic_up, up) == ("pi", b"NEFL update")
+        assert device.keyring().verify(topic_down, down) == ("coordinator", b"NEFL task")
+        with pytest.raises(SignatureError):
+            device.keyring().verify(topic_down, Signer.generate("coordinator").seal(topic_down, b"NEFL forged"))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("node", "../etc"),
+        ("password", "has space"),
+        ("broker", "host:1883\nevil"),
+        ("coordinator_public_key", "ed25519:AAAA"),
+        ("coordinator_key_id", "a/b"),
+        ("ca_cert", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+        ("schema", "other/1"),
+    ],
+)
+def test_a_malformed_bundle_is_refused_and_changes_nothing(
+    tmp_path: Path, broker_dir: Path, field: str, value: str
+) -> None:
+    with open_identity(tmp_path / "device") as ident:
+        key = ident.public_key
+    bundle = add_device(tmp_path / "enrol", "pi", key, broker_dir).bundle
+    data = bundle_of(bundle)
+    data[field] = value
+    bundle.write_text(json.dumps(data))
+
+    with pytest.raises(IdentityError):
+        install_bundle(tmp_path / "device", bundle)
+
+    assert not (tmp_path / "device" / "enrolment.json").exists()
+    assert not (tmp_path / "device" / "broker.password").exists()

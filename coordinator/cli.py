@@ -3,6 +3,8 @@ every run setting of ``serve`` and ``simulate`` is an option generated from ``Ru
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,6 +33,15 @@ Scaling = Annotated[str, typer.Option(help="Scaling: WD (width+depth), W (width)
 
 def main() -> None:
     run_app(app, "nefl-coord")
+
+
+def terminal_handler() -> Optional[logging.Handler]:
+    """rich's log handler on a terminal; plain timestamped lines otherwise (systemd, nohup, files)."""
+    if not sys.stderr.isatty():
+        return None
+    from rich.logging import RichHandler
+
+    return RichHandler(show_path=False, markup=False)
 
 
 @app.command()
@@ -87,6 +98,22 @@ def export(
         typer.echo(f"  submodel {sub.index} gamma {sub.gamma:.2f} width {sub.width:.3f}: {sizes}")
 
 
+@app.command("export-model")
+def export_model(
+    run_dir: Annotated[Path, typer.Option(help="A run directory (runs/<run>-<time>) with its checkpoint.")],
+    out: Annotated[Path, typer.Option(help="Output folder for <run>-submodel-<k>.onnx.")],
+    submodel: Annotated[
+        Optional[list[int]], typer.Option(help="Submodel index; repeat for several. Default: all.")
+    ] = None,
+) -> None:
+    """Write trained submodels of a run as plain ONNX inference models (image batch -> logits, eval-mode
+    BatchNorm, stock onnxruntime >= 1.17) with their gamma, round and accuracy in the metadata."""
+    from nefl_edge.export.inference import export_run
+
+    for path in export_run(run_dir, out, submodel or None):
+        typer.echo(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+
+
 @app.command()
 @config_options()
 def serve(
@@ -110,7 +137,7 @@ def serve(
     from nefl_edge.coordinator.run import ServeRun, coordinator_link
     from nefl_edge.edge_client.mqtt import Security
 
-    setup_logging(verbose, rich=True)
+    setup_logging(verbose, terminal_handler())
     overrides = overrides or {}
     if resume is not None and config is not None:
         fail("--config and --resume exclude each other: a resumed run keeps its own config.json")
@@ -252,7 +279,7 @@ def demo(
     from nefl_edge.coordinator.demo import DemoOptions, run_demo
     from nefl_edge.coordinator.specs import DEFAULT_GAMMAS
 
-    setup_logging(verbose, rich=True)
+    setup_logging(verbose, terminal_handler())
     options = DemoOptions(
         clients=clients,
         rounds=rounds,

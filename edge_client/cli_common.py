@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, NoReturn, Optional
+from typing import NoReturn, Optional
 
 import typer
 
@@ -54,18 +54,14 @@ def add_version_option(app: typer.Typer) -> None:
         pass
 
 
-def setup_logging(verbose: bool, rich: bool = False) -> None:
-    """INFO logs (DEBUG with ``--verbose``) with times; ``rich`` draws them for a terminal."""
-    handlers: list[Any] = []
-    if rich and sys.stderr.isatty():
-        from rich.logging import RichHandler
-
-        handlers.append(RichHandler(show_path=False, markup=False))
-        fmt = "%(message)s"
-    else:
-        handlers.append(logging.StreamHandler())
-        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+def setup_logging(verbose: bool, handler: Optional[logging.Handler] = None) -> None:
+    """INFO logs (DEBUG with ``--verbose``) with times on stderr, or through ``handler`` (the coordinator
+    passes rich's for a terminal)."""
+    fmt = "%(message)s" if handler is not None else "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format=fmt, datefmt="%H:%M:%S", handlers=handlers
+        level=logging.DEBUG if verbose else logging.INFO,
+        format=fmt,
+        datefmt="%H:%M:%S",
+        handlers=[handler or logging.StreamHandler()],
     )
     logging.getLogger("paho").setLevel(logging.WARNING)

@@ -134,6 +134,7 @@ class Receiver:
         self.keyring = keyring
         self.sender_of = sender_of
         self.rejections: Counter[str] = Counter()
+        self.last_rejection: Optional[Tuple[str, str]] = None  # (reason, text), for tests and debugging
         self.log_burst, self.log_window_s = log_burst, log_window_s
         self._windows: Dict[str, List[float]] = {}  # reason -> [window start, logged, suppressed]
 
@@ -181,6 +182,7 @@ class Receiver:
 
     def reject(self, topic: str, reason: str, text: str) -> None:
         self.rejections[reason] += 1
+        self.last_rejection = (reason, text)
         now = time.monotonic()
         window = self._windows.get(reason)
         if window is None or now - window[0] > self.log_window_s:

@@ -38,7 +38,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from nefl_edge.edge_client.wire import MAGIC_MESSAGE, ProtocolError, Topics, short
+from nefl_edge.edge_client.wire import ProtocolError, Topics, short
 
 MAGIC_SIGNED = b"NEFS"
 SIGNATURE_DOMAIN = b"nefl.sig/1"
@@ -126,9 +126,7 @@ def open_envelope(data: bytes) -> Tuple[str, bytes, bytes]:
 
 def strip_envelope(data: bytes) -> bytes:
     """The logical message inside ``data`` (unchanged when it is not signed), without verifying anything."""
-    if data[:4] == MAGIC_MESSAGE:
-        return data
-    return open_envelope(data)[2]
+    return open_envelope(data)[2] if data[:4] == MAGIC_SIGNED else data
 
 
 class Keyring:

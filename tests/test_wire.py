@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import json
+import stat
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
-from nefl_edge.edge_client.schemas import Hello, Task, TrainConfig, Update
+
+from nefl_edge.edge_client.mqtt import Receiver
+from nefl_edge.edge_client.schemas import Hello, Message, Task, TrainConfig, Update
+from nefl_edge.edge_client.signing import (
+    KeyFileError,
+    Keyring,
+    Signer,
+    fingerprint,
+    load_private_key,
+    load_public_key,
+    save_private_key,
+    save_public_key,
+    signers_by_topic,
+)
 from nefl_edge.edge_client.wire import (
+    MAGIC_FRAME,
+    MAGIC_MESSAGE,
     Assembler,
     ProtocolError,
     decode,
@@ -120,3 +137,388 @@ def test_every_kind_has_a_schema() -> None:
     )
     assert Hello.model_fields["kind"].default == "hello" and Update.model_fields["kind"].default == "update"
     assert sha256(b"") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+# --- hostile frames and headers ------------------------------------------------------------------------------
+
+MSG_ID = "0123456789abcdef0123456789abcdef"
+
+
+def raw_frame(header: bytes, chunk: bytes = b"") -> bytes:
+    return MAGIC_FRAME + struct.pack(">I", len(header)) + header + chunk
+
+
+def raw_message(header: bytes, body: bytes = b"") -> bytes:
+    return MAGIC_MESSAGE + struct.pack(">I", len(header)) + header + body
+
+
+def frame_header(data: bytes = b"", **changes: object) -> bytes:
+    header = {
+        "msg": MSG_ID,
+        "i": 0,
+        "n": 1,
+        "size": len(data),
+        "chunk": 1024,
+        "sha256": sha256(data),
+        "chunk_sha256": sha256(data),
+        **changes,
+    }
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+def task_header_text() -> str:
+    raw = encode(TASK.model_copy(update={"run": "r"}))
+    return raw[8 : 8 + struct.unpack(">I", raw[4:8])[0]].decode()
+
+
+# Payloads that killed paho's network thread before (uncaught OverflowError, RecursionError, ValueError),
+# each as one MQTT payload: (name, payload).
+KILLERS: list[tuple[str, bytes]] = [
+    ("frame header 1e999", raw_frame(frame_header().replace(b'"i":0', b'"i":1e999'))),
+    ("frame header NaN", raw_frame(frame_header().replace(b'"n":1', b'"n":NaN'))),
+    ("frame header nested", raw_frame(b"[" * 1000)),
+    ("frame header not UTF-8", raw_frame(b'{"msg":"\xff\xfe"}')),
+    ("message header nested", frames(raw_message(b"[" * 30000 + b"]" * 30000))[0]),
+    (
+        "message header huge int",
+        frames(raw_message(task_header_text().replace('"round":3', '"round":' + "7" * 5000).encode()))[0],
+    ),
+    (
+        "message header Infinity",
+        frames(raw_message(task_header_text().replace('"deadline_s":30.0', '"deadline_s":Infinity').encode()))[0],
+    ),
+    (
+        "message header 1e999",
+        frames(raw_message(task_header_text().replace('"deadline_s":30.0', '"deadline_s":1e999').encode()))[0],
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "payload"), KILLERS, ids=[k[0] for k in KILLERS])
+def test_known_killers_are_protocol_errors_with_a_reason(name: str, payload: bytes) -> None:
+    receiver = Receiver("r")
+
+    with pytest.raises(ProtocolError) as caught:
+        receiver.parse("nefl/r/node/n1/task", payload)
+
+    assert caught.value.reason in {"frame", "frame_header", "message"}, name
+    assert str(caught.value)
+
+
+def test_the_killer_payloads_still_reach_the_decoder() -> None:
+    """Guards the killer list: without the bad field each payload would be a valid message."""
+    header = task_header_text()
+
+    message, _ = decode(raw_message(header.encode()))
+
+    assert message.kind == "task" and '"round":3' in header and '"deadline_s":30.0' in header
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"i": True}, "field i is not an integer"),
+        ({"size": 0.0}, "field size is not an integer"),
+        ({"n": "1"}, "field n is not an integer"),
+        ({"msg": "x" * 32}, "field msg is malformed"),
+        ({"sha256": None}, "field sha256 is malformed"),
+        ({"extra": 1}, "exactly"),
+        ({"n": 2}, "does not fit"),
+        ({"i": -1}, "does not fit"),
+        ({"chunk": 10}, "chunk size 10 is out of bounds"),
+        ({"size": 1 << 40}, "out of bounds"),
+    ],
+)
+def test_frame_headers_are_checked_against_a_strict_schema(changes: dict[str, object], match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        Assembler().feed("t", raw_frame(frame_header(**changes)))
+
+
+def test_frame_header_with_a_repeated_key_is_rejected() -> None:
+    header = frame_header()[:-1] + b',"i":0}'
+
+    with pytest.raises(ProtocolError, match="repeats a key"):
+        Assembler().feed("t", raw_frame(header))
+
+
+def test_a_chunk_must_have_the_length_its_header_implies() -> None:
+    data = encode(TASK, b"q" * 3000)
+    first, *_, last = frames(data, 1024)
+    long_first = reframe(first + b"x", chunk_sha256=sha256(first[len(first) - 1024 :] + b"x"))
+    short_last = reframe(last[:-1], chunk_sha256=sha256(last[len(last) - (len(data) % 1024) : -1]))
+
+    with pytest.raises(ProtocolError, match="expected 1024"):
+        Assembler().feed("t", long_first)
+    with pytest.raises(ProtocolError, match=f"expected {len(data) % 1024}"):
+        Assembler().feed("t", short_last)
+
+
+def test_a_frame_on_the_topic_of_another_chunk_is_rejected() -> None:
+    parts = frames(encode(TASK, b"q" * 3000), 1024)
+
+    with pytest.raises(ProtocolError, match="topic of chunk 0"):
+        Assembler().feed("t", parts[1], index=0)
+
+
+# --- caps on partial messages ----------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def first_frames(count: int, size: int = 4096) -> list[bytes]:
+    """The first 1 KiB chunk of ``count`` distinct messages of ``size`` bytes: partials that never finish."""
+    return [frames(bytes([i % 256]) * size, 1024)[0] for i in range(count)]
+
+
+def test_partials_per_sender_are_capped_by_count_evicting_the_oldest() -> None:
+    assembler = Assembler(max_partials_per_sender=3, max_partials=10)
+
+    for frame in first_frames(5):
+        assembler.feed("nefl/r/node/a/update", frame)
+    assembler.feed("nefl/r/node/b/update", first_frames(1)[0])
+
+    assert assembler.held_by("nefl/r/node/a") == (3, 3 * 1024)
+    assert assembler.held_by("nefl/r/node/b") == (1, 1024)
+    assert assembler.evicted == {"sender_count": 2}
+
+
+def test_partials_per_sender_are_capped_by_bytes() -> None:
+    assembler = Assembler(max_bytes_per_sender=5000, max_bytes=100_000)
+
+    for frame in first_frames(7):
+        assembler.feed("nefl/r/node/a/hello", frame)
+
+    assert assembler.held_by("nefl/r/node/a") == (4, 4096)
+    assert assembler.evicted == {"sender_bytes": 3}
+
+
+def test_partials_in_total_are_capped_by_count_and_bytes() -> None:
+    by_count = Assembler(max_partials_per_sender=2, max_partials=4)
+    by_bytes = Assembler(max_bytes_per_sender=4096, max_bytes=6000)
+
+    for i, frame in enumerate(first_frames(6)):
+        by_count.feed(f"nefl/r/node/n{i}/update", frame)
+        by_bytes.feed(f"nefl/r/node/n{i}/update", frame)
+
+    assert (by_count.partials, by_count.evicted) == (4, {"total_count": 2})
+    assert (by_bytes.partials, by_bytes.held_bytes, by_bytes.evicted) == (5, 5 * 1024, {"total_bytes": 1})
+
+
+def test_a_message_larger_than_the_per_sender_cap_is_refused_at_once() -> None:
+    assembler = Assembler(max_bytes_per_sender=4096, max_bytes=8192)
+
+    with pytest.raises(ProtocolError, match="at most 4096") as caught:
+        assembler.feed("t", first_frames(1, size=5000)[0])
+    assert caught.value.reason == "too_large" and assembler.partials == 0
+
+
+def test_a_message_still_completes_under_the_caps_and_accounting_returns_to_zero() -> None:
+    clock = Clock()
+    assembler = Assembler(timeout_s=10, max_partials_per_sender=2, max_bytes_per_sender=8192, clock=clock)
+    data = encode(TASK, b"w" * 5000)
+    parts = frames(data, 1024)
+    for frame in first_frames(3):
+        assembler.feed("t", frame)
+
+    got = [assembler.feed("t", p) for p in parts]
+    clock.now = 11
+    assembler.expire()
+
+    assert got[-1] == data
+    assert (assembler.partials, assembler.held_bytes) == (0, 0)
+    assert assembler.evicted == {"sender_count": 2, "expired": 1}
+
+
+def test_frames_that_change_the_chunking_midway_are_rejected_and_forgotten() -> None:
+    data = encode(TASK, b"x" * 4000)
+    parts = frames(data, 1024)
+    assembler = Assembler()
+    assembler.feed("t", parts[0])
+
+    with pytest.raises(ProtocolError, match="disagree"):
+        assembler.feed("t", reframe(parts[1], size=len(data) + 1))
+    assert (assembler.partials, assembler.held_bytes) == (0, 0)
+
+
+# --- tensors ---------------------------------------------------------------------------------------------------
+
+
+def safetensors_blob(header: dict[str, object], data: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "match"),
+    [
+        ({"w": {"dtype": "F32", "shape": [10**12, 10**12], "data_offsets": [0, 8]}}, b"\0" * 8, "does not match"),
+        ({"w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, "unsupported dtype"),
+        ({"w": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4, "invalid shape"),
+        ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "invalid shape"),
+        ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "does not start"),
+        ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, "cover 4 of the 8"),
+        ({"w": {"dtype": "F32", "shape": [1]}}, b"\0" * 4, "lacks"),
+        ({"__metadata__": {"a": 1}}, b"", "__metadata__"),
+    ],
+)
+def test_lying_safetensors_headers_are_rejected(header: dict[str, object], data: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        unpack_tensors(safetensors_blob(header, data))
+
+
+def test_unpack_reads_what_safetensors_writes() -> None:
+    from safetensors.numpy import save
+
+    tensors = {
+        "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "b": np.zeros((0, 4), np.float16),
+        "c": np.ones(3, np.int64),
+    }
+
+    got = unpack_tensors(save(tensors, metadata={"k": "v"}))
+
+    assert {k: (v.dtype, v.shape) for k, v in got.items()} == {k: (v.dtype, v.shape) for k, v in tensors.items()}
+    np.testing.assert_array_equal(got["a"], tensors["a"])
+
+
+# --- the receiver ------------------------------------------------------------------------------------------------
+
+
+def test_receiver_checks_run_topic_kind_and_node() -> None:
+    receiver = Receiver("r1")
+    task = frames(encode(TASK))[0]
+
+    assert receiver.receive("nefl/r1/node/n1/task", task) is not None
+    assert receiver.receive("nefl/r1/node/n2/task", task) is None
+    assert receiver.receive("nefl/r1/node/n1/update", task) is None
+    assert Receiver("other").receive("nefl/r1/node/n1/task", task) is None
+    assert receiver.rejections == {"wrong_topic": 2}
+
+
+def test_receiver_counts_and_survives_an_unexpected_exception() -> None:
+    class Broken(Assembler):
+        def feed(self, stream: str, payload: bytes, index: object = None) -> bytes:
+            raise RuntimeError("a bug")
+
+    receiver = Receiver("r1", Broken())
+
+    assert receiver.receive("nefl/r1/control", b"x") is None
+    assert receiver.rejections == {"internal:RuntimeError": 1}
+
+
+def test_receiver_takes_retained_chunks_and_ignores_cleared_ones() -> None:
+    receiver = Receiver("r1")
+    parts = frames(encode(TASK, b"z" * 3000), 1024)
+
+    got = [receiver.receive(f"nefl/r1/node/n1/task/chunk/{i}", p) for i, p in enumerate(parts)]
+
+    assert receiver.receive("nefl/r1/node/n1/task/chunk/0", b"") is None
+    assert got[-1] is not None and got[-1][0] == "nefl/r1/node/n1/task" and got[-1][2] == b"z" * 3000
+    assert not receiver.rejections
+
+
+# --- signatures --------------------------------------------------------------------------------------------------
+
+COORD, DEVICE, OTHER = Signer.generate("coord"), Signer.generate("n1"), Signer.generate("n2")
+KEYRING = Keyring({s.key_id: s.public_key for s in (COORD, DEVICE, OTHER)})
+HELLO_TOPIC, TASK_TOPIC = "nefl/r1/node/n1/update", "nefl/r1/node/n1/task"
+UPDATE = Update(
+    run="r1",
+    node="n1",
+    task_id="t1",
+    round=3,
+    submodel=1,
+    num_samples=10,
+    metrics={"loss_first": 1.0, "loss_last": 0.5, "accuracy": 0.5, "steps": 1, "seconds": 1.0},
+)
+
+
+def signed_receiver() -> Receiver:
+    return Receiver("r1", keyring=KEYRING, sender_of=signers_by_topic("coord"))
+
+
+def sealed(signer: Signer, topic: str, message: Message, body: bytes = b"") -> bytes:
+    return signer.seal(topic, encode(message, body))
+
+
+def test_signed_messages_verify_both_ways() -> None:
+    receiver = signed_receiver()
+
+    update = receiver.receive(HELLO_TOPIC, frames(sealed(DEVICE, HELLO_TOPIC, UPDATE, b"body"))[0])
+    task = receiver.receive(TASK_TOPIC, frames(sealed(COORD, TASK_TOPIC, TASK))[0])
+
+    assert update is not None and update[1] == UPDATE.model_copy(update={"sent_at": update[1].sent_at})
+    assert update[2] == b"body"
+    assert task is not None and task[1].kind == "task"
+    assert not receiver.rejections
+
+
+def flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :]
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda: flip(sealed(DEVICE, HELLO_TOPIC, UPDATE, b"body"), -1), "bad_signature"),
+        (lambda: flip(sealed(DEVICE, HELLO_TOPIC, UPDATE, b"body"), 5 + 2 + 64 + 20), "bad_signature"),
+        (lambda: sealed(Signer.generate("n1"), HELLO_TOPIC, UPDATE), "bad_signature"),
+        (lambda: sealed(DEVICE, "nefl/r1/node/n1/hello", UPDATE), "bad_signature"),
+        (lambda: sealed(Signer.generate("stranger"), HELLO_TOPIC, UPDATE), "unknown_key"),
+        (lambda: encode(UPDATE), "unsigned"),
+        (lambda: sealed(OTHER, HELLO_TOPIC, UPDATE), "wrong_signer"),
+        (lambda: sealed(DEVICE, HELLO_TOPIC, UPDATE)[:60], "envelope"),
+    ],
+    ids=["body", "header", "wrong-key", "other-topic", "unknown-key", "unsigned", "other-node", "truncated"],
+)
+def test_badly_signed_messages_are_rejected(make, reason: str) -> None:  # type: ignore[no-untyped-def]
+    receiver = signed_receiver()
+
+    assert receiver.receive(HELLO_TOPIC, frames(make())[0]) is None
+    assert receiver.rejections == {reason: 1}
+
+
+def test_a_device_key_cannot_sign_coordinator_topics() -> None:
+    receiver = signed_receiver()
+
+    assert receiver.receive(TASK_TOPIC, frames(sealed(DEVICE, TASK_TOPIC, TASK))[0]) is None
+    assert receiver.receive("nefl/r1/other", frames(sealed(COORD, "nefl/r1/other", TASK))[0]) is None
+    assert receiver.rejections == {"wrong_signer": 2}
+
+
+def test_without_a_keyring_signed_and_unsigned_messages_are_accepted() -> None:
+    receiver = Receiver("r1")
+
+    assert receiver.receive(HELLO_TOPIC, frames(sealed(DEVICE, HELLO_TOPIC, UPDATE))[0]) is not None
+    assert receiver.receive(HELLO_TOPIC, frames(encode(UPDATE))[0]) is not None
+
+
+def test_key_files_round_trip_with_owner_only_private_keys(tmp_path: Path) -> None:
+    signer = Signer.generate("n1")
+    save_private_key(tmp_path / "pem", signer.private_key)
+    save_private_key(tmp_path / "raw", signer.private_key, raw=True)
+    save_public_key(tmp_path / "pub", signer.public_key)
+    ring = Keyring({"n1": signer.public_key})
+    ring.save(tmp_path / "ring.json")
+
+    loaded = [load_private_key(tmp_path / name) for name in ("pem", "raw")]
+
+    assert {stat.S_IMODE((tmp_path / n).stat().st_mode) for n in ("pem", "raw")} == {0o600}
+    assert {fingerprint(k.public_key()) for k in loaded} == {fingerprint(signer.public_key)}
+    assert fingerprint(load_public_key(tmp_path / "pub")) == fingerprint(signer.public_key)
+    assert Keyring.load(tmp_path / "ring.json").verify("t", signer.seal("t", b"NEFLx"))[0] == "n1"
+
+
+def test_a_private_key_that_others_can_read_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    save_private_key(path, Signer.generate("n1").private_key)
+    path.chmod(0o644)
+
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        load_private_key(path)

@@ -8,6 +8,7 @@ import time
 from typing import Optional, Tuple
 
 import numpy as np
+
 from nefl_edge.edge_client.schemas import DeviceProfile
 from nefl_edge.edge_client.trainer import TrainerBackend
 

@@ -28,6 +28,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from nefl_edge.edge_client.errors import BadInput, ExitCode, NeflError
 from nefl_edge.edge_client.schemas import Message
 from nefl_edge.edge_client.signing import Keyring, SignatureError, Signer, strip_envelope
 from nefl_edge.edge_client.wire import (
@@ -49,8 +50,10 @@ CHUNK_TOPIC = re.compile(r"(.+)/chunk/(\d{1,9})")
 Inbound = Tuple[str, Message, bytes]
 
 
-class BrokerError(ConnectionError):
+class BrokerError(NeflError, ConnectionError):
     """The broker cannot be reached or refused us; the message says what to check."""
+
+    exit_code = ExitCode.BROKER
 
 
 @dataclass(frozen=True)
@@ -64,9 +67,9 @@ class BrokerAddress:
         if not sep:
             host, port = text, str(default_port)
         if not host:
-            raise ValueError(f"broker address {text!r} has no host; use HOST or HOST:PORT")
+            raise BadInput(f"broker address {text!r} has no host; use HOST or HOST:PORT")
         if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"broker port in {text!r} must be a number in 1..65535")
+            raise BadInput(f"broker port in {text!r} must be a number in 1..65535")
         return cls(host, int(port))
 
     def __str__(self) -> str:

@@ -42,6 +42,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 from pydantic import ValidationError
 
+from nefl_edge.edge_client.errors import NeflError
 from nefl_edge.edge_client.schemas import MESSAGE_TYPES, WIRE_SCHEMA, Message
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ _MSG_ID = re.compile(r"[0-9a-f]{32}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class ProtocolError(ValueError):
+class ProtocolError(NeflError, ValueError):
     """A payload from the network that does not follow the wire protocol.
 
     ``reason`` is a short code for counters and metrics (``frame``, ``frame_header``, ``chunk``,

@@ -18,7 +18,6 @@ import queue
 import re
 import ssl
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from nefl_edge.edge_client.wire import (
     DEFAULT_CHUNK_SIZE,
     MESSAGE_KINDS_BY_TOPIC,
     Assembler,
+    LogLimiter,
     ProtocolError,
     Topics,
     decode,
@@ -138,8 +138,7 @@ class Receiver:
         self.sender_of = sender_of
         self.rejections: Counter[str] = Counter()
         self.last_rejection: Optional[Tuple[str, str]] = None  # (reason, text), for tests and debugging
-        self.log_burst, self.log_window_s = log_burst, log_window_s
-        self._windows: Dict[str, List[float]] = {}  # reason -> [window start, logged, suppressed]
+        self._log = LogLimiter(log, log_burst, log_window_s)
 
     def parse(self, topic: str, payload: bytes) -> Optional[Inbound]:
         """The message that ``payload`` on ``topic`` completes, or ``None`` (a chunk of a longer message, or
@@ -186,17 +185,7 @@ class Receiver:
     def reject(self, topic: str, reason: str, text: str) -> None:
         self.rejections[reason] += 1
         self.last_rejection = (reason, text)
-        now = time.monotonic()
-        window = self._windows.get(reason)
-        if window is None or now - window[0] > self.log_window_s:
-            if window is not None and window[2]:
-                log.warning("%d more rejections (%s) were not logged", window[2], reason)
-            window = self._windows[reason] = [now, 0, 0]
-        if window[1] < self.log_burst:
-            window[1] += 1
-            log.warning("rejected payload on %s (%s): %s", short(topic, 200), reason, text)
-        else:
-            window[2] += 1
+        self._log.warning(reason, "rejected payload on %s (%s): %s", short(topic, 200), reason, text)
 
 
 class MqttLink:

@@ -83,6 +83,28 @@ class ProtocolError(NeflError, ValueError):
         self.reason = reason
 
 
+class LogLimiter:
+    """Logs at most ``burst`` warnings per key in each ``window_s``, then one line with how many it held back,
+    so that a flood of hostile payloads cannot flood the log."""
+
+    def __init__(self, logger: logging.Logger, burst: int = 5, window_s: float = 60.0) -> None:
+        self.logger, self.burst, self.window_s = logger, burst, window_s
+        self._windows: Dict[str, List[float]] = {}  # key -> [window start, logged, held back]
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        window = self._windows.get(key)
+        if window is None or now - window[0] > self.window_s:
+            if window is not None and window[2]:
+                self.logger.warning("%d more warnings like this (%s) were not logged", window[2], key)
+            window = self._windows[key] = [now, 0, 0]
+        if window[1] < self.burst:
+            window[1] += 1
+            self.logger.warning(msg, *args)
+        else:
+            window[2] += 1
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -467,6 +489,7 @@ class Assembler:
         self._senders: Dict[str, List[int]] = {}  # sender -> [partials, bytes]
         self.held_bytes = 0
         self.evicted: Counter[str] = Counter()
+        self._log = LogLimiter(log)
 
     @property
     def dropped(self) -> int:
@@ -566,7 +589,8 @@ class Assembler:
         self.held_bytes -= part.held
         if cause:
             self.evicted[cause] += 1
-            log.warning(
+            self._log.warning(
+                cause,
                 "dropped incomplete message %s on %s (%s): %d of %d chunks, %d bytes held",
                 key[1][:8],
                 short(key[0], 120),

@@ -522,3 +522,14 @@ def test_a_private_key_that_others_can_read_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(KeyFileError, match="chmod 600"):
         load_private_key(path)
+
+
+def test_a_flood_of_bad_payloads_is_counted_in_full_but_logged_a_few_times(caplog: pytest.LogCaptureFixture) -> None:
+    receiver = Receiver("r1")
+
+    with caplog.at_level("WARNING"):
+        for _ in range(100):
+            receiver.receive("nefl/r1/control", b"garbage")
+
+    assert receiver.rejections == {"frame": 100}
+    assert len(caplog.records) == 5 and "bad magic" in caplog.records[0].getMessage()

@@ -75,8 +75,11 @@ class RunConfig(BaseModel):
 
     @field_validator("method", mode="before")
     @classmethod
-    def _old_method_names(cls, value: Any) -> Any:
-        return OLD_METHOD_NAMES.get(value, value) if isinstance(value, str) else value
+    def _method_name(cls, value: Any) -> Any:
+        value = OLD_METHOD_NAMES.get(value, value) if isinstance(value, str) else value
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; choose one of: {', '.join(METHODS)}")
+        return value
 
     @field_validator("gammas", mode="before")
     @classmethod

@@ -241,5 +241,5 @@ STRATEGIES: dict[str, Strategy] = {
 
 def get_strategy(name: str) -> Strategy:
     if name not in STRATEGIES:
-        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(STRATEGIES)}")
+        raise SpecError(f"unknown method {name!r}; choose one of: {', '.join(STRATEGIES)}")
     return STRATEGIES[name]

@@ -526,8 +526,7 @@ class Assembler:
             head.size,
             head.chunk,
             head.sha256,
-        ):
-            self._drop(key, "")
+        ):  # the frame is refused, the partial kept: whoever sees a message id must not be able to cancel it
             raise ProtocolError(f"frames of message {head.msg[:8]} disagree on its size, chunking or hash", "chunk")
         if head.i in part.chunks:
             return None

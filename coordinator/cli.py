@@ -128,6 +128,10 @@ def serve(
     username: Annotated[Optional[str], typer.Option(help="Broker user name.")] = None,
     password_file: Annotated[Optional[Path], typer.Option(help="File holding the broker password.")] = None,
     mqtt_version: Annotated[str, typer.Option(help="MQTT protocol version: 3.1.1 or 5.")] = "3.1.1",
+    enrolment_dir: Annotated[
+        Optional[Path],
+        typer.Option(help="Enrolment folder (add-device): sign every message, accept only enrolled devices."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     overrides: Optional[dict[str, Any]] = None,
 ) -> None:
@@ -143,7 +147,7 @@ def serve(
         fail("--config and --resume exclude each other: a resumed run keeps its own config.json")
     cfg = resume_config(resume, overrides) if resume is not None else load_config(config, overrides)
     security = Security(tls_ca, tls_cert, tls_key, False, username, password_file)
-    link = coordinator_link(cfg, broker, security, mqtt_version)
+    link = coordinator_link(cfg, broker, security, mqtt_version, enrolment_dir)
     run = ServeRun(cfg, resume, resume=resume is not None)
     run.prepare()
     serve_with_progress(run, link)

@@ -168,10 +168,34 @@ class ServeRun:
                 signal.signal(s, handler)
 
 
-def coordinator_link(cfg: RunConfig, broker: str, security: Security, mqtt_version: str = "3.1.1") -> MqttLink:
-    """The coordinator's MQTT link for a run (a fresh session: a coordinator never resumes an old one)."""
+def coordinator_link(
+    cfg: RunConfig,
+    broker: str,
+    security: Security,
+    mqtt_version: str = "3.1.1",
+    enrolment_dir: Optional[Path] = None,
+) -> MqttLink:
+    """The coordinator's MQTT link for a run (a fresh session: a coordinator never resumes an old one).
+
+    With ``enrolment_dir`` every message it publishes is signed with the coordinator's key and every message
+    it takes in must be signed by the enrolled device whose node topic it arrives on; without one, nothing
+    is authenticated, which is said once, loudly."""
     if mqtt_version not in ("3.1.1", "5"):
         raise BadInput(f"--mqtt-version must be 3.1.1 or 5, got {mqtt_version!r}")
+    signer = keyring = sender_of = None
+    if enrolment_dir is not None:
+        from nefl_edge.coordinator.enrolment import COORDINATOR_KEY_ID, coordinator_keyring, coordinator_signer
+        from nefl_edge.edge_client.signing import signers_by_topic
+
+        signer, keyring = coordinator_signer(enrolment_dir), coordinator_keyring(enrolment_dir)
+        sender_of = signers_by_topic(COORDINATOR_KEY_ID)
+        log.info("signed run: %d enrolled devices in %s", len(keyring), enrolment_dir)
+    else:
+        log.warning(
+            "UNAUTHENTICATED RUN: no --enrolment-dir, so messages are neither signed nor verified; anyone who "
+            "can publish on this broker can act as a device or as the coordinator. Use it on loopback only "
+            "(see 'Deploying to real devices' in the README)."
+        )
     return MqttLink(
         f"nefl-coord-{cfg.run}-{uuid.uuid4().hex[:6]}",
         BrokerAddress.parse(broker, 8883 if security.tls_ca else 1883),
@@ -180,4 +204,7 @@ def coordinator_link(cfg: RunConfig, broker: str, security: Security, mqtt_versi
         protocol="5" if mqtt_version == "5" else "3.1.1",
         chunk_size=cfg.chunk_size,
         clean=True,
+        signer=signer,
+        keyring=keyring,
+        sender_of=sender_of,
     )

@@ -10,7 +10,7 @@ from typing import Dict, List, Literal, Optional, Tuple
 from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST_SCHEMA = "nefl.manifest/1"
-WIRE_SCHEMA = "nefl.wire/1"
+WIRE_SCHEMA = "nefl.wire/2"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
@@ -98,7 +98,7 @@ class DeviceProfile(Strict):
 
 
 class Message(Strict):
-    schema_: Literal["nefl.wire/1"] = Field("nefl.wire/1", alias="schema")
+    schema_: Literal["nefl.wire/2"] = Field("nefl.wire/2", alias="schema")
     run: str = Field(pattern=NAME_PATTERN)
     sent_at: float = 0.0
 

@@ -7,10 +7,11 @@ Topology (one fleet)::
        |-- veth nh<tag>h<i> (tbf: download rate) ==== eth0 in netns nefl-hil-<pid>-<node> (tbf: upload rate)
                                                        `-- nefl-edge join ... (cgroup nefl-hil-<pid>/<node>)
 
-Rate limits are ``tc qdisc ... tbf rate R burst B latency L`` on both ends of each veth. tbf's ``latency``
-bounds the queueing delay (it sizes the queue); it adds no propagation delay (netem is not available), so
-round-trip latency is not emulated. CPU quotas use the cgroup v1 ``cpu`` controller
-(``cpu.cfs_quota_us``/``cpu.cfs_period_us``) or cgroup v2 ``cpu.max``, whichever is mounted.
+Rate limits are ``tc qdisc ... tbf rate R burst B limit L`` on both ends of each veth; the queue limit is the
+class's ``queue_ms`` of traffic (what tbf's ``latency`` option would set: a bound on queueing delay). tbf adds
+no propagation delay (netem is not available here), so round-trip latency is not emulated. CPU quotas use the
+cgroup v1 ``cpu`` controller (``cpu.cfs_quota_us``/``cpu.cfs_period_us``) or cgroup v2 ``cpu.max``, whichever
+is mounted.
 
 Everything created is named after the owning process id (netns ``nefl-hil-<pid>-*``, cgroups
 ``nefl-hil-<pid>``, links ``nh<pid as 6 hex digits>*``) and removed by ``Fleet.close`` (also from ``atexit``);
@@ -35,10 +36,11 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+import tomllib
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -134,7 +136,9 @@ def load_fleet(path: Path | str, classes: Optional[dict[str, DeviceClass]] = Non
         if g["class"] not in classes:
             raise ValueError(f"{path}: unknown device class {g['class']!r}; known: {sorted(classes)}")
         groups.append(
-            Group(classes[g["class"]], int(g.get("count", 1)), int(g.get("samples", default_samples)), g.get("rate_mbit"))
+            Group(
+                classes[g["class"]], int(g.get("count", 1)), int(g.get("samples", default_samples)), g.get("rate_mbit")
+            )
         )
     return FleetSpec(
         name=str(data.get("name", path.stem)),
@@ -176,9 +180,13 @@ def tag_of(pid: int) -> str:
 
 
 def tbf(rate_mbit: float, queue_ms: float) -> list[str]:
-    """tbf arguments: the bucket holds 4 ms of traffic but at least a few full-size frames."""
-    burst = max(8192, int(rate_mbit * 1e6 / 8 * 0.004))
-    return ["tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", f"{queue_ms}ms"]
+    """tbf arguments: the bucket holds 4 ms of traffic but at least a few full-size frames; the queue holds
+    ``queue_ms`` of traffic but at least 64 KiB (a shallower queue at a low rate drops so much that TCP stalls;
+    Wi-Fi drivers buffer deeply)."""
+    rate = rate_mbit * 1e6 / 8
+    burst = max(8192, int(rate * 0.004))
+    limit = max(64 * 1024, int(rate * queue_ms / 1000))
+    return ["tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst), "limit", str(limit)]
 
 
 @dataclass(frozen=True)
@@ -421,6 +429,7 @@ class Fleet:
 
     def _shards(self) -> None:
         import numpy as np
+
         from nefl_edge.coordinator.partition import make_partitioner
         from nefl_edge.edge_client.data import load_dataset
 
@@ -526,11 +535,7 @@ class Fleet:
     def spawn_coordinator(self, *args: str, command: str = "serve") -> subprocess.Popen[bytes]:
         """``nefl-coord <command> --broker 127.0.0.1:P --runs-dir <workdir>/runs ARGS`` in the root namespace,
         unlimited, logging to ``<workdir>/coordinator.log``."""
-        argv = [sys.executable, "-m", "nefl_edge.coordinator", command, "--broker", self.local_broker]
-        argv += ["--runs-dir", str(self.workdir / "runs"), *args]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="160")
-        with (self.workdir / "coordinator.log").open("ab") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = start_coordinator(self.workdir, self.local_broker, *args, command=command)
         self._adopt(proc)
         self.others.append(proc)
         return proc
@@ -552,13 +557,16 @@ class Fleet:
         in_ns(d.netns, "ip", "link", "set", "eth0", "up")
         sh("ip", "link", "set", d.veth, "up")
 
-    def set_rate(self, node: str, rate_mbit: float) -> None:
-        """Change the device's link rate (both directions) while it runs."""
+    def set_rate(self, node: str, rate_mbit: Optional[float] = None, *, up: Optional[float] = None,
+                 down: Optional[float] = None) -> None:  # fmt: skip
+        """Change the device's link rate in Mbit/s while it runs: ``rate_mbit`` both ways, or ``up``
+        (device -> broker) / ``down`` (broker -> device) alone."""
         d = self.devices[node]
-        d.rate_mbit = rate_mbit
-        shaper = tbf(rate_mbit, d.cls.queue_ms)
-        sh("tc", "qdisc", "replace", "dev", d.veth, "root", *shaper)
-        in_ns(d.netns, "tc", "qdisc", "replace", "dev", "eth0", "root", *shaper)
+        up, down = up or rate_mbit, down or rate_mbit
+        if down is not None:
+            sh("tc", "qdisc", "replace", "dev", d.veth, "root", *tbf(down, d.cls.queue_ms))
+        if up is not None:
+            in_ns(d.netns, "tc", "qdisc", "replace", "dev", "eth0", "root", *tbf(up, d.cls.queue_ms))
 
     def link_stats(self, node: str) -> dict[str, int]:
         """Bytes the shaper passed: ``up`` (device -> broker) and ``down`` (broker -> device)."""
@@ -578,6 +586,14 @@ class Fleet:
              "rate_mbit": d.rate_mbit, "queue_ms": d.cls.queue_ms, "address": d.address}
             for d in self.devices.values()
         ]  # fmt: skip
+
+
+def start_coordinator(workdir: Path, broker: str, *args: str, command: str = "serve") -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "nefl_edge.coordinator", command, "--broker", broker]
+    argv += ["--runs-dir", str(workdir / "runs"), *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="160")
+    with (workdir / "coordinator.log").open("ab") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> Optional[int]:

@@ -1,0 +1,294 @@
+"""Benchmark: stragglers on an emulated mixed fleet (tests/hil/fleet.py), four policies side by side.
+
+Each policy is one real run of ``nefl-coord serve`` with the same emulated devices (real ``nefl-edge``
+processes in network namespaces, rate-limited links, CPU quotas 10x apart from the slowest to the fastest
+class), one after the other on the same fleet:
+
+- ``nefl-deadline``: NeFL-WD with the deadline policy (each device gets the largest submodel it can finish);
+- ``fedavg-full-wait``: FedAvg of the full model, a deadline long enough to wait for every device;
+- ``fedavg-full-drop``: FedAvg of the full model with the NeFL deadline: devices that cannot finish in time
+  decline or miss it and are dropped from the round;
+- ``fedavg-smallest``: FedAvg of the smallest submodel (every device can train it).
+
+The clock of a run starts when every device has said hello (observed on the broker), so device start-up is
+not counted; each round's end is when its line appears in the run's ``metrics.jsonl``. A run is stopped
+after ``--budget-s``. Reported: wall-clock time until the worst / best submodel reaches ``--target``
+accuracy, and the worst / average / best submodel accuracy at the end of the budget.
+
+    sudo python -m bench.fleet                    # about 4 x (budget + 1 min)
+    python -m bench.fleet --budget-s 60 --policies nefl-deadline   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.hil.fleet is imported from the source tree
+
+from tests.hil.fleet import Fleet, environment_summary, load_fleet, read_jsonl, run_dir  # noqa: E402
+
+GAMMAS = "0.2,0.4,0.6,0.8,1.0"
+POLICIES = ("nefl-deadline", "fedavg-full-wait", "fedavg-full-drop", "fedavg-smallest")
+
+
+def policy_args(name: str, deadline_s: float, wait_deadline_s: float) -> list[str]:
+    """The ``serve`` options that make up a policy (``--method`` takes the names of ``simulate --method``)."""
+    if name == "nefl-deadline":
+        return ["--method", "nefl-wd", "--policy", "deadline", "--deadline-s", str(deadline_s)]
+    if name == "fedavg-full-wait":
+        return ["--method", "fedavg-full", "--policy", "deadline", "--deadline-s", str(wait_deadline_s)]
+    if name == "fedavg-full-drop":
+        return ["--method", "fedavg-full", "--policy", "deadline", "--deadline-s", str(deadline_s)]
+    if name == "fedavg-smallest":
+        return ["--method", "fedavg-smallest", "--policy", "deadline", "--deadline-s", str(deadline_s)]
+    raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+
+
+class HelloWatch:
+    """Records when each device's hello reaches the broker."""
+
+    def __init__(self, broker: str, run: str) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.seen: dict[str, float] = {}
+        self.lock = threading.Lock()
+        host, port = broker.rsplit(":", 1)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-watch-{run}")
+        self.client.on_message = self._on_message
+        self.client.connect(host, int(port))
+        self.client.subscribe(f"nefl/{run}/node/+/hello/#", qos=1)
+        self.client.subscribe(f"nefl/{run}/node/+/hello", qos=1)
+        self.client.loop_start()
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        node = msg.topic.split("/")[3]
+        with self.lock:
+            self.seen.setdefault(node, time.monotonic())
+
+    def all_seen(self, nodes: set[str]) -> Optional[float]:
+        with self.lock:
+            if nodes <= set(self.seen):
+                return max(self.seen[n] for n in nodes)
+        return None
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def run_policy(fleet: Fleet, name: str, args: argparse.Namespace, index: int) -> dict[str, Any]:
+    run = f"bench-{index}-{name}"
+    watch = HelloWatch(fleet.local_broker, run)
+    fleet.start_all(run, *shlex.split(args.device_args))
+    coord = fleet.spawn_coordinator(
+        "--run", run, "--rounds", str(args.max_rounds), "--min-clients", str(len(fleet.devices)),
+        "--gammas", GAMMAS, "--eval-samples", str(args.eval_samples), "--wait-clients-s", "300",
+        "--seed", str(args.seed), *policy_args(name, args.deadline_s, args.wait_deadline_s),
+        *shlex.split(args.serve_args),
+    )  # fmt: skip
+    t0: Optional[float] = None
+    ends: dict[int, float] = {}
+    started = time.monotonic()
+    try:
+        while coord.poll() is None:
+            now = time.monotonic()
+            if t0 is None:
+                t0 = watch.all_seen(set(fleet.devices))
+                if t0 is None and now - started > 600:
+                    raise RuntimeError(f"{name}: the devices did not all join within 600 s; see {fleet.workdir}")
+            out = run_dir(fleet.workdir / "runs", run)
+            if out is not None and t0 is not None:
+                for row in read_jsonl(out / "metrics.jsonl"):
+                    if row["round"] > 0:
+                        ends.setdefault(row["round"], now - t0)
+            if t0 is not None and now - t0 > args.budget_s:
+                coord.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.2)
+        try:
+            coord.wait(120)
+        except subprocess.TimeoutExpired:
+            coord.kill()
+    finally:
+        watch.close()
+        for node in fleet.devices:
+            fleet.stop(node)
+    out = run_dir(fleet.workdir / "runs", run)
+    rows = read_jsonl(out / "metrics.jsonl") if out else []
+    if coord.returncode not in (0, -signal.SIGINT, 130):
+        print(f"{name}: coordinator exited with {coord.returncode}; see {fleet.workdir / 'coordinator.log'}")
+    return summarize(name, rows, ends, args)
+
+
+def summarize(name: str, rows: list[dict[str, Any]], ends: dict[int, float], args: argparse.Namespace) -> dict:
+    by_round: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_round.setdefault(int(row["round"]), []).append(row)
+    curve = []
+    for r in sorted(by_round):
+        if r == 0 or r not in ends or ends[r] > args.budget_s:
+            continue
+        acc = [float(x["accuracy"]) for x in sorted(by_round[r], key=lambda x: x["submodel"])]
+        first = by_round[r][0]
+        curve.append({
+            "round": r, "wall_s": round(ends[r], 1), "accuracy": acc,
+            "worst": min(acc), "average": statistics.fmean(acc), "best": max(acc),
+            "selected": first.get("selected"), "updates": first.get("updates"),
+            "declined": first.get("declined"), "dropped": first.get("dropped"), "round_s": first.get("seconds"),
+        })  # fmt: skip
+
+    def reach(key: str) -> Optional[float]:
+        return next((p["wall_s"] for p in curve if p[key] >= args.target), None)
+
+    last = curve[-1] if curve else None
+    selected = sum(p["selected"] or 0 for p in curve)
+    return {
+        "policy": name,
+        "rounds": len(curve),
+        "time_to_target_worst_s": reach("worst"),
+        "time_to_target_best_s": reach("best"),
+        "final": None if last is None else {k: last[k] for k in ("worst", "average", "best", "accuracy")},
+        "participation": None if not selected else sum(p["updates"] or 0 for p in curve) / selected,
+        "mean_round_s": None if not curve else statistics.fmean(p["round_s"] or 0 for p in curve),
+        "curve": curve,
+    }
+
+
+def _pct(value: Optional[float]) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def _sec(value: Optional[float], budget: float) -> str:
+    return f"> {budget:.0f}" if value is None else f"{value:.0f}"
+
+
+def _share(value: Optional[float]) -> str:
+    return "—" if value is None else f"{100 * value:.0f} %"
+
+
+def render(record: dict[str, Any]) -> str:
+    opts = record["options"]
+    lines = [
+        "## Stragglers on an emulated fleet: NeFL vs FedAvg",
+        "",
+        f"`{record['command']}` at commit `{record['commit']}`. Fleet `{opts['fleet']}` "
+        f"({', '.join(f'{n} x {c}' for c, n in record['classes_count'].items())}; CPU quota per device = class "
+        f"speed x {record['core_per_speed']} of one host core, so the fastest class is "
+        f"{record['speed_spread']:.0f}x the slowest; tbf links at the classes' Wi-Fi rates), Fashion-MNIST "
+        f"{record['scheme']} shards, resnet-small, gammas {GAMMAS}. Deadline {opts['deadline_s']:.0f} s "
+        f"(wait policy: {opts['wait_deadline_s']:.0f} s); budget {opts['budget_s']:.0f} s of wall-clock per "
+        f"policy, counted from the moment every device has joined; target accuracy {_pct(opts['target'])} %. "
+        f"Host: {record['environment'].get('cpus')} CPUs, cgroup {record['environment'].get('cgroup')}. "
+        f"Raw numbers and curves: `bench/results/fleet.json`.",
+        "",
+        "| policy | rounds in budget | time to target, worst submodel (s) | time to target, best (s) | "
+        "worst % | average % | best % | updates / selected | mean round (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in record["policies"]:
+        final = p["final"] or {}
+        lines.append(
+            f"| {p['policy']} | {p['rounds']} | {_sec(p['time_to_target_worst_s'], opts['budget_s'])} | "
+            f"{_sec(p['time_to_target_best_s'], opts['budget_s'])} | {_pct(final.get('worst'))} | "
+            f"{_pct(final.get('average'))} | {_pct(final.get('best'))} | "
+            f"{_share(p['participation'])} | {'—' if p['mean_round_s'] is None else round(p['mean_round_s'], 1)} |"
+        )
+    lines += [
+        "",
+        "Worst / average / best are over the submodels the method trains and evaluates (one model for the FedAvg "
+        "policies). The emulation keeps the classes' speed ratios, not a board's absolute speed "
+        "(tests/hil/device_classes.toml says where the figures come from); tbf adds no propagation delay.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fleet", default="bench", help="fleet file or name under tests/hil/fleets/")
+    parser.add_argument(
+        "--policies", default=",".join(POLICIES), help="comma-separated subset of " + ", ".join(POLICIES)
+    )
+    parser.add_argument("--budget-s", type=float, default=240.0, help="wall-clock budget per policy")
+    parser.add_argument("--deadline-s", type=float, default=15.0, help="round deadline of the deadline policies")
+    parser.add_argument("--wait-deadline-s", type=float, default=300.0, help="deadline of fedavg-full-wait")
+    parser.add_argument("--target", type=float, default=0.65, help="target accuracy (0..1)")
+    parser.add_argument("--max-rounds", type=int, default=500)
+    parser.add_argument("--eval-samples", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--serve-args", default="", help="extra options for every `nefl-coord serve`")
+    parser.add_argument("--device-args", default="", help="extra options for every `nefl-edge join`")
+    parser.add_argument("--workdir", type=Path, default=None, help="where logs and run directories go")
+    parser.add_argument("--no-publish", action="store_true", help="do not write bench/results and docs")
+    args = parser.parse_args()
+    names = [p.strip() for p in args.policies.split(",") if p.strip()]
+    for name in names:
+        policy_args(name, 1, 1)
+
+    spec = load_fleet(args.fleet)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="nefl-bench-fleet-"))
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    command = "just bench-fleet" + ("" if len(sys.argv) == 1 else " " + shlex.join(sys.argv[1:]))
+    print(f"fleet {spec.name}: {len(spec.devices())} devices; work folder {workdir}")
+    results = []
+    started = time.time()
+    with Fleet(spec, workdir) as fleet:
+        for d in fleet.describe():
+            print(f"  {d['node']}: {d['cpu_cores']} core, {d['rate_mbit']} Mbit/s, {d['samples']} samples")
+        for i, name in enumerate(names):
+            t = time.monotonic()
+            result = run_policy(fleet, name, args, i)
+            results.append(result)
+            final = result["final"] or {}
+            print(
+                f"{name}: {result['rounds']} rounds, worst {_pct(final.get('worst'))} %, best "
+                f"{_pct(final.get('best'))} %, target (worst) at {result['time_to_target_worst_s']} s "
+                f"[{time.monotonic() - t:.0f} s]"
+            )
+        described = fleet.describe()
+    counts: dict[str, int] = {}
+    for d in described:
+        counts[d["class"]] = counts.get(d["class"], 0) + 1
+    speeds = [g.cls.speed for g in spec.groups]
+    record = {
+        "commit": commit,
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "wall_s": round(time.time() - started),
+        "options": {**{k: v for k, v in vars(args).items() if k != "workdir"}, "fleet": spec.name},
+        "fleet": described,
+        "classes_count": counts,
+        "core_per_speed": spec.core_per_speed,
+        "speed_spread": max(speeds) / min(speeds),
+        "scheme": spec.scheme,
+        "environment": environment_summary(),
+        "policies": results,
+    }
+    print(render(record))
+    if not args.no_publish:
+        from bench.throughput import write_section
+
+        out = ROOT / "bench" / "results" / "fleet.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1) + "\n")
+        write_section(ROOT / "docs" / "benchmarks.md", "fleet", render(record))
+        print(f"wrote {out.relative_to(ROOT)} and the fleet section of docs/benchmarks.md")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -45,6 +45,12 @@ bench:
 bench-accuracy *ARGS:
     python -m bench.accuracy {{ARGS}}
 
+# the device wheel dist/nefl_edge-<version>-py3-none-any.whl: on a Pi, `pip install` of it pulls only the device dependencies
+wheel:
+    rm -f dist/nefl_edge-*.whl
+    python -m pip wheel -q --no-deps -w dist .
+    @ls dist/nefl_edge-*.whl
+
 # regenerate the submodel table in README.md
 specs-table:
     python -m coordinator specs

@@ -8,13 +8,16 @@
   the coordinator's retained manifest lives on ``nefl/<run>/manifest/chunk/<i>``, so a subscription to
   ``nefl/+/manifest/#`` sees every run that is open (a non-empty chunk 0) and every run that closes (the
   coordinator clears its retained messages: an empty chunk 0). The agent serves one run at a time, the
-  earliest announced first, and leaves a run whose manifest is withdrawn without an ``end``.
+  earliest announced first; it subscribes to discovery only between runs, so that it holds one broker
+  connection at a time. A run whose announcement it has served (or that gave no manifest within
+  ``manifest_wait_s``) is not served again until it is announced anew.
 - After a run it unsubscribes (so its persistent session queues nothing), keeps the artifact cache and the
   latest weights, and waits for the next run; ``once`` exits after one run instead (``nefl-edge join``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -97,10 +100,9 @@ class RunDiscovery:
         self.opts = options
         self._mqtt = mqtt
         self._client_id = client_id
-        self._open: Dict[str, Tuple[float, float]] = {}  # run -> (first seen, last seen), monotonic
+        self._open: Dict[str, Tuple[float, str]] = {}  # run -> (first seen (monotonic), sha256 of chunk 0)
         self._lock = threading.Lock()
         self.changed = threading.Event()
-        self.on_withdrawn: Optional[Callable[[str], None]] = None
         self.client: Any = None
         self.connected = threading.Event()
         self._refused: Optional[str] = None
@@ -111,6 +113,8 @@ class RunDiscovery:
         self.close()
         self.connected.clear()
         self._refused = None
+        with self._lock:
+            self._open.clear()  # the broker delivers the retained manifests again on subscribing
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=self._client_id,
@@ -159,38 +163,35 @@ class RunDiscovery:
             run = parts[1]
             if not re.match(NAME_PATTERN, run):
                 return
-            withdrawn = False
+            digest = hashlib.sha256(bytes(msg.payload)).hexdigest()
             with self._lock:
-                now = time.monotonic()
                 if msg.payload:
                     if run in self._open:
-                        self._open[run] = (self._open[run][0], now)
+                        self._open[run] = (self._open[run][0], digest)
                     elif len(self._open) < MAX_KNOWN_RUNS:
-                        self._open[run] = (now, now)
+                        self._open[run] = (time.monotonic(), digest)
                         log.info("run %s is announced", run)
                 elif self._open.pop(run, None) is not None:
-                    withdrawn = True
                     log.info("run %s is withdrawn (its manifest was cleared)", run)
             self.changed.set()
-            if withdrawn and self.on_withdrawn is not None:
-                self.on_withdrawn(run)
         except Exception:  # a callback must never die: paho would drop the connection
             log.exception("discovery: bad message on %s ignored", getattr(msg, "topic", "?"))
 
-    def open_runs(self) -> List[Tuple[str, float]]:
-        """Open runs with the time (monotonic) their manifest was last seen, earliest announced first."""
+    def open_runs(self) -> List[Tuple[str, str]]:
+        """Open runs with the sha256 of their announcement (chunk 0 of the manifest), earliest first. The same
+        retained message delivered again has the same digest; a new announcement of a run has a new one."""
         with self._lock:
             return [(r, self._open[r][1]) for r in sorted(self._open, key=lambda r: self._open[r][0])]
 
-    def wait_for_run(self, stop: threading.Event, skip: Callable[[str, float], bool]) -> Optional[str]:
-        """Block until an open run that ``skip(run, last_seen)`` does not exclude exists (``None`` if ``stop``
-        is set)."""
+    def wait_for_run(self, stop: threading.Event, skip: Callable[[str, str], bool]) -> Optional[Tuple[str, str]]:
+        """Block until an open run that ``skip(run, digest)`` does not exclude exists; return it with its digest
+        (``None`` if ``stop`` is set)."""
         logged = False
         while not stop.is_set():
             self.changed.clear()
-            for run, seen in self.open_runs():
-                if not skip(run, seen):
-                    return run
+            for run, digest in self.open_runs():
+                if not skip(run, digest):
+                    return run, digest
             if not logged:
                 log.info("waiting for a run to be announced on %s", DISCOVERY_TOPIC)
                 logged = True
@@ -223,8 +224,8 @@ class Agent:
         self.discovery: Optional[RunDiscovery] = None
         # run -> sent_at of its last end (coordinator clock): manifests of that run sent earlier are stale
         self._ended: Dict[str, float] = {}
-        # run -> when (monotonic) serving it ended or failed: an announcement seen before then is done with
-        self._done: Dict[str, float] = {}
+        # run -> digests of its announcements already served (or that failed): not served again
+        self._done: Dict[str, List[str]] = {}
 
     def stop(self) -> None:
         self._stop.set()
@@ -237,52 +238,53 @@ class Agent:
 
     def run(self) -> int:
         """Serve runs; return how many ended normally. Raises ``BrokerError`` only with ``broker_wait_s``."""
-        if not self.pinned:
-            self.discovery = RunDiscovery(self.opts, f"nefl-agent-{self.opts.node}")
-            self.discovery.on_withdrawn = self._withdrawn
-            if not connect_with_backoff(
-                self.discovery.connect,
-                f"broker {self.opts.broker}",
-                self._stop,
-                self._backoff(),
-                self.agent.broker_wait_s,
-                self.agent.attempt_timeout_s,
-            ):
-                return 0
+        served = 0
         try:
-            return self._serve_runs()
+            while not self._stop.is_set():
+                digest = ""
+                if self.pinned:
+                    run = self.opts.run
+                else:
+                    found = self._discover()
+                    if found is None:
+                        break
+                    run, digest = found
+                outcome = self._serve(run)
+                if outcome is None:
+                    break
+                self.outcomes.append(outcome)
+                if outcome.state == "ended":
+                    served += 1
+                    self._ended[run] = outcome.ended_at
+                if digest:
+                    self._done[run] = [*self._done.get(run, [])[-7:], digest]
+                if self.agent.once or outcome.state == "stopped":
+                    break
+                log.info("served %d run(s); waiting for the next run", served)
         finally:
             if self.discovery is not None:
                 self.discovery.close()
-
-    def _serve_runs(self) -> int:
-        served = 0
-        while not self._stop.is_set():
-            run = self.opts.run if self.pinned else self._next_run()
-            if run is None:
-                break
-            outcome = self._serve(run)
-            if outcome is None:
-                break
-            self.outcomes.append(outcome)
-            if outcome.state == "ended":
-                served += 1
-                self._ended[run] = outcome.ended_at
-            self._done[run] = time.monotonic()
-            if self.agent.once or outcome.state == "stopped":
-                break
-            log.info("served %d run(s); waiting for the next run", served)
         return served
 
-    def _next_run(self) -> Optional[str]:
-        assert self.discovery is not None
-        return self.discovery.wait_for_run(self._stop, lambda run, seen: self._done.get(run, -1.0) >= seen)
-
-    def _withdrawn(self, run: str) -> None:
-        with self._lock:
-            client = self._client
-        if client is not None and client.opts.run == run:
-            client.leave("its manifest was withdrawn")
+    def _discover(self) -> Optional[Tuple[str, str]]:
+        """Connect the discovery subscription, wait for a run to serve, disconnect. One connection at a time:
+        a broker that makes the user name the client id (the generated config does) allows no more."""
+        if self.discovery is None:
+            self.discovery = RunDiscovery(self.opts, f"nefl-agent-{self.opts.node}")
+        discovery = self.discovery
+        if not connect_with_backoff(
+            discovery.connect,
+            f"broker {self.opts.broker}",
+            self._stop,
+            self._backoff(),
+            self.agent.broker_wait_s,
+            self.agent.attempt_timeout_s,
+        ):
+            return None
+        try:
+            return discovery.wait_for_run(self._stop, lambda run, digest: digest in self._done.get(run, []))
+        finally:
+            discovery.close()
 
     def _serve(self, run: str) -> Optional[RunOutcome]:
         client = EdgeClient(replace(self.opts, run=run), self.data, not_before=self._ended.get(run, 0.0))
@@ -345,7 +347,7 @@ ExecStart={" ".join(_quote(a) for a in args)}
 {credential}StateDirectory=nefl-edge
 CacheDirectory=nefl-edge
 WorkingDirectory=/var/lib/nefl-edge
-Environment=PYTHONUNBUFFERED=1
+Environment=PYTHONUNBUFFERED=1 NEFL_STATE_DIR=/var/lib/nefl-edge
 Restart=always
 RestartSec=10
 KillSignal=SIGTERM

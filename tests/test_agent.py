@@ -111,6 +111,58 @@ def test_agent_waits_for_a_broker_that_comes_up_after_it(
     assert "reached broker" in log and "attempt 1 failed" in log
 
 
+def test_predict_runs_the_kept_weights_like_pytorch_in_eval_mode(
+    small_artifacts: Path, small_config: ModelConfig, small_specs: list[SubmodelSpec], tmp_path: Path
+) -> None:
+    import shutil
+
+    import torch
+
+    from nefl_edge.coordinator.models import SubmodelNet
+    from nefl_edge.edge_client.artifacts import load_manifest
+    from nefl_edge.edge_client.latest import LatestStore
+    from nefl_edge.edge_client.schemas import Metrics
+
+    # Prepare: weights kept after a task (BatchNorm statistics away from their initial values), the eval graph
+    # in the artifact cache, as the device leaves them.
+    manifest = load_manifest(small_artifacts)
+    sub = manifest.submodels[2]
+    tensors = extract(init_global_state(small_config, small_specs, initial_consistent(small_config, seed=9)), 2)
+    rng = np.random.default_rng(0)
+    for name in tensors:
+        if name.endswith("running_mean"):
+            tensors[name] = rng.normal(0, 0.3, tensors[name].shape).astype(np.float32)
+    cache = tmp_path / "cache"
+    (cache / "artifacts").mkdir(parents=True)
+    shutil.copy(small_artifacts / sub.files["eval"].name, cache / "artifacts" / sub.files["eval"].sha256)
+    LatestStore(cache / "latest").save("lab", 7, manifest, sub, tensors, Metrics(**dict.fromkeys(
+        ("loss_first", "loss_last", "accuracy", "seconds"), 0.0), steps=1))  # fmt: skip
+    shard = make_shards(tmp_path, [50], offset=100)[0]
+
+    # Execute: the device command.
+    out = tmp_path / "pred.npz"
+    args = ["predict", "--data", str(shard), "--cache", str(cache), "--out", str(out)]
+    result = subprocess.run(
+        [sys.executable, "-m", "nefl_edge.edge_client", *args],
+        capture_output=True,
+        text=True,
+        env=device_env(tmp_path),
+    )
+
+    # Assert: the logits of the kept submodel, in eval mode, and the summary says which model it was.
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["submodel"], summary["run"], summary["round"], summary["samples"]) == (2, "lab", 7, 50)
+    data = np.load(shard)
+    net = SubmodelNet(small_config, small_specs[2])
+    net.load_tensors(tensors)
+    with torch.no_grad():
+        want = net.eval()(torch.from_numpy(data["x"][:, None].astype(np.float32) / 255)).numpy()
+    got = np.load(out)["logits"]
+    assert np.abs(got - want).max() <= 1e-5
+    assert summary["accuracy"] == pytest.approx(float((want.argmax(1) == data["y"]).mean()), abs=1e-4)
+
+
 # --- pacing: the decline rule as a pure function ------------------------------------------------------------
 
 
@@ -237,7 +289,6 @@ def test_systemd_unit_quotes_arguments_with_spaces() -> None:
     assert "--run lab" in unit and "LoadCredential" not in unit
 
 
-@pytest.mark.slow
 def test_device_wheel_requires_only_device_packages(tmp_path: Path) -> None:
     from email.parser import Parser
     from zipfile import ZipFile

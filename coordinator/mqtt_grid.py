@@ -40,7 +40,8 @@ from nefl_edge.edge_client.schemas import (
 from nefl_edge.edge_client.wire import ProtocolError, Topics, pack_tensors, sha256, unpack_tensors
 
 log = logging.getLogger(__name__)
-GRACE_S = 5.0
+GRACE_S = 5.0  # answers sent just before the deadline are still in flight
+LOST_GRACE_S = 10.0
 
 
 class NotEnoughClients(NeflError, TimeoutError):
@@ -173,11 +174,11 @@ class MqttGrid:
         deadline = started + self.deadline_s + GRACE_S
         while pending and time.monotonic() < deadline and not self.stop.is_set():
             for node in list(pending):
-                info = self.registry.nodes.get(node)
-                if info is not None and not info.online and self._reconnected_at < started:
+                gone = self._gone(node)
+                if gone:
                     task = pending.pop(node)
-                    log.warning("round %d: %s left the run", round_, node)
-                    yield Outcome(node, task.submodel, "dropped", reason="went offline")
+                    log.warning("round %d: %s %s", round_, node, gone)
+                    yield Outcome(node, task.submodel, "dropped", reason=gone)
             item = self._next(0.25)
             if item is None:
                 continue
@@ -190,6 +191,21 @@ class MqttGrid:
             log.warning("round %d: deadline passed without answers from %s", round_, sorted(pending))
         for node, task in pending.items():
             yield Outcome(node, task.submodel, "dropped", reason="no answer before the deadline")
+
+    def _gone(self, node: str) -> str:
+        """Why a device with a task is taken as gone ("" while it may still answer). A device that said it
+        leaves is gone at once. Its Last Will (``lost``) counts only after ``LOST_GRACE_S`` during which this
+        link stayed connected: a broker that shuts down publishes every device's will, and those devices
+        come back and answer once the broker is up again."""
+        info = self.registry.nodes.get(node)
+        if info is None or info.online:
+            return ""
+        if info.state != "lost":
+            return "left the run"
+        quiet = time.monotonic() - max(info.since, self._reconnected_at)
+        return (
+            f"lost (no sign of it for {quiet:.0f} s)" if quiet > LOST_GRACE_S and self.link.connected.is_set() else ""
+        )
 
     def _answer(
         self, round_: int, item: tuple[str, Message, bytes], pending: dict[str, Task], started: float

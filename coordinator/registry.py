@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from nefl_edge.coordinator.assignment import ClientInfo
@@ -19,6 +20,8 @@ class NodeInfo:
     tier: Optional[int]
     profile: Optional[dict[str, Any]]
     online: bool = True
+    state: str = "online"  # the last status: online, training, offline (left), lost (its Last Will)
+    since: float = field(default_factory=time.monotonic)  # when that status arrived
 
     def client(self) -> ClientInfo:
         profile = DeviceProfile.model_validate(self.profile) if self.profile else None
@@ -45,10 +48,11 @@ class Registry:
                     message.profile.samples_per_s,
                 )
         elif isinstance(message, Status) and message.node == node and node in self.nodes:
-            online = message.state != "offline"
-            if self.nodes[node].online and not online:
-                log.warning("client %s went offline", node)
-            self.nodes[node].online = online
+            info = self.nodes[node]
+            online = message.state not in ("offline", "lost")
+            if info.online and not online:
+                log.warning("client %s went offline (%s)", node, "left" if message.state == "offline" else "lost")
+            info.online, info.state, info.since = online, message.state, time.monotonic()
 
     def online(self) -> list[str]:
         return sorted(n for n, info in self.nodes.items() if info.online)
@@ -57,11 +61,11 @@ class Registry:
         return {n: self.nodes[n].client() for n in self.online()}
 
     def dump(self) -> dict[str, dict[str, Any]]:
-        return {n: asdict(i) for n, i in self.nodes.items()}
+        return {n: {k: v for k, v in asdict(i).items() if k not in ("state", "since")} for n, i in self.nodes.items()}
 
     @classmethod
     def load(cls, data: dict[str, dict[str, Any]]) -> Registry:
         registry = cls()
         for n, info in data.items():
-            registry.nodes[n] = NodeInfo(**{**info, "online": False})  # until they say hello again
+            registry.nodes[n] = NodeInfo(**{**info, "online": False, "state": "offline"})  # until they say hello
         return registry

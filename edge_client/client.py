@@ -117,14 +117,14 @@ class EdgeClient:
 
     def _new_link(self) -> MqttLink:
         opts = self.opts
-        offline = encode(Status(run=opts.run, node=opts.node, state="offline"))
+        lost = encode(Status(run=opts.run, node=opts.node, state="lost"))  # the Last Will
         return MqttLink(
             f"nefl-{opts.run}-{opts.node}",
             opts.broker,
             opts.run,
             opts.security,
             protocol="5" if opts.protocol == "5" else "3.1.1",
-            will=(self.topics.node(opts.node, "status"), offline),
+            will=(self.topics.node(opts.node, "status"), lost),
             chunk_size=opts.chunk_size,
         )
 

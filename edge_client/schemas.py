@@ -116,7 +116,9 @@ class Hello(Message):
 class Status(Message):
     kind: Literal["status"] = "status"
     node: str = Field(pattern=NAME_PATTERN)
-    state: Literal["online", "offline", "training"]
+    state: Literal["online", "offline", "training", "lost"] = Field(
+        description="offline: the device left; lost: its Last Will (the broker lost it, or went down itself)"
+    )
 
 
 class Task(Message):

@@ -22,6 +22,10 @@ test *ARGS:
 test-slow *ARGS:
     python -m pytest -q -m slow {{ARGS}}
 
+# hardware in the loop: emulated fleet (netns + tc tbf + cgroups, needs root) and, with NEFL_HIL_HOSTS=hosts.toml, real boards over SSH
+test-hil *ARGS:
+    python -m pytest -q -m hil tests/hil {{ARGS}}
+
 # an emulated Raspberry Pi (Debian arm64, qemu-user-static, stock onnxruntime from PyPI): one step vs x86_64
 test-arm64 *ARGS:
     command -v debootstrap >/dev/null && command -v qemu-aarch64-static >/dev/null || (apt-get update -qq && apt-get install -y -q debootstrap qemu-user-static)
@@ -44,6 +48,10 @@ bench:
 # accuracy of every method (NeFL, HeteroFL, FjORD, DepthFL, FedAvg baselines) in one harness; --preset quick|full
 bench-accuracy *ARGS:
     python -m bench.accuracy {{ARGS}}
+
+# stragglers: NeFL (deadline policy) vs FedAvg full (wait / drop) vs FedAvg smallest on an emulated mixed fleet; writes bench/results/fleet.json and docs/benchmarks.md
+bench-fleet *ARGS:
+    python -m bench.fleet {{ARGS}}
 
 # the device wheel dist/nefl_edge-<version>-py3-none-any.whl: on a Pi, `pip install` of it pulls only the device dependencies
 wheel:

@@ -126,7 +126,7 @@ def load_classes(path: Path = CLASSES_FILE) -> dict[str, DeviceClass]:
 def load_fleet(path: Path | str, classes: Optional[dict[str, DeviceClass]] = None) -> FleetSpec:
     """Read a fleet file (TOML; see tests/hil/fleets/*.toml). A bare name means tests/hil/fleets/<name>.toml."""
     path = Path(path)
-    if not path.suffix and not path.exists():
+    if not path.suffix and not path.is_file():
         path = FLEETS_DIR / f"{path}.toml"
     classes = classes or load_classes()
     data = tomllib.loads(path.read_text())

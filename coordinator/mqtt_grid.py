@@ -98,7 +98,8 @@ class MqttGrid:
             self.link.publish(self.topics.control, Control(run=self.run_name, action="end", reason=reason))
             for topic in list(self._retained):
                 self.link.clear_retained(topic)
-            time.sleep(0.5)  # let paho send the end message and the retained clears before disconnecting
+            if not self.link.flush(10.0):
+                log.warning("the broker did not acknowledge the end of the run in time; retained messages may remain")
         finally:
             self.link.close()
 

@@ -352,6 +352,18 @@ class MqttLink:
         for i in range(self._retained_counts.pop(topic, 0)):
             self.client.publish(f"{topic}{CHUNK_MARK}{i}", b"", qos=1, retain=True)
 
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until the broker acknowledged everything published so far (QoS 1 is sent in order, so the
+        last message's acknowledgement stands for all), at most ``timeout_s``; False if it did not come."""
+        info = self.client.publish(f"nefl/{self.run}/flush", b"", qos=1) if self.connected.is_set() else None
+        if info is None:
+            return False
+        try:
+            info.wait_for_publish(timeout_s)
+        except (RuntimeError, ValueError):
+            return False
+        return info.is_published()
+
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
             item = self.receive(msg.topic, bytes(msg.payload))

@@ -1,3 +1,3 @@
-from nefl_edge.edge_client.cli import app
+from nefl_edge.edge_client.cli import main
 
-app(prog_name="nefl-edge")
+main()

@@ -14,28 +14,16 @@ from typing import Any, Optional
 import typer
 from typing_extensions import Annotated
 
+from nefl_edge.edge_client.cli_common import add_version_option, fail, run_app, setup_logging
+from nefl_edge.edge_client.errors import ExitCode
+
 app = typer.Typer(
     help="nefl-edge: the device side of nested federated learning (ONNX Runtime + MQTT).",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
-
-EXIT_BAD_INPUT = 2
-EXIT_BROKER = 3
-
-
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    logging.getLogger("paho").setLevel(logging.WARNING)
-
-
-def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+add_version_option(app)
 
 
 @app.command()
@@ -143,7 +131,7 @@ def _device(
     try:
         device.run()
     except BrokerError as exc:
-        fail(str(exc), EXIT_BROKER)
+        fail(str(exc), ExitCode.BROKER)
     except (DataError, BackendUnavailable, ValueError) as exc:
         fail(str(exc))
 
@@ -362,5 +350,5 @@ def enrol(
     typer.echo(f"The bundle {bundle} holds the broker password: delete it now that it is installed.")
 
 
-def main() -> None:  # pragma: no cover
-    sys.exit(app())
+def main() -> None:
+    run_app(app, "nefl-edge")

@@ -8,8 +8,20 @@ import sys
 import pytest
 
 COMMANDS = {
-    "nefl_edge.coordinator": ["specs", "export", "serve", "simulate", "partition", "demo"],
-    "nefl_edge.edge_client": ["join", "profile"],
+    "nefl_edge.coordinator": [  # fmt: skip
+        "specs",
+        "export",
+        "export-model",
+        "serve",
+        "simulate",
+        "partition",
+        "demo",
+        "broker-config",
+        "add-device",
+        "remove-device",
+        "devices",
+    ],
+    "nefl_edge.edge_client": ["join", "agent", "predict", "install-service", "profile", "identity", "enrol"],
 }
 PROBE = """
 import runpy, sys
@@ -31,3 +43,13 @@ def test_help_works_without_heavy_imports(package: str, command: str) -> None:
     assert run.returncode == 0, run.stderr
     assert "Usage" in run.stdout and "--help" in run.stdout
     assert run.stdout.strip().splitlines()[-1] == "HEAVY:", f"{package} {command} --help imported heavy modules"
+
+
+@pytest.mark.parametrize("package", sorted(COMMANDS))
+def test_the_list_above_is_every_command(package: str) -> None:
+    import importlib
+
+    app = importlib.import_module(f"{package}.cli").app
+    names = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}  # type: ignore[union-attr]
+
+    assert names == set(COMMANDS[package])

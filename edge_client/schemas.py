@@ -16,6 +16,8 @@ NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
 
 class Strict(BaseModel):
+    """Base of every schema: unknown fields are refused and instances are immutable."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -23,12 +25,17 @@ class Strict(BaseModel):
 
 
 class FileEntry(Strict):
+    """One artifact file: its name in the artifact folder, sha256 and size."""
+
     name: str
     sha256: str = Field(pattern=SHA256_PATTERN)
     size: int = Field(ge=0)
 
 
 class ParamEntry(Strict):
+    """One tensor of a submodel: shape, consistent (nested slice of a global tensor) or inconsistent (per submodel),
+    trainable or not."""
+
     name: str
     shape: Tuple[int, ...]
     kind: Literal["consistent", "inconsistent"]
@@ -36,6 +43,8 @@ class ParamEntry(Strict):
 
 
 class SubmodelEntry(Strict):
+    """One submodel of the manifest: architecture (width, kept blocks), size, cost, files and tensors."""
+
     index: int = Field(ge=0)
     key: str = Field(pattern=SHA256_PATTERN, description="hash of the architecture; names the artifact folder")
     width: float
@@ -64,6 +73,8 @@ class TrainConfig(Strict):
 
 
 class Manifest(Strict):
+    """What a run's devices need before any task: input shape, classes, default training settings and every submodel."""
+
     schema_: Literal["nefl.manifest/1"] = Field("nefl.manifest/1", alias="schema")
     model: Dict[str, object]
     input_shape: Tuple[int, int, int]
@@ -86,6 +97,8 @@ class Manifest(Strict):
 
 
 class DeviceProfile(Strict):
+    """What a device says about itself at hello: hardware, runtime, backend and measured training throughput."""
+
     arch: str
     system: str
     python: str
@@ -98,6 +111,8 @@ class DeviceProfile(Strict):
 
 
 class Message(Strict):
+    """Header fields every wire message carries (``schema``, ``run``, ``sent_at``); ``kind`` names the message."""
+
     schema_: Literal["nefl.wire/2"] = Field("nefl.wire/2", alias="schema")
     run: str = Field(pattern=NAME_PATTERN)
     sent_at: float = 0.0
@@ -106,6 +121,8 @@ class Message(Strict):
 
 
 class Hello(Message):
+    """device -> coordinator: join the run with this profile, sample count and (optional) declared tier."""
+
     kind: Literal["hello"] = "hello"
     node: str = Field(pattern=NAME_PATTERN)
     profile: DeviceProfile
@@ -114,6 +131,8 @@ class Hello(Message):
 
 
 class Status(Message):
+    """device -> coordinator (retained): online, training, offline (left) or lost (its Last Will)."""
+
     kind: Literal["status"] = "status"
     node: str = Field(pattern=NAME_PATTERN)
     state: Literal["online", "offline", "training", "lost"] = Field(
@@ -122,6 +141,9 @@ class Status(Message):
 
 
 class Task(Message):
+    """coordinator -> one device: train ``submodel`` from the weights with ``weights_sha256`` and answer within
+    ``deadline_s``."""
+
     kind: Literal["task"] = "task"
     node: str = Field(pattern=NAME_PATTERN)
     task_id: str = Field(pattern=NAME_PATTERN)
@@ -133,6 +155,8 @@ class Task(Message):
 
 
 class Metrics(Strict):
+    """What local training measured: first and last loss, training accuracy, steps and seconds."""
+
     loss_first: float
     loss_last: float
     accuracy: float
@@ -141,6 +165,8 @@ class Metrics(Strict):
 
 
 class Update(Message):
+    """device -> coordinator: the trained tensors of a task (body: safetensors) and how training went."""
+
     kind: Literal["update"] = "update"
     node: str = Field(pattern=NAME_PATTERN)
     task_id: str = Field(pattern=NAME_PATTERN)
@@ -151,6 +177,8 @@ class Update(Message):
 
 
 class Decline(Message):
+    """device -> coordinator: the device will not answer this task, and why."""
+
     kind: Literal["decline"] = "decline"
     node: str = Field(pattern=NAME_PATTERN)
     task_id: str = Field(pattern=NAME_PATTERN)
@@ -159,21 +187,29 @@ class Decline(Message):
 
 
 class Weights(Message):
+    """coordinator -> all (retained, one per submodel): the round's weights of a submodel (body: safetensors)."""
+
     kind: Literal["weights"] = "weights"
     round: int = Field(ge=0)
     submodel: int = Field(ge=0)
 
 
 class Artifact(Message):
+    """coordinator -> all (retained, content-addressed): one artifact file (body: the file)."""
+
     kind: Literal["artifact"] = "artifact"
     name: str
 
 
 class ManifestMessage(Message):
+    """coordinator -> all (retained): the run's manifest (body: its JSON)."""
+
     kind: Literal["manifest"] = "manifest"
 
 
 class Control(Message):
+    """coordinator -> all: ``announce`` (devices say hello again) or ``end`` (the run is over)."""
+
     kind: Literal["control"] = "control"
     action: Literal["end", "announce"]
     reason: str = ""

@@ -58,15 +58,25 @@ def has_training_build() -> bool:
 
 
 class TrainerBackend(Protocol):
+    """Local training of one submodel on the device (``ort-training`` or ``portable``)."""
+
     name: str
 
-    def load(self, tensors: Tensors, train: Optional[TrainConfig] = None) -> None: ...
+    def load(self, tensors: Tensors, train: Optional[TrainConfig] = None) -> None:
+        """Start from these weights (and statistics), with fresh optimizer state and ``train``'s settings."""
+        ...
 
-    def step(self, x: np.ndarray, y: np.ndarray) -> Tuple[float, int]: ...
+    def step(self, x: np.ndarray, y: np.ndarray) -> Tuple[float, int]:
+        """One SGD step on a batch; return its loss and the number of correct predictions."""
+        ...
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray) -> Tuple[float, int]: ...
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> Tuple[float, int]:
+        """Loss and correct predictions of the current weights on a batch (eval mode, no update)."""
+        ...
 
-    def tensors(self) -> Tensors: ...
+    def tensors(self) -> Tensors:
+        """Every tensor of the submodel as it is now (the update a device sends)."""
+        ...
 
 
 class OrtTrainingBackend:

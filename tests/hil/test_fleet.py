@@ -121,8 +121,8 @@ class Observer:
             size = int.from_bytes(payload[4:8], "big")
             header = json.loads(payload[8 : 8 + size])
             self.update_frames.append((header["i"], header["n"]))
-        elif "/status" in msg.topic and re.search(rb'"state"\s*:\s*"offline"', payload):
-            self.offline.set()
+        elif "/status" in msg.topic and re.search(rb'"state"\s*:\s*"(offline|lost)"', payload):
+            self.offline.set()  # its Last Will ("lost"; "offline" before the states were split)
 
     def close(self) -> None:
         self.client.loop_stop()

@@ -75,22 +75,28 @@ def capacity(
 
 
 def assign(
-    strategy: Strategy, plan: Plan, capacities: dict[str, int], selected: list[str], cover: bool
+    strategy: Strategy,
+    plan: Plan,
+    capacities: dict[str, int],
+    selected: list[str],
+    cover: bool,
+    speeds: Optional[dict[str, float]] = None,
 ) -> dict[str, int]:
-    """Submodel per selected client. With ``cover``, a submodel no client got is given to a client that can
-    afford more, taken from the most crowded larger submodel (ties: the larger submodel), until every
-    submodel within the clients' reach is covered or no move is left."""
+    """Submodel per selected client. With ``cover``, a submodel no client got goes to the weakest client
+    that can afford it and is not the only one on its own submodel: lowest capacity first, then lowest
+    measured speed (``speeds``, samples/s on the probe), so fast devices keep the large submodels."""
     afford = {n: strategy.assign(plan, capacities[n]) for n in selected}
     out = {n: k for n, k in afford.items() if k is not None}
     if not cover:
         return out
+    speeds = speeds or {}
     for missing in range(len(plan.specs)):
         if missing in out.values():
             continue
         counts = Counter(out.values())
-        donors = [n for n, k in out.items() if k > missing and counts[k] > 1 and (afford[n] or 0) >= missing]
+        donors = [n for n, k in out.items() if k > missing and counts[k] > 1]
         if not donors:
             continue
-        node = max(sorted(donors), key=lambda n: (counts[out[n]], out[n]))
+        node = min(sorted(donors), key=lambda n: (capacities[n], speeds.get(n, 0.0)))
         out[node] = missing
     return out

@@ -48,6 +48,8 @@ class RoundReport:
     bytes_out: int = 0
     aggregated: bool = False
     seconds: float = 0.0
+    started_at: float = 0.0  # wall-clock (Unix) time the round started and ended
+    ended_at: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
     clients: list[dict[str, Any]] = field(default_factory=list)
 
@@ -73,7 +75,7 @@ class RoundEngine:
     def run_round(
         self, r: int, state: GlobalState, grid: Grid, stop: Optional[threading.Event] = None
     ) -> tuple[GlobalState, RoundReport]:
-        cfg, report = self.cfg, RoundReport(r)
+        cfg, report = self.cfg, RoundReport(r, started_at=time.time())
         started = time.monotonic()
         clients = grid.clients(cfg.min_clients)
         report.phases["waiting"] = time.monotonic() - started
@@ -84,7 +86,8 @@ class RoundEngine:
         report.quarantined = len(blocked)
         pool = [n for n in caps if n not in blocked and self.strategy.assign(self.plan, caps[n]) is not None]
         selected = self.strategy.select(self.rng, pool, cfg.fraction, cfg.min_clients)
-        assignment = assign(self.strategy, self.plan, caps, selected, cfg.cover_submodels)
+        speeds = {n: c.profile.samples_per_s or 0.0 for n, c in clients.items() if c.profile is not None}
+        assignment = assign(self.strategy, self.plan, caps, selected, cfg.cover_submodels, speeds)
         instructions = [
             Instruction(n, assignment[n], cfg.train.model_copy(update={"seed": int(self.rng.integers(1 << 31))}))
             for n in selected
@@ -121,6 +124,7 @@ class RoundEngine:
             )
         report.phases["aggregation"] = time.monotonic() - aggregating
         report.seconds = time.monotonic() - started
+        report.ended_at = time.time()
         return state, report
 
     def _fold(

@@ -112,6 +112,17 @@ def test_coverage_gives_every_submodel_a_client_when_all_devices_are_fast() -> N
     assert sum(1 for k in covered.values() if k == 4) == 3
 
 
+def test_coverage_moves_the_slowest_devices_down_and_keeps_the_fast_ones_on_large_submodels() -> None:
+    strategy = get_strategy("nefl-wd")
+    plan = strategy.plan(strategy.configure(get_model_config("resnet-small")), (0.2, 0.6, 1.0))
+    capacities = {"slow-a": 1, "slow-b": 1, "fast": 2, "faster": 2}
+    speeds = {"slow-a": 10.0, "slow-b": 12.0, "fast": 90.0, "faster": 100.0}
+
+    covered = assign(strategy, plan, capacities, sorted(capacities), cover=True, speeds=speeds)
+
+    assert covered == {"slow-a": 0, "slow-b": 1, "fast": 2, "faster": 2}
+
+
 def test_coverage_never_gives_a_client_more_than_it_affords() -> None:
     strategy = get_strategy("nefl-wd")
     plan = strategy.plan(strategy.configure(get_model_config("resnet-small")), (0.2, 0.6, 1.0))

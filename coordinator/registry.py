@@ -11,6 +11,7 @@ from nefl_edge.coordinator.assignment import ClientInfo
 from nefl_edge.edge_client.schemas import DeviceProfile, Hello, Message, Status
 
 log = logging.getLogger(__name__)
+DUPLICATE_WINDOW_S = 120.0  # two instances of one node saying hello within this: two processes, one identity
 
 
 @dataclass
@@ -34,10 +35,16 @@ class Registry:
 
     def __init__(self) -> None:
         self.nodes: dict[str, NodeInfo] = {}
+        # node -> (instance, monotonic time) of its last hello, of the instance that hello replaced, and of the
+        # last duplicate-identity error
+        self._instance: dict[str, tuple[str, float]] = {}
+        self._replaced: dict[str, tuple[str, float]] = {}
+        self._reported: dict[str, float] = {}
 
     def note(self, node: str, message: Message) -> None:
         if isinstance(message, Hello) and message.node == node:
             known = self.nodes.get(node)
+            self._check_instance(node, message.instance, known)
             self.nodes[node] = NodeInfo(node, message.num_samples, message.tier, message.profile.model_dump())
             if known is None or not known.online:
                 log.info(
@@ -53,6 +60,33 @@ class Registry:
             if info.online and not online:
                 log.warning("client %s went offline (%s)", node, "left" if message.state == "offline" else "lost")
             info.online, info.state, info.since = online, message.state, time.monotonic()
+
+    def _check_instance(self, node: str, instance: Optional[str], known: Optional[NodeInfo]) -> None:
+        """Two device processes with one identity say hello with two instances, again and again as each
+        reconnect knocks the other off. An ERROR when a new instance appears while the previous one still
+        counts as online, or when a replaced instance comes back, within ``DUPLICATE_WINDOW_S``."""
+        if instance is None:
+            return
+        now = time.monotonic()
+        last = self._instance.get(node)
+        self._instance[node] = (instance, now)
+        if last is None or last[0] == instance or now - last[1] > DUPLICATE_WINDOW_S:
+            return
+        before = self._replaced.get(node)
+        self._replaced[node] = (last[0], now)
+        came_back = before is not None and before[0] == instance and now - before[1] <= DUPLICATE_WINDOW_S
+        still_online = known is not None and known.state in ("online", "training")
+        if not (came_back or still_online):
+            log.info("client %s restarted (instance %s, before %s)", node, instance, last[0])
+        elif now - self._reported.get(node, -DUPLICATE_WINDOW_S) >= DUPLICATE_WINDOW_S:
+            self._reported[node] = now
+            log.error(
+                "two processes use the identity %s: instances %s and %s; give each device its own state dir "
+                "(a copied state dir is a copied identity: `nefl-edge identity` shows the node id)",
+                node,
+                last[0],
+                instance,
+            )
 
     def online(self) -> list[str]:
         return sorted(n for n, info in self.nodes.items() if info.online)

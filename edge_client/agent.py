@@ -316,7 +316,7 @@ SERVICE_NAME = "nefl-edge.service"
 
 def systemd_unit(
     exec_path: str,
-    broker: str,
+    broker: Optional[str],
     data: Path,
     user: str = "nefl-edge",
     run: Optional[str] = None,
@@ -325,8 +325,10 @@ def systemd_unit(
 ) -> str:
     """A systemd unit for the agent: restarts always, runs as ``user`` with its own state and cache folders
     (``/var/lib/nefl-edge``, ``/var/cache/nefl-edge``), no secrets inline: a broker password is handed over
-    as a systemd credential (``LoadCredential``) read from ``password_file``, readable by root only."""
-    args = [exec_path, "agent", "--broker", broker, "--data", str(data), "--cache", "/var/cache/nefl-edge"]
+    as a systemd credential (``LoadCredential``) read from ``password_file``, readable by root only. Without
+    ``broker`` the agent takes broker, account and keys from the identity enrolled in its state directory."""
+    args = [exec_path, "agent", *(("--broker", broker) if broker else ()), "--data", str(data)]
+    args += ["--cache", "/var/cache/nefl-edge"]
     if run is not None:
         args += ["--run", run]
     if password_file is not None:

@@ -6,16 +6,19 @@ import json
 import logging
 import re
 import signal
-import socket
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from typing_extensions import Annotated
 
 from nefl_edge.edge_client.cli_common import add_version_option, fail, run_app, setup_logging
 from nefl_edge.edge_client.errors import ExitCode
+
+if TYPE_CHECKING:
+    from nefl_edge.edge_client.data import Dataset
+    from nefl_edge.edge_client.identity import Identity
 
 app = typer.Typer(
     help="nefl-edge: the device side of nested federated learning (ONNX Runtime + MQTT).",
@@ -25,14 +28,28 @@ app = typer.Typer(
 )
 add_version_option(app)
 
+StateDir = Annotated[
+    Optional[Path],
+    typer.Option(help="Identity folder (default $NEFL_STATE_DIR or ~/.local/state/nefl-edge)."),
+]
+BrokerOption = Annotated[
+    Optional[str], typer.Option(help="MQTT broker as HOST or HOST:PORT. Default: the enrolment's broker.")
+]
+NodeIdOption = Annotated[
+    Optional[str],
+    typer.Option(
+        help="This device's id (letters, digits, . _ -). Default: the enrolled name, else the identity's generated "
+        "id. Without --state-dir and enrolment, an explicit id uses no identity (demos, tests)."
+    ),
+]
+
 
 @app.command()
 def join(
-    broker: Annotated[str, typer.Option(help="MQTT broker as HOST or HOST:PORT.")],
     data: Annotated[Path, typer.Option(help="Local data: an IDX or CIFAR folder, or an .npz file with x and y.")],
-    node_id: Annotated[
-        Optional[str], typer.Option(help="This device's id (letters, digits, . _ -). Default: host name.")
-    ] = None,
+    broker: BrokerOption = None,
+    node_id: NodeIdOption = None,
+    state_dir: StateDir = None,
     run: Annotated[str, typer.Option(help="The run to join (the coordinator's --run).")] = "default",
     tier: Annotated[
         Optional[int],
@@ -57,18 +74,35 @@ def join(
 ) -> None:
     """Join one run: announce this device, take training tasks, train with ONNX Runtime, upload the weights;
     exit when the run ends (exit 3 if the broker does not answer within 15 s). For a device that stays up,
-    run after run, use `nefl-edge agent`."""
+    run after run, use `nefl-edge agent`. An enrolled device (`nefl-edge enrol`) signs what it sends and
+    takes only what the coordinator signed."""
     _device(
-        broker, data, node_id, run, tier, cache, tls_ca, tls_cert, tls_key, username, password_file,
+        broker, data, node_id, state_dir, run, tier, cache, tls_ca, tls_cert, tls_key, username, password_file,
         mqtt_version, threads, max_samples, max_message_size, backend, verbose,
         pinned=True, agent_options=None,
     )  # fmt: skip
 
 
+def _open_identity(state_dir: Optional[Path], node_id: Optional[str]) -> Optional[Identity]:
+    """The device's identity, locked for the life of the process; ``None`` for an explicit ``--node-id``
+    without ``--state-dir`` and without an enrolment in the default state dir (demos and tests)."""
+    from nefl_edge.edge_client.identity import IdentityError, default_state_dir, open_identity
+
+    folder = state_dir or default_state_dir()
+    if node_id is not None and state_dir is None and not (folder / "enrolment.json").exists():
+        return None
+    try:
+        identity = open_identity(folder, lock=True)
+    except (IdentityError, OSError) as exc:
+        fail(str(exc))
+    return identity
+
+
 def _device(
-    broker: str,
+    broker: Optional[str],
     data: Path,
     node_id: Optional[str],
+    state_dir: Optional[Path],
     run: str,
     tier: Optional[int],
     cache: Path,
@@ -86,39 +120,121 @@ def _device(
     pinned: bool,
     agent_options: Any,
 ) -> None:
-    """`join` (one run, ``agent_options`` None) and `agent` (long-lived): same options, one code path."""
-    from nefl_edge.edge_client.agent import Agent, AgentOptions
-    from nefl_edge.edge_client.client import ClientOptions
+    """`join` (one run, ``agent_options`` None) and `agent` (long-lived): same options, one code path. The
+    identity (when one is used) stays locked until the process ends: a second process gets a clear error."""
     from nefl_edge.edge_client.data import DataError, load_dataset
-    from nefl_edge.edge_client.mqtt import BrokerAddress, BrokerError, Security
     from nefl_edge.edge_client.schemas import NAME_PATTERN
     from nefl_edge.edge_client.trainer import BackendUnavailable, choose_backend
 
     setup_logging(verbose)
-    node = node_id or socket.gethostname().split(".")[0]
-    if not re.match(NAME_PATTERN, node):
-        fail(f"node id {node!r} must be 1-64 letters, digits, '.', '_' or '-'; pass --node-id")
+    if node_id is not None and not re.match(NAME_PATTERN, node_id):
+        fail(f"node id {node_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
     if not re.match(NAME_PATTERN, run):
         fail(f"run {run!r} must be 1-64 letters, digits, '.', '_' or '-'")
     if mqtt_version not in ("3.1.1", "5"):
         fail(f"--mqtt-version must be 3.1.1 or 5, got {mqtt_version!r}")
-    try:
-        address = BrokerAddress.parse(broker, 8883 if tls_ca else 1883)
-        dataset = load_dataset(data, "train")
-        choose_backend(backend)
-    except (ValueError, DataError, BackendUnavailable) as exc:
-        fail(str(exc))
-        return
-    if max_samples is not None:
-        dataset.x, dataset.y = dataset.x[:max_samples], dataset.y[:max_samples]
-    security = Security(tls_ca, tls_cert, tls_key, False, username, password_file)
     if max_message_size < 1024:
         fail("--max-message-size must be at least 1024 bytes")
+    try:
+        dataset = load_dataset(data, "train")
+        choose_backend(backend)
+    except (DataError, BackendUnavailable) as exc:
+        fail(str(exc))
+    if max_samples is not None:
+        dataset.x, dataset.y = dataset.x[:max_samples], dataset.y[:max_samples]
+    identity = _open_identity(state_dir, node_id)
+    try:
+        _serve_device(
+            identity, broker, dataset, node_id, run, tier, cache, tls_ca, tls_cert, tls_key, username,
+            password_file, mqtt_version, threads, max_message_size, backend, pinned, agent_options,
+        )  # fmt: skip
+    finally:
+        if identity is not None:
+            identity.close()
+
+
+def _serve_device(
+    identity: Optional[Identity],
+    broker: Optional[str],
+    dataset: Dataset,
+    node_id: Optional[str],
+    run: str,
+    tier: Optional[int],
+    cache: Path,
+    tls_ca: Optional[Path],
+    tls_cert: Optional[Path],
+    tls_key: Optional[Path],
+    username: Optional[str],
+    password_file: Optional[Path],
+    mqtt_version: str,
+    threads: int,
+    max_message_size: int,
+    backend: str,
+    pinned: bool,
+    agent_options: Any,
+) -> None:
+    """Resolve node id, broker, credentials and keys (from the enrolment unless given), then serve."""
+    from nefl_edge.edge_client.agent import Agent, AgentOptions
+    from nefl_edge.edge_client.client import ClientOptions
+    from nefl_edge.edge_client.data import DataError
+    from nefl_edge.edge_client.mqtt import BrokerAddress, BrokerError, Security
+    from nefl_edge.edge_client.trainer import BackendUnavailable
+
+    log = logging.getLogger(__name__)
+    signer = keyring = None
+    key_id = "coordinator"
+    if identity is not None and identity.enrolment is not None:
+        enrolment = identity.enrolment
+        if node_id is not None and node_id != enrolment.node:
+            fail(
+                f"this device is enrolled as {enrolment.node!r} (in {identity.state_dir}); --node-id {node_id} "
+                "conflicts with it: leave --node-id out, or pass another --state-dir"
+            )
+        node = enrolment.node
+        broker = broker or enrolment.broker
+        tls_ca = tls_ca or enrolment.ca_cert
+        if username is None and password_file is None:
+            username, password_file = enrolment.username, enrolment.password_file
+        signer, keyring, key_id = identity.signer(), identity.keyring(), enrolment.coordinator_key_id
+        log.info(
+            "enrolled as %s (key %s): signing what this device sends; taking only messages signed by the "
+            "coordinator's key %s",
+            node,
+            identity.fingerprint,
+            identity.describe()["coordinator_fingerprint"],
+        )
+    else:
+        node = node_id or (identity.node if identity is not None else "")
+        log.warning(
+            "UNAUTHENTICATED DEVICE: not enrolled, so it accepts unsigned tasks, weights and control messages "
+            "from anyone who can publish on the broker, and signs nothing. Use it on a trusted network only; "
+            "to enrol: `nefl-edge identity`, `nefl-coord add-device`, `nefl-edge enrol BUNDLE` (README: "
+            "'Deploying to real devices')."
+        )
+    if broker is None:
+        fail("pass --broker HOST[:PORT] (an enrolled device takes it from its enrolment: `nefl-edge enrol`)")
+    try:
+        address = BrokerAddress.parse(broker, 8883 if tls_ca else 1883)
+    except ValueError as exc:
+        fail(str(exc))
+    security = Security(tls_ca, tls_cert, tls_key, False, username, password_file)
     for path in (tls_ca, tls_cert, tls_key, password_file):
         if path is not None and not path.is_file():
             fail(f"file {path} does not exist; check the TLS / password options")
     options = ClientOptions(
-        address, node, run, cache, security, mqtt_version, tier, threads, chunk_size=max_message_size, backend=backend
+        address,
+        node,
+        run,
+        cache,
+        security,
+        mqtt_version,
+        tier,
+        threads,
+        chunk_size=max_message_size,
+        backend=backend,
+        signer=signer,
+        keyring=keyring,
+        coordinator_key_id=key_id,
     )
     device = Agent(options, dataset, agent_options or AgentOptions(once=True, broker_wait_s=15.0), pinned=pinned)
 
@@ -138,11 +254,10 @@ def _device(
 
 @app.command()
 def agent(
-    broker: Annotated[str, typer.Option(help="MQTT broker as HOST or HOST:PORT.")],
     data: Annotated[Path, typer.Option(help="Local data: an IDX or CIFAR folder, or an .npz file with x and y.")],
-    node_id: Annotated[
-        Optional[str], typer.Option(help="This device's id (letters, digits, . _ -). Default: host name.")
-    ] = None,
+    broker: BrokerOption = None,
+    node_id: NodeIdOption = None,
+    state_dir: StateDir = None,
     run: Annotated[
         Optional[str],
         typer.Option(help="Serve only this run, again after each end. Default: any run announced on the broker."),
@@ -185,8 +300,8 @@ def agent(
         fail("--backoff-max must be at least 1 s")
     options = AgentOptions(once=once, broker_wait_s=broker_wait, backoff_max_s=backoff_max)
     _device(
-        broker, data, node_id, run or "default", tier, cache, tls_ca, tls_cert, tls_key, username, password_file,
-        mqtt_version, threads, max_samples, max_message_size, backend, verbose,
+        broker, data, node_id, state_dir, run or "default", tier, cache, tls_ca, tls_cert, tls_key, username,
+        password_file, mqtt_version, threads, max_samples, max_message_size, backend, verbose,
         pinned=run is not None, agent_options=options,
     )  # fmt: skip
 
@@ -233,8 +348,8 @@ def predict(
 
 @app.command("install-service")
 def install_service(
-    broker: Annotated[str, typer.Option(help="MQTT broker as HOST or HOST:PORT.")],
     data: Annotated[Path, typer.Option(help="The device's data (readable by the service user).")],
+    broker: BrokerOption = None,
     run: Annotated[Optional[str], typer.Option(help="Pin the agent to this run (default: any run).")] = None,
     user: Annotated[str, typer.Option(help="The dedicated system user the service runs as.")] = "nefl-edge",
     password_file: Annotated[
@@ -299,12 +414,6 @@ def profile(
         fail(str(exc))
         return
     typer.echo(json.dumps(device_profile(kind, speed, probe).model_dump(), indent=1))
-
-
-StateDir = Annotated[
-    Optional[Path],
-    typer.Option(help="Identity folder (default $NEFL_STATE_DIR or ~/.local/state/nefl-edge)."),
-]
 
 
 @app.command()

@@ -3,13 +3,15 @@ upload, keep the latest weights. :mod:`edge_client.agent` runs one of these per 
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -34,6 +36,7 @@ from nefl_edge.edge_client.schemas import (
     Update,
     Weights,
 )
+from nefl_edge.edge_client.signing import Keyring, Signer, signers_by_topic
 from nefl_edge.edge_client.trainer import (
     BACKEND_FILES,
     DeadlineMissed,
@@ -47,6 +50,7 @@ from nefl_edge.edge_client.wire import ProtocolError, Topics, encode, pack_tenso
 
 log = logging.getLogger(__name__)
 UPLOAD_MARGIN_S = 2.0
+SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason code
 
 
 class RunEnded(Exception):
@@ -88,6 +92,63 @@ class ClientOptions:
     keep_latest: bool = True
     """Keep the weights of each finished task under ``<cache>/latest`` for local inference."""
     progress_every_s: float = 10.0
+    signer: Optional[Signer] = None
+    """Signs everything this device publishes (the enrolled identity's key, key id = ``node``)."""
+    keyring: Optional[Keyring] = None
+    """The coordinator's key: with it, every message received must carry the coordinator's signature
+    (on its topics); ``None``: nothing is verified (the loopback demo)."""
+    coordinator_key_id: str = "coordinator"
+    instance: str = field(default_factory=lambda: secrets.token_hex(6))
+    """Random per process, sent in every hello: the coordinator tells two processes with one identity apart."""
+
+
+class TakeoverWatch:
+    """Notices a broker that keeps dropping this device's connection right after it connects: MQTT 5's
+    "Session taken over", or (MQTT 3.1.1 says no reason) an unexpected disconnect within ``quick_s`` of
+    connecting. ``threshold`` such drops within ``window_s`` mean that another process most likely uses the
+    same identity (same broker account and client id): one clear error, at most once per ``window_s``."""
+
+    def __init__(
+        self,
+        node: str,
+        quick_s: float = 10.0,
+        window_s: float = 120.0,
+        threshold: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.node, self.quick_s, self.window_s, self.threshold, self.clock = node, quick_s, window_s, threshold, clock
+        self._connected_at: Optional[float] = None
+        self._drops: Deque[float] = collections.deque(maxlen=threshold)
+        self._reported_at: Optional[float] = None
+        self.reports = 0
+
+    def connected(self) -> None:
+        self._connected_at = self.clock()
+
+    def disconnected(self, reason: Any) -> bool:
+        """Note a disconnect (paho's reason code); True if it made this watch log the error."""
+        now, since = self.clock(), self._connected_at
+        self._connected_at = None
+        taken_over = getattr(reason, "value", None) == SESSION_TAKEN_OVER
+        quick = since is not None and now - since < self.quick_s and bool(getattr(reason, "is_failure", False))
+        if not (taken_over or quick):
+            return False
+        self._drops.append(now)
+        if len(self._drops) < self.threshold or now - self._drops[0] > self.window_s:
+            return False
+        if self._reported_at is not None and now - self._reported_at < self.window_s:
+            return False
+        self._reported_at = now
+        self.reports += 1
+        log.error(
+            "the broker dropped this device's connection %d times right after it connected (last: %s): most likely "
+            "another process uses the identity %s (same broker account and client id: a second service, or a copied "
+            "state dir); stop it, or give each device its own state dir (`nefl-edge identity` shows the node id)",
+            len(self._drops),
+            reason,
+            self.node,
+        )
+        return True
 
 
 class EdgeClient:
@@ -109,6 +170,11 @@ class EdgeClient:
         self._backends: Dict[str, TrainerBackend] = {}
         self._deferred: List[Inbound] = []
         self._done_tasks: set[str] = set()
+        self._joined_at = 0.0  # sent_at of the manifest this client joined with (coordinator clock)
+        self._manifest_at = 0.0  # sent_at of the newest manifest since (a coordinator republishes after a reconnect)
+        self._highest: Optional[Tuple[int, float]] = None  # (round, sent_at) of the last task taken
+        self.refused: List[str] = []  # why tasks were refused, latest last (bounded)
+        self.takeovers = TakeoverWatch(options.node)
         self._stop = threading.Event()
         self._left: Optional[str] = None
         self._hello: Optional[Hello] = None
@@ -118,7 +184,7 @@ class EdgeClient:
     def _new_link(self) -> MqttLink:
         opts = self.opts
         lost = encode(Status(run=opts.run, node=opts.node, state="lost"))  # the Last Will
-        return MqttLink(
+        link = MqttLink(
             f"nefl-{opts.run}-{opts.node}",
             opts.broker,
             opts.run,
@@ -126,7 +192,31 @@ class EdgeClient:
             protocol="5" if opts.protocol == "5" else "3.1.1",
             will=(self.topics.node(opts.node, "status"), lost),
             chunk_size=opts.chunk_size,
+            signer=opts.signer,
+            keyring=opts.keyring,
+            sender_of=signers_by_topic(opts.coordinator_key_id) if opts.keyring is not None else None,
         )
+        self._watch_takeovers(link)
+        return link
+
+    def _watch_takeovers(self, link: MqttLink) -> None:
+        """Feed the link's connects and disconnects to :attr:`takeovers` (after the link's own handlers)."""
+        on_connect, on_disconnect, watch = link.client.on_connect, link.client.on_disconnect, self.takeovers
+
+        def connected(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+            on_connect(client, userdata, flags, reason, props)
+            if not getattr(reason, "is_failure", True):
+                watch.connected()
+
+        def disconnected(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+            on_disconnect(client, userdata, flags, reason, props)
+            try:
+                watch.disconnected(reason)
+            except Exception:  # never let a callback end paho's network thread
+                log.exception("the takeover watch failed")
+
+        link.client.on_connect = connected
+        link.client.on_disconnect = disconnected
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
@@ -163,6 +253,7 @@ class EdgeClient:
                 profile=self._profile(self.manifest),
                 num_samples=len(self.data),
                 tier=self.opts.tier,
+                instance=self.opts.instance,
             )
             self._announce()
             log.info("joined run %s as %s with %d samples; waiting for tasks", self.opts.run, node, len(self.data))
@@ -230,7 +321,8 @@ class EdgeClient:
                 continue
             if match(message, body):
                 return message, body
-            if isinstance(message, Control) and message.action == "end":
+            if self._is_end(message):
+                assert isinstance(message, Control)
                 raise RunEnded(message.reason, message.sent_at)
             self._deferred.append((stream, message, body))
         if self._stop.is_set():
@@ -253,12 +345,14 @@ class EdgeClient:
             if wait <= 0:
                 return None
             try:
-                _, body = self._wait_for("manifest", lambda m, b: self._fresh_manifest(m), wait)
+                message, body = self._wait_for("manifest", lambda m, b: self._fresh_manifest(m), wait)
             except TimeoutError:
                 log.info("no manifest yet; is the coordinator of run %r up?", self.opts.run)
                 continue
             try:
-                return parse_manifest(body.decode(), "the manifest from the broker")
+                manifest = parse_manifest(body.decode(), "the manifest from the broker")
+                self._joined_at = self._manifest_at = message.sent_at
+                return manifest
             except (ArtifactError, UnicodeDecodeError) as exc:
                 log.warning("ignored a bad manifest: %s", exc)
         raise _Stopped()
@@ -308,25 +402,58 @@ class EdgeClient:
 
     # --- tasks ---------------------------------------------------------------------------------------------
 
+    def _is_end(self, message: Message) -> bool:
+        """A ``control end`` of this run; one sent before the manifest this client joined with is an old one
+        (replayed, or of an earlier run of the same name) and is ignored."""
+        if not (isinstance(message, Control) and message.action == "end"):
+            return False
+        if message.sent_at < self._joined_at:
+            log.warning("ignored a control end sent before this run's manifest (a replay of an earlier run's end)")
+            return False
+        return True
+
     def _handle(self, stream: str, message: Message, body: bytes) -> None:
         if isinstance(message, Control):
-            if message.action == "end":
+            if self._is_end(message):
                 raise RunEnded(message.reason or "the coordinator finished", message.sent_at)
-            self._announce()  # a (re)started coordinator asks who is there
+            if message.action == "announce":
+                self._announce()  # a (re)started coordinator asks who is there
             return
         if isinstance(message, ManifestMessage):
             if not self._fresh_manifest(message):
                 return
             try:
                 self.manifest = parse_manifest(body.decode(), "the manifest from the broker")
+                self._manifest_at = max(self._manifest_at, message.sent_at)
             except (ArtifactError, UnicodeDecodeError) as exc:
                 log.warning("ignored a bad manifest: %s", exc)
             return
         if isinstance(message, Task):
-            if message.node != self.opts.node or message.task_id in self._done_tasks:
+            if message.node != self.opts.node:
+                return
+            refusal = self._refusal(message)
+            if refusal:
+                self.refused = [*self.refused[-31:], refusal]
+                log.warning("refused task %s of round %d: %s; not training it", message.task_id, message.round, refusal)
                 return
             self._done_tasks.add(message.task_id)
+            self._highest = (message.round, message.sent_at)
             self._run_task(message, time.monotonic())
+
+    def _refusal(self, task: Task) -> str:
+        """Why ``task`` must not be trained (a replay), or "". Times are the coordinator's ``sent_at`` (signed
+        with the message), compared only with each other: no clock on the device is trusted."""
+        if task.task_id in self._done_tasks:
+            return "this task was done already (a replay)"
+        if task.sent_at < self._joined_at:
+            return "it was sent before this run's manifest (a task of an earlier run, replayed)"
+        highest = self._highest
+        if highest is not None and task.round < highest[0]:
+            # a coordinator started afresh under the same run name sends round 1 again, after a new manifest
+            restarted = task.sent_at > self._manifest_at > highest[1]
+            if not restarted:
+                return f"round {task.round} is older than round {highest[0]}, already seen in this run (a replay)"
+        return ""
 
     def _run_task(self, task: Task, received: float) -> None:
         manifest = self.manifest

@@ -128,6 +128,11 @@ class Hello(Message):
     profile: DeviceProfile
     num_samples: int = Field(ge=0)
     tier: Optional[int] = Field(None, ge=0)
+    instance: Optional[str] = Field(
+        None,
+        pattern=r"^[0-9a-f]{6,32}$",
+        description="random per device process: two processes that use one identity say hello with two",
+    )
 
 
 class Status(Message):

@@ -103,10 +103,11 @@ class ClientOptions:
 
 
 class TakeoverWatch:
-    """Notices a broker that keeps dropping this device's connection right after it connects: MQTT 5's
-    "Session taken over", or (MQTT 3.1.1 says no reason) an unexpected disconnect within ``quick_s`` of
-    connecting. ``threshold`` such drops within ``window_s`` mean that another process most likely uses the
-    same identity (same broker account and client id): one clear error, at most once per ``window_s``."""
+    """Notices a broker that keeps knocking this device off: MQTT 5's "Session taken over", or (MQTT 3.1.1
+    gives no reason) a connection that failed within ``quick_s`` of connecting and was reconnected within
+    ``quick_s`` again, so the broker itself was up (a broker restart or a flaky network reconnects later or
+    drops connections that lived longer). ``threshold`` such drops within ``window_s`` mean that another process
+    most likely uses the same identity (same broker account and client id): one clear error per ``window_s``."""
 
     def __init__(
         self,
@@ -118,26 +119,32 @@ class TakeoverWatch:
     ) -> None:
         self.node, self.quick_s, self.window_s, self.threshold, self.clock = node, quick_s, window_s, threshold, clock
         self._connected_at: Optional[float] = None
+        self._dropped: Optional[Tuple[float, str]] = None  # a quick failed session: when it ended, and why
         self._drops: Deque[float] = collections.deque(maxlen=threshold)
         self._reported_at: Optional[float] = None
         self.reports = 0
 
     def connected(self) -> None:
-        self._connected_at = self.clock()
+        now, dropped = self.clock(), self._dropped
+        self._connected_at, self._dropped = now, None
+        if dropped is not None and now - dropped[0] < self.quick_s:
+            self._count(now, dropped[1])
 
-    def disconnected(self, reason: Any) -> bool:
-        """Note a disconnect (paho's reason code); True if it made this watch log the error."""
+    def disconnected(self, reason: Any) -> None:
+        """Note a disconnect with paho's reason code."""
         now, since = self.clock(), self._connected_at
         self._connected_at = None
-        taken_over = getattr(reason, "value", None) == SESSION_TAKEN_OVER
-        quick = since is not None and now - since < self.quick_s and bool(getattr(reason, "is_failure", False))
-        if not (taken_over or quick):
-            return False
+        if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
+            self._count(now, str(reason))
+        elif since is not None and now - since < self.quick_s and getattr(reason, "is_failure", False):
+            self._dropped = (now, str(reason))
+
+    def _count(self, now: float, reason: str) -> None:
         self._drops.append(now)
         if len(self._drops) < self.threshold or now - self._drops[0] > self.window_s:
-            return False
+            return
         if self._reported_at is not None and now - self._reported_at < self.window_s:
-            return False
+            return
         self._reported_at = now
         self.reports += 1
         log.error(
@@ -148,7 +155,6 @@ class TakeoverWatch:
             reason,
             self.node,
         )
-        return True
 
 
 class EdgeClient:

@@ -457,20 +457,25 @@ def test_repeated_drops_right_after_connecting_name_the_likely_cause(caplog: pyt
     now = [0.0]
     watch = TakeoverWatch("pi-a", clock=lambda: now[0])
 
-    def session(seconds: float, reason: int) -> bool:
+    def session(seconds: float, reason: int, down_s: float = 1.0) -> int:
+        """Connected for ``seconds``, dropped with ``reason``, back ``down_s`` later: the reports so far."""
         watch.connected()
         now[0] += seconds
-        return watch.disconnected(Reason(reason))
+        watch.disconnected(Reason(reason))
+        now[0] += down_s
+        return watch.reports
 
     with caplog.at_level(logging.ERROR):
-        long_lived = session(600, 128)  # a broker restart after ten minutes: no sign of a duplicate
+        long_lived = session(600, 128)  # a long session ends: no sign of a duplicate
         clean = session(1, 0)  # a clean disconnect
-        first = session(1, 128)
+        restart = session(1, 128, down_s=30)  # the broker went down: back only much later
+        first = session(1, 128)  # knocked off, and back at once
         second = session(2, 142)  # MQTT 5: session taken over
         third = session(1, 128)  # reported once per window
+        watch.connected()
 
-    assert (long_lived, clean, first, second, third) == (False, False, False, True, False)
-    assert "most likely another process uses the identity pi-a" in caplog.text and watch.reports == 1
+    assert (long_lived, clean, restart, first, second, third, watch.reports) == (0, 0, 0, 0, 1, 1, 1)
+    assert "most likely another process uses the identity pi-a" in caplog.text
 
 
 def test_the_coordinator_names_two_processes_that_share_an_identity(caplog: pytest.LogCaptureFixture) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
 from nefl_edge.coordinator.broker import LocalBroker, free_port
 from nefl_edge.edge_client.data import load_dataset
 
@@ -111,10 +112,11 @@ def make_shards(folder: Path, sizes: list[int], offset: int = 0) -> list[Path]:
 
 
 BLOCKER = """
-import importlib.abc, sys
+import importlib.abc, os, sys
+_extra = tuple(p for p in os.environ.get("NEFL_TEST_BLOCK", "").split(",") if p)
 class _Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "onnx"):
+        if name.split(".")[0] in ("torch", "onnx") or any(name == p or name.startswith(p + ".") for p in _extra):
             raise ImportError(f"{name} is blocked on the device path (test guard)")
         return None
 sys.meta_path.insert(0, _Block())
@@ -143,14 +145,16 @@ def spawn_edge(
     tier: Optional[int] = None,
     run: str = "default",
     python: str = sys.executable,
+    block: tuple[str, ...] = (),
 ) -> subprocess.Popen[bytes]:
-    """A real `nefl-edge join` process in which torch and onnx cannot be imported."""
+    """A real `nefl-edge join` process in which torch, onnx and the modules in ``block`` cannot be imported."""
     args = [python, "-m", "nefl_edge.edge_client", "join", "--broker", broker, "--data", str(data), "--node-id", node]
     args += ["--run", run, "--cache", str(folder / f"cache-{node}"), "--threads", "1", *extra]
     if tier is not None:
         args += ["--tier", str(tier)]
     log = (folder / f"{node}.log").open("ab")
-    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=device_env(folder), start_new_session=True)
+    env = {**device_env(folder), "NEFL_TEST_BLOCK": ",".join(block)}
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def spawn_coordinator(broker: str, folder: Path, *extra: str) -> subprocess.Popen[bytes]:

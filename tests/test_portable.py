@@ -5,11 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import pytest
 import torch
+
 from nefl_edge.coordinator.models import SubmodelNet, initial_consistent
 from nefl_edge.coordinator.nested import GlobalState, extract, init_global_state
 from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec
@@ -19,7 +21,6 @@ from nefl_edge.edge_client.portable import PortableBackend
 from nefl_edge.edge_client.profile import measure_throughput
 from nefl_edge.edge_client.schemas import Hello, TrainConfig, Update
 from nefl_edge.edge_client.trainer import BACKEND_FILES, OrtTrainingBackend
-
 from tests.helpers import Broker, make_shards, spawn_edge, stop
 from tests.test_export import torch_step
 
@@ -124,7 +125,8 @@ def stock_python(tmp_path_factory: pytest.TempPathFactory) -> str:
     venv = tmp_path_factory.mktemp("stock-venv")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    subprocess.run([*pip, "onnxruntime", "numpy", "paho-mqtt>=2", "pydantic>=2", "typer", "safetensors"], check=True)
+    deps = ["onnxruntime", "numpy", "paho-mqtt>=2", "pydantic>=2", "typer", "safetensors", "cryptography>=42"]
+    subprocess.run([*pip, *deps], check=True)
     probe = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import importlib.util as u; print(u.find_spec('onnxruntime.training'))"],
         capture_output=True,
@@ -135,15 +137,29 @@ def stock_python(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(venv / "bin" / "python")
 
 
+@pytest.fixture(params=["training-build-hidden", pytest.param("stock-venv", marks=pytest.mark.slow)])
+def device_without_training_build(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """How to start a device that has no ONNX Runtime training build: this interpreter with
+    ``onnxruntime.training`` made unimportable (default suite), or a fresh venv with stock onnxruntime
+    from PyPI (slow suite: it downloads)."""
+    if request.param == "stock-venv":
+        return {"python": request.getfixturevalue("stock_python")}
+    return {"block": ("onnxruntime.training",)}
+
+
 @pytest.mark.integration
 def test_device_with_only_stock_onnxruntime_trains_and_the_loss_goes_down(
-    broker: Broker, small_artifacts: Path, state: GlobalState, tmp_path: Path, stock_python: str
+    broker: Broker,
+    small_artifacts: Path,
+    state: GlobalState,
+    tmp_path: Path,
+    device_without_training_build: dict[str, Any],
 ) -> None:
     from tests.test_edge_integration import StandIn
 
     shard = make_shards(tmp_path, [640], offset=20000)[0]
     stand_in = StandIn(broker, small_artifacts)
-    proc = spawn_edge(broker.address, shard, "pi-stock", tmp_path, python=stock_python)
+    proc = spawn_edge(broker.address, shard, "pi-stock", tmp_path, **device_without_training_build)
     try:
         hello, _ = stand_in.expect(Hello, timeout=90)
         assert hello.profile.backend == "portable" and hello.profile.samples_per_s > 0

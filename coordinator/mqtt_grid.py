@@ -72,6 +72,7 @@ class MqttGrid:
         self._retained: dict[str, tuple[Message, bytes]] = {}
         self._bytes_out = 0
         self._rejections: Counter[str] = Counter()
+        self._link_seen: Counter[str] = Counter()
         self._reconnected_at = 0.0
 
     # --- the run on the broker -----------------------------------------------------------------------------
@@ -125,9 +126,13 @@ class MqttGrid:
         return self._bytes_out
 
     def rejections(self) -> dict[str, int]:
-        out = dict(self._rejections)
+        """Messages rejected since the last call: by this grid (stale, unknown sender) and by the link
+        (bad frames, missing or wrong signatures, ...)."""
+        link = self.link.rejections
+        out = self._rejections + Counter({k: v - self._link_seen[k] for k, v in link.items()})
+        self._link_seen = Counter(link)
         self._rejections.clear()
-        return out
+        return {k: v for k, v in out.items() if v > 0}
 
     def _next(self, timeout: float) -> Optional[tuple[str, Message, bytes]]:
         try:

@@ -133,6 +133,7 @@ def device_env(folder: Path) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(site), repo, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["PYTHONUNBUFFERED"] = "1"
     env["NEFL_THREADS"] = "1"
+    env["NEFL_STATE_DIR"] = str(folder / "device-state")  # never the developer's own enrolled identity
     return env
 
 

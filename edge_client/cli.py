@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
 import signal
 import sys
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -42,45 +44,6 @@ NodeIdOption = Annotated[
         "id. Without --state-dir and enrolment, an explicit id uses no identity (demos, tests)."
     ),
 ]
-
-
-@app.command()
-def join(
-    data: Annotated[Path, typer.Option(help="Local data: an IDX or CIFAR folder, or an .npz file with x and y.")],
-    broker: BrokerOption = None,
-    node_id: NodeIdOption = None,
-    state_dir: StateDir = None,
-    run: Annotated[str, typer.Option(help="The run to join (the coordinator's --run).")] = "default",
-    tier: Annotated[
-        Optional[int],
-        typer.Option(help="Declared device tier for the coordinator's static policy (0 = smallest submodel)."),
-    ] = None,
-    cache: Annotated[Path, typer.Option(help="Folder for cached artifacts.")] = Path.home() / ".cache" / "nefl-edge",
-    tls_ca: Annotated[Optional[Path], typer.Option(help="CA certificate file: connect with TLS.")] = None,
-    tls_cert: Annotated[Optional[Path], typer.Option(help="Client certificate for TLS client authentication.")] = None,
-    tls_key: Annotated[Optional[Path], typer.Option(help="Key of the client certificate.")] = None,
-    username: Annotated[Optional[str], typer.Option(help="Broker user name.")] = None,
-    password_file: Annotated[Optional[Path], typer.Option(help="File holding the broker password.")] = None,
-    mqtt_version: Annotated[str, typer.Option(help="MQTT protocol version: 3.1.1 or 5.")] = "3.1.1",
-    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: all cores).")] = 0,
-    max_samples: Annotated[Optional[int], typer.Option(help="Use only the first N samples of the data.")] = None,
-    max_message_size: Annotated[
-        int, typer.Option(help="Bytes per MQTT message; larger payloads are chunked.")
-    ] = 1048576,
-    backend: Annotated[
-        str, typer.Option(help="Training backend: auto, ort-training (training build) or portable (stock onnxruntime).")
-    ] = "auto",
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
-) -> None:
-    """Join one run: announce this device, take training tasks, train with ONNX Runtime, upload the weights;
-    exit when the run ends (exit 3 if the broker does not answer within 15 s). For a device that stays up,
-    run after run, use `nefl-edge agent`. An enrolled device (`nefl-edge enrol`) signs what it sends and
-    takes only what the coordinator signed."""
-    _device(
-        broker, data, node_id, state_dir, run, tier, cache, tls_ca, tls_cert, tls_key, username, password_file,
-        mqtt_version, threads, max_samples, max_message_size, backend, verbose,
-        pinned=True, agent_options=None,
-    )  # fmt: skip
 
 
 def _open_identity(state_dir: Optional[Path], node_id: Optional[str]) -> Optional[Identity]:
@@ -304,6 +267,35 @@ def agent(
         password_file, mqtt_version, threads, max_samples, max_message_size, backend, verbose,
         pinned=run is not None, agent_options=options,
     )  # fmt: skip
+
+
+AGENT_ONLY = ("once", "broker_wait", "backoff_max")
+
+
+def join(**options: Any) -> None:
+    """Join one run: announce this device, take training tasks, train with ONNX Runtime, upload the weights;
+    exit when the run ends (exit 3 if the broker does not answer within 15 s). For a device that stays up,
+    run after run, use `nefl-edge agent`. An enrolled device (`nefl-edge enrol`) signs what it sends and
+    takes only what the coordinator signed."""
+    _device(**options, pinned=True, agent_options=None)
+
+
+def _join_signature() -> inspect.Signature:
+    """``agent``'s options without the agent-only ones; ``--run`` names the one run to join."""
+    hints = typing.get_type_hints(agent, include_extras=True)
+    run_option = typer.Option(help="The run to join (the coordinator's --run).")
+    params = [
+        p.replace(annotation=Annotated[str, run_option], default="default")
+        if p.name == "run"
+        else p.replace(annotation=hints[p.name])
+        for p in inspect.signature(agent).parameters.values()
+        if p.name not in AGENT_ONLY
+    ]
+    return inspect.Signature(params)
+
+
+join.__signature__ = _join_signature()  # type: ignore[attr-defined]
+app.command()(join)
 
 
 @app.command()

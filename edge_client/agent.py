@@ -266,20 +266,24 @@ class Agent:
                 self.discovery.close()
         return served
 
+    def _connect(self, connect: Callable[[float], None]) -> bool:
+        """``connect`` with this agent's backoff; False when stopped or ``--broker-wait`` ran out."""
+        return connect_with_backoff(
+            connect,
+            f"broker {self.opts.broker}",
+            self._stop,
+            self._backoff(),
+            self.agent.broker_wait_s,
+            self.agent.attempt_timeout_s,
+        )
+
     def _discover(self) -> Optional[Tuple[str, str]]:
         """Connect the discovery subscription, wait for a run to serve, disconnect. One connection at a time:
         a broker that makes the user name the client id (the generated config does) allows no more."""
         if self.discovery is None:
             self.discovery = RunDiscovery(self.opts, f"nefl-agent-{self.opts.node}")
         discovery = self.discovery
-        if not connect_with_backoff(
-            discovery.connect,
-            f"broker {self.opts.broker}",
-            self._stop,
-            self._backoff(),
-            self.agent.broker_wait_s,
-            self.agent.attempt_timeout_s,
-        ):
+        if not self._connect(discovery.connect):
             return None
         try:
             return discovery.wait_for_run(self._stop, lambda run, digest: digest in self._done.get(run, []))
@@ -293,14 +297,7 @@ class Agent:
                 return None
             self._client = client
         try:
-            if not connect_with_backoff(
-                client.connect,
-                f"broker {self.opts.broker}",
-                self._stop,
-                self._backoff(),
-                self.agent.broker_wait_s,
-                self.agent.attempt_timeout_s,
-            ):
+            if not self._connect(client.connect):
                 return None
             log.info("serving run %s", run)
             return client.serve(None if self.pinned else self.agent.manifest_wait_s)

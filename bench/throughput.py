@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
+
 from nefl_edge.coordinator.models import SubmodelNet, initial_consistent
 from nefl_edge.coordinator.nested import extract, init_global_state
 from nefl_edge.coordinator.specs import get_model_config, make_specs

@@ -8,9 +8,10 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
+from pydantic import ValidationError
+
 from nefl_edge.edge_client.errors import BadInput
 from nefl_edge.edge_client.schemas import FileEntry, Manifest, SubmodelEntry
-from pydantic import ValidationError
 
 MANIFEST_NAME = "manifest.json"
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal, Optional, Tuple
 
 import numpy as np
+
 from nefl_edge.edge_client.errors import BadInput
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+
 from nefl_edge.edge_client.schemas import ParamEntry, TrainConfig
 
 Tensors = Dict[str, np.ndarray]

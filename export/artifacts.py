@@ -69,6 +69,7 @@ def _quiet() -> Iterator[None]:
 def _export_one(config: ModelConfig, spec: SubmodelSpec, folder: Path) -> None:
     import onnx
     import torch
+
     from nefl_edge.coordinator.models import SubmodelNet
     from nefl_edge.edge_client.trainer import training_api
 

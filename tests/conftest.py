@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec, get_model_config, make_specs
 from nefl_edge.edge_client.data import FASHION_MNIST_DIR, HOW_TO_GET_DATA
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec
 
+from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec
 from tests.helpers import build_wheel, step_differences, write_step_inputs
 
 REPO = Path(__file__).resolve().parents[1]

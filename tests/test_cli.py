@@ -8,7 +8,7 @@ import sys
 import pytest
 
 COMMANDS = {
-    "nefl_edge.coordinator": [  # fmt: skip
+    "nefl_edge.coordinator": [
         "specs",
         "export",
         "export-model",

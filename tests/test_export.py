@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from nefl_edge.coordinator.models import SubmodelNet, initial_consistent
 from nefl_edge.coordinator.nested import GlobalState, extract, init_global_state, renest
 from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from nefl_edge.coordinator.nefedavg import NeFedAvg
 from nefl_edge.coordinator.nested import GlobalState, extract, init_global_state, renest
 from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec, get_model_config, param_layout

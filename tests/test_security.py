@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from nefl_edge.edge_client.mqtt import BrokerAddress, BrokerError, MqttLink, Security
 from nefl_edge.edge_client.schemas import Status
-
 from tests.helpers import Broker
 
 pytestmark = pytest.mark.integration

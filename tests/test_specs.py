@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from nefl_edge.coordinator.specs import (
     DEFAULT_GAMMAS,
     SpecError,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from nefl_edge.coordinator.models import initial_consistent
 from nefl_edge.coordinator.nefedavg import NeFedAvg
 from nefl_edge.coordinator.nested import GlobalState, extract, init_global_state

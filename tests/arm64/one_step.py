@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
+
 from nefl_edge.edge_client.artifacts import load_manifest, submodel_paths
 from nefl_edge.edge_client.portable import PortableBackend
 from nefl_edge.edge_client.schemas import TrainConfig

@@ -102,3 +102,18 @@ def test_the_rules_see_imports_inside_functions(tmp_path: Path) -> None:
     found = imports(probe, {"nefl_edge.coordinator.run"})
 
     assert {"torch", "nefl_edge.coordinator", "nefl_edge.coordinator.run"} <= found
+
+
+def test_the_package_metadata_tells_which_side_needs_which_python() -> None:
+    import tomllib
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    coord = [Requirement(r) for r in project["optional-dependencies"]["coord"]]
+
+    assert project["requires-python"] == ">=3.9"
+    for requirement in coord:
+        assert requirement.marker is not None
+        assert not requirement.marker.evaluate({"python_version": "3.10"}), requirement
+        assert requirement.marker.evaluate({"python_version": "3.11"}), requirement
+    assert "sys.version_info < (3, 11)" in (ROOT / "coordinator" / "__init__.py").read_text()

@@ -95,7 +95,8 @@ def simulate(
     (node ``client_names(...)[i]``) holds ``shards[i]`` and affords ``gammas[tiers[i]]``. Every submodel is
     evaluated on ``test`` before training, every ``eval_every`` rounds (0: only at the end) and after the
     last round. ``cfg`` gives every other rule of the run (selection, coverage, screening); by default the
-    run configuration's defaults with this call's arguments."""
+    run configuration's defaults with this call's arguments and the paper's protocol: every device trains
+    the submodel of its own tier (static policy, no coverage moves)."""
     start = time.perf_counter()
     if cfg is None:
         cfg = RunConfig(
@@ -107,6 +108,7 @@ def simulate(
             seed=seed,
             train=train,
             policy="static",
+            cover_submodels=False,
         )
     config = strategy.configure(config)
     plan = strategy.plan(config, gammas)

@@ -201,7 +201,7 @@ def _by_class(trained: dict[str, list[int]]) -> str:
 def render(record: dict[str, Any]) -> str:
     opts = record["options"]
     lines = [
-        "## Stragglers on an emulated fleet: NeFL vs FedAvg",
+        f"## Stragglers on an emulated fleet: NeFL vs FedAvg ({record['scheme']} shards)",
         "",
         f"`{record['command']}` at commit `{record['commit']}`. Fleet `{opts['fleet']}` "
         f"({', '.join(f'{n} x {c}' for c, n in record['classes_count'].items())}; CPU quota per device = class "
@@ -211,7 +211,7 @@ def render(record: dict[str, Any]) -> str:
         f"(wait policy: {opts['wait_deadline_s']:.0f} s); budget {opts['budget_s']:.0f} s of wall-clock per "
         f"policy, counted from the moment every device has joined; target accuracy {_pct(opts['target'])} %. "
         f"Host: {record['environment'].get('cpus')} CPUs, cgroup {record['environment'].get('cgroup')}. "
-        f"Raw numbers and curves: `bench/results/fleet.json`.",
+        f"Raw numbers and curves: `bench/results/fleet-{opts['fleet']}.json`.",
         "",
         "| policy | rounds in budget | time to target, worst submodel (s) | time to target, best (s) | "
         "worst % | average % | best % | updates / device-rounds | mean round (s) | submodels trained, by class |",
@@ -296,7 +296,7 @@ def main() -> None:
         "classes_count": counts,
         "core_per_speed": spec.core_per_speed,
         "speed_spread": max(speeds) / min(speeds),
-        "scheme": spec.scheme,
+        "scheme": spec.scheme if spec.scheme != "dirichlet" else f"dirichlet({spec.alpha})",
         "environment": environment_summary(),
         "policies": results,
     }
@@ -304,11 +304,12 @@ def main() -> None:
     if not args.no_publish:
         from bench.throughput import write_section
 
-        out = ROOT / "bench" / "results" / "fleet.json"
+        name = record["options"]["fleet"]
+        out = ROOT / "bench" / "results" / f"fleet-{name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1) + "\n")
-        write_section(ROOT / "docs" / "benchmarks.md", "fleet", render(record))
-        print(f"wrote {out.relative_to(ROOT)} and the fleet section of docs/benchmarks.md")
+        write_section(ROOT / "docs" / "benchmarks.md", f"fleet-{name}", render(record))
+        print(f"wrote {out.relative_to(ROOT)} and the fleet-{name} section of docs/benchmarks.md")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -61,80 +62,63 @@ def _open_identity(state_dir: Optional[Path], node_id: Optional[str]) -> Optiona
     return identity
 
 
-def _device(
-    broker: Optional[str],
-    data: Path,
-    node_id: Optional[str],
-    state_dir: Optional[Path],
-    run: str,
-    tier: Optional[int],
-    cache: Path,
-    tls_ca: Optional[Path],
-    tls_cert: Optional[Path],
-    tls_key: Optional[Path],
-    username: Optional[str],
-    password_file: Optional[Path],
-    mqtt_version: str,
-    threads: int,
-    max_samples: Optional[int],
-    max_message_size: int,
-    backend: str,
-    verbose: bool,
-    pinned: bool,
-    agent_options: Any,
-) -> None:
+@dataclass(frozen=True)
+class DeviceArgs:
+    """The options `join` and `agent` share, as given on the command line."""
+
+    data: Path
+    broker: Optional[str]
+    node_id: Optional[str]
+    state_dir: Optional[Path]
+    run: str
+    tier: Optional[int]
+    cache: Path
+    tls_ca: Optional[Path]
+    tls_cert: Optional[Path]
+    tls_key: Optional[Path]
+    username: Optional[str]
+    password_file: Optional[Path]
+    mqtt_version: str
+    threads: int
+    max_samples: Optional[int]
+    max_message_size: int
+    backend: str
+    verbose: bool
+
+
+def _device(args: DeviceArgs, pinned: bool, agent_options: Any) -> None:
     """`join` (one run, ``agent_options`` None) and `agent` (long-lived): same options, one code path. The
     identity (when one is used) stays locked until the process ends: a second process gets a clear error."""
     from nefl_edge.edge_client.data import DataError, load_dataset
     from nefl_edge.edge_client.schemas import NAME_PATTERN
     from nefl_edge.edge_client.trainer import BackendUnavailable, choose_backend
 
-    setup_logging(verbose)
-    if node_id is not None and not re.match(NAME_PATTERN, node_id):
-        fail(f"node id {node_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
-    if not re.match(NAME_PATTERN, run):
-        fail(f"run {run!r} must be 1-64 letters, digits, '.', '_' or '-'")
-    if mqtt_version not in ("3.1.1", "5"):
-        fail(f"--mqtt-version must be 3.1.1 or 5, got {mqtt_version!r}")
-    if max_message_size < 1024:
+    setup_logging(args.verbose)
+    if args.node_id is not None and not re.match(NAME_PATTERN, args.node_id):
+        fail(f"node id {args.node_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    if not re.match(NAME_PATTERN, args.run):
+        fail(f"run {args.run!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    if args.mqtt_version not in ("3.1.1", "5"):
+        fail(f"--mqtt-version must be 3.1.1 or 5, got {args.mqtt_version!r}")
+    if args.max_message_size < 1024:
         fail("--max-message-size must be at least 1024 bytes")
     try:
-        dataset = load_dataset(data, "train")
-        choose_backend(backend)
+        dataset = load_dataset(args.data, "train")
+        choose_backend(args.backend)
     except (DataError, BackendUnavailable) as exc:
         fail(str(exc))
-    if max_samples is not None:
-        dataset.x, dataset.y = dataset.x[:max_samples], dataset.y[:max_samples]
-    identity = _open_identity(state_dir, node_id)
+    if args.max_samples is not None:
+        dataset.x, dataset.y = dataset.x[: args.max_samples], dataset.y[: args.max_samples]
+    identity = _open_identity(args.state_dir, args.node_id)
     try:
-        _serve_device(
-            identity, broker, dataset, node_id, run, tier, cache, tls_ca, tls_cert, tls_key, username,
-            password_file, mqtt_version, threads, max_message_size, backend, pinned, agent_options,
-        )  # fmt: skip
+        _serve_device(identity, args, dataset, pinned, agent_options)
     finally:
         if identity is not None:
             identity.close()
 
 
 def _serve_device(
-    identity: Optional[Identity],
-    broker: Optional[str],
-    dataset: Dataset,
-    node_id: Optional[str],
-    run: str,
-    tier: Optional[int],
-    cache: Path,
-    tls_ca: Optional[Path],
-    tls_cert: Optional[Path],
-    tls_key: Optional[Path],
-    username: Optional[str],
-    password_file: Optional[Path],
-    mqtt_version: str,
-    threads: int,
-    max_message_size: int,
-    backend: str,
-    pinned: bool,
-    agent_options: Any,
+    identity: Optional[Identity], args: DeviceArgs, dataset: Dataset, pinned: bool, agent_options: Any
 ) -> None:
     """Resolve node id, broker, credentials and keys (from the enrolment unless given), then serve."""
     from nefl_edge.edge_client.agent import Agent, AgentOptions
@@ -144,6 +128,9 @@ def _serve_device(
     from nefl_edge.edge_client.trainer import BackendUnavailable
 
     log = logging.getLogger(__name__)
+    node_id, broker, tls_ca, username, password_file = (
+        args.node_id, args.broker, args.tls_ca, args.username, args.password_file,
+    )  # fmt: skip
     signer = keyring = None
     key_id = "coordinator"
     if identity is not None and identity.enrolment is not None:
@@ -180,21 +167,21 @@ def _serve_device(
         address = BrokerAddress.parse(broker, 8883 if tls_ca else 1883)
     except ValueError as exc:
         fail(str(exc))
-    security = Security(tls_ca, tls_cert, tls_key, False, username, password_file)
-    for path in (tls_ca, tls_cert, tls_key, password_file):
+    security = Security(tls_ca, args.tls_cert, args.tls_key, False, username, password_file)
+    for path in (tls_ca, args.tls_cert, args.tls_key, password_file):
         if path is not None and not path.is_file():
             fail(f"file {path} does not exist; check the TLS / password options")
     options = ClientOptions(
         address,
         node,
-        run,
-        cache,
+        args.run,
+        args.cache,
         security,
-        mqtt_version,
-        tier,
-        threads,
-        chunk_size=max_message_size,
-        backend=backend,
+        args.mqtt_version,
+        args.tier,
+        args.threads,
+        chunk_size=args.max_message_size,
+        backend=args.backend,
         signer=signer,
         keyring=keyring,
         coordinator_key_id=key_id,
@@ -262,11 +249,11 @@ def agent(
     if backoff_max < 1:
         fail("--backoff-max must be at least 1 s")
     options = AgentOptions(once=once, broker_wait_s=broker_wait, backoff_max_s=backoff_max)
-    _device(
-        broker, data, node_id, state_dir, run or "default", tier, cache, tls_ca, tls_cert, tls_key, username,
+    args = DeviceArgs(
+        data, broker, node_id, state_dir, run or "default", tier, cache, tls_ca, tls_cert, tls_key, username,
         password_file, mqtt_version, threads, max_samples, max_message_size, backend, verbose,
-        pinned=run is not None, agent_options=options,
     )  # fmt: skip
+    _device(args, pinned=run is not None, agent_options=options)
 
 
 AGENT_ONLY = ("once", "broker_wait", "backoff_max")
@@ -277,7 +264,7 @@ def join(**options: Any) -> None:
     exit when the run ends (exit 3 if the broker does not answer within 15 s). For a device that stays up,
     run after run, use `nefl-edge agent`. An enrolled device (`nefl-edge enrol`) signs what it sends and
     takes only what the coordinator signed."""
-    _device(**options, pinned=True, agent_options=None)
+    _device(DeviceArgs(**options), pinned=True, agent_options=None)
 
 
 def _join_signature() -> inspect.Signature:

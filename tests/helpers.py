@@ -176,13 +176,15 @@ def spawn_coordinator(broker: str, folder: Path, *extra: str) -> subprocess.Pope
 
 
 def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> Optional[int]:
+    """Signal the process group, wait, then SIGKILL; the exit code."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
     return proc.returncode
 

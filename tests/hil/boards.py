@@ -166,7 +166,7 @@ class Boards:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def close(self) -> None:
-        from tests.hil.fleet import _stop
+        from tests.helpers import stop as stop_process
 
         for b in self.boards.values():
             if b.pid is not None:
@@ -174,7 +174,7 @@ class Boards:
                     self.ssh(b, f"kill {b.pid} 2>/dev/null; true", timeout=60)
         self.collect_logs()
         for proc in self.coordinators:
-            _stop(proc)
+            stop_process(proc)
         if self.broker is not None:
             self.broker.stop()
 

@@ -42,6 +42,8 @@ from typing import Any, Callable, Optional
 
 import tomllib
 
+from tests.helpers import stop as stop_process
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 CLASSES_FILE = HERE / "device_classes.toml"
@@ -466,7 +468,7 @@ class Fleet:
         for d in self.devices.values():
             self.stop(d.node)
         for proc in self.others:
-            _stop(proc)
+            stop_process(proc)
         if self.broker is not None:
             self.broker.stop()
         for d in self.devices.values():
@@ -530,7 +532,7 @@ class Fleet:
         d = self.devices[node]
         if d.proc is None:
             return None
-        return _stop(d.proc, sig)
+        return stop_process(d.proc, sig)
 
     def spawn_coordinator(self, *args: str, command: str = "serve") -> subprocess.Popen[bytes]:
         """``nefl-coord <command> --broker 127.0.0.1:P --runs-dir <workdir>/runs ARGS`` in the root namespace,
@@ -594,19 +596,6 @@ def start_coordinator(workdir: Path, broker: str, *args: str, command: str = "se
     env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="160")
     with (workdir / "coordinator.log").open("ab") as log:
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> Optional[int]:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-    return proc.returncode
 
 
 # --- reading a run ----------------------------------------------------------------------------------------

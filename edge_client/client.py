@@ -9,6 +9,7 @@ import queue
 import secrets
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
@@ -48,6 +49,7 @@ from nefl_edge.edge_client.trainer import (
 )
 from nefl_edge.edge_client.wire import ProtocolError, Topics, encode, pack_tensors, sha256, unpack_tensors
 
+MAX_DEFERRED = 256  # messages kept aside while waiting for one (weights, artifacts)
 log = logging.getLogger(__name__)
 UPLOAD_MARGIN_S = 2.0
 SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason code
@@ -174,7 +176,7 @@ class EdgeClient:
         self.manifest: Optional[Manifest] = None
         self.backend_kind = choose_backend(options.backend)
         self._backends: Dict[str, TrainerBackend] = {}
-        self._deferred: List[Inbound] = []
+        self._deferred: Deque[Inbound] = deque(maxlen=MAX_DEFERRED)  # the oldest go first when full
         self._done_tasks: set[str] = set()
         self._joined_at = 0.0  # sent_at of the manifest this client joined with (coordinator clock)
         self._manifest_at = 0.0  # sent_at of the newest manifest since (a coordinator republishes after a reconnect)
@@ -311,7 +313,7 @@ class EdgeClient:
 
     def _next(self, timeout: float) -> Optional[Inbound]:
         if self._deferred:
-            return self._deferred.pop(0)
+            return self._deferred.popleft()
         try:
             return self.link.inbox.get(timeout=timeout)
         except queue.Empty:

@@ -46,6 +46,7 @@ from nefl_edge.edge_client.wire import (
 log = logging.getLogger(__name__)
 
 CHUNK_MARK = "/chunk/"
+INBOX_SIZE = 4096  # validated messages waiting for the consumer; beyond it new ones are dropped and counted
 CHUNK_TOPIC = re.compile(r"(.+)/chunk/(\d{1,9})")
 Inbound = Tuple[str, Message, bytes]
 
@@ -211,6 +212,7 @@ class MqttLink:
         keyring: Optional[Keyring] = None,
         sender_of: Optional[Callable[[str], Optional[str]]] = None,
         assembler: Optional[Assembler] = None,
+        inbox_size: int = INBOX_SIZE,
     ) -> None:
         self.broker, self.run, self.chunk_size = broker, run, chunk_size
         self.protocol = protocol
@@ -234,7 +236,7 @@ class MqttLink:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
-        self.inbox: queue.Queue[Inbound] = queue.Queue()
+        self.inbox: queue.Queue[Inbound] = queue.Queue(maxsize=inbox_size)
         self.connected = threading.Event()
         self._refused: Optional[str] = None
         self._subs: List[str] = []
@@ -368,7 +370,9 @@ class MqttLink:
         try:
             item = self.receive(msg.topic, bytes(msg.payload))
             if item is not None:
-                self.inbox.put(item)
+                self.inbox.put_nowait(item)
+        except queue.Full:  # the consumer is behind a flood: drop, count, never block paho's thread
+            self.receiver.reject(msg.topic, "inbox_full", f"{self.inbox.maxsize} messages are waiting")
         except Exception as exc:  # receive() never raises; this guards the topic decoding and the queue
             self.receiver.reject("?", f"internal:{type(exc).__name__}", short(str(exc), 200))
 

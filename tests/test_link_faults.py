@@ -245,3 +245,16 @@ def test_signed_traffic_both_ways_and_forgeries_are_refused(broker: Broker, raw:
     assert device.inbox.empty()
     for link in (coordinator, device, forger):
         link.close()
+
+
+def test_a_consumer_that_falls_behind_loses_new_messages_not_memory() -> None:
+    link = MqttLink("inbox-test", BrokerAddress("127.0.0.1", 1), "r", inbox_size=2)
+    topic = Topics("r").node("dev", "status")
+
+    for _ in range(5):
+        message = mqtt.MQTTMessage(topic=topic.encode())
+        message.payload = frames(encode(Status(run="r", node="dev", state="online")))[0]
+        link._on_message(link.client, None, message)
+
+    assert link.inbox.qsize() == 2
+    assert link.rejections["inbox_full"] == 3

@@ -18,6 +18,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+import numpy as np
+
 from nefl_edge.coordinator.specs import ModelConfig, mflops
 from nefl_edge.coordinator.strategies import Plan, Strategy
 from nefl_edge.edge_client.schemas import DeviceProfile, TrainConfig
@@ -81,10 +83,12 @@ def assign(
     selected: list[str],
     cover: bool,
     speeds: Optional[dict[str, float]] = None,
+    rng: Optional[np.random.Generator] = None,
 ) -> dict[str, int]:
-    """Submodel per selected client. With ``cover``, a submodel no client got goes to the weakest client
-    that can afford it and is not the only one on its own submodel: lowest capacity first, then lowest
-    measured speed (``speeds``, samples/s on the probe), so fast devices keep the large submodels."""
+    """Submodel per selected client. With ``cover``, a submodel no client got goes to a client that can
+    afford it and is not the only one on its own submodel: the weakest (lowest capacity, then lowest measured
+    speed, ``speeds``), so fast devices keep the large submodels; or, with ``rng``, one drawn at random, so
+    that over the rounds every submodel's own parameters see the data of many devices."""
     afford = {n: strategy.assign(plan, capacities[n]) for n in selected}
     out = {n: k for n, k in afford.items() if k is not None}
     if not cover:
@@ -97,6 +101,9 @@ def assign(
         donors = [n for n, k in out.items() if k > missing and counts[k] > 1]
         if not donors:
             continue
-        node = min(sorted(donors), key=lambda n: (capacities[n], speeds.get(n, 0.0)))
+        if rng is not None:
+            node = str(rng.choice(sorted(donors)))
+        else:
+            node = min(sorted(donors), key=lambda n: (capacities[n], speeds.get(n, 0.0)))
         out[node] = missing
     return out

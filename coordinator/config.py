@@ -56,6 +56,11 @@ class RunConfig(BaseModel):
         "profile) or static (declared tier)",
     )
     cover_submodels: bool = Field(True, description="give every submodel a client when the selected ones allow")
+    cover_rule: Literal["random", "weakest"] = Field(
+        "random",
+        description="who moves to an uncovered submodel: a device drawn at random (its parameters see many "
+        "devices' data over the rounds) or the weakest that can (fast devices keep the large submodels)",
+    )
     deadline_s: float = Field(120.0, gt=0, description="seconds a client has for its task")
     wait_clients_s: float = Field(120.0, gt=0, description="seconds a round waits for min_clients")
     weighting: Literal["samples", "uniform"] = Field("samples", description="NeFedAvg weights: samples or uniform")

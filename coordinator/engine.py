@@ -87,7 +87,8 @@ class RoundEngine:
         pool = [n for n in caps if n not in blocked and self.strategy.assign(self.plan, caps[n]) is not None]
         selected = self.strategy.select(self.rng, pool, cfg.fraction, cfg.min_clients)
         speeds = {n: c.profile.samples_per_s or 0.0 for n, c in clients.items() if c.profile is not None}
-        assignment = assign(self.strategy, self.plan, caps, selected, cfg.cover_submodels, speeds)
+        rotate = self.rng if cfg.cover_rule == "random" else None
+        assignment = assign(self.strategy, self.plan, caps, selected, cfg.cover_submodels, speeds, rotate)
         instructions = [
             Instruction(n, assignment[n], cfg.train.model_copy(update={"seed": int(self.rng.integers(1 << 31))}))
             for n in selected

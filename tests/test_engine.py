@@ -195,3 +195,17 @@ def test_resume_applies_run_settings_and_refuses_to_change_the_model(tmp_path: P
     assert set(RunConfig.model_fields) >= FIXED_ON_RESUME
     with pytest.raises(ConfigError, match=r"config\.json is missing"):
         resume_config(tmp_path / "nothing", {})
+
+
+def test_random_coverage_rotates_devices_over_submodels_within_their_capacity() -> None:
+    strategy = get_strategy("nefl-wd")
+    plan = strategy.plan(strategy.configure(get_model_config("resnet-small")), (0.2, 0.6, 1.0))
+    capacities = {"slow-a": 1, "slow-b": 1, "fast-a": 2, "fast-b": 2}
+    rng = np.random.default_rng(0)
+
+    rounds = [assign(strategy, plan, capacities, sorted(capacities), cover=True, rng=rng) for _ in range(40)]
+
+    assert all(set(a.values()) == {0, 1, 2} for a in rounds)
+    assert all(a[n] <= capacities[n] for a in rounds for n in a)
+    assert {a["fast-a"] for a in rounds} == {0, 2}  # a fast device also trains the smallest submodel
+    assert {a["slow-a"] for a in rounds} == {0, 1}

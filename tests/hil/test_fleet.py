@@ -74,7 +74,7 @@ def test_deadline_policy_gives_the_slow_class_a_smaller_submodel_and_aggregates_
     # Execute
     coord = fleet.spawn_coordinator(
         "--run", "hil", "--policy", "deadline", "--rounds", "2", "--min-clients", "4", "--deadline-s", str(deadline),
-        "--gammas", "0.2,0.6,1.0", "--eval-samples", "500", "--wait-clients-s", "120",
+        "--gammas", "0.2,0.6,1.0", "--eval-samples", "500", "--wait-clients-s", "120", "--cover-rule", "weakest",
     )  # fmt: skip
     assert coord.wait(240) == 0, fleet.log()[-3000:]
 

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from nefl_edge.edge_client.errors import BadInput
-from nefl_edge.edge_client.identity import make_private_dir, write_file_atomic
+from nefl_edge.edge_client.identity import make_private_dir, write_atomic
 from nefl_edge.edge_client.wire import DEFAULT_CHUNK_SIZE
 
 BROKER_SCHEMA = "nefl.broker/1"
@@ -95,7 +95,7 @@ def set_password(path: Path, user: str, password: Optional[str]) -> None:
         entries.pop(user, None)
     else:
         entries[user] = hash_password(password)
-    write_file_atomic(Path(path), "".join(f"{u}:{h}\n" for u, h in sorted(entries.items())), 0o600)
+    write_atomic(Path(path), "".join(f"{u}:{h}\n" for u, h in sorted(entries.items())), 0o600)
 
 
 # --- certificates ------------------------------------------------------------------------------------------
@@ -135,8 +135,8 @@ def make_ca(out: Path, name: str = "nefl-edge broker CA", days: int = 3650) -> N
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    write_file_atomic(out / "ca.key", _key_pem(key), 0o600)
-    write_file_atomic(out / "ca.crt", cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(out / "ca.key", _key_pem(key), 0o600)
+    write_atomic(out / "ca.crt", cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def make_server_cert(out: Path, hostnames: Sequence[str], days: int = 1825) -> None:
@@ -161,8 +161,8 @@ def make_server_cert(out: Path, hostnames: Sequence[str], days: int = 1825) -> N
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    write_file_atomic(out / "server.key", _key_pem(key), 0o600)
-    write_file_atomic(out / "server.crt", cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(out / "server.key", _key_pem(key), 0o600)
+    write_atomic(out / "server.crt", cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 # --- ACL and configuration ---------------------------------------------------------------------------------
@@ -310,8 +310,8 @@ def write_broker_config(opts: BrokerOptions) -> BrokerSettings:
     out = make_private_dir(Path(opts.out))
     if opts.server_cert is not None and opts.server_key is not None and opts.ca_cert is not None:
         for src, name, mode in ((opts.ca_cert, "ca.crt", 0o644), (opts.server_cert, "server.crt", 0o644)):
-            write_file_atomic(out / name, Path(src).read_bytes(), mode)
-        write_file_atomic(out / "server.key", Path(opts.server_key).read_bytes(), 0o600)
+            write_atomic(out / name, Path(src).read_bytes(), mode)
+        write_atomic(out / "server.key", Path(opts.server_key).read_bytes(), 0o600)
     else:
         if not (out / "ca.crt").exists():
             make_ca(out)
@@ -321,12 +321,12 @@ def write_broker_config(opts: BrokerOptions) -> BrokerSettings:
         make_private_dir(out / "data")
     if not (out / "coordinator.password").exists():
         password = secrets.token_urlsafe(32)
-        write_file_atomic(out / "coordinator.password", password + "\n", 0o600)
+        write_atomic(out / "coordinator.password", password + "\n", 0o600)
         set_password(out / "passwd", opts.coordinator_user, password)
     elif not (out / "passwd").exists():
         set_password(out / "passwd", opts.coordinator_user, (out / "coordinator.password").read_text().strip())
-    write_file_atomic(out / "acl", acl_text(opts.coordinator_user), 0o644)
-    write_file_atomic(out / "mosquitto.conf", config_text(opts), 0o644)
+    write_atomic(out / "acl", acl_text(opts.coordinator_user), 0o644)
+    write_atomic(out / "mosquitto.conf", config_text(opts), 0o644)
     host = opts.hostnames[0] if opts.hostnames else "localhost"
     settings = BrokerSettings(
         out,
@@ -341,5 +341,5 @@ def write_broker_config(opts: BrokerOptions) -> BrokerSettings:
         "coordinator_user": settings.coordinator_user,
         "hostnames": list(opts.hostnames),
     }
-    write_file_atomic(out / "broker.json", json.dumps(record, indent=1), 0o644)
+    write_atomic(out / "broker.json", json.dumps(record, indent=1), 0o644)
     return settings

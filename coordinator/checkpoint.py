@@ -2,8 +2,8 @@
 
 ``checkpoint.json`` names the state file (``state-RRRRR.safetensors``, the flat global state), its sha256,
 the round, the engine's random generator, the registry and the quarantine. Every write goes to a temporary
-file that is fsynced, renamed over the old one, and the folder fsynced; the previous state file is deleted
-only after the new checkpoint that no longer names it is safe on disk.
+file that is fsynced, renamed over the old one, and the folder fsynced (``edge_client.files.write_atomic``);
+the previous state file is deleted only after the new checkpoint that no longer names it is safe on disk.
 """
 
 from __future__ import annotations
@@ -17,31 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from nefl_edge.edge_client.errors import BadInput
+from nefl_edge.edge_client.files import write_atomic
 
 CHECKPOINT = "checkpoint.json"
 
 
 class CheckpointError(BadInput):
     """A run directory that cannot be resumed; the message names the file and what to do."""
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def durable_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def durable_append(path: Path, lines: list[str]) -> None:
@@ -65,7 +47,7 @@ def save(run_dir: Path, checkpoint: Checkpoint) -> None:
 
     name = f"state-{checkpoint.round:05d}.safetensors"
     blob = save_tensors(checkpoint.state)
-    durable_write(run_dir / name, blob)
+    write_atomic(run_dir / name, blob, 0o644)
     meta = {
         "round": checkpoint.round,
         "state": name,
@@ -74,7 +56,7 @@ def save(run_dir: Path, checkpoint: Checkpoint) -> None:
         "registry": checkpoint.registry,
         "saved_at": time.time(),
     }
-    durable_write(run_dir / CHECKPOINT, json.dumps(meta).encode())
+    write_atomic(run_dir / CHECKPOINT, json.dumps(meta).encode(), 0o644)
     for old in run_dir.glob("state-*.safetensors"):
         if old.name != name:
             old.unlink()

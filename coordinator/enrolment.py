@@ -47,7 +47,7 @@ from nefl_edge.edge_client.identity import (
     parse_public_key,
     public_key_pem,
     public_key_text,
-    write_file_atomic,
+    write_atomic,
 )
 from nefl_edge.edge_client.signing import (
     KeyFileError,
@@ -152,7 +152,7 @@ def read_public_key(text_or_file: str) -> Ed25519PublicKey:
 
 def _save_devices(folder: Path, devices: Dict[str, Device]) -> None:
     data = {"schema": DEVICES_SCHEMA, "devices": [asdict(d) for _, d in sorted(devices.items())]}
-    write_file_atomic(folder / "devices.json", json.dumps(data, indent=1) + "\n", 0o600)
+    write_atomic(folder / "devices.json", json.dumps(data, indent=1) + "\n", 0o600)
 
 
 def add_device(
@@ -201,7 +201,7 @@ def add_device(
             "created": now_iso(),
         }
         out = Path(bundle_out) if bundle_out else make_private_dir(folder / "bundles") / f"{name}.json"
-        write_file_atomic(out, json.dumps(bundle, indent=1) + "\n", 0o600)
+        write_atomic(out, json.dumps(bundle, indent=1) + "\n", 0o600)
         set_password(settings.password_file, name, password)
         device = Device(name, key_text, key_print, now_iso())
         devices[name] = device

@@ -8,9 +8,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from nefl_edge.coordinator.checkpoint import durable_append, durable_write
+from nefl_edge.coordinator.checkpoint import durable_append
 from nefl_edge.coordinator.engine import RoundReport
 from nefl_edge.coordinator.strategies import Plan
+from nefl_edge.edge_client.files import write_atomic
 
 METRICS, CLIENTS = "metrics.jsonl", "clients.jsonl"
 
@@ -76,7 +77,7 @@ class Records:
             path = self.run_dir / name
             kept = [r for r in read_jsonl(path) if r["round"] <= last_round]
             if path.is_file():
-                durable_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+                write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept), 0o644)
 
     @staticmethod
     def summary_line(report: RoundReport, rows: list[dict[str, Any]], rounds: int) -> str:

@@ -21,6 +21,7 @@ from nefl_edge.coordinator.nested import GlobalState
 from nefl_edge.coordinator.records import Records
 from nefl_edge.coordinator.registry import Registry
 from nefl_edge.edge_client.errors import BadInput
+from nefl_edge.edge_client.files import write_atomic
 from nefl_edge.edge_client.mqtt import BrokerAddress, MqttLink, Security
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class ServeRun:
         self.plan = self.strategy.plan(self.config, tuple(cfg.gammas))
         saved = checkpoint.load(self.run_dir) if self.resume else None
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.durable_write(self.run_dir / "config.json", cfg.model_dump_json(indent=1).encode())
+        write_atomic(self.run_dir / "config.json", cfg.model_dump_json(indent=1), 0o644)
         self.manifest = export_set(self.config, self.plan.specs, self.run_dir / "artifacts", cfg.train, log=log.info)
         test = load_dataset(cfg.data_dir, "test")
         test.check_for(self.manifest.input_shape, self.manifest.num_classes)

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from nefl_edge.edge_client.errors import BadInput
+from nefl_edge.edge_client.files import write_atomic
 from nefl_edge.edge_client.signing import (
     KEY_ID_PATTERN,
     KeyFileError,
@@ -68,30 +69,6 @@ class IdentityInUse(IdentityError):
 
 
 # --- keys and files ----------------------------------------------------------------------------------------
-
-
-def write_file_atomic(path: Path, data: Union[bytes, str], mode: int = 0o600) -> None:
-    """Write ``path`` so that readers see the old or the new content, never a part; created with ``mode``
-    (never wider, whatever the umask) and fsynced with its folder."""
-    raw = data.encode() if isinstance(data, str) else data
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            os.fchmod(out.fileno(), mode)
-            out.write(raw)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def make_private_dir(path: Path) -> Path:
@@ -282,7 +259,7 @@ def _load_or_create(state_dir: Path) -> Identity:
         save_private_key(key_path, key)
         save_public_key(state_dir / "device.pub", key.public_key())
         record = {"schema": IDENTITY_SCHEMA, "node": "dev-" + secrets.token_hex(5), "created": now_iso()}
-        write_file_atomic(meta, json.dumps(record), 0o600)
+        write_atomic(meta, json.dumps(record), 0o600)
     data = _read_json(meta)
     node = data.get("node")
     if data.get("schema") != IDENTITY_SCHEMA or not isinstance(node, str) or not re.match(NAME_PATTERN, node):
@@ -387,10 +364,10 @@ def install_bundle(state_dir: Optional[Path], bundle_path: Path) -> Identity:
             except (ValueError, TypeError, AttributeError):
                 raise IdentityError("the enrolment bundle's 'ca_cert' is not a PEM certificate") from None
         folder = identity.state_dir
-        write_file_atomic(folder / "broker.password", password + "\n", 0o600)
-        write_file_atomic(folder / "coordinator.pub", public_key_pem(coordinator), 0o644)
+        write_atomic(folder / "broker.password", password + "\n", 0o600)
+        write_atomic(folder / "coordinator.pub", public_key_pem(coordinator), 0o644)
         if ca is not None:
-            write_file_atomic(folder / "ca.crt", ca, 0o644)
+            write_atomic(folder / "ca.crt", ca, 0o644)
         record = {
             "schema": ENROLMENT_SCHEMA,
             "node": node,
@@ -400,7 +377,7 @@ def install_bundle(state_dir: Optional[Path], bundle_path: Path) -> Identity:
             "tls": ca is not None,
             "enrolled_at": now_iso(),
         }
-        write_file_atomic(folder / "enrolment.json", json.dumps(record, indent=1), 0o600)
+        write_atomic(folder / "enrolment.json", json.dumps(record, indent=1), 0o600)
         identity.enrolment = load_enrolment(folder)
     except BaseException:
         identity.close()

@@ -9,8 +9,6 @@ eval graph with those weights in stock ONNX Runtime: BatchNorm in eval mode with
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from nefl_edge.edge_client.errors import BadInput
+from nefl_edge.edge_client.files import write_atomic
 from nefl_edge.edge_client.schemas import Manifest, Metrics, SubmodelEntry
 
 LATEST_SCHEMA = "nefl.latest/1"
@@ -46,13 +45,6 @@ class LatestInfo:
     weights: Path
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
 class LatestStore:
     """``submodel-<k>.{safetensors,json}`` files under one folder, written atomically (weights first)."""
 
@@ -72,7 +64,7 @@ class LatestStore:
 
         self.folder.mkdir(parents=True, exist_ok=True)
         weights = self.folder / f"submodel-{sub.index}.safetensors"
-        _atomic_write(weights, save({k: np.ascontiguousarray(v, np.float32) for k, v in sorted(tensors.items())}))
+        write_atomic(weights, save({k: np.ascontiguousarray(v, np.float32) for k, v in sorted(tensors.items())}), 0o644)
         record = {
             "schema": LATEST_SCHEMA,
             "submodel": sub.index,
@@ -87,7 +79,7 @@ class LatestStore:
             "saved_at": time.time(),
             "metrics": metrics.model_dump(),
         }
-        _atomic_write(self.folder / f"submodel-{sub.index}.json", json.dumps(record, indent=1).encode())
+        write_atomic(self.folder / f"submodel-{sub.index}.json", json.dumps(record, indent=1).encode(), 0o644)
         return weights
 
     def all(self) -> List[LatestInfo]:

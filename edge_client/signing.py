@@ -38,6 +38,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from nefl_edge.edge_client.files import write_atomic
 from nefl_edge.edge_client.wire import ProtocolError, Topics, short
 
 MAGIC_SIGNED = b"NEFS"
@@ -192,7 +193,7 @@ class Keyring:
             raise KeyFileError(f"{where} is not a valid keyring: {exc}") from None
 
     def save(self, path: PathLike) -> None:
-        _write_atomic(Path(path), self.to_json().encode(), 0o644)
+        write_atomic(Path(path), self.to_json().encode(), 0o644)
 
     @classmethod
     def load(cls, path: PathLike) -> Keyring:
@@ -244,7 +245,7 @@ def save_private_key(path: PathLike, key: Ed25519PrivateKey, raw: bool = False) 
         data = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-    _write_atomic(Path(path), data, 0o600)
+    write_atomic(Path(path), data, 0o600)
 
 
 def load_private_key(path: PathLike) -> Ed25519PrivateKey:
@@ -273,7 +274,7 @@ def save_public_key(path: PathLike, key: Ed25519PublicKey, raw: bool = False) ->
         data = public_key_bytes(key)
     else:
         data = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    _write_atomic(Path(path), data, 0o644)
+    write_atomic(Path(path), data, 0o644)
 
 
 def load_public_key(path: PathLike) -> Ed25519PublicKey:
@@ -294,23 +295,3 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise KeyFileError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to a temporary file created with ``mode``, fsync it, rename it over ``path``, fsync the
-    folder: a crash leaves the old file or the new one, never a half-written or wider-readable one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as out:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, mode)  # the file may have existed with a wider mode
-        out.write(data)
-        out.flush()
-        os.fsync(fd)
-    os.replace(tmp, path)
-    if os.name == "posix":
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)

@@ -88,8 +88,7 @@ def export(
     from nefl_edge.export.artifacts import export_set
 
     strategy = get_strategy(method)
-    config = strategy.configure(get_model_config(model, dataset))
-    plan = strategy.plan(config, tuple(parse_gammas(gammas) or DEFAULT_GAMMAS))
+    config, plan = strategy.setup(get_model_config(model, dataset), tuple(parse_gammas(gammas) or DEFAULT_GAMMAS))
     start = time.perf_counter()
     manifest = export_set(config, plan.specs, out, log=typer.echo)
     typer.echo(f"{len(manifest.submodels)} submodels in {time.perf_counter() - start:.1f} s -> {out}")
@@ -204,9 +203,9 @@ def simulate(
     if trainer == "ort":
         from nefl_edge.export.artifacts import export_set
 
-        plan = strategy.plan(strategy.configure(config), gammas)
+        configured, plan = strategy.setup(config, gammas)
         artifacts = Path(tempfile.mkdtemp(prefix="nefl-sim-artifacts-"))
-        export_set(strategy.configure(config), plan.specs, artifacts)
+        export_set(configured, plan.specs, artifacts)
     typer.echo(f"{strategy.name}: {strategy.reference}")
 
     def progress(r: int, accuracy: list[float]) -> None:

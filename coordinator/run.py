@@ -64,8 +64,7 @@ class ServeRun:
                 f"{cfg.method} trains locally in its own way ({type(self.strategy).__name__}.local_train), which "
                 "the devices' ONNX Runtime trainers do not do; run it with `nefl-coord simulate`"
             )
-        self.config = self.strategy.configure(get_model_config(cfg.model, cfg.dataset))
-        self.plan = self.strategy.plan(self.config, tuple(cfg.gammas))
+        self.config, self.plan = self.strategy.setup(get_model_config(cfg.model, cfg.dataset), tuple(cfg.gammas))
         saved = checkpoint.load(self.run_dir) if self.resume else None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.run_dir / "config.json", cfg.model_dump_json(indent=1), 0o644)

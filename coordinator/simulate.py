@@ -110,8 +110,7 @@ def simulate(
             policy="static",
             cover_submodels=False,
         )
-    config = strategy.configure(config)
-    plan = strategy.plan(config, gammas)
+    config, plan = strategy.setup(config, gammas)
     state = init_global_state(config, plan.specs, initial_consistent(config, cfg.seed), cfg.seed)
     local: LocalTrainer = strategy.local_train
     if trainer == "ort":

@@ -93,6 +93,11 @@ class Strategy:
             return _depth_plan(config, gammas)
         return Plan(make_specs(config, gammas, self.scaling), list(range(len(gammas))))
 
+    def setup(self, config: ModelConfig, gammas: tuple[float, ...]) -> tuple[ModelConfig, Plan]:
+        """The model family as this method shares it, and its plan: what export, serve and simulate build on."""
+        configured = self.configure(config)
+        return configured, self.plan(configured, gammas)
+
     def local_train(self, state: GlobalState, index: int, data: Dataset, cfg: TrainConfig) -> Tensors:
         return train_torch(state, index, data, cfg)
 

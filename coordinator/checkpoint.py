@@ -62,36 +62,40 @@ def save(run_dir: Path, checkpoint: Checkpoint) -> None:
             old.unlink()
 
 
-def load(run_dir: Path) -> Checkpoint:
-    """Read and verify the checkpoint of ``run_dir``; raise :class:`CheckpointError` naming what is wrong."""
+def load(run_dir: Path, purpose: str = "resume") -> Checkpoint:
+    """Read and verify the checkpoint of ``run_dir``; raise :class:`CheckpointError` naming what is wrong and
+    what it stops (``purpose``: resume, export)."""
     from safetensors import SafetensorError
     from safetensors.numpy import load as load_tensors
 
     path = run_dir / CHECKPOINT
     if not path.is_file():
         raise CheckpointError(
-            f"cannot resume {run_dir}: {path} is missing (the run never completed a round, or this is not a run "
-            "directory); start a new run without --resume"
+            f"cannot {purpose} {run_dir}: {path} is missing (the run never completed a round, or this is not a "
+            "run directory)" + ("; start a new run without --resume" if purpose == "resume" else "")
         )
     try:
         meta = json.loads(path.read_text())
         name, digest, round_ = str(meta["state"]), str(meta["state_sha256"]), int(meta["round"])
         engine, registry = dict(meta["engine"]), dict(meta["registry"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"cannot resume {run_dir}: {path} is damaged ({exc}); start a new run") from None
+        raise CheckpointError(
+            f"cannot {purpose} {run_dir}: {path} is damaged ({exc})"
+            + ("; start a new run" if purpose == "resume" else "")
+        ) from None
     state_path = run_dir / Path(name).name
     try:
         blob = state_path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(
-            f"cannot resume {run_dir}: the state file {state_path} named in {path} is missing"
+            f"cannot {purpose} {run_dir}: the state file {state_path} named in {path} is missing"
         ) from None
     if hashlib.sha256(blob).hexdigest() != digest:
         raise CheckpointError(
-            f"cannot resume {run_dir}: {state_path} does not match the sha256 in {path} (truncated or altered)"
+            f"cannot {purpose} {run_dir}: {state_path} does not match the sha256 in {path} (truncated or altered)"
         )
     try:
         state = load_tensors(blob)
     except (SafetensorError, ValueError) as exc:
-        raise CheckpointError(f"cannot resume {run_dir}: {state_path} is not a valid state file ({exc})") from None
+        raise CheckpointError(f"cannot {purpose} {run_dir}: {state_path} is not a valid state file ({exc})") from None
     return Checkpoint(round_, state, engine, registry)

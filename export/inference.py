@@ -6,13 +6,12 @@ its IR version is the lowest its opset allows (opset 17 -> IR 8), so stock ``onn
 ``metadata_props`` say what it is: run, round, submodel, gamma, width, blocks, accuracy at that round (from
 ``metrics.jsonl``), model, data set, and the nefl-edge version that wrote it.
 
-A run directory is read directly: ``config.json`` (the run configuration), ``checkpoint.json`` naming the
-state file (the flat global state, checked against its sha256 when recorded) and ``metrics.jsonl``.
+A run directory is read as ``--resume`` reads it: ``config.json`` (the run configuration), the checkpoint
+(``coordinator.checkpoint.load``: the state file, checked against its sha256) and ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -56,48 +55,31 @@ class TrainedRun:
         return float(max(rows, key=lambda r: r["round"])["accuracy"]) if rows else None
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RunDirError(f"{path} is missing: is {path.parent} a run directory (runs/<run>-<time>)?") from None
-    except (OSError, ValueError) as exc:
-        raise RunDirError(f"{path} cannot be read: {exc}") from None
-
-
 def load_run(run_dir: Path) -> TrainedRun:
-    """Read a run directory written by ``nefl-coord serve`` / ``demo``."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
-
-    from nefl_edge.coordinator.config import ConfigError, RunConfig
-    from nefl_edge.coordinator.specs import SpecError, get_model_config
+    """Read a run directory written by ``nefl-coord serve`` / ``demo``: its configuration, its verified
+    checkpoint (``coordinator.checkpoint.load``, the reader ``--resume`` uses) and its metrics."""
+    from nefl_edge.coordinator import checkpoint
+    from nefl_edge.coordinator.config import validate
+    from nefl_edge.coordinator.specs import get_model_config
     from nefl_edge.coordinator.strategies import get_strategy
 
     run_dir = Path(run_dir)
-    raw = _read_json(run_dir / "config.json")
+    path = run_dir / "config.json"
     try:
-        cfg = RunConfig.model_validate(raw)
-        strategy = get_strategy(cfg.method)
-        model = strategy.configure(get_model_config(cfg.model, cfg.dataset))
-        specs = strategy.plan(model, tuple(cfg.gammas)).specs
-    except (ValueError, ConfigError, SpecError) as exc:
-        raise RunDirError(f"{run_dir / 'config.json'} does not describe a run this version can export: {exc}") from None
-    meta = _read_json(run_dir / "checkpoint.json")
+        raw = json.loads(path.read_text())
+        cfg = validate(raw)
+        model, plan = get_strategy(cfg.method).setup(get_model_config(cfg.model, cfg.dataset), tuple(cfg.gammas))
+        saved = checkpoint.load(run_dir, purpose="export")
+    except checkpoint.CheckpointError as exc:
+        raise RunDirError(str(exc)) from None
+    except FileNotFoundError:
+        raise RunDirError(f"{path} is missing: is {run_dir} a run directory (runs/<run>-<time>)?") from None
+    except (OSError, ValueError) as exc:  # a damaged file, or a configuration this version cannot build
+        raise RunDirError(f"cannot export {run_dir}: {exc}") from None
     try:
-        state_path, round_ = run_dir / Path(str(meta["state"])).name, int(meta["round"])
-        blob = state_path.read_bytes()
-    except (KeyError, TypeError, ValueError) as exc:
-        raise RunDirError(f"{run_dir / 'checkpoint.json'} is damaged ({exc})") from None
-    except OSError as exc:
-        raise RunDirError(f"the state file named in {run_dir / 'checkpoint.json'} cannot be read: {exc}") from None
-    digest = meta.get("state_sha256")
-    if digest is not None and hashlib.sha256(blob).hexdigest() != digest:
-        raise RunDirError(f"{state_path} does not match the sha256 in checkpoint.json (truncated or altered)")
-    try:
-        state = GlobalState.from_flat(model, specs, load(blob))
-    except (SafetensorError, ValueError, KeyError, IndexError) as exc:
-        raise RunDirError(f"{state_path} does not fit the run's configuration: {exc}") from None
+        state = GlobalState.from_flat(model, plan.specs, saved.state)
+    except (ValueError, KeyError, IndexError) as exc:
+        raise RunDirError(f"the state in {run_dir} does not fit the run's configuration: {exc}") from None
     metrics_path = run_dir / "metrics.jsonl"
     metrics = []
     if metrics_path.is_file():
@@ -108,7 +90,7 @@ def load_run(run_dir: Path) -> TrainedRun:
                 continue  # a line cut short by a crash
             if isinstance(row, dict):
                 metrics.append(row)
-    return TrainedRun(run_dir, dict(raw), model, state, round_, metrics)
+    return TrainedRun(run_dir, dict(raw), model, state, saved.round, metrics)
 
 
 def export_submodel(run: TrainedRun, index: int, out: Path) -> Path:

@@ -3,7 +3,6 @@ model whose logits in onnxruntime match the PyTorch submodel in eval mode."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -14,8 +13,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from safetensors.numpy import save
 
+from nefl_edge.coordinator import checkpoint
 from nefl_edge.coordinator.config import RunConfig
 from nefl_edge.coordinator.models import build_submodel, initial_consistent
 from nefl_edge.coordinator.nested import GlobalState, init_global_state
@@ -48,11 +47,7 @@ def write_run_dir(folder: Path, state: GlobalState) -> Path:
     """A run directory as `nefl-coord serve` leaves it: config, checkpoint + state file, metrics."""
     folder.mkdir()
     (folder / "config.json").write_text(RunConfig(run="fashion").model_dump_json())
-    blob = save(state.flat())
-    name = f"state-{ROUND:05d}.safetensors"
-    (folder / name).write_bytes(blob)
-    meta = {"round": ROUND, "state": name, "state_sha256": hashlib.sha256(blob).hexdigest()}
-    (folder / "checkpoint.json").write_text(json.dumps(meta))
+    checkpoint.save(folder, checkpoint.Checkpoint(ROUND, state.flat(), {}, {}))
     rows = [
         {"round": r, "submodel": k, "accuracy": 0.5 + 0.01 * k + 0.1 * r}
         for r in range(ROUND + 2)  # a round after the checkpoint (not checkpointed) must not count

@@ -3,9 +3,9 @@
 Publishing: the manifest and the artifacts (retained, content-addressed) once per run; per round the weights
 of every assigned submodel (retained, one broadcast per submodel: the broker fans them out) and one task per
 device on its own task topic. Collecting: hello and status feed the registry; updates and declines resolve a
-device's task; a task without an answer is dropped at the deadline (or at once when the device says it
-left, unless the broker connection was re-established during the round: then the offline status may be a
-will the broker published while it went down, and the round stays open until its deadline).
+device's task; a task without an answer is dropped at the deadline, at once when the device says it left,
+or after ``LOST_GRACE_S`` of silence after its Last Will while this link stayed connected (a broker that
+goes down publishes every device's will, and those devices come back and answer).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from nefl_edge.coordinator.records import CLIENTS, METRICS, final_rows, read_jsonl, summary
+from nefl_edge.coordinator.records import Records, final_rows, summary
 
 
 def write_report(run_dir: Path) -> Path:
@@ -17,7 +17,8 @@ def write_report(run_dir: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_jsonl(run_dir / METRICS)
+    run = Records(run_dir)
+    records = run.metrics()
     curves: dict[int, list[tuple[int, float]]] = defaultdict(list)
     gammas: dict[int, float] = {}
     for r in records:
@@ -48,7 +49,7 @@ def write_report(run_dir: Path) -> Path:
         f"<tr><td>{r['submodel']}</td><td>{r['gamma']:.2f}</td><td>{100 * r['accuracy']:.2f}</td></tr>" for r in rows
     )
     stat_rows = "".join(f"<tr><th colspan=2>{k}</th><td>{100 * v:.2f}</td></tr>" for k, v in stats.items())
-    rounds = _rounds_section(records, read_jsonl(run_dir / CLIENTS))
+    rounds = _rounds_section(records, run.clients())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>NeFL run {html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:4px 12px;text-align:right}}</style></head><body>
 <h1>NeFL run {html.escape(run_dir.name)}</h1><img src="report.png" alt="per-submodel accuracy over rounds">

@@ -51,9 +51,6 @@ class Backoff:
         self.attempt += 1
         return delay
 
-    def reset(self) -> None:
-        self.attempt = 0
-
 
 def connect_with_backoff(
     attempt: Callable[[float], None],

@@ -104,10 +104,6 @@ class Signer:
         return f"Signer(key_id={self.key_id!r}, public={fingerprint(self.public_key)})"
 
 
-def is_signed(data: bytes) -> bool:
-    return data[:4] == MAGIC_SIGNED
-
-
 def open_envelope(data: bytes) -> Tuple[str, bytes, bytes]:
     """Split a signed envelope into ``(key_id, signature, logical message)`` without verifying it."""
     if len(data) < 5 or data[:4] != MAGIC_SIGNED:

@@ -207,7 +207,3 @@ def write_weights(state: GlobalState, index: int, path: Path) -> Tensors:
     tensors = extract(state, index)
     Path(path).write_bytes(pack_tensors(tensors))
     return tensors
-
-
-def weights_bytes(state: GlobalState, index: int) -> bytes:
-    return pack_tensors(extract(state, index))

@@ -38,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import tomllib
 
@@ -634,13 +634,3 @@ def assignments(run_directory: Optional[Path], coordinator_log: str) -> dict[int
     for m in ASSIGNMENT.finditer(coordinator_log):
         out[int(m.group(1))] = {str(k): int(v) for k, v in ast.literal_eval(m.group(2)).items()}
     return out
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -15,7 +15,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from nefl_edge.edge_client.wire import Topics
-from tests.hil.fleet import Fleet, FleetSpec, Group, assignments, load_classes, read_jsonl, run_dir, wait_until
+from tests.helpers import wait_for
+from tests.hil.fleet import Fleet, FleetSpec, Group, assignments, load_classes, read_jsonl, run_dir
 
 pytestmark = [pytest.mark.hil, pytest.mark.integration]
 MakeFleet = Callable[[Any], Fleet]
@@ -55,7 +56,7 @@ def test_an_emulated_device_gets_its_cpu_quota_and_link_rate(make_fleet: MakeFle
 
     # Execute
     fleet.start("pi4-0", command=[sys.executable, "-c", SPEED_PROBE, fleet.gateway, str(port)])
-    result = wait_until(lambda: re.search(r"\{.*\}", fleet.log("pi4-0")), 60, "the probe's result")
+    result = wait_for(lambda: re.search(r"\{.*\}", fleet.log("pi4-0")), 60, "the probe's result")
 
     # Assert: 1 MB at 8 Mbit/s takes about 1 s each way; the process gets about 25 % of a core.
     figures = json.loads(result.group(0))
@@ -146,7 +147,7 @@ def test_a_link_that_goes_down_mid_upload_closes_the_round_at_its_deadline_and_t
     try:
         # Execute: cut the victim's link when its first update chunk reached the broker, and bring it back
         # once the broker has published its Last Will.
-        wait_until(lambda: observer.update_frames, 120, "the victim's first update chunk at the broker")
+        wait_for(lambda: observer.update_frames, 120, "the victim's first update chunk at the broker")
         fleet.link_down(victim)
         cut = time.monotonic()
         assert observer.offline.wait(120), "no Last Will for the victim within 120 s of the link going down"

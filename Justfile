@@ -41,9 +41,9 @@ lint:
     ruff format --check .
     mypy coordinator export edge_client
 
-# benchmarks: throughput of ORT training vs PyTorch and export time; writes bench/results/ and docs/benchmarks.md
-bench:
-    python -m bench.throughput
+# performance benchmarks (device training, aggregation, wire, coordinator scale; under 20 min); writes bench/results/*.json, docs/benchmarks.md and prints the summary last
+bench *ARGS:
+    python -m bench {{ARGS}}
 
 # accuracy of every method (NeFL, HeteroFL, FjORD, DepthFL, FedAvg baselines) in one harness; --preset quick|full
 bench-accuracy *ARGS:

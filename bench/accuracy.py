@@ -233,13 +233,13 @@ def main() -> None:
 
 
 def publish(record: dict[str, Any], workers: int) -> None:
-    from bench.throughput import write_section
+    from bench.common import write_section
 
     rows = summarize(record["runs"])
     text = render(rows, record["preset"], record["settings"], record["commit"], record["command"])
     text += curves(record["runs"])
     text += f"\nWall time: {record['minutes']} min with {record.get('workers', workers)} worker process(es).\n"
-    write_section(ROOT / "docs" / "benchmarks.md", f"accuracy-{record['preset']}", text)
+    write_section(f"accuracy-{record['preset']}", text)
     print(text)
 
 

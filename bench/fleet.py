@@ -302,13 +302,13 @@ def main() -> None:
     }
     print(render(record))
     if not args.no_publish:
-        from bench.throughput import write_section
+        from bench.common import write_section
 
         name = record["options"]["fleet"]
         out = ROOT / "bench" / "results" / f"fleet-{name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1) + "\n")
-        write_section(ROOT / "docs" / "benchmarks.md", f"fleet-{name}", render(record))
+        write_section(f"fleet-{name}", render(record))
         print(f"wrote {out.relative_to(ROOT)} and the fleet-{name} section of docs/benchmarks.md")
 
 

@@ -1,0 +1,181 @@
+"""NeFedAvg throughput against a memory copy, its working memory, and float32 against float64.
+
+100 updates of ResNet18 (CIFAR-10) submodels at the default gammas (random tensors of the real layout,
+client ``i`` trains submodel ``i % 5`` on 100-600 samples) are folded and averaged by the project's
+:class:`NeFedAvg` and, interleaved, by the float64 implementation it replaced (kept here as
+:class:`Float64NeFedAvg`). Throughput is update bytes folded per second (``add`` of every update and
+``result``) as a fraction of ``numpy.copyto`` of a 256 MiB array, measured in the same run. Working memory
+is the tracemalloc peak of one round (aggregator and result, not the updates) over the global model's bytes.
+"""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+from typing import Any
+
+import numpy as np
+
+from bench.common import SummaryRow, interleaved, write_json, write_section
+from nefl_edge.coordinator.nefedavg import NeFedAvg
+from nefl_edge.coordinator.nested import GlobalState, Tensors, extract, init_global_state, prefix_slice
+from nefl_edge.coordinator.specs import get_model_config, make_specs, param_layout
+
+MODEL, DATASET = "resnet18", "cifar10"
+VARIANTS = 2  # distinct random updates per submodel, reused round-robin (keeps memory down)
+
+
+class Float64NeFedAvg:
+    """The implementation before issue 15: float64 sums plus a float64 coverage array per element."""
+
+    def __init__(self, state: GlobalState, uniform: bool = False) -> None:
+        self._state, self._uniform = state, uniform
+        self._sums = {k: np.zeros(v.shape, np.float64) for k, v in state.consistent.items()}
+        self._cover = {k: np.zeros(v.shape, np.float64) for k, v in state.consistent.items()}
+        self._sub_sums: list[Tensors | None] = [None] * len(state.specs)
+        self._sub_weight = [0.0] * len(state.specs)
+
+    def add(self, index: int, tensors: Tensors, num_samples: int) -> None:
+        weight = 1.0 if self._uniform else float(num_samples)
+        layout = param_layout(self._state.config, self._state.specs[index])
+        sub_sums = self._sub_sums[index]
+        if sub_sums is None:
+            sub_sums = self._sub_sums[index] = {
+                k: np.zeros(info.shape, np.float64) for k, info in layout.items() if info.kind == "inconsistent"
+            }
+        for name, info in layout.items():
+            value = tensors[name]
+            if info.kind == "consistent":
+                where = prefix_slice(info.shape)
+                self._sums[name][where] += weight * value
+                self._cover[name][where] += weight
+            else:
+                sub_sums[name] += weight * value
+        self._sub_weight[index] += weight
+
+    def result(self) -> GlobalState:
+        out = self._state.copy()
+        for name, old in out.consistent.items():
+            cover = self._cover[name]
+            covered = cover > 0
+            old[covered] = (self._sums[name][covered] / cover[covered]).astype(np.float32)
+        for i, sums in enumerate(self._sub_sums):
+            if sums is not None:
+                out.inconsistent[i] = {k: (v / self._sub_weight[i]).astype(np.float32) for k, v in sums.items()}
+        return out
+
+
+def make_round(clients: int, seed: int = 0) -> tuple[GlobalState, list[tuple[int, Tensors, int]]]:
+    """A ResNet18 global state and ``clients`` updates (index, tensors, samples) sharing a few tensor sets."""
+    config = get_model_config(MODEL, DATASET)
+    specs = make_specs(config)
+    state = init_global_state(config, specs, {}, seed)
+    rng = np.random.default_rng(seed)
+    pool = [
+        [
+            {k: v + rng.standard_normal(v.shape, np.float32) * np.float32(0.01) for k, v in extract(state, i).items()}
+            for _ in range(VARIANTS)
+        ]
+        for i in range(len(specs))
+    ]
+    updates = [
+        (c % len(specs), pool[c % len(specs)][(c // len(specs)) % VARIANTS], int(rng.integers(100, 601)))
+        for c in range(clients)
+    ]
+    return state, updates
+
+
+def fold(cls: Any, state: GlobalState, updates: list[tuple[int, Tensors, int]]) -> GlobalState:
+    agg = cls(state)
+    for index, tensors, n in updates:
+        agg.add(index, tensors, n)
+    return agg.result()  # type: ignore[no-any-return]
+
+
+def state_bytes(state: GlobalState) -> int:
+    return sum(v.nbytes for v in state.flat().values())
+
+
+def peak_ratio(state: GlobalState, updates: list[tuple[int, Tensors, int]]) -> float:
+    tracemalloc.start()
+    try:
+        fold(NeFedAvg, state, updates)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak / state_bytes(state)
+
+
+def memcpy_bandwidth(repeats: int) -> float:
+    src = np.ones(64 << 20, np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return src.nbytes / best
+
+
+def max_abs_diff(a: GlobalState, b: GlobalState) -> float:
+    fa, fb = a.flat(), b.flat()
+    return max(float(np.max(np.abs(fa[k] - fb[k]))) if fa[k].size else 0.0 for k in fa)
+
+
+def run(quick: bool) -> list[SummaryRow]:
+    clients = 20 if quick else 100
+    repeats = 1 if quick else 3
+    state, updates = make_round(clients)
+    update_bytes = sum(v.nbytes for _, tensors, _ in updates for v in tensors.values())
+    copy_bw = memcpy_bandwidth(5)
+    times = interleaved(
+        {
+            "nefedavg": lambda: fold(NeFedAvg, state, updates),
+            "float64": lambda: fold(Float64NeFedAvg, state, updates),
+            "memcpy": lambda: None,
+        },
+        repeats,
+    )
+    copy_bw = max(copy_bw, memcpy_bandwidth(5))
+    new_bw, old_bw = update_bytes / times["nefedavg"], update_bytes / times["float64"]
+    diff = max_abs_diff(fold(NeFedAvg, state, updates), fold(Float64NeFedAvg, state, updates))
+    peaks = {n: peak_ratio(state, updates[:n]) for n in sorted({10, clients})}
+    record = {
+        "model": MODEL,
+        "dataset": DATASET,
+        "clients": clients,
+        "update_bytes": update_bytes,
+        "global_model_bytes": state_bytes(state),
+        "memcpy_GBps": copy_bw / 1e9,
+        "nefedavg_GBps": new_bw / 1e9,
+        "float64_GBps": old_bw / 1e9,
+        "nefedavg_s": times["nefedavg"],
+        "float64_s": times["float64"],
+        "fraction_of_memcpy": new_bw / copy_bw,
+        "float64_fraction_of_memcpy": old_bw / copy_bw,
+        "peak_over_model": peaks,
+        "max_abs_diff_float32_vs_float64": diff,
+        "quick": quick,
+    }
+    write_json("aggregation-quick" if quick else "aggregation", record)
+    if not quick:
+        peak_text = ", ".join(f"{p:.2f}x with {n} updates" for n, p in peaks.items())
+        write_section(
+            "aggregation",
+            "## Aggregation (NeFedAvg)\n\n"
+            f"`python -m bench aggregation`: {clients} updates of {MODEL} ({DATASET}) submodels at the default "
+            f"gammas, {update_bytes / 1e9:.2f} GB of update tensors, folded and averaged; median of {repeats} "
+            "interleaved runs.\n\n"
+            "| implementation | GB/s | fraction of memcpy |\n|---|---|---|\n"
+            f"| memcpy (numpy copy of 256 MiB) | {copy_bw / 1e9:.1f} | 1 |\n"
+            f"| NeFedAvg (float32 sums, prefix regions) | {new_bw / 1e9:.2f} | {new_bw / copy_bw:.3f} |\n"
+            f"| before issue 15 (float64 sums, coverage arrays) | {old_bw / 1e9:.2f} | {old_bw / copy_bw:.3f} |\n\n"
+            f"Working memory (tracemalloc peak over the global model's {state_bytes(state) / 1e6:.1f} MB): "
+            f"{peak_text}. Largest difference of the float32 result from the float64 one: {diff:.2e}.\n",
+        )
+    peak = max(peaks.values())
+    return [
+        SummaryRow("aggregation", "NeFedAvg throughput", new_bw / copy_bw, "memcpy bandwidth", 0.40),
+        SummaryRow("aggregation", "NeFedAvg working memory", peak, "global model size", 3.0, higher_is_better=False),
+        SummaryRow("aggregation", "float32 vs float64 max abs diff", diff / 1e-6, "1e-6", 1.0, higher_is_better=False),
+    ]

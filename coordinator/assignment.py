@@ -76,6 +76,16 @@ def capacity(
     return best
 
 
+def window_tiers(plan: Plan, tier: int, window: int) -> list[int]:
+    """The tiers a client of capacity ``tier`` may train this round under a tier window: ``tier - window``
+    .. ``tier + window``, clipped to the run's tiers, keeping those the method gives a submodel (the client's
+    own tier alone when none of them has one)."""
+    last = len(plan.tier_submodel) - 1
+    tier = min(max(tier, 0), last)
+    tiers = [t for t in range(max(0, tier - window), min(last, tier + window) + 1) if plan.tier_submodel[t] is not None]
+    return tiers or [tier]
+
+
 def assign(
     strategy: Strategy,
     plan: Plan,
@@ -84,12 +94,21 @@ def assign(
     cover: bool,
     speeds: Optional[dict[str, float]] = None,
     rng: Optional[np.random.Generator] = None,
+    window: int = 0,
+    window_rng: Optional[np.random.Generator] = None,
 ) -> dict[str, int]:
-    """Submodel per selected client. With ``cover``, a submodel no client got goes to a client that can
-    afford it and is not the only one on its own submodel: the weakest (lowest capacity, then lowest measured
-    speed, ``speeds``), so fast devices keep the large submodels; or, with ``rng``, one drawn at random, so
-    that over the rounds every submodel's own parameters see the data of many devices."""
-    afford = {n: strategy.assign(plan, capacities[n]) for n in selected}
+    """Submodel per selected client. With ``window`` (and its generator ``window_rng``), a client of capacity
+    ``t`` trains the submodel of a tier drawn uniformly from :func:`window_tiers`, as the paper's code does
+    every round (its tiers are nominal: the draw may exceed the capacity). With ``cover``, a submodel no
+    client got goes to a client that can afford it and is not the only one on its own submodel: the weakest
+    (lowest capacity, then lowest measured speed, ``speeds``), so fast devices keep the large submodels; or,
+    with ``rng``, one drawn at random, so that over the rounds every submodel's own parameters see the data
+    of many devices."""
+    if window and window_rng is not None:
+        drawn = {n: int(window_rng.choice(window_tiers(plan, capacities[n], window))) for n in sorted(selected)}
+        afford = {n: strategy.assign(plan, drawn[n]) for n in selected}
+    else:
+        afford = {n: strategy.assign(plan, capacities[n]) for n in selected}
     out = {n: k for n, k in afford.items() if k is not None}
     if not cover:
         return out

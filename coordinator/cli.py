@@ -181,7 +181,6 @@ def simulate(
     from nefl_edge.coordinator.partition import make_partitioner, split_dataset
     from nefl_edge.coordinator.render import print_simulation
     from nefl_edge.coordinator.simulate import simulate as run_simulation
-    from nefl_edge.coordinator.specs import get_model_config
     from nefl_edge.coordinator.strategies import get_strategy
     from nefl_edge.edge_client.data import load_dataset
 
@@ -191,7 +190,7 @@ def simulate(
     strategy = get_strategy(cfg.method)
     if trainer == "ort" and not strategy.device_trainable:
         fail(f"{cfg.method} trains locally in its own way, not as the device does; use --trainer torch")
-    config = get_model_config(cfg.model, cfg.dataset)
+    config = cfg.network()
     gammas = tuple(cfg.gammas)
     train_data, test_data = load_dataset(cfg.data_dir, "train"), load_dataset(cfg.data_dir, "test")
     train_data.check_for((config.in_channels, config.image_size, config.image_size), config.num_classes)

@@ -5,22 +5,65 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from nefl_edge.coordinator.specs import DEFAULT_GAMMAS
+from nefl_edge.coordinator.specs import DEFAULT_GAMMAS, ModelConfig, get_model_config
 from nefl_edge.edge_client.errors import BadInput
 from nefl_edge.edge_client.schemas import NAME_PATTERN, TrainConfig
 
-METHODS = ("nefl-wd", "nefl-w", "nefl-d", "heterofl", "fjord", "depthfl", "fedavg-smallest", "fedavg-full")
+METHODS = (
+    "nefl-wd",
+    "nefl-w",
+    "nefl-d",
+    "heterofl",
+    "fjord",
+    "fjord-paper",
+    "depthfl",
+    "scalefl",
+    "fedavg-smallest",
+    "fedavg-full",
+)
 """The federated methods (``coordinator.strategies.STRATEGIES``; a test keeps both lists equal)."""
-Method = Literal["nefl-wd", "nefl-w", "nefl-d", "heterofl", "fjord", "depthfl", "fedavg-smallest", "fedavg-full"]
+Method = Literal[
+    "nefl-wd",
+    "nefl-w",
+    "nefl-d",
+    "heterofl",
+    "fjord",
+    "fjord-paper",
+    "depthfl",
+    "scalefl",
+    "fedavg-smallest",
+    "fedavg-full",
+]
 OLD_METHOD_NAMES = {"WD": "nefl-wd", "W": "nefl-w", "D": "nefl-d"}
-FIXED_ON_RESUME = frozenset({"method", "model", "dataset", "gammas", "seed"})
+FIXED_ON_RESUME = frozenset({"method", "model", "dataset", "gammas", "seed", "stem_pool", "step_init"})
 """Keys that define the model, the submodels or the random streams: ``--resume`` refuses to change them."""
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The protocol of the NeFL paper's code (Kang et al., arXiv 2308.07761; the README's "paper protocol"):
+    # SGD lr 0.1 without momentum or weight decay, x0.1 at T/2 and 3T/4, 5 local epochs of batch 32,
+    # uniform NeFedAvg weights, tier-window assignment, step sizes from 1, max-pool stem, tracked BatchNorm.
+    "paper": {
+        "fraction": 0.1,
+        "weighting": "uniform",
+        "tier_window": 2,
+        "cover_submodels": False,
+        "step_init": "one",
+        "stem_pool": True,
+        "lr_decay_at": [0.5, 0.75],
+        "lr_decay": 0.1,
+        "bn_calibration": 0,
+        "train": {"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "epochs": 5, "batch_size": 32},
+    },
+}
+"""Named protocols (``--preset``): their values apply where the TOML file and the options set nothing."""
 
 
 class ConfigError(BadInput):
@@ -77,6 +120,78 @@ class RunConfig(BaseModel):
     runs_dir: Path = Field(Path("runs"), description="parent folder of run directories")
     chunk_size: int = Field(1 << 20, ge=1024, description="bytes per MQTT message; larger payloads are chunked")
     train: TrainConfig = Field(default_factory=TrainConfig)
+    preset: Optional[Literal["paper"]] = Field(
+        None, description="protocol preset (paper: the NeFL paper's); explicit settings override its values"
+    )
+    lr_decay_at: list[float] = Field(
+        default_factory=list,
+        description="fractions of the rounds after which the lr is multiplied by lr_decay, comma-separated",
+    )
+    lr_decay: float = Field(0.1, gt=0, le=1, description="lr factor at each lr_decay_at milestone")
+    tier_window: int = Field(
+        0,
+        ge=0,
+        description="each round a client of tier t trains a submodel drawn from tiers t-w..t+w (0: its own; "
+        "the paper's code: 2)",
+    )
+    step_init: Literal["ode", "one"] = Field(
+        "ode", description="initial step sizes: ode (blocks / kept blocks per stage) or one (the paper's)"
+    )
+    stem_pool: bool = Field(False, description="max-pool (3, stride 2) after the stem, as the paper's ResNet18/34")
+    augment: bool = Field(False, description="simulate: random crop (pad 4) and horizontal flip of local batches")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="simulate: torch device of local training and evaluation (auto: cuda if available)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bn_of_old_runs(cls, data: Any) -> Any:
+        """Runs recorded before ``bn`` existed re-estimated on the server when ``bn_calibration`` > 0."""
+        if isinstance(data, dict) and "bn" not in data and "bn_calibration" in data and data.get("preset") is None:
+            return {**data, "bn": "server" if data["bn_calibration"] else "tracked"}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("preset") is None:
+            return data
+        if data["preset"] not in PRESETS:
+            raise ValueError(f"unknown preset {data['preset']!r}; choose one of: {', '.join(PRESETS)}")
+        values = PRESETS[data["preset"]]
+        merged = {**{k: v for k, v in values.items() if k != "train"}, **data}
+        given = data.get("train") or {}
+        if isinstance(given, dict):
+            merged["train"] = {**values.get("train", {}), **given}
+        return merged
+
+    @field_validator("lr_decay_at", mode="before")
+    @classmethod
+    def _decay_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return [float(f) for f in value.split(",") if f.strip()]
+            except ValueError:
+                raise ValueError(f"lr_decay_at must be comma-separated fractions, got {value!r}") from None
+        return value
+
+    @field_validator("lr_decay_at")
+    @classmethod
+    def _decay_fractions(cls, value: list[float]) -> list[float]:
+        if any(not 0 < f < 1 for f in value):
+            raise ValueError("lr_decay_at must be fractions of the rounds in (0, 1), e.g. 0.5,0.75")
+        return sorted(value)
+
+    def lr_at(self, round_: int) -> float:
+        """The local learning rate of round ``round_`` (1-based): ``train.lr`` times ``lr_decay`` for every
+        milestone ``f`` in ``lr_decay_at`` with ``round_ > f * rounds`` (the paper: 0.1, 0.01 after T/2,
+        0.001 after 3T/4)."""
+        passed = sum(round_ > int(f * self.rounds) for f in self.lr_decay_at)
+        return self.train.lr * self.lr_decay**passed
+
+    def network(self) -> ModelConfig:
+        """The model shape of the run (model, data set, stem and step-size initialisation)."""
+        return replace(get_model_config(self.model, self.dataset), stem_pool=self.stem_pool, step_init=self.step_init)
 
     @field_validator("method", mode="before")
     @classmethod

@@ -88,9 +88,15 @@ class RoundEngine:
         selected = self.strategy.select(self.rng, pool, cfg.fraction, cfg.min_clients)
         speeds = {n: c.profile.samples_per_s or 0.0 for n, c in clients.items() if c.profile is not None}
         rotate = self.rng if cfg.cover_rule == "random" else None
-        assignment = assign(self.strategy, self.plan, caps, selected, cfg.cover_submodels, speeds, rotate)
+        assignment = assign(
+            self.strategy, self.plan, caps, selected, cfg.cover_submodels, speeds, rotate, cfg.tier_window, self.rng
+        )
         instructions = [
-            Instruction(n, assignment[n], cfg.train.model_copy(update={"seed": int(self.rng.integers(1 << 31))}))
+            Instruction(
+                n,
+                assignment[n],
+                cfg.train.model_copy(update={"seed": int(self.rng.integers(1 << 31)), "lr": cfg.lr_at(r)}),
+            )
             for n in selected
         ]
         report.selected = len(instructions)

@@ -58,14 +58,16 @@ class Block(nn.Module):
 
 
 class Stem(nn.Module):
-    def __init__(self, c_in: int, c_out: int, preact: bool) -> None:
+    def __init__(self, c_in: int, c_out: int, preact: bool, pool: bool = False) -> None:
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False)
         self.bn: Optional[nn.BatchNorm2d] = None if preact else nn.BatchNorm2d(c_out, eps=BN_EPS, momentum=BN_MOMENTUM)
+        self.pool = pool
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv(x)
-        return x if self.bn is None else F.relu(self.bn(x))
+        x = x if self.bn is None else F.relu(self.bn(x))
+        return F.max_pool2d(x, 3, 2, 1) if self.pool else x
 
 
 class SubmodelNet(nn.Module):
@@ -76,7 +78,7 @@ class SubmodelNet(nn.Module):
         self.config, self.spec = config, spec
         width = spec.width
         c_in = scaled(config.stage_widths[0], width)
-        self.stem = Stem(config.in_channels, c_in, config.preact)
+        self.stem = Stem(config.in_channels, c_in, config.preact, config.stem_pool)
         self.stages = nn.ModuleList()
         for s, (n_blocks, stage_width) in enumerate(zip(config.stage_blocks, config.stage_widths, strict=True)):
             c_out = scaled(stage_width, width)
@@ -160,6 +162,8 @@ def global_forward(state: GlobalState, index: int, x: Tensor) -> Tensor:
     h = F.conv2d(x, g["stem.conv.weight"][:c_prev], padding=1)
     if not config.preact:
         h = F.relu(_bn(h, sub, "stem.bn"))
+    if config.stem_pool:
+        h = F.max_pool2d(h, 3, 2, 1)
     for s, n_blocks in enumerate(config.stage_blocks):
         c = scaled(config.stage_widths[s], w)
         for b in range(n_blocks):

@@ -61,7 +61,8 @@ def init_global_state(
     """A fresh global state. ``consistent`` supplies initial conv/linear weights (e.g. from a PyTorch
     initialisation); missing ones are drawn He-normal with ``seed``. BatchNorm starts at (1, 0, 0, 1)
     and step sizes at (blocks in the stage / kept blocks), so that a shallower submodel covers the
-    same 'time' of the residual ODE with fewer, longer steps."""
+    same 'time' of the residual ODE with fewer, longer steps (``config.step_init == "one"``: at 1, as the
+    paper's code starts them)."""
     rng = np.random.default_rng(seed)
     full = param_layout(config, full_spec(config))
     cons: Tensors = {}
@@ -76,7 +77,8 @@ def init_global_state(
             if name.endswith(".step"):
                 stage = int(name.split(".")[1])
                 # The ODE reading: a stage that skips blocks takes proportionally bigger steps.
-                ratio = config.stage_blocks[stage] / len(spec.blocks[stage]) if config.learned_step else 1.0
+                ode = config.learned_step and config.step_init == "ode"
+                ratio = config.stage_blocks[stage] / len(spec.blocks[stage]) if ode else 1.0
                 tensors[name] = np.full(info.shape, ratio, np.float32)
             elif info.kind == "inconsistent" and name.startswith("head."):
                 full_head = _initial(name, full[name].shape, consistent, rng)

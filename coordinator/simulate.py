@@ -20,7 +20,7 @@ from nefl_edge.coordinator.models import initial_consistent
 from nefl_edge.coordinator.nefedavg import Weighting
 from nefl_edge.coordinator.nested import GlobalState, Tensors, extract, init_global_state
 from nefl_edge.coordinator.specs import ModelConfig
-from nefl_edge.coordinator.strategies import LocalTrainer, Strategy
+from nefl_edge.coordinator.strategies import LocalTrainer, Strategy, TorchOptions
 from nefl_edge.edge_client.data import Dataset
 from nefl_edge.edge_client.schemas import TrainConfig
 
@@ -64,6 +64,40 @@ def ort_trainer(folder: Path) -> LocalTrainer:
         return backend.tensors()
 
     return train
+
+
+def torch_device(requested: str) -> str:
+    """The torch device for ``auto`` (cuda when available), ``cpu`` or ``cuda`` (refused without a GPU)."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device cuda: this torch build sees no CUDA GPU (install the torch build for your CUDA version, "
+            "see the README) or use --device cpu"
+        )
+    return requested
+
+
+def evaluate_on(state: GlobalState, data: Dataset, device: str = "cpu", batch: int = 500) -> list[float]:
+    """Test accuracy of every submodel of ``state``, computed on ``device``."""
+    if device == "cpu":
+        return [acc for acc, _ in evaluate_all(state, data)]
+    import torch
+
+    from nefl_edge.coordinator.models import build_submodel
+
+    scores = []
+    for k in range(len(state.specs)):
+        net = build_submodel(state, k).to(device).eval()
+        correct = 0
+        with torch.no_grad():
+            for lo in range(0, len(data), batch):
+                logits = net(torch.from_numpy(data.x[lo : lo + batch]).to(device))
+                correct += int((logits.argmax(1).cpu() == torch.from_numpy(data.y[lo : lo + batch])).sum())
+        scores.append(correct / len(data))
+    return scores
 
 
 def client_names(count: int) -> list[str]:
@@ -112,7 +146,12 @@ def simulate(
         )
     config, plan = strategy.setup(config, gammas)
     state = init_global_state(config, plan.specs, initial_consistent(config, cfg.seed), cfg.seed)
-    local: LocalTrainer = strategy.local_train
+    device = torch_device(cfg.device)
+    opts = TorchOptions(device, cfg.augment)
+
+    def local(state: GlobalState, index: int, data: Dataset, train: TrainConfig) -> Tensors:
+        return strategy.local_train(state, index, data, train, opts)
+
     if trainer == "ort":
         if not strategy.device_trainable:
             raise ValueError(
@@ -120,13 +159,13 @@ def simulate(
             )
         if artifacts is None:
             raise ValueError("trainer 'ort' needs the folder of the method's exported artifacts (artifacts=...)")
-        local = ort_trainer(artifacts)
+        local = ort_trainer(artifacts)  # type: ignore[assignment]
     names = client_names(len(shards))
     grid = InProcessGrid(dict(zip(names, shards)), dict(zip(names, tiers)), local)
     engine = RoundEngine(strategy, cfg, config, plan, calibration)
 
     def score() -> list[float]:
-        return [acc for acc, _ in evaluate_all(state, test)]
+        return evaluate_on(state, test, device)
 
     result = SimResult(
         strategy.name, list(gammas), plan.tier_submodel, [s.gamma for s in plan.specs], [score()], [0], 0.0

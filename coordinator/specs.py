@@ -46,6 +46,10 @@ class ModelConfig:
     shared_bn: bool = False  # BatchNorm affine as nested slices of one global tensor (HeteroFL, FjORD)
     learned_step: bool = True  # a learnable step size per block and submodel; False: fixed at 1
     shared_head: bool = True  # one classifier sliced along its inputs; False: one per submodel (DepthFL)
+    # The paper's ResNet18/34 for 32x32 inputs: MaxPool(3, 2, 1) after the stem (halves the feature map).
+    stem_pool: bool = False
+    # Initial step sizes: "ode" (blocks in the stage / kept blocks) or "one" (1 for every kept block, the paper's).
+    step_init: str = "ode"
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -63,6 +67,8 @@ class ModelConfig:
             shared_bn=bool(data.get("shared_bn", False)),
             learned_step=bool(data.get("learned_step", True)),
             shared_head=bool(data.get("shared_head", True)),
+            stem_pool=bool(data.get("stem_pool", False)),
+            step_init=str(data.get("step_init", "ode")),
         )
 
 
@@ -211,6 +217,8 @@ def mflops(config: ModelConfig, spec: SubmodelSpec) -> float:
     layout = param_layout(config, spec)
     size = config.image_size
     macs = size * size * math.prod(layout["stem.conv.weight"].shape)
+    if config.stem_pool:
+        size = math.ceil(size / 2)
     for s, n_blocks in enumerate(config.stage_blocks):
         out_size = math.ceil(size / stage_stride(s))
         for b in range(n_blocks):

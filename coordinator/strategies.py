@@ -55,19 +55,62 @@ def _optimizer(net: torch.nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def _step(net: torch.nn.Module, opt: torch.optim.SGD, data: Dataset, idx: np.ndarray) -> None:
+@dataclass(frozen=True)
+class TorchOptions:
+    """How the simulator's PyTorch trainer runs: the torch device, and augmentation of the local batches
+    (random crop with 4 pixels of zero padding and a horizontal flip, as the paper's CIFAR runs)."""
+
+    device: str = "cpu"
+    augment: bool = False
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop of ``x`` (N, C, H, W) from its zero-padded copy, and a random horizontal flip, per sample."""
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy, dx = (torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=x.device) for _ in range(2))
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    out = padded[
+        torch.arange(n, device=x.device)[:, None, None, None],
+        torch.arange(c, device=x.device)[None, :, None, None],
+        rows,
+        cols,
+    ]
+    flip = torch.rand(n, generator=generator, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def _step(
+    net: torch.nn.Module,
+    opt: torch.optim.SGD,
+    data: Dataset,
+    idx: np.ndarray,
+    opts: TorchOptions = TorchOptions(),
+    generator: Optional[torch.Generator] = None,
+) -> None:
+    x = torch.from_numpy(data.x[idx]).to(opts.device)
+    if generator is not None:
+        x = augment_batch(x, generator)
     opt.zero_grad()
-    loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(data.x[idx])), torch.from_numpy(data.y[idx]))
+    loss = torch.nn.functional.cross_entropy(net(x), torch.from_numpy(data.y[idx]).to(opts.device))
     loss.backward()
     opt.step()
 
 
-def train_torch(state: GlobalState, index: int, data: Dataset, cfg: TrainConfig) -> Tensors:
+def _generator(opts: TorchOptions, seed: int) -> Optional[torch.Generator]:
+    return torch.Generator(opts.device).manual_seed(seed) if opts.augment else None
+
+
+def train_torch(
+    state: GlobalState, index: int, data: Dataset, cfg: TrainConfig, opts: TorchOptions = TorchOptions()
+) -> Tensors:
     """Local training of submodel ``index`` in PyTorch with the device's batches and ``torch.optim.SGD``."""
-    net = build_submodel(state, index).train()
+    net = build_submodel(state, index).to(opts.device).train()
     opt = _optimizer(net, cfg)
+    generator = _generator(opts, cfg.seed)
     for idx in local_batches(len(data), cfg):
-        _step(net, opt, data, idx)
+        _step(net, opt, data, idx, opts, generator)
     return net.tensors()
 
 
@@ -98,8 +141,10 @@ class Strategy:
         configured = self.configure(config)
         return configured, self.plan(configured, gammas)
 
-    def local_train(self, state: GlobalState, index: int, data: Dataset, cfg: TrainConfig) -> Tensors:
-        return train_torch(state, index, data, cfg)
+    def local_train(
+        self, state: GlobalState, index: int, data: Dataset, cfg: TrainConfig, opts: TorchOptions = TorchOptions()
+    ) -> Tensors:
+        return train_torch(state, index, data, cfg, opts)
 
     @property
     def device_trainable(self) -> bool:
@@ -168,16 +213,19 @@ class FjORD(Strategy):
     re-estimated after aggregation, as for HeteroFL; no knowledge distillation; plain SGD (a momentum buffer
     would not follow the changing width, so momentum is refused)."""
 
-    def local_train(self, state: GlobalState, index: int, data: Dataset, cfg: TrainConfig) -> Tensors:
+    def local_train(
+        self, state: GlobalState, index: int, data: Dataset, cfg: TrainConfig, opts: TorchOptions = TorchOptions()
+    ) -> Tensors:
         if cfg.momentum:
             raise ValueError("FjORD's ordered dropout here supports plain SGD only; set momentum = 0")
         local = state.copy()
         rng = np.random.default_rng(cfg.seed)
+        generator = _generator(opts, cfg.seed)
         # All batches first, then the widths, from one generator (the batches are the device's).
         for idx in list(local_batches(len(data), cfg, rng)):
             width = int(rng.integers(0, index + 1))
-            net = build_submodel(local, width).train()
-            _step(net, _optimizer(net, cfg), data, idx)
+            net = build_submodel(local, width).to(opts.device).train()
+            _step(net, _optimizer(net, cfg), data, idx, opts, generator)
             write_back(local, width, net.tensors())
         return extract(local, index)
 
@@ -218,6 +266,13 @@ STRATEGIES: dict[str, Strategy] = {
             learned_step=False,
         ),
         Strategy(
+            "fjord-paper",
+            "FjORD as the NeFL paper's code runs it (Kang et al., arXiv 2308.07761, Tables III and VIII): NeFL-W "
+            "widths with step sizes fixed at 1 and per-submodel BatchNorm, one width per client, no distillation",
+            scaling="W",
+            learned_step=False,
+        ),
+        Strategy(
             "depthfl",
             "Kim et al., DepthFL: Depthwise Federated Learning for Heterogeneous Clients, ICLR 2023 (depth only, a "
             "classifier per depth; blocks are skipped within each stage as in NeFL-D rather than cutting whole "
@@ -226,6 +281,14 @@ STRATEGIES: dict[str, Strategy] = {
             shared_bn=True,
             learned_step=False,
             shared_head=False,
+        ),
+        Strategy(
+            "scalefl",
+            "Ilhan et al., ScaleFL: Resource-Adaptive Federated Learning with Heterogeneous Clients, CVPR 2023, as "
+            "the NeFL paper's code runs it: NeFL-WD widths and depths, step sizes fixed at 1, BatchNorm affine "
+            "shared as nested slices, one classifier, no early exits or distillation",
+            shared_bn=True,
+            learned_step=False,
         ),
         FedAvgSmallest(
             "fedavg-smallest",

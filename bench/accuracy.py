@@ -36,14 +36,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "long": {"rounds": 40, "seeds": [0], "test_samples": 2000, "epochs": 1, "eval_every": 8},
     "smoke": {"rounds": 1, "seeds": [0], "test_samples": 500, "epochs": 1},  # for trying the harness
     # The paper's protocol: 100 clients, 10 a round, 5 local epochs; scaled by a 5000-sample training subset
-    # (50 per client) and 30 rounds.
+    # (50 per client) and 40 rounds.
     "paper": {
         "protocol": "paper",
-        "rounds": 30,
+        "rounds": 40,
         "seeds": [0, 1, 2],
         "test_samples": 2000,
         "epochs": 5,
-        "eval_every": 10,
+        "eval_every": 8,
         "train_samples": 5000,
         "methods": "nefl-wd,nefl-w,nefl-d,heterofl,fjord,fjord-paper,depthfl,scalefl,fedavg-smallest",
     },

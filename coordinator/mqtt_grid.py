@@ -18,18 +18,21 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from nefl_edge.coordinator.assignment import ClientInfo
-from nefl_edge.coordinator.grid import Instruction, Outcome
+from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, Instruction, Outcome
 from nefl_edge.coordinator.nested import GlobalState, extract
 from nefl_edge.coordinator.registry import Registry
 from nefl_edge.edge_client.errors import ExitCode, NeflError
+from nefl_edge.edge_client.evaluate import EvalResult
 from nefl_edge.edge_client.mqtt import MqttLink
 from nefl_edge.edge_client.schemas import (
     Artifact,
     Control,
     Decline,
+    EvalTask,
+    Evaluation,
     Manifest,
     ManifestMessage,
     Message,
@@ -155,13 +158,18 @@ class MqttGrid:
             pass
         return self.registry.clients()
 
-    def run(self, round_: int, state: GlobalState, instructions: list[Instruction]) -> Iterator[Outcome]:
-        started = time.monotonic()
+    def _publish_weights(self, round_: int, state: GlobalState, submodels: set[int]) -> dict[int, str]:
+        """Publish the weights of ``submodels`` (retained, one broadcast each); their sha256 by submodel."""
         digests: dict[int, str] = {}
-        for k in sorted({ins.submodel for ins in instructions}):
+        for k in sorted(submodels):
             body = pack_tensors(extract(state, k))
             digests[k] = sha256(body)
             self._publish_retained(self.topics.weights(k), Weights(run=self.run_name, round=round_, submodel=k), body)
+        return digests
+
+    def run(self, round_: int, state: GlobalState, instructions: list[Instruction]) -> Iterator[Outcome]:
+        started = time.monotonic()
+        digests = self._publish_weights(round_, state, {ins.submodel for ins in instructions})
         tasks: dict[str, Task] = {}
         for ins in instructions:
             task = Task(
@@ -197,6 +205,100 @@ class MqttGrid:
             log.warning("round %d: deadline passed without answers from %s", round_, sorted(pending))
         for node, task in pending.items():
             yield Outcome(node, task.submodel, "dropped", reason="no answer before the deadline")
+
+    def evaluate(self, round_: int, state: GlobalState, requests: list[EvalRequest]) -> Iterator[EvalOutcome]:
+        """The evaluation step over MQTT: one ``evaluate`` task per device (signed like tasks), answered by an
+        ``evaluation`` (signed like updates) or a ``decline``; checked here for what it may claim (the
+        submodels it was asked for, a body only with statistics, readable tensors) and by the engine for the
+        rest (shapes, finite values, bounded counts)."""
+        started = time.monotonic()
+        digests = self._publish_weights(round_, state, {k for req in requests for k in req.submodels})
+        tasks: dict[str, EvalTask] = {}
+        for req in requests:
+            task = EvalTask(
+                run=self.run_name,
+                node=req.node,
+                task_id=uuid.uuid4().hex[:16],
+                round=round_,
+                submodels=list(req.submodels),
+                weights_sha256=[digests[k] for k in req.submodels],
+                evaluate=req.evaluate,
+                bn_stats=req.bn_stats,
+                eval_fraction=req.eval_fraction,
+                batch_size=req.batch_size,
+                bn_max_batches=req.bn_max_batches,
+                deadline_s=self.deadline_s,
+            )
+            tasks[req.node] = task
+            self._bytes_out += self.link.publish(self.topics.node(req.node, "task"), task)
+        pending = dict(tasks)
+        deadline = started + self.deadline_s + GRACE_S
+        while pending and time.monotonic() < deadline and not self.stop.is_set():
+            for node in list(pending):
+                gone = self._gone(node)
+                if gone:
+                    del pending[node]
+                    yield EvalOutcome(node, "dropped", reason=gone)
+            item = self._next(0.25)
+            if item is None:
+                continue
+            outcome = self._evaluation(round_, item, pending, started)
+            if outcome is not None:
+                yield outcome
+        for node in pending:
+            yield EvalOutcome(node, "dropped", reason="no answer before the deadline")
+
+    def _evaluation(
+        self, round_: int, item: tuple[str, Message, bytes], pending: dict[str, EvalTask], started: float
+    ) -> Optional[EvalOutcome]:
+        stream, message, body = item
+        if not isinstance(message, (Evaluation, Decline, Update)):
+            return None
+        node = Topics.node_of(stream)
+        task = pending.get(node)
+        if message.node != node:
+            self._reject("unknown_sender", f"{message.kind} for {message.node} on {stream}")
+            return None
+        if isinstance(message, Update) or task is None or message.task_id != task.task_id or message.round != round_:
+            self._reject("stale", f"{message.kind} from {node} for task {message.task_id} of round {message.round}")
+            return None
+        del pending[node]
+        seconds = time.monotonic() - started
+        if isinstance(message, Decline):
+            log.warning("round %d: %s declined to evaluate: %s", round_, node, message.reason)
+            return EvalOutcome(node, "declined", reason=message.reason[:300], seconds=seconds)
+        asked = set(task.submodels)
+        claimed = [r.submodel for r in message.results] + [b.submodel for b in message.bn]
+        bad = ""
+        if not set(claimed) <= asked or len(set(r.submodel for r in message.results)) != len(message.results):
+            bad = f"wrong_submodels: {sorted(set(claimed) - asked)[:5]} or repeated"
+        elif (message.results and not task.evaluate) or (message.bn and not task.bn_stats):
+            bad = "unasked: results or statistics that were not asked for"
+        elif len(set(b.submodel for b in message.bn)) != len(message.bn):
+            bad = "wrong_submodels: repeated statistics"
+        elif task.bn_max_batches is not None and any(b.batches > task.bn_max_batches for b in message.bn):
+            bad = f"bad_counts: more than {task.bn_max_batches} batches"
+        if bad:
+            return EvalOutcome(node, "rejected", reason=bad, bytes_in=len(body), seconds=seconds)
+        try:
+            tensors = unpack_tensors(body) if body else {}
+        except ProtocolError as exc:
+            return EvalOutcome(node, "rejected", reason=f"bad_payload: {exc}", bytes_in=len(body), seconds=seconds)
+        per_submodel: dict[int, dict[str, Any]] = {b.submodel: {} for b in message.bn}
+        for name, value in tensors.items():
+            head, _, rest = name.partition("/")
+            if not head.isdigit() or int(head) not in per_submodel or not rest:
+                return EvalOutcome(node, "rejected", reason=f"bad_names: {name[:80]}", bytes_in=len(body))
+            per_submodel[int(head)][rest] = value
+        return EvalOutcome(
+            node,
+            "evaluated",
+            results={r.submodel: EvalResult(r.loss * r.count, r.correct, r.count) for r in message.results},
+            bn_tensors=per_submodel,
+            bn_batches={b.submodel: b.batches for b in message.bn},
+            seconds=seconds,
+            bytes_in=len(body),
+        )
 
     def _gone(self, node: str) -> str:
         """Why a device with a task is taken as gone ("" while it may still answer). A device that said it

@@ -1,5 +1,6 @@
 """The device's side of the federated loop for one run: join it, take tasks, train with ONNX Runtime,
-upload, keep the latest weights. :mod:`edge_client.agent` runs one of these per run, run after run."""
+upload, keep the latest weights; evaluate on its held-out split and compute BatchNorm statistics when asked
+(``evaluate`` tasks, ``edge_client.evaluate``). :mod:`edge_client.agent` runs one of these per run, run after run."""
 
 from __future__ import annotations
 
@@ -12,20 +13,24 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
 from nefl_edge.edge_client.artifacts import ArtifactCache, ArtifactError, parse_manifest
 from nefl_edge.edge_client.data import Dataset
+from nefl_edge.edge_client.evaluate import SubmodelEvaluator, split_dataset
 from nefl_edge.edge_client.latest import LatestStore
 from nefl_edge.edge_client.mqtt import BrokerAddress, Inbound, MqttLink, Security
-from nefl_edge.edge_client.profile import device_profile, measure_throughput
+from nefl_edge.edge_client.profile import device_profile, probe_threads, thread_choice_key
 from nefl_edge.edge_client.schemas import (
     Artifact,
+    BnCount,
     Control,
     Decline,
     DeviceProfile,
+    EvalTask,
+    Evaluation,
     Hello,
     Manifest,
     ManifestMessage,
@@ -33,6 +38,7 @@ from nefl_edge.edge_client.schemas import (
     Metrics,
     Status,
     SubmodelEntry,
+    SubmodelEval,
     Task,
     Update,
     Weights,
@@ -176,6 +182,9 @@ class EdgeClient:
         self.manifest: Optional[Manifest] = None
         self.backend_kind = choose_backend(options.backend)
         self._backends: Dict[str, TrainerBackend] = {}
+        self._threads: Tuple[int, bool] = (options.threads, False)  # (threads, spin-wait); the probe chooses
+        self._evaluators: Dict[str, SubmodelEvaluator] = {}
+        self._splits: Dict[float, Tuple[Dataset, Dataset]] = {}
         self._deferred: Deque[Inbound] = deque(maxlen=MAX_DEFERRED)  # the oldest go first when full
         self._done_tasks: set[str] = set()
         self._joined_at = 0.0  # sent_at of the manifest this client joined with (coordinator clock)
@@ -370,8 +379,11 @@ class EdgeClient:
 
     # --- artifacts and profile -----------------------------------------------------------------------------
 
-    def _fetch_artifacts(self, sub: SubmodelEntry) -> Dict[str, Path]:
-        roles = BACKEND_FILES[self.backend_kind]
+    def _fetch_artifacts(self, sub: SubmodelEntry, roles: Optional[Tuple[str, ...]] = None) -> Dict[str, Path]:
+        roles = roles or BACKEND_FILES[self.backend_kind]
+        missing = [r for r in roles if r not in sub.files]
+        if missing:
+            raise ArtifactError(f"submodel {sub.index} has no {', '.join(missing)} artifact in the manifest")
         for role, entry in sub.files.items():
             if role not in roles or self.cache.has(entry.sha256):
                 continue
@@ -387,7 +399,7 @@ class EdgeClient:
                 self.link.unsubscribe(topic + "/#")
             self.cache.put(body, entry.sha256)
             log.info("fetched %s artifact of submodel %d (%d KiB)", role, sub.index, len(body) // 1024)
-        paths = self.cache.submodel_paths(sub, roles)
+        paths = self.cache.submodel_paths(sub, tuple(roles))
         if paths is None:
             raise ArtifactError(f"artifacts of submodel {sub.index} vanished from the cache {self.cache.folder}")
         return paths
@@ -396,16 +408,31 @@ class EdgeClient:
         if sub.key not in self._backends:
             paths = self._fetch_artifacts(sub)
             self._backends[sub.key] = create_backend(
-                self.backend_kind, paths, sub.params, manifest.train, self.opts.threads
+                self.backend_kind, paths, sub.params, manifest.train, *self._threads
             )
         return self._backends[sub.key]
 
     def _profile(self, manifest: Manifest) -> DeviceProfile:
         probe = min(manifest.submodels, key=lambda s: s.mflops)
-        backend = self._backend(manifest, probe)
-        speed = measure_throughput(backend, manifest.input_shape, manifest.num_classes, seconds=1.0)
-        profile = device_profile(self.backend_kind, speed, probe.mflops)
-        log.info("profile: %s", profile.model_dump_json())
+        paths = self._fetch_artifacts(probe)
+        choice = probe_threads(
+            lambda threads, spin: create_backend(self.backend_kind, paths, probe.params, manifest.train, threads, spin),
+            manifest.input_shape,
+            manifest.num_classes,
+            self.opts.threads,
+            self.opts.cache / "threads.json",
+            thread_choice_key(self.backend_kind, probe.key),
+        )
+        if (choice.threads, choice.spin) != self._threads:
+            self._backends.clear()
+        self._threads = (choice.threads, choice.spin)
+        profile = device_profile(self.backend_kind, choice.samples_per_s, probe.mflops)
+        log.info(
+            "profile: %s; training threads %s (samples/s tried: %s)",
+            profile.model_dump_json(),
+            choice.label,
+            choice.tried,
+        )
         return profile
 
     # --- tasks ---------------------------------------------------------------------------------------------
@@ -436,7 +463,7 @@ class EdgeClient:
             except (ArtifactError, UnicodeDecodeError) as exc:
                 log.warning("ignored a bad manifest: %s", exc)
             return
-        if isinstance(message, Task):
+        if isinstance(message, (Task, EvalTask)):
             if message.node != self.opts.node:
                 return
             refusal = self._refusal(message)
@@ -446,9 +473,12 @@ class EdgeClient:
                 return
             self._done_tasks.add(message.task_id)
             self._highest = (message.round, message.sent_at)
-            self._run_task(message, time.monotonic())
+            if isinstance(message, EvalTask):
+                self._run_evaluation(message, time.monotonic())
+            else:
+                self._run_task(message, time.monotonic())
 
-    def _refusal(self, task: Task) -> str:
+    def _refusal(self, task: Union[Task, EvalTask]) -> str:
         """Why ``task`` must not be trained (a replay), or "". Times are the coordinator's ``sent_at`` (signed
         with the message), compared only with each other: no clock on the device is trusted."""
         if task.task_id in self._done_tasks:
@@ -480,26 +510,14 @@ class EdgeClient:
         )
         try:
             backend = self._backend(manifest, sub)
-            weights_topic = self.topics.weights(sub.index)
-            self.link.subscribe(weights_topic + "/#")
-            try:
-                remaining = task.deadline_s - (time.monotonic() - received)
-                _, body = self._wait_for(
-                    f"weights of round {task.round}",
-                    lambda m, b: isinstance(m, Weights) and m.round == task.round and sha256(b) == task.weights_sha256,
-                    max(1.0, remaining),
-                )
-            finally:
-                self.link.unsubscribe(weights_topic + "/#")
-            tensors = unpack_tensors(body)
-            missing = [p.name for p in sub.params if p.name not in tensors]
-            if missing:
-                raise ProtocolError(f"weights lack {missing[:3]}")
+            remaining = task.deadline_s - (time.monotonic() - received)
+            tensors = self._weights(sub, task.round, task.weights_sha256, remaining)
             backend.load(tensors, task.train)
             self._publish_status("training")
             budget = task.deadline_s - (time.monotonic() - received) - UPLOAD_MARGIN_S
             progress = ProgressLog(log.info, self.opts.progress_every_s, f"round {task.round}: ")
-            metrics = train_local(backend, self.data, task.train, deadline_s=budget, on_progress=progress)
+            data = self._split(task.train.eval_fraction)[0]
+            metrics = train_local(backend, data, task.train, deadline_s=budget, on_progress=progress)
         except DeadlineMissed as exc:
             self._decline(task, str(exc))
             return
@@ -514,7 +532,7 @@ class EdgeClient:
             task_id=task.task_id,
             round=task.round,
             submodel=sub.index,
-            num_samples=len(self.data),
+            num_samples=len(data),
             metrics=metrics,
         )
         tensors = backend.tensors()
@@ -531,7 +549,81 @@ class EdgeClient:
             metrics.seconds,
         )
 
-    def _decline(self, task: Task, reason: str) -> None:
+    def _split(self, fraction: float) -> Tuple[Dataset, Dataset]:
+        """This device's training part and held-out part for ``fraction`` (the same split every round)."""
+        if fraction not in self._splits:
+            self._splits = {fraction: split_dataset(self.data, fraction)}
+        return self._splits[fraction]
+
+    def _weights(self, sub: SubmodelEntry, round_: int, digest: str, timeout: float) -> Dict[str, np.ndarray]:
+        """The weights of ``sub`` with sha256 ``digest`` from the round's retained broadcast."""
+        weights_topic = self.topics.weights(sub.index)
+        self.link.subscribe(weights_topic + "/#")
+        try:
+            _, body = self._wait_for(
+                f"weights of submodel {sub.index} for round {round_}",
+                lambda m, b: isinstance(m, Weights) and m.submodel == sub.index and sha256(b) == digest,
+                max(1.0, timeout),
+            )
+        finally:
+            self.link.unsubscribe(weights_topic + "/#")
+        tensors = unpack_tensors(body)
+        missing = [p.name for p in sub.params if p.name not in tensors]
+        if missing:
+            raise ProtocolError(f"weights lack {missing[:3]}")
+        return tensors
+
+    def _evaluator(self, sub: SubmodelEntry, roles: Tuple[str, ...]) -> SubmodelEvaluator:
+        key = f"{sub.key}:{','.join(roles)}"
+        if key not in self._evaluators:
+            self._evaluators[key] = SubmodelEvaluator(self._fetch_artifacts(sub, roles), self.opts.threads)
+        return self._evaluators[key]
+
+    def _run_evaluation(self, task: EvalTask, received: float) -> None:
+        """Evaluate the task's submodels on the held-out split and/or sum their BatchNorm batch statistics
+        over the training split; answer with one ``evaluation`` (or a ``decline``)."""
+        manifest = self.manifest
+        assert manifest is not None
+        roles = tuple(r for r, wanted in (("eval", task.evaluate), ("stats", task.bn_stats)) if wanted)
+        results: List[SubmodelEval] = []
+        counts: List[BnCount] = []
+        body: Dict[str, np.ndarray] = {}
+        train, held = self._split(task.eval_fraction)
+        try:
+            if len(task.submodels) != len(task.weights_sha256) or len(set(task.submodels)) != len(task.submodels):
+                raise ValueError("submodels and weights do not match one to one")
+            for k, digest in zip(task.submodels, task.weights_sha256):
+                if k >= len(manifest.submodels):
+                    raise ValueError(f"submodel {k} is not in the manifest")
+                sub = manifest.submodels[k]
+                evaluator = self._evaluator(sub, roles)
+                tensors = self._weights(sub, task.round, digest, task.deadline_s - (time.monotonic() - received))
+                if task.bn_stats:
+                    stats = evaluator.bn_stats(tensors, train.x, task.batch_size, task.bn_max_batches)
+                    if stats.batches:
+                        counts.append(BnCount(submodel=k, batches=stats.batches))
+                        body.update({f"{k}/{name}": v for name, v in stats.tensors().items()})
+                if task.evaluate and len(held):
+                    result = evaluator.evaluate(tensors, held, task.batch_size)
+                    results.append(
+                        SubmodelEval(submodel=k, loss=result.loss, correct=result.correct, count=result.count)
+                    )
+        except (TimeoutError, ArtifactError, ProtocolError, ValueError) as exc:
+            self._decline(task, f"{type(exc).__name__}: {exc}")
+            return
+        answer = Evaluation(
+            run=self.opts.run, node=self.opts.node, task_id=task.task_id, round=task.round, results=results, bn=counts
+        )
+        self.link.publish(self.topics.node(self.opts.node, "update"), answer, pack_tensors(body) if body else b"")
+        log.info(
+            "round %d: evaluated submodels %s (%s) in %.1f s",
+            task.round,
+            task.submodels,
+            ", ".join(f"{r.submodel}: {100 * r.correct / max(1, r.count):.1f} %" for r in results) or "statistics",
+            time.monotonic() - received,
+        )
+
+    def _decline(self, task: Union[Task, EvalTask], reason: str) -> None:
         log.warning("round %d: declining task %s: %s", task.round, task.task_id, reason)
         decline = Decline(run=self.opts.run, node=self.opts.node, task_id=task.task_id, round=task.round, reason=reason)
         self.link.publish(self.topics.node(self.opts.node, "update"), decline)

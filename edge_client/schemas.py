@@ -10,7 +10,7 @@ from typing import Dict, List, Literal, Optional, Tuple
 from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST_SCHEMA = "nefl.manifest/1"
-WIRE_SCHEMA = "nefl.wire/2"
+WIRE_SCHEMA = "nefl.wire/3"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
@@ -52,7 +52,7 @@ class SubmodelEntry(Strict):
     gamma: float
     mflops: float
     param_count: int
-    files: Dict[Literal["training", "eval", "checkpoint", "portable"], FileEntry]
+    files: Dict[Literal["training", "eval", "checkpoint", "portable", "stats"], FileEntry]
     params: List[ParamEntry]
 
     @property
@@ -69,7 +69,18 @@ class TrainConfig(Strict):
     batch_size: int = Field(32, ge=1, le=4096, description="local batch size")
     epochs: int = Field(1, ge=1, le=1000, description="local epochs per task")
     max_steps: Optional[int] = Field(None, ge=1, description="stop after this many steps even mid-epoch")
+    eval_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=0.5,
+        description="share of each device's data held out (seeded, never trained on) for federated evaluation",
+    )
     seed: int = 0
+    update_encoding: Literal["float32", "float16", "int8"] = Field(
+        "float32",
+        description="how a device sends its trained tensors: float32, float16, or int8 deltas against the weights "
+        "it received (edge_client.encoding)",
+    )
 
 
 class Manifest(Strict):
@@ -113,7 +124,7 @@ class DeviceProfile(Strict):
 class Message(Strict):
     """Header fields every wire message carries (``schema``, ``run``, ``sent_at``); ``kind`` names the message."""
 
-    schema_: Literal["nefl.wire/2"] = Field("nefl.wire/2", alias="schema")
+    schema_: Literal["nefl.wire/3"] = Field("nefl.wire/3", alias="schema")
     run: str = Field(pattern=NAME_PATTERN)
     sent_at: float = 0.0
 
@@ -181,6 +192,55 @@ class Update(Message):
     metrics: Metrics
 
 
+class EvalTask(Message):
+    """coordinator -> one device: for each of ``submodels`` (weights: the matching ``weights_sha256``),
+    ``evaluate`` on the held-out split (``eval_fraction`` of its data) and/or compute ``bn_stats`` (sums of
+    batch statistics over at most ``bn_max_batches`` batches of ``batch_size`` of its training split);
+    answer with an ``evaluation`` within ``deadline_s``."""
+
+    kind: Literal["evaluate"] = "evaluate"
+    node: str = Field(pattern=NAME_PATTERN)
+    task_id: str = Field(pattern=NAME_PATTERN)
+    round: int = Field(ge=0)
+    submodels: List[int] = Field(min_length=1, max_length=64)
+    weights_sha256: List[str] = Field(min_length=1, max_length=64)
+    evaluate: bool = True
+    bn_stats: bool = False
+    eval_fraction: float = Field(0.0, ge=0, le=0.5)
+    batch_size: int = Field(32, ge=2, le=4096)
+    bn_max_batches: Optional[int] = Field(None, ge=1)
+    deadline_s: float = Field(gt=0)
+
+
+class SubmodelEval(Strict):
+    """One submodel's evaluation on a device's held-out split: mean loss, correct predictions, samples."""
+
+    submodel: int = Field(ge=0)
+    loss: float = Field(ge=0)
+    correct: int = Field(ge=0)
+    count: int = Field(ge=0)
+
+
+class BnCount(Strict):
+    """How many batches a submodel's BatchNorm sums (in the body) are over."""
+
+    submodel: int = Field(ge=0)
+    batches: int = Field(ge=1)
+
+
+class Evaluation(Message):
+    """device -> coordinator: the answer to an ``evaluate`` task. ``results``: per submodel evaluated;
+    ``bn``: per submodel with statistics, whose sums travel in the body (safetensors, ``<k>/<layer>.mean_sum``
+    and ``<k>/<layer>.var_sum``)."""
+
+    kind: Literal["evaluation"] = "evaluation"
+    node: str = Field(pattern=NAME_PATTERN)
+    task_id: str = Field(pattern=NAME_PATTERN)
+    round: int = Field(ge=0)
+    results: List[SubmodelEval] = Field(default_factory=list, max_length=64)
+    bn: List[BnCount] = Field(default_factory=list, max_length=64)
+
+
 class Decline(Message):
     """device -> coordinator: the device will not answer this task, and why."""
 
@@ -222,5 +282,17 @@ class Control(Message):
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.model_fields["kind"].default: cls
-    for cls in (Hello, Status, Task, Update, Decline, Weights, Artifact, ManifestMessage, Control)
+    for cls in (
+        Hello,
+        Status,
+        Task,
+        Update,
+        Decline,
+        Weights,
+        Artifact,
+        ManifestMessage,
+        Control,
+        EvalTask,
+        Evaluation,
+    )
 }

@@ -18,6 +18,7 @@ from typing_extensions import Annotated
 
 from nefl_edge.edge_client.cli_common import add_version_option, fail, run_app, setup_logging
 from nefl_edge.edge_client.errors import ExitCode
+from nefl_edge.edge_client.runtime import keep_torch_out
 
 if TYPE_CHECKING:
     from nefl_edge.edge_client.data import Dataset
@@ -30,6 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 add_version_option(app)
+keep_torch_out()  # before any command imports onnxruntime
 
 StateDir = Annotated[
     Optional[Path],
@@ -230,7 +232,9 @@ def agent(
     username: Annotated[Optional[str], typer.Option(help="Broker user name.")] = None,
     password_file: Annotated[Optional[Path], typer.Option(help="File holding the broker password.")] = None,
     mqtt_version: Annotated[str, typer.Option(help="MQTT protocol version: 3.1.1 or 5.")] = "3.1.1",
-    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: all cores).")] = 0,
+    threads: Annotated[
+        int, typer.Option(help="Training threads (0: the fastest setting, measured at the first join and cached).")
+    ] = 0,
     max_samples: Annotated[Optional[int], typer.Option(help="Use only the first N samples of the data.")] = None,
     max_message_size: Annotated[
         int, typer.Option(help="Bytes per MQTT message; larger payloads are chunked.")
@@ -371,12 +375,12 @@ def profile(
     artifacts: Annotated[
         Optional[Path], typer.Option(help="An export folder: also time training of its smallest submodel.")
     ] = None,
-    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: all cores).")] = 0,
+    threads: Annotated[int, typer.Option(help="Training threads (0: the fastest setting, measured).")] = 0,
     backend: Annotated[str, typer.Option(help="auto, ort-training or portable.")] = "auto",
 ) -> None:
     """Print this device's profile (JSON): hardware, ONNX Runtime, training backend, throughput."""
     from nefl_edge.edge_client.artifacts import ArtifactError, load_manifest, submodel_paths
-    from nefl_edge.edge_client.profile import device_profile, measure_throughput
+    from nefl_edge.edge_client.profile import device_profile, probe_threads
     from nefl_edge.edge_client.trainer import BACKEND_FILES, BackendUnavailable, choose_backend, create_backend
 
     speed = probe = None
@@ -386,9 +390,14 @@ def profile(
             manifest = load_manifest(artifacts)
             sub = min(manifest.submodels, key=lambda s: s.mflops)
             paths = submodel_paths(artifacts, sub, BACKEND_FILES[kind])
-            trainer = create_backend(kind, paths, sub.params, manifest.train, threads)
-            speed = measure_throughput(trainer, manifest.input_shape, manifest.num_classes)
-            probe = sub.mflops
+            choice = probe_threads(
+                lambda t, spin: create_backend(kind, paths, sub.params, manifest.train, t, spin),
+                manifest.input_shape,
+                manifest.num_classes,
+                threads,
+            )
+            speed, probe = choice.samples_per_s, sub.mflops
+            typer.echo(f"training threads: {choice.label} (samples/s tried: {choice.tried})", err=True)
     except (ArtifactError, BackendUnavailable, ValueError) as exc:
         fail(str(exc))
         return

@@ -5,13 +5,13 @@ the loss and the logits."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from nefl_edge.edge_client.schemas import ParamEntry, TrainConfig
+from nefl_edge.edge_client.trainer import session_options
 
 Tensors = Dict[str, np.ndarray]
 
@@ -20,14 +20,17 @@ class PortableBackend:
     name = "portable"
 
     def __init__(
-        self, files: Dict[str, Path], params: List[ParamEntry], train: Optional[TrainConfig] = None, threads: int = 0
+        self,
+        files: Dict[str, Path],
+        params: List[ParamEntry],
+        train: Optional[TrainConfig] = None,
+        threads: int = 0,
+        spin: bool = False,
     ) -> None:
         import onnxruntime as ort
 
         self._ort = ort
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or int(os.environ.get("NEFL_THREADS", "0") or 0)
-        options.log_severity_level = 3
+        options = session_options(ort, threads, spin)
         providers = ["CPUExecutionProvider"]
         self._step = ort.InferenceSession(str(files["portable"]), options, providers=providers)
         self._eval = ort.InferenceSession(str(files["eval"]), options, providers=providers)

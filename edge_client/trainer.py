@@ -19,9 +19,11 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tupl
 import numpy as np
 
 from nefl_edge.edge_client.data import Dataset
+from nefl_edge.edge_client.runtime import keep_torch_out
 from nefl_edge.edge_client.schemas import Metrics, ParamEntry, TrainConfig
 
 Tensors = Dict[str, np.ndarray]
+keep_torch_out()
 
 
 class BackendUnavailable(RuntimeError):
@@ -32,8 +34,10 @@ def training_api() -> Any:
     """Import ``onnxruntime.training.api`` without loading torch.
 
     ``onnxruntime/training/__init__.py`` imports torch-dependent modules; registering a bare package for
-    ``onnxruntime.training`` first keeps torch out of the device process (ORT 1.19.2, measured).
+    ``onnxruntime.training`` first keeps torch out of the device process (ORT 1.19.2, measured), and
+    :func:`~nefl_edge.edge_client.runtime.keep_torch_out` keeps ``import onnxruntime`` itself from loading it.
     """
+    keep_torch_out()
     if "onnxruntime.training" not in sys.modules:
         import onnxruntime
 
@@ -47,6 +51,18 @@ def training_api() -> Any:
         package.__path__ = [str(folder)]
         sys.modules["onnxruntime.training"] = package
     return importlib.import_module("onnxruntime.training.api")
+
+
+def session_options(ort: Any, threads: int = 0, spin: bool = False) -> Any:
+    """ONNX Runtime session options for training: ``threads`` intra-op threads (0: ``NEFL_THREADS``, else
+    ORT's default of one per core), and whether idle pool threads spin-wait (ORT's default; it cost a factor
+    of 3 when anything else ran on the device, so it is off unless measured to pay, see
+    :func:`~nefl_edge.edge_client.profile.choose_threads`)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or int(os.environ.get("NEFL_THREADS", "0") or 0)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    options.log_severity_level = 3
+    return options
 
 
 def has_training_build() -> bool:
@@ -86,14 +102,17 @@ class OrtTrainingBackend:
     name = "ort-training"
 
     def __init__(
-        self, files: Dict[str, Path], params: List[ParamEntry], train: Optional[TrainConfig] = None, threads: int = 0
+        self,
+        files: Dict[str, Path],
+        params: List[ParamEntry],
+        train: Optional[TrainConfig] = None,
+        threads: int = 0,
+        spin: bool = False,
     ) -> None:
         api = training_api()
         import onnxruntime
 
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or int(os.environ.get("NEFL_THREADS", "0") or 0)
-        options.log_severity_level = 3
+        options = session_options(onnxruntime, threads, spin)
         self._state = api.CheckpointState.load_checkpoint(str(files["checkpoint"]))
         self._module = api.Module(str(files["training"]), self._state, str(files["eval"]), session_options=options)
         self._params = {p.name: p for p in params}
@@ -160,13 +179,20 @@ def choose_backend(requested: str = "auto") -> str:
 
 
 def create_backend(
-    kind: str, files: Dict[str, Path], params: List[ParamEntry], train: Optional[TrainConfig] = None, threads: int = 0
+    kind: str,
+    files: Dict[str, Path],
+    params: List[ParamEntry],
+    train: Optional[TrainConfig] = None,
+    threads: int = 0,
+    spin: bool = False,
 ) -> TrainerBackend:
+    """A ``kind`` backend on one submodel's files, with ``threads`` intra-op threads and spin-waiting
+    ``spin`` (see :func:`session_options`)."""
     if kind == "portable":
         from nefl_edge.edge_client.portable import PortableBackend
 
-        return PortableBackend(files, params, train, threads)
-    return OrtTrainingBackend(files, params, train, threads)
+        return PortableBackend(files, params, train, threads, spin)
+    return OrtTrainingBackend(files, params, train, threads, spin)
 
 
 class DeadlineMissed(RuntimeError):

@@ -24,15 +24,17 @@ from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec, mflops, param
 from nefl_edge.edge_client.artifacts import MANIFEST_NAME, ArtifactError, file_entry, load_manifest
 from nefl_edge.edge_client.schemas import FileEntry, Manifest, ParamEntry, SubmodelEntry, TrainConfig
 from nefl_edge.edge_client.wire import pack_tensors
-from nefl_edge.export.portable import PORTABLE_FILE, build_portable_step
+from nefl_edge.export.portable import PORTABLE_FILE, Builder, build_portable_step, relu_grad
+from nefl_edge.export.stats import STATS_FILE, build_stats_graph
 
-EXPORT_VERSION = 4
+EXPORT_VERSION = 6  # 6: the BatchNorm statistics graph
 OPSET = 17
 FILE_NAMES = {
     "training": "training_model.onnx",
     "eval": "eval_model.onnx",
     "checkpoint": "checkpoint",
     "portable": PORTABLE_FILE,
+    "stats": STATS_FILE,
 }
 
 
@@ -113,6 +115,8 @@ def _export_one(config: ModelConfig, spec: SubmodelSpec, folder: Path) -> None:
         )
     onnx_path.unlink()
     _fix_eval_batchnorm(folder / FILE_NAMES["eval"])
+    build_stats_graph(folder / FILE_NAMES["eval"], folder / STATS_FILE)
+    _rewrite_training_graph(folder / FILE_NAMES["training"])
     (folder / "optimizer_model.onnx").unlink()  # the device applies SGD itself (numpy or the portable graph)
     build_portable_step(
         folder / FILE_NAMES["training"], folder / PORTABLE_FILE, requires_grad, frozen, config.num_classes
@@ -129,6 +133,24 @@ def _fix_eval_batchnorm(path: Path) -> None:
             mode = next((a.i for a in node.attribute if a.name == "training_mode"), 0)
             if mode == 0:
                 del node.output[1:]
+    onnx.save(model, str(path))
+
+
+def _rewrite_training_graph(path: Path) -> None:
+    """Replace slow ``com.microsoft`` kernels of the training graph by faster standard ops that compute the
+    same: ``ReluGrad`` (a per-element branch, 16-22 % of a step) by ``Mul(dY, Cast(Greater(Y, 0)))``."""
+    import onnx
+
+    model = onnx.load(str(path))
+    b = Builder("rewrite")
+    for node in model.graph.node:
+        if node.domain == "com.microsoft" and node.op_type == "ReluGrad":
+            relu_grad(b, node.input[0], node.input[1], node.output[0])
+        else:
+            b.nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(b.nodes)
+    model.graph.initializer.extend(b.inits)
     onnx.save(model, str(path))
 
 

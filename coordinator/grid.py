@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Protocol
 
 from nefl_edge.coordinator.assignment import ClientInfo
-from nefl_edge.coordinator.nested import GlobalState, Tensors
+from nefl_edge.coordinator.nested import GlobalState, Tensors, extract
 from nefl_edge.coordinator.strategies import LocalTrainer
 from nefl_edge.edge_client.data import Dataset
+from nefl_edge.edge_client.encoding import decode_update, encode_update
 from nefl_edge.edge_client.evaluate import EvalResult, split_dataset
 from nefl_edge.edge_client.schemas import Metrics, TrainConfig
 
@@ -129,6 +130,10 @@ class InProcessGrid:
             data = self._split(ins.node, ins.train.eval_fraction)[0]
             start = time.perf_counter()
             tensors = self.trainer(state, ins.submodel, data, ins.train)
+            encoding = ins.train.update_encoding
+            if encoding != "float32":  # the round trip a device's update takes, so its accuracy cost shows here
+                sent = extract(state, ins.submodel)
+                tensors = decode_update(encode_update(tensors, encoding, sent), encoding, lambda s=sent: s)
             yield Outcome(ins.node, ins.submodel, "updated", len(data), tensors, seconds=time.perf_counter() - start)
 
     def evaluate(self, round_: int, state: GlobalState, requests: list[EvalRequest]) -> Iterator[EvalOutcome]:

@@ -24,6 +24,7 @@ from nefl_edge.coordinator.assignment import ClientInfo
 from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, Instruction, Outcome
 from nefl_edge.coordinator.nested import GlobalState, extract
 from nefl_edge.coordinator.registry import Registry
+from nefl_edge.edge_client.encoding import EncodingError, decode_update
 from nefl_edge.edge_client.errors import ExitCode, NeflError
 from nefl_edge.edge_client.evaluate import EvalResult
 from nefl_edge.edge_client.mqtt import MqttLink
@@ -77,6 +78,7 @@ class MqttGrid:
         self._rejections: Counter[str] = Counter()
         self._link_seen: Counter[str] = Counter()
         self._reconnected_at = 0.0
+        self._round_state: Optional[GlobalState] = None
 
     # --- the run on the broker -----------------------------------------------------------------------------
 
@@ -169,6 +171,7 @@ class MqttGrid:
 
     def run(self, round_: int, state: GlobalState, instructions: list[Instruction]) -> Iterator[Outcome]:
         started = time.monotonic()
+        self._round_state = state  # what int8-encoded updates of this round are deltas against
         digests = self._publish_weights(round_, state, {ins.submodel for ins in instructions})
         tasks: dict[str, Task] = {}
         for ins in instructions:
@@ -339,7 +342,10 @@ class MqttGrid:
             return Outcome(node, task.submodel, "rejected", reason=f"wrong_submodel: {message.submodel}")
         try:
             tensors = unpack_tensors(body)
-        except ProtocolError as exc:
+            encoding, state = task.train.update_encoding, self._round_state
+            if encoding != "float32" and state is not None:
+                tensors = decode_update(tensors, encoding, lambda: extract(state, task.submodel))
+        except (ProtocolError, EncodingError) as exc:
             return Outcome(node, task.submodel, "rejected", reason=f"bad_payload: {exc}", bytes_in=len(body))
         return Outcome(
             node,

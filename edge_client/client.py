@@ -19,6 +19,7 @@ import numpy as np
 
 from nefl_edge.edge_client.artifacts import ArtifactCache, ArtifactError, parse_manifest
 from nefl_edge.edge_client.data import Dataset
+from nefl_edge.edge_client.encoding import encode_update
 from nefl_edge.edge_client.evaluate import SubmodelEvaluator, split_dataset
 from nefl_edge.edge_client.latest import LatestStore
 from nefl_edge.edge_client.mqtt import BrokerAddress, Inbound, MqttLink, Security
@@ -53,7 +54,7 @@ from nefl_edge.edge_client.trainer import (
     create_backend,
     train_local,
 )
-from nefl_edge.edge_client.wire import ProtocolError, Topics, encode, pack_tensors, sha256, unpack_tensors
+from nefl_edge.edge_client.wire import ProtocolError, Topics, encode, pack_tensors, sha256, tensor_parts, unpack_tensors
 
 MAX_DEFERRED = 256  # messages kept aside while waiting for one (weights, artifacts)
 log = logging.getLogger(__name__)
@@ -511,8 +512,8 @@ class EdgeClient:
         try:
             backend = self._backend(manifest, sub)
             remaining = task.deadline_s - (time.monotonic() - received)
-            tensors = self._weights(sub, task.round, task.weights_sha256, remaining)
-            backend.load(tensors, task.train)
+            weights = self._weights(sub, task.round, task.weights_sha256, remaining)
+            backend.load(weights, task.train)
             self._publish_status("training")
             budget = task.deadline_s - (time.monotonic() - received) - UPLOAD_MARGIN_S
             progress = ProgressLog(log.info, self.opts.progress_every_s, f"round {task.round}: ")
@@ -536,7 +537,9 @@ class EdgeClient:
             metrics=metrics,
         )
         tensors = backend.tensors()
-        sent = self.link.publish(topic, update, pack_tensors(tensors))
+        encoding = task.train.update_encoding
+        wire_tensors = tensors if encoding == "float32" else encode_update(tensors, encoding, weights)
+        sent = self.link.publish(topic, update, tensor_parts(wire_tensors, keep_dtype=encoding != "float32"))
         if self.opts.keep_latest:
             self._keep_latest(manifest, sub, task, tensors, metrics)
         log.info(

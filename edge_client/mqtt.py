@@ -21,7 +21,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -29,16 +29,17 @@ from paho.mqtt.properties import Properties
 
 from nefl_edge.edge_client.errors import BadInput, ExitCode, NeflError
 from nefl_edge.edge_client.schemas import Message
-from nefl_edge.edge_client.signing import Keyring, SignatureError, Signer, strip_envelope
+from nefl_edge.edge_client.signing import Keyring, SignatureError, Signer, strip_pieces
 from nefl_edge.edge_client.wire import (
     DEFAULT_CHUNK_SIZE,
     MESSAGE_KINDS_BY_TOPIC,
     Assembler,
+    Buffer,
     LogLimiter,
     ProtocolError,
     Topics,
     decode,
-    encode,
+    encode_parts,
     frames,
     short,
 )
@@ -141,24 +142,24 @@ class Receiver:
         self.last_rejection: Optional[Tuple[str, str]] = None  # (reason, text), for tests and debugging
         self._log = LogLimiter(log, log_burst, log_window_s)
 
-    def parse(self, topic: str, payload: bytes) -> Optional[Inbound]:
+    def parse(self, topic: str, payload: Buffer) -> Optional[Inbound]:
         """The message that ``payload`` on ``topic`` completes, or ``None`` (a chunk of a longer message, or
         an empty payload that clears a retained topic). Raise :class:`ProtocolError` for anything invalid."""
         if not payload:
             return None
         stream, index = split_chunk_topic(topic)
-        data = self.assembler.feed(stream, bytes(payload), index)
+        data = self.assembler.feed_pieces(stream, payload, index)
         if data is None:
             return None
         if self.keyring is not None:
             assert self.sender_of is not None
-            signer, data = self.keyring.verify(stream, data)
+            signer, data = self.keyring.verify_pieces(stream, data)
             allowed = self.sender_of(stream)
             if signer != allowed:
                 who = f"only {allowed!r} may" if allowed else "nobody may"
                 raise SignatureError(f"message signed by {signer!r}, but {who} publish on this topic", "wrong_signer")
         else:
-            data = strip_envelope(data)
+            data = strip_pieces(data)
         message, body = decode(data)
         if message.run != self.run:
             raise ProtocolError(f"message for run {short(message.run)}, this is run {self.run!r}", "wrong_run")
@@ -172,7 +173,7 @@ class Receiver:
             )
         return stream, message, body
 
-    def receive(self, topic: str, payload: bytes) -> Optional[Inbound]:
+    def receive(self, topic: str, payload: Buffer) -> Optional[Inbound]:
         """:meth:`parse` that never raises: a rejection is counted in :attr:`rejections` by reason (an
         unexpected exception as ``internal:<type>``) and logged with the topic."""
         try:
@@ -257,7 +258,7 @@ class MqttLink:
     def rejected(self) -> int:
         return sum(self.receiver.rejections.values())
 
-    def receive(self, topic: str, payload: bytes) -> Optional[Inbound]:
+    def receive(self, topic: str, payload: Buffer) -> Optional[Inbound]:
         """What the MQTT callback does with one payload, minus queueing: never raises (see
         :meth:`Receiver.receive`)."""
         return self.receiver.receive(topic, payload)
@@ -333,11 +334,17 @@ class MqttLink:
     def _seal(self, topic: str, data: bytes) -> bytes:
         return self.signer.seal(topic, data) if self.signer is not None else data
 
-    def publish(self, topic: str, message: Message, body: bytes = b"", retain: bool = False) -> int:
+    def publish(
+        self, topic: str, message: Message, body: Union[Buffer, Sequence[Buffer]] = b"", retain: bool = False
+    ) -> int:
         """Publish one message (signed if this link has a signer, chunked as needed) at QoS 1; return the
-        bytes sent. Retained messages keep chunk ``i`` on ``<topic>/chunk/<i>`` and clear chunks left over
-        from a longer predecessor."""
-        parts = frames(self._seal(topic, encode(message, body)), self.chunk_size)
+        bytes sent. ``body`` may be a list of buffers (e.g. :func:`edge_client.wire.tensor_parts`), copied
+        once, into the frames. Retained messages keep chunk ``i`` on ``<topic>/chunk/<i>`` and clear chunks
+        left over from a longer predecessor."""
+        logical = encode_parts(message, body)
+        if self.signer is not None:
+            logical = [self.signer.seal_prefix(topic, logical), *logical]
+        parts = frames(logical, self.chunk_size)
         if retain:
             for i, frame in enumerate(parts):
                 self.client.publish(f"{topic}{CHUNK_MARK}{i}", frame, qos=1, retain=True)
@@ -368,7 +375,7 @@ class MqttLink:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            item = self.receive(msg.topic, bytes(msg.payload))
+            item = self.receive(msg.topic, msg.payload)
             if item is not None:
                 self.inbox.put_nowait(item)
         except queue.Full:  # the consumer is behind a flood: drop, count, never block paho's thread

@@ -4,10 +4,11 @@ A signed message is an envelope around an encoded logical message (``b"NEFL" | h
 
     b"NEFS" | u8 key id length k | key id (k ASCII bytes) | 64-byte Ed25519 signature | logical message
 
-The signature covers ``b"nefl.sig/1" | u16 BE topic length | topic | u8 k | key id | logical message``:
-the whole logical message (magic, header, body), the signer's key id, and the MQTT topic it was published on
-(without a ``/chunk/<i>`` suffix), so a signed message cannot be moved to another topic or credited to
-another key. The envelope is then chunked into frames like any message (:func:`edge_client.wire.frames`).
+The signature covers ``b"nefl.sig/2" | u16 BE topic length | topic | u8 k | key id | sha256(logical
+message)``: the whole logical message (magic, header, body, through its sha256, so that it is hashed once and
+never copied for signing), the signer's key id, and the MQTT topic it was published on (without a
+``/chunk/<i>`` suffix), so a signed message cannot be moved to another topic or credited to another key.
+The envelope is then chunked into frames like any message (:func:`edge_client.wire.frames`).
 
 A receiver with a :class:`Keyring` accepts a message only if it is signed, the key id is in the keyring,
 the signature verifies, and the key id is the one allowed to publish on the topic (see
@@ -32,17 +33,17 @@ import stat
 import struct
 import threading
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from nefl_edge.edge_client.files import write_atomic
-from nefl_edge.edge_client.wire import ProtocolError, Topics, short
+from nefl_edge.edge_client.wire import Buffer, Pieces, ProtocolError, Topics, short
 
 MAGIC_SIGNED = b"NEFS"
-SIGNATURE_DOMAIN = b"nefl.sig/1"
+SIGNATURE_DOMAIN = b"nefl.sig/2"
 SIGNATURE_SIZE = 64
 KEYRING_SCHEMA = "nefl.keyring/1"
 KEY_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -66,12 +67,13 @@ def check_key_id(key_id: str) -> str:
     return key_id
 
 
-def _signed_bytes(topic: str, key_id: str, message: bytes) -> bytes:
+def _signed_bytes(topic: str, key_id: str, message: Union[Buffer, Pieces]) -> bytes:
     raw_topic, raw_id = topic.encode(), key_id.encode()
     if len(raw_topic) > 0xFFFF:
         raise ValueError("topic is longer than MQTT allows")
+    digest = (message if isinstance(message, Pieces) else Pieces([message])).sha256()
     return b"".join(
-        (SIGNATURE_DOMAIN, struct.pack(">H", len(raw_topic)), raw_topic, bytes([len(raw_id)]), raw_id, message)
+        (SIGNATURE_DOMAIN, struct.pack(">H", len(raw_topic)), raw_topic, bytes([len(raw_id)]), raw_id, digest)
     )
 
 
@@ -94,36 +96,53 @@ class Signer:
     def public_key(self) -> Ed25519PublicKey:
         return self.private_key.public_key()
 
-    def seal(self, topic: str, message: bytes) -> bytes:
+    def seal(self, topic: str, message: Buffer) -> bytes:
         """The signed envelope of an encoded logical ``message`` to be published on ``topic``."""
+        return self.seal_prefix(topic, [message]) + bytes(message)
+
+    def seal_prefix(self, topic: str, parts: Sequence[Any]) -> bytes:
+        """The envelope's head for a logical message given as buffers (see :func:`edge_client.wire.encode_parts`):
+        the envelope is this head followed by the parts."""
         raw_id = self.key_id.encode()
-        signature = self.private_key.sign(_signed_bytes(topic, self.key_id, message))
-        return MAGIC_SIGNED + bytes([len(raw_id)]) + raw_id + signature + message
+        signature = self.private_key.sign(_signed_bytes(topic, self.key_id, Pieces(parts)))
+        return MAGIC_SIGNED + bytes([len(raw_id)]) + raw_id + signature
 
     def __repr__(self) -> str:
         return f"Signer(key_id={self.key_id!r}, public={fingerprint(self.public_key)})"
 
 
-def open_envelope(data: bytes) -> Tuple[str, bytes, bytes]:
+def open_envelope(data: Buffer) -> Tuple[str, bytes, bytes]:
     """Split a signed envelope into ``(key_id, signature, logical message)`` without verifying it."""
-    if len(data) < 5 or data[:4] != MAGIC_SIGNED:
+    key_id, signature, message = open_pieces(Pieces([data]))
+    return key_id, signature, message.read()
+
+
+def open_pieces(data: Pieces) -> Tuple[str, bytes, Pieces]:
+    """:func:`open_envelope` of a message held as pieces; the logical message stays uncopied."""
+    head = data.read(0, 5 + 255 + SIGNATURE_SIZE)
+    if len(head) < 5 or head[:4] != MAGIC_SIGNED:
         raise SignatureError("message is not signed", "unsigned")
-    k = data[4]
+    k = head[4]
     end = 5 + k + SIGNATURE_SIZE
-    if len(data) < end:
+    if len(head) < end:
         raise SignatureError("signed envelope is truncated", "envelope")
     try:
-        key_id = data[5 : 5 + k].decode("ascii")
+        key_id = head[5 : 5 + k].decode("ascii")
     except UnicodeDecodeError:
         raise SignatureError("signed envelope has a non-ASCII key id", "envelope") from None
     if not KEY_ID_PATTERN.fullmatch(key_id):
         raise SignatureError(f"signed envelope has a malformed key id {short(key_id)}", "envelope")
-    return key_id, data[5 + k : end], data[end:]
+    return key_id, head[5 + k : end], data.tail(end)
 
 
-def strip_envelope(data: bytes) -> bytes:
+def strip_envelope(data: Buffer) -> bytes:
     """The logical message inside ``data`` (unchanged when it is not signed), without verifying anything."""
-    return open_envelope(data)[2] if data[:4] == MAGIC_SIGNED else data
+    return open_envelope(data)[2] if bytes(data[:4]) == MAGIC_SIGNED else bytes(data)
+
+
+def strip_pieces(data: Pieces) -> Pieces:
+    """:func:`strip_envelope` of a message held as pieces."""
+    return open_pieces(data)[2] if data.read(0, 4) == MAGIC_SIGNED else data
 
 
 class Keyring:
@@ -157,10 +176,15 @@ class Keyring:
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._keys))
 
-    def verify(self, topic: str, data: bytes) -> Tuple[str, bytes]:
+    def verify(self, topic: str, data: Buffer) -> Tuple[str, bytes]:
         """Check the signed envelope ``data`` received on ``topic``; return ``(key_id, logical message)``.
         Raise :class:`SignatureError` if it is unsigned, malformed, by an unknown key, or does not verify."""
-        key_id, signature, message = open_envelope(data)
+        key_id, message = self.verify_pieces(topic, Pieces([data]))
+        return key_id, message.read()
+
+    def verify_pieces(self, topic: str, data: Pieces) -> Tuple[str, Pieces]:
+        """:meth:`verify` of a message held as pieces; the logical message stays uncopied."""
+        key_id, signature, message = open_pieces(data)
         key = self._keys.get(key_id)
         if key is None:
             raise SignatureError(f"message signed by unknown key {key_id!r}", "unknown_key")

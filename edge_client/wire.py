@@ -8,14 +8,20 @@ Layers, outermost first (the full description with tables is in ``docs/protocol.
 - **Frame** (one MQTT payload): ``b"NFLC" | u32 BE header length | JSON frame header | chunk``. The frame
   header is exactly ``{"msg", "i", "n", "size", "chunk", "sha256", "chunk_sha256"}``: message id (32 lower-case
   hex digits), chunk index ``0 <= i < n``, chunk count ``n == max(1, ceil(size / chunk))``, the whole
-  message's size and sha256, the nominal chunk size (``chunk >= 1024``) and this chunk's sha256. Every chunk
+  message's size and digest, the nominal chunk size (``chunk >= 1024``) and this chunk's sha256. The message
+  digest is the sha256 of the message when ``n == 1`` and the sha256 of the ``n`` concatenated 32-byte chunk
+  digests otherwise (see :func:`message_digest`), so every byte is hashed once, chunk by chunk. Every chunk
   but the last is exactly ``chunk`` bytes long; the last one completes ``size`` exactly. Integers are JSON
   integers (no booleans, no floats), the header is at most 1 KiB, flat, with no duplicate keys.
 - **Signed envelope** (optional, see :mod:`edge_client.signing`): ``b"NEFS" | u8 key id length | key id |
   64-byte Ed25519 signature | logical message``.
 - **Logical message**: ``b"NEFL" | u32 BE header length | JSON header | body``; the header (at most 64 KiB,
-  nesting depth at most 16) is one of the schemas in :mod:`edge_client.schemas` plus ``body_size`` and
-  ``body_sha256``. Tensors travel in the body as safetensors (never pickle).
+  nesting depth at most 16) is one of the schemas in :mod:`edge_client.schemas` plus ``body_size`` (the
+  frame digests and the signature cover the body). Tensors travel in the body as safetensors (never pickle).
+
+Zero copy: senders hand :func:`frames` a list of buffers (:func:`encode_parts`, :func:`tensor_parts`), which
+are hashed in place and copied once, into the frame payloads; receivers keep the chunks they got as
+:class:`Pieces` and copy a body out of them once (:func:`decode`).
 
 Retained messages put chunk ``i`` on ``<topic>/chunk/<i>`` so that the broker keeps every chunk.
 
@@ -37,7 +43,7 @@ import uuid
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from pydantic import ValidationError
@@ -105,8 +111,63 @@ class LogLimiter:
             window[2] += 1
 
 
-def sha256(data: bytes) -> str:
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+def sha256(data: Buffer) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _byte_view(buffer: Any) -> memoryview:
+    view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+class Pieces:
+    """One message held as consecutive buffers (the chunks it arrived in, or the parts it was built from),
+    read without joining them: :meth:`read` copies only the range asked for."""
+
+    def __init__(self, buffers: Iterable[Any]) -> None:
+        self.views = [v for v in (_byte_view(b) for b in buffers) if v.nbytes]
+        self.size = sum(v.nbytes for v in self.views)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def slices(self, start: int = 0, end: Optional[int] = None) -> List[memoryview]:
+        """Views (no copy) of bytes ``start:end``."""
+        end = self.size if end is None else min(end, self.size)
+        out, offset = [], 0
+        for view in self.views:
+            n = view.nbytes
+            if offset + n > start and offset < end:
+                out.append(view[max(0, start - offset) : min(n, end - offset)])
+            offset += n
+            if offset >= end:
+                break
+        return out
+
+    def read(self, start: int = 0, end: Optional[int] = None) -> bytes:
+        """A copy of bytes ``start:end``."""
+        parts = self.slices(start, end)
+        return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+
+    def tail(self, start: int) -> Pieces:
+        return Pieces(self.slices(start))
+
+    def sha256(self) -> bytes:
+        h = hashlib.sha256()
+        for view in self.views:
+            h.update(view)
+        return h.digest()
+
+
+def message_digest(chunk_digests: Sequence[bytes]) -> str:
+    """The frame header's ``sha256`` of a message from its chunks' sha256 digests: the chunk's own digest for
+    a one-chunk message, else the sha256 of the concatenated digests (a one-level hash list)."""
+    if len(chunk_digests) == 1:
+        return chunk_digests[0].hex()
+    return hashlib.sha256(b"".join(chunk_digests)).hexdigest()
 
 
 def short(value: object, limit: int = 60) -> str:
@@ -229,8 +290,8 @@ NODE_KINDS = ("hello", "status", "update", "task")
 MESSAGE_KINDS_BY_TOPIC: Dict[str, Tuple[str, ...]] = {
     "hello": ("hello",),
     "status": ("status",),
-    "update": ("update", "decline"),
-    "task": ("task",),
+    "update": ("update", "decline", "evaluation"),
+    "task": ("task", "evaluate"),
     "manifest": ("manifest",),
     "control": ("control",),
     "weights": ("weights",),
@@ -241,30 +302,37 @@ MESSAGE_KINDS_BY_TOPIC: Dict[str, Tuple[str, ...]] = {
 # --- logical messages --------------------------------------------------------------------------------------
 
 
-def encode(message: Message, body: bytes = b"") -> bytes:
+def encode_parts(message: Message, body: Union[Buffer, Sequence[Buffer]] = b"") -> List[Buffer]:
+    """The logical message as buffers (header first, then the body's buffers, not copied)."""
+    parts = [body] if isinstance(body, (bytes, bytearray, memoryview)) else list(body)
     header = message.model_dump(mode="json", by_alias=True)
     if not header.get("sent_at"):
         header["sent_at"] = time.time()
-    header["body_size"] = len(body)
-    header["body_sha256"] = sha256(body)
+    header["body_size"] = sum(_byte_view(p).nbytes for p in parts)
     raw = json.dumps(header, separators=(",", ":")).encode()
-    return MAGIC_MESSAGE + struct.pack(">I", len(raw)) + raw + body
+    return [MAGIC_MESSAGE + struct.pack(">I", len(raw)) + raw, *parts]
 
 
-def decode(data: bytes) -> Tuple[Message, bytes]:
-    """Parse and validate a logical message; raise :class:`ProtocolError` saying what is wrong."""
-    if len(data) < 8 or data[:4] != MAGIC_MESSAGE:
+def encode(message: Message, body: Union[Buffer, Sequence[Buffer]] = b"") -> bytes:
+    return b"".join(encode_parts(message, body))
+
+
+def decode(data: Union[Buffer, Pieces]) -> Tuple[Message, bytes]:
+    """Parse and validate a logical message; raise :class:`ProtocolError` saying what is wrong. The body is
+    the one copy made of the message's bytes."""
+    pieces = data if isinstance(data, Pieces) else Pieces([data])
+    start = pieces.read(0, 8)
+    if len(start) < 8 or start[:4] != MAGIC_MESSAGE:
         raise ProtocolError("not a nefl message (bad magic)", "message")
-    (size,) = struct.unpack(">I", data[4:8])
-    if size > MAX_HEADER_SIZE or 8 + size > len(data):
-        raise ProtocolError(f"header length {size} does not fit the message of {len(data)} bytes", "message")
-    header = load_json(data[8 : 8 + size], "message header", "message")
+    (size,) = struct.unpack(">I", start[4:8])
+    if size > MAX_HEADER_SIZE or 8 + size > len(pieces):
+        raise ProtocolError(f"header length {size} does not fit the message of {len(pieces)} bytes", "message")
+    header = load_json(pieces.read(8, 8 + size), "message header", "message")
     if not isinstance(header, dict):
         raise ProtocolError("message header is not a JSON object", "message")
-    body = data[8 + size :]
-    body_size, body_sha256 = header.pop("body_size", None), header.pop("body_sha256", None)
-    if type(body_size) is not int or body_size != len(body) or body_sha256 != sha256(body):
-        raise ProtocolError("body size or sha256 does not match the header", "body")
+    body_size = header.pop("body_size", None)
+    if type(body_size) is not int or body_size != len(pieces) - 8 - size:
+        raise ProtocolError("body size does not match the header", "body")
     if header.get("schema") != WIRE_SCHEMA:
         raise ProtocolError(
             f"unsupported schema {short(header.get('schema'))}; this side speaks {WIRE_SCHEMA}", "schema"
@@ -274,13 +342,14 @@ def decode(data: bytes) -> Tuple[Message, bytes]:
     if cls is None:
         raise ProtocolError(f"unknown message kind {short(kind)}", "schema")
     try:
-        return cls.model_validate(header), body
+        message = cls.model_validate(header)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ProtocolError(f"invalid {cls.__name__} header: {short(where)}: {first['msg']}", "schema") from None
     except (ValueError, TypeError) as exc:
         raise ProtocolError(f"invalid {cls.__name__} header: {short(str(exc), 120)}", "schema") from None
+    return message, pieces.read(8 + size)
 
 
 # --- tensors -----------------------------------------------------------------------------------------------
@@ -301,17 +370,40 @@ _TENSOR_DTYPES = {
 }
 
 
-def pack_tensors(tensors: Dict[str, np.ndarray]) -> bytes:
-    from safetensors.numpy import save
+_SAFETENSORS_NAMES = {np.dtype(v).str: k for k, v in _TENSOR_DTYPES.items()}
 
-    return save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(tensors.items())})
+
+def tensor_parts(tensors: Dict[str, np.ndarray], keep_dtype: bool = False) -> List[Buffer]:
+    """A safetensors blob as buffers: the header, then each tensor's memory (not copied where the array is
+    already C-contiguous in the wire dtype). Tensors are float32 unless ``keep_dtype``, which keeps any
+    dtype safetensors names (float16, int8, ... as :mod:`edge_client.encoding` uses)."""
+    arrays = []
+    for name, value in sorted(tensors.items()):
+        array = np.asarray(value, dtype=None if keep_dtype else np.float32, order="C")
+        if array.dtype.str not in _SAFETENSORS_NAMES:
+            raise ValueError(f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot carry")
+        arrays.append((name, array))
+    header: Dict[str, Any] = {}
+    offset = 0
+    for name, array in arrays:
+        dtype = _SAFETENSORS_NAMES[array.dtype.str]
+        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return [struct.pack("<Q", len(raw)) + raw, *(_byte_view(a.reshape(-1).view(np.uint8).data) for _, a in arrays)]
+
+
+def pack_tensors(tensors: Dict[str, np.ndarray], keep_dtype: bool = False) -> bytes:
+    """A safetensors blob of ``tensors`` (float32 unless ``keep_dtype``), one copy of their bytes."""
+    return b"".join(tensor_parts(tensors, keep_dtype))
 
 
 def _is_int(value: object) -> bool:
     return type(value) is int
 
 
-def unpack_tensors(body: bytes) -> Dict[str, np.ndarray]:
+def unpack_tensors(body: Buffer) -> Dict[str, np.ndarray]:
     """Read a safetensors blob (``u64 LE header length | JSON header | data``) without trusting it: every
     entry must have a known dtype, a shape of non-negative integers whose byte size equals its data range,
     and the ranges must tile the data exactly. The arrays are read-only views of ``body``."""
@@ -319,12 +411,13 @@ def unpack_tensors(body: bytes) -> Dict[str, np.ndarray]:
     def bad(why: str) -> ProtocolError:
         return ProtocolError(f"body is not a valid safetensors blob: {why}", "tensors")
 
+    body = _byte_view(body)
     if len(body) < 8:
         raise bad(f"{len(body)} bytes is too short")
     (size,) = struct.unpack("<Q", body[:8])
     if size > MAX_TENSOR_HEADER_SIZE or 8 + size > len(body):
         raise bad(f"header length {size} does not fit the {len(body)} bytes")
-    header = load_json(body[8 : 8 + size], "safetensors header", "tensors", max_depth=3)
+    header = load_json(bytes(body[8 : 8 + size]), "safetensors header", "tensors", max_depth=3)
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     start, length = 8 + size, len(body) - 8 - size
@@ -367,27 +460,35 @@ def unpack_tensors(body: bytes) -> Dict[str, np.ndarray]:
 # --- chunk frames ------------------------------------------------------------------------------------------
 
 
-def frames(data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> List[bytes]:
-    """Split one logical message into self-describing frames."""
+def frames(data: Union[Buffer, Sequence[Buffer]], chunk_size: int = DEFAULT_CHUNK_SIZE) -> List[bytes]:
+    """Split one logical message (bytes, or a list of buffers taken as their concatenation) into
+    self-describing frames. Each byte is hashed once and copied once, into its frame."""
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise ValueError(f"chunk size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes, got {chunk_size}")
-    msg_id = uuid.uuid4().hex
-    total = sha256(data)
-    count = max(1, -(-len(data) // chunk_size))
+    pieces = Pieces([data] if isinstance(data, (bytes, bytearray, memoryview)) else data)
+    size = len(pieces)
+    count = max(1, -(-size // chunk_size))
+    chunks = [pieces.slices(i * chunk_size, (i + 1) * chunk_size) for i in range(count)]
+    digests = []
+    for views in chunks:
+        h = hashlib.sha256()
+        for view in views:
+            h.update(view)
+        digests.append(h.digest())
+    msg_id, total = uuid.uuid4().hex, message_digest(digests)
     out = []
-    for i in range(count):
-        chunk = data[i * chunk_size : (i + 1) * chunk_size]
+    for i, (views, digest) in enumerate(zip(chunks, digests)):
         header = {
             "msg": msg_id,
             "i": i,
             "n": count,
-            "size": len(data),
+            "size": size,
             "chunk": chunk_size,
             "sha256": total,
-            "chunk_sha256": sha256(chunk),
+            "chunk_sha256": digest.hex(),
         }
         raw = json.dumps(header, separators=(",", ":")).encode()
-        out.append(MAGIC_FRAME + struct.pack(">I", len(raw)) + raw + chunk)
+        out.append(b"".join((MAGIC_FRAME, struct.pack(">I", len(raw)), raw, *views)))
     return out
 
 
@@ -405,14 +506,16 @@ class FrameHeader:
         return self.chunk if self.i < self.n - 1 else self.size - self.chunk * (self.n - 1)
 
 
-def parse_frame(payload: bytes, max_size: int = MAX_MESSAGE_SIZE) -> Tuple[FrameHeader, bytes]:
-    """Split and validate one frame: the header schema, its bounds, and the chunk's length and sha256."""
+def parse_frame(payload: Buffer, max_size: int = MAX_MESSAGE_SIZE) -> Tuple[FrameHeader, memoryview]:
+    """Split and validate one frame: the header schema, its bounds, and the chunk's length and sha256. The
+    chunk is a view of ``payload`` (not a copy)."""
+    payload = _byte_view(payload)
     if len(payload) < 8 or payload[:4] != MAGIC_FRAME:
         raise ProtocolError("not a nefl frame (bad magic)", "frame")
     (size,) = struct.unpack(">I", payload[4:8])
     if size > MAX_FRAME_HEADER_SIZE or 8 + size > len(payload):
         raise ProtocolError(f"frame header length {size} does not fit the frame", "frame")
-    h = load_json(payload[8 : 8 + size], "frame header", "frame_header", max_depth=1)
+    h = load_json(bytes(payload[8 : 8 + size]), "frame header", "frame_header", max_depth=1)
     if not isinstance(h, dict) or set(h) != FRAME_KEYS:
         keys = sorted(h)[:8] if isinstance(h, dict) else type(h).__name__
         raise ProtocolError(f"frame header must have exactly {sorted(FRAME_KEYS)}, got {short(keys)}", "frame_header")
@@ -450,7 +553,8 @@ class _Partial:
     head: FrameHeader
     started: float
     held: int = 0
-    chunks: Dict[int, bytes] = field(default_factory=dict)
+    chunks: Dict[int, memoryview] = field(default_factory=dict)
+    digests: Dict[int, bytes] = field(default_factory=dict)
 
 
 class Assembler:
@@ -505,18 +609,23 @@ class Assembler:
         count, held = self._senders.get(sender, (0, 0))
         return count, held
 
-    def feed(self, stream: str, payload: bytes, index: Optional[int] = None) -> Optional[bytes]:
+    def feed(self, stream: str, payload: Buffer, index: Optional[int] = None) -> Optional[bytes]:
         """Add one frame received on ``stream`` (the topic without a chunk suffix; ``index`` is the ``i`` of
         a ``<stream>/chunk/<i>`` topic); return the whole message once its last chunk arrived and checked
         out, else ``None``."""
+        pieces = self.feed_pieces(stream, payload, index)
+        return None if pieces is None else pieces.read()
+
+    def feed_pieces(self, stream: str, payload: Buffer, index: Optional[int] = None) -> Optional[Pieces]:
+        """:meth:`feed` returning the message as the chunks it arrived in (views of the payloads, no copy)."""
         self.expire()
         head, chunk = parse_frame(payload, self.max_size)
         if index is not None and index != head.i:
             raise ProtocolError(f"frame {head.i} arrived on the topic of chunk {index}", "chunk")
         if head.n == 1:
-            if sha256(chunk) != head.sha256:
+            if head.chunk_sha256 != head.sha256:  # the chunk's sha256 was checked by parse_frame
                 raise ProtocolError(f"message {head.msg[:8]} has the wrong sha256", "chunk")
-            return chunk
+            return Pieces([chunk])
         key = (stream, head.msg)
         part = self._partials.get(key)
         if part is None:
@@ -532,16 +641,16 @@ class Assembler:
             return None
         self._make_room(key, part.sender, len(chunk))
         part.chunks[head.i] = chunk
+        part.digests[head.i] = bytes.fromhex(head.chunk_sha256)
         part.held += len(chunk)
         self._senders[part.sender][1] += len(chunk)
         self.held_bytes += len(chunk)
         if len(part.chunks) < head.n:
             return None
         self._drop(key, "")
-        data = b"".join(part.chunks[j] for j in range(head.n))
-        if sha256(data) != head.sha256:
+        if message_digest([part.digests[j] for j in range(head.n)]) != head.sha256:
             raise ProtocolError(f"message {head.msg[:8]} reassembled to the wrong sha256", "chunk")
-        return data
+        return Pieces(part.chunks[j] for j in range(head.n))
 
     def expire(self) -> None:
         """Drop partials older than ``timeout_s`` (also done on every :meth:`feed`)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import stat
 import struct
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nefl_edge.edge_client import wire
 from nefl_edge.edge_client.mqtt import Receiver
 from nefl_edge.edge_client.schemas import Hello, Message, Task, TrainConfig, Update
 from nefl_edge.edge_client.signing import (
@@ -27,12 +29,15 @@ from nefl_edge.edge_client.wire import (
     MAGIC_FRAME,
     MAGIC_MESSAGE,
     Assembler,
+    Pieces,
     ProtocolError,
     decode,
     encode,
+    encode_parts,
     frames,
     pack_tensors,
     sha256,
+    tensor_parts,
     unpack_tensors,
 )
 
@@ -406,7 +411,7 @@ def test_receiver_checks_run_topic_kind_and_node() -> None:
 
 def test_receiver_counts_and_survives_an_unexpected_exception() -> None:
     class Broken(Assembler):
-        def feed(self, stream: str, payload: bytes, index: object = None) -> bytes:
+        def feed_pieces(self, stream: str, payload: object, index: object = None) -> Pieces:
             raise RuntimeError("a bug")
 
     receiver = Receiver("r1", Broken())
@@ -536,3 +541,56 @@ def test_a_flood_of_bad_payloads_is_counted_in_full_but_logged_a_few_times(caplo
 
     assert receiver.rejections == {"frame": 100}
     assert len(caplog.records) == 5 and "bad magic" in caplog.records[0].getMessage()
+
+
+# --- one hash and one copy per byte (issue 15) ----------------------------------------------------------------
+
+
+def test_tensor_parts_are_safetensors_in_any_wire_dtype(tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    tensors = {"b": np.arange(6, dtype=np.float16).reshape(2, 3), "a": np.array([-3, 7], np.int8), "s": np.float32(2)}
+    (tmp_path / "t.safetensors").write_bytes(pack_tensors(tensors, keep_dtype=True))
+
+    for got in (
+        unpack_tensors(b"".join(tensor_parts(tensors, keep_dtype=True))),
+        load_file(tmp_path / "t.safetensors"),
+    ):
+        assert {k: (v.dtype, v.shape) for k, v in got.items()} == {k: (v.dtype, v.shape) for k, v in tensors.items()}
+        for name, value in tensors.items():
+            np.testing.assert_array_equal(got[name], value)
+
+
+def test_frames_of_parts_equal_frames_of_the_joined_message_and_hash_each_byte_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    hashed = []
+    real = hashlib.sha256
+
+    class Counting:
+        def __init__(self, data: bytes = b"") -> None:
+            self.inner = real()
+            self.update(data)
+
+        def update(self, data: bytes) -> None:
+            hashed.append(memoryview(data).nbytes)
+            self.inner.update(data)
+
+        def digest(self) -> bytes:
+            return self.inner.digest()
+
+        def hexdigest(self) -> str:
+            return self.inner.hexdigest()
+
+    tensors = {"w": np.random.default_rng(0).standard_normal((300, 1000)).astype(np.float32)}
+    parts = encode_parts(TASK, tensor_parts(tensors))
+    size = sum(memoryview(p).nbytes for p in parts)
+    monkeypatch.setattr(wire.hashlib, "sha256", Counting)
+
+    sent = frames(parts, 64 << 10)
+    assembler = Assembler()
+    out = [assembler.feed_pieces("t", f) for f in sent]
+    _, body = decode(out[-1])  # type: ignore[arg-type]
+
+    assert len(sent) > 1 and all(o is None for o in out[:-1])
+    assert sum(hashed) == 2 * (size + 32 * len(sent))  # sender and receiver: each byte once, and the hash list
+    np.testing.assert_array_equal(unpack_tensors(body)["w"], tensors["w"])
+    assert Pieces([f[-10:] for f in sent]).read(5, 15) == b"".join(f[-10:] for f in sent)[5:15]

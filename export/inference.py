@@ -60,7 +60,6 @@ def load_run(run_dir: Path) -> TrainedRun:
     checkpoint (``coordinator.checkpoint.load``, the reader ``--resume`` uses) and its metrics."""
     from nefl_edge.coordinator import checkpoint
     from nefl_edge.coordinator.config import validate
-    from nefl_edge.coordinator.specs import get_model_config
     from nefl_edge.coordinator.strategies import get_strategy
 
     run_dir = Path(run_dir)
@@ -68,7 +67,7 @@ def load_run(run_dir: Path) -> TrainedRun:
     try:
         raw = json.loads(path.read_text())
         cfg = validate(raw)
-        model, plan = get_strategy(cfg.method).setup(get_model_config(cfg.model, cfg.dataset), tuple(cfg.gammas))
+        model, plan = get_strategy(cfg.method).setup(cfg.network(), tuple(cfg.gammas))
         saved = checkpoint.load(run_dir, purpose="export")
     except checkpoint.CheckpointError as exc:
         raise RunDirError(str(exc)) from None

@@ -58,7 +58,7 @@ class Evaluator:
     (each job holds a copy of the model). A job's exception is raised by the next :meth:`submit` or
     :meth:`wait`."""
 
-    def __init__(self, background: bool = True, max_pending: int = 2) -> None:
+    def __init__(self, background: bool = True, max_pending: int = 4) -> None:
         self.background = background
         self.max_pending = max_pending
         self._pool: Optional[ThreadPoolExecutor] = (

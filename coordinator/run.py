@@ -1,5 +1,11 @@
 """One ``serve`` run: its directory, the global state, the round loop over the MQTT grid, checkpoints and
-records. Rendering (progress bars, tables) is the caller's (``coordinator.render``); this module logs."""
+records. Rendering (progress bars, tables) is the caller's (``coordinator.render``); this module logs.
+
+After each round the main thread only snapshots what the round left (state, selection generator, quarantine,
+registry) and starts the next one; a worker (``coordinator.cadence.Evaluator``) evaluates the rounds due
+(``eval_every``, and the last) and writes each round's records and checkpoint, in round order. The
+checkpoint therefore trails the round in progress by at most the rounds still being recorded; a resumed
+run continues after the last recorded one."""
 
 from __future__ import annotations
 
@@ -10,10 +16,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
 from nefl_edge.coordinator import checkpoint
+from nefl_edge.coordinator.cadence import Evaluator, evaluates, evaluation_step
 from nefl_edge.coordinator.config import RunConfig
 from nefl_edge.coordinator.engine import RoundEngine, RoundReport
 from nefl_edge.coordinator.mqtt_grid import MqttGrid
@@ -46,15 +54,14 @@ class ServeRun:
         self.on_round: Optional[RoundCallback] = None
         self.on_progress: Optional[Callable[[str], None]] = None
         self.stopped_by: Optional[str] = None
+        self.evaluated = -1  # the last round whose model was evaluated (and its BatchNorm re-estimated)
 
     def prepare(self) -> None:
         """Export (or reuse) the method's artifacts, write the resolved config, load or initialise the state."""
-        from nefl_edge.coordinator.evaluation import held_out
+        from nefl_edge.coordinator.evaluation import coordinator_data
         from nefl_edge.coordinator.models import initial_consistent
         from nefl_edge.coordinator.nested import init_global_state
-        from nefl_edge.coordinator.specs import get_model_config
         from nefl_edge.coordinator.strategies import get_strategy
-        from nefl_edge.edge_client.data import load_dataset
         from nefl_edge.export.artifacts import export_set
 
         cfg = self.cfg
@@ -64,15 +71,24 @@ class ServeRun:
                 f"{cfg.method} trains locally in its own way ({type(self.strategy).__name__}.local_train), which "
                 "the devices' ONNX Runtime trainers do not do; run it with `nefl-coord simulate`"
             )
-        self.config, self.plan = self.strategy.setup(get_model_config(cfg.model, cfg.dataset), tuple(cfg.gammas))
+        if cfg.stem_pool:
+            raise MethodNotOnDevices(
+                "stem_pool: the devices' ONNX Runtime training graphs have no max-pool gradient; serve with "
+                "--no-stem-pool, or run the paper's max-pool stem with `nefl-coord simulate`"
+            )
+        self.config, self.plan = self.strategy.setup(cfg.network(), tuple(cfg.gammas))
+        self.test, self.calibration, federated_eval = coordinator_data(
+            cfg.evaluation, cfg.bn, cfg.data_dir, cfg.eval_samples, cfg.bn_calibration
+        )
+        if self.test is not None:
+            c = self.config
+            self.test.check_for((c.in_channels, c.image_size, c.image_size), c.num_classes)
         saved = checkpoint.load(self.run_dir) if self.resume else None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.run_dir / "config.json", cfg.model_dump_json(indent=1), 0o644)
         self.manifest = export_set(self.config, self.plan.specs, self.run_dir / "artifacts", cfg.train, log=log.info)
-        test = load_dataset(cfg.data_dir, "test")
-        test.check_for(self.manifest.input_shape, self.manifest.num_classes)
-        self.test, calibration = held_out(test, cfg.eval_samples, cfg.bn_calibration)
-        self.engine = RoundEngine(self.strategy, cfg, self.config, self.plan, calibration)
+        self.engine = RoundEngine(self.strategy, cfg, self.config, self.plan, self.calibration)
+        self.engine.federated_eval = federated_eval
         if saved is not None:
             self._restore(saved)
         else:
@@ -90,19 +106,58 @@ class ServeRun:
         self.engine.quarantine.restore(saved.engine.get("quarantine"))
         self.registry = Registry.load(saved.registry)
         self.round = saved.round
+        self.evaluated = max((r["round"] for r in self.records.metrics() if r["round"] <= self.round), default=-1)
         self.records.truncate(self.round)
         log.info("resuming %s after round %d", self.run_dir, self.round)
 
     def save(self) -> None:
+        checkpoint.save(self.run_dir, self._snapshot(self.round, self.state))
+
+    def _snapshot(self, round_: int, state: GlobalState) -> checkpoint.Checkpoint:
         engine = {"rng": self.engine.rng.bit_generator.state, "quarantine": self.engine.quarantine.dump()}
-        checkpoint.save(
-            self.run_dir, checkpoint.Checkpoint(self.round, self.state.flat(), engine, self.registry.dump())
-        )
+        return checkpoint.Checkpoint(round_, state.flat(), engine, self.registry.dump())
+
+    def _finish(
+        self, report: RoundReport, state: GlobalState, evaluate: bool, last: bool, evaluator: Evaluator
+    ) -> None:
+        """Hand round ``report.round`` to ``evaluator``: evaluate ``state`` if ``evaluate`` (a copy of it,
+        unless ``last``: then the state itself, whose re-estimated statistics the checkpoint keeps), write the
+        round's records (metrics rows only for an evaluated round) and checkpoint it."""
+        model = state if last or not evaluate else state.copy()
+        saved = self._snapshot(report.round, model)
+        if evaluate:
+            self.evaluated = report.round
+
+        def job() -> None:
+            accuracies: list[tuple[float, float]] = []
+            if evaluate:
+                started = time.monotonic()
+                accuracies = [] if self.test is None else evaluation_step(model, self.test, self.calibration)
+                report.phases["evaluation"] = time.monotonic() - started
+                saved.state = model.flat()
+            rows = self.records.write_round(report, accuracies, self.plan)
+            checkpoint.save(self.run_dir, saved)
+            if rows:
+                log.info(self.records.summary_line(report, rows, self.cfg.rounds))
+            else:
+                log.info(
+                    "round %d/%d: %d/%d updates, %d declined, %d dropped; %.1f s (not evaluated: eval_every)",
+                    report.round,
+                    self.cfg.rounds,
+                    report.updates,
+                    report.selected,
+                    report.declined,
+                    report.dropped,
+                    report.seconds,
+                )
+            if self.on_round is not None:
+                self.on_round(report, rows)
+
+        evaluator.submit(job)
 
     def serve(self, link: MqttLink) -> Path:
         """Run the remaining rounds; return the run directory (metrics, client records, checkpoint, report).
         SIGINT and SIGTERM end the run after the current round: devices are told, retained messages cleared."""
-        from nefl_edge.coordinator.evaluation import evaluate_all
         from nefl_edge.coordinator.report import write_report
 
         cfg = self.cfg
@@ -117,34 +172,34 @@ class ServeRun:
             self.stop,
         )
         grid.on_progress = self.on_progress
-        if self.round == 0 and not self.records.metrics():
-            self.records.write_round(RoundReport(0), evaluate_all(self.state, self.test), self.plan)
-            self.save()
-        grid.open()
+        evaluator = Evaluator(cfg.eval_background)
         reason = "finished"
         try:
+            if self.round == 0 and not self.records.metrics():
+                self._finish(RoundReport(0), self.state, True, cfg.rounds == 0, evaluator)
+            grid.open()
+            report = RoundReport(self.round)
             with self._signals():
-                while self.round < self.cfg.rounds and not self.stop.is_set():
+                while self.round < cfg.rounds and not self.stop.is_set():
                     r = self.round + 1
                     state, report = self.engine.run_round(r, self.state, grid, self.stop)
                     if self.stop.is_set():
                         break  # an interrupted round is not recorded; the last checkpoint stays the state
-                    self.state = state
-                    evaluating = time.monotonic()
-                    accuracies = evaluate_all(self.state, self.test)
-                    report.phases["evaluation"] = time.monotonic() - evaluating
-                    rows = self.records.write_round(report, accuracies, self.plan)
-                    self.round = r
-                    self.save()
-                    log.info(self.records.summary_line(report, rows, self.cfg.rounds))
-                    if self.on_round is not None:
-                        self.on_round(report, rows)
+                    self.state, self.round = state, r
+                    self._finish(report, state, evaluates(cfg, r), r == cfg.rounds, evaluator)
+                evaluator.wait()
+                if self.stop.is_set() and self.evaluated < self.round:
+                    # the state a stopped run leaves behind carries re-estimated statistics, as a finished one
+                    last = replace(report, clients=[]) if self.round == report.round else RoundReport(self.round)
+                    self._finish(last, self.state, True, True, evaluator)
+                    evaluator.wait()
             if self.stop.is_set():
                 reason = f"coordinator stopped ({self.stopped_by or 'interrupted'})"
         except BaseException:
             reason = "coordinator stopped on an error"
             raise
         finally:
+            evaluator.close()
             grid.close(reason)
             write_report(self.run_dir)
         return self.run_dir

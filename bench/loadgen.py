@@ -1,0 +1,466 @@
+"""Load generator: many lightweight simulated devices that speak the real protocol to a real coordinator.
+
+Each virtual device does what ``nefl-edge join`` does on the wire, without training: it says ``online``
+(retained status), waits for the run's manifest, says hello (its tier, sample count and profile), and for
+every task it waits for the round's weights broadcast of its submodel (checked against the task's sha256),
+says ``training``, then ``online``, and uploads an update whose tensors are the broadcast weights
+themselves: real-sized, in the submodel's exact layout, and within the coordinator's screening bounds.
+Messages are built with the device's own schemas and framing (``edge_client.schemas``, ``wire.encode``,
+``wire.frames``) and parsed with its receiver (``edge_client.mqtt.Receiver``).
+
+Many devices share a few MQTT connections (``connections``, each one paho network thread and one sender
+thread); only the first connection takes the broadcasts (manifest, weights, control). Devices are not
+authenticated: run it against a local broker without ACLs.
+
+:func:`measure` starts a Mosquitto and ``nefl-coord serve`` (a subprocess with its own run directory), runs
+a fleet for some rounds and returns per-round timings, the coordinator's CPU seconds per round and its peak
+RSS. ``python -m bench.loadgen --devices 500 --rounds 3`` prints them.
+
+Round overhead (what :func:`measure` reports per round): from the coordinator taking in the last update of
+round r (``ended_at - phases.aggregation`` of its metrics row: the end of its collecting loop) until the
+last task of round r+1 arrives at the load generator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import logging
+import os
+import queue
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import paho.mqtt.client as mqtt
+
+from nefl_edge.edge_client.mqtt import CHUNK_MARK, Receiver
+from nefl_edge.edge_client.schemas import (
+    Control,
+    DeviceProfile,
+    Hello,
+    ManifestMessage,
+    Message,
+    Metrics,
+    Status,
+    Task,
+    Update,
+    Weights,
+)
+from nefl_edge.edge_client.wire import DEFAULT_CHUNK_SIZE, Topics, encode, frames, sha256
+
+log = logging.getLogger(__name__)
+PROFILE = DeviceProfile(
+    arch="x86_64", system="Linux", python="3.11", cores=4, memory_mb=4096, onnxruntime="none", backend="loadgen"
+)
+WINDOW = 8  # updates in flight per connection before the sender waits for the broker's acknowledgement
+
+
+@dataclass
+class RoundTiming:
+    """What the load generator saw of one round (``time.time()`` seconds; 0: not seen)."""
+
+    round: int
+    tasks: int = 0
+    first_task_at: float = 0.0
+    last_task_at: float = 0.0
+    last_update_at: float = 0.0  # the broker acknowledged the round's last update
+    coordinator_cpu_s: float = 0.0  # the coordinator's process CPU seconds when its last task arrived
+
+
+@dataclass
+class _Connection:
+    client: mqtt.Client
+    receiver: Receiver
+    nodes: list[str]
+    jobs: queue.Queue[Optional[Task]] = field(default_factory=queue.Queue)
+    connected: threading.Event = field(default_factory=threading.Event)
+
+
+class LoadGen:
+    """``devices`` virtual devices over ``connections`` MQTT connections to ``broker`` (HOST:PORT) for run
+    ``run``. Device ``i`` is node ``<prefix>-<i>`` of tier ``i % tiers`` with ``samples`` samples. A task is
+    answered ``delay_s`` (plus up to ``jitter_s``) after its weights arrived. ``expected_tasks`` per round
+    marks when a round's tasks are all out (then ``cpu_of`` is sampled: e.g. the coordinator's CPU time)."""
+
+    def __init__(
+        self,
+        broker: str,
+        run: str,
+        devices: int,
+        connections: int = 4,
+        tiers: int = 5,
+        samples: int = 600,
+        delay_s: float = 0.0,
+        jitter_s: float = 0.0,
+        statuses: bool = True,
+        prefix: str = "lg",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        expected_tasks: Optional[int] = None,
+        cpu_of: Optional[Any] = None,
+    ) -> None:
+        host, port = broker.rsplit(":", 1)
+        self.host, self.port, self.run = host, int(port), run
+        self.topics = Topics(run)
+        self.tiers, self.samples, self.delay_s, self.jitter_s = tiers, samples, delay_s, jitter_s
+        self.statuses, self.chunk_size = statuses, chunk_size
+        self.expected_tasks = devices if expected_tasks is None else expected_tasks
+        self.cpu_of = cpu_of
+        width = len(str(devices - 1))
+        names = [f"{prefix}-{i:0{width}d}" for i in range(devices)]
+        self.tier_of = {n: i % tiers for i, n in enumerate(names)}
+        count = max(1, min(connections, devices))
+        self.connections = [self._connection(c, names[c::count]) for c in range(count)]
+        self.manifest = threading.Event()
+        self.ended = threading.Event()
+        self.end_reason = ""
+        self.rounds: dict[int, RoundTiming] = {}
+        self.rejected: collections.Counter[str] = collections.Counter()
+        self.updates_sent = 0
+        self.bytes_sent = 0
+        self._weights: dict[int, tuple[int, str, bytes]] = {}  # submodel -> (round, sha256, body)
+        self._lock = threading.Condition()
+        self._senders: list[threading.Thread] = []
+
+    def _connection(self, index: int, nodes: list[str]) -> _Connection:
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"loadgen-{self.run}-{index}-{os.getpid()}", clean_session=True
+        )
+        client.max_queued_messages_set(0)
+        conn = _Connection(client, Receiver(self.run), nodes)
+        client.on_connect = lambda c, u, f, reason, p: self._on_connect(index, conn, reason)
+        client.on_message = lambda c, u, msg: self._on_message(conn, msg.topic, bytes(msg.payload))
+        return conn
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+
+    def start(self, timeout_s: float = 60.0, alive: Optional[Callable[[], bool]] = None) -> None:
+        """Connect, wait for the run's manifest (while ``alive()``, e.g. the coordinator runs), then say online
+        and hello for every device."""
+        for conn in self.connections:
+            conn.client.connect_async(self.host, self.port, keepalive=60)
+            conn.client.loop_start()
+        deadline = time.monotonic() + timeout_s
+        for conn in self.connections:
+            if not conn.connected.wait(max(0.1, deadline - time.monotonic())):
+                raise TimeoutError(f"the load generator could not connect to {self.host}:{self.port}")
+        while not self.manifest.wait(0.5):
+            if time.monotonic() > deadline or (alive is not None and not alive()):
+                raise TimeoutError(f"no manifest of run {self.run} within {timeout_s:.0f} s")
+        for conn in self.connections:
+            for node in conn.nodes:
+                self._status(conn, node, "online")
+                hello = Hello(
+                    run=self.run, node=node, profile=PROFILE, num_samples=self.samples, tier=self.tier_of[node]
+                )
+                self._publish(conn, self.topics.node(node, "hello"), hello)
+            sender = threading.Thread(target=self._sender, args=(conn,), name="loadgen-sender", daemon=True)
+            sender.start()
+            self._senders.append(sender)
+
+    def wait_end(self, timeout_s: float) -> bool:
+        """Until the coordinator ends the run (True) or ``timeout_s`` passed (False)."""
+        return self.ended.wait(timeout_s)
+
+    def close(self) -> None:
+        for conn in self.connections:
+            conn.jobs.put(None)
+        for sender in self._senders:
+            sender.join(10)
+        for conn in self.connections:
+            for node in conn.nodes:
+                with contextlib.suppress(Exception):
+                    self._status(conn, node, "offline")
+            conn.client.disconnect()
+            conn.client.loop_stop()
+
+    # --- receiving -----------------------------------------------------------------------------------------
+
+    def _on_connect(self, index: int, conn: _Connection, reason: Any) -> None:
+        if reason.is_failure:
+            log.error("broker refused load generator connection %d: %s", index, reason)
+            return
+        subs = [(self.topics.node(n, "task"), 1) for n in conn.nodes]
+        if index == 0:
+            base = self.topics.base
+            subs += [(f"{base}/manifest", 1), (f"{base}/manifest/#", 1), (f"{base}/weights/#", 1)]
+            subs += [(f"{base}/control", 1)]
+        for lo in range(0, len(subs), 200):
+            conn.client.subscribe(subs[lo : lo + 200])
+        conn.connected.set()
+
+    def _on_message(self, conn: _Connection, topic: str, payload: bytes) -> None:
+        try:
+            item = conn.receiver.receive(topic, payload)
+            if item is None:
+                if conn.receiver.last_rejection is not None:
+                    self.rejected[conn.receiver.last_rejection[0]] += 1
+                    conn.receiver.last_rejection = None
+                return
+            _, message, body = item
+            self._handle(conn, message, body)
+        except Exception:  # never kill paho's thread
+            log.exception("load generator: failed to handle a message on %s", topic)
+
+    def _handle(self, conn: _Connection, message: Message, body: bytes) -> None:
+        now = time.time()
+        if isinstance(message, ManifestMessage):
+            self.manifest.set()
+        elif isinstance(message, Weights):
+            with self._lock:
+                self._weights[message.submodel] = (message.round, sha256(body), body)
+                self._lock.notify_all()
+        elif isinstance(message, Control) and message.action == "end":
+            self.end_reason = message.reason
+            self.ended.set()
+            with self._lock:
+                self._lock.notify_all()
+        elif isinstance(message, Task):
+            with self._lock:
+                timing = self.rounds.setdefault(message.round, RoundTiming(message.round))
+                timing.tasks += 1
+                timing.first_task_at = timing.first_task_at or now
+                timing.last_task_at = now
+                if timing.tasks == self.expected_tasks and self.cpu_of is not None:
+                    timing.coordinator_cpu_s = self.cpu_of()
+            conn.jobs.put(message)
+
+    # --- answering -----------------------------------------------------------------------------------------
+
+    def _sender(self, conn: _Connection) -> None:
+        window: collections.deque[mqtt.MQTTMessageInfo] = collections.deque()
+        while True:
+            task = conn.jobs.get()
+            if task is None:
+                return
+            try:
+                body = self._weights_for(task)
+                if body is None:
+                    continue
+                wait = self.delay_s + random.uniform(0, self.jitter_s) if self.delay_s or self.jitter_s else 0.0
+                if wait:
+                    time.sleep(wait)
+                if self.statuses:
+                    self._status(conn, task.node, "training")
+                    self._status(conn, task.node, "online")
+                metrics = Metrics(loss_first=2.3, loss_last=2.0, accuracy=0.3, steps=1, seconds=wait)
+                update = Update(
+                    run=self.run,
+                    node=task.node,
+                    task_id=task.task_id,
+                    round=task.round,
+                    submodel=task.submodel,
+                    num_samples=self.samples,
+                    metrics=metrics,
+                )
+                window.extend(self._publish(conn, self.topics.node(task.node, "update"), update, body))
+                while len(window) > WINDOW:
+                    window.popleft().wait_for_publish(60)
+                if conn.jobs.empty():
+                    while window:
+                        window.popleft().wait_for_publish(60)
+                with self._lock:
+                    self.updates_sent += 1
+                    timing = self.rounds[task.round]
+                    timing.last_update_at = max(timing.last_update_at, time.time())
+            except Exception:
+                log.exception("load generator: could not answer task %s of %s", task.task_id, task.node)
+
+    def _weights_for(self, task: Task) -> Optional[bytes]:
+        deadline = time.monotonic() + task.deadline_s
+        with self._lock:
+            while not self.ended.is_set():
+                held = self._weights.get(task.submodel)
+                if held is not None and held[1] == task.weights_sha256:
+                    return held[2]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("no weights for task %s of round %d", task.task_id, task.round)
+                    return None
+                self._lock.wait(min(left, 1.0))
+        return None
+
+    def _status(self, conn: _Connection, node: str, state: str) -> None:
+        status = Status(run=self.run, node=node, state=state)  # type: ignore[arg-type]
+        self._publish(conn, self.topics.node(node, "status"), status, retain=True)
+
+    def _publish(
+        self, conn: _Connection, topic: str, message: Message, body: bytes = b"", retain: bool = False
+    ) -> list[mqtt.MQTTMessageInfo]:
+        parts = frames(encode(message, body), self.chunk_size)
+        out = []
+        for i, frame in enumerate(parts):
+            out.append(conn.client.publish(f"{topic}{CHUNK_MARK}{i}" if retain else topic, frame, qos=1, retain=retain))
+        with self._lock:
+            self.bytes_sent += sum(len(p) for p in parts)
+        return out
+
+
+# --- measuring a real coordinator ----------------------------------------------------------------------------
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (its threads included)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The peak resident set size of process ``pid`` so far (VmHWM), MiB."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def measure(
+    devices: int,
+    rounds: int = 3,
+    model: str = "resnet-small",
+    connections: int = 4,
+    eval_every: int = 1,
+    eval_background: bool = True,
+    extra: tuple[str, ...] = (),
+    folder: Optional[Path] = None,
+    timeout_s: float = 600.0,
+    delay_s: float = 0.0,
+    jitter_s: float = 0.0,
+) -> dict[str, Any]:
+    """One ``nefl-coord serve`` run of ``rounds`` rounds with ``devices`` virtual devices, every device
+    selected every round (fraction 1, tiers round-robin over the 5 default submodels); returns the settings,
+    per-round timings (overhead, coordinator CPU seconds, phases) and the coordinator's peak RSS."""
+    from nefl_edge.coordinator.broker import LocalBroker
+
+    folder = Path(folder or tempfile.mkdtemp(prefix="nefl-loadgen-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    run = f"lg{devices}"
+    settings = {
+        "devices": devices,
+        "rounds": rounds,
+        "model": model,
+        "connections": connections,
+        "eval_every": eval_every,
+        "eval_background": eval_background,
+        "fraction": 1.0,
+        "policy": "static (device i declares tier i % 5: submodels 0-4 in equal shares)",
+        "extra": list(extra),
+    }
+    with LocalBroker("mosquitto", folder / "broker") as broker:
+        args = [
+            sys.executable, "-m", "nefl_edge.coordinator", "serve", "--broker", broker.address,
+            "--runs-dir", str(folder / "runs"), "--run", run, "--model", model, "--rounds", str(rounds),
+            "--min-clients", str(devices), "--fraction", "1.0", "--policy", "static", "--deadline-s", str(timeout_s),
+            "--wait-clients-s", str(timeout_s), "--eval-every", str(eval_every),
+            "--eval-background" if eval_background else "--no-eval-background", *extra,
+        ]  # fmt: skip
+        env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="120")
+        with (folder / "coordinator.log").open("ab") as out:
+            coord = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        gen = LoadGen(
+            broker.address, run, devices, connections, delay_s=delay_s, jitter_s=jitter_s,
+            cpu_of=lambda: process_cpu(coord.pid),
+        )  # fmt: skip
+        peak = 0.0
+        started = time.monotonic()
+        try:
+            gen.start(timeout_s=300, alive=lambda: coord.poll() is None)
+            while not gen.wait_end(0.5):
+                if coord.poll() is not None:
+                    break
+                peak = max(peak, peak_rss_mb(coord.pid))
+                if time.monotonic() - started > timeout_s:
+                    raise TimeoutError(f"the run did not end within {timeout_s:.0f} s; see {folder}")
+            with contextlib.suppress(OSError):
+                peak = max(peak, peak_rss_mb(coord.pid))
+            cpu_total = process_cpu(coord.pid) if coord.poll() is None else None
+            code = coord.wait(120)
+        finally:
+            gen.close()
+            if coord.poll() is None:
+                coord.kill()
+                coord.wait(10)
+    if code != 0:
+        raise RuntimeError(f"nefl-coord serve exited with {code}: {(folder / 'coordinator.log').read_text()[-2000:]}")
+    run_dirs = sorted((folder / "runs").glob(f"{run}-*"))
+    metrics = {r["round"]: r for r in read_jsonl(run_dirs[-1] / "metrics.jsonl") if r["submodel"] == 0}
+    per_round = []
+    for r in range(1, rounds + 1):
+        row, timing = metrics.get(r), gen.rounds.get(r)
+        nxt = gen.rounds.get(r + 1)
+        entry: dict[str, Any] = {"round": r, "tasks": timing.tasks if timing else 0}
+        collected = timing.last_update_at if timing is not None else 0.0  # without a metrics row: acknowledged
+        if row is not None:
+            entry["phases"] = row["phases"]
+            entry["updates"] = row["updates"]
+            entry["rejected"] = row["rejected"]
+            entry["collect_s"] = row["phases"].get("training", 0.0)
+            collected = row["ended_at"] - row["phases"].get("aggregation", 0.0)
+        entry["overhead_from"] = "coordinator" if row is not None else "load generator"
+        if nxt is not None and nxt.tasks and collected:
+            entry["overhead_s"] = nxt.last_task_at - collected
+            entry["tasks_out_s"] = nxt.last_task_at - nxt.first_task_at
+        if timing is not None and nxt is not None and nxt.coordinator_cpu_s and timing.coordinator_cpu_s:
+            entry["coordinator_cpu_s"] = nxt.coordinator_cpu_s - timing.coordinator_cpu_s
+        per_round.append(entry)
+    overheads = [e["overhead_s"] for e in per_round if "overhead_s" in e]
+    cpus = [e["coordinator_cpu_s"] for e in per_round if "coordinator_cpu_s" in e]
+    return {
+        "settings": settings,
+        "rounds": per_round,
+        "timings": [asdict(t) for _, t in sorted(gen.rounds.items())],
+        "overhead_s": statistics.median(overheads) if overheads else None,
+        "overhead_max_s": max(overheads) if overheads else None,
+        "coordinator_cpu_s_per_round": statistics.median(cpus) if cpus else None,
+        "coordinator_cpu_s_total": cpu_total,
+        "peak_rss_mb": peak,
+        "updates_sent": gen.updates_sent,
+        "mb_sent": gen.bytes_sent / 1e6,
+        "loadgen_rejected": dict(gen.rejected),
+        "seconds": time.monotonic() - started,
+        "folder": str(folder),
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", default="resnet-small")
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--eval-every", type=int, default=1)
+    parser.add_argument("--sync-eval", action="store_true", help="evaluate on the coordinator's main thread")
+    parser.add_argument("--jitter-s", type=float, default=0.0, help="answers spread over this many seconds")
+    parser.add_argument("--folder", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    result = measure(
+        args.devices,
+        args.rounds,
+        args.model,
+        args.connections,
+        args.eval_every,
+        not args.sync_eval,
+        folder=args.folder,
+        jitter_s=args.jitter_s,
+    )
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

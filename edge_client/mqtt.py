@@ -29,7 +29,7 @@ from paho.mqtt.properties import Properties
 
 from nefl_edge.edge_client.errors import BadInput, ExitCode, NeflError
 from nefl_edge.edge_client.schemas import Message
-from nefl_edge.edge_client.signing import Keyring, SignatureError, Signer, strip_pieces
+from nefl_edge.edge_client.signing import SIGNATURE_BLOCK, Keyring, SignatureError, Signer, strip_pieces
 from nefl_edge.edge_client.wire import (
     DEFAULT_CHUNK_SIZE,
     MESSAGE_KINDS_BY_TOPIC,
@@ -341,10 +341,11 @@ class MqttLink:
         bytes sent. ``body`` may be a list of buffers (e.g. :func:`edge_client.wire.tensor_parts`), copied
         once, into the frames. Retained messages keep chunk ``i`` on ``<topic>/chunk/<i>`` and clear chunks
         left over from a longer predecessor."""
-        logical = encode_parts(message, body)
+        logical: List[Any] = encode_parts(message, body)
+        known = None
         if self.signer is not None:
-            logical = [self.signer.seal_prefix(topic, logical), *logical]
-        parts = frames(logical, self.chunk_size)
+            logical, known = self.signer.seal_parts(topic, logical)
+        parts = frames(logical, self.chunk_size, known if self.chunk_size == SIGNATURE_BLOCK else None)
         if retain:
             for i, frame in enumerate(parts):
                 self.client.publish(f"{topic}{CHUNK_MARK}{i}", frame, qos=1, retain=True)

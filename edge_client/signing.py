@@ -2,13 +2,18 @@
 
 A signed message is an envelope around an encoded logical message (``b"NEFL" | header | body``)::
 
-    b"NEFS" | u8 key id length k | key id (k ASCII bytes) | 64-byte Ed25519 signature | logical message
+    b"NEFS" | u8 key id length k | key id (k ASCII bytes) | logical message | 64-byte Ed25519 signature
 
-The signature covers ``b"nefl.sig/2" | u16 BE topic length | topic | u8 k | key id | sha256(logical
-message)``: the whole logical message (magic, header, body, through its sha256, so that it is hashed once and
-never copied for signing), the signer's key id, and the MQTT topic it was published on (without a
-``/chunk/<i>`` suffix), so a signed message cannot be moved to another topic or credited to another key.
-The envelope is then chunked into frames like any message (:func:`edge_client.wire.frames`).
+The signature covers ``b"nefl.sig/2" | u16 BE topic length | topic | u8 k | key id | u64 BE L | D``, where
+``D`` is the digest of the ``L`` bytes before the signature (``b"NEFS" | k | key id | logical message``),
+computed like a frame's message digest (:func:`edge_client.wire.message_digest`) over 1 MiB blocks: the
+sha256 of the content if it fits one block, else the sha256 of its blocks' concatenated sha256 digests. So the whole
+logical message (magic, header, body), the signer's key id and the MQTT topic it was published on (without a
+``/chunk/<i>`` suffix) are bound: a signed message cannot be moved to another topic or credited to another
+key. Because the signature comes last, the envelope's 1 MiB frames (the default chunk size) are exactly
+those blocks, except the last one or two: sender and receiver reuse the frames' chunk digests, so signing
+hashes no byte a second time beyond the last block (:meth:`Signer.seal_parts`, :meth:`Keyring.verify_pieces`).
+The envelope is chunked into frames like any message (:func:`edge_client.wire.frames`).
 
 A receiver with a :class:`Keyring` accepts a message only if it is signed, the key id is in the keyring,
 the signature verifies, and the key id is the one allowed to publish on the topic (see
@@ -33,18 +38,19 @@ import stat
 import struct
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from nefl_edge.edge_client.files import write_atomic
-from nefl_edge.edge_client.wire import Buffer, Pieces, ProtocolError, Topics, short
+from nefl_edge.edge_client.wire import DEFAULT_CHUNK_SIZE, Buffer, Pieces, ProtocolError, Topics, message_digest, short
 
 MAGIC_SIGNED = b"NEFS"
 SIGNATURE_DOMAIN = b"nefl.sig/2"
 SIGNATURE_SIZE = 64
+SIGNATURE_BLOCK = DEFAULT_CHUNK_SIZE  # block size of the signed digest (equal to the default frame chunk)
 KEYRING_SCHEMA = "nefl.keyring/1"
 KEY_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 COORDINATOR_TOPICS = ("task", "manifest", "control", "weights", "artifact")
@@ -67,14 +73,42 @@ def check_key_id(key_id: str) -> str:
     return key_id
 
 
-def _signed_bytes(topic: str, key_id: str, message: Union[Buffer, Pieces]) -> bytes:
+def _signed_bytes(topic: str, key_id: str, length: int, digest: bytes) -> bytes:
     raw_topic, raw_id = topic.encode(), key_id.encode()
     if len(raw_topic) > 0xFFFF:
         raise ValueError("topic is longer than MQTT allows")
-    digest = (message if isinstance(message, Pieces) else Pieces([message])).sha256()
     return b"".join(
-        (SIGNATURE_DOMAIN, struct.pack(">H", len(raw_topic)), raw_topic, bytes([len(raw_id)]), raw_id, digest)
+        (
+            SIGNATURE_DOMAIN,
+            struct.pack(">H", len(raw_topic)),
+            raw_topic,
+            bytes([len(raw_id)]),
+            raw_id,
+            struct.pack(">Q", length),
+            digest,
+        )
     )
+
+
+def _block_digests(content: Pieces, end: int) -> Dict[int, bytes]:
+    """sha256 of each ``SIGNATURE_BLOCK`` block of ``content[:end]``, reusing the chunk digests that
+    ``content`` arrived with where its frames were cut at the same size (:attr:`Pieces.chunk_digests`)."""
+    known = content.chunk_digests if content.chunk_size == SIGNATURE_BLOCK else None
+    out: Dict[int, bytes] = {}
+    for i in range(max(1, -(-end // SIGNATURE_BLOCK))):
+        start, stop = i * SIGNATURE_BLOCK, min((i + 1) * SIGNATURE_BLOCK, end)
+        if known is not None and stop == (i + 1) * SIGNATURE_BLOCK and i < len(known):
+            out[i] = known[i]
+        else:
+            h = hashlib.sha256()
+            for view in content.slices(start, stop):
+                h.update(view)
+            out[i] = h.digest()
+    return out
+
+
+def _digest(blocks: Dict[int, bytes]) -> bytes:
+    return bytes.fromhex(message_digest([blocks[i] for i in range(len(blocks))]))
 
 
 class Signer:
@@ -98,14 +132,20 @@ class Signer:
 
     def seal(self, topic: str, message: Buffer) -> bytes:
         """The signed envelope of an encoded logical ``message`` to be published on ``topic``."""
-        return self.seal_prefix(topic, [message]) + bytes(message)
+        return b"".join(self.seal_parts(topic, [message])[0])
 
-    def seal_prefix(self, topic: str, parts: Sequence[Any]) -> bytes:
-        """The envelope's head for a logical message given as buffers (see :func:`edge_client.wire.encode_parts`):
-        the envelope is this head followed by the parts."""
+    def seal_parts(self, topic: str, parts: Sequence[Any]) -> Tuple[List[Any], Dict[int, bytes]]:
+        """The envelope of a logical message given as buffers (see :func:`edge_client.wire.encode_parts`), as
+        buffers (the parts are not copied), and the sha256 of each of its 1 MiB blocks that lies wholly
+        before the signature: the chunk digests of those frames when it is cut into 1 MiB frames (pass them
+        to :func:`edge_client.wire.frames` as ``known``)."""
         raw_id = self.key_id.encode()
-        signature = self.private_key.sign(_signed_bytes(topic, self.key_id, Pieces(parts)))
-        return MAGIC_SIGNED + bytes([len(raw_id)]) + raw_id + signature
+        head = MAGIC_SIGNED + bytes([len(raw_id)]) + raw_id
+        content = Pieces([head, *parts])
+        blocks = _block_digests(content, len(content))
+        signature = self.private_key.sign(_signed_bytes(topic, self.key_id, len(content), _digest(blocks)))
+        whole = {i: d for i, d in blocks.items() if (i + 1) * SIGNATURE_BLOCK <= len(content)}
+        return [head, *parts, signature], whole
 
     def __repr__(self) -> str:
         return f"Signer(key_id={self.key_id!r}, public={fingerprint(self.public_key)})"
@@ -119,20 +159,20 @@ def open_envelope(data: Buffer) -> Tuple[str, bytes, bytes]:
 
 def open_pieces(data: Pieces) -> Tuple[str, bytes, Pieces]:
     """:func:`open_envelope` of a message held as pieces; the logical message stays uncopied."""
-    head = data.read(0, 5 + 255 + SIGNATURE_SIZE)
+    head = data.read(0, 5 + 255)
     if len(head) < 5 or head[:4] != MAGIC_SIGNED:
         raise SignatureError("message is not signed", "unsigned")
     k = head[4]
-    end = 5 + k + SIGNATURE_SIZE
-    if len(head) < end:
+    start, end = 5 + k, len(data) - SIGNATURE_SIZE
+    if end < start:
         raise SignatureError("signed envelope is truncated", "envelope")
     try:
-        key_id = head[5 : 5 + k].decode("ascii")
+        key_id = head[5:start].decode("ascii")
     except UnicodeDecodeError:
         raise SignatureError("signed envelope has a non-ASCII key id", "envelope") from None
     if not KEY_ID_PATTERN.fullmatch(key_id):
         raise SignatureError(f"signed envelope has a malformed key id {short(key_id)}", "envelope")
-    return key_id, head[5 + k : end], data.tail(end)
+    return key_id, data.read(end), Pieces(data.slices(start, end))
 
 
 def strip_envelope(data: Buffer) -> bytes:
@@ -188,8 +228,10 @@ class Keyring:
         key = self._keys.get(key_id)
         if key is None:
             raise SignatureError(f"message signed by unknown key {key_id!r}", "unknown_key")
+        length = len(data) - SIGNATURE_SIZE
+        digest = _digest(_block_digests(data, length))
         try:
-            key.verify(signature, _signed_bytes(topic, key_id, message))
+            key.verify(signature, _signed_bytes(topic, key_id, length, digest))
         except InvalidSignature:
             raise SignatureError(
                 f"bad signature by key {key_id!r} (tampered, or another key)", "bad_signature"

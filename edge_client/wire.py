@@ -127,9 +127,13 @@ class Pieces:
     """One message held as consecutive buffers (the chunks it arrived in, or the parts it was built from),
     read without joining them: :meth:`read` copies only the range asked for."""
 
-    def __init__(self, buffers: Iterable[Any]) -> None:
+    def __init__(
+        self, buffers: Iterable[Any], chunk_digests: Optional[List[bytes]] = None, chunk_size: int = 0
+    ) -> None:
         self.views = [v for v in (_byte_view(b) for b in buffers) if v.nbytes]
         self.size = sum(v.nbytes for v in self.views)
+        # the sha256 of each ``chunk_size`` chunk, where the message arrived in checked frames
+        self.chunk_digests, self.chunk_size = chunk_digests, chunk_size
 
     def __len__(self) -> int:
         return self.size
@@ -460,9 +464,14 @@ def unpack_tensors(body: Buffer) -> Dict[str, np.ndarray]:
 # --- chunk frames ------------------------------------------------------------------------------------------
 
 
-def frames(data: Union[Buffer, Sequence[Buffer]], chunk_size: int = DEFAULT_CHUNK_SIZE) -> List[bytes]:
+def frames(
+    data: Union[Buffer, Sequence[Buffer]],
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    known: Optional[Dict[int, bytes]] = None,
+) -> List[bytes]:
     """Split one logical message (bytes, or a list of buffers taken as their concatenation) into
-    self-describing frames. Each byte is hashed once and copied once, into its frame."""
+    self-describing frames. Each byte is hashed once and copied once, into its frame; ``known`` gives the
+    sha256 of chunks already hashed (by :meth:`edge_client.signing.Signer.seal_parts` for 1 MiB chunks)."""
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise ValueError(f"chunk size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes, got {chunk_size}")
     pieces = Pieces([data] if isinstance(data, (bytes, bytearray, memoryview)) else data)
@@ -470,7 +479,10 @@ def frames(data: Union[Buffer, Sequence[Buffer]], chunk_size: int = DEFAULT_CHUN
     count = max(1, -(-size // chunk_size))
     chunks = [pieces.slices(i * chunk_size, (i + 1) * chunk_size) for i in range(count)]
     digests = []
-    for views in chunks:
+    for i, views in enumerate(chunks):
+        if known is not None and i in known:
+            digests.append(known[i])
+            continue
         h = hashlib.sha256()
         for view in views:
             h.update(view)
@@ -625,7 +637,7 @@ class Assembler:
         if head.n == 1:
             if head.chunk_sha256 != head.sha256:  # the chunk's sha256 was checked by parse_frame
                 raise ProtocolError(f"message {head.msg[:8]} has the wrong sha256", "chunk")
-            return Pieces([chunk])
+            return Pieces([chunk], [bytes.fromhex(head.chunk_sha256)], head.chunk)
         key = (stream, head.msg)
         part = self._partials.get(key)
         if part is None:
@@ -650,7 +662,8 @@ class Assembler:
         self._drop(key, "")
         if message_digest([part.digests[j] for j in range(head.n)]) != head.sha256:
             raise ProtocolError(f"message {head.msg[:8]} reassembled to the wrong sha256", "chunk")
-        return Pieces(part.chunks[j] for j in range(head.n))
+        digests = [part.digests[j] for j in range(head.n)]
+        return Pieces((part.chunks[j] for j in range(head.n)), digests, head.chunk)
 
     def expire(self) -> None:
         """Drop partials older than ``timeout_s`` (also done on every :meth:`feed`)."""

@@ -549,7 +549,11 @@ def test_a_flood_of_bad_payloads_is_counted_in_full_but_logged_a_few_times(caplo
 def test_tensor_parts_are_safetensors_in_any_wire_dtype(tmp_path: Path) -> None:
     from safetensors.numpy import load_file
 
-    tensors = {"b": np.arange(6, dtype=np.float16).reshape(2, 3), "a": np.array([-3, 7], np.int8), "s": np.float32(2)}
+    tensors: dict[str, np.ndarray] = {
+        "b": np.arange(6, dtype=np.float16).reshape(2, 3),
+        "a": np.array([-3, 7], np.int8),
+        "s": np.array(2, np.float32),
+    }
     (tmp_path / "t.safetensors").write_bytes(pack_tensors(tensors, keep_dtype=True))
 
     for got in (
@@ -561,8 +565,9 @@ def test_tensor_parts_are_safetensors_in_any_wire_dtype(tmp_path: Path) -> None:
             np.testing.assert_array_equal(got[name], value)
 
 
-def test_frames_of_parts_equal_frames_of_the_joined_message_and_hash_each_byte_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    hashed = []
+def count_hashed_bytes(monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
+    """Every byte sha256 hashes from here on (in wire and signing) is appended to the returned list."""
+    hashed: list[int] = []
     real = hashlib.sha256
 
     class Counting:
@@ -580,10 +585,32 @@ def test_frames_of_parts_equal_frames_of_the_joined_message_and_hash_each_byte_o
         def hexdigest(self) -> str:
             return self.inner.hexdigest()
 
+    monkeypatch.setattr(wire.hashlib, "sha256", Counting)
+    return hashed
+
+
+def test_a_signed_message_is_hashed_once_but_for_its_last_block(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    signer, topic = Signer.generate("coordinator"), "nefl/r1/node/n1/task"
+    receiver = Receiver(
+        "r1", keyring=Keyring({"coordinator": signer.public_key}), sender_of=signers_by_topic("coordinator")
+    )
+    body = tensor_parts({"w": np.ones((900, 1000), np.float32)})  # 3.4 MiB
+    hashed = count_hashed_bytes(monkeypatch)
+
+    envelope, known = signer.seal_parts(topic, encode_parts(TASK, body))
+    sent = frames(envelope, 1 << 20, known)
+    got = [receiver.parse(topic, f) for f in sent]
+
+    size = sum(memoryview(p).nbytes for p in envelope)
+    assert got[-1] is not None and got[-1][1] == TASK.model_copy(update={"sent_at": got[-1][1].sent_at})
+    assert 2 * size <= sum(hashed) <= 2 * size + 2 * (1 << 20) + 1024  # the last block is hashed twice on each side
+
+
+def test_frames_of_parts_equal_frames_of_the_joined_message_and_hash_each_byte_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     tensors = {"w": np.random.default_rng(0).standard_normal((300, 1000)).astype(np.float32)}
     parts = encode_parts(TASK, tensor_parts(tensors))
     size = sum(memoryview(p).nbytes for p in parts)
-    monkeypatch.setattr(wire.hashlib, "sha256", Counting)
+    hashed = count_hashed_bytes(monkeypatch)
 
     sent = frames(parts, 64 << 10)
     assembler = Assembler()

@@ -24,7 +24,13 @@ from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec, mflops, param
 from nefl_edge.edge_client.artifacts import MANIFEST_NAME, ArtifactError, file_entry, load_manifest
 from nefl_edge.edge_client.schemas import FileEntry, Manifest, ParamEntry, SubmodelEntry, TrainConfig
 from nefl_edge.edge_client.wire import pack_tensors
-from nefl_edge.export.portable import PORTABLE_FILE, Builder, build_portable_step, relu_grad
+from nefl_edge.export.portable import (
+    PORTABLE_FILE,
+    Builder,
+    build_portable_step,
+    conv_input_grad_as_conv,
+    relu_grad,
+)
 from nefl_edge.export.stats import STATS_FILE, build_stats_graph
 
 EXPORT_VERSION = 6  # 6: the BatchNorm statistics graph
@@ -138,16 +144,22 @@ def _fix_eval_batchnorm(path: Path) -> None:
 
 def _rewrite_training_graph(path: Path) -> None:
     """Replace slow ``com.microsoft`` kernels of the training graph by faster standard ops that compute the
-    same: ``ReluGrad`` (a per-element branch, 16-22 % of a step) by ``Mul(dY, Cast(Greater(Y, 0)))``."""
+    same: ``ReluGrad`` (a per-element branch, 16-22 % of a step) by ``Mul(dY, Cast(Greater(Y, 0)))``, and the
+    input gradient of stride-1 ``ConvGrad`` nodes by a ``Conv`` (``ConvGrad`` keeps the weight gradient)."""
     import onnx
+    from onnx import helper
 
     model = onnx.load(str(path))
     b = Builder("rewrite")
     for node in model.graph.node:
         if node.domain == "com.microsoft" and node.op_type == "ReluGrad":
             relu_grad(b, node.input[0], node.input[1], node.output[0])
-        else:
-            b.nodes.append(node)
+            continue
+        if node.domain == "com.microsoft" and node.op_type == "ConvGrad" and node.output and node.output[0]:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if conv_input_grad_as_conv(b, node.input[0], node.input[2], node.output[0], attrs):
+                node.output[0] = ""
+        b.nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(b.nodes)
     model.graph.initializer.extend(b.inits)

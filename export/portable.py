@@ -9,8 +9,9 @@ well-defined kernels, and parity with PyTorch (tests/test_portable.py) checks ea
 - ``BatchNormInternal`` -> ReduceMean / Sqrt / Reciprocal; running variance uses the unbiased batch
   variance like PyTorch (ORT's kernel uses the biased one).
 - ``BatchNormalizationGrad`` -> the closed-form batch-norm backward.
-- ``ConvGrad`` -> ``ConvTranspose`` for dX; for dW one ``Gemm`` per kernel position, of the output gradient with
-  a strided window of the padded input.
+- ``ConvGrad`` -> for dX a ``Conv`` with the flipped kernel (stride 1) or ``ConvTranspose``; for dW one
+  ``Gemm`` per kernel position, of the output gradient with a strided window of the padded input. (The
+  export rewrites stride-1 input gradients as ``Conv`` in the training graph already, for both backends.)
 - ``ReluGrad`` -> ``Mul(dY, Cast(Greater(Y, 0)))``; ``Scale`` -> ``Div`` / ``Mul``;
   ``SoftmaxCrossEntropyLossGrad`` -> ``(exp(log_prob) - one_hot) * dloss / N``;
   ``InPlaceAccumulatorV2`` -> dropped: its value input is the gradient.
@@ -84,6 +85,24 @@ def relu_grad(b: Builder, dy: str, y: str, dx: str) -> None:
     b.op("Mul", [dy, mask], outputs=[dx])
 
 
+def conv_input_grad_as_conv(b: Builder, dy: str, w: str, dx: str, attrs: dict[str, Any]) -> bool:
+    """For a stride-1 convolution, ``dX`` is a plain convolution of ``dY`` with the kernel flipped in both
+    spatial axes and its channel axes swapped (padding ``k - 1 - p``). ORT's ``Conv`` kernel does that up to 2x
+    faster than ``ConvGrad`` (which runs one small GEMM and a col2im per image) or ``ConvTranspose`` at 28x28
+    (measured). Returns False, adding nothing, where the conv is not of that kind."""
+    strides, pads = list(attrs.get("strides", [1, 1])), list(attrs.get("pads", [0, 0, 0, 0]))
+    dilations, group = list(attrs.get("dilations", [1, 1])), int(attrs.get("group", 1))
+    kernel = list(attrs["kernel_shape"])
+    flipped_pads = [kernel[i % 2] - 1 - pads[i] for i in range(4)]
+    if len(kernel) != 2 or strides != [1, 1] or dilations != [1, 1] or group != 1 or min(flipped_pads) < 0:
+        return False
+    lowest = -(2**63)
+    (flipped,) = b.op("Slice", [w, b.const([-1, -1]), b.const([lowest, lowest]), b.const([2, 3]), b.const([-1, -1])])
+    (swapped,) = b.op("Transpose", [flipped], perm=[1, 0, 2, 3])
+    b.op("Conv", [dy, swapped], outputs=[dx], kernel_shape=kernel, pads=flipped_pads, strides=[1, 1])
+    return True
+
+
 def _lower_bn(b: Builder, node: Any) -> None:
     x, scale, bias, mean_in, var_in = node.input
     attrs = _attrs(node)
@@ -149,7 +168,9 @@ def _lower_conv_grad(b: Builder, node: Any, dims: dict[str, list[Any]]) -> None:
     x_hw, dy_hw = dims[x][2:], dims[dy][2:]
     if None in x_hw or None in dy_hw:
         raise NotImplementedError(f"portable ConvGrad needs static spatial sizes; {x} has {dims[x]}")
-    if dx:
+    if dx and conv_input_grad_as_conv(b, dy, w, dx, attrs):
+        pass
+    elif dx:
         extra = [x_hw[i] - (strides[i] * (dy_hw[i] - 1) + kernel[i] - pads[i] - pads[i + 2]) for i in range(2)]
         b.op(
             "ConvTranspose",

@@ -1,0 +1,251 @@
+"""Benchmark: local training speed on the device, ONNX Runtime (training build and portable graph) against
+PyTorch on the same submodel, weights, batch and thread count, and each as a share of this machine's
+float32 GEMM peak.
+
+Every default submodel of resnet-small, batch 32, SGD with momentum 0.9 (what a device runs); at 1 and 2
+threads (ORT with spin-waiting off, the device default, and on: the device's probe picks whichever is faster).
+Contenders run interleaved (A B C A B C ...), each call a few steps, and the medians count. Writes
+``bench/results/device.json`` and the ``device`` section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import SummaryRow, commit, interleaved, write_json, write_section
+
+BATCH = 32
+THREADS = (1, 2)
+
+
+def gemm_peak(threads: int, seconds: float, n: int = 2048) -> float:
+    """Best float32 GEMM rate (FLOP/s) of torch (MKL) and numpy (OpenBLAS, its own thread count) at
+    ``threads`` threads, on ``n`` x ``n`` matrices."""
+    import torch
+
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    a, b = rng.random((n, n), dtype=np.float32), rng.random((n, n), dtype=np.float32)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    best = 0.0
+    for fn in (lambda: ta @ tb, lambda: a @ b) if threads == os.cpu_count() else (lambda: ta @ tb,):
+        fn()
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            t0 = time.perf_counter()
+            fn()
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def training_flops(config: Any, spec: Any) -> float:
+    """FLOPs of one training step per sample: forward, weight gradients, and input gradients of every
+    convolution and the classifier except the stem (its input needs no gradient); 2 FLOPs per multiply-add.
+    BatchNorm and elementwise work are left out (a few per cent)."""
+    from nefl_edge.coordinator.specs import mflops, param_layout
+
+    forward = mflops(config, spec) * 1e6
+    stem = config.image_size**2 * math.prod(param_layout(config, spec)["stem.conv.weight"].shape)
+    return 2 * (3 * forward - stem)
+
+
+def _repeat(fn: Callable[[], Any], steps: int) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(steps):
+            fn()
+
+    return run
+
+
+def measure(quick: bool) -> dict[str, Any]:
+    import torch
+
+    from nefl_edge.coordinator.models import SubmodelNet, initial_consistent
+    from nefl_edge.coordinator.nested import extract, init_global_state
+    from nefl_edge.coordinator.specs import get_model_config, make_specs
+    from nefl_edge.edge_client.artifacts import submodel_paths
+    from nefl_edge.edge_client.profile import choose_threads
+    from nefl_edge.edge_client.schemas import TrainConfig
+    from nefl_edge.edge_client.trainer import BACKEND_FILES, create_backend
+    from nefl_edge.export.artifacts import export_set
+
+    steps, repeats = (3, 3) if quick else (6, 9)
+    config = get_model_config("resnet-small")
+    specs = make_specs(config)
+    state = init_global_state(config, specs, initial_consistent(config, 0))
+    cfg = TrainConfig(lr=0.01, momentum=0.9, batch_size=BATCH)
+    rng = np.random.default_rng(0)
+    x = rng.random((BATCH, config.in_channels, config.image_size, config.image_size), dtype=np.float32)
+    y = rng.integers(0, config.num_classes, BATCH).astype(np.int64)
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    peaks = {t: gemm_peak(t, 0.3 if quick else 1.0) for t in THREADS}
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        manifest = export_set(config, specs, folder, cfg)
+        for sub in manifest.submodels:
+            weights = extract(state, sub.index)
+            flops = training_flops(config, specs[sub.index]) * BATCH
+            for threads in THREADS:
+                torch.set_num_threads(threads)
+                contenders: dict[str, Callable[[], None]] = {}
+                for kind in ("ort-training", "portable"):
+                    for spin in (False, True) if threads > 1 else (False,):
+                        paths = submodel_paths(folder, sub, BACKEND_FILES[kind])
+                        backend = create_backend(kind, paths, sub.params, cfg, threads, spin)
+                        backend.load(weights)
+                        contenders[kind + ("+spin" if spin else "")] = _repeat(partial(backend.step, x, y), steps)
+                net = SubmodelNet(config, specs[sub.index]).train()
+                net.load_tensors(weights)
+                opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+
+                def torch_step(net: Any = net, opt: Any = opt) -> None:
+                    opt.zero_grad()
+                    torch.nn.functional.cross_entropy(net(tx), ty).backward()
+                    opt.step()
+
+                contenders["pytorch"] = _repeat(torch_step, steps)
+                seconds = interleaved(contenders, repeats)
+                speed = {k: steps * BATCH / s for k, s in seconds.items()}
+                row: dict[str, Any] = {
+                    "submodel": sub.index,
+                    "gamma": sub.gamma,
+                    "params": sub.param_count,
+                    "threads": threads,
+                    "train_mflop_per_sample": flops / BATCH / 1e6,
+                    "samples_per_s": speed,
+                }
+                for kind in ("ort-training", "portable"):
+                    best = max(v for k, v in speed.items() if k.split("+")[0] == kind)
+                    row[f"{kind}_best"] = best
+                    row[f"{kind}_vs_pytorch"] = best / speed["pytorch"]
+                    row[f"{kind}_peak_fraction"] = best * flops / BATCH / peaks[threads]
+                row["pytorch_peak_fraction"] = speed["pytorch"] * flops / BATCH / peaks[threads]
+                row["fastest_vs_pytorch"] = max(row["ort-training_vs_pytorch"], row["portable_vs_pytorch"])
+                rows.append(row)
+                print(
+                    f"submodel {sub.index} threads {threads}: "
+                    + ", ".join(f"{k} {v:.0f}" for k, v in speed.items())
+                    + f" samples/s; fastest/PyTorch {row['fastest_vs_pytorch']:.2f}, "
+                    f"portable/PyTorch {row['portable_vs_pytorch']:.2f}",
+                    flush=True,
+                )
+        probe = min(manifest.submodels, key=lambda s: s.mflops)
+        choices = {}
+        for kind in ("ort-training", "portable"):
+            paths = submodel_paths(folder, probe, BACKEND_FILES[kind])
+            choice = choose_threads(
+                lambda t, spin, p=paths, k=kind: create_backend(k, p, probe.params, cfg, t, spin),
+                manifest.input_shape,
+                manifest.num_classes,
+                seconds=0.3,
+            )
+            choices[kind] = {"threads": choice.label, "tried": choice.tried}
+    return {
+        "batch": BATCH,
+        "steps_per_call": steps,
+        "repeats": repeats,
+        "gemm_peak_gflops": {t: p / 1e9 for t, p in peaks.items()},
+        "probe_choice": choices,
+        "rows": rows,
+    }
+
+
+def _docs(record: dict[str, Any]) -> str:
+    peaks = record["gemm_peak_gflops"]
+    lines = [
+        "## Device training speed: ONNX Runtime (training build, portable graph) vs PyTorch",
+        "",
+        f"`just bench device` at commit `{commit()}`: resnet-small's 5 default submodels, batch {record['batch']}, "
+        f"SGD with momentum 0.9, the same weights and batch for every contender; medians of {record['repeats']} "
+        f"interleaved calls of {record['steps_per_call']} steps (samples/s). ORT runs with spin-waiting off (the "
+        "device default) and, at 2 threads, on; the ratios take the faster of the two, which the device's probe "
+        "picks by measurement. FLOP share: training FLOPs (forward, weight and input gradients of every conv and "
+        f"the classifier) per second over this machine's float32 GEMM peak, measured in the same run "
+        f"({', '.join(f'{t} thread(s): {p:.0f} GFLOP/s' for t, p in peaks.items())}).",
+        "",
+        "| submodel | gamma | threads | ORT training | ORT training, spin | portable | portable, spin | PyTorch "
+        "| fastest / PyTorch | portable / PyTorch | FLOP share ORT / portable / PyTorch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in record["rows"]:
+        s = r["samples_per_s"]
+
+        def cell(key: str, speeds: dict[str, float] = s) -> str:
+            return f"{speeds[key]:.0f}" if key in speeds else "-"
+
+        lines.append(
+            f"| {r['submodel']} | {r['gamma']:.1f} | {r['threads']} | {cell('ort-training')} | "
+            f"{cell('ort-training+spin')} | {cell('portable')} | {cell('portable+spin')} | {cell('pytorch')} | "
+            f"{r['fastest_vs_pytorch']:.2f} | {r['portable_vs_pytorch']:.2f} | "
+            f"{r['ort-training_peak_fraction']:.2f} / {r['portable_peak_fraction']:.2f} / "
+            f"{r['pytorch_peak_fraction']:.2f} |"
+        )
+    choice = record["probe_choice"]
+    lines += [
+        "",
+        "The device's thread probe (smallest submodel, `nefl-edge join` with the default `--threads 0`) chose: "
+        + "; ".join(f"{k}: {v['threads']} (samples/s tried {v['tried']})" for k, v in choice.items())
+        + ". Raw numbers: `bench/results/device.json`.",
+    ]
+    return "\n".join(lines)
+
+
+def run(quick: bool) -> list[SummaryRow]:
+    record = measure(quick)
+    record["quick"] = quick
+    write_json("device-quick" if quick else "device", record)
+    if not quick:
+        write_section("device", _docs(record))
+    rows: list[SummaryRow] = []
+    by_threads = {t: [r for r in record["rows"] if r["threads"] == t] for t in THREADS}
+    for t, group in by_threads.items():
+        worst = min(group, key=lambda r: r["fastest_vs_pytorch"])
+        rows.append(
+            SummaryRow(
+                "device",
+                f"fastest backend / PyTorch, {t} thread(s), worst submodel",
+                worst["fastest_vs_pytorch"],
+                "PyTorch, same submodel and batch",
+                1.0,
+                note=f"submodel {worst['submodel']}",
+            )
+        )
+    for t, group in by_threads.items():
+        worst = min(group, key=lambda r: r["portable_vs_pytorch"])
+        rows.append(
+            SummaryRow(
+                "device",
+                f"portable / PyTorch, {t} thread(s), worst submodel",
+                worst["portable_vs_pytorch"],
+                "PyTorch, same submodel and batch",
+                0.9,
+                note=f"submodel {worst['submodel']}",
+            )
+        )
+    largest = max(by_threads[1], key=lambda r: r["submodel"])
+    for kind in ("ort-training", "portable", "pytorch"):
+        rows.append(
+            SummaryRow(
+                "device",
+                f"{kind} training FLOP rate, submodel {largest['submodel']}, 1 thread",
+                largest[f"{kind}_peak_fraction"],
+                "float32 GEMM peak, 1 thread",
+            )
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    from bench.common import summary_table
+
+    print(summary_table(run(quick=False)))

@@ -41,6 +41,7 @@ from nefl_edge.edge_client.wire import (
     decode,
     encode_parts,
     frames,
+    iter_frames,
     short,
 )
 
@@ -345,17 +346,16 @@ class MqttLink:
         known = None
         if self.signer is not None:
             logical, known = self.signer.seal_parts(topic, logical)
-        parts = frames(logical, self.chunk_size, known if self.chunk_size == SIGNATURE_BLOCK else None)
+        stream = iter_frames(logical, self.chunk_size, known if self.chunk_size == SIGNATURE_BLOCK else None)
+        count = sent = 0
+        for i, frame in enumerate(stream):  # published as built: paho sends one while the next is built
+            self.client.publish(f"{topic}{CHUNK_MARK}{i}" if retain else topic, frame, qos=1, retain=retain)
+            count, sent = i + 1, sent + len(frame)
         if retain:
-            for i, frame in enumerate(parts):
-                self.client.publish(f"{topic}{CHUNK_MARK}{i}", frame, qos=1, retain=True)
-            for i in range(len(parts), self._retained_counts.get(topic, 0)):
+            for i in range(count, self._retained_counts.get(topic, 0)):
                 self.client.publish(f"{topic}{CHUNK_MARK}{i}", b"", qos=1, retain=True)
-            self._retained_counts[topic] = len(parts)
-        else:
-            for frame in parts:
-                self.client.publish(topic, frame, qos=1)
-        return sum(len(p) for p in parts)
+            self._retained_counts[topic] = count
+        return sent
 
     def clear_retained(self, topic: str) -> None:
         """Delete the retained chunks that this link published on ``topic``."""

@@ -43,7 +43,7 @@ import uuid
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from pydantic import ValidationError
@@ -472,6 +472,16 @@ def frames(
     """Split one logical message (bytes, or a list of buffers taken as their concatenation) into
     self-describing frames. Each byte is hashed once and copied once, into its frame; ``known`` gives the
     sha256 of chunks already hashed (by :meth:`edge_client.signing.Signer.seal_parts` for 1 MiB chunks)."""
+    return list(iter_frames(data, chunk_size, known))
+
+
+def iter_frames(
+    data: Union[Buffer, Sequence[Buffer]],
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    known: Optional[Dict[int, bytes]] = None,
+) -> Iterator[bytes]:
+    """:func:`frames` one at a time: every chunk is hashed first (each frame names the message digest), then
+    each frame is built when asked for, so a sender can publish one while it builds the next."""
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise ValueError(f"chunk size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes, got {chunk_size}")
     pieces = Pieces([data] if isinstance(data, (bytes, bytearray, memoryview)) else data)
@@ -488,7 +498,6 @@ def frames(
             h.update(view)
         digests.append(h.digest())
     msg_id, total = uuid.uuid4().hex, message_digest(digests)
-    out = []
     for i, (views, digest) in enumerate(zip(chunks, digests)):
         header = {
             "msg": msg_id,
@@ -500,8 +509,7 @@ def frames(
             "chunk_sha256": digest.hex(),
         }
         raw = json.dumps(header, separators=(",", ":")).encode()
-        out.append(b"".join((MAGIC_FRAME, struct.pack(">I", len(raw)), raw, *views)))
-    return out
+        yield b"".join((MAGIC_FRAME, struct.pack(">I", len(raw)), raw, *views))
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,13 @@ from typing import Callable
 import numpy as np
 import pytest
 
+from nefl_edge.coordinator.grid import InProcessGrid, Instruction
+from nefl_edge.coordinator.nested import GlobalState, extract, init_global_state
 from nefl_edge.coordinator.records import read_jsonl
-from nefl_edge.coordinator.specs import full_spec, get_model_config, param_count
+from nefl_edge.coordinator.specs import full_spec, get_model_config, make_specs, param_count
+from nefl_edge.edge_client.data import Dataset
 from nefl_edge.edge_client.encoding import SCALE_SUFFIX, EncodingError, decode_update, encode_update
+from nefl_edge.edge_client.schemas import TrainConfig
 from nefl_edge.edge_client.wire import pack_tensors, unpack_tensors
 from tests.helpers import Broker, make_shards, spawn_coordinator, spawn_edge, stop, wait_for
 
@@ -94,6 +98,30 @@ def test_an_int8_tensor_in_a_float16_update_is_refused() -> None:
 
     with pytest.raises(EncodingError, match="float16"):
         decode_update(over_the_wire(encode_update(trained, "int8", sent)), "float16", lambda: sent)
+
+
+def test_the_in_process_grid_gives_the_update_the_same_round_trip() -> None:
+    config = get_model_config("resnet-small", "fmnist")
+    state = init_global_state(config, make_specs(config, (0.2, 1.0)), {})
+    rng = np.random.default_rng(0)
+
+    def trainer(state: GlobalState, k: int, data: Dataset, train: TrainConfig) -> Tensors:
+        return {n: v + rng.standard_normal(v.shape).astype(np.float32) for n, v in extract(state, k).items()}
+
+    shard = Dataset(np.zeros((4, 1, 28, 28), np.float32), np.zeros(4, np.int64), "a")
+    grid = InProcessGrid({"a": shard}, {"a": 0}, trainer)
+    exact = next(iter(grid.run(1, state, [Instruction("a", 1, TrainConfig())])))
+    rng = np.random.default_rng(0)
+    coded = next(iter(grid.run(1, state, [Instruction("a", 1, TrainConfig(update_encoding="int8"))])))
+
+    assert exact.tensors is not None and coded.tensors is not None and exact.tensors.keys() == coded.tensors.keys()
+    sent = extract(state, 1)
+    errors = []
+    for name, value in exact.tensors.items():
+        step = float(np.max(np.abs(value - sent[name]))) / 127
+        errors.append(float(np.max(np.abs(coded.tensors[name] - value))))
+        assert errors[-1] <= step / 2 + 1e-6
+    assert max(errors) > 0  # the update did go through int8
 
 
 @pytest.mark.integration

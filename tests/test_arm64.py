@@ -64,14 +64,13 @@ def test_one_step_on_an_emulated_arm64_device_matches_x86_64(
     (REPO / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (REPO / "bench" / "results" / "arm64.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
-    from bench.throughput import write_section
+    from bench.common import write_section
 
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
     ).stdout.strip()
     steps = record["step_s"]
     write_section(
-        REPO / "docs" / "benchmarks.md",
         "arm64",
         "\n".join(
             [

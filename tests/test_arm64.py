@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -51,7 +52,7 @@ def test_one_step_on_an_emulated_arm64_device_matches_x86_64(
     for key, diff in differences.items():
         assert diff <= 1e-5, f"{key}: aarch64 and x86_64 differ by {diff}"
     worst = max(differences.values())
-    record = {
+    record: dict[str, Any] = {
         "rootfs_setup_s": round(built, 1),
         "emulated_run_s": round(emulated, 1),
         "step_s": {

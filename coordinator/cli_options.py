@@ -20,7 +20,7 @@ from typing_extensions import Annotated
 from nefl_edge.coordinator.config import RunConfig
 from nefl_edge.edge_client.schemas import TrainConfig
 
-TRAIN_EXCLUDED = {"seed"}  # per task, drawn by the round engine
+TRAIN_EXCLUDED = {"seed", "eval_fraction"}  # per task, set by the round engine
 
 
 def _cli_type(annotation: Any) -> Any:

@@ -59,6 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "stem_pool": True,
         "lr_decay_at": [0.5, 0.75],
         "lr_decay": 0.1,
+        "bn": "tracked",
         "bn_calibration": 0,
         "train": {"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "epochs": 5, "batch_size": 32},
     },
@@ -113,8 +114,35 @@ class RunConfig(BaseModel):
     quarantine_strikes: int = Field(3, ge=1, description="rejected updates in a row that quarantine a client")
     quarantine_rounds: int = Field(5, ge=0, description="rounds a quarantined client sits out")
     eval_samples: int = Field(2000, ge=1, description="held-out test samples that evaluate every submodel")
+    bn: Literal["tracked", "federated", "server"] = Field(
+        "tracked",
+        description="BatchNorm statistics: tracked (devices' running statistics, averaged per submodel: the "
+        "paper's), federated (devices re-estimate them for the aggregated weights, combined exactly) or "
+        "server (re-estimated on bn_calibration held-out samples of the coordinator)",
+    )
     bn_calibration: int = Field(
-        500, ge=0, description="held-out unlabeled samples to re-estimate BatchNorm statistics (0: off)"
+        500, ge=0, description="bn server: the coordinator's held-out unlabeled samples that re-estimate BatchNorm"
+    )
+    bn_device_samples: int = Field(
+        512, ge=0, description="bn federated: at most this many training samples per device and submodel (0: all)"
+    )
+    evaluation: Literal["auto", "test", "federated", "both"] = Field(
+        "auto",
+        description="who evaluates: test (the coordinator's test set), federated (devices, on held-out "
+        "eval_fraction of their data; the coordinator needs no data), both, or auto (test when the "
+        "coordinator has a test set, else federated)",
+    )
+    eval_fraction: float = Field(
+        0.1, gt=0, le=0.5, description="share of each device's data held out for federated evaluation"
+    )
+    eval_every: int = Field(
+        0,
+        ge=0,
+        description="evaluate (and re-estimate BatchNorm) every k rounds and after the last; 0: every "
+        "max(1, rounds // 20) rounds",
+    )
+    eval_background: bool = Field(
+        True, description="evaluate on a copy of the model while the next round runs (off: the round waits)"
     )
     seed: int = Field(0, description="seed of initialisation, selection and local shuffles")
     runs_dir: Path = Field(Path("runs"), description="parent folder of run directories")

@@ -42,6 +42,7 @@ class DemoOptions:
     eval_samples: int = 2000
     deadline_s: float = 180.0
     seed: int = 0
+    bn: Optional[str] = None  # BatchNorm mode; None: the run configuration's default
 
 
 def spawn_clients(
@@ -104,6 +105,7 @@ def run_demo(opts: DemoOptions) -> Optional[Path]:
         deadline_s=opts.deadline_s,
         eval_samples=opts.eval_samples,
         seed=opts.seed,
+        **({"bn": opts.bn} if opts.bn else {}),  # type: ignore[arg-type]
         runs_dir=opts.runs_dir,
         data_dir=opts.data_dir,
     )

@@ -4,8 +4,15 @@ A round, in order: the grid lists the available clients; each gets a capacity (`
 the strategy selects clients and maps capacities to its submodels (``assignment.assign``, which can make
 sure every submodel is trained); every selected client gets an instruction with its own seed; the grid
 delivers them and yields outcomes; each update is screened (``screening.screen``) and folded into NeFedAvg;
-with at least ``min_updates`` valid updates the aggregate replaces the global state and every submodel's
-BatchNorm statistics are re-estimated on the held-out calibration samples.
+with at least ``min_updates`` valid updates the aggregate replaces the global state. BatchNorm statistics
+are re-estimated on the held-out calibration samples where the model is evaluated (``coordinator.cadence``).
+
+On an evaluation round (``evaluate_at``) the round ends with the grid's evaluation step
+(:meth:`RoundEngine.evaluation_step`): with ``bn = "federated"`` the round's clients first send the
+BatchNorm batch statistics of the aggregated weights on their training split and the engine sets every
+submodel's statistics to their exact combination; with federated evaluation the clients then evaluate every
+submodel they can run on their held-out split (``eval_fraction`` of their data, never trained on), and
+``report.federated`` holds the sample-weighted result per submodel.
 """
 
 from __future__ import annotations
@@ -14,20 +21,23 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 
 from nefl_edge.coordinator.assignment import assign, capacity
+from nefl_edge.coordinator.cadence import evaluates
 from nefl_edge.coordinator.config import RunConfig
-from nefl_edge.coordinator.evaluation import calibrate_bn
-from nefl_edge.coordinator.grid import Grid, Instruction, Outcome
+from nefl_edge.coordinator.evaluation import apply_bn_stats, calibrate_bn, combine_evaluations
+from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, Grid, Instruction, Outcome
 from nefl_edge.coordinator.nefedavg import NeFedAvg
 from nefl_edge.coordinator.nested import GlobalState, extract
-from nefl_edge.coordinator.screening import Quarantine, UpdateRejected, screen
+from nefl_edge.coordinator.screening import MAX_SAMPLES, Quarantine, UpdateRejected, screen
 from nefl_edge.coordinator.specs import ModelConfig, param_layout
 from nefl_edge.coordinator.strategies import Plan, Strategy
+from nefl_edge.edge_client.evaluate import BnStats, EvalResult, bn_channels
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +62,10 @@ class RoundReport:
     ended_at: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
     clients: list[dict[str, Any]] = field(default_factory=list)
+    federated: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Federated evaluation per submodel: accuracy, loss, samples, devices (empty when not evaluated)."""
+    bn_batches: dict[int, int] = field(default_factory=dict)
+    """Federated BatchNorm re-estimation: batches combined per submodel."""
 
 
 class RoundEngine:
@@ -71,6 +85,11 @@ class RoundEngine:
         self.rng = np.random.default_rng(cfg.seed)
         self.quarantine = Quarantine(cfg.quarantine_strikes, cfg.quarantine_rounds)
         self.shapes = [{n: p.shape for n, p in param_layout(config, spec).items()} for spec in plan.specs]
+        self.bn_channels = [bn_channels(shapes) for shapes in self.shapes]
+        self.federated_eval = cfg.evaluation in ("federated", "both")
+        """Whether clients evaluate on held-out splits (the caller resolves ``evaluation = "auto"``)."""
+        self.evaluate_at: Callable[[int], bool] = lambda r: evaluates(cfg, r)
+        """Whether round ``r`` ends with the evaluation step (the caller's evaluation cadence)."""
 
     def run_round(
         self, r: int, state: GlobalState, grid: Grid, stop: Optional[threading.Event] = None
@@ -95,7 +114,9 @@ class RoundEngine:
             Instruction(
                 n,
                 assignment[n],
-                cfg.train.model_copy(update={"seed": int(self.rng.integers(1 << 31)), "lr": cfg.lr_at(r)}),
+                cfg.train.model_copy(
+                    update={"seed": int(self.rng.integers(1 << 31)), "lr": cfg.lr_at(r), "eval_fraction": self.holdout}
+                ),
             )
             for n in selected
         ]
@@ -119,9 +140,9 @@ class RoundEngine:
         if report.updates >= cfg.min_updates:
             state = agg.result()
             report.aggregated = True
-            if self.calibration is not None and len(self.calibration):
-                for k in range(len(self.plan.specs)):
-                    calibrate_bn(state, k, self.calibration)
+            if self.evaluate_at(r):
+                answered = [c["node"] for c in report.clients if c["status"] != "dropped"]
+                self.evaluation_step(r, state, grid, {n: caps[n] for n in answered}, report)
         else:
             log.warning(
                 "round %d: %d valid updates < min_updates=%d; keeping the previous global model",
@@ -133,6 +154,100 @@ class RoundEngine:
         report.seconds = time.monotonic() - started
         report.ended_at = time.time()
         return state, report
+
+    @property
+    def holdout(self) -> float:
+        """The share of each client's data held out for evaluation (0 without federated evaluation)."""
+        return self.cfg.eval_fraction if self.federated_eval else 0.0
+
+    def evaluation_step(
+        self, r: int, state: GlobalState, grid: Grid, caps: dict[str, int], report: RoundReport
+    ) -> None:
+        """Federated BatchNorm re-estimation (``bn = "federated"``: sets ``state``'s statistics) and federated
+        evaluation of ``state`` by the clients of ``caps`` (node -> capacity), each on every submodel up to the
+        one it can run. Fills ``report.federated`` and ``report.bn_batches``."""
+        cfg = self.cfg
+        runnable = {}
+        for node, cap in sorted(caps.items()):
+            top = self.strategy.assign(self.plan, cap)
+            if top is not None:
+                runnable[node] = tuple(range(top + 1))
+        if not runnable:
+            return
+        started = time.monotonic()
+        batch = cfg.train.batch_size
+        max_batches = -(-cfg.bn_device_samples // batch) if cfg.bn_device_samples else None
+        if cfg.bn == "federated":
+            requests = [
+                EvalRequest(n, subs, False, True, self.holdout, batch, max_batches) for n, subs in runnable.items()
+            ]
+            parts: dict[int, list[BnStats]] = {}
+            for outcome in grid.evaluate(r, state, requests):
+                for k, stats in self._screen_evaluation(r, outcome, report)[1].items():
+                    parts.setdefault(k, []).append(stats)
+            for k, found in sorted(parts.items()):
+                report.bn_batches[k] = apply_bn_stats(state, k, found)
+            missing = [k for k in range(len(self.plan.specs)) if k not in report.bn_batches]
+            if missing:
+                log.warning(
+                    "round %d: no BatchNorm statistics for submodels %s; they keep their previous ones", r, missing
+                )
+            report.phases["bn_statistics"] = time.monotonic() - started
+        if not self.federated_eval:
+            return
+        evaluating = time.monotonic()
+        model = state
+        if cfg.bn == "server" and self.calibration is not None and len(self.calibration):
+            model = state.copy()
+            for k in range(len(self.plan.specs)):
+                calibrate_bn(model, k, self.calibration)
+        requests = [EvalRequest(n, subs, True, False, self.holdout, max(batch, 256)) for n, subs in runnable.items()]
+        results: dict[int, list[EvalResult]] = {}
+        for outcome in grid.evaluate(r, model, requests):
+            for k, result in self._screen_evaluation(r, outcome, report)[0].items():
+                results.setdefault(k, []).append(result)
+        for k, found in sorted(results.items()):
+            total = combine_evaluations(found)
+            if total.count:
+                report.federated[k] = {
+                    "accuracy": total.accuracy,
+                    "loss": total.loss,
+                    "samples": total.count,
+                    "devices": len(found),
+                }
+        report.phases["federated_evaluation"] = time.monotonic() - evaluating
+
+    def _screen_evaluation(
+        self, r: int, outcome: EvalOutcome, report: RoundReport
+    ) -> tuple[dict[int, EvalResult], dict[int, BnStats]]:
+        """The valid parts of an evaluation outcome; a hostile or broken one is rejected whole and counted
+        (``eval_<reason>`` in ``report.rejected``)."""
+        report.bytes_in += outcome.bytes_in
+        if outcome.status != "evaluated":
+            if outcome.status == "rejected":
+                report.rejected["eval_rejected"] = report.rejected.get("eval_rejected", 0) + 1
+            log.warning("round %d: evaluation by %s %s: %s", r, outcome.node, outcome.status, outcome.reason)
+            return {}, {}
+        try:
+            for k, result in outcome.results.items():
+                if not 0 <= k < len(self.plan.specs):
+                    raise ValueError(f"submodel {k} does not exist")
+                if not (0 <= result.correct <= result.count <= MAX_SAMPLES and np.isfinite(result.loss_sum)):
+                    raise ValueError(f"submodel {k}: implausible counts {result}")
+                if result.loss_sum < 0:
+                    raise ValueError(f"submodel {k}: negative loss")
+            stats = {
+                k: BnStats.from_tensors(outcome.bn_tensors.get(k, {}), outcome.bn_batches[k], self.bn_channels[k])
+                for k in outcome.bn_batches
+                if 0 <= k < len(self.plan.specs)
+            }
+            if set(outcome.bn_batches) - set(stats) or set(outcome.bn_tensors) - set(outcome.bn_batches):
+                raise ValueError("statistics for submodels that do not exist or without a batch count")
+        except ValueError as exc:
+            report.rejected["eval_invalid"] = report.rejected.get("eval_invalid", 0) + 1
+            log.warning("round %d: rejected the evaluation from %s: %s", r, outcome.node, exc)
+            return {}, {}
+        return outcome.results, stats
 
     def _fold(
         self,

@@ -49,11 +49,21 @@ class Records:
     def write_round(
         self, report: RoundReport, accuracies: list[tuple[float, float]], plan: Plan
     ) -> list[dict[str, Any]]:
-        """Append the round's lines; return the metrics rows (one per submodel)."""
-        shared = {k: v for k, v in asdict(report).items() if k not in ("round", "clients", "untrained")}
+        """Append the round's lines; return the metrics rows (one per evaluated submodel). ``accuracy`` and
+        ``loss`` are the coordinator's test-set numbers, or without them (``accuracies`` empty) the devices'
+        federated evaluation (``evaluated_by``); the federated numbers are also in ``fed_*``."""
+        shared = {k: v for k, v in asdict(report).items() if k not in ("round", "clients", "untrained", "federated")}
         rows = []
-        for k, (acc, loss) in enumerate(accuracies):
+        for k in range(len(plan.specs)):
+            fed = report.federated.get(k)
+            if k < len(accuracies):
+                (acc, loss), by = accuracies[k], "test"
+            elif fed is not None:
+                acc, loss, by = fed["accuracy"], fed["loss"], "federated"
+            else:
+                continue
             trained = sum(1 for c in report.clients if c["submodel"] == k and c["status"] == "updated")
+            federated = {} if fed is None else {f"fed_{key}": value for key, value in fed.items()}
             rows.append(
                 {
                     "round": report.round,
@@ -61,6 +71,8 @@ class Records:
                     "gamma": plan.specs[k].gamma,
                     "accuracy": acc,
                     "loss": loss,
+                    "evaluated_by": by,
+                    **federated,
                     "clients": trained,
                     "untrained": report.round > 0 and k in report.untrained,
                     **shared,

@@ -41,12 +41,16 @@ def serve_with_progress(run: ServeRun, link: MqttLink, console: Optional[Console
 def print_final_table(console: Console, records: list[dict[str, Any]]) -> None:
     rows = final_rows(records)
     table = Table(title="accuracy of every submodel after the last round")
-    for column in ("submodel", "gamma", "accuracy %", "loss"):
+    for column in ("submodel", "gamma", "accuracy %", "loss", "evaluated by", "devices' accuracy %"):
         table.add_column(column, justify="right")
     for r in rows:
-        table.add_row(str(r["submodel"]), f"{r['gamma']:.2f}", f"{100 * r['accuracy']:.2f}", f"{r['loss']:.3f}")
+        fed = "-" if r.get("fed_accuracy") is None else f"{100 * r['fed_accuracy']:.2f} ({r['fed_samples']} samples)"
+        by = r.get("evaluated_by", "test")
+        table.add_row(
+            str(r["submodel"]), f"{r['gamma']:.2f}", f"{100 * r['accuracy']:.2f}", f"{r['loss']:.3f}", by, fed
+        )
     for key, value in summary(rows).items():
-        table.add_row(key, "", f"{100 * value:.2f}", "")
+        table.add_row(key, "", f"{100 * value:.2f}", "", "", "")
     console.print(table)
 
 

@@ -16,15 +16,20 @@
 
 from __future__ import annotations
 
+import importlib
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from bench.common import SummaryRow, interleaved, write_json, write_section
+from bench.common import ROOT, SummaryRow, interleaved, write_json, write_section
 from nefl_edge.coordinator.broker import LocalBroker
 from nefl_edge.coordinator.nested import extract, init_global_state
 from nefl_edge.coordinator.specs import get_model_config, make_specs
@@ -109,7 +114,30 @@ def ten_mb() -> dict[str, np.ndarray]:
     return {f"layer{i}.weight": rng.standard_normal((640, 1024), np.float32) for i in range(4)}  # 10 MiB
 
 
+BEFORE = "f7d8b12"  # the last commit before issue 15's wire changes
+
+
+def old_wire() -> Optional[tuple[Any, Any]]:
+    """The wire and signing modules as they were at ``BEFORE`` (read with git), or None without git."""
+    folder = Path(tempfile.mkdtemp(prefix="nefl-old-wire-"))
+    try:
+        for name in ("wire", "signing"):
+            text = subprocess.run(
+                ["git", "show", f"{BEFORE}:edge_client/{name}.py"], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout
+            text = text.replace("from nefl_edge.edge_client.wire import", "from nefl_old_wire import")
+            (folder / f"nefl_old_{name}.py").write_text(text)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    sys.path.insert(0, str(folder))
+    try:
+        return importlib.import_module("nefl_old_wire"), importlib.import_module("nefl_old_signing")
+    finally:
+        sys.path.remove(str(folder))
+
+
 def pack_unpack(tensors: dict[str, np.ndarray], repeats: int) -> dict[str, float]:
+    """GB/s of the sender's and the receiver's path without a broker; with git, also those of ``BEFORE``."""
     topic = TOPICS.node("dev0", "update")
     size = sum(v.nbytes for v in tensors.values())
     sent = framed(topic, update_message(), tensor_parts(tensors), DEVICE)
@@ -123,14 +151,30 @@ def pack_unpack(tensors: dict[str, np.ndarray], repeats: int) -> dict[str, float
         unpack_tensors(decode(message)[1])
 
     blob = bytes(size)
-    times = interleaved(
-        {
-            "pack": lambda: framed(topic, update_message(), tensor_parts(tensors), DEVICE),
-            "unpack": receive,
-            "memcpy": lambda: bytearray(blob),
-        },
-        repeats,
-    )
+    contenders: dict[str, Callable[[], Any]] = {
+        "pack": lambda: framed(topic, update_message(), tensor_parts(tensors), DEVICE),
+        "unpack": receive,
+        "memcpy": lambda: bytearray(blob),
+    }
+    old = old_wire()
+    if old is not None:
+        wire, signing = old
+        signer, ring = signing.Signer(DEVICE.private_key, "dev0"), signing.Keyring({"dev0": DEVICE.public_key})
+
+        def old_pack() -> list[bytes]:
+            return wire.frames(signer.seal(topic, wire.encode(update_message(), wire.pack_tensors(tensors))))  # type: ignore[no-any-return]
+
+        old_sent = old_pack()
+
+        def old_receive() -> None:
+            assembler, out = wire.Assembler(), None
+            for frame in old_sent:
+                out = assembler.feed(topic, frame) or out
+            _, message = ring.verify(topic, out)
+            wire.unpack_tensors(wire.decode(message)[1])
+
+        contenders.update({"pack_before": old_pack, "unpack_before": old_receive})
+    times = interleaved(contenders, repeats)
     return {name: size / seconds / 1e9 for name, seconds in times.items()}
 
 
@@ -257,10 +301,16 @@ def run(quick: bool) -> list[SummaryRow]:
             f"{broker['raw_download'] * 1e3:.1f} ms | {down_ratio:.2f} |",
             "",
             f"Without a broker: the sender's path (tensors to signed frames) runs at {speeds['pack']:.2f} GB/s and "
-            f"the receiver's (frames to verified tensors) at {speeds['unpack']:.2f} GB/s; memcpy of the same bytes "
-            f"{speeds['memcpy']:.1f} GB/s. Each byte is hashed once on each side for the frames and once more for "
-            "a signature (which signs the message's sha256), and copied once (into the frames; out of them into "
-            "the body).\n",
+            f"the receiver's (frames to verified tensors) at {speeds['unpack']:.2f} GB/s"
+            + (
+                f" (before issue 15, commit `{BEFORE}`, interleaved: {speeds['pack_before']:.2f} and "
+                f"{speeds['unpack_before']:.2f} GB/s)"
+                if "pack_before" in speeds
+                else ""
+            )
+            + f"; memcpy of the same bytes {speeds['memcpy']:.1f} GB/s. Each byte is hashed once on each side (the "
+            "signature signs the frames' hash list; only the last 1 MiB block is hashed twice) and copied once "
+            "(into the frames; out of them into the body).\n",
             "Update encodings (`train.update_encoding`), body bytes over float32 for the full submodel:\n",
             "| model | float16 | int8 deltas |",
             "|---|---|---|",

@@ -144,6 +144,8 @@ def serve(
     overrides = overrides or {}
     if resume is not None and config is not None:
         fail("--config and --resume exclude each other: a resumed run keeps its own config.json")
+    if overrides.get("preset") == "paper" and overrides.get("stem_pool") is None:
+        overrides["stem_pool"] = False  # the devices' training graphs have no max-pool gradient (simulate has)
     cfg = resume_config(resume, overrides) if resume is not None else load_config(config, overrides)
     security = Security(tls_ca, tls_cert, tls_key, False, username, password_file)
     link = coordinator_link(cfg, broker, security, mqtt_version, enrolment_dir)
@@ -163,11 +165,13 @@ def simulate(
     clients: Annotated[int, typer.Option(help="Number of simulated devices (tiers assigned round-robin).")] = 100,
     scheme: Annotated[str, typer.Option(help="Partition: iid, dirichlet or shards.")] = "iid",
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration.")] = 0.5,
-    eval_every: Annotated[int, typer.Option(help="Evaluate every N rounds (0: only at the end).")] = 0,
     trainer: Annotated[
         str, typer.Option(help="Local training: torch, or ort (the exported ONNX Runtime artifacts).")
     ] = "torch",
     out: Annotated[Optional[Path], typer.Option(help="Write the result as JSON here.")] = None,
+    workers: Annotated[
+        int, typer.Option(help="Processes that train a round's clients at once (CPU, torch trainer).", min=1)
+    ] = 1,
     overrides: Optional[dict[str, Any]] = None,
 ) -> None:
     """Simulate a federated method in this process (no broker): the round engine of serve, in-process clients."""
@@ -176,6 +180,7 @@ def simulate(
 
     from rich.console import Console
 
+    from nefl_edge.coordinator.cadence import eval_every
     from nefl_edge.coordinator.config import load_config
     from nefl_edge.coordinator.evaluation import held_out
     from nefl_edge.coordinator.partition import make_partitioner, split_dataset
@@ -196,7 +201,7 @@ def simulate(
     train_data.check_for((config.in_channels, config.image_size, config.image_size), config.num_classes)
     parts = make_partitioner(scheme, clients, alpha, cfg.seed).split(train_data.y)
     shards = split_dataset(train_data, parts)
-    test, calibration = held_out(test_data, cfg.eval_samples, cfg.bn_calibration)
+    test, calibration = held_out(test_data, cfg.eval_samples, cfg.bn_calibration if cfg.bn == "server" else 0)
     tiers = [i % len(gammas) for i in range(clients)]
     artifacts = None
     if trainer == "ort":
@@ -212,7 +217,7 @@ def simulate(
 
     result = run_simulation(
         strategy, config, gammas, shards, tiers, test, cfg.rounds, cfg.train, cfg.fraction, cfg.weighting,
-        cfg.seed, calibration, eval_every, trainer, artifacts, progress, cfg,  # type: ignore[arg-type]
+        cfg.seed, calibration, eval_every(cfg), trainer, artifacts, progress, cfg, workers,  # type: ignore[arg-type]
     )  # fmt: skip
     title = f"{strategy.name}, {scheme}, {cfg.rounds} rounds ({result.seconds:.0f} s)"
     print_simulation(Console(), title, gammas, result)
@@ -274,6 +279,9 @@ def demo(
     runs_dir: Annotated[Path, typer.Option(help="Where the run directory goes.")] = Path("runs"),
     eval_samples: Annotated[int, typer.Option(help="Test samples per evaluation.")] = 2000,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    bn: Annotated[
+        Optional[str], typer.Option(help="BatchNorm statistics: tracked, federated or server (default: the run's).")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a whole federated job on this machine: broker, N devices, R rounds, accuracy table and report."""
@@ -296,6 +304,7 @@ def demo(
         runs_dir=runs_dir,
         eval_samples=eval_samples,
         seed=seed,
+        bn=bn,
     )
     if run_demo(options) is None:
         raise typer.Exit(ExitCode.INTERRUPTED)

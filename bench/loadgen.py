@@ -26,10 +26,10 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import heapq
 import json
 import logging
 import os
-import queue
 import random
 import statistics
 import subprocess
@@ -83,15 +83,42 @@ class _Connection:
     client: mqtt.Client
     receiver: Receiver
     nodes: list[str]
-    jobs: queue.Queue[Optional[Task]] = field(default_factory=queue.Queue)
+    due: list[tuple[float, int, Task]] = field(default_factory=list)  # heap of (answer at, seq, task)
+    wake: threading.Condition = field(default_factory=threading.Condition)
+    closed: bool = False
     connected: threading.Event = field(default_factory=threading.Event)
+
+    def put(self, at: float, seq: int, task: Task) -> None:
+        with self.wake:
+            heapq.heappush(self.due, (at, seq, task))
+            self.wake.notify()
+
+    def take(self) -> Optional[Task]:
+        """The next task whose answer is due (waits for it), or None once closed."""
+        with self.wake:
+            while not self.closed:
+                now = time.monotonic()
+                if self.due and self.due[0][0] <= now:
+                    return heapq.heappop(self.due)[2]
+                self.wake.wait(min(self.due[0][0] - now, 1.0) if self.due else 1.0)
+            return None
+
+    def idle(self) -> bool:
+        with self.wake:
+            return not self.due or self.due[0][0] > time.monotonic()
+
+    def close(self) -> None:
+        with self.wake:
+            self.closed = True
+            self.wake.notify_all()
 
 
 class LoadGen:
     """``devices`` virtual devices over ``connections`` MQTT connections to ``broker`` (HOST:PORT) for run
     ``run``. Device ``i`` is node ``<prefix>-<i>`` of tier ``i % tiers`` with ``samples`` samples. A task is
-    answered ``delay_s`` (plus up to ``jitter_s``) after its weights arrived. ``expected_tasks`` per round
-    marks when a round's tasks are all out (then ``cpu_of`` is sampled: e.g. the coordinator's CPU time)."""
+    answered ``delay_s`` (plus up to ``jitter_s``) after it arrived (at the earliest once its weights did).
+    ``expected_tasks`` per round marks when a round's tasks are all out (then ``cpu_of`` is sampled: e.g. the
+    coordinator's CPU time)."""
 
     def __init__(
         self,
@@ -131,6 +158,7 @@ class LoadGen:
         self._weights: dict[int, tuple[int, str, bytes]] = {}  # submodel -> (round, sha256, body)
         self._lock = threading.Condition()
         self._senders: list[threading.Thread] = []
+        self._seq = 0
 
     def _connection(self, index: int, nodes: list[str]) -> _Connection:
         client = mqtt.Client(
@@ -174,7 +202,7 @@ class LoadGen:
 
     def close(self) -> None:
         for conn in self.connections:
-            conn.jobs.put(None)
+            conn.close()
         for sender in self._senders:
             sender.join(10)
         for conn in self.connections:
@@ -233,27 +261,26 @@ class LoadGen:
                 timing.last_task_at = now
                 if timing.tasks == self.expected_tasks and self.cpu_of is not None:
                     timing.coordinator_cpu_s = self.cpu_of()
-            conn.jobs.put(message)
+            self._seq += 1
+            wait = self.delay_s + (random.uniform(0, self.jitter_s) if self.jitter_s else 0.0)
+            conn.put(time.monotonic() + wait, self._seq, message)
 
     # --- answering -----------------------------------------------------------------------------------------
 
     def _sender(self, conn: _Connection) -> None:
         window: collections.deque[mqtt.MQTTMessageInfo] = collections.deque()
         while True:
-            task = conn.jobs.get()
+            task = conn.take()
             if task is None:
                 return
             try:
                 body = self._weights_for(task)
                 if body is None:
                     continue
-                wait = self.delay_s + random.uniform(0, self.jitter_s) if self.delay_s or self.jitter_s else 0.0
-                if wait:
-                    time.sleep(wait)
                 if self.statuses:
                     self._status(conn, task.node, "training")
                     self._status(conn, task.node, "online")
-                metrics = Metrics(loss_first=2.3, loss_last=2.0, accuracy=0.3, steps=1, seconds=wait)
+                metrics = Metrics(loss_first=2.3, loss_last=2.0, accuracy=0.3, steps=1, seconds=self.delay_s)
                 update = Update(
                     run=self.run,
                     node=task.node,
@@ -266,7 +293,7 @@ class LoadGen:
                 window.extend(self._publish(conn, self.topics.node(task.node, "update"), update, body))
                 while len(window) > WINDOW:
                     window.popleft().wait_for_publish(60)
-                if conn.jobs.empty():
+                if conn.idle():
                     while window:
                         window.popleft().wait_for_publish(60)
                 with self._lock:
@@ -411,6 +438,8 @@ def measure(
             entry["rejected"] = row["rejected"]
             entry["collect_s"] = row["phases"].get("training", 0.0)
             collected = row["ended_at"] - row["phases"].get("aggregation", 0.0)
+            if timing is not None and timing.last_update_at:
+                entry["take_in_lag_s"] = collected - timing.last_update_at  # last update acknowledged -> taken in
         entry["overhead_from"] = "coordinator" if row is not None else "load generator"
         if nxt is not None and nxt.tasks and collected:
             entry["overhead_s"] = nxt.last_task_at - collected

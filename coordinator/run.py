@@ -185,6 +185,7 @@ class ServeRun:
                     state, report = self.engine.run_round(r, self.state, grid, self.stop)
                     if self.stop.is_set():
                         break  # an interrupted round is not recorded; the last checkpoint stays the state
+                    report.phases["publish"] = grid.publish_s
                     self.state, self.round = state, r
                     self._finish(report, state, evaluates(cfg, r), r == cfg.rounds, evaluator)
                 evaluator.wait()

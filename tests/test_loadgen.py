@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.loadgen import measure, read_jsonl
+from bench.loadgen import LoadGen, measure, read_jsonl
+from nefl_edge.edge_client.errors import ExitCode
+from tests.helpers import Broker, spawn_coordinator, stop, wait_for
 
 
 def test_a_small_virtual_fleet_runs_a_served_run_with_evaluation_every_second_round(tmp_path: Path) -> None:
@@ -25,3 +27,24 @@ def test_a_small_virtual_fleet_runs_a_served_run_with_evaluation_every_second_ro
     assert [sum(c["round"] == r and c["status"] == "updated" for c in clients) for r in (1, 2, 3)] == [devices] * 3
     assert result["overhead_s"] is not None and result["overhead_s"] > 0
     assert result["coordinator_cpu_s_per_round"] is not None and result["peak_rss_mb"] > 50
+
+
+def test_a_stopped_run_evaluates_and_checkpoints_its_last_round(broker: Broker, tmp_path: Path) -> None:
+    from nefl_edge.coordinator import checkpoint
+
+    args = ("--run", "stopped", "--rounds", "6", "--eval-every", "6", "--min-clients", "4", "--policy", "static")
+    coord = spawn_coordinator(broker.address, tmp_path, *args, "--eval-samples", "200", "--bn", "server")
+    gen = LoadGen(broker.address, "stopped", 4, connections=1, delay_s=0.5)
+    try:
+        gen.start(timeout_s=120, alive=lambda: coord.poll() is None)
+        wait_for(lambda: 2 in gen.rounds, 60, "round 2's tasks")
+
+        assert stop(coord) == ExitCode.INTERRUPTED
+    finally:
+        gen.close()
+        stop(coord)
+
+    run_dir = next((tmp_path / "runs").iterdir())
+    last = checkpoint.load(run_dir)
+    assert last is not None and last.round in (1, 2)
+    assert sorted({r["round"] for r in read_jsonl(run_dir / "metrics.jsonl")}) == [0, last.round]

@@ -46,6 +46,7 @@ from nefl_edge.edge_client.wire import ProtocolError, Topics, pack_tensors, sha2
 log = logging.getLogger(__name__)
 GRACE_S = 5.0  # answers sent just before the deadline are still in flight
 LOST_GRACE_S = 10.0
+GONE_CHECK_S = 0.25
 
 
 class NotEnoughClients(NeflError, TimeoutError):
@@ -78,6 +79,7 @@ class MqttGrid:
         self._rejections: Counter[str] = Counter()
         self._link_seen: Counter[str] = Counter()
         self._reconnected_at = 0.0
+        self.publish_s = 0.0  # seconds the last round took to publish its weights and tasks
         self._round_state: Optional[GlobalState] = None
 
     # --- the run on the broker -----------------------------------------------------------------------------
@@ -187,15 +189,19 @@ class MqttGrid:
             )
             tasks[ins.node] = task
             self._bytes_out += self.link.publish(self.topics.node(ins.node, "task"), task)
+        self.publish_s = time.monotonic() - started
         pending = dict(tasks)
         deadline = started + self.deadline_s + GRACE_S
+        look = 0.0  # who is gone is looked at every GONE_CHECK_S, not at every message (O(pending) each)
         while pending and time.monotonic() < deadline and not self.stop.is_set():
-            for node in list(pending):
-                gone = self._gone(node)
-                if gone:
-                    task = pending.pop(node)
-                    log.warning("round %d: %s %s", round_, node, gone)
-                    yield Outcome(node, task.submodel, "dropped", reason=gone)
+            if time.monotonic() >= look:
+                look = time.monotonic() + GONE_CHECK_S
+                for node in list(pending):
+                    gone = self._gone(node)
+                    if gone:
+                        task = pending.pop(node)
+                        log.warning("round %d: %s %s", round_, node, gone)
+                        yield Outcome(node, task.submodel, "dropped", reason=gone)
             item = self._next(0.25)
             if item is None:
                 continue

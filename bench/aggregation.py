@@ -11,6 +11,7 @@ is the tracemalloc peak of one round (aggregator and result, not the updates) ov
 
 from __future__ import annotations
 
+import os
 import tracemalloc
 from typing import Any
 
@@ -164,7 +165,8 @@ def run(quick: bool) -> list[SummaryRow]:
             "## Aggregation (NeFedAvg)\n\n"
             f"`python -m bench aggregation`: {clients} updates of {MODEL} ({DATASET}) submodels at the default "
             f"gammas, {update_bytes / 1e9:.2f} GB of update tensors, folded and averaged; median of {repeats} "
-            "interleaved runs.\n\n"
+            f"interleaved runs (load average {os.getloadavg()[0]:.1f} on this shared machine: absolute GB/s move "
+            "with it, the ratios less).\n\n"
             "| implementation | GB/s | fraction of memcpy |\n|---|---|---|\n"
             f"| memcpy (numpy copy of 256 MiB, bytes copied) | {copy_bw / 1e9:.1f} | 1 |\n"
             f"| NeFedAvg (float32 sums, prefix regions) | {new_bw / 1e9:.2f} | {new_bw / copy_bw:.3f} |\n"

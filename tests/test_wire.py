@@ -137,9 +137,8 @@ def test_not_safetensors_body_is_rejected() -> None:
 def test_every_kind_has_a_schema() -> None:
     from nefl_edge.edge_client.schemas import MESSAGE_TYPES
 
-    assert {"hello", "status", "task", "update", "decline", "weights", "artifact", "manifest", "control"} == set(
-        MESSAGE_TYPES
-    )
+    kinds = {"hello", "status", "task", "update", "decline", "weights", "artifact", "manifest", "control"}
+    assert kinds | {"evaluate", "evaluation"} == set(MESSAGE_TYPES)
     assert Hello.model_fields["kind"].default == "hello" and Update.model_fields["kind"].default == "update"
     assert sha256(b"") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 

@@ -7,7 +7,7 @@ the arms (``server`` re-estimates on 500 further held-out test images; ``federat
 samples of each of the round's devices). Runs go to a process pool (one torch thread each). Writes
 bench/results/bn-modes.json and the bn-modes section of docs/benchmarks.md.
 
-    python -m bench.bn_modes                      # 15 rounds, seeds 0 and 1 (~20 min on 2 cores)
+    python -m bench.bn_modes                      # 10 rounds, seed 0 (~30 min on 2 busy cores)
     python -m bench.bn_modes --rounds 2 --seeds 0 # a smoke run
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
 MODES = ("tracked", "federated", "server")
@@ -87,18 +87,23 @@ def main() -> None:
     from bench.common import write_json, write_section
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--eval-every", type=int, default=5)
-    parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES))
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     jobs = [(m, s) for s in seeds for m in args.modes.split(",")]
+    runs = []
     with ProcessPoolExecutor(args.workers) as pool:
-        runs = list(pool.map(one_run, *zip(*jobs), [args.rounds] * len(jobs), [args.eval_every] * len(jobs)))
-    for r in runs:
-        print(r["mode"], r["seed"], [round(100 * a, 1) for a in r["accuracy"][-1]], f"{r['seconds']:.0f} s")
+        futures = [pool.submit(one_run, mode, seed, args.rounds, args.eval_every) for mode, seed in jobs]
+        for future in as_completed(futures):
+            r = future.result()
+            runs.append(r)
+            accuracy = [round(100 * a, 1) for a in r["accuracy"][-1]]
+            print(r["mode"], r["seed"], r["rounds"], accuracy, f"{r['seconds']:.0f} s", flush=True)
+    runs.sort(key=lambda r: (r["seed"], MODES.index(r["mode"])))
     command = f"python -m bench.bn_modes --rounds {args.rounds} --eval-every {args.eval_every} --seeds {args.seeds}"
     write_json("bn-modes", {"command": command, "runs": runs})
     if args.rounds >= 5:

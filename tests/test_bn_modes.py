@@ -223,3 +223,63 @@ def test_old_runs_keep_server_reestimation_and_server_mode_needs_coordinator_dat
     assert test is None and calibration is None and federated
     test, calibration, federated = coordinator_data("both", "server", None, 100, 50)
     assert test is not None and len(test) == 100 and calibration is not None and len(calibration) == 50 and federated
+
+
+def test_the_mqtt_grid_refuses_evaluations_that_claim_what_was_not_asked(artifacts: tuple[Path, Manifest]) -> None:
+    # Prepare: a grid on an unconnected link, with one pending evaluate task for dev1 (submodels 0 and 1, stats).
+    from nefl_edge.coordinator.mqtt_grid import MqttGrid
+    from nefl_edge.edge_client.mqtt import BrokerAddress, MqttLink
+    from nefl_edge.edge_client.schemas import BnCount, EvalTask, Evaluation, SubmodelEval
+    from nefl_edge.edge_client.wire import Topics, pack_tensors
+
+    folder, manifest = artifacts
+    link = MqttLink("test", BrokerAddress("127.0.0.1", 1), "r", clean=True)
+    grid = MqttGrid(link, "r", manifest, folder, 60.0, 60.0)
+    topic = Topics("r").node("dev1", "update")
+    task = EvalTask(
+        run="r", node="dev1", task_id="t1", round=3, submodels=[0, 1], weights_sha256=["0" * 64] * 2,
+        evaluate=True, bn_stats=True, deadline_s=60,
+    )  # fmt: skip
+    stats = {"0/stem.bn.mean_sum": np.zeros(5, np.float32), "0/stem.bn.var_sum": np.ones(5, np.float32)}
+
+    def answer(body: bytes = b"", node: str = "dev1", task_id: str = "t1", **fields: object) -> EvalOutcome | None:
+        message = Evaluation(run="r", node=node, task_id=task_id, round=3, **fields)  # type: ignore[arg-type]
+        return grid._evaluation(3, (topic, message, body), {"dev1": task}, 0.0)
+
+    ok = [SubmodelEval(submodel=0, loss=0.5, correct=3, count=4)]
+
+    # Execute / Assert: forged sender and stale task are dropped and counted; the rest are rejected whole.
+    assert answer(node="dev2") is None and answer(task_id="old") is None
+    assert grid.rejections() == {"unknown_sender": 1, "stale": 1}
+    for fields, body, reason in [
+        ({"results": [SubmodelEval(submodel=2, loss=0.1, correct=1, count=1)]}, b"", "wrong_submodels"),
+        ({"results": ok + ok}, b"", "wrong_submodels"),
+        ({"bn": [BnCount(submodel=0, batches=2)]}, b"not safetensors", "bad_payload"),
+        (
+            {"bn": [BnCount(submodel=0, batches=2)]},
+            pack_tensors({"1/stem.bn.mean_sum": stats["0/stem.bn.mean_sum"]}),
+            "bad_names",
+        ),
+    ]:
+        outcome = answer(body, **fields)
+        assert outcome is not None and outcome.status == "rejected" and outcome.reason.startswith(reason), fields
+    task = task.model_copy(update={"bn_stats": False})
+    assert answer(pack_tensors(stats), bn=[BnCount(submodel=0, batches=2)]).reason.startswith("unasked")  # type: ignore[union-attr]
+    task = task.model_copy(update={"bn_stats": True})
+    good = answer(pack_tensors(stats), results=ok, bn=[BnCount(submodel=0, batches=2)])
+    assert good is not None and good.status == "evaluated"
+    assert good.results[0].loss_sum == pytest.approx(2.0) and good.bn_batches == {0: 2}
+    assert set(good.bn_tensors[0]) == {"stem.bn.mean_sum", "stem.bn.var_sum"}
+
+
+def test_the_statistics_graph_is_standard_onnx_that_stock_onnxruntime_reads(artifacts: tuple[Path, Manifest]) -> None:
+    import onnx
+
+    folder, manifest = artifacts
+    for sub in manifest.submodels:
+        model = onnx.load(str(folder / sub.files["stats"].name))
+        onnx.checker.check_model(model, full_check=True)
+        assert {(o.domain, o.version) for o in model.opset_import} == {("", 17)} and model.ir_version == 8
+        assert {n.domain for n in model.graph.node} == {""}
+        assert {i.name for i in model.graph.input} >= {"input"} and "labels" not in {i.name for i in model.graph.input}
+        assert len(model.graph.output) == 2 * sum(p.name.endswith(".running_mean") for p in sub.params)

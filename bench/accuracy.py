@@ -222,10 +222,13 @@ def render(rows: list[dict[str, Any]], preset_name: str, preset: dict[str, Any],
 
 
 def curves(runs: list[dict[str, Any]]) -> str:
-    """Accuracy of the worst served tier after each evaluated round, mean over seeds, where recorded."""
-    if not runs or len(runs[0].get("curve", {})) <= 2:
+    """Accuracy of the worst served tier after each evaluated round, mean over the seeds that recorded it."""
+    runs = [r for r in runs if len(r.get("curve", {})) > 2]
+    if not runs:
         return ""
-    lines = ["", "Worst served tier over rounds (the weakest tier's model where it has one), mean over seeds:", ""]
+    seeds = sorted({r["seed"] for r in runs})
+    lines = ["", f"Worst served tier over rounds (the weakest tier's model where it has one), mean over seeds {seeds}:"]
+    lines.append("")
     for scheme in sorted({r["scheme"] for r in runs}):
         group = [r for r in runs if r["scheme"] == scheme]
         points = sorted({int(k) for r in group for k in r["curve"]})
@@ -234,8 +237,12 @@ def curves(runs: list[dict[str, Any]]) -> str:
         for method in [m for m in METHOD_ORDER if any(r["method"] == m for r in group)]:
             cells = []
             for p in points:
-                values = [min(a for a in r["curve"][str(p)] if a is not None) for r in group if r["method"] == method]
-                cells.append(f"{100 * statistics.fmean(values):.1f}")
+                values = [
+                    min(a for a in r["curve"][str(p)] if a is not None)
+                    for r in group
+                    if r["method"] == method and str(p) in r["curve"]
+                ]
+                cells.append(f"{100 * statistics.fmean(values):.1f}" if values else "—")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -281,6 +288,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--data-dir", default=None, help="IDX/CIFAR folder; default Debian's Fashion-MNIST")
     parser.add_argument("--render-only", action="store_true", help="re-render docs/benchmarks.md from the JSON")
+    parser.add_argument(
+        "--partial",
+        type=Path,
+        default=None,
+        help="JSON-lines file of finished runs: each run is appended as it ends, and runs already in it are "
+        "not run again (an interrupted benchmark continues); default bench/results/accuracy-<preset>.partial.jsonl",
+    )
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     default_methods = preset.get("methods", ",".join(METHOD_ORDER))
@@ -293,12 +307,19 @@ def main() -> None:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()
-    start, runs = time.perf_counter(), []
+    partial = args.partial or ROOT / "bench" / "results" / f"accuracy-{args.preset}.partial.jsonl"
+    runs = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()] if partial.exists() else []
+    finished = {(r["method"], r["scheme"], r["seed"]) for r in runs}
+    todo = [job for job in jobs if job not in finished]
+    start, done = time.perf_counter(), len(jobs) - len(todo)
     with ProcessPoolExecutor(args.workers) as pool:
-        futures = {pool.submit(run_one, m, s, seed, preset, args.data_dir): (m, s, seed) for m, s, seed in jobs}
-        for done, future in enumerate(as_completed(futures), 1):
+        futures = {pool.submit(run_one, m, s, seed, preset, args.data_dir): (m, s, seed) for m, s, seed in todo}
+        for future in as_completed(futures):
             run = future.result()
             runs.append(run)
+            done += 1
+            with partial.open("a") as fh:
+                fh.write(json.dumps(run) + "\n")
             accs = " ".join("—" if a is None else f"{100 * a:.1f}" for a in run["tier_accuracy"])
             print(
                 f"[{done}/{len(jobs)}] {run['method']:<16} {run['scheme']:<9} seed {run['seed']}: {accs} "
@@ -320,7 +341,7 @@ def main() -> None:
         "command": command,
         "minutes": round((time.perf_counter() - start) / 60, 1),
         "workers": args.workers,
-        "runs": runs,
+        "runs": sorted(runs, key=lambda r: (r["seed"], r["scheme"], METHOD_ORDER.index(r["method"]))),
         "summary": rows,
     }
     out.write_text(json.dumps(record, indent=2) + "\n")

@@ -31,6 +31,8 @@ import json
 import logging
 import os
 import random
+import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -475,9 +477,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--eval-every", type=int, default=1)
     parser.add_argument("--sync-eval", action="store_true", help="evaluate on the coordinator's main thread")
     parser.add_argument("--jitter-s", type=float, default=0.0, help="answers spread over this many seconds")
+    parser.add_argument("--delay-s", type=float, default=0.0, help="answers at the earliest this long after a task")
+    parser.add_argument("--serve-options", default="", help='more options of serve, e.g. "--bn server"')
     parser.add_argument("--folder", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # stop the broker and serve too
     result = measure(
         args.devices,
         args.rounds,
@@ -485,7 +490,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         args.connections,
         args.eval_every,
         not args.sync_eval,
+        extra=tuple(shlex.split(args.serve_options)),
         folder=args.folder,
+        delay_s=args.delay_s,
         jitter_s=args.jitter_s,
     )
     print(json.dumps(result, indent=1))

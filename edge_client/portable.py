@@ -10,8 +10,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from nefl_edge.edge_client.runtime import session_options
 from nefl_edge.edge_client.schemas import ParamEntry, TrainConfig
-from nefl_edge.edge_client.trainer import session_options
 
 Tensors = Dict[str, np.ndarray]
 

@@ -1,4 +1,5 @@
-"""Keep torch out of the device process where ``onnxruntime-training`` and torch are both installed.
+"""ONNX Runtime on the device: session options for training, and keeping torch out of the device process
+where ``onnxruntime-training`` and torch are both installed.
 
 ``import onnxruntime`` of the training build imports ``onnxruntime.training.ortmodule`` (the PyTorch
 front-end, +1.25 s and +220 MB) only to learn whether it is a training package, and ``onnxruntime.training``'s
@@ -11,6 +12,7 @@ as "no ORTModule" and goes on), and ``trainer.training_api`` imports the trainin
 from __future__ import annotations
 
 import importlib.abc
+import os
 import sys
 from typing import Any, Optional, Sequence
 
@@ -28,3 +30,15 @@ def keep_torch_out() -> None:
     """Install the import guard (once per process; cheap, imports nothing)."""
     if not any(isinstance(f, _NoTrainingPackageDuringOrtInit) for f in sys.meta_path):
         sys.meta_path.insert(0, _NoTrainingPackageDuringOrtInit())
+
+
+def session_options(ort: Any, threads: int = 0, spin: bool = False) -> Any:
+    """ONNX Runtime session options for training: ``threads`` intra-op threads (0: ``NEFL_THREADS``, else
+    ORT's default of one per core), and whether idle pool threads spin-wait (ORT's default; it cost a factor
+    of 3 when anything else ran on the device, so it is off unless measured to pay, see
+    :func:`~nefl_edge.edge_client.profile.choose_threads`)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or int(os.environ.get("NEFL_THREADS", "0") or 0)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    options.log_severity_level = 3
+    return options

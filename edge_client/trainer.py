@@ -8,7 +8,6 @@ here in numpy, because ORT's optimizer graph only has plain SGD.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 import time
 import types
@@ -19,7 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tupl
 import numpy as np
 
 from nefl_edge.edge_client.data import Dataset
-from nefl_edge.edge_client.runtime import keep_torch_out
+from nefl_edge.edge_client.runtime import keep_torch_out, session_options
 from nefl_edge.edge_client.schemas import Metrics, ParamEntry, TrainConfig
 
 Tensors = Dict[str, np.ndarray]
@@ -51,18 +50,6 @@ def training_api() -> Any:
         package.__path__ = [str(folder)]
         sys.modules["onnxruntime.training"] = package
     return importlib.import_module("onnxruntime.training.api")
-
-
-def session_options(ort: Any, threads: int = 0, spin: bool = False) -> Any:
-    """ONNX Runtime session options for training: ``threads`` intra-op threads (0: ``NEFL_THREADS``, else
-    ORT's default of one per core), and whether idle pool threads spin-wait (ORT's default; it cost a factor
-    of 3 when anything else ran on the device, so it is off unless measured to pay, see
-    :func:`~nefl_edge.edge_client.profile.choose_threads`)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or int(os.environ.get("NEFL_THREADS", "0") or 0)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    options.log_severity_level = 3
-    return options
 
 
 def has_training_build() -> bool:

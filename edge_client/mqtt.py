@@ -49,8 +49,39 @@ log = logging.getLogger(__name__)
 
 CHUNK_MARK = "/chunk/"
 INBOX_SIZE = 4096  # validated messages waiting for the consumer; beyond it new ones are dropped and counted
+INBOX_BYTES = 1 << 30  # and their bodies' bytes: a flood of large updates cannot grow memory past this
 CHUNK_TOPIC = re.compile(r"(.+)/chunk/(\d{1,9})")
 Inbound = Tuple[str, Message, bytes]
+
+
+class Inbox(queue.Queue):  # type: ignore[type-arg]
+    """The validated messages waiting for the consumer, bounded by count and by the bytes of their bodies.
+    Only paho's network thread puts (``offer``); consumers ``get`` as from any queue."""
+
+    def __init__(self, maxsize: int, max_bytes: int) -> None:
+        super().__init__(maxsize)
+        self.max_bytes = max_bytes
+        self.bytes = 0
+
+    def offer(self, item: Inbound) -> Optional[str]:
+        """Queue ``item``, or say why not (the inbox is full by count or by bytes)."""
+        size = len(item[2])
+        if self.bytes and self.bytes + size > self.max_bytes:
+            return f"{self.bytes} bytes are waiting (limit {self.max_bytes})"
+        try:
+            self.put_nowait(item)
+        except queue.Full:
+            return f"{self.maxsize} messages are waiting"
+        return None
+
+    def _put(self, item: Inbound) -> None:
+        self.bytes += len(item[2])
+        super()._put(item)
+
+    def _get(self) -> Inbound:
+        item: Inbound = super()._get()
+        self.bytes -= len(item[2])
+        return item
 
 
 class BrokerError(NeflError, ConnectionError):
@@ -215,6 +246,7 @@ class MqttLink:
         sender_of: Optional[Callable[[str], Optional[str]]] = None,
         assembler: Optional[Assembler] = None,
         inbox_size: int = INBOX_SIZE,
+        inbox_bytes: int = INBOX_BYTES,
     ) -> None:
         self.broker, self.run, self.chunk_size = broker, run, chunk_size
         self.protocol = protocol
@@ -238,7 +270,7 @@ class MqttLink:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
-        self.inbox: queue.Queue[Inbound] = queue.Queue(maxsize=inbox_size)
+        self.inbox = Inbox(inbox_size, inbox_bytes)
         self.connected = threading.Event()
         self._refused: Optional[str] = None
         self._subs: List[str] = []
@@ -377,10 +409,9 @@ class MqttLink:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
             item = self.receive(msg.topic, msg.payload)
-            if item is not None:
-                self.inbox.put_nowait(item)
-        except queue.Full:  # the consumer is behind a flood: drop, count, never block paho's thread
-            self.receiver.reject(msg.topic, "inbox_full", f"{self.inbox.maxsize} messages are waiting")
+            full = None if item is None else self.inbox.offer(item)
+            if full is not None:  # the consumer is behind a flood: drop, count, never block paho's thread
+                self.receiver.reject(msg.topic, "inbox_full", full)
         except Exception as exc:  # receive() never raises; this guards the topic decoding and the queue
             self.receiver.reject("?", f"internal:{type(exc).__name__}", short(str(exc), 200))
 

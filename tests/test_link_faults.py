@@ -16,7 +16,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from nefl_edge.edge_client.mqtt import BrokerAddress, Inbound, MqttLink
+from nefl_edge.edge_client.mqtt import BrokerAddress, Inbound, Inbox, MqttLink
 from nefl_edge.edge_client.schemas import Control, Status, Task, TrainConfig
 from nefl_edge.edge_client.signing import Keyring, Signer, save_private_key, signers_by_topic
 from nefl_edge.edge_client.wire import Assembler, Topics, encode, frames
@@ -258,3 +258,18 @@ def test_a_consumer_that_falls_behind_loses_new_messages_not_memory() -> None:
 
     assert link.inbox.qsize() == 2
     assert link.rejections["inbox_full"] == 3
+
+
+def test_the_inbox_is_bounded_by_the_bytes_waiting_as_well() -> None:
+    status = Status(run="r", node="dev", state="online")
+    inbox = Inbox(maxsize=100, max_bytes=250)
+    item = ("stream", status, b"x" * 100)
+
+    refusals = [inbox.offer(item) for _ in range(5)]
+    inbox.get_nowait()
+    again = inbox.offer(item)
+
+    assert refusals[:2] == [None, None]
+    assert all(r is not None and "bytes are waiting" in r for r in refusals[2:])
+    assert again is None
+    assert inbox.qsize() == 2 and inbox.bytes == 200

@@ -217,7 +217,10 @@ def render(rows: list[dict[str, Any]], preset_name: str, preset: dict[str, Any],
                 f"| {r['method']} | " + " | ".join(cells) + f" | {_fmt(r['worst'])} | {_fmt(r['average'])} | "
                 f"{r['served_tiers']}/{len(GAMMAS)} |"
             )
-        lines += ["", *verdict([r for r in rows if r["scheme"] == scheme]), ""]
+        group = [r for r in rows if r["scheme"] == scheme]
+        lines += ["", *verdict(group), ""]
+        if preset.get("protocol") == "paper":
+            lines += [*evidence(group), ""]
     return "\n".join(lines)
 
 
@@ -253,7 +256,7 @@ def verdict(rows: list[dict[str, Any]], ours: str = "nefl-wd") -> list[str]:
     mine = next((r for r in rows if r["method"] == ours), None)
     if mine is None:
         return []
-    losses = []
+    losses, wins = [], []
     for r in rows:
         if r["method"] == ours:
             continue
@@ -261,9 +264,29 @@ def verdict(rows: list[dict[str, Any]], ours: str = "nefl-wd") -> list[str]:
             if r[key]["mean"] >= mine[key]["mean"]:
                 partial = "" if r["served_tiers"] == len(GAMMAS) else f" (over its {r['served_tiers']} served tiers)"
                 losses.append(f"{r['method']} {key} {_fmt(r[key])}{partial} vs {_fmt(mine[key])}")
+            else:
+                wins.append(f"{r['method']} {key}")
+    beats = f"{ours} beats (mean over seeds): " + (", ".join(wins) if wins else "none") + "."
     if not losses:
         return [f"{ours} beats every baseline here on both worst and average accuracy."]
-    return [f"{ours} does not beat: " + "; ".join(losses) + "."]
+    return [beats, "", f"{ours} does not beat: " + "; ".join(losses) + "."]
+
+
+def evidence(rows: list[dict[str, Any]], ours: str = "nefl-wd") -> list[str]:
+    """How far apart the smallest and the full model are on this data set, and what sharing costs the
+    smallest: the gamma-0.2 model inside ``ours`` vs the same-size model trained alone by every client."""
+    by = {r["method"]: r for r in rows}
+    if ours not in by or "fedavg-smallest" not in by:
+        return []
+    mine, alone = by[ours]["tiers"], by["fedavg-smallest"]["tiers"][0]
+    full = max((r["tiers"][-1]["mean"], r["method"]) for r in rows if r["tiers"][-1] is not None)
+    return [
+        f"Evidence: the full model of {ours} scores {_fmt(mine[-1])}, its gamma-0.2 submodel {_fmt(mine[0])} "
+        f"(gap {100 * (mine[-1]['mean'] - mine[0]['mean']):.1f} points); the best full-size model here "
+        f"({full[1]}) {100 * full[0]:.1f}; a gamma-0.2 model trained alone by every selected client "
+        f"(fedavg-smallest) {_fmt(alone)}, {100 * (alone['mean'] - mine[0]['mean']):+.1f} points against the "
+        f"same-size submodel inside {ours}."
+    ]
 
 
 METHOD_ORDER = [

@@ -378,6 +378,8 @@ def publish(record: dict[str, Any], workers: int) -> None:
     text = render(rows, record["preset"], record["settings"], record["commit"], record["command"])
     text += curves(record["runs"])
     text += f"\nWall time: {record['minutes']} min with {record.get('workers', workers)} worker process(es).\n"
+    if record.get("note"):
+        text += f"\n{record['note']}\n"
     write_section(f"accuracy-{record['preset']}", text)
     print(text)
 

@@ -33,7 +33,7 @@ from nefl_edge.export.portable import (
 )
 from nefl_edge.export.stats import STATS_FILE, build_stats_graph
 
-EXPORT_VERSION = 6  # 6: the BatchNorm statistics graph
+EXPORT_VERSION = 7  # 7: portable BatchNorm backward in fewer passes, strided dW by one-hot Conv im2col
 OPSET = 17
 FILE_NAMES = {
     "training": "training_model.onnx",

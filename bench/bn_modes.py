@@ -14,6 +14,7 @@ bench/results/bn-modes.json and the bn-modes section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -84,7 +85,7 @@ def section(runs: list[dict[str, Any]], rounds: int, eval_every: int, command: s
 
 
 def main() -> None:
-    from bench.common import write_json, write_section
+    from bench.common import RESULTS, write_json, write_section
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
@@ -92,10 +93,17 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--append", action="store_true", help="keep the runs of bench/results/bn-modes.json")
+    parser.add_argument("--redo", default="", help="with --append: modes to run again even where recorded")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     jobs = [(m, s) for s in seeds for m in args.modes.split(",")]
-    runs = []
+    runs: list[dict[str, Any]] = []
+    if args.append and (RESULTS / "bn-modes.json").is_file():
+        previous = json.loads((RESULTS / "bn-modes.json").read_text())
+        redo = set(args.redo.split(","))
+        runs = [r for r in previous["runs"] if r["mode"] not in redo and r["rounds"][-1] == args.rounds]
+        jobs = [j for j in jobs if j not in {(r["mode"], r["seed"]) for r in runs}]
     with ProcessPoolExecutor(args.workers) as pool:
         futures = [pool.submit(one_run, mode, seed, args.rounds, args.eval_every) for mode, seed in jobs]
         for future in as_completed(futures):
@@ -104,7 +112,8 @@ def main() -> None:
             accuracy = [round(100 * a, 1) for a in r["accuracy"][-1]]
             print(r["mode"], r["seed"], r["rounds"], accuracy, f"{r['seconds']:.0f} s", flush=True)
     runs.sort(key=lambda r: (r["seed"], MODES.index(r["mode"])))
-    command = f"python -m bench.bn_modes --rounds {args.rounds} --eval-every {args.eval_every} --seeds {args.seeds}"
+    seeds_run = ",".join(str(s) for s in sorted({r["seed"] for r in runs}))
+    command = f"python -m bench.bn_modes --rounds {args.rounds} --eval-every {args.eval_every} --seeds {seeds_run}"
     write_json("bn-modes", {"command": command, "runs": runs})
     if args.rounds >= 5:
         write_section("bn-modes", section(runs, args.rounds, args.eval_every, command))

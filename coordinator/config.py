@@ -115,10 +115,11 @@ class RunConfig(BaseModel):
     quarantine_rounds: int = Field(5, ge=0, description="rounds a quarantined client sits out")
     eval_samples: int = Field(2000, ge=1, description="held-out test samples that evaluate every submodel")
     bn: Literal["tracked", "federated", "server"] = Field(
-        "tracked",
-        description="BatchNorm statistics: tracked (devices' running statistics, averaged per submodel: the "
-        "paper's), federated (devices re-estimate them for the aggregated weights, combined exactly) or "
-        "server (re-estimated on bn_calibration held-out samples of the coordinator)",
+        "federated",
+        description="BatchNorm statistics: federated (devices re-estimate them for the aggregated weights on "
+        "evaluation rounds, combined exactly; needs no coordinator data), tracked (devices' running statistics "
+        "averaged per submodel: the paper's) or server (re-estimated on bn_calibration held-out samples of the "
+        "coordinator)",
     )
     bn_calibration: int = Field(
         500, ge=0, description="bn server: the coordinator's held-out unlabeled samples that re-estimate BatchNorm"

@@ -140,9 +140,6 @@ class RoundEngine:
         if report.updates >= cfg.min_updates:
             state = agg.result()
             report.aggregated = True
-            if self.evaluate_at(r):
-                answered = [c["node"] for c in report.clients if c["status"] != "dropped"]
-                self.evaluation_step(r, state, grid, {n: caps[n] for n in answered}, report)
         else:
             log.warning(
                 "round %d: %d valid updates < min_updates=%d; keeping the previous global model",
@@ -151,6 +148,9 @@ class RoundEngine:
                 cfg.min_updates,
             )
         report.phases["aggregation"] = time.monotonic() - aggregating
+        if report.aggregated and self.evaluate_at(r) and not (stop is not None and stop.is_set()):
+            answered = [c["node"] for c in report.clients if c["status"] != "dropped"]
+            self.evaluation_step(r, state, grid, {n: caps[n] for n in answered}, report)
         report.seconds = time.monotonic() - started
         report.ended_at = time.time()
         return state, report
@@ -164,8 +164,10 @@ class RoundEngine:
         self, r: int, state: GlobalState, grid: Grid, caps: dict[str, int], report: RoundReport
     ) -> None:
         """Federated BatchNorm re-estimation (``bn = "federated"``: sets ``state``'s statistics) and federated
-        evaluation of ``state`` by the clients of ``caps`` (node -> capacity), each on every submodel up to the
-        one it can run. Fills ``report.federated`` and ``report.bn_batches``."""
+        evaluation of ``state`` by the clients of ``caps`` (node -> capacity). Statistics: each client on the
+        submodel it trained this round, and on any submodel nobody trained that it can run (so the step costs
+        a client about ``bn_device_samples`` forward passes). Evaluation: each client on every submodel up to
+        the one it can run. Fills ``report.federated`` and ``report.bn_batches``."""
         cfg = self.cfg
         runnable = {}
         for node, cap in sorted(caps.items()):
@@ -178,8 +180,15 @@ class RoundEngine:
         batch = cfg.train.batch_size
         max_batches = -(-cfg.bn_device_samples // batch) if cfg.bn_device_samples else None
         if cfg.bn == "federated":
+            trained = {c["node"]: c["submodel"] for c in report.clients if c["status"] == "updated"}
+            covered = set(trained.values())
+            wanted = {
+                n: tuple(k for k in subs if k == trained.get(n) or k not in covered) for n, subs in runnable.items()
+            }
             requests = [
-                EvalRequest(n, subs, False, True, self.holdout, batch, max_batches) for n, subs in runnable.items()
+                EvalRequest(n, subs, False, True, self.holdout, batch, max_batches)
+                for n, subs in wanted.items()
+                if subs
             ]
             parts: dict[int, list[BnStats]] = {}
             for outcome in grid.evaluate(r, state, requests):

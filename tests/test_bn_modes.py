@@ -214,7 +214,7 @@ def test_old_runs_keep_server_reestimation_and_server_mode_needs_coordinator_dat
     old = RunConfig().model_dump(mode="json")
     del old["bn"]
     assert validate(old).bn == "server" and validate({**old, "bn_calibration": 0}).bn == "tracked"
-    assert RunConfig().bn == "tracked" and validate({**old, "bn": "federated"}).bn == "federated"
+    assert RunConfig().bn == "federated" and validate({**old, "bn": "tracked"}).bn == "tracked"
     with pytest.raises(ConfigError, match="bn = server"):
         coordinator_data("federated", "server", None, 100, 100)
     with pytest.raises(ConfigError, match="bn = server"):

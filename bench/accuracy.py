@@ -368,6 +368,7 @@ def main() -> None:
         "summary": rows,
     }
     out.write_text(json.dumps(record, indent=2) + "\n")
+    partial.unlink()  # the record holds every run now; a next run starts afresh
     publish(record, args.workers)
 
 

@@ -396,7 +396,8 @@ def measure(
             "--runs-dir", str(folder / "runs"), "--run", run, "--model", model, "--rounds", str(rounds),
             "--min-clients", str(devices), "--fraction", "1.0", "--policy", "static", "--deadline-s", str(timeout_s),
             "--wait-clients-s", str(timeout_s), "--eval-every", str(eval_every),
-            "--eval-background" if eval_background else "--no-eval-background", *extra,
+            "--eval-background" if eval_background else "--no-eval-background",
+            "--bn", "server", "--evaluation", "test", *extra,  # virtual devices neither evaluate nor measure BN
         ]  # fmt: skip
         env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="120")
         with (folder / "coordinator.log").open("ab") as out:

@@ -296,8 +296,9 @@ class MqttGrid:
         per_submodel: dict[int, dict[str, Any]] = {b.submodel: {} for b in message.bn}
         for name, value in tensors.items():
             head, _, rest = name.partition("/")
-            if not head.isdigit() or int(head) not in per_submodel or not rest:
-                return EvalOutcome(node, "rejected", reason=f"bad_names: {name[:80]}", bytes_in=len(body))
+            if not (head.isascii() and head.isdigit()) or int(head) not in per_submodel or not rest:
+                reason = f"bad_names: {name[:80]}"
+                return EvalOutcome(node, "rejected", reason=reason, bytes_in=len(body), seconds=seconds)
             per_submodel[int(head)][rest] = value
         return EvalOutcome(
             node,

@@ -260,6 +260,11 @@ def test_the_mqtt_grid_refuses_evaluations_that_claim_what_was_not_asked(artifac
             pack_tensors({"1/stem.bn.mean_sum": stats["0/stem.bn.mean_sum"]}),
             "bad_names",
         ),
+        (
+            {"bn": [BnCount(submodel=0, batches=2)]},
+            pack_tensors({"\u00b2/stem.bn.mean_sum": stats["0/stem.bn.mean_sum"]}),  # a digit int() refuses
+            "bad_names",
+        ),
     ]:
         outcome = answer(body, **fields)
         assert outcome is not None and outcome.status == "rejected" and outcome.reason.startswith(reason), fields

@@ -5,7 +5,7 @@ field; nothing from the network is trusted before it passes through here.
 
 from __future__ import annotations
 
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import Annotated, Dict, List, Literal, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -202,8 +202,8 @@ class EvalTask(Message):
     node: str = Field(pattern=NAME_PATTERN)
     task_id: str = Field(pattern=NAME_PATTERN)
     round: int = Field(ge=0)
-    submodels: List[int] = Field(min_length=1, max_length=64)
-    weights_sha256: List[str] = Field(min_length=1, max_length=64)
+    submodels: List[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=64)
+    weights_sha256: List[Annotated[str, Field(pattern=SHA256_PATTERN)]] = Field(min_length=1, max_length=64)
     evaluate: bool = True
     bn_stats: bool = False
     eval_fraction: float = Field(0.0, ge=0, le=0.5)

@@ -14,7 +14,7 @@ Layers, outermost first (the full description with tables is in ``docs/protocol.
   but the last is exactly ``chunk`` bytes long; the last one completes ``size`` exactly. Integers are JSON
   integers (no booleans, no floats), the header is at most 1 KiB, flat, with no duplicate keys.
 - **Signed envelope** (optional, see :mod:`edge_client.signing`): ``b"NEFS" | u8 key id length | key id |
-  64-byte Ed25519 signature | logical message``.
+  logical message | 64-byte Ed25519 signature``.
 - **Logical message**: ``b"NEFL" | u32 BE header length | JSON header | body``; the header (at most 64 KiB,
   nesting depth at most 16) is one of the schemas in :mod:`edge_client.schemas` plus ``body_size`` (the
   frame digests and the signature cover the body). Tensors travel in the body as safetensors (never pickle).

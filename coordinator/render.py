@@ -26,7 +26,7 @@ def serve_with_progress(run: ServeRun, link: MqttLink, console: Optional[Console
         def on_round(report: RoundReport, rows: list[dict[str, Any]]) -> None:
             accs = " ".join(f"{100 * r['accuracy']:.1f}" for r in rows)
             text = f"round {report.round}: {report.updates}/{report.selected} updates, acc % {accs}"
-            progress.update(bar, advance=1, description=text)
+            progress.update(bar, completed=report.round, description=text)  # round 0 and a stop report too
 
         run.on_round = on_round
         run.on_progress = lambda text: progress.update(bar, description=text)

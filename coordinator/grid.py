@@ -129,12 +129,18 @@ class InProcessGrid:
         for ins in instructions:
             data = self._split(ins.node, ins.train.eval_fraction)[0]
             start = time.perf_counter()
-            tensors = self.trainer(state, ins.submodel, data, ins.train)
-            encoding = ins.train.update_encoding
-            if encoding != "float32":  # the round trip a device's update takes, so its accuracy cost shows here
-                sent = extract(state, ins.submodel)
-                tensors = decode_update(encode_update(tensors, encoding, sent), encoding, lambda s=sent: s)
+            tensors = self.as_received(state, ins, self.trainer(state, ins.submodel, data, ins.train))
             yield Outcome(ins.node, ins.submodel, "updated", len(data), tensors, seconds=time.perf_counter() - start)
+
+    @staticmethod
+    def as_received(state: GlobalState, ins: Instruction, tensors: Tensors) -> Tensors:
+        """A client's trained tensors as the coordinator receives them: through the round trip of the task's
+        ``update_encoding`` (so that its accuracy cost shows in simulation)."""
+        encoding = ins.train.update_encoding
+        if encoding == "float32":
+            return tensors
+        sent = extract(state, ins.submodel)
+        return decode_update(encode_update(tensors, encoding, sent), encoding, lambda: sent)
 
     def evaluate(self, round_: int, state: GlobalState, requests: list[EvalRequest]) -> Iterator[EvalOutcome]:
         from nefl_edge.coordinator.evaluation import bn_batch_stats, evaluate_sums

@@ -146,7 +146,9 @@ class ParallelGrid(InProcessGrid):
             jobs.append((ins, len(data), self.pool.submit(self.task, state, ins.submodel, data, ins.train)))
         for ins, samples, job in jobs:
             tensors, seconds = job.result()
-            yield Outcome(ins.node, ins.submodel, "updated", samples, tensors, seconds=seconds)
+            yield Outcome(
+                ins.node, ins.submodel, "updated", samples, self.as_received(state, ins, tensors), seconds=seconds
+            )
 
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)

@@ -18,7 +18,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 from nefl_edge.coordinator.assignment import ClientInfo
 from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, Instruction, Outcome
@@ -46,7 +46,8 @@ from nefl_edge.edge_client.wire import ProtocolError, Topics, pack_tensors, sha2
 log = logging.getLogger(__name__)
 GRACE_S = 5.0  # answers sent just before the deadline are still in flight
 LOST_GRACE_S = 10.0
-GONE_CHECK_S = 0.25
+GONE_CHECK_S = 0.25  # who is gone is looked at this often, not at every message (O(pending) each)
+PendingTask = TypeVar("PendingTask", Task, EvalTask)
 
 
 class NotEnoughClients(NeflError, TimeoutError):
@@ -192,16 +193,13 @@ class MqttGrid:
         self.publish_s = time.monotonic() - started
         pending = dict(tasks)
         deadline = started + self.deadline_s + GRACE_S
-        look = 0.0  # who is gone is looked at every GONE_CHECK_S, not at every message (O(pending) each)
+        look = 0.0
         while pending and time.monotonic() < deadline and not self.stop.is_set():
             if time.monotonic() >= look:
                 look = time.monotonic() + GONE_CHECK_S
-                for node in list(pending):
-                    gone = self._gone(node)
-                    if gone:
-                        task = pending.pop(node)
-                        log.warning("round %d: %s %s", round_, node, gone)
-                        yield Outcome(node, task.submodel, "dropped", reason=gone)
+                for node, task, gone in self._drop_gone(pending):
+                    log.warning("round %d: %s %s", round_, node, gone)
+                    yield Outcome(node, task.submodel, "dropped", reason=gone)
             item = self._next(0.25)
             if item is None:
                 continue
@@ -242,11 +240,11 @@ class MqttGrid:
             self._bytes_out += self.link.publish(self.topics.node(req.node, "task"), task)
         pending = dict(tasks)
         deadline = started + self.deadline_s + GRACE_S
+        look = 0.0
         while pending and time.monotonic() < deadline and not self.stop.is_set():
-            for node in list(pending):
-                gone = self._gone(node)
-                if gone:
-                    del pending[node]
+            if time.monotonic() >= look:
+                look = time.monotonic() + GONE_CHECK_S
+                for node, _, gone in self._drop_gone(pending):
                     yield EvalOutcome(node, "dropped", reason=gone)
             item = self._next(0.25)
             if item is None:
@@ -309,6 +307,15 @@ class MqttGrid:
             seconds=seconds,
             bytes_in=len(body),
         )
+
+    def _drop_gone(self, pending: dict[str, PendingTask]) -> list[tuple[str, PendingTask, str]]:
+        """Take the devices that are gone (:meth:`_gone`) out of ``pending``: (node, task, why) each."""
+        dropped = []
+        for node in list(pending):
+            why = self._gone(node)
+            if why:
+                dropped.append((node, pending.pop(node), why))
+        return dropped
 
     def _gone(self, node: str) -> str:
         """Why a device with a task is taken as gone ("" while it may still answer). A device that said it

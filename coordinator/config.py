@@ -197,12 +197,7 @@ class RunConfig(BaseModel):
     @field_validator("lr_decay_at", mode="before")
     @classmethod
     def _decay_text(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                return [float(f) for f in value.split(",") if f.strip()]
-            except ValueError:
-                raise ValueError(f"lr_decay_at must be comma-separated fractions, got {value!r}") from None
-        return value
+        return _comma_floats(value, "lr_decay_at must be comma-separated fractions")
 
     @field_validator("lr_decay_at")
     @classmethod
@@ -233,12 +228,7 @@ class RunConfig(BaseModel):
     @field_validator("gammas", mode="before")
     @classmethod
     def _gammas_text(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                return [float(g) for g in value.split(",") if g.strip()]
-            except ValueError:
-                raise ValueError(f"gammas must be comma-separated numbers, got {value!r}") from None
-        return value
+        return _comma_floats(value, "gammas must be comma-separated numbers")
 
     @field_validator("gammas")
     @classmethod
@@ -246,6 +236,16 @@ class RunConfig(BaseModel):
         if not value or any(not 0 < g <= 1 for g in value) or sorted(value) != value:
             raise ValueError("gammas must be increasing values in (0, 1], e.g. 0.2,0.4,0.6,0.8,1.0")
         return value
+
+
+def _comma_floats(value: Any, rule: str) -> Any:
+    """A list option given as text (``"0.5,0.75"``) as floats; any other value as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return [float(f) for f in value.split(",") if f.strip()]
+    except ValueError:
+        raise ValueError(f"{rule}, got {value!r}") from None
 
 
 def _explain(exc: ValidationError) -> ConfigError:

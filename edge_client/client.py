@@ -426,6 +426,7 @@ class EdgeClient:
         )
         if (choice.threads, choice.spin) != self._threads:
             self._backends.clear()
+            self._evaluators.clear()
         self._threads = (choice.threads, choice.spin)
         profile = device_profile(self.backend_kind, choice.samples_per_s, probe.mflops)
         log.info(
@@ -579,7 +580,7 @@ class EdgeClient:
     def _evaluator(self, sub: SubmodelEntry, roles: Tuple[str, ...]) -> SubmodelEvaluator:
         key = f"{sub.key}:{','.join(roles)}"
         if key not in self._evaluators:
-            self._evaluators[key] = SubmodelEvaluator(self._fetch_artifacts(sub, roles), self.opts.threads)
+            self._evaluators[key] = SubmodelEvaluator(self._fetch_artifacts(sub, roles), *self._threads)
         return self._evaluators[key]
 
     def _run_evaluation(self, task: EvalTask, received: float) -> None:

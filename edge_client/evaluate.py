@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -21,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from nefl_edge.edge_client.data import Dataset
+from nefl_edge.edge_client.runtime import session_options
 
 Tensors = Dict[str, np.ndarray]
 EVAL_SPLIT_SEED = 20230815
@@ -147,12 +147,10 @@ class SubmodelEvaluator:
     """Evaluation (``eval`` graph) and BatchNorm statistics (``stats`` graph) of one submodel, run by stock
     ``onnxruntime`` (also present in the training build)."""
 
-    def __init__(self, files: Dict[str, Path], threads: int = 0) -> None:
+    def __init__(self, files: Dict[str, Path], threads: int = 0, spin: bool = False) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or int(os.environ.get("NEFL_THREADS", "0") or 0)
-        options.log_severity_level = 3
+        options = session_options(ort, threads, spin)
         self._sessions: Dict[str, Any] = {
             role: ort.InferenceSession(str(files[role]), options, providers=["CPUExecutionProvider"])
             for role in ("eval", "stats")

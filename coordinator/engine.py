@@ -86,6 +86,8 @@ class RoundEngine:
         self.quarantine = Quarantine(cfg.quarantine_strikes, cfg.quarantine_rounds)
         self.shapes = [{n: p.shape for n, p in param_layout(config, spec).items()} for spec in plan.specs]
         self.bn_channels = [bn_channels(shapes) for shapes in self.shapes]
+        self.declared: dict[str, int] = {}
+        """Samples each client of the current round declared (its hello): what its evaluation may claim."""
         self.federated_eval = cfg.evaluation in ("federated", "both")
         """Whether clients evaluate on held-out splits (the caller resolves ``evaluation = "auto"``)."""
         self.evaluate_at: Callable[[int], bool] = lambda r: evaluates(cfg, r)
@@ -97,6 +99,7 @@ class RoundEngine:
         cfg, report = self.cfg, RoundReport(r, started_at=time.time())
         started = time.monotonic()
         clients = grid.clients(cfg.min_clients)
+        self.declared = {n: c.num_samples for n, c in clients.items()}
         report.phases["waiting"] = time.monotonic() - started
         caps = {
             n: capacity(c, cfg.policy, self.plan, self.config, cfg.train, cfg.deadline_s) for n, c in clients.items()
@@ -237,12 +240,15 @@ class RoundEngine:
                 report.rejected["eval_rejected"] = report.rejected.get("eval_rejected", 0) + 1
             log.warning("round %d: evaluation by %s %s: %s", r, outcome.node, outcome.status, outcome.reason)
             return {}, {}
+        limit = min(self.declared.get(outcome.node, MAX_SAMPLES), MAX_SAMPLES)
         try:
+            if any(b > limit for b in outcome.bn_batches.values()):
+                raise ValueError(f"batch count beyond the {limit} samples the client declared")
             for k, result in outcome.results.items():
                 if not 0 <= k < len(self.plan.specs):
                     raise ValueError(f"submodel {k} does not exist")
-                if not (0 <= result.correct <= result.count <= MAX_SAMPLES and np.isfinite(result.loss_sum)):
-                    raise ValueError(f"submodel {k}: implausible counts {result}")
+                if not (0 <= result.correct <= result.count <= limit and np.isfinite(result.loss_sum)):
+                    raise ValueError(f"submodel {k}: implausible counts {result} (at most {limit} samples)")
                 if result.loss_sum < 0:
                     raise ValueError(f"submodel {k}: negative loss")
             stats = {

@@ -210,6 +210,28 @@ def test_hostile_evaluations_are_refused_whole(
     assert reason in caplog.text
 
 
+def test_an_evaluation_may_claim_no_more_samples_than_the_client_declared(
+    setup: tuple[GlobalState, list[Dataset]],
+) -> None:
+    # Prepare: device a declared 10 samples (its hello) and evaluated 25 % of its real ones.
+    state, devices = setup
+    cfg = RunConfig(gammas=list(GAMMAS), bn="federated", evaluation="federated", policy="static")
+    strategy = get_strategy("nefl-wd")
+    engine = RoundEngine(strategy, cfg, state.config, strategy.plan(state.config, GAMMAS))
+    grid = InProcessGrid({"a": devices[0]}, {"a": 0}, train_torch)
+    from nefl_edge.coordinator.grid import EvalRequest
+
+    (outcome,) = grid.evaluate(1, state, [EvalRequest("a", (0,), True, False, 0.25, 32)])
+    engine.declared = {"a": 10}
+    report = RoundReport(1)
+
+    # Execute
+    results, _ = engine._screen_evaluation(1, outcome, report)
+
+    # Assert
+    assert outcome.results[0].count > 10 and results == {} and report.rejected == {"eval_invalid": 1}
+
+
 def test_old_runs_keep_server_reestimation_and_server_mode_needs_coordinator_data(tmp_path: Path) -> None:
     old = RunConfig().model_dump(mode="json")
     del old["bn"]

@@ -575,6 +575,9 @@ class EdgeClient:
         missing = [p.name for p in sub.params if p.name not in tensors]
         if missing:
             raise ProtocolError(f"weights lack {missing[:3]}")
+        misshapen = [p.name for p in sub.params if tuple(tensors[p.name].shape) != tuple(p.shape)]
+        if misshapen:  # ONNX Runtime would raise its own exception (not a decline) on them
+            raise ProtocolError(f"weights of the wrong shape: {misshapen[:3]}")
         return tensors
 
     def _evaluator(self, sub: SubmodelEntry, roles: Tuple[str, ...]) -> SubmodelEvaluator:

@@ -102,7 +102,7 @@ class BrokerAddress:
             host, port = text, str(default_port)
         if not host:
             raise BadInput(f"broker address {text!r} has no host; use HOST or HOST:PORT")
-        if not port.isdigit() or not 0 < int(port) < 65536:
+        if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise BadInput(f"broker port in {text!r} must be a number in 1..65535")
         return cls(host, int(port))
 

@@ -174,14 +174,6 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _bn_of_old_runs(cls, data: Any) -> Any:
-        """Runs recorded before ``bn`` existed re-estimated on the server when ``bn_calibration`` > 0."""
-        if isinstance(data, dict) and "bn" not in data and "bn_calibration" in data and data.get("preset") is None:
-            return {**data, "bn": "server" if data["bn_calibration"] else "tracked"}
-        return data
-
-    @model_validator(mode="before")
-    @classmethod
     def _preset(cls, data: Any) -> Any:
         if not isinstance(data, dict) or data.get("preset") is None:
             return data
@@ -286,12 +278,20 @@ def load_config(path: Optional[Path], overrides: dict[str, Any]) -> RunConfig:
     return validate(_merge(data, overrides))
 
 
+def upgraded(data: dict[str, Any]) -> dict[str, Any]:
+    """A run's recorded ``config.json`` in today's terms: runs recorded before ``bn`` existed re-estimated
+    BatchNorm statistics on the server when ``bn_calibration`` > 0, and kept the clients' otherwise."""
+    if "bn" not in data and "bn_calibration" in data:
+        return {**data, "bn": "server" if data["bn_calibration"] else "tracked"}
+    return data
+
+
 def resume_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
     """The configuration of the run in ``run_dir`` with ``overrides`` applied. A key in
     :data:`FIXED_ON_RESUME` may only be repeated with its recorded value; any other key is applied."""
     path = run_dir / "config.json"
     try:
-        data = json.loads(path.read_text())
+        data = upgraded(json.loads(path.read_text()))
     except FileNotFoundError:
         raise ConfigError(f"{run_dir} is not a run directory: {path} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -59,14 +59,14 @@ def load_run(run_dir: Path) -> TrainedRun:
     """Read a run directory written by ``nefl-coord serve`` / ``demo``: its configuration, its verified
     checkpoint (``coordinator.checkpoint.load``, the reader ``--resume`` uses) and its metrics."""
     from nefl_edge.coordinator import checkpoint
-    from nefl_edge.coordinator.config import validate
+    from nefl_edge.coordinator.config import upgraded, validate
     from nefl_edge.coordinator.strategies import get_strategy
 
     run_dir = Path(run_dir)
     path = run_dir / "config.json"
     try:
         raw = json.loads(path.read_text())
-        cfg = validate(raw)
+        cfg = validate(upgraded(raw) if isinstance(raw, dict) else raw)
         model, plan = get_strategy(cfg.method).setup(cfg.network(), tuple(cfg.gammas))
         saved = checkpoint.load(run_dir, purpose="export")
     except checkpoint.CheckpointError as exc:

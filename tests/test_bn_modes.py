@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nefl_edge.coordinator.config import ConfigError, RunConfig, validate
+from nefl_edge.coordinator.config import ConfigError, RunConfig, upgraded, validate
 from nefl_edge.coordinator.engine import RoundEngine, RoundReport
 from nefl_edge.coordinator.evaluation import (
     apply_bn_stats,
@@ -235,7 +235,8 @@ def test_an_evaluation_may_claim_no_more_samples_than_the_client_declared(
 def test_old_runs_keep_server_reestimation_and_server_mode_needs_coordinator_data(tmp_path: Path) -> None:
     old = RunConfig().model_dump(mode="json")
     del old["bn"]
-    assert validate(old).bn == "server" and validate({**old, "bn_calibration": 0}).bn == "tracked"
+    assert validate(upgraded(old)).bn == "server" and validate(upgraded({**old, "bn_calibration": 0})).bn == "tracked"
+    assert validate({"bn_calibration": 300}).bn == "federated"  # a new run's option does not switch the mode
     assert RunConfig().bn == "federated" and validate({**old, "bn": "tracked"}).bn == "tracked"
     with pytest.raises(ConfigError, match="bn = server"):
         coordinator_data("federated", "server", None, 100, 100)

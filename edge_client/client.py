@@ -54,7 +54,16 @@ from nefl_edge.edge_client.trainer import (
     create_backend,
     train_local,
 )
-from nefl_edge.edge_client.wire import ProtocolError, Topics, encode, pack_tensors, sha256, tensor_parts, unpack_tensors
+from nefl_edge.edge_client.wire import (
+    ProtocolError,
+    Topics,
+    encode,
+    pack_tensors,
+    sha256,
+    short,
+    tensor_parts,
+    unpack_tensors,
+)
 
 MAX_DEFERRED = 256  # messages kept aside while waiting for one (weights, artifacts)
 log = logging.getLogger(__name__)
@@ -526,6 +535,12 @@ class EdgeClient:
         except (TimeoutError, ArtifactError, ProtocolError, FloatingPointError, ValueError) as exc:
             self._decline(task, f"{type(exc).__name__}: {exc}")
             return
+        except (RunEnded, _Stopped):
+            raise
+        except Exception as exc:  # ONNX Runtime's own errors: this task fails, the device stays in the run
+            log.exception("round %d: training failed", task.round)
+            self._decline(task, f"{type(exc).__name__}: {short(str(exc), 200)}")
+            return
         finally:
             self._publish_status("online")
         update = Update(
@@ -617,6 +632,12 @@ class EdgeClient:
                     )
         except (TimeoutError, ArtifactError, ProtocolError, ValueError) as exc:
             self._decline(task, f"{type(exc).__name__}: {exc}")
+            return
+        except (RunEnded, _Stopped):
+            raise
+        except Exception as exc:  # ONNX Runtime's own errors: this task fails, the device stays in the run
+            log.exception("round %d: evaluation failed", task.round)
+            self._decline(task, f"{type(exc).__name__}: {short(str(exc), 200)}")
             return
         answer = Evaluation(
             run=self.opts.run, node=self.opts.node, task_id=task.task_id, round=task.round, results=results, bn=counts

@@ -209,7 +209,10 @@ def _section(fleets: dict[str, dict[str, Any]], profile: dict[str, float]) -> st
     lines += [
         "",
         "Inline is how every round ran before evaluation moved off the critical path: evaluation and BatchNorm "
-        "re-estimation of all 5 submodels sat between the last update and the next round's tasks.",
+        "re-estimation of all 5 submodels sat between the last update and the next round's tasks. "
+        "Not measured here: the default `bn = federated` and federated evaluation, which add a device round "
+        "trip (an `evaluate` task) after aggregation on evaluation rounds; the virtual devices do not answer "
+        "it, so these figures are for `bn = server` and `evaluation = test`.",
         "",
         f"Take-in of one ResNet18 update ({profile['update_mb']:.0f} MB, the largest submodel), in process, "
         f"ms: receive (frames -> message) {profile['receive']:.1f}, unpack {profile['unpack']:.1f}, screen "

@@ -8,6 +8,12 @@ bench/results/accuracy-<preset>.json and the accuracy section of docs/benchmarks
     python -m bench.accuracy --preset quick      # about 30 minutes on 2 cores
     python -m bench.accuracy --preset full       # for bigger machines
     python -m bench.accuracy --preset paper --workers 1   # the paper's protocol, scaled down (~45 min)
+    python -m bench.accuracy --encodings float16,int8 --methods nefl-wd --schemes iid --workers 2
+
+``--encodings`` runs the same protocol (default preset ``paper``) with devices sending their updates as
+float16 or int8 (``train.update_encoding``, edge_client/encoding.py) and compares each with float32: the
+committed ``accuracy-<preset>.json`` runs where their settings match, else float32 runs side by side. It
+writes bench/results/accuracy-encoding.json and the accuracy-encoding section of docs/benchmarks.md.
 
 The ``paper`` preset runs every method under the NeFL paper's protocol (``RunConfig`` preset ``paper``: lr
 0.1 decayed x0.1 at T/2 and 3T/4, 5 local epochs, no momentum or weight decay, uniform NeFedAvg weights,
@@ -60,9 +66,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def paper_config(method: str, seed: int, preset: dict[str, Any]) -> Any:
+def paper_config(method: str, seed: int, preset: dict[str, Any], encoding: str = "float32") -> Any:
     """The run configuration of one run under the paper's protocol (``--preset paper``), with the preset's
-    rounds and epochs and the paper's tracked BatchNorm."""
+    rounds and epochs, the paper's tracked BatchNorm and the devices' update ``encoding``."""
     from nefl_edge.coordinator.config import RunConfig, load_config
 
     overrides: dict[str, Any] = {
@@ -72,6 +78,7 @@ def paper_config(method: str, seed: int, preset: dict[str, Any]) -> Any:
         "seed": seed,
         "policy": "static",
         "train.epochs": preset["epochs"],
+        "train.update_encoding": encoding,
     }
     # One core per run (no evaluation thread beside the training), evaluation on the test set only.
     for key, value in (("bn", "tracked"), ("eval_background", False), ("evaluation", "test")):
@@ -80,7 +87,10 @@ def paper_config(method: str, seed: int, preset: dict[str, Any]) -> Any:
     return load_config(None, overrides)
 
 
-def run_one(method: str, scheme: str, seed: int, preset: dict[str, Any], data_dir: Optional[str]) -> dict[str, Any]:
+def run_one(
+    method: str, scheme: str, seed: int, preset: dict[str, Any], data_dir: Optional[str], encoding: str = "float32"
+) -> dict[str, Any]:
+    """One run; ``encoding`` is how devices send their updates (the in-process grid applies its round trip)."""
     import numpy as np
     import torch
 
@@ -105,7 +115,7 @@ def run_one(method: str, scheme: str, seed: int, preset: dict[str, Any], data_di
     calibration = test_all.x[-500:]  # held out from the evaluated part
     tiers = [i % len(GAMMAS) for i in range(clients)]
     if preset.get("protocol") == "paper":
-        cfg = paper_config(method, seed, preset)
+        cfg = paper_config(method, seed, preset, encoding)
         result = simulate(
             get_strategy(method),
             cfg.network(),
@@ -118,7 +128,7 @@ def run_one(method: str, scheme: str, seed: int, preset: dict[str, Any], data_di
             eval_every=preset.get("eval_every", 0),
             cfg=cfg,
         )
-        return _record(method, scheme, seed, result)
+        return _record(method, scheme, seed, result, encoding)
     result = simulate(
         get_strategy(method),
         get_model_config("resnet-small", "fmnist"),
@@ -127,17 +137,17 @@ def run_one(method: str, scheme: str, seed: int, preset: dict[str, Any], data_di
         tiers,
         test,
         preset["rounds"],
-        TrainConfig(epochs=preset["epochs"]),
+        TrainConfig(epochs=preset["epochs"], update_encoding=encoding),
         fraction=0.1,
         seed=seed,
         calibration=calibration,
         eval_every=preset.get("eval_every", 0),
     )
-    return _record(method, scheme, seed, result)
+    return _record(method, scheme, seed, result, encoding)
 
 
-def _record(method: str, scheme: str, seed: int, result: Any) -> dict[str, Any]:
-    return {
+def _record(method: str, scheme: str, seed: int, result: Any, encoding: str = "float32") -> dict[str, Any]:
+    record = {
         "method": method,
         "scheme": scheme,
         "seed": seed,
@@ -147,6 +157,9 @@ def _record(method: str, scheme: str, seed: int, result: Any) -> dict[str, Any]:
         "seconds": round(result.seconds, 1),
         "curve": {str(r): result.tier_accuracy(i) for i, r in enumerate(result.rounds)},
     }
+    if encoding != "float32":  # float32 records keep the shape of the committed ones
+        record["encoding"] = encoding
+    return record
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -305,9 +318,18 @@ METHOD_ORDER = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default=None, help="default: quick (paper with --encodings)"
+    )
     parser.add_argument("--methods", default=None, help="comma-separated; default: the preset's, or all")
-    parser.add_argument("--schemes", default="iid,dirichlet")
+    parser.add_argument("--schemes", "--partitions", dest="schemes", default="iid,dirichlet")
+    parser.add_argument("--seeds", default=None, help="comma-separated; default: the preset's")
+    parser.add_argument("--rounds", type=int, default=None, help="override the preset's rounds (to try the harness)")
+    parser.add_argument(
+        "--encodings",
+        default=None,
+        help="comma-separated update encodings (float16, int8) to compare with float32; writes accuracy-encoding",
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--data-dir", default=None, help="IDX/CIFAR folder; default Debian's Fashion-MNIST")
     parser.add_argument("--render-only", action="store_true", help="re-render docs/benchmarks.md from the JSON")
@@ -319,7 +341,17 @@ def main() -> None:
         "not run again (an interrupted benchmark continues); default bench/results/accuracy-<preset>.partial.jsonl",
     )
     args = parser.parse_args()
-    preset = PRESETS[args.preset]
+    args.preset = args.preset or ("paper" if args.encodings else "quick")
+    preset = dict(PRESETS[args.preset])
+    if args.seeds:
+        preset["seeds"] = [int(x) for x in args.seeds.split(",")]
+    if args.rounds:
+        preset["rounds"] = args.rounds
+    if args.encodings:
+        encoding_main(args, preset)
+        return
+    if args.rounds is not None:
+        parser.error("--rounds is for trying --encodings (it would overwrite the preset's results)")
     default_methods = preset.get("methods", ",".join(METHOD_ORDER))
     args.methods = args.methods or default_methods
     if args.render_only:
@@ -382,6 +414,275 @@ def publish(record: dict[str, Any], workers: int) -> None:
     if record.get("note"):
         text += f"\n{record['note']}\n"
     write_section(f"accuracy-{record['preset']}", text)
+    print(text)
+
+
+def update_bytes(method: str, preset: dict[str, Any], encodings: list[str]) -> dict[str, list[int]]:
+    """Bytes of one update of each submodel of ``method`` as a device publishes it (the safetensors body of
+    ``encode_update``'s tensors), per encoding. The sizes depend on the tensors' shapes only."""
+    from nefl_edge.coordinator.models import initial_consistent
+    from nefl_edge.coordinator.nested import extract, init_global_state
+    from nefl_edge.coordinator.specs import get_model_config
+    from nefl_edge.coordinator.strategies import get_strategy
+    from nefl_edge.edge_client.encoding import encode_update
+    from nefl_edge.edge_client.wire import pack_tensors
+
+    network = (
+        paper_config(method, 0, preset).network()
+        if preset.get("protocol") == "paper"
+        else get_model_config("resnet-small", "fmnist")
+    )
+    config, plan = get_strategy(method).setup(network, GAMMAS)
+    state = init_global_state(config, plan.specs, initial_consistent(config, 0), 0)
+    sizes: dict[str, list[int]] = {e: [] for e in encodings}
+    for k in range(len(plan.specs)):
+        sent = extract(state, k)
+        for e in encodings:
+            sizes[e].append(len(pack_tensors(encode_update(sent, e, sent), keep_dtype=True)))
+    return sizes
+
+
+def _with_float32(encodings: list[str]) -> list[str]:
+    return ["float32", *[e for e in encodings if e != "float32"]]
+
+
+def _reference(
+    args: argparse.Namespace, preset: dict[str, Any], jobs: set[tuple[str, str, int]]
+) -> Optional[dict[str, Any]]:
+    """The committed float32 record of ``args.preset`` if it ran these jobs with these settings, else None."""
+    path = ROOT / "bench" / "results" / f"accuracy-{args.preset}.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    same = {k: v for k, v in record["settings"].items() if k not in ("methods", "seeds")} == {
+        k: v for k, v in preset.items() if k not in ("methods", "seeds")
+    }
+    runs = [r for r in record["runs"] if (r["method"], r["scheme"], r["seed"]) in jobs]
+    if not same or len(runs) != len(jobs):
+        return None
+    return {"source": f"bench/results/accuracy-{args.preset}.json", "commit": record["commit"], "runs": runs}
+
+
+def encoding_main(args: argparse.Namespace, preset: dict[str, Any]) -> None:
+    """``--encodings``: the preset's protocol with each update encoding, against float32."""
+    from bench.common import RESULTS, write_json
+    from nefl_edge.edge_client.encoding import ENCODINGS
+
+    encodings = [e for e in args.encodings.split(",") if e]
+    unknown = [e for e in encodings if e not in ENCODINGS]
+    if unknown:
+        raise SystemExit(f"unknown encoding(s) {unknown}; use {', '.join(ENCODINGS)}")
+    methods = (args.methods or preset.get("methods", "nefl-wd")).split(",")
+    schemes = args.schemes.split(",")
+    base = {(m, s, seed) for seed in preset["seeds"] for s in schemes for m in methods}
+    trial = args.preset != "paper" or args.rounds is not None
+    name = "accuracy-encoding" + (f"-{args.preset}-r{preset['rounds']}" if trial else "")
+    if args.render_only:  # sizes and summary are derived: computed afresh
+        record = json.loads((RESULTS / f"{name}.json").read_text())
+        record["update_bytes"] = {m: update_bytes(m, preset, _with_float32(record["encodings"])) for m in methods}
+        record["summary"] = summarize_encodings(record)
+        (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=1))  # keeps the run's environment
+        publish_encoding(record, write_docs=not trial)
+        return
+    reference = None if "float32" in encodings else _reference(args, preset, base)
+    run_encodings = encodings if reference else _with_float32(encodings)
+    jobs = [(m, s, seed, e) for seed in preset["seeds"] for s in schemes for e in run_encodings for m in methods]
+    partial = args.partial or RESULTS / f"{name}.partial.jsonl"
+    runs = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()] if partial.exists() else []
+    finished = {(r["method"], r["scheme"], r["seed"], r.get("encoding", "float32")) for r in runs}
+    todo = [job for job in jobs if job not in finished]
+    start, done = time.perf_counter(), len(jobs) - len(todo)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(args.workers) as pool:
+        futures = [pool.submit(run_one, m, s, seed, preset, args.data_dir, e) for m, s, seed, e in todo]
+        for future in as_completed(futures):
+            run = future.result()
+            runs.append(run)
+            done += 1
+            with partial.open("a") as fh:
+                fh.write(json.dumps(run) + "\n")
+            accs = " ".join("—" if a is None else f"{100 * a:.1f}" for a in run["tier_accuracy"])
+            print(
+                f"[{done}/{len(jobs)}] {run['method']:<16} {run['scheme']:<9} seed {run['seed']} "
+                f"{run.get('encoding', 'float32'):<7}: {accs} ({run['seconds']:.0f} s)",
+                flush=True,
+            )
+    command = (
+        f"python -m bench.accuracy --encodings {args.encodings} --methods {','.join(methods)} --schemes {args.schemes}"
+    )
+    command += f" --seeds {','.join(map(str, preset['seeds']))} --workers {args.workers}"
+    if args.preset != "paper":
+        command += f" --preset {args.preset}"
+    if args.rounds is not None:
+        command += f" --rounds {args.rounds}"
+    ref_runs = reference["runs"] if reference else [r for r in runs if r.get("encoding", "float32") == "float32"]
+    record = {
+        "preset": args.preset,
+        "settings": preset,
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip(),
+        "command": command,
+        "minutes": round((time.perf_counter() - start) / 60, 1),
+        "workers": args.workers,
+        "encodings": encodings,
+        "reference": (
+            {"source": reference["source"], "commit": reference["commit"]}
+            if reference
+            else {"source": "float32 runs of this benchmark, side by side"}
+        ),
+        "update_bytes": {m: update_bytes(m, preset, _with_float32(encodings)) for m in methods},
+        "runs": sorted(
+            (r for r in runs if r.get("encoding", "float32") != "float32"),
+            key=lambda r: (r["seed"], r["scheme"], METHOD_ORDER.index(r["method"]), r["encoding"]),
+        ),
+        "reference_runs": sorted(ref_runs, key=lambda r: (r["seed"], r["scheme"], METHOD_ORDER.index(r["method"]))),
+    }
+    record["summary"] = summarize_encodings(record)
+    committed = _reference(args, preset, base) if not reference else None
+    if committed:  # float32 ran here although a committed record has these runs: how far apart are they?
+        record["committed_float32"] = {
+            "source": committed["source"],
+            "commit": committed["commit"],
+            "summary": [
+                {k: r[k] for k in ("scheme", "method", "worst", "average")} for r in summarize(committed["runs"])
+            ],
+        }
+    write_json(name, record)
+    partial.unlink(missing_ok=True)
+    publish_encoding(record, write_docs=not trial)
+
+
+def summarize_encodings(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per (scheme, method, encoding): tier/worst/average accuracy over seeds, the per-seed difference to the
+    float32 run of the same seed (mean ± spread), and bytes per update against float32."""
+    reference = {(r["scheme"], r["method"], r["seed"]): r for r in record["reference_runs"]}
+    runs = [{**r, "encoding": "float32"} for r in record["reference_runs"]] + record["runs"]
+    rows = []
+    for row in summarize([r for r in runs if r["encoding"] == "float32"]):
+        rows.append({**row, "encoding": "float32"})
+    for encoding in [e for e in record["encodings"] if e != "float32"]:
+        for row in summarize([r for r in runs if r["encoding"] == encoding]):
+            group = [
+                r
+                for r in runs
+                if r["encoding"] == encoding and (r["scheme"], r["method"]) == (row["scheme"], row["method"])
+            ]
+            deltas: dict[str, list[float]] = {"worst": [], "average": []}
+            for r in group:
+                ref = reference.get((r["scheme"], r["method"], r["seed"]))
+                if ref is None:
+                    continue
+                mine = [a for a in r["tier_accuracy"] if a is not None]
+                theirs = [a for a in ref["tier_accuracy"] if a is not None]
+                deltas["worst"].append(min(mine) - min(theirs))
+                deltas["average"].append(sum(mine) / len(mine) - sum(theirs) / len(theirs))
+            rows.append(
+                {
+                    **row,
+                    "encoding": encoding,
+                    "delta_worst": _stat(deltas["worst"]) if deltas["worst"] else None,
+                    "delta_average": _stat(deltas["average"]) if deltas["average"] else None,
+                }
+            )
+    for row in rows:
+        sizes = record["update_bytes"][row["method"]]
+        row["bytes_ratio"] = sum(sizes[row["encoding"]]) / sum(sizes["float32"])
+    order = ["float32", *ENCODING_ORDER]
+    return sorted(rows, key=lambda r: (r["scheme"], METHOD_ORDER.index(r["method"]), order.index(r["encoding"])))
+
+
+ENCODING_ORDER = ["float16", "int8"]
+
+
+def _delta(stat: Optional[dict[str, float]]) -> str:
+    if stat is None:
+        return "—"
+    return f"{100 * stat['mean']:+.1f} ± {100 * stat['std']:.1f}"
+
+
+def render_encodings(record: dict[str, Any]) -> str:
+    preset, rows = record["settings"], record["summary"]
+    reference = record["reference"]
+    ref_text = (
+        f"float32 is the committed `{reference['source']}` (commit `{reference['commit']}`, the same settings and "
+        "seeds; the float32 path is unchanged by this option)"
+        if "commit" in reference
+        else "float32 ran side by side in this benchmark"
+    )
+    sizes = {m: v for m, v in record["update_bytes"].items()}
+    lines = [
+        f"## Update encodings: accuracy cost, preset `{record['preset']}`",
+        "",
+        "Devices send their trained tensors as float32, float16, or int8 deltas against the weights they "
+        "received (`train.update_encoding`, edge_client/encoding.py); the in-process grid applies the same "
+        "encode -> decode round trip to every update, so everything else is the run of the accuracy "
+        f"benchmark: {preset['rounds']} rounds, {preset['epochs']} local epochs, 100 devices, 10 a round"
+        + (
+            f", a seeded {preset['train_samples']}-sample training subset, the paper's protocol"
+            if preset.get("train_samples")
+            else ""
+        )
+        + f", {preset['test_samples']} test samples, seeds {preset['seeds']}. {ref_text}.",
+        "",
+        "Accuracy (%) of each tier's model, worst and average over tiers: mean ± spread over seeds. Δ: the "
+        "per-seed difference to the float32 run of the same seed (same data, partition and initial weights), "
+        "mean ± spread, in points. Bytes/update: the published update body (safetensors of the encoded "
+        "tensors) summed over the submodels, against float32 ("
+        + "; ".join(
+            f"{m}: float32 {sum(v['float32']) / 5 / 1e3:.0f} kB per update on average" for m, v in sizes.items()
+        )
+        + "; the ratios exceed 0.5 and 0.25 by the body's header of tensor names and shapes, which int8's "
+        "per-tensor scales double).",
+        "",
+        f"Produced by `{record['command']}` at commit `{record['commit']}`.",
+        "",
+    ]
+    for scheme in sorted({r["scheme"] for r in rows}):
+        lines += [f"**{scheme}**", ""]
+        lines.append(
+            "| method | encoding | bytes/update vs float32 | "
+            + " | ".join(f"g={g}" for g in GAMMAS)
+            + " | worst | average | Δ worst | Δ average |"
+        )
+        lines.append("|---|---|---|" + "---|" * (len(GAMMAS) + 4))
+        for r in (r for r in rows if r["scheme"] == scheme):
+            cells = [_fmt(t) for t in r["tiers"]]
+            lines.append(
+                f"| {r['method']} | {r['encoding']} | {r['bytes_ratio']:.3f} | "
+                + " | ".join(cells)
+                + f" | {_fmt(r['worst'])} | {_fmt(r['average'])} | {_delta(r.get('delta_worst'))} | "
+                f"{_delta(r.get('delta_average'))} |"
+            )
+        lines.append("")
+    committed = record.get("committed_float32")
+    if committed:
+        here = {(r["scheme"], r["method"]): r for r in rows if r["encoding"] == "float32"}
+        lines.append(
+            f"float32 runs against the committed `{committed['source']}` (commit `{committed['commit']}`), "
+            "worst / average: "
+            + "; ".join(
+                f"{c['method']} {c['scheme']} {_fmt(here[c['scheme'], c['method']]['worst'])} / "
+                f"{_fmt(here[c['scheme'], c['method']]['average'])} here, "
+                f"{_fmt(c['worst'])} / {_fmt(c['average'])} there"
+                for c in committed["summary"]
+            )
+            + "."
+        )
+        lines.append("")
+    lines.append(
+        f"Wall time: {record['minutes']} min with {record['workers']} worker process(es) for "
+        f"{len(record['runs']) + (0 if 'commit' in reference else len(record['reference_runs']))} runs."
+    )
+    return "\n".join(lines)
+
+
+def publish_encoding(record: dict[str, Any], write_docs: bool = True) -> None:
+    from bench.common import write_section
+
+    text = render_encodings(record)
+    if write_docs:
+        write_section("accuracy-encoding", text)
     print(text)
 
 

@@ -33,6 +33,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Optional
 
+from nefl_edge.coordinator.config import METHODS
+
 ROOT = Path(__file__).resolve().parents[1]
 GAMMAS = (0.2, 0.4, 0.6, 0.8, 1.0)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -302,18 +304,7 @@ def evidence(rows: list[dict[str, Any]], ours: str = "nefl-wd") -> list[str]:
     ]
 
 
-METHOD_ORDER = [
-    "nefl-wd",
-    "nefl-w",
-    "nefl-d",
-    "heterofl",
-    "fjord",
-    "fjord-paper",
-    "depthfl",
-    "scalefl",
-    "fedavg-smallest",
-    "fedavg-full",
-]
+METHOD_ORDER = list(METHODS)
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -16,19 +16,6 @@ from nefl_edge.coordinator.specs import DEFAULT_GAMMAS, ModelConfig, get_model_c
 from nefl_edge.edge_client.errors import BadInput
 from nefl_edge.edge_client.schemas import NAME_PATTERN, TrainConfig
 
-METHODS = (
-    "nefl-wd",
-    "nefl-w",
-    "nefl-d",
-    "heterofl",
-    "fjord",
-    "fjord-paper",
-    "depthfl",
-    "scalefl",
-    "fedavg-smallest",
-    "fedavg-full",
-)
-"""The federated methods (``coordinator.strategies.STRATEGIES``; a test keeps both lists equal)."""
 Method = Literal[
     "nefl-wd",
     "nefl-w",
@@ -41,6 +28,8 @@ Method = Literal[
     "fedavg-smallest",
     "fedavg-full",
 ]
+METHODS: tuple[str, ...] = get_args(Method)
+"""The federated methods (``coordinator.strategies.STRATEGIES``; a test keeps both lists equal)."""
 OLD_METHOD_NAMES = {"WD": "nefl-wd", "W": "nefl-w", "D": "nefl-d"}
 FIXED_ON_RESUME = frozenset({"method", "model", "dataset", "gammas", "seed", "stem_pool", "step_init"})
 """Keys that define the model, the submodels or the random streams: ``--resume`` refuses to change them."""

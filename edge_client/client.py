@@ -532,14 +532,10 @@ class EdgeClient:
         except DeadlineMissed as exc:
             self._decline(task, str(exc))
             return
-        except (TimeoutError, ArtifactError, ProtocolError, FloatingPointError, ValueError) as exc:
-            self._decline(task, f"{type(exc).__name__}: {exc}")
-            return
         except (RunEnded, _Stopped):
             raise
-        except Exception as exc:  # ONNX Runtime's own errors: this task fails, the device stays in the run
-            log.exception("round %d: training failed", task.round)
-            self._decline(task, f"{type(exc).__name__}: {short(str(exc), 200)}")
+        except Exception as exc:
+            self._task_failed(task, exc, "training")
             return
         finally:
             self._publish_status("online")
@@ -601,6 +597,14 @@ class EdgeClient:
             self._evaluators[key] = SubmodelEvaluator(self._fetch_artifacts(sub, roles), *self._threads)
         return self._evaluators[key]
 
+    def _task_failed(self, task: Union[Task, EvalTask], exc: Exception, what: str) -> None:
+        """Decline ``task`` that failed with ``exc``; the device stays in the run. Errors we expect (no
+        weights in time, bad artifacts or input, a diverged loss) are named; anything else, such as ONNX
+        Runtime's own exceptions, is logged with its traceback as well."""
+        if not isinstance(exc, (TimeoutError, ArtifactError, ProtocolError, FloatingPointError, ValueError)):
+            log.exception("round %d: %s failed", task.round, what)
+        self._decline(task, f"{type(exc).__name__}: {short(str(exc), 200)}")
+
     def _run_evaluation(self, task: EvalTask, received: float) -> None:
         """Evaluate the task's submodels on the held-out split and/or sum their BatchNorm batch statistics
         over the training split; answer with one ``evaluation`` (or a ``decline``)."""
@@ -630,14 +634,10 @@ class EdgeClient:
                     results.append(
                         SubmodelEval(submodel=k, loss=result.loss, correct=result.correct, count=result.count)
                     )
-        except (TimeoutError, ArtifactError, ProtocolError, ValueError) as exc:
-            self._decline(task, f"{type(exc).__name__}: {exc}")
-            return
         except (RunEnded, _Stopped):
             raise
-        except Exception as exc:  # ONNX Runtime's own errors: this task fails, the device stays in the run
-            log.exception("round %d: evaluation failed", task.round)
-            self._decline(task, f"{type(exc).__name__}: {short(str(exc), 200)}")
+        except Exception as exc:
+            self._task_failed(task, exc, "evaluation")
             return
         answer = Evaluation(
             run=self.opts.run, node=self.opts.node, task_id=task.task_id, round=task.round, results=results, bn=counts

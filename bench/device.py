@@ -3,8 +3,8 @@ PyTorch on the same submodel, weights, batch and thread count, and each as a sha
 float32 GEMM peak.
 
 Every default submodel of resnet-small, batch 32, SGD with momentum 0.9 (what a device runs); at 1 and 2
-threads (the training build with spin-waiting off, the device default, and on: the device's probe picks
-whichever is faster; the portable graph with it off).
+threads (both backends with spin-waiting off, the device default, and at 2 threads also on: the device's
+probe picks whichever is faster).
 Contenders run interleaved (A B C A B C ...), each call a few steps, and the medians count. Writes
 ``bench/results/device.json`` and the ``device`` section of docs/benchmarks.md.
 """
@@ -131,7 +131,7 @@ def measure(quick: bool) -> dict[str, Any]:
                 torch.set_num_threads(threads)
                 contenders: dict[str, Callable[[], None]] = {}
                 for kind in ("ort-training", "portable"):
-                    for spin in (False, True) if threads > 1 and kind == "ort-training" else (False,):
+                    for spin in (False, True) if threads > 1 else (False,):
                         paths = submodel_paths(folder, sub, BACKEND_FILES[kind])
                         backend = create_backend(kind, paths, sub.params, cfg, threads, spin)
                         backend.load(weights)
@@ -207,7 +207,7 @@ def _docs(record: dict[str, Any]) -> str:
         f"`just bench device` at commit `{commit()}`: resnet-small's 5 default submodels, batch {record['batch']}, "
         f"SGD with momentum 0.9, the same weights and batch for every contender; medians of {record['repeats']} "
         f"interleaved calls of {record['steps_per_call']} steps (samples/s). ORT runs with spin-waiting off (the "
-        "device default) and, at 2 threads, the training build also with it on; the ratios take the faster, which "
+        "device default) and, at 2 threads, also with it on; the ratios take the faster, which "
         "the device's probe picks by measurement. FLOP share: training FLOPs (forward, weight and input "
         "gradients of every conv and "
         f"the classifier) per second over the float32 GEMM rate at the same thread count of a {GEMM_N}-square "

@@ -185,7 +185,9 @@ def simulate(
     evaluated on ``test`` before training, every ``eval_every`` rounds (0: only at the end) and after the
     last round. ``cfg`` gives every other rule of the run (selection, coverage, screening); by default the
     run configuration's defaults with this call's arguments and the paper's protocol: every device trains
-    the submodel of its own tier (static policy, no coverage moves). ``workers`` > 1 trains each round's
+    the submodel of its own tier (static policy, no coverage moves), BatchNorm statistics re-estimated on
+    ``calibration`` where it is given (``bn = "server"``) and the clients' tracked ones otherwise; with a
+    ``cfg``, ``calibration`` is used only if ``cfg.bn`` is ``"server"``. ``workers`` > 1 trains each round's
     clients in that many processes (PyTorch trainer on the CPU; the same result as one)."""
     start = time.perf_counter()
     if cfg is None:
@@ -199,6 +201,7 @@ def simulate(
             train=train,
             policy="static",
             cover_submodels=False,
+            bn="server" if calibration is not None and len(calibration) else "tracked",
         )
     config, plan = strategy.setup(config, gammas)
     state = init_global_state(config, plan.specs, initial_consistent(config, cfg.seed), cfg.seed)
@@ -231,7 +234,7 @@ def simulate(
     result = SimResult(strategy.name, list(gammas), plan.tier_submodel, [s.gamma for s in plan.specs], [], [], 0.0)
 
     def score(r: int, model: GlobalState) -> None:  # BatchNorm re-estimation, then evaluation (cadence.py)
-        if calibration is not None and len(calibration):
+        if cfg.bn == "server" and calibration is not None and len(calibration):
             for k in range(len(model.specs)):
                 calibrate_bn(model, k, calibration)
         result.accuracy.append(evaluate_on(model, test, device))

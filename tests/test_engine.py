@@ -29,16 +29,15 @@ PROFILE = dict(arch="x", system="y", python="3", cores=1, memory_mb=1, onnxrunti
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("method", ["nefl-wd", "heterofl"])
-def test_simulate_and_serve_give_the_same_global_state(method: str, broker: Broker, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("method", "bn"), [("nefl-wd", "federated"), ("heterofl", "server")])
+def test_simulate_and_serve_give_the_same_global_state(method: str, bn: str, broker: Broker, tmp_path: Path) -> None:
     # Prepare: three shards, device i of tier i, one round of every client, the same seed on both paths;
-    # BatchNorm statistics re-estimated on the coordinator (the federated ones differ between the two paths:
-    # see the closing note of issue 16).
+    # BatchNorm statistics from the devices (federated) or re-estimated on the coordinator (server).
     shards = make_shards(tmp_path, [96, 128, 160])
     names = client_names(3)
     cfg = RunConfig(
         method=method, gammas=list(GAMMAS), rounds=1, seed=7, policy="static", min_clients=3,
-        eval_samples=200, bn="server", bn_calibration=100, train=TrainConfig(lr=0.05, batch_size=32),
+        eval_samples=200, bn=bn, bn_calibration=100, train=TrainConfig(lr=0.05, batch_size=32),
     )  # fmt: skip
     strategy = get_strategy(method)
     config = strategy.configure(get_model_config("resnet-small", "fmnist"))
@@ -55,7 +54,7 @@ def test_simulate_and_serve_give_the_same_global_state(method: str, broker: Brok
     # ... and over MQTT with three real device processes.
     coord = spawn_coordinator(
         broker.address, tmp_path, "--method", method, "--gammas", "0.2,0.6,1.0", "--rounds", "1", "--seed", "7",
-        "--policy", "static", "--min-clients", "3", "--eval-samples", "200", "--bn", "server",
+        "--policy", "static", "--min-clients", "3", "--eval-samples", "200", "--bn", bn,
         "--bn-calibration", "100", "--lr", "0.05", "--batch-size", "32", "--deadline-s", "120",
     )  # fmt: skip
     edges = [spawn_edge(broker.address, s, n, tmp_path, tier=i) for i, (s, n) in enumerate(zip(shards, names))]

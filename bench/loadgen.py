@@ -42,24 +42,29 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
+import numpy as np
 import paho.mqtt.client as mqtt
 
 from nefl_edge.edge_client.mqtt import CHUNK_MARK, Receiver
 from nefl_edge.edge_client.schemas import (
+    BnCount,
     Control,
     DeviceProfile,
+    EvalTask,
+    Evaluation,
     Hello,
     ManifestMessage,
     Message,
     Metrics,
     Status,
+    SubmodelEval,
     Task,
     Update,
     Weights,
 )
-from nefl_edge.edge_client.wire import DEFAULT_CHUNK_SIZE, Topics, encode, frames, sha256
+from nefl_edge.edge_client.wire import DEFAULT_CHUNK_SIZE, Topics, encode, frames, pack_tensors, sha256, unpack_tensors
 
 log = logging.getLogger(__name__)
 PROFILE = DeviceProfile(
@@ -85,17 +90,17 @@ class _Connection:
     client: mqtt.Client
     receiver: Receiver
     nodes: list[str]
-    due: list[tuple[float, int, Task]] = field(default_factory=list)  # heap of (answer at, seq, task)
+    due: list[tuple[float, int, Union[Task, EvalTask]]] = field(default_factory=list)  # (answer at, seq, task)
     wake: threading.Condition = field(default_factory=threading.Condition)
     closed: bool = False
     connected: threading.Event = field(default_factory=threading.Event)
 
-    def put(self, at: float, seq: int, task: Task) -> None:
+    def put(self, at: float, seq: int, task: Union[Task, EvalTask]) -> None:
         with self.wake:
             heapq.heappush(self.due, (at, seq, task))
             self.wake.notify()
 
-    def take(self) -> Optional[Task]:
+    def take(self) -> Optional[Union[Task, EvalTask]]:
         """The next task whose answer is due (waits for it), or None once closed."""
         with self.wake:
             while not self.closed:
@@ -266,6 +271,9 @@ class LoadGen:
             self._seq += 1
             wait = self.delay_s + (random.uniform(0, self.jitter_s) if self.jitter_s else 0.0)
             conn.put(time.monotonic() + wait, self._seq, message)
+        elif isinstance(message, EvalTask):  # answered at once: the statistics pass is short beside training
+            self._seq += 1
+            conn.put(time.monotonic(), self._seq, message)
 
     # --- answering -----------------------------------------------------------------------------------------
 
@@ -276,6 +284,9 @@ class LoadGen:
             if task is None:
                 return
             try:
+                if isinstance(task, EvalTask):
+                    window.extend(self._evaluation(conn, task))
+                    continue
                 body = self._weights_for(task)
                 if body is None:
                     continue
@@ -305,16 +316,43 @@ class LoadGen:
             except Exception:
                 log.exception("load generator: could not answer task %s of %s", task.task_id, task.node)
 
+    def _evaluation(self, conn: _Connection, task: EvalTask) -> list[mqtt.MQTTMessageInfo]:
+        """A plausible answer to an ``evaluate`` task, with statistics of the real layer shapes: what a device
+        sends for federated evaluation and BatchNorm re-estimation, without computing it."""
+        held = max(1, int(self.samples * task.eval_fraction))
+        batches = max(1, min(task.bn_max_batches or self.samples, self.samples // task.batch_size))
+        results, counts, body = [], [], {}
+        for k, digest in zip(task.submodels, task.weights_sha256):
+            if task.evaluate:
+                results.append(SubmodelEval(submodel=k, loss=2.0, correct=held // 3, count=held))
+            if task.bn_stats:
+                weights = self._weights_of(k, digest, task.deadline_s, task.round)
+                if weights is None:
+                    continue
+                counts.append(BnCount(submodel=k, batches=batches))
+                for name, value in unpack_tensors(weights).items():
+                    if name.endswith(".running_mean"):
+                        layer = name[: -len(".running_mean")]
+                        body[f"{k}/{layer}.mean_sum"] = np.zeros_like(value)
+                        body[f"{k}/{layer}.var_sum"] = np.full_like(value, float(batches))
+        answer = Evaluation(
+            run=self.run, node=task.node, task_id=task.task_id, round=task.round, results=results, bn=counts
+        )
+        return self._publish(conn, self.topics.node(task.node, "update"), answer, pack_tensors(body) if body else b"")
+
     def _weights_for(self, task: Task) -> Optional[bytes]:
-        deadline = time.monotonic() + task.deadline_s
+        return self._weights_of(task.submodel, task.weights_sha256, task.deadline_s, task.round)
+
+    def _weights_of(self, submodel: int, digest: str, deadline_s: float, round_: int) -> Optional[bytes]:
+        deadline = time.monotonic() + deadline_s
         with self._lock:
             while not self.ended.is_set():
-                held = self._weights.get(task.submodel)
-                if held is not None and held[1] == task.weights_sha256:
+                held = self._weights.get(submodel)
+                if held is not None and held[1] == digest:
                     return held[2]
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    log.warning("no weights for task %s of round %d", task.task_id, task.round)
+                    log.warning("no weights of submodel %d for round %d", submodel, round_)
                     return None
                 self._lock.wait(min(left, 1.0))
         return None
@@ -396,8 +434,7 @@ def measure(
             "--runs-dir", str(folder / "runs"), "--run", run, "--model", model, "--rounds", str(rounds),
             "--min-clients", str(devices), "--fraction", "1.0", "--policy", "static", "--deadline-s", str(timeout_s),
             "--wait-clients-s", str(timeout_s), "--eval-every", str(eval_every),
-            "--eval-background" if eval_background else "--no-eval-background",
-            "--bn", "server", "--evaluation", "test", *extra,  # virtual devices neither evaluate nor measure BN
+            "--eval-background" if eval_background else "--no-eval-background", *extra,
         ]  # fmt: skip
         env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="120")
         with (folder / "coordinator.log").open("ab") as out:

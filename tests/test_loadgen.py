@@ -1,5 +1,6 @@
 """The load generator against a real Mosquitto and a real ``nefl-coord serve``: every virtual device gets a
-task each round and its update is taken in; the evaluation cadence shows in the run's records."""
+task each round and its update is taken in, and answers the federated BatchNorm statistics tasks; the
+evaluation cadence shows in the run's records."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def test_a_small_virtual_fleet_runs_a_served_run_with_evaluation_every_second_ro
     clients = read_jsonl(run_dir / "clients.jsonl")
     assert [sum(c["round"] == r and c["status"] == "updated" for c in clients) for r in (1, 2, 3)] == [devices] * 3
     assert result["overhead_s"] is not None and result["overhead_s"] > 0
+    evaluated = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["round"] == 2]
+    assert all(sorted(r["bn_batches"]) == ["0", "1", "2", "3", "4"] for r in evaluated)  # default bn = federated
     assert result["coordinator_cpu_s_per_round"] is not None and result["peak_rss_mb"] > 50
 
 

@@ -48,6 +48,7 @@ GRACE_S = 5.0  # answers sent just before the deadline are still in flight
 LOST_GRACE_S = 10.0
 GONE_CHECK_S = 0.25  # who is gone is looked at this often, not at every message (O(pending) each)
 PendingTask = TypeVar("PendingTask", Task, EvalTask)
+OutcomeT = TypeVar("OutcomeT", Outcome, EvalOutcome)
 
 
 class NotEnoughClients(NeflError, TimeoutError):
@@ -189,29 +190,17 @@ class MqttGrid:
                 deadline_s=self.deadline_s,
             )
             tasks[ins.node] = task
-            self._bytes_out += self.link.publish(self.topics.node(ins.node, "task"), task)
+        self._send(tasks)
         self.publish_s = time.monotonic() - started
-        pending = dict(tasks)
-        deadline = started + self.deadline_s + GRACE_S
-        look = 0.0
-        while pending and time.monotonic() < deadline and not self.stop.is_set():
-            if time.monotonic() >= look:
-                look = time.monotonic() + GONE_CHECK_S
-                for node, task, gone in self._drop_gone(pending):
-                    log.warning("round %d: %s %s", round_, node, gone)
-                    yield Outcome(node, task.submodel, "dropped", reason=gone)
-            item = self._next(0.25)
-            if item is None:
-                continue
-            outcome = self._answer(round_, item, pending, started)
-            if outcome is not None:
-                yield outcome
-                if self.on_progress is not None:
-                    self.on_progress(f"round {round_}: {len(tasks) - len(pending)}/{len(tasks)} clients answered")
-        if pending:
-            log.warning("round %d: deadline passed without answers from %s", round_, sorted(pending))
-        for node, task in pending.items():
-            yield Outcome(node, task.submodel, "dropped", reason="no answer before the deadline")
+
+        def progress(answered: int, total: int) -> None:
+            if self.on_progress is not None:
+                self.on_progress(f"round {round_}: {answered}/{total} clients answered")
+
+        def dropped(node: str, task: Task, why: str) -> Outcome:
+            return Outcome(node, task.submodel, "dropped", reason=why)
+
+        yield from self._collect(round_, tasks, started, self._answer, dropped, progress)
 
     def evaluate(self, round_: int, state: GlobalState, requests: list[EvalRequest]) -> Iterator[EvalOutcome]:
         """The evaluation step over MQTT: one ``evaluate`` task per device (signed like tasks), answered by an
@@ -237,23 +226,48 @@ class MqttGrid:
                 deadline_s=self.deadline_s,
             )
             tasks[req.node] = task
-            self._bytes_out += self.link.publish(self.topics.node(req.node, "task"), task)
+        self._send(tasks)
+        yield from self._collect(
+            round_, tasks, started, self._evaluation, lambda node, _, why: EvalOutcome(node, "dropped", reason=why)
+        )
+
+    def _send(self, tasks: dict[str, PendingTask]) -> None:
+        for node, task in tasks.items():
+            self._bytes_out += self.link.publish(self.topics.node(node, "task"), task)
+
+    def _collect(
+        self,
+        round_: int,
+        tasks: dict[str, PendingTask],
+        started: float,
+        answer: Callable[[int, tuple[str, Message, bytes], dict[str, PendingTask], float], Optional[OutcomeT]],
+        dropped: Callable[[str, PendingTask, str], OutcomeT],
+        progress: Optional[Callable[[int, int], None]] = None,
+    ) -> Iterator[OutcomeT]:
+        """The answers to ``tasks`` (sent at ``started``) as ``answer`` reads them, until every task is
+        answered, the deadline passes or the run stops; a device that is gone (looked at every
+        ``GONE_CHECK_S``) or silent at the deadline yields ``dropped``."""
         pending = dict(tasks)
         deadline = started + self.deadline_s + GRACE_S
         look = 0.0
         while pending and time.monotonic() < deadline and not self.stop.is_set():
             if time.monotonic() >= look:
                 look = time.monotonic() + GONE_CHECK_S
-                for node, _, gone in self._drop_gone(pending):
-                    yield EvalOutcome(node, "dropped", reason=gone)
+                for node, task, gone in self._drop_gone(pending):
+                    log.warning("round %d: %s %s", round_, node, gone)
+                    yield dropped(node, task, gone)
             item = self._next(0.25)
             if item is None:
                 continue
-            outcome = self._evaluation(round_, item, pending, started)
+            outcome = answer(round_, item, pending, started)
             if outcome is not None:
                 yield outcome
-        for node in pending:
-            yield EvalOutcome(node, "dropped", reason="no answer before the deadline")
+                if progress is not None:
+                    progress(len(tasks) - len(pending), len(tasks))
+        if pending:
+            log.warning("round %d: deadline passed without answers from %s", round_, sorted(pending))
+        for node, task in pending.items():
+            yield dropped(node, task, "no answer before the deadline")
 
     def _evaluation(
         self, round_: int, item: tuple[str, Message, bytes], pending: dict[str, EvalTask], started: float

@@ -18,7 +18,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, TypeVar, Union
 
 from nefl_edge.coordinator.assignment import ClientInfo
 from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, Instruction, Outcome
@@ -275,15 +275,10 @@ class MqttGrid:
         stream, message, body = item
         if not isinstance(message, (Evaluation, Decline, Update)):
             return None
-        node = Topics.node_of(stream)
-        task = pending.get(node)
-        if message.node != node:
-            self._reject("unknown_sender", f"{message.kind} for {message.node} on {stream}")
+        answered = self._claim(round_, stream, message, pending, answers=not isinstance(message, Update))
+        if answered is None:
             return None
-        if isinstance(message, Update) or task is None or message.task_id != task.task_id or message.round != round_:
-            self._reject("stale", f"{message.kind} from {node} for task {message.task_id} of round {message.round}")
-            return None
-        del pending[node]
+        node, task = answered
         seconds = time.monotonic() - started
         if isinstance(message, Decline):
             log.warning("round %d: %s declined to evaluate: %s", round_, node, message.reason)
@@ -346,6 +341,28 @@ class MqttGrid:
             f"lost (no sign of it for {quiet:.0f} s)" if quiet > LOST_GRACE_S and self.link.connected.is_set() else ""
         )
 
+    def _claim(
+        self,
+        round_: int,
+        stream: str,
+        message: Union[Update, Evaluation, Decline],
+        pending: dict[str, PendingTask],
+        answers: bool = True,
+    ) -> Optional[tuple[str, PendingTask]]:
+        """The device and the pending task that ``message`` answers, taken out of ``pending``; None (counted)
+        when it comes on another device's stream or answers no pending task of this round (``answers``
+        False: a kind that cannot answer these tasks)."""
+        node = Topics.node_of(stream)
+        task = pending.get(node)
+        if message.node != node:
+            self._reject("unknown_sender", f"{message.kind} for {message.node} on {stream}")
+            return None
+        if not answers or task is None or message.task_id != task.task_id or message.round != round_:
+            self._reject("stale", f"{message.kind} from {node} for task {message.task_id} of round {message.round}")
+            return None
+        del pending[node]
+        return node, task
+
     def _answer(
         self, round_: int, item: tuple[str, Message, bytes], pending: dict[str, Task], started: float
     ) -> Optional[Outcome]:
@@ -353,15 +370,10 @@ class MqttGrid:
         stream, message, body = item
         if not isinstance(message, (Update, Decline)):
             return None
-        node = Topics.node_of(stream)
-        task = pending.get(node)
-        if message.node != node:
-            self._reject("unknown_sender", f"{message.kind} for {message.node} on {stream}")
+        claimed = self._claim(round_, stream, message, pending)
+        if claimed is None:
             return None
-        if task is None or message.task_id != task.task_id or message.round != round_:
-            self._reject("stale", f"{message.kind} from {node} for task {message.task_id} of round {message.round}")
-            return None
-        del pending[node]
+        node, task = claimed
         seconds = time.monotonic() - started
         if isinstance(message, Decline):
             log.warning("round %d: %s declined: %s", round_, node, message.reason)

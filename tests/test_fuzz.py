@@ -2,7 +2,8 @@
 
 MQTT payloads go through ``Receiver.receive`` (what ``MqttLink``'s paho callback calls via
 ``MqttLink.receive``): frames, frame headers, chunk reassembly, signed envelopes and message headers of every
-kind. Message bodies go through ``unpack_tensors`` (weights, updates) and ``parse_manifest`` (the manifest).
+kind. Message bodies go through ``unpack_tensors`` (weights, updates, statistics), ``decode_update`` (an update's
+encoding) and ``parse_manifest`` (the manifest).
 Every input must end as a value or as a clear rejection (``ProtocolError`` / ``ArtifactError`` with a
 non-empty reason); nothing else may escape and no rejection may be an ``internal:`` one.
 
@@ -24,18 +25,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nefl_edge.edge_client.artifacts import ArtifactError, parse_manifest
+from nefl_edge.edge_client.encoding import ENCODINGS, EncodingError, decode_update
 from nefl_edge.edge_client.mqtt import Receiver
 from nefl_edge.edge_client.schemas import (
     Artifact,
+    BnCount,
     Control,
     Decline,
     DeviceProfile,
+    EvalTask,
+    Evaluation,
     Hello,
     Manifest,
     ManifestMessage,
     Message,
     Metrics,
     Status,
+    SubmodelEval,
     Task,
     TrainConfig,
     Update,
@@ -100,11 +106,38 @@ _MESSAGES: dict[str, tuple[str, Message]] = {
         ),
     ),
     "decline": (T.node("n1", "update"), Decline(run=RUN, node="n1", task_id="t1", round=2, reason="slow")),
+    "evaluate": (
+        T.node("n1", "task"),
+        EvalTask(
+            run=RUN,
+            node="n1",
+            task_id="t2",
+            round=2,
+            submodels=[0, 1],
+            weights_sha256=["a" * 64, "b" * 64],
+            bn_stats=True,
+            eval_fraction=0.1,
+            bn_max_batches=16,
+            deadline_s=30,
+        ),
+    ),
+    "evaluation": (
+        T.node("n1", "update"),
+        Evaluation(
+            run=RUN,
+            node="n1",
+            task_id="t2",
+            round=2,
+            results=[SubmodelEval(submodel=0, loss=0.5, correct=40, count=50)],
+            bn=[BnCount(submodel=1, batches=4)],
+        ),
+    ),
     "weights": (T.weights(1), Weights(run=RUN, round=2, submodel=1)),
     "artifact": (T.artifact("b" * 64), Artifact(run=RUN, name="sub-1/training.onnx")),
     "manifest": (T.manifest, ManifestMessage(run=RUN)),
     "control": (T.control, Control(run=RUN, action="end", reason="done")),
 }
+DEVICE_KINDS = ("hello", "status", "update", "decline", "evaluation")
 # a fixed send time, so that hypothesis sees the same inputs when it replays an example
 MESSAGES = {k: (topic, m.model_copy(update={"sent_at": 1.0})) for k, (topic, m) in _MESSAGES.items()}
 TOPICS = sorted({topic for topic, _ in MESSAGES.values()} | {f"{T.node('n1', 'status')}/chunk/0", "other/topic"})
@@ -298,7 +331,7 @@ def test_message_headers_of_every_kind(data: st.DataObject) -> None:
     signed = data.draw(st.booleans())
     payload = raw_message(header)
     if signed:
-        payload = (DEVICE if kind in ("hello", "status", "update", "decline") else COORD).seal(topic, payload)
+        payload = (DEVICE if kind in DEVICE_KINDS else COORD).seal(topic, payload)
 
     got = drive(signed_receiver() if signed else Receiver(RUN), topic, frames(payload)[0])
 
@@ -360,7 +393,7 @@ def test_chunk_reassembly(plan: tuple[list[bytes], list[bytes], bool]) -> None:
 def test_signed_envelopes(data: st.DataObject) -> None:
     kind = data.draw(st.sampled_from(sorted(MESSAGES)))
     topic, message = MESSAGES[kind]
-    signer = DEVICE if kind in ("hello", "status", "update", "decline") else COORD
+    signer = DEVICE if kind in DEVICE_KINDS else COORD
     sealed = bytearray(signer.seal(topic, encode(message, b"body")))
     for _ in range(data.draw(st.integers(1, 4))):
         at = data.draw(st.integers(0, len(sealed) - 1))
@@ -402,6 +435,23 @@ def test_tensor_payloads(blob: bytes) -> None:
     check_tensors(blob)
 
 
+@FAST
+@given(safetensors_blobs(), st.sampled_from(ENCODINGS))
+def test_encoded_updates(blob: bytes, encoding: str) -> None:
+    """An update body as the coordinator decodes it: tensors, then the task's encoding (int8 deltas against
+    the weights sent); it ends as float32 tensors or as an ``EncodingError`` with a reason."""
+    try:
+        tensors = unpack_tensors(blob)
+    except ProtocolError:
+        return
+    try:
+        decoded = decode_update(tensors, encoding, lambda: TENSORS)
+    except EncodingError as exc:
+        assert str(exc).strip()
+        return
+    assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in decoded.values())
+
+
 @st.composite
 def manifest_texts(draw: st.DrawFn) -> str:
     choice = draw(st.sampled_from(["mutate", "json", "text", "nasty"]))
@@ -430,7 +480,7 @@ def test_the_sample_inputs_are_valid() -> None:
     """Guards the fuzz corpus: unmutated, every sample decodes, so mutations start from real traffic."""
     signed = signed_receiver()
     for kind, (topic, message) in MESSAGES.items():
-        signer = DEVICE if kind in ("hello", "status", "update", "decline") else COORD
+        signer = DEVICE if kind in DEVICE_KINDS else COORD
         assert drive(Receiver(RUN), topic, frames(encode(message))[0]) == message.model_copy(
             update={"sent_at": drive(Receiver(RUN), topic, frames(encode(message))[0]).sent_at}  # type: ignore[union-attr]
         )
@@ -512,7 +562,7 @@ def corpus() -> tuple[list[tuple[str, Check, bytes]], list[Receiver]]:
     plain, signed = Receiver(RUN, Assembler(**caps)), signed_receiver(Assembler(**caps))
     items: list[tuple[str, Check, bytes]] = []
     for kind, (topic, message) in MESSAGES.items():
-        signer = DEVICE if kind in ("hello", "status", "update", "decline") else COORD
+        signer = DEVICE if kind in DEVICE_KINDS else COORD
         body = BODY if kind in ("update", "weights") else b""
         logical = encode(message, body)
         for i, frame in enumerate(frames(logical, 1024)):

@@ -89,6 +89,40 @@ def paper_config(method: str, seed: int, preset: dict[str, Any], encoding: str =
     return load_config(None, overrides)
 
 
+def run_jobs(
+    jobs: list[tuple[str, str, int, str]],
+    partial: Path,
+    preset: dict[str, Any],
+    data_dir: Optional[str],
+    workers: int,
+) -> list[dict[str, Any]]:
+    """Every (method, scheme, seed, encoding) run of ``jobs``: those already in ``partial`` (JSON lines of
+    finished runs) are read back, the others run in ``workers`` processes and are appended there as they end,
+    so that an interrupted benchmark resumes. Prints a line per finished run."""
+    runs = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()] if partial.exists() else []
+    finished = {(r["method"], r["scheme"], r["seed"], r.get("encoding", "float32")) for r in runs}
+    todo = [job for job in jobs if job not in finished]
+    done = len(jobs) - len(todo)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(workers) as pool:
+        futures = [pool.submit(run_one, m, s, seed, preset, data_dir, e) for m, s, seed, e in todo]
+        for future in as_completed(futures):
+            run = future.result()
+            runs.append(run)
+            done += 1
+            with partial.open("a") as fh:
+                fh.write(json.dumps(run) + "\n")
+            accs = " ".join("—" if a is None else f"{100 * a:.1f}" for a in run["tier_accuracy"])
+            encoding = run.get("encoding", "float32")
+            print(
+                f"[{done}/{len(jobs)}] {run['method']:<16} {run['scheme']:<9} seed {run['seed']}"
+                + ("" if encoding == "float32" else f" {encoding}")
+                + f": {accs} ({run['seconds']:.0f} s)",
+                flush=True,
+            )
+    return runs
+
+
 def run_one(
     method: str, scheme: str, seed: int, preset: dict[str, Any], data_dir: Optional[str], encoding: str = "float32"
 ) -> dict[str, Any]:
@@ -354,24 +388,8 @@ def main() -> None:
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()
     partial = args.partial or ROOT / "bench" / "results" / f"accuracy-{args.preset}.partial.jsonl"
-    runs = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()] if partial.exists() else []
-    finished = {(r["method"], r["scheme"], r["seed"]) for r in runs}
-    todo = [job for job in jobs if job not in finished]
-    start, done = time.perf_counter(), len(jobs) - len(todo)
-    with ProcessPoolExecutor(args.workers) as pool:
-        futures = {pool.submit(run_one, m, s, seed, preset, args.data_dir): (m, s, seed) for m, s, seed in todo}
-        for future in as_completed(futures):
-            run = future.result()
-            runs.append(run)
-            done += 1
-            with partial.open("a") as fh:
-                fh.write(json.dumps(run) + "\n")
-            accs = " ".join("—" if a is None else f"{100 * a:.1f}" for a in run["tier_accuracy"])
-            print(
-                f"[{done}/{len(jobs)}] {run['method']:<16} {run['scheme']:<9} seed {run['seed']}: {accs} "
-                f"({run['seconds']:.0f} s)",
-                flush=True,
-            )
+    start = time.perf_counter()
+    runs = run_jobs([(m, s, seed, "float32") for m, s, seed in jobs], partial, preset, args.data_dir, args.workers)
     rows = summarize(runs)
     command = f"just bench-accuracy --preset {args.preset}"
     if args.methods != default_methods:
@@ -479,25 +497,8 @@ def encoding_main(args: argparse.Namespace, preset: dict[str, Any]) -> None:
     run_encodings = encodings if reference else _with_float32(encodings)
     jobs = [(m, s, seed, e) for seed in preset["seeds"] for s in schemes for e in run_encodings for m in methods]
     partial = args.partial or RESULTS / f"{name}.partial.jsonl"
-    runs = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()] if partial.exists() else []
-    finished = {(r["method"], r["scheme"], r["seed"], r.get("encoding", "float32")) for r in runs}
-    todo = [job for job in jobs if job not in finished]
-    start, done = time.perf_counter(), len(jobs) - len(todo)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(args.workers) as pool:
-        futures = [pool.submit(run_one, m, s, seed, preset, args.data_dir, e) for m, s, seed, e in todo]
-        for future in as_completed(futures):
-            run = future.result()
-            runs.append(run)
-            done += 1
-            with partial.open("a") as fh:
-                fh.write(json.dumps(run) + "\n")
-            accs = " ".join("—" if a is None else f"{100 * a:.1f}" for a in run["tier_accuracy"])
-            print(
-                f"[{done}/{len(jobs)}] {run['method']:<16} {run['scheme']:<9} seed {run['seed']} "
-                f"{run.get('encoding', 'float32'):<7}: {accs} ({run['seconds']:.0f} s)",
-                flush=True,
-            )
+    start = time.perf_counter()
+    runs = run_jobs(jobs, partial, preset, args.data_dir, args.workers)
     command = (
         f"python -m bench.accuracy --encodings {args.encodings} --methods {','.join(methods)} --schemes {args.schemes}"
     )

@@ -39,7 +39,7 @@ test-pythons *ARGS:
 lint:
     ruff check .
     ruff format --check .
-    mypy coordinator export edge_client
+    mypy core edge_client coordinator export
 
 # performance benchmarks (device training, aggregation, wire, coordinator scale; under 20 min); writes bench/results/*.json, docs/benchmarks.md and prints the summary last
 bench *ARGS:
@@ -61,4 +61,4 @@ wheel:
 
 # regenerate the submodel table in README.md
 specs-table:
-    python -m coordinator specs
+    python -m nefl_edge.coordinator specs

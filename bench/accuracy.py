@@ -133,10 +133,10 @@ def run_one(
     torch.set_num_threads(1)
     from nefl_edge.coordinator.partition import make_partitioner, split_dataset
     from nefl_edge.coordinator.simulate import simulate
-    from nefl_edge.coordinator.specs import get_model_config
     from nefl_edge.coordinator.strategies import get_strategy
-    from nefl_edge.edge_client.data import Dataset, load_dataset
-    from nefl_edge.edge_client.schemas import TrainConfig
+    from nefl_edge.core.data import Dataset, load_dataset
+    from nefl_edge.core.schemas import TrainConfig
+    from nefl_edge.core.specs import get_model_config
 
     train = load_dataset(Path(data_dir) if data_dir else None, "train")
     test_all = load_dataset(Path(data_dir) if data_dir else None, "test")
@@ -430,11 +430,11 @@ def update_bytes(method: str, preset: dict[str, Any], encodings: list[str]) -> d
     """Bytes of one update of each submodel of ``method`` as a device publishes it (the safetensors body of
     ``encode_update``'s tensors), per encoding. The sizes depend on the tensors' shapes only."""
     from nefl_edge.coordinator.models import initial_consistent
-    from nefl_edge.coordinator.nested import extract, init_global_state
-    from nefl_edge.coordinator.specs import get_model_config
     from nefl_edge.coordinator.strategies import get_strategy
-    from nefl_edge.edge_client.encoding import encode_update
-    from nefl_edge.edge_client.wire import pack_tensors
+    from nefl_edge.core.encoding import encode_update
+    from nefl_edge.core.nested import extract, init_global_state
+    from nefl_edge.core.specs import get_model_config
+    from nefl_edge.core.wire import pack_tensors
 
     network = (
         paper_config(method, 0, preset).network()
@@ -475,7 +475,7 @@ def _reference(
 def encoding_main(args: argparse.Namespace, preset: dict[str, Any]) -> None:
     """``--encodings``: the preset's protocol with each update encoding, against float32."""
     from bench.common import RESULTS, write_json
-    from nefl_edge.edge_client.encoding import ENCODINGS
+    from nefl_edge.core.encoding import ENCODINGS
 
     encodings = [e for e in args.encodings.split(",") if e]
     unknown = [e for e in encodings if e not in ENCODINGS]

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from bench.common import SummaryRow, interleaved, write_json, write_section
-from nefl_edge.coordinator.nefedavg import NeFedAvg
-from nefl_edge.coordinator.nested import GlobalState, Tensors, extract, init_global_state, prefix_slice
-from nefl_edge.coordinator.specs import get_model_config, make_specs, param_layout
+from nefl_edge.core.nefedavg import NeFedAvg
+from nefl_edge.core.nested import GlobalState, Tensors, extract, init_global_state, prefix_slice
+from nefl_edge.core.specs import get_model_config, make_specs, param_layout
 
 MODEL, DATASET = "resnet18", "cifar10"
 VARIANTS = 2  # distinct random updates per submodel, reused round-robin (keeps memory down)

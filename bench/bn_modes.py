@@ -33,7 +33,7 @@ def one_run(mode: str, seed: int, rounds: int, eval_every: int) -> dict[str, Any
     from nefl_edge.coordinator.partition import make_partitioner, split_dataset
     from nefl_edge.coordinator.simulate import simulate
     from nefl_edge.coordinator.strategies import get_strategy
-    from nefl_edge.edge_client.data import load_dataset
+    from nefl_edge.core.data import load_dataset
 
     cfg = RunConfig(
         gammas=list(GAMMAS), rounds=rounds, fraction=0.1, seed=seed, policy="static", min_clients=1,

@@ -64,14 +64,14 @@ def take_in_profile(model: str = "resnet18", dataset: str = "cifar10", repeats: 
     frames -> message (``Receiver.receive``: reassembly, hashes, header), tensors (``unpack_tensors``),
     screening (``screen``) and folding (``NeFedAvg.add``)."""
     from nefl_edge.coordinator.models import initial_consistent
-    from nefl_edge.coordinator.nefedavg import NeFedAvg
-    from nefl_edge.coordinator.nested import extract, init_global_state
     from nefl_edge.coordinator.screening import screen
-    from nefl_edge.coordinator.specs import get_model_config, param_layout
     from nefl_edge.coordinator.strategies import get_strategy
-    from nefl_edge.edge_client.mqtt import Receiver
-    from nefl_edge.edge_client.schemas import Metrics, Update
-    from nefl_edge.edge_client.wire import Topics, encode, frames, pack_tensors, unpack_tensors
+    from nefl_edge.core.mqtt import Receiver
+    from nefl_edge.core.nefedavg import NeFedAvg
+    from nefl_edge.core.nested import extract, init_global_state
+    from nefl_edge.core.schemas import Metrics, Update
+    from nefl_edge.core.specs import get_model_config, param_layout
+    from nefl_edge.core.wire import Topics, encode, frames, pack_tensors, unpack_tensors
 
     config, plan = get_strategy("nefl-wd").setup(get_model_config(model, dataset), (0.2, 0.4, 0.6, 0.8, 1.0))
     state = init_global_state(config, plan.specs, initial_consistent(config, 0), 0)

@@ -58,7 +58,7 @@ def training_flops(config: Any, spec: Any) -> float:
     """FLOPs of one training step per sample: forward, weight gradients, and input gradients of every
     convolution and the classifier except the stem (its input needs no gradient); 2 FLOPs per multiply-add.
     BatchNorm and elementwise work are left out (a few per cent)."""
-    from nefl_edge.coordinator.specs import mflops, param_layout
+    from nefl_edge.core.specs import mflops, param_layout
 
     forward = mflops(config, spec) * 1e6
     stem = config.image_size**2 * math.prod(param_layout(config, spec)["stem.conv.weight"].shape)
@@ -98,11 +98,11 @@ def measure(quick: bool) -> dict[str, Any]:
     import torch
 
     from nefl_edge.coordinator.models import SubmodelNet, initial_consistent
-    from nefl_edge.coordinator.nested import extract, init_global_state
-    from nefl_edge.coordinator.specs import get_model_config, make_specs
-    from nefl_edge.edge_client.artifacts import submodel_paths
+    from nefl_edge.core.artifacts import submodel_paths
+    from nefl_edge.core.nested import extract, init_global_state
+    from nefl_edge.core.schemas import TrainConfig
+    from nefl_edge.core.specs import get_model_config, make_specs
     from nefl_edge.edge_client.profile import choose_threads
-    from nefl_edge.edge_client.schemas import TrainConfig
     from nefl_edge.edge_client.trainer import BACKEND_FILES, create_backend
     from nefl_edge.export.artifacts import export_set
 

@@ -47,8 +47,8 @@ from typing import Any, Optional, Union
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from nefl_edge.edge_client.mqtt import CHUNK_MARK, Receiver
-from nefl_edge.edge_client.schemas import (
+from nefl_edge.core.mqtt import CHUNK_MARK, Receiver
+from nefl_edge.core.schemas import (
     BnCount,
     Control,
     DeviceProfile,
@@ -64,7 +64,7 @@ from nefl_edge.edge_client.schemas import (
     Update,
     Weights,
 )
-from nefl_edge.edge_client.wire import DEFAULT_CHUNK_SIZE, Topics, encode, frames, pack_tensors, sha256, unpack_tensors
+from nefl_edge.core.wire import DEFAULT_CHUNK_SIZE, Topics, encode, frames, pack_tensors, sha256, unpack_tensors
 
 log = logging.getLogger(__name__)
 PROFILE = DeviceProfile(

@@ -31,13 +31,13 @@ import paho.mqtt.client as mqtt
 
 from bench.common import ROOT, SummaryRow, interleaved, write_json, write_section
 from nefl_edge.coordinator.broker import LocalBroker
-from nefl_edge.coordinator.nested import extract, init_global_state
-from nefl_edge.coordinator.specs import get_model_config, make_specs
-from nefl_edge.edge_client.encoding import encode_update
-from nefl_edge.edge_client.mqtt import BrokerAddress, MqttLink
-from nefl_edge.edge_client.schemas import Metrics, Status, Task, TrainConfig, Update, Weights
-from nefl_edge.edge_client.signing import Keyring, Signer, signers_by_topic
-from nefl_edge.edge_client.wire import (
+from nefl_edge.core.encoding import encode_update
+from nefl_edge.core.mqtt import BrokerAddress, MqttLink
+from nefl_edge.core.nested import extract, init_global_state
+from nefl_edge.core.schemas import Metrics, Status, Task, TrainConfig, Update, Weights
+from nefl_edge.core.signing import Keyring, Signer, signers_by_topic
+from nefl_edge.core.specs import get_model_config, make_specs
+from nefl_edge.core.wire import (
     DEFAULT_CHUNK_SIZE,
     Assembler,
     Topics,
@@ -125,7 +125,7 @@ def old_wire() -> Optional[tuple[Any, Any]]:
             text = subprocess.run(
                 ["git", "show", f"{BEFORE}:edge_client/{name}.py"], cwd=ROOT, capture_output=True, text=True, check=True
             ).stdout
-            text = text.replace("from nefl_edge.edge_client.wire import", "from nefl_old_wire import")
+            text = text.replace("from nefl_edge.core.wire import", "from nefl_old_wire import")
             (folder / f"nefl_old_{name}.py").write_text(text)
     except (OSError, subprocess.CalledProcessError):
         return None

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec, get_model_config, make_specs
-from nefl_edge.edge_client.data import FASHION_MNIST_DIR, HOW_TO_GET_DATA
+from nefl_edge.core.data import FASHION_MNIST_DIR, HOW_TO_GET_DATA
+from nefl_edge.core.specs import ModelConfig, SubmodelSpec, get_model_config, make_specs
 
 
 @pytest.fixture(scope="session")

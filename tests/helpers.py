@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from nefl_edge.coordinator.broker import LocalBroker, free_port
-from nefl_edge.edge_client.data import load_dataset
+from nefl_edge.core.data import load_dataset
 
 
 class Broker(LocalBroker):
@@ -209,7 +209,7 @@ def build_wheel(out: Path) -> Path:
 def write_step_inputs(work: Path, config, specs, data_dir: Path) -> None:  # type: ignore[no-untyped-def]
     """Inputs of tests/arm64/one_step.py: one batch and every submodel's weights (the artifacts are the caller's)."""
     from nefl_edge.coordinator.models import initial_consistent
-    from nefl_edge.coordinator.nested import extract, init_global_state
+    from nefl_edge.core.nested import extract, init_global_state
 
     state = init_global_state(config, specs, initial_consistent(config, seed=5))
     data = load_dataset(data_dir, "train")

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from nefl_edge.coordinator.models import initial_consistent
-from nefl_edge.coordinator.nested import extract, init_global_state
-from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec
+from nefl_edge.core.mqtt import BrokerError
+from nefl_edge.core.nested import extract, init_global_state
+from nefl_edge.core.schemas import Hello, TrainConfig, Update
+from nefl_edge.core.specs import ModelConfig, SubmodelSpec
 from nefl_edge.edge_client.agent import Backoff, connect_with_backoff, systemd_unit
-from nefl_edge.edge_client.mqtt import BrokerError
-from nefl_edge.edge_client.schemas import Hello, TrainConfig, Update
 from nefl_edge.edge_client.trainer import PACE_MIN_STEPS, Progress, ProgressLog, pace_verdict, projected_seconds
 from tests.helpers import Broker, device_env, make_shards, stop, wait_for
 from tests.test_edge_integration import StandIn
@@ -119,9 +119,9 @@ def test_predict_runs_the_kept_weights_like_pytorch_in_eval_mode(
     import torch
 
     from nefl_edge.coordinator.models import SubmodelNet
-    from nefl_edge.edge_client.artifacts import load_manifest
+    from nefl_edge.core.artifacts import load_manifest
+    from nefl_edge.core.schemas import Metrics
     from nefl_edge.edge_client.latest import LatestStore
-    from nefl_edge.edge_client.schemas import Metrics
 
     # Prepare: weights kept after a task (BatchNorm statistics away from their initial values), the eval graph
     # in the artifact cache, as the device leaves them.

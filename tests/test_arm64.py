@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec
+from nefl_edge.core.specs import ModelConfig, SubmodelSpec
 from tests.helpers import build_wheel, step_differences, write_step_inputs
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,14 +21,15 @@ from nefl_edge.coordinator.evaluation import (
 )
 from nefl_edge.coordinator.grid import EvalOutcome, InProcessGrid
 from nefl_edge.coordinator.models import initial_consistent
-from nefl_edge.coordinator.nefedavg import NeFedAvg
-from nefl_edge.coordinator.nested import GlobalState, extract, init_global_state
-from nefl_edge.coordinator.specs import get_model_config
 from nefl_edge.coordinator.strategies import get_strategy, train_torch
-from nefl_edge.edge_client.artifacts import submodel_paths
-from nefl_edge.edge_client.data import Dataset, load_dataset
-from nefl_edge.edge_client.evaluate import BnStats, SubmodelEvaluator, split_dataset
-from nefl_edge.edge_client.schemas import Manifest, TrainConfig
+from nefl_edge.core.artifacts import submodel_paths
+from nefl_edge.core.data import Dataset, load_dataset
+from nefl_edge.core.evaluation import BnStats, split_dataset
+from nefl_edge.core.nefedavg import NeFedAvg
+from nefl_edge.core.nested import GlobalState, extract, init_global_state
+from nefl_edge.core.schemas import Manifest, TrainConfig
+from nefl_edge.core.specs import get_model_config
+from nefl_edge.edge_client.evaluate import SubmodelEvaluator
 from nefl_edge.export.artifacts import export_set
 
 GAMMAS = (0.2, 0.6, 1.0)
@@ -251,9 +252,9 @@ def test_old_runs_keep_server_reestimation_and_server_mode_needs_coordinator_dat
 def test_the_mqtt_grid_refuses_evaluations_that_claim_what_was_not_asked(artifacts: tuple[Path, Manifest]) -> None:
     # Prepare: a grid on an unconnected link, with one pending evaluate task for dev1 (submodels 0 and 1, stats).
     from nefl_edge.coordinator.mqtt_grid import MqttGrid
-    from nefl_edge.edge_client.mqtt import BrokerAddress, MqttLink
-    from nefl_edge.edge_client.schemas import BnCount, EvalTask, Evaluation, SubmodelEval
-    from nefl_edge.edge_client.wire import Topics, pack_tensors
+    from nefl_edge.core.mqtt import BrokerAddress, MqttLink
+    from nefl_edge.core.schemas import BnCount, EvalTask, Evaluation, SubmodelEval
+    from nefl_edge.core.wire import Topics, pack_tensors
 
     folder, manifest = artifacts
     link = MqttLink("test", BrokerAddress("127.0.0.1", 1), "r", clean=True)

@@ -401,9 +401,9 @@ def test_a_removed_device_is_disconnected_when_the_broker_reloads(deployment: De
 
 def test_the_mqtt_link_connects_with_an_enrolled_identity(deployment: Deployment, tmp_path: Path) -> None:
     from nefl_edge.coordinator.enrolment import add_device as enrol
-    from nefl_edge.edge_client.identity import install_bundle, open_identity
-    from nefl_edge.edge_client.mqtt import BrokerAddress, MqttLink
-    from nefl_edge.edge_client.schemas import Status
+    from nefl_edge.core.identity import install_bundle, open_identity
+    from nefl_edge.core.mqtt import BrokerAddress, MqttLink
+    from nefl_edge.core.schemas import Status
 
     state = tmp_path / "device-state"
     with open_identity(state) as ident:

@@ -59,10 +59,10 @@ def test_background_evaluation_gives_the_results_of_inline_evaluation() -> None:
     from nefl_edge.coordinator.evaluation import held_out
     from nefl_edge.coordinator.partition import make_partitioner, split_dataset
     from nefl_edge.coordinator.simulate import simulate
-    from nefl_edge.coordinator.specs import get_model_config
     from nefl_edge.coordinator.strategies import get_strategy
-    from nefl_edge.edge_client.data import load_dataset
-    from nefl_edge.edge_client.schemas import TrainConfig
+    from nefl_edge.core.data import load_dataset
+    from nefl_edge.core.schemas import TrainConfig
+    from nefl_edge.core.specs import get_model_config
 
     train_data = load_dataset(None, "train")
     keep = np.random.default_rng(0).permutation(len(train_data))[:600]

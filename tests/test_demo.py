@@ -21,7 +21,7 @@ from nefl_edge.coordinator.partition import (
     label_skew,
 )
 from nefl_edge.coordinator.records import read_jsonl
-from nefl_edge.edge_client.data import load_dataset
+from nefl_edge.core.data import load_dataset
 
 
 def processes_mentioning(text: str) -> list[str]:

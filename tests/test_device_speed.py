@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from nefl_edge.edge_client.artifacts import load_manifest, submodel_paths
+from nefl_edge.core.artifacts import load_manifest, submodel_paths
 from nefl_edge.edge_client.portable import PortableBackend
 from nefl_edge.edge_client.profile import (
     choose_threads,

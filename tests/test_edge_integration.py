@@ -12,12 +12,11 @@ import pytest
 import torch
 
 from nefl_edge.coordinator.models import SubmodelNet, initial_consistent
-from nefl_edge.coordinator.nested import extract, init_global_state
-from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec
-from nefl_edge.edge_client.artifacts import load_manifest
-from nefl_edge.edge_client.data import load_npz
-from nefl_edge.edge_client.mqtt import BrokerAddress, MqttLink
-from nefl_edge.edge_client.schemas import (
+from nefl_edge.core.artifacts import load_manifest
+from nefl_edge.core.data import load_npz
+from nefl_edge.core.mqtt import BrokerAddress, MqttLink
+from nefl_edge.core.nested import extract, init_global_state
+from nefl_edge.core.schemas import (
     Artifact,
     Control,
     Decline,
@@ -29,7 +28,8 @@ from nefl_edge.edge_client.schemas import (
     Update,
     Weights,
 )
-from nefl_edge.edge_client.wire import Topics, pack_tensors, sha256, unpack_tensors
+from nefl_edge.core.specs import ModelConfig, SubmodelSpec
+from nefl_edge.core.wire import Topics, pack_tensors, sha256, unpack_tensors
 from tests.helpers import Broker, make_shards, spawn_edge, stop, wait_for
 
 pytestmark = pytest.mark.integration

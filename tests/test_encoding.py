@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from nefl_edge.coordinator.grid import InProcessGrid, Instruction
-from nefl_edge.coordinator.nested import GlobalState, extract, init_global_state
 from nefl_edge.coordinator.records import read_jsonl
-from nefl_edge.coordinator.specs import full_spec, get_model_config, make_specs, param_count
-from nefl_edge.edge_client.data import Dataset
-from nefl_edge.edge_client.encoding import SCALE_SUFFIX, EncodingError, decode_update, encode_update
-from nefl_edge.edge_client.schemas import TrainConfig
-from nefl_edge.edge_client.wire import pack_tensors, unpack_tensors
+from nefl_edge.core.data import Dataset
+from nefl_edge.core.encoding import SCALE_SUFFIX, EncodingError, decode_update, encode_update
+from nefl_edge.core.nested import GlobalState, extract, init_global_state
+from nefl_edge.core.schemas import TrainConfig
+from nefl_edge.core.specs import full_spec, get_model_config, make_specs, param_count
+from nefl_edge.core.wire import pack_tensors, unpack_tensors
 from tests.helpers import Broker, make_shards, spawn_coordinator, spawn_edge, stop, wait_for
 
 Tensors = dict[str, np.ndarray]

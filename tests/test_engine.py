@@ -14,13 +14,13 @@ from nefl_edge.coordinator.assignment import DEADLINE_MARGIN, ClientInfo, assign
 from nefl_edge.coordinator.config import FIXED_ON_RESUME, METHODS, ConfigError, RunConfig, resume_config
 from nefl_edge.coordinator.evaluation import held_out
 from nefl_edge.coordinator.models import initial_consistent
-from nefl_edge.coordinator.nested import GlobalState, init_global_state
 from nefl_edge.coordinator.screening import Quarantine, UpdateRejected, screen
 from nefl_edge.coordinator.simulate import client_names, simulate
-from nefl_edge.coordinator.specs import get_model_config, mflops
 from nefl_edge.coordinator.strategies import STRATEGIES, get_strategy
-from nefl_edge.edge_client.data import load_dataset, load_npz
-from nefl_edge.edge_client.schemas import DeviceProfile, TrainConfig
+from nefl_edge.core.data import load_dataset, load_npz
+from nefl_edge.core.nested import GlobalState, init_global_state
+from nefl_edge.core.schemas import DeviceProfile, TrainConfig
+from nefl_edge.core.specs import get_model_config, mflops
 from nefl_edge.export.artifacts import export_set
 from tests.helpers import Broker, make_shards, spawn_coordinator, spawn_edge, stop
 

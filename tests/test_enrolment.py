@@ -30,9 +30,8 @@ from nefl_edge.coordinator.enrolment import (
     read_public_key,
     remove_device,
 )
-from nefl_edge.edge_client.cli import app as edge_app
-from nefl_edge.edge_client.errors import NeflError
-from nefl_edge.edge_client.identity import (
+from nefl_edge.core.errors import NeflError
+from nefl_edge.core.identity import (
     IdentityError,
     IdentityInUse,
     default_state_dir,
@@ -41,7 +40,8 @@ from nefl_edge.edge_client.identity import (
     public_key_pem,
     public_key_text,
 )
-from nefl_edge.edge_client.signing import SignatureError, Signer
+from nefl_edge.core.signing import SignatureError, Signer
+from nefl_edge.edge_client.cli import app as edge_app
 from tests.helpers import device_env
 
 runner = CliRunner()
@@ -97,7 +97,7 @@ def test_a_second_process_with_the_same_identity_gets_a_clear_error(tmp_path: Pa
         [
             sys.executable,
             "-c",
-            "import sys; from nefl_edge.edge_client.identity import open_identity\n"
+            "import sys; from nefl_edge.core.identity import open_identity\n"
             f"i = open_identity({str(state)!r}); print(i.node, flush=True); sys.stdin.read()",
         ],
         stdin=subprocess.PIPE,

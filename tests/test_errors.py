@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from nefl_edge import __version__
-from nefl_edge.edge_client.errors import ExitCode
+from nefl_edge.core import __version__
+from nefl_edge.core.errors import ExitCode
 
 
 def coord(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

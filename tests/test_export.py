@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from nefl_edge.coordinator.models import SubmodelNet, initial_consistent
-from nefl_edge.coordinator.nested import GlobalState, extract, init_global_state, renest
-from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec
-from nefl_edge.edge_client.artifacts import ArtifactError, load_manifest, submodel_paths
-from nefl_edge.edge_client.data import load_dataset
-from nefl_edge.edge_client.schemas import TrainConfig
+from nefl_edge.core.artifacts import ArtifactError, load_manifest, submodel_paths
+from nefl_edge.core.data import load_dataset
+from nefl_edge.core.nested import GlobalState, extract, init_global_state, renest
+from nefl_edge.core.schemas import TrainConfig
+from nefl_edge.core.specs import ModelConfig, SubmodelSpec
+from nefl_edge.core.wire import unpack_tensors
 from nefl_edge.edge_client.trainer import OrtTrainingBackend
-from nefl_edge.edge_client.wire import unpack_tensors
 from nefl_edge.export.artifacts import export_set, write_weights
 
 

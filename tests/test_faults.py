@@ -14,7 +14,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from nefl_edge.coordinator.records import read_jsonl
-from nefl_edge.edge_client.errors import ExitCode
+from nefl_edge.core.errors import ExitCode
 from tests.helpers import Broker, make_shards, spawn_coordinator, spawn_edge, stop, wait_for
 
 pytestmark = pytest.mark.integration

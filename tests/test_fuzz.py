@@ -24,10 +24,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nefl_edge.edge_client.artifacts import ArtifactError, parse_manifest
-from nefl_edge.edge_client.encoding import ENCODINGS, EncodingError, decode_update
-from nefl_edge.edge_client.mqtt import Receiver
-from nefl_edge.edge_client.schemas import (
+from nefl_edge.core.artifacts import ArtifactError, parse_manifest
+from nefl_edge.core.encoding import ENCODINGS, EncodingError, decode_update
+from nefl_edge.core.mqtt import Receiver
+from nefl_edge.core.schemas import (
     Artifact,
     BnCount,
     Control,
@@ -47,8 +47,8 @@ from nefl_edge.edge_client.schemas import (
     Update,
     Weights,
 )
-from nefl_edge.edge_client.signing import Keyring, Signer, signers_by_topic
-from nefl_edge.edge_client.wire import (
+from nefl_edge.core.signing import Keyring, Signer, signers_by_topic
+from nefl_edge.core.wire import (
     MAGIC_FRAME,
     MAGIC_MESSAGE,
     Assembler,

@@ -17,9 +17,9 @@ import torch
 from nefl_edge.coordinator import checkpoint
 from nefl_edge.coordinator.config import RunConfig
 from nefl_edge.coordinator.models import build_submodel, initial_consistent
-from nefl_edge.coordinator.nested import GlobalState, init_global_state
-from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec
-from nefl_edge.edge_client.data import load_dataset
+from nefl_edge.core.data import load_dataset
+from nefl_edge.core.nested import GlobalState, init_global_state
+from nefl_edge.core.specs import ModelConfig, SubmodelSpec
 from nefl_edge.export.inference import RunDirError, load_run
 
 ROUND = 3

@@ -16,10 +16,10 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from nefl_edge.edge_client.mqtt import BrokerAddress, Inbound, Inbox, MqttLink
-from nefl_edge.edge_client.schemas import Control, Status, Task, TrainConfig
-from nefl_edge.edge_client.signing import Keyring, Signer, save_private_key, signers_by_topic
-from nefl_edge.edge_client.wire import Assembler, Topics, encode, frames
+from nefl_edge.core.mqtt import BrokerAddress, Inbound, Inbox, MqttLink
+from nefl_edge.core.schemas import Control, Status, Task, TrainConfig
+from nefl_edge.core.signing import Keyring, Signer, save_private_key, signers_by_topic
+from nefl_edge.core.wire import Assembler, Topics, encode, frames
 from tests.helpers import Broker, stop, wait_for
 from tests.test_wire import KILLERS, Clock, first_frames
 
@@ -94,10 +94,10 @@ def test_a_retained_status_reaches_a_later_subscriber_of_node_plus_status(broker
 
 DEVICE_WITH_WILL = """
 import sys, time
-from nefl_edge.edge_client.mqtt import BrokerAddress, MqttLink
-from nefl_edge.edge_client.schemas import Status
-from nefl_edge.edge_client.signing import Signer
-from nefl_edge.edge_client.wire import Topics, encode
+from nefl_edge.core.mqtt import BrokerAddress, MqttLink
+from nefl_edge.core.schemas import Status
+from nefl_edge.core.signing import Signer
+from nefl_edge.core.wire import Topics, encode
 
 port, key = int(sys.argv[1]), sys.argv[2]
 topic = Topics("r").node("d1", "status")

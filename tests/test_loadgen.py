@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.loadgen import LoadGen, measure, read_jsonl
-from nefl_edge.edge_client.errors import ExitCode
+from nefl_edge.core.errors import ExitCode
 from tests.helpers import Broker, spawn_coordinator, stop, wait_for
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from nefl_edge.coordinator.models import SubmodelNet, build_submodel, global_forward, initial_consistent
-from nefl_edge.coordinator.nested import init_global_state
-from nefl_edge.coordinator.specs import get_model_config, make_specs, param_layout
+from nefl_edge.core.nested import init_global_state
+from nefl_edge.core.specs import get_model_config, make_specs, param_layout
 
 
 @pytest.mark.parametrize(

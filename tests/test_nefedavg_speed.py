@@ -7,9 +7,9 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from nefl_edge.coordinator.nefedavg import NeFedAvg
-from nefl_edge.coordinator.nested import GlobalState, Tensors, extract, init_global_state
-from nefl_edge.coordinator.specs import get_model_config, make_specs
+from nefl_edge.core.nefedavg import NeFedAvg
+from nefl_edge.core.nested import GlobalState, Tensors, extract, init_global_state
+from nefl_edge.core.specs import get_model_config, make_specs
 
 Updates = list[tuple[int, Tensors, int]]
 

@@ -6,9 +6,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nefl_edge.coordinator.nefedavg import NeFedAvg
-from nefl_edge.coordinator.nested import GlobalState, extract, init_global_state, renest
-from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec, get_model_config, param_layout
+from nefl_edge.core.nefedavg import NeFedAvg
+from nefl_edge.core.nested import GlobalState, extract, init_global_state, renest
+from nefl_edge.core.specs import ModelConfig, SubmodelSpec, get_model_config, param_layout
 
 CONFIG = get_model_config("resnet-small")
 

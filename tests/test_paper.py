@@ -19,12 +19,12 @@ from nefl_edge.coordinator.config import ConfigError, RunConfig, load_config
 from nefl_edge.coordinator.engine import RoundEngine
 from nefl_edge.coordinator.grid import InProcessGrid
 from nefl_edge.coordinator.models import SubmodelNet, build_submodel, global_forward, initial_consistent
-from nefl_edge.coordinator.nested import GlobalState, Tensors, extract, init_global_state
 from nefl_edge.coordinator.simulate import client_names, simulate
-from nefl_edge.coordinator.specs import full_spec, get_model_config, make_specs, mflops, param_count, param_layout
 from nefl_edge.coordinator.strategies import get_strategy
-from nefl_edge.edge_client.data import Dataset, load_dataset
-from nefl_edge.edge_client.schemas import TrainConfig
+from nefl_edge.core.data import Dataset, load_dataset
+from nefl_edge.core.nested import GlobalState, Tensors, extract, init_global_state
+from nefl_edge.core.schemas import TrainConfig
+from nefl_edge.core.specs import full_spec, get_model_config, make_specs, mflops, param_count, param_layout
 
 GAMMAS = (0.2, 0.4, 0.6, 0.8, 1.0)
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from nefl_edge.coordinator.models import SubmodelNet, initial_consistent
-from nefl_edge.coordinator.nested import GlobalState, extract, init_global_state
-from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec
-from nefl_edge.edge_client.artifacts import load_manifest, submodel_paths
-from nefl_edge.edge_client.data import load_dataset
+from nefl_edge.core.artifacts import load_manifest, submodel_paths
+from nefl_edge.core.data import load_dataset
+from nefl_edge.core.nested import GlobalState, extract, init_global_state
+from nefl_edge.core.schemas import Hello, TrainConfig, Update
+from nefl_edge.core.specs import ModelConfig, SubmodelSpec
 from nefl_edge.edge_client.portable import PortableBackend
 from nefl_edge.edge_client.profile import measure_throughput
-from nefl_edge.edge_client.schemas import Hello, TrainConfig, Update
 from nefl_edge.edge_client.trainer import BACKEND_FILES, OrtTrainingBackend
 from tests.helpers import Broker, make_shards, spawn_edge, stop
 from tests.test_export import torch_step

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from nefl_edge.edge_client.schemas import MESSAGE_TYPES, Message
+from nefl_edge.core.schemas import MESSAGE_TYPES, Message
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 COMMON = set(Message.model_fields) | {"kind"}

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nefl_edge.coordinator.specs import ModelConfig, SubmodelSpec
+from nefl_edge.core.specs import ModelConfig, SubmodelSpec
 from tests.helpers import build_wheel, step_differences, write_step_inputs
 
 STEP = Path(__file__).resolve().parent / "arm64" / "one_step.py"

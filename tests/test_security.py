@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from nefl_edge.edge_client.mqtt import BrokerAddress, BrokerError, MqttLink, Security
-from nefl_edge.edge_client.schemas import Status
+from nefl_edge.core.mqtt import BrokerAddress, BrokerError, MqttLink, Security
+from nefl_edge.core.schemas import Status
 from tests.helpers import Broker
 
 pytestmark = pytest.mark.integration

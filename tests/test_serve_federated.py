@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nefl_edge.coordinator.records import read_jsonl
-from nefl_edge.edge_client.evaluate import split_held_out
+from nefl_edge.core.evaluation import split_held_out
 from tests.helpers import Broker, make_shards, spawn_coordinator, spawn_edge, stop
 
 pytestmark = pytest.mark.integration

@@ -26,11 +26,10 @@ from nefl_edge.coordinator.broker_config import BrokerOptions, BrokerSettings, s
 from nefl_edge.coordinator.enrolment import add_device
 from nefl_edge.coordinator.records import read_jsonl
 from nefl_edge.coordinator.registry import Registry
-from nefl_edge.edge_client.client import ClientOptions, EdgeClient, TakeoverWatch
-from nefl_edge.edge_client.data import Dataset
-from nefl_edge.edge_client.identity import install_bundle, open_identity
-from nefl_edge.edge_client.mqtt import BrokerAddress, Inbound, Receiver
-from nefl_edge.edge_client.schemas import (
+from nefl_edge.core.data import Dataset
+from nefl_edge.core.identity import install_bundle, open_identity
+from nefl_edge.core.mqtt import BrokerAddress, Inbound, Receiver
+from nefl_edge.core.schemas import (
     Control,
     DeviceProfile,
     Hello,
@@ -42,8 +41,9 @@ from nefl_edge.edge_client.schemas import (
     TrainConfig,
     Update,
 )
-from nefl_edge.edge_client.signing import Signer
-from nefl_edge.edge_client.wire import encode, frames, pack_tensors
+from nefl_edge.core.signing import Signer
+from nefl_edge.core.wire import encode, frames, pack_tensors
+from nefl_edge.edge_client.client import ClientOptions, EdgeClient, TakeoverWatch
 from tests.helpers import Broker, device_env, make_shards, spawn_coordinator, stop, wait_for
 from tests.test_broker_config import Peer
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from nefl_edge.coordinator.specs import (
+from nefl_edge.core.specs import (
     DEFAULT_GAMMAS,
     SpecError,
     SubmodelSpec,

@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 
 from nefl_edge.coordinator.models import initial_consistent
-from nefl_edge.coordinator.nefedavg import NeFedAvg
-from nefl_edge.coordinator.nested import GlobalState, extract, init_global_state
 from nefl_edge.coordinator.simulate import ort_trainer, simulate
-from nefl_edge.coordinator.specs import (
+from nefl_edge.coordinator.strategies import STRATEGIES, Strategy, get_strategy, train_torch
+from nefl_edge.core.data import Dataset, load_dataset
+from nefl_edge.core.nefedavg import NeFedAvg
+from nefl_edge.core.nested import GlobalState, extract, init_global_state
+from nefl_edge.core.schemas import TrainConfig
+from nefl_edge.core.specs import (
     DEFAULT_GAMMAS,
     ModelConfig,
     SubmodelSpec,
@@ -24,9 +27,6 @@ from nefl_edge.coordinator.specs import (
     param_layout,
     scaled,
 )
-from nefl_edge.coordinator.strategies import STRATEGIES, Strategy, get_strategy, train_torch
-from nefl_edge.edge_client.data import Dataset, load_dataset
-from nefl_edge.edge_client.schemas import TrainConfig
 
 
 def constant_update(state: GlobalState, index: int, value: float) -> dict[str, np.ndarray]:

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nefl_edge.edge_client import wire
-from nefl_edge.edge_client.mqtt import Receiver
-from nefl_edge.edge_client.schemas import Hello, Message, Task, TrainConfig, Update
-from nefl_edge.edge_client.signing import (
+from nefl_edge.core import wire
+from nefl_edge.core.mqtt import Receiver
+from nefl_edge.core.schemas import Hello, Message, Task, TrainConfig, Update
+from nefl_edge.core.signing import (
     KeyFileError,
     Keyring,
     Signer,
@@ -25,7 +25,7 @@ from nefl_edge.edge_client.signing import (
     save_public_key,
     signers_by_topic,
 )
-from nefl_edge.edge_client.wire import (
+from nefl_edge.core.wire import (
     MAGIC_FRAME,
     MAGIC_MESSAGE,
     Assembler,
@@ -135,7 +135,7 @@ def test_not_safetensors_body_is_rejected() -> None:
 
 
 def test_every_kind_has_a_schema() -> None:
-    from nefl_edge.edge_client.schemas import MESSAGE_TYPES
+    from nefl_edge.core.schemas import MESSAGE_TYPES
 
     kinds = {"hello", "status", "task", "update", "decline", "weights", "artifact", "manifest", "control"}
     assert kinds | {"evaluate", "evaluation"} == set(MESSAGE_TYPES)

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from nefl_edge.edge_client.artifacts import load_manifest, submodel_paths
+from nefl_edge.core.artifacts import load_manifest, submodel_paths
+from nefl_edge.core.schemas import TrainConfig
 from nefl_edge.edge_client.portable import PortableBackend
-from nefl_edge.edge_client.schemas import TrainConfig
 from nefl_edge.edge_client.trainer import BACKEND_FILES
 
 work = Path(sys.argv[1])

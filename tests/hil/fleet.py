@@ -433,7 +433,7 @@ class Fleet:
         import numpy as np
 
         from nefl_edge.coordinator.partition import make_partitioner
-        from nefl_edge.edge_client.data import load_dataset
+        from nefl_edge.core.data import load_dataset
 
         train = load_dataset(self.data_dir, "train")
         devices = list(self.devices.values())

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import paho.mqtt.client as mqtt
 import pytest
 
-from nefl_edge.edge_client.wire import Topics
+from nefl_edge.core.wire import Topics
 from tests.helpers import wait_for
 from tests.hil.fleet import Fleet, FleetSpec, Group, assignments, load_classes, read_jsonl, run_dir
 

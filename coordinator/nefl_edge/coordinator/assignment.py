@@ -1,0 +1,128 @@
+"""Which submodel each selected client trains: its capacity (a device tier) and the round's assignment.
+
+A client's *capacity* is an index into the run's gammas: the largest parameter ratio it can afford.
+``static``: the tier the device declared (``nefl-edge join --tier``; none: the smallest).
+``deadline``: the largest tier whose submodel the device can train within ``margin`` of the round deadline,
+projected from the throughput the device measured on a probe submodel and scaled by forward MFLOPs.
+
+The strategy then maps a capacity to one of its submodels (``Strategy.assign``). With ``cover`` the
+assignment is rebalanced so that every submodel of the method gets at least one client when the selected
+clients can afford it: a client may always train a smaller submodel than it can afford, as in the paper,
+where each client trains the submodel its tier allows and the tiers cover every submodel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+
+from nefl_edge.coordinator.strategies import Plan, Strategy
+from nefl_edge.core.schedule import planned_steps
+from nefl_edge.core.schemas import DeviceProfile, TrainConfig
+from nefl_edge.core.specs import ModelConfig, mflops
+
+Policy = Literal["static", "deadline"]
+DEADLINE_MARGIN = 0.7
+"""Share of the deadline a projected local training may use: the rest absorbs download, upload, the
+device's warm-up and the error of projecting from a probe submodel (tested in tests/test_engine.py)."""
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """What the coordinator knows of a client when it plans a round."""
+
+    node: str
+    num_samples: int
+    tier: Optional[int] = None
+    profile: Optional[DeviceProfile] = None
+
+
+def projected_seconds(profile: DeviceProfile, cost_mflops: float, num_samples: int, train: TrainConfig) -> float:
+    """Seconds a device needs for a task on a submodel of ``cost_mflops``; ``inf`` when its profile has no
+    usable throughput. Every number a device sent is checked before use (never a division by it)."""
+    speed, probe = profile.samples_per_s, profile.probe_mflops
+    if speed is None or probe is None or not (math.isfinite(speed) and math.isfinite(probe)):
+        return math.inf
+    if speed <= 1e-6 or probe <= 1e-6 or cost_mflops <= 0:
+        return math.inf
+    samples = planned_steps(num_samples, train) * train.batch_size
+    return samples / (speed * probe / cost_mflops)
+
+
+def capacity(
+    client: ClientInfo,
+    policy: Policy,
+    plan: Plan,
+    config: ModelConfig,
+    train: TrainConfig,
+    deadline_s: float,
+    margin: float = DEADLINE_MARGIN,
+) -> int:
+    """The client's capacity tier (an index into the run's gammas) under ``policy``."""
+    tiers = len(plan.tier_submodel)
+    if policy == "static" or client.profile is None:
+        return min(client.tier, tiers - 1) if client.tier is not None else 0
+    best = 0
+    for tier, index in enumerate(plan.tier_submodel):
+        if index is None:
+            continue
+        cost = mflops(config, plan.specs[index])
+        if projected_seconds(client.profile, cost, client.num_samples, train) <= margin * deadline_s:
+            best = tier
+    return best
+
+
+def window_tiers(plan: Plan, tier: int, window: int) -> list[int]:
+    """The tiers a client of capacity ``tier`` may train this round under a tier window: ``tier - window``
+    .. ``tier + window``, clipped to the run's tiers, keeping those the method gives a submodel (the client's
+    own tier alone when none of them has one)."""
+    last = len(plan.tier_submodel) - 1
+    tier = min(max(tier, 0), last)
+    tiers = [t for t in range(max(0, tier - window), min(last, tier + window) + 1) if plan.tier_submodel[t] is not None]
+    return tiers or [tier]
+
+
+def assign(
+    strategy: Strategy,
+    plan: Plan,
+    capacities: dict[str, int],
+    selected: list[str],
+    cover: bool,
+    speeds: Optional[dict[str, float]] = None,
+    rng: Optional[np.random.Generator] = None,
+    window: int = 0,
+    window_rng: Optional[np.random.Generator] = None,
+) -> dict[str, int]:
+    """Submodel per selected client. With ``window`` (and its generator ``window_rng``), a client of capacity
+    ``t`` trains the submodel of a tier drawn uniformly from :func:`window_tiers`, as the paper's code does
+    every round (its tiers are nominal: the draw may exceed the capacity). With ``cover``, a submodel no
+    client got goes to a client that can afford it and is not the only one on its own submodel: the weakest
+    (lowest capacity, then lowest measured speed, ``speeds``), so fast devices keep the large submodels; or,
+    with ``rng``, one drawn at random, so that over the rounds every submodel's own parameters see the data
+    of many devices."""
+    if window and window_rng is not None:
+        drawn = {n: int(window_rng.choice(window_tiers(plan, capacities[n], window))) for n in sorted(selected)}
+        afford = {n: strategy.assign(plan, drawn[n]) for n in selected}
+    else:
+        afford = {n: strategy.assign(plan, capacities[n]) for n in selected}
+    out = {n: k for n, k in afford.items() if k is not None}
+    if not cover:
+        return out
+    speeds = speeds or {}
+    for missing in range(len(plan.specs)):
+        if missing in out.values():
+            continue
+        counts = Counter(out.values())
+        donors = [n for n, k in out.items() if k > missing and counts[k] > 1]
+        if not donors:
+            continue
+        if rng is not None:
+            node = str(rng.choice(sorted(donors)))
+        else:
+            node = min(sorted(donors), key=lambda n: (capacities[n], speeds.get(n, 0.0)))
+        out[node] = missing
+    return out

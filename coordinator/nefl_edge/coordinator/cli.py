@@ -1,0 +1,416 @@
+"""``nefl-coord``: the coordinator's command line. Heavy imports (torch, onnx) happen inside commands;
+every run setting of ``serve`` and ``simulate`` is an option generated from ``RunConfig``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from nefl_edge.coordinator.cli_options import config_options
+from nefl_edge.core.cli import add_version_option, fail, run_app, setup_logging
+from nefl_edge.core.errors import ExitCode
+
+app = typer.Typer(
+    help="nefl-coord: the coordinator of nested federated learning (NeFL) over MQTT.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+add_version_option(app)
+
+Model = Annotated[
+    str, typer.Option(help="Model shape: resnet-small, resnet18, resnet34 (preact- prefix for pre-activation).")
+]
+DatasetName = Annotated[str, typer.Option(help="Data set the model is for: fmnist, mnist, cifar10, cifar100.")]
+Gammas = Annotated[Optional[str], typer.Option(help="Comma-separated parameter ratios, e.g. 0.2,0.4,0.6,0.8,1.0.")]
+Scaling = Annotated[str, typer.Option(help="Scaling: WD (width+depth), W (width), D (depth).")]
+
+
+def main() -> None:
+    run_app(app, "nefl-coord")
+
+
+def terminal_handler() -> Optional[logging.Handler]:
+    """rich's log handler on a terminal; plain timestamped lines otherwise (systemd, nohup, files)."""
+    if not sys.stderr.isatty():
+        return None
+    from rich.logging import RichHandler
+
+    return RichHandler(show_path=False, markup=False)
+
+
+@app.command()
+def specs(
+    models: Annotated[str, typer.Option(help="Comma-separated model names.")] = "resnet-small,resnet18,resnet34",
+    gammas: Gammas = None,
+    method: Scaling = "WD",
+) -> None:
+    """Print the default submodel specs of each model as a Markdown table (width, blocks, params, gamma, MFLOPs)."""
+    from nefl_edge.coordinator.config import parse_gammas
+    from nefl_edge.core.specs import DEFAULT_GAMMAS, get_model_config, make_specs, mflops, param_count
+
+    wanted = tuple(parse_gammas(gammas) or DEFAULT_GAMMAS)
+    lines = [
+        "| model | input | gamma (target) | width ratio | kept blocks per stage | parameters | gamma | MFLOPs/sample |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in models.split(","):
+        dataset = "fmnist" if "small" in name else "cifar10"
+        config = get_model_config(name.strip(), dataset)
+        for target, spec in zip(wanted, make_specs(config, wanted, method)):  # type: ignore[arg-type]
+            lines.append(
+                f"| {config.name} | {config.in_channels}x{config.image_size}x{config.image_size} | {target} | "
+                f"{spec.width:.4f} | {spec.describe()} | {param_count(config, spec):,} | {spec.gamma:.3f} | "
+                f"{mflops(config, spec):.2f} |"
+            )
+    typer.echo("\n".join(lines))
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option(help="Output folder for the artifacts and manifest.json.")],
+    model: Model = "resnet-small",
+    dataset: DatasetName = "fmnist",
+    gammas: Gammas = None,
+    method: Annotated[str, typer.Option(help="Federated method whose submodels to export.")] = "nefl-wd",
+) -> None:
+    """Export every submodel of a method as ONNX Runtime training artifacts plus one manifest (cached)."""
+    import time
+
+    from nefl_edge.coordinator.config import parse_gammas
+    from nefl_edge.coordinator.strategies import get_strategy
+    from nefl_edge.core.specs import DEFAULT_GAMMAS, get_model_config
+    from nefl_edge.export.artifacts import export_set
+
+    strategy = get_strategy(method)
+    config, plan = strategy.setup(get_model_config(model, dataset), tuple(parse_gammas(gammas) or DEFAULT_GAMMAS))
+    start = time.perf_counter()
+    manifest = export_set(config, plan.specs, out, log=typer.echo)
+    typer.echo(f"{len(manifest.submodels)} submodels in {time.perf_counter() - start:.1f} s -> {out}")
+    for sub in manifest.submodels:
+        sizes = ", ".join(f"{role} {entry.size / 1024:.0f} KiB" for role, entry in sub.files.items())
+        typer.echo(f"  submodel {sub.index} gamma {sub.gamma:.2f} width {sub.width:.3f}: {sizes}")
+
+
+@app.command("export-model")
+def export_model(
+    run_dir: Annotated[Path, typer.Option(help="A run directory (runs/<run>-<time>) with its checkpoint.")],
+    out: Annotated[Path, typer.Option(help="Output folder for <run>-submodel-<k>.onnx.")],
+    submodel: Annotated[
+        Optional[list[int]], typer.Option(help="Submodel index; repeat for several. Default: all.")
+    ] = None,
+) -> None:
+    """Write trained submodels of a run as plain ONNX inference models (image batch -> logits, eval-mode
+    BatchNorm, stock onnxruntime >= 1.17) with their gamma, round and accuracy in the metadata."""
+    from nefl_edge.export.inference import export_run
+
+    for path in export_run(run_dir, out, submodel or None):
+        typer.echo(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+
+
+@app.command()
+@config_options()
+def serve(
+    broker: Annotated[str, typer.Option(help="MQTT broker as HOST or HOST:PORT.")],
+    config: Annotated[Optional[Path], typer.Option(help="Run configuration (TOML); options below override it.")] = None,
+    resume: Annotated[
+        Optional[Path], typer.Option(help="Run directory to resume after its last completed round.")
+    ] = None,
+    tls_ca: Annotated[Optional[Path], typer.Option(help="CA certificate: connect with TLS.")] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option(help="Client certificate.")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(help="Client certificate key.")] = None,
+    username: Annotated[Optional[str], typer.Option(help="Broker user name.")] = None,
+    password_file: Annotated[Optional[Path], typer.Option(help="File holding the broker password.")] = None,
+    mqtt_version: Annotated[str, typer.Option(help="MQTT protocol version: 3.1.1 or 5.")] = "3.1.1",
+    enrolment_dir: Annotated[
+        Optional[Path],
+        typer.Option(help="Enrolment folder (add-device): sign every message, accept only enrolled devices."),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    overrides: Optional[dict[str, Any]] = None,
+) -> None:
+    """Coordinate a run over MQTT: rounds with deadlines, NeFedAvg, per-round checkpoints, metrics and a report."""
+    from nefl_edge.coordinator.config import load_config, resume_config
+    from nefl_edge.coordinator.render import serve_with_progress
+    from nefl_edge.coordinator.run import ServeRun, coordinator_link
+    from nefl_edge.core.mqtt import Security
+
+    setup_logging(verbose, terminal_handler())
+    overrides = overrides or {}
+    if resume is not None and config is not None:
+        fail("--config and --resume exclude each other: a resumed run keeps its own config.json")
+    if overrides.get("preset") == "paper" and overrides.get("stem_pool") is None:
+        overrides["stem_pool"] = False  # the devices' training graphs have no max-pool gradient (simulate has)
+    cfg = resume_config(resume, overrides) if resume is not None else load_config(config, overrides)
+    security = Security(tls_ca, tls_cert, tls_key, False, username, password_file)
+    link = coordinator_link(cfg, broker, security, mqtt_version, enrolment_dir)
+    run = ServeRun(cfg, resume, resume=resume is not None)
+    run.prepare()
+    serve_with_progress(run, link)
+    if run.stopped_by is not None:
+        raise typer.Exit(ExitCode.INTERRUPTED)
+
+
+@app.command()
+@config_options(
+    exclude=("run", "policy", "deadline_s", "wait_clients_s", "chunk_size", "runs_dir", "min_clients"),
+    defaults={"fraction": 0.1, "rounds": 10},
+)
+def simulate(
+    clients: Annotated[int, typer.Option(help="Number of simulated devices (tiers assigned round-robin).")] = 100,
+    scheme: Annotated[str, typer.Option(help="Partition: iid, dirichlet or shards.")] = "iid",
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration.")] = 0.5,
+    trainer: Annotated[
+        str, typer.Option(help="Local training: torch, or ort (the exported ONNX Runtime artifacts).")
+    ] = "torch",
+    out: Annotated[Optional[Path], typer.Option(help="Write the result as JSON here.")] = None,
+    workers: Annotated[
+        int, typer.Option(help="Processes that train a round's clients at once (CPU, torch trainer).", min=1)
+    ] = 1,
+    overrides: Optional[dict[str, Any]] = None,
+) -> None:
+    """Simulate a federated method in this process (no broker): the round engine of serve, in-process clients."""
+    import json
+    import tempfile
+
+    from rich.console import Console
+
+    from nefl_edge.coordinator.cadence import eval_every
+    from nefl_edge.coordinator.config import load_config
+    from nefl_edge.coordinator.evaluation import held_out
+    from nefl_edge.coordinator.partition import make_partitioner, split_dataset
+    from nefl_edge.coordinator.render import print_simulation
+    from nefl_edge.coordinator.simulate import simulate as run_simulation
+    from nefl_edge.coordinator.strategies import get_strategy
+    from nefl_edge.core.data import load_dataset
+
+    if trainer not in ("torch", "ort"):
+        fail(f"--trainer must be torch or ort, got {trainer!r}")
+    cfg = load_config(None, {**(overrides or {}), "policy": "static", "min_clients": 1})
+    strategy = get_strategy(cfg.method)
+    if trainer == "ort" and not strategy.device_trainable:
+        fail(f"{cfg.method} trains locally in its own way, not as the device does; use --trainer torch")
+    config = cfg.network()
+    gammas = tuple(cfg.gammas)
+    train_data, test_data = load_dataset(cfg.data_dir, "train"), load_dataset(cfg.data_dir, "test")
+    train_data.check_for((config.in_channels, config.image_size, config.image_size), config.num_classes)
+    parts = make_partitioner(scheme, clients, alpha, cfg.seed).split(train_data.y)
+    shards = split_dataset(train_data, parts)
+    test, calibration = held_out(test_data, cfg.eval_samples, cfg.bn_calibration if cfg.bn == "server" else 0)
+    tiers = [i % len(gammas) for i in range(clients)]
+    artifacts = None
+    if trainer == "ort":
+        from nefl_edge.export.artifacts import export_set
+
+        configured, plan = strategy.setup(config, gammas)
+        artifacts = Path(tempfile.mkdtemp(prefix="nefl-sim-artifacts-"))
+        export_set(configured, plan.specs, artifacts)
+    typer.echo(f"{strategy.name}: {strategy.reference}")
+
+    def progress(r: int, accuracy: list[float]) -> None:
+        typer.echo(f"round {r}/{cfg.rounds}: " + " ".join(f"{100 * a:.1f}" for a in accuracy))
+
+    result = run_simulation(
+        strategy, config, gammas, shards, tiers, test, cfg.rounds, cfg.train, cfg.fraction, cfg.weighting,
+        cfg.seed, calibration, eval_every(cfg), trainer, artifacts, progress, cfg, workers,  # type: ignore[arg-type]
+    )  # fmt: skip
+    title = f"{strategy.name}, {scheme}, {cfg.rounds} rounds ({result.seconds:.0f} s)"
+    print_simulation(Console(), title, gammas, result)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        data = {k: v for k, v in result.__dict__.items() if k != "state"}
+        out.write_text(json.dumps(data, indent=2) + "\n")
+        typer.echo(f"result written to {out}")
+
+
+@app.command()
+def partition(
+    out: Annotated[Path, typer.Option(help="Output folder: one client-XXX.npz per device, plus labels.png.")],
+    clients: Annotated[int, typer.Option(help="Number of devices.")] = 10,
+    dataset: Annotated[
+        Optional[Path], typer.Option(help="Data folder (IDX or CIFAR) or .npz; default Debian's Fashion-MNIST.")
+    ] = None,
+    scheme: Annotated[str, typer.Option(help="iid, dirichlet or shards.")] = "iid",
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration (smaller: more skewed).")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    max_samples: Annotated[Optional[int], typer.Option(help="Cap on samples per device.")] = None,
+) -> None:
+    """Split a data set into one shard per device and print each device's label histogram."""
+    from nefl_edge.coordinator.partition import (
+        label_histogram,
+        label_skew,
+        make_partitioner,
+        plot_histogram,
+        write_shards,
+    )
+    from nefl_edge.core.data import load_dataset
+
+    data = load_dataset(dataset, "train")
+    parts = make_partitioner(scheme, clients, alpha, seed).split(data.y)
+    paths = write_shards(data, parts, out, max_samples)
+    classes = int(data.y.max()) + 1
+    hist = label_histogram(data.y, [p[:max_samples] if max_samples else p for p in parts], classes)
+    typer.echo("client  samples  " + " ".join(f"{c:>5}" for c in range(classes)))
+    for i, row in enumerate(hist):
+        typer.echo(f"{i:>6}  {row.sum():>7}  " + " ".join(f"{v:>5}" for v in row))
+    plot_histogram(hist, out / "labels.png", f"{scheme} partition of {data.name}, {clients} devices")
+    typer.echo(f"label skew {label_skew(hist):.3f} (0 = uniform labels); {len(paths)} shards and labels.png in {out}")
+
+
+@app.command()
+def demo(
+    clients: Annotated[int, typer.Option(help="Number of edge devices (real nefl-edge processes).", min=1)] = 5,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.", min=1)] = 8,
+    method: Annotated[str, typer.Option(help="Federated method (one the devices can train).")] = "nefl-wd",
+    gammas: Gammas = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Data folder; default Debian's Fashion-MNIST.")] = None,
+    broker: Annotated[Optional[str], typer.Option(help="Use this broker (HOST:PORT) instead of starting one.")] = None,
+    embedded_broker: Annotated[
+        bool, typer.Option(help="Use the embedded amqtt broker even if Mosquitto is installed.")
+    ] = False,
+    samples_per_client: Annotated[int, typer.Option(help="Training samples per device.", min=2)] = 2000,
+    scheme: Annotated[str, typer.Option(help="Partition: iid, dirichlet or shards.")] = "iid",
+    alpha: Annotated[float, typer.Option(help="Dirichlet alpha.")] = 0.5,
+    runs_dir: Annotated[Path, typer.Option(help="Where the run directory goes.")] = Path("runs"),
+    eval_samples: Annotated[int, typer.Option(help="Test samples per evaluation.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    bn: Annotated[
+        Optional[str], typer.Option(help="BatchNorm statistics: tracked, federated or server (default: the run's).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run a whole federated job on this machine: broker, N devices, R rounds, accuracy table and report."""
+    from nefl_edge.coordinator.config import parse_gammas
+    from nefl_edge.coordinator.demo import DemoOptions, run_demo
+    from nefl_edge.core.specs import DEFAULT_GAMMAS
+
+    setup_logging(verbose, terminal_handler())
+    options = DemoOptions(
+        clients=clients,
+        rounds=rounds,
+        method=method,
+        gammas=tuple(parse_gammas(gammas) or DEFAULT_GAMMAS),
+        data_dir=data_dir,
+        broker=broker,
+        broker_kind="amqtt" if embedded_broker else "auto",
+        samples_per_client=samples_per_client,
+        scheme=scheme,
+        alpha=alpha,
+        runs_dir=runs_dir,
+        eval_samples=eval_samples,
+        seed=seed,
+        bn=bn,
+    )
+    if run_demo(options) is None:
+        raise typer.Exit(ExitCode.INTERRUPTED)
+
+
+@app.command("broker-config")
+def broker_config(
+    out: Annotated[Path, typer.Option(help="Folder for mosquitto.conf, acl, passwd, certificates.")],
+    hostname: Annotated[
+        Optional[list[str]], typer.Option(help="Broker host name or IP devices connect to (repeatable).")
+    ] = None,
+    tls_port: Annotated[int, typer.Option(help="Port of the TLS listener.")] = 8883,
+    plain_port: Annotated[Optional[int], typer.Option(help="Also a plain MQTT listener, on 127.0.0.1 only.")] = None,
+    bind: Annotated[Optional[str], typer.Option(help="Address of the TLS listener (default: all).")] = None,
+    max_packet_size: Annotated[int, typer.Option(help="Largest MQTT packet the broker accepts.")] = 1114112,
+    coordinator_user: Annotated[str, typer.Option(help="Broker account of the coordinator.")] = "nefl-coord",
+    ca_cert: Annotated[Optional[Path], typer.Option(help="Your CA certificate (with --server-cert).")] = None,
+    server_cert: Annotated[Optional[Path], typer.Option(help="Your server certificate.")] = None,
+    server_key: Annotated[Optional[Path], typer.Option(help="Its key.")] = None,
+    install_dir: Annotated[
+        Optional[Path], typer.Option(help="Where the folder will be on the broker host (paths in mosquitto.conf).")
+    ] = None,
+) -> None:
+    """Write a Mosquitto configuration: TLS, passwords, per-device ACL, size limits (see README)."""
+    from nefl_edge.coordinator.broker_config import BrokerConfigError, BrokerOptions, write_broker_config
+
+    hosts = tuple(hostname or ["localhost"])
+    try:
+        settings = write_broker_config(
+            BrokerOptions(
+                out, hosts, tls_port, plain_port, bind, coordinator_user, max_packet_size,
+                server_cert, server_key, ca_cert, install_dir,
+            )
+        )  # fmt: skip
+    except (BrokerConfigError, OSError) as exc:
+        fail(str(exc))
+        return
+    typer.echo(f"broker configuration in {out}: start it with `mosquitto -c {out / 'mosquitto.conf'}`")
+    typer.echo(
+        f"coordinator: nefl-coord serve --broker {settings.address} --tls-ca {settings.ca_cert} "
+        f"--username {settings.coordinator_user} --password-file {settings.coordinator_password_file}"
+    )
+    typer.echo(f"enrol devices: nefl-coord add-device NAME --public-key KEY --broker-dir {out} --enrolment-dir DIR")
+
+
+EnrolmentDir = Annotated[Path, typer.Option(help="The coordinator's enrolment folder (keys, devices.json).")]
+BrokerDir = Annotated[Path, typer.Option(help="The folder written by `nefl-coord broker-config --out`.")]
+
+
+@app.command("add-device")
+def add_device(
+    name: Annotated[str, typer.Argument(help="The device's node id (e.g. the dev-... id it shows).")],
+    public_key: Annotated[str, typer.Option(help="The device's public key (ed25519:... or PEM), or a file with it.")],
+    enrolment_dir: EnrolmentDir,
+    broker_dir: BrokerDir,
+    broker: Annotated[Optional[str], typer.Option(help="HOST:PORT devices use (default from broker.json).")] = None,
+    replace: Annotated[bool, typer.Option(help="Give the name to a new key (a re-flashed device).")] = False,
+    bundle: Annotated[Optional[Path], typer.Option(help="Where to write the bundle.")] = None,
+) -> None:
+    """Enrol a device: broker account, entry in devices.json, and a bundle for `nefl-edge enrol`."""
+    from nefl_edge.coordinator.broker_config import BrokerConfigError
+    from nefl_edge.coordinator.enrolment import EnrolmentError, read_public_key
+    from nefl_edge.coordinator.enrolment import add_device as enrol_device
+
+    try:
+        done = enrol_device(enrolment_dir, name, read_public_key(public_key), broker_dir, broker, replace, bundle)
+    except (EnrolmentError, BrokerConfigError, OSError) as exc:
+        fail(str(exc))
+        return
+    verb = "re-enrolled with a new key" if done.replaced else "enrolled"
+    typer.echo(f"{name} {verb} ({done.device.fingerprint}).")
+    typer.echo(f"Bundle: {done.bundle} (holds the broker password): copy it to the device, run")
+    typer.echo(f"`nefl-edge enrol {done.bundle.name}` there, then delete it here.")
+    typer.echo("Make the broker re-read its password file: `systemctl reload mosquitto` (or kill -HUP its pid).")
+
+
+@app.command("remove-device")
+def remove_device(
+    name: Annotated[str, typer.Argument(help="The device's node id.")],
+    enrolment_dir: EnrolmentDir,
+    broker_dir: BrokerDir,
+) -> None:
+    """Withdraw a device: its broker account, its public key and its bundle."""
+    from nefl_edge.coordinator.broker_config import BrokerConfigError
+    from nefl_edge.coordinator.enrolment import EnrolmentError
+    from nefl_edge.coordinator.enrolment import remove_device as withdraw
+
+    try:
+        known = withdraw(enrolment_dir, name, broker_dir)
+    except (EnrolmentError, BrokerConfigError, OSError) as exc:
+        fail(str(exc))
+        return
+    if not known:
+        fail(f"{name} is not enrolled in {enrolment_dir}")
+    typer.echo(f"{name} removed. Reload the broker (`systemctl reload mosquitto`) to disconnect it.")
+
+
+@app.command()
+def devices(enrolment_dir: EnrolmentDir) -> None:
+    """List the enrolled devices."""
+    from nefl_edge.coordinator.enrolment import EnrolmentError, list_devices
+
+    try:
+        found = list_devices(enrolment_dir)
+    except EnrolmentError as exc:
+        fail(str(exc))
+        return
+    for d in found.values():
+        typer.echo(f"{d.name:<24} {d.fingerprint}  enrolled {d.enrolled_at}")
+    typer.echo(f"{len(found)} device(s)")

@@ -1,0 +1,135 @@
+"""``nefl-coord demo``: a real federated run on this machine, start to finish.
+
+A broker of our own (or ``--broker``), Fashion-MNIST partitioned over N devices, N real ``nefl-edge join``
+processes with device tiers 0..K-1, the coordinator in this process; everything it started is stopped
+again, also on Ctrl-C or an error.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from nefl_edge.coordinator.broker import BrokerKind, LocalBroker
+from nefl_edge.coordinator.config import RunConfig
+from nefl_edge.coordinator.partition import label_histogram, make_partitioner, plot_histogram, write_shards
+from nefl_edge.coordinator.render import serve_with_progress
+from nefl_edge.coordinator.run import ServeRun, coordinator_link
+from nefl_edge.core.data import load_dataset
+from nefl_edge.core.mqtt import Security
+
+
+@dataclass
+class DemoOptions:
+    clients: int = 5
+    rounds: int = 8
+    method: str = "nefl-wd"
+    gammas: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
+    data_dir: Optional[Path] = None
+    broker: Optional[str] = None
+    broker_kind: BrokerKind = "auto"
+    samples_per_client: int = 2000
+    scheme: str = "iid"
+    alpha: float = 0.5
+    runs_dir: Path = Path("runs")
+    eval_samples: int = 2000
+    deadline_s: float = 180.0
+    seed: int = 0
+    bn: Optional[str] = None  # BatchNorm mode; None: the run configuration's default
+
+
+def spawn_clients(
+    address: str, shards: list[Path], tiers: list[int], run: str, logs: Path, cache: Path
+) -> list[subprocess.Popen[bytes]]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", NEFL_THREADS="1")
+    procs = []
+    logs.mkdir(parents=True, exist_ok=True)
+    for i, (shard, tier) in enumerate(zip(shards, tiers)):
+        args = [
+            sys.executable,
+            "-m",
+            "nefl_edge.edge_client",
+            "join",
+            "--broker",
+            address,
+            "--data",
+            str(shard),
+            "--node-id",
+            f"device-{i:02d}",
+            "--run",
+            run,
+            "--tier",
+            str(tier),
+            "--cache",
+            str(cache / f"device-{i:02d}"),
+            "--threads",
+            "1",
+        ]
+        with (logs / f"device-{i:02d}.log").open("ab") as log:
+            procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env))
+    return procs
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]], grace_s: float = 15.0) -> None:
+    """Let devices leave on the run's end message, then SIGTERM, then SIGKILL: no orphans."""
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+def run_demo(opts: DemoOptions) -> Optional[Path]:
+    """The whole demo; the run directory, or None when it was interrupted (SIGINT / SIGTERM)."""
+    cfg = RunConfig(
+        run="demo",
+        method=opts.method,  # type: ignore[arg-type]
+        gammas=list(opts.gammas),
+        rounds=opts.rounds,
+        min_clients=opts.clients,
+        min_updates=1,
+        deadline_s=opts.deadline_s,
+        eval_samples=opts.eval_samples,
+        seed=opts.seed,
+        **({"bn": opts.bn} if opts.bn else {}),  # type: ignore[arg-type]
+        runs_dir=opts.runs_dir,
+        data_dir=opts.data_dir,
+    )
+    run_dir = opts.runs_dir / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    train = load_dataset(opts.data_dir, "train")
+    parts = make_partitioner(opts.scheme, opts.clients, opts.alpha, opts.seed).split(train.y)
+    shards = write_shards(train, parts, run_dir / "shards", opts.samples_per_client)
+    hist = label_histogram(train.y, [p[: opts.samples_per_client] for p in parts], 10)
+    plot_histogram(hist, run_dir / "shards" / "labels.png", f"{opts.scheme} partition, {opts.clients} devices")
+    print(
+        f"{opts.clients} devices, up to {opts.samples_per_client} samples each ({opts.scheme}); "
+        f"shards in {run_dir / 'shards'}"
+    )
+    tiers = [i % len(opts.gammas) for i in range(opts.clients)]
+    run = ServeRun(cfg, run_dir)
+    run.prepare()
+    with ExitStack() as stack:
+        if opts.broker is None:
+            broker = stack.enter_context(LocalBroker(opts.broker_kind, run_dir / "broker"))
+            address = broker.address
+            print(f"broker: {broker.kind} on {address}")
+        else:
+            address = opts.broker
+        procs = spawn_clients(address, shards, tiers, cfg.run, run_dir / "logs", run_dir / "cache")
+        stack.callback(stop_all, procs)
+        out = serve_with_progress(run, coordinator_link(cfg, address, Security()))
+    return None if run.stopped_by else out

@@ -1,0 +1,313 @@
+"""The round engine: one federated round, the same for ``serve`` (devices over MQTT) and ``simulate``.
+
+A round, in order: the grid lists the available clients; each gets a capacity (``assignment.capacity``);
+the strategy selects clients and maps capacities to its submodels (``assignment.assign``, which can make
+sure every submodel is trained); every selected client gets an instruction with its own seed; the grid
+delivers them and yields outcomes; each update is screened (``screening.screen``) and folded into NeFedAvg;
+with at least ``min_updates`` valid updates the aggregate replaces the global state. BatchNorm statistics
+are re-estimated on the held-out calibration samples where the model is evaluated (``coordinator.cadence``).
+
+On an evaluation round (``evaluate_at``) the round ends with the grid's evaluation step
+(:meth:`RoundEngine.evaluation_step`): with ``bn = "federated"`` the round's clients first send the
+BatchNorm batch statistics of the aggregated weights on their training split and the engine sets every
+submodel's statistics to their exact combination; with federated evaluation the clients then evaluate every
+submodel they can run on their held-out split (``eval_fraction`` of their data, never trained on), and
+``report.federated`` holds the sample-weighted result per submodel.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from nefl_edge.coordinator.assignment import assign, capacity
+from nefl_edge.coordinator.cadence import evaluates
+from nefl_edge.coordinator.config import RunConfig
+from nefl_edge.coordinator.evaluation import apply_bn_stats, calibrate_bn, combine_evaluations
+from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, Grid, Instruction, Outcome
+from nefl_edge.coordinator.screening import MAX_SAMPLES, Quarantine, UpdateRejected, screen
+from nefl_edge.coordinator.strategies import Plan, Strategy
+from nefl_edge.core.evaluation import BnStats, EvalResult, bn_channels
+from nefl_edge.core.nefedavg import NeFedAvg
+from nefl_edge.core.nested import GlobalState, extract
+from nefl_edge.core.specs import ModelConfig, param_layout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundReport:
+    """What happened in one round; one line per submodel of it goes to ``metrics.jsonl``."""
+
+    round: int
+    selected: int = 0
+    updates: int = 0
+    declined: int = 0
+    dropped: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    quarantined: int = 0
+    untrained: list[int] = field(default_factory=list)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    aggregated: bool = False
+    seconds: float = 0.0
+    started_at: float = 0.0  # wall-clock (Unix) time the round started and ended
+    ended_at: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    clients: list[dict[str, Any]] = field(default_factory=list)
+    federated: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Federated evaluation per submodel: accuracy, loss, samples, devices (empty when not evaluated)."""
+    bn_batches: dict[int, int] = field(default_factory=dict)
+    """Federated BatchNorm re-estimation: batches combined per submodel."""
+
+
+class RoundEngine:
+    """Runs rounds of ``strategy`` under ``cfg`` over any grid; owns the selection generator and the
+    quarantine (both are saved in checkpoints)."""
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        cfg: RunConfig,
+        config: ModelConfig,
+        plan: Plan,
+        calibration: Optional[np.ndarray] = None,
+    ) -> None:
+        self.strategy, self.cfg, self.config, self.plan = strategy, cfg, config, plan
+        self.calibration = calibration
+        self.rng = np.random.default_rng(cfg.seed)
+        self.quarantine = Quarantine(cfg.quarantine_strikes, cfg.quarantine_rounds)
+        self.shapes = [{n: p.shape for n, p in param_layout(config, spec).items()} for spec in plan.specs]
+        self.bn_channels = [bn_channels(shapes) for shapes in self.shapes]
+        self.declared: dict[str, int] = {}
+        """Samples each client of the current round declared (its hello): what its evaluation may claim."""
+        self.federated_eval = cfg.evaluation in ("federated", "both")
+        """Whether clients evaluate on held-out splits (the caller resolves ``evaluation = "auto"``)."""
+        self.evaluate_at: Callable[[int], bool] = lambda r: evaluates(cfg, r)
+        """Whether round ``r`` ends with the evaluation step (the caller's evaluation cadence)."""
+
+    def run_round(
+        self, r: int, state: GlobalState, grid: Grid, stop: Optional[threading.Event] = None
+    ) -> tuple[GlobalState, RoundReport]:
+        cfg, report = self.cfg, RoundReport(r, started_at=time.time())
+        started = time.monotonic()
+        clients = grid.clients(cfg.min_clients)
+        self.declared = {n: c.num_samples for n, c in clients.items()}
+        report.phases["waiting"] = time.monotonic() - started
+        caps = {
+            n: capacity(c, cfg.policy, self.plan, self.config, cfg.train, cfg.deadline_s) for n, c in clients.items()
+        }
+        blocked = self.quarantine.active(r)
+        report.quarantined = len(blocked)
+        pool = [n for n in caps if n not in blocked and self.strategy.assign(self.plan, caps[n]) is not None]
+        selected = self.strategy.select(self.rng, pool, cfg.fraction, cfg.min_clients)
+        speeds = {n: c.profile.samples_per_s or 0.0 for n, c in clients.items() if c.profile is not None}
+        rotate = self.rng if cfg.cover_rule == "random" else None
+        assignment = assign(
+            self.strategy, self.plan, caps, selected, cfg.cover_submodels, speeds, rotate, cfg.tier_window, self.rng
+        )
+        instructions = [
+            Instruction(
+                n,
+                assignment[n],
+                cfg.train.model_copy(
+                    update={"seed": int(self.rng.integers(1 << 31)), "lr": cfg.lr_at(r), "eval_fraction": self.holdout}
+                ),
+            )
+            for n in selected
+        ]
+        report.selected = len(instructions)
+        log.info("round %d: %d clients, submodels %s", r, len(instructions), dict(sorted(assignment.items())))
+        out_before = grid.bytes_out
+        agg = NeFedAvg(state, cfg.weighting)
+        references = {k: extract(state, k) for k in sorted(set(assignment.values()))} if cfg.update_norm_bound else {}
+        collecting = time.monotonic()
+        for outcome in grid.run(r, state, instructions):
+            self._fold(r, outcome, clients[outcome.node].num_samples, references, agg, report)
+            if stop is not None and stop.is_set():
+                break
+        report.bytes_out = grid.bytes_out - out_before
+        for reason, count in grid.rejections().items():
+            report.rejected[reason] = report.rejected.get(reason, 0) + count
+        report.phases["training"] = time.monotonic() - collecting
+        aggregating = time.monotonic()
+        trained = Counter(c["submodel"] for c in report.clients if c["status"] == "updated")
+        report.untrained = [k for k in range(len(self.plan.specs)) if not trained[k]]
+        if report.updates >= cfg.min_updates:
+            state = agg.result()
+            report.aggregated = True
+        else:
+            log.warning(
+                "round %d: %d valid updates < min_updates=%d; keeping the previous global model",
+                r,
+                report.updates,
+                cfg.min_updates,
+            )
+        report.phases["aggregation"] = time.monotonic() - aggregating
+        if report.aggregated and self.evaluate_at(r) and not (stop is not None and stop.is_set()):
+            answered = [c["node"] for c in report.clients if c["status"] != "dropped"]
+            self.evaluation_step(r, state, grid, {n: caps[n] for n in answered}, report)
+        report.seconds = time.monotonic() - started
+        report.ended_at = time.time()
+        return state, report
+
+    @property
+    def holdout(self) -> float:
+        """The share of each client's data held out for evaluation (0 without federated evaluation)."""
+        return self.cfg.eval_fraction if self.federated_eval else 0.0
+
+    def evaluation_step(
+        self, r: int, state: GlobalState, grid: Grid, caps: dict[str, int], report: RoundReport
+    ) -> None:
+        """Federated BatchNorm re-estimation (``bn = "federated"``: sets ``state``'s statistics) and federated
+        evaluation of ``state`` by the clients of ``caps`` (node -> capacity). Statistics: each client on the
+        submodel it trained this round, and on any submodel nobody trained that it can run (so the step costs
+        a client about ``bn_device_samples`` forward passes). Evaluation: each client on every submodel up to
+        the one it can run. Fills ``report.federated`` and ``report.bn_batches``."""
+        cfg = self.cfg
+        runnable = {}
+        for node, cap in sorted(caps.items()):
+            top = self.strategy.assign(self.plan, cap)
+            if top is not None:
+                runnable[node] = tuple(range(top + 1))
+        if not runnable:
+            return
+        started = time.monotonic()
+        batch = cfg.train.batch_size
+        max_batches = -(-cfg.bn_device_samples // batch) if cfg.bn_device_samples else None
+        if cfg.bn == "federated":
+            trained = {c["node"]: c["submodel"] for c in report.clients if c["status"] == "updated"}
+            covered = set(trained.values())
+            wanted = {
+                n: tuple(k for k in subs if k == trained.get(n) or k not in covered) for n, subs in runnable.items()
+            }
+            requests = [
+                EvalRequest(n, subs, False, True, self.holdout, batch, max_batches)
+                for n, subs in wanted.items()
+                if subs
+            ]
+            parts: dict[int, list[BnStats]] = {}
+            for outcome in grid.evaluate(r, state, requests):
+                for k, stats in self._screen_evaluation(r, outcome, report)[1].items():
+                    parts.setdefault(k, []).append(stats)
+            for k, found in sorted(parts.items()):
+                report.bn_batches[k] = apply_bn_stats(state, k, found)
+            missing = [k for k in range(len(self.plan.specs)) if k not in report.bn_batches]
+            if missing:
+                log.warning(
+                    "round %d: no BatchNorm statistics for submodels %s; they keep their previous ones", r, missing
+                )
+            report.phases["bn_statistics"] = time.monotonic() - started
+        if not self.federated_eval:
+            return
+        evaluating = time.monotonic()
+        model = state
+        if cfg.bn == "server" and self.calibration is not None and len(self.calibration):
+            model = state.copy()
+            for k in range(len(self.plan.specs)):
+                calibrate_bn(model, k, self.calibration)
+        requests = [EvalRequest(n, subs, True, False, self.holdout, max(batch, 256)) for n, subs in runnable.items()]
+        evaluations: dict[int, list[EvalResult]] = {}
+        for outcome in grid.evaluate(r, model, requests):
+            for k, result in self._screen_evaluation(r, outcome, report)[0].items():
+                evaluations.setdefault(k, []).append(result)
+        for k, answers in sorted(evaluations.items()):
+            total = combine_evaluations(answers)
+            if total.count:
+                report.federated[k] = {
+                    "accuracy": total.accuracy,
+                    "loss": total.loss,
+                    "samples": total.count,
+                    "devices": len(found),
+                }
+        report.phases["federated_evaluation"] = time.monotonic() - evaluating
+
+    def _screen_evaluation(
+        self, r: int, outcome: EvalOutcome, report: RoundReport
+    ) -> tuple[dict[int, EvalResult], dict[int, BnStats]]:
+        """The valid parts of an evaluation outcome; a hostile or broken one is rejected whole and counted
+        (``eval_<reason>`` in ``report.rejected``)."""
+        report.bytes_in += outcome.bytes_in
+        if outcome.status != "evaluated":
+            if outcome.status == "rejected":
+                report.rejected["eval_rejected"] = report.rejected.get("eval_rejected", 0) + 1
+            log.warning("round %d: evaluation by %s %s: %s", r, outcome.node, outcome.status, outcome.reason)
+            return {}, {}
+        limit = min(self.declared.get(outcome.node, MAX_SAMPLES), MAX_SAMPLES)
+        try:
+            if any(b > limit for b in outcome.bn_batches.values()):
+                raise ValueError(f"batch count beyond the {limit} samples the client declared")
+            for k, result in outcome.results.items():
+                if not 0 <= k < len(self.plan.specs):
+                    raise ValueError(f"submodel {k} does not exist")
+                if not (0 <= result.correct <= result.count <= limit and np.isfinite(result.loss_sum)):
+                    raise ValueError(f"submodel {k}: implausible counts {result} (at most {limit} samples)")
+                if result.loss_sum < 0:
+                    raise ValueError(f"submodel {k}: negative loss")
+            stats = {
+                k: BnStats.from_tensors(outcome.bn_tensors.get(k, {}), outcome.bn_batches[k], self.bn_channels[k])
+                for k in outcome.bn_batches
+                if 0 <= k < len(self.plan.specs)
+            }
+            if set(outcome.bn_batches) - set(stats) or set(outcome.bn_tensors) - set(outcome.bn_batches):
+                raise ValueError("statistics for submodels that do not exist or without a batch count")
+        except ValueError as exc:
+            report.rejected["eval_invalid"] = report.rejected.get("eval_invalid", 0) + 1
+            log.warning("round %d: rejected the evaluation from %s: %s", r, outcome.node, exc)
+            return {}, {}
+        return outcome.results, stats
+
+    def _fold(
+        self,
+        r: int,
+        outcome: Outcome,
+        declared: int,
+        references: dict[int, Any],
+        agg: NeFedAvg,
+        report: RoundReport,
+    ) -> None:
+        status, reason = outcome.status, outcome.reason
+        if status == "updated":
+            assert outcome.tensors is not None
+            try:
+                screen(
+                    outcome.tensors,
+                    self.shapes[outcome.submodel],
+                    references.get(outcome.submodel, {}),
+                    outcome.num_samples,
+                    declared,
+                    self.cfg.update_norm_bound,
+                )
+            except UpdateRejected as exc:
+                status, reason = "rejected", str(exc)
+                log.warning("round %d: rejected update from %s: %s", r, outcome.node, exc)
+            else:
+                agg.add(outcome.submodel, outcome.tensors, outcome.num_samples)
+        if status == "rejected":
+            key = reason.split(":", 1)[0]
+            report.rejected[key] = report.rejected.get(key, 0) + 1
+        self.quarantine.record(outcome.node, status == "rejected", r)
+        report.updates += status == "updated"
+        report.declined += status == "declined"
+        report.dropped += status == "dropped"
+        report.bytes_in += outcome.bytes_in
+        metrics = outcome.metrics.model_dump() if outcome.metrics is not None else {}
+        report.clients.append(
+            {
+                "round": r,
+                "node": outcome.node,
+                "submodel": outcome.submodel,
+                "status": status,
+                "reason": reason,
+                "num_samples": outcome.num_samples,
+                "seconds": round(outcome.seconds, 3),
+                **metrics,
+            }
+        )

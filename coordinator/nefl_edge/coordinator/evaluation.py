@@ -1,0 +1,167 @@
+"""Evaluating submodels of the global state, and their BatchNorm statistics in the three modes of the run
+configuration's ``bn``:
+
+- ``tracked`` (the paper's): devices train with running statistics and upload them; NeFedAvg averages them
+  within each submodel. Nothing happens here.
+- ``federated``: after aggregation, devices compute the batch statistics of the aggregated weights on their
+  own data (:func:`bn_batch_stats` in simulation, ``edge_client.evaluate`` on devices); their sums combine
+  exactly (:func:`apply_bn_stats`) into what :func:`calibrate_bn` would compute over the union of the batches.
+- ``server``: :func:`calibrate_bn` on unlabeled held-out samples of the coordinator (``bn_calibration``).
+
+Why re-estimate at all: NeFedAvg averages the shared (consistent) weights of clients that trained different
+submodels, so the running statistics a client measured no longer fit the averaged weights (HeteroFL's static
+BatchNorm, Diao et al., ICLR 2021, re-estimates them for that reason).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nefl_edge.coordinator.models import build_submodel
+from nefl_edge.core.data import Dataset
+from nefl_edge.core.evaluation import BnStats, EvalResult, stats_batches
+from nefl_edge.core.nested import GlobalState
+
+
+def evaluate(state: GlobalState, index: int, data: Dataset, batch: int = 500) -> tuple[float, float]:
+    """Test accuracy and loss of submodel ``index`` (eval mode, its own BatchNorm statistics)."""
+    net = build_submodel(state, index).eval()
+    correct, loss = 0, 0.0
+    with torch.no_grad():
+        for lo in range(0, len(data), batch):
+            x, y = torch.from_numpy(data.x[lo : lo + batch]), torch.from_numpy(data.y[lo : lo + batch])
+            logits = net(x)
+            loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+    return correct / len(data), loss / len(data)
+
+
+def calibrate_bn(state: GlobalState, index: int, x: np.ndarray, batch: int = 250) -> None:
+    """Replace submodel ``index``'s BatchNorm running statistics (in ``state``) by their average over
+    ``x`` under the current weights. Labels are not used."""
+    net = build_submodel(state, index)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over all batches
+    net.train()
+    with torch.no_grad():
+        for lo in range(0, len(x), batch):
+            if len(x[lo : lo + batch]) > 1:
+                net(torch.from_numpy(x[lo : lo + batch]))
+    tensors = net.tensors()
+    for name in state.inconsistent[index]:
+        if name.endswith(("running_mean", "running_var")):
+            state.inconsistent[index][name] = tensors[name]
+
+
+def held_out(test: Dataset, eval_samples: int, bn_calibration: int, seed: int = 12345) -> tuple[Dataset, np.ndarray]:
+    """Two disjoint parts of ``test`` in a fixed shuffled order: ``eval_samples`` labeled samples that
+    evaluate every submodel, and the next ``bn_calibration`` unlabeled images for BatchNorm re-estimation
+    (fewer when the set is too small; the evaluated part never overlaps the calibration part)."""
+    order = np.random.default_rng(seed).permutation(len(test))
+    evaluation = order[: min(eval_samples, len(test))]
+    calibration = order[len(evaluation) : len(evaluation) + bn_calibration]
+    return Dataset(test.x[evaluation], test.y[evaluation], test.name), test.x[calibration]
+
+
+def evaluate_all(state: GlobalState, data: Dataset) -> list[tuple[float, float]]:
+    """Accuracy and loss of every submodel of ``state``."""
+    return [evaluate(state, k, data) for k in range(len(state.specs))]
+
+
+def evaluate_sums(state: GlobalState, index: int, data: Dataset, batch: int = 500) -> EvalResult:
+    """Loss sum, correct predictions and count of submodel ``index`` on ``data`` (what a device reports)."""
+    accuracy, loss = evaluate(state, index, data, batch) if len(data) else (0.0, 0.0)
+    return EvalResult(loss * len(data), round(accuracy * len(data)), len(data))
+
+
+def bn_batch_stats(
+    state: GlobalState, index: int, x: np.ndarray, batch_size: int, max_batches: int | None = None
+) -> BnStats:
+    """What a device sends for federated BatchNorm re-estimation, computed in PyTorch: over
+    ``edge_client.evaluate.stats_batches`` of ``x``, the sums of every BatchNorm layer's batch mean and
+    unbiased batch variance (train mode) under submodel ``index``'s weights, and the batch count."""
+    net = build_submodel(state, index).train()
+    stats = BnStats()
+    hooks = []
+    for name, module in net.named_modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+
+            def hook(mod: torch.nn.Module, args: tuple[torch.Tensor, ...], prefix: str = name) -> None:
+                x = args[0].double()
+                mean = x.mean(dim=(0, 2, 3)).numpy()
+                var = x.var(dim=(0, 2, 3), unbiased=True).numpy()
+                stats.mean_sum[prefix] = stats.mean_sum.get(prefix, 0.0) + mean
+                stats.var_sum[prefix] = stats.var_sum.get(prefix, 0.0) + var
+
+            hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for idx in stats_batches(len(x), batch_size, max_batches):
+                net(torch.from_numpy(x[idx]))
+                stats.batches += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def apply_bn_stats(state: GlobalState, index: int, parts: Iterable[BnStats]) -> int:
+    """Set submodel ``index``'s running statistics (in ``state``) to the combination of ``parts`` (every
+    device's sums): the mean over all their batches of the batch means and unbiased variances. Returns the
+    number of batches (0: nothing changed)."""
+    total = BnStats()
+    for part in parts:
+        total.add(part)
+    if total.batches == 0:
+        return 0
+    own = state.inconsistent[index]
+    for name, value in total.running().items():
+        if name in own:
+            own[name] = value.reshape(own[name].shape)
+    return total.batches
+
+
+def combine_evaluations(parts: Iterable[EvalResult]) -> EvalResult:
+    """Sample-weighted combination of devices' evaluations of one submodel."""
+    total = EvalResult()
+    for part in parts:
+        total.loss_sum += part.loss_sum
+        total.correct += part.correct
+        total.count += part.count
+    return total
+
+
+def coordinator_data(
+    evaluation: str, bn: str, data_dir: Path | None, eval_samples: int, bn_calibration: int
+) -> tuple[Dataset | None, np.ndarray | None, bool]:
+    """What the coordinator evaluates and calibrates on, from the run configuration's ``evaluation``,
+    ``bn``, ``data_dir``, ``eval_samples`` and ``bn_calibration``: (its test samples or None, its BatchNorm
+    calibration images or None, whether devices evaluate). ``evaluation = "federated"`` loads no data at
+    all; ``"auto"`` evaluates on the test set when there is one and on the devices otherwise. Raises
+    ``ConfigError`` for ``bn = "server"`` without coordinator data."""
+    from nefl_edge.coordinator.config import ConfigError
+    from nefl_edge.core.data import DataError, load_dataset
+
+    test: Dataset | None = None
+    if evaluation != "federated":
+        try:
+            test = load_dataset(data_dir, "test")
+        except DataError:
+            if evaluation != "auto":
+                raise
+    if test is None:
+        if bn == "server":
+            raise ConfigError(
+                "bn = server re-estimates BatchNorm on the coordinator's own held-out data, and this coordinator "
+                "has none (evaluation = federated, or no test split under data_dir); use --bn tracked or --bn "
+                "federated (the devices' data), or give the coordinator a --data-dir"
+            )
+        return None, None, True
+    samples, calibration = held_out(test, eval_samples, bn_calibration if bn == "server" else 0)
+    return samples, (calibration if len(calibration) else None), evaluation in ("federated", "both")

@@ -1,0 +1,167 @@
+"""The grid: what delivers a round's tasks to clients and brings their results back (Flower's ``Grid``).
+
+The round engine (``coordinator.engine``) decides; a grid only delivers. Two grids exist: this module's
+:class:`InProcessGrid` trains in the coordinator's process (``nefl-coord simulate``), and
+``coordinator.mqtt_grid.MqttGrid`` sends tasks to real devices over MQTT (``nefl-coord serve``). Both yield
+one :class:`Outcome` per instruction, so a strategy behaves the same in simulation and on devices.
+
+Beside training, a grid runs the evaluation step (:meth:`Grid.evaluate`): clients evaluate submodels of the
+aggregated model on their held-out split and/or compute its BatchNorm batch statistics on their training
+split (``edge_client.evaluate``), one :class:`EvalOutcome` per :class:`EvalRequest`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Protocol
+
+from nefl_edge.coordinator.assignment import ClientInfo
+from nefl_edge.coordinator.strategies import LocalTrainer
+from nefl_edge.core.data import Dataset
+from nefl_edge.core.encoding import decode_update, encode_update
+from nefl_edge.core.evaluation import EvalResult, split_dataset
+from nefl_edge.core.nested import GlobalState, Tensors, extract
+from nefl_edge.core.schemas import Metrics, TrainConfig
+
+Status = Literal["updated", "declined", "dropped", "rejected"]
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One client's task in a round: the submodel it trains and how (``train.seed`` orders its batches)."""
+
+    node: str
+    submodel: int
+    train: TrainConfig
+
+
+@dataclass
+class Outcome:
+    """What came back for one instruction. ``tensors`` are set only for ``updated`` (not yet screened)."""
+
+    node: str
+    submodel: int
+    status: Status
+    num_samples: int = 0
+    tensors: Optional[Tensors] = None
+    metrics: Optional[Metrics] = None
+    reason: str = ""
+    seconds: float = 0.0
+    bytes_in: int = 0
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """One client's part of an evaluation step: the submodels, and what to do with each of them."""
+
+    node: str
+    submodels: tuple[int, ...]
+    evaluate: bool
+    bn_stats: bool
+    eval_fraction: float
+    batch_size: int = 32
+    bn_max_batches: Optional[int] = None
+
+
+@dataclass
+class EvalOutcome:
+    """What came back for one :class:`EvalRequest` (not yet screened): per submodel its evaluation, and
+    its BatchNorm sums as they travel (``edge_client.evaluate.BnStats.tensors``) with their batch count."""
+
+    node: str
+    status: Literal["evaluated", "declined", "dropped", "rejected"]
+    results: dict[int, EvalResult] = field(default_factory=dict)
+    bn_tensors: dict[int, Tensors] = field(default_factory=dict)
+    bn_batches: dict[int, int] = field(default_factory=dict)
+    reason: str = ""
+    seconds: float = 0.0
+    bytes_in: int = 0
+
+
+class Grid(Protocol):
+    """Delivers tasks and collects results."""
+
+    def clients(self, minimum: int) -> dict[str, ClientInfo]:
+        """The clients available for a round; waits until at least ``minimum`` are (or raises)."""
+        ...
+
+    def run(self, round_: int, state: GlobalState, instructions: list[Instruction]) -> Iterator[Outcome]:
+        """Send every instruction with the weights of its submodel in ``state``; yield one outcome per
+        instruction as results arrive (``dropped`` for those that did not answer in time)."""
+        ...
+
+    def evaluate(self, round_: int, state: GlobalState, requests: list[EvalRequest]) -> Iterator[EvalOutcome]:
+        """Send every request with the weights of its submodels in ``state``; yield one outcome per request
+        (``dropped`` for those that did not answer in time)."""
+        ...
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes sent so far (weights, tasks)."""
+        ...
+
+    def rejections(self) -> dict[str, int]:
+        """Messages rejected since the last call that belong to no instruction (stale, duplicate, unknown
+        sender), by reason."""
+        ...
+
+
+class InProcessGrid:
+    """Clients in this process: each has a data shard and a tier; ``trainer`` trains a submodel locally."""
+
+    def __init__(self, shards: dict[str, Dataset], tiers: dict[str, int], trainer: LocalTrainer) -> None:
+        self.shards, self.tiers, self.trainer = shards, tiers, trainer
+        self._splits: dict[tuple[str, float], tuple[Dataset, Dataset]] = {}
+
+    def clients(self, minimum: int) -> dict[str, ClientInfo]:
+        return {n: ClientInfo(n, len(d), self.tiers[n]) for n, d in sorted(self.shards.items())}
+
+    def _split(self, node: str, fraction: float) -> tuple[Dataset, Dataset]:
+        """A client's training part and held-out part, as the device splits its data."""
+        key = (node, fraction)
+        if key not in self._splits:
+            self._splits[key] = split_dataset(self.shards[node], fraction)
+        return self._splits[key]
+
+    def run(self, round_: int, state: GlobalState, instructions: list[Instruction]) -> Iterator[Outcome]:
+        for ins in instructions:
+            data = self._split(ins.node, ins.train.eval_fraction)[0]
+            start = time.perf_counter()
+            tensors = self.as_received(state, ins, self.trainer(state, ins.submodel, data, ins.train))
+            yield Outcome(ins.node, ins.submodel, "updated", len(data), tensors, seconds=time.perf_counter() - start)
+
+    @staticmethod
+    def as_received(state: GlobalState, ins: Instruction, tensors: Tensors) -> Tensors:
+        """A client's trained tensors as the coordinator receives them: through the round trip of the task's
+        ``update_encoding`` (so that its accuracy cost shows in simulation)."""
+        encoding = ins.train.update_encoding
+        if encoding == "float32":
+            return tensors
+        sent = extract(state, ins.submodel)
+        return decode_update(encode_update(tensors, encoding, sent), encoding, lambda: sent)
+
+    def evaluate(self, round_: int, state: GlobalState, requests: list[EvalRequest]) -> Iterator[EvalOutcome]:
+        from nefl_edge.coordinator.evaluation import bn_batch_stats, evaluate_sums
+
+        for req in requests:
+            start = time.perf_counter()
+            train, held = self._split(req.node, req.eval_fraction)
+            outcome = EvalOutcome(req.node, "evaluated")
+            for k in req.submodels:
+                if req.evaluate and len(held):
+                    outcome.results[k] = evaluate_sums(state, k, held)
+                if req.bn_stats:
+                    stats = bn_batch_stats(state, k, train.x, req.batch_size, req.bn_max_batches)
+                    if stats.batches:
+                        outcome.bn_tensors[k], outcome.bn_batches[k] = stats.tensors(), stats.batches
+            outcome.seconds = time.perf_counter() - start
+            yield outcome
+
+    @property
+    def bytes_out(self) -> int:
+        return 0
+
+    def rejections(self) -> dict[str, int]:
+        return {}

@@ -1,0 +1,105 @@
+"""The coordinator's view of the fleet: who said hello, with what data and profile, and who is online."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from nefl_edge.coordinator.assignment import ClientInfo
+from nefl_edge.core.schemas import DeviceProfile, Hello, Message, Status
+
+log = logging.getLogger(__name__)
+DUPLICATE_WINDOW_S = 120.0  # two instances of one node saying hello within this: two processes, one identity
+
+
+@dataclass
+class NodeInfo:
+    node: str
+    num_samples: int
+    tier: Optional[int]
+    profile: Optional[dict[str, Any]]
+    online: bool = True
+    state: str = "online"  # the last status: online, training, offline (left), lost (its Last Will)
+    since: float = field(default_factory=time.monotonic)  # when that status arrived
+
+    def client(self) -> ClientInfo:
+        profile = DeviceProfile.model_validate(self.profile) if self.profile else None
+        return ClientInfo(self.node, self.num_samples, self.tier, profile)
+
+
+class Registry:
+    """Hello and status bookkeeping. A node's hello must come from its own topic (``node`` of the stream);
+    the sample count it declares is what its updates are later checked against."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, NodeInfo] = {}
+        # node -> (instance, monotonic time) of its last hello, of the instance that hello replaced, and of the
+        # last duplicate-identity error
+        self._instance: dict[str, tuple[str, float]] = {}
+        self._replaced: dict[str, tuple[str, float]] = {}
+        self._reported: dict[str, float] = {}
+
+    def note(self, node: str, message: Message) -> None:
+        if isinstance(message, Hello) and message.node == node:
+            known = self.nodes.get(node)
+            self._check_instance(node, message.instance, known)
+            self.nodes[node] = NodeInfo(node, message.num_samples, message.tier, message.profile.model_dump())
+            if known is None or not known.online:
+                log.info(
+                    "client %s joined (%d samples, tier %s, %s samples/s)",
+                    node,
+                    message.num_samples,
+                    message.tier,
+                    message.profile.samples_per_s,
+                )
+        elif isinstance(message, Status) and message.node == node and node in self.nodes:
+            info = self.nodes[node]
+            online = message.state not in ("offline", "lost")
+            if info.online and not online:
+                log.warning("client %s went offline (%s)", node, "left" if message.state == "offline" else "lost")
+            info.online, info.state, info.since = online, message.state, time.monotonic()
+
+    def _check_instance(self, node: str, instance: Optional[str], known: Optional[NodeInfo]) -> None:
+        """Two device processes with one identity say hello with two instances, again and again as each
+        reconnect knocks the other off. An ERROR when a new instance appears while the previous one still
+        counts as online, or when a replaced instance comes back, within ``DUPLICATE_WINDOW_S``."""
+        if instance is None:
+            return
+        now = time.monotonic()
+        last = self._instance.get(node)
+        self._instance[node] = (instance, now)
+        if last is None or last[0] == instance or now - last[1] > DUPLICATE_WINDOW_S:
+            return
+        before = self._replaced.get(node)
+        self._replaced[node] = (last[0], now)
+        came_back = before is not None and before[0] == instance and now - before[1] <= DUPLICATE_WINDOW_S
+        still_online = known is not None and known.state in ("online", "training")
+        if not (came_back or still_online):
+            log.info("client %s restarted (instance %s, before %s)", node, instance, last[0])
+        elif now - self._reported.get(node, -DUPLICATE_WINDOW_S) >= DUPLICATE_WINDOW_S:
+            self._reported[node] = now
+            log.error(
+                "two processes use the identity %s: instances %s and %s; give each device its own state dir "
+                "(a copied state dir is a copied identity: `nefl-edge identity` shows the node id)",
+                node,
+                last[0],
+                instance,
+            )
+
+    def online(self) -> list[str]:
+        return sorted(n for n, info in self.nodes.items() if info.online)
+
+    def clients(self) -> dict[str, ClientInfo]:
+        return {n: self.nodes[n].client() for n in self.online()}
+
+    def dump(self) -> dict[str, dict[str, Any]]:
+        return {n: {k: v for k, v in asdict(i).items() if k not in ("state", "since")} for n, i in self.nodes.items()}
+
+    @classmethod
+    def load(cls, data: dict[str, dict[str, Any]]) -> Registry:
+        registry = cls()
+        for n, info in data.items():
+            registry.nodes[n] = NodeInfo(**{**info, "online": False, "state": "offline"})  # until they say hello
+        return registry

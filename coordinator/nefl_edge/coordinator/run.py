@@ -1,0 +1,266 @@
+"""One ``serve`` run: its directory, the global state, the round loop over the MQTT grid, checkpoints and
+records. Rendering (progress bars, tables) is the caller's (``coordinator.render``); this module logs.
+
+After each round the main thread only snapshots what the round left (state, selection generator, quarantine,
+registry) and starts the next one; a worker (``coordinator.cadence.Evaluator``) evaluates the rounds due
+(``eval_every``, and the last) and writes each round's records and checkpoint, in round order. The
+checkpoint therefore trails the round in progress by at most the rounds still being recorded; a resumed
+run continues after the last recorded one."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional
+
+from nefl_edge.coordinator import checkpoint
+from nefl_edge.coordinator.cadence import Evaluator, evaluates, evaluation_step
+from nefl_edge.coordinator.config import RunConfig
+from nefl_edge.coordinator.engine import RoundEngine, RoundReport
+from nefl_edge.coordinator.mqtt_grid import MqttGrid
+from nefl_edge.coordinator.records import Records
+from nefl_edge.coordinator.registry import Registry
+from nefl_edge.core.errors import BadInput
+from nefl_edge.core.files import write_atomic
+from nefl_edge.core.mqtt import BrokerAddress, MqttLink, Security
+from nefl_edge.core.nested import GlobalState
+
+log = logging.getLogger(__name__)
+RoundCallback = Callable[[RoundReport, list[dict[str, Any]]], None]
+
+
+class MethodNotOnDevices(BadInput):
+    """A method whose local training the device backends do not do."""
+
+
+class ServeRun:
+    """Prepare (export, state, held-out data), then :meth:`serve` the remaining rounds over ``link``."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Optional[Path] = None, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir or cfg.runs_dir / f"{cfg.run}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.resume = resume
+        self.round = 0
+        self.stop = threading.Event()
+        self.records = Records(self.run_dir)
+        self.registry = Registry()
+        self.on_round: Optional[RoundCallback] = None
+        self.on_progress: Optional[Callable[[str], None]] = None
+        self.stopped_by: Optional[str] = None
+        self.evaluated = -1  # the last round whose model was evaluated (and its BatchNorm re-estimated)
+
+    def prepare(self) -> None:
+        """Export (or reuse) the method's artifacts, write the resolved config, load or initialise the state."""
+        from nefl_edge.coordinator.evaluation import coordinator_data
+        from nefl_edge.coordinator.models import initial_consistent
+        from nefl_edge.coordinator.strategies import get_strategy
+        from nefl_edge.core.nested import init_global_state
+        from nefl_edge.export.artifacts import export_set
+
+        cfg = self.cfg
+        self.strategy = get_strategy(cfg.method)
+        if not self.strategy.device_trainable:
+            raise MethodNotOnDevices(
+                f"{cfg.method} trains locally in its own way ({type(self.strategy).__name__}.local_train), which "
+                "the devices' ONNX Runtime trainers do not do; run it with `nefl-coord simulate`"
+            )
+        if cfg.stem_pool:
+            raise MethodNotOnDevices(
+                "stem_pool: the devices' ONNX Runtime training graphs have no max-pool gradient; serve with "
+                "--no-stem-pool, or run the paper's max-pool stem with `nefl-coord simulate`"
+            )
+        self.config, self.plan = self.strategy.setup(cfg.network(), tuple(cfg.gammas))
+        self.test, self.calibration, federated_eval = coordinator_data(
+            cfg.evaluation, cfg.bn, cfg.data_dir, cfg.eval_samples, cfg.bn_calibration
+        )
+        if self.test is not None:
+            c = self.config
+            self.test.check_for((c.in_channels, c.image_size, c.image_size), c.num_classes)
+        saved = checkpoint.load(self.run_dir) if self.resume else None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.run_dir / "config.json", cfg.model_dump_json(indent=1), 0o644)
+        self.manifest = export_set(self.config, self.plan.specs, self.run_dir / "artifacts", cfg.train, log=log.info)
+        self.engine = RoundEngine(self.strategy, cfg, self.config, self.plan, self.calibration)
+        self.engine.federated_eval = federated_eval
+        if saved is not None:
+            self._restore(saved)
+        else:
+            consistent = initial_consistent(self.config, cfg.seed)
+            self.state = init_global_state(self.config, self.plan.specs, consistent, cfg.seed)
+
+    def _restore(self, saved: checkpoint.Checkpoint) -> None:
+        try:
+            self.state = GlobalState.from_flat(self.config, self.plan.specs, saved.state)
+            self.engine.rng.bit_generator.state = saved.engine["rng"]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise checkpoint.CheckpointError(
+                f"cannot resume {self.run_dir}: its state does not fit the run's configuration ({exc})"
+            ) from None
+        self.engine.quarantine.restore(saved.engine.get("quarantine"))
+        self.registry = Registry.load(saved.registry)
+        self.round = saved.round
+        self.evaluated = max((r["round"] for r in self.records.metrics() if r["round"] <= self.round), default=-1)
+        self.records.truncate(self.round)
+        log.info("resuming %s after round %d", self.run_dir, self.round)
+
+    def save(self) -> None:
+        checkpoint.save(self.run_dir, self._snapshot(self.round, self.state))
+
+    def _snapshot(self, round_: int, state: GlobalState) -> checkpoint.Checkpoint:
+        engine = {"rng": self.engine.rng.bit_generator.state, "quarantine": self.engine.quarantine.dump()}
+        return checkpoint.Checkpoint(round_, state.flat(), engine, self.registry.dump())
+
+    def _finish(
+        self, report: RoundReport, state: GlobalState, evaluate: bool, last: bool, evaluator: Evaluator
+    ) -> None:
+        """Hand round ``report.round`` to ``evaluator``: evaluate ``state`` if ``evaluate`` (a copy of it,
+        unless ``last``: then the state itself, whose re-estimated statistics the checkpoint keeps), write the
+        round's records (metrics rows only for an evaluated round) and checkpoint it."""
+        model = state if last or not evaluate else state.copy()
+        saved = self._snapshot(report.round, model)
+        if evaluate:
+            self.evaluated = report.round
+
+        def job() -> None:
+            accuracies: list[tuple[float, float]] = []
+            if evaluate:
+                started = time.monotonic()
+                accuracies = [] if self.test is None else evaluation_step(model, self.test, self.calibration)
+                report.phases["evaluation"] = time.monotonic() - started
+                saved.state = model.flat()
+            rows = self.records.write_round(report, accuracies, self.plan)
+            checkpoint.save(self.run_dir, saved)
+            if rows:
+                log.info(self.records.summary_line(report, rows, self.cfg.rounds))
+            else:
+                log.info(
+                    "round %d/%d: %d/%d updates, %d declined, %d dropped; %.1f s (not evaluated: eval_every)",
+                    report.round,
+                    self.cfg.rounds,
+                    report.updates,
+                    report.selected,
+                    report.declined,
+                    report.dropped,
+                    report.seconds,
+                )
+            if self.on_round is not None:
+                self.on_round(report, rows)
+
+        evaluator.submit(job)
+
+    def serve(self, link: MqttLink) -> Path:
+        """Run the remaining rounds; return the run directory (metrics, client records, checkpoint, report).
+        SIGINT and SIGTERM end the run after the current round: devices are told, retained messages cleared."""
+        from nefl_edge.coordinator.report import write_report
+
+        cfg = self.cfg
+        grid = MqttGrid(
+            link,
+            cfg.run,
+            self.manifest,
+            self.run_dir / "artifacts",
+            cfg.deadline_s,
+            cfg.wait_clients_s,
+            self.registry,
+            self.stop,
+        )
+        grid.on_progress = self.on_progress
+        evaluator = Evaluator(cfg.eval_background)
+        reason = "finished"
+        try:
+            if self.round == 0 and not self.records.metrics():
+                self._finish(RoundReport(0), self.state, True, cfg.rounds == 0, evaluator)
+            grid.open()
+            report = RoundReport(self.round)
+            with self._signals():
+                while self.round < cfg.rounds and not self.stop.is_set():
+                    r = self.round + 1
+                    state, report = self.engine.run_round(r, self.state, grid, self.stop)
+                    if self.stop.is_set():
+                        break  # an interrupted round is not recorded; the last checkpoint stays the state
+                    report.phases["publish"] = grid.publish_s
+                    self.state, self.round = state, r
+                    self._finish(report, state, evaluates(cfg, r), r == cfg.rounds, evaluator)
+                evaluator.wait()
+                if self.stop.is_set() and self.evaluated < self.round:
+                    # the state a stopped run leaves behind carries re-estimated statistics, as a finished one
+                    last = replace(report, clients=[]) if self.round == report.round else RoundReport(self.round)
+                    self._finish(last, self.state, True, True, evaluator)
+                    evaluator.wait()
+            if self.stop.is_set():
+                reason = f"coordinator stopped ({self.stopped_by or 'interrupted'})"
+        except BaseException:
+            reason = "coordinator stopped on an error"
+            raise
+        finally:
+            evaluator.close()
+            grid.close(reason)
+            write_report(self.run_dir)
+        return self.run_dir
+
+    @contextmanager
+    def _signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def stop(signum: int, frame: Any) -> None:
+            self.stopped_by = signal.Signals(signum).name
+            log.warning("%s: finishing after the current round, then telling the devices", self.stopped_by)
+            self.stop.set()
+
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def coordinator_link(
+    cfg: RunConfig,
+    broker: str,
+    security: Security,
+    mqtt_version: str = "3.1.1",
+    enrolment_dir: Optional[Path] = None,
+) -> MqttLink:
+    """The coordinator's MQTT link for a run (a fresh session: a coordinator never resumes an old one).
+
+    With ``enrolment_dir`` every message it publishes is signed with the coordinator's key and every message
+    it takes in must be signed by the enrolled device whose node topic it arrives on; without one, nothing
+    is authenticated, which is said once, loudly."""
+    if mqtt_version not in ("3.1.1", "5"):
+        raise BadInput(f"--mqtt-version must be 3.1.1 or 5, got {mqtt_version!r}")
+    signer = keyring = sender_of = None
+    if enrolment_dir is not None:
+        from nefl_edge.coordinator.enrolment import COORDINATOR_KEY_ID, coordinator_keyring, coordinator_signer
+        from nefl_edge.core.signing import signers_by_topic
+
+        signer, keyring = coordinator_signer(enrolment_dir), coordinator_keyring(enrolment_dir)
+        sender_of = signers_by_topic(COORDINATOR_KEY_ID)
+        log.info("signed run: %d enrolled devices in %s", len(keyring), enrolment_dir)
+    else:
+        log.warning(
+            "UNAUTHENTICATED RUN: no --enrolment-dir, so messages are neither signed nor verified; anyone who "
+            "can publish on this broker can act as a device or as the coordinator. Use it on loopback only "
+            "(see 'Deploying to real devices' in the README)."
+        )
+    return MqttLink(
+        f"nefl-coord-{cfg.run}-{uuid.uuid4().hex[:6]}",
+        BrokerAddress.parse(broker, 8883 if security.tls_ca else 1883),
+        cfg.run,
+        security,
+        protocol="5" if mqtt_version == "5" else "3.1.1",
+        chunk_size=cfg.chunk_size,
+        clean=True,
+        signer=signer,
+        keyring=keyring,
+        sender_of=sender_of,
+    )

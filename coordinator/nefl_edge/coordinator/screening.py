@@ -1,0 +1,114 @@
+"""Screening of client updates before they touch the global model, and quarantine of clients that keep
+sending bad ones. The same screen runs for updates from real devices and from the in-process grid."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from nefl_edge.core.errors import NeflError
+from nefl_edge.core.nested import Tensors
+
+log = logging.getLogger(__name__)
+MAX_SAMPLES = 10_000_000
+
+
+class UpdateRejected(NeflError, ValueError):
+    """An update that must not be aggregated; ``reason`` is a short key counted in the metrics."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def _square_sum(x: np.ndarray) -> float:
+    """Sum of squares in one BLAS pass over float32 (precise enough for a bound; inf on overflow)."""
+    flat = x.reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(np.dot(flat, flat))
+
+
+def screen(
+    tensors: Tensors,
+    shapes: dict[str, tuple[int, ...]],
+    reference: Tensors,
+    num_samples: int,
+    declared_samples: int,
+    norm_bound: float,
+) -> None:
+    """Raise :class:`UpdateRejected` unless ``tensors`` are exactly the submodel's tensors (names, float32,
+    shapes), all finite, from at most the samples the client declared at hello, and (``norm_bound`` > 0)
+    ``||update - reference|| <= norm_bound * ||reference||`` over the trained (non-statistics) tensors."""
+    if not 0 < num_samples <= min(declared_samples, MAX_SAMPLES):
+        raise UpdateRejected(
+            "bad_samples", f"{num_samples} samples claimed; the client declared {declared_samples} at hello"
+        )
+    if set(tensors) != set(shapes):
+        extra, missing = sorted(set(tensors) - set(shapes)), sorted(set(shapes) - set(tensors))
+        raise UpdateRejected("bad_names", f"unexpected {extra[:3]}, missing {missing[:3]}")
+    for name, value in tensors.items():
+        if value.dtype != np.float32:
+            raise UpdateRejected("bad_dtype", f"{name} is {value.dtype}, expected float32")
+        if tuple(value.shape) != shapes[name]:
+            raise UpdateRejected("bad_shape", f"{name} has shape {tuple(value.shape)}, expected {shapes[name]}")
+    # One pass per tensor where the norm bound applies: a finite sum of squared differences to the (finite)
+    # reference proves every value finite; only an overflow or a non-finite sum takes the exact look.
+    trained = [n for n in shapes if "running_" not in n] if norm_bound > 0 else []
+    change = size = 0.0
+    for name in trained:
+        with np.errstate(over="ignore", invalid="ignore"):
+            delta = np.subtract(tensors[name], reference[name], dtype=np.float32)
+        squares = _square_sum(delta)
+        if not np.isfinite(squares):
+            _finite(name, tensors[name])
+            squares = float(np.square(delta, dtype=np.float64).sum())
+        change += squares
+        size += _square_sum(reference[name])
+    for name in shapes.keys() - set(trained):
+        _finite(name, tensors[name])
+    if norm_bound > 0:
+        change, size = float(np.sqrt(change)), float(np.sqrt(size))
+        if change > norm_bound * max(size, 1e-12):
+            raise UpdateRejected(
+                "norm_bound", f"update moved the weights by {change:.3g}, more than {norm_bound} x {size:.3g}"
+            )
+
+
+def _finite(name: str, value: np.ndarray) -> None:
+    if not np.isfinite(value).all():
+        raise UpdateRejected("not_finite", f"{name} holds NaN or Inf")
+
+
+@dataclass
+class Quarantine:
+    """A client whose last ``strikes`` updates were all rejected sits out ``rounds`` rounds."""
+
+    strikes: int = 3
+    rounds: int = 5
+    _streak: dict[str, int] = field(default_factory=dict)
+    _until: dict[str, int] = field(default_factory=dict)
+
+    def record(self, node: str, rejected: bool, round_: int) -> None:
+        self._streak[node] = self._streak.get(node, 0) + 1 if rejected else 0
+        if self._streak[node] >= self.strikes:
+            self._until[node] = round_ + self.rounds
+            self._streak[node] = 0
+            log.warning(
+                "client %s quarantined until round %d after %d rejected updates", node, self._until[node], self.strikes
+            )
+
+    def blocked(self, node: str, round_: int) -> bool:
+        return self._until.get(node, 0) >= round_
+
+    def active(self, round_: int) -> list[str]:
+        return sorted(n for n, until in self._until.items() if until >= round_)
+
+    def dump(self) -> dict[str, dict[str, int]]:
+        return {"streak": dict(self._streak), "until": dict(self._until)}
+
+    def restore(self, data: Optional[dict[str, dict[str, int]]]) -> None:
+        if data:
+            self._streak, self._until = dict(data.get("streak", {})), dict(data.get("until", {}))

@@ -1,0 +1,450 @@
+"""``nefl-edge``: the device's command line."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import re
+import signal
+import sys
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+from nefl_edge.core.cli import add_version_option, fail, run_app, setup_logging
+from nefl_edge.core.errors import ExitCode
+from nefl_edge.edge_client.runtime import keep_torch_out
+
+if TYPE_CHECKING:
+    from nefl_edge.core.data import Dataset
+    from nefl_edge.core.identity import Identity
+
+app = typer.Typer(
+    help="nefl-edge: the device side of nested federated learning (ONNX Runtime + MQTT).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+add_version_option(app)
+keep_torch_out()  # before any command imports onnxruntime
+
+StateDir = Annotated[
+    Optional[Path],
+    typer.Option(help="Identity folder (default $NEFL_STATE_DIR or ~/.local/state/nefl-edge)."),
+]
+BrokerOption = Annotated[
+    Optional[str], typer.Option(help="MQTT broker as HOST or HOST:PORT. Default: the enrolment's broker.")
+]
+NodeIdOption = Annotated[
+    Optional[str],
+    typer.Option(
+        help="This device's id (letters, digits, . _ -). Default: the enrolled name, else the identity's generated "
+        "id. Without --state-dir and enrolment, an explicit id uses no identity (demos, tests)."
+    ),
+]
+
+
+def _open_identity(state_dir: Optional[Path], node_id: Optional[str]) -> Optional[Identity]:
+    """The device's identity, locked for the life of the process; ``None`` for an explicit ``--node-id``
+    without ``--state-dir`` and without an enrolment in the default state dir (demos and tests)."""
+    from nefl_edge.core.identity import IdentityError, default_state_dir, open_identity
+
+    folder = state_dir or default_state_dir()
+    if node_id is not None and state_dir is None and not (folder / "enrolment.json").exists():
+        return None
+    try:
+        identity = open_identity(folder, lock=True)
+    except (IdentityError, OSError) as exc:
+        fail(str(exc))
+    return identity
+
+
+@dataclass(frozen=True)
+class DeviceArgs:
+    """The options `join` and `agent` share, as given on the command line."""
+
+    data: Path
+    broker: Optional[str]
+    node_id: Optional[str]
+    state_dir: Optional[Path]
+    run: str
+    tier: Optional[int]
+    cache: Path
+    tls_ca: Optional[Path]
+    tls_cert: Optional[Path]
+    tls_key: Optional[Path]
+    username: Optional[str]
+    password_file: Optional[Path]
+    mqtt_version: str
+    threads: int
+    max_samples: Optional[int]
+    max_message_size: int
+    backend: str
+    verbose: bool
+
+
+def _device(args: DeviceArgs, pinned: bool, agent_options: Any) -> None:
+    """`join` (one run, ``agent_options`` None) and `agent` (long-lived): same options, one code path. The
+    identity (when one is used) stays locked until the process ends: a second process gets a clear error."""
+    from nefl_edge.core.data import DataError, load_dataset
+    from nefl_edge.core.schemas import NAME_PATTERN
+    from nefl_edge.edge_client.trainer import BackendUnavailable, choose_backend
+
+    setup_logging(args.verbose)
+    if args.node_id is not None and not re.match(NAME_PATTERN, args.node_id):
+        fail(f"node id {args.node_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    if not re.match(NAME_PATTERN, args.run):
+        fail(f"run {args.run!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    if args.mqtt_version not in ("3.1.1", "5"):
+        fail(f"--mqtt-version must be 3.1.1 or 5, got {args.mqtt_version!r}")
+    if args.max_message_size < 1024:
+        fail("--max-message-size must be at least 1024 bytes")
+    try:
+        dataset = load_dataset(args.data, "train")
+        choose_backend(args.backend)
+    except (DataError, BackendUnavailable) as exc:
+        fail(str(exc))
+    if args.max_samples is not None:
+        dataset.x, dataset.y = dataset.x[: args.max_samples], dataset.y[: args.max_samples]
+    identity = _open_identity(args.state_dir, args.node_id)
+    try:
+        _serve_device(identity, args, dataset, pinned, agent_options)
+    finally:
+        if identity is not None:
+            identity.close()
+
+
+def _serve_device(
+    identity: Optional[Identity], args: DeviceArgs, dataset: Dataset, pinned: bool, agent_options: Any
+) -> None:
+    """Resolve node id, broker, credentials and keys (from the enrolment unless given), then serve."""
+    from nefl_edge.core.data import DataError
+    from nefl_edge.core.mqtt import BrokerAddress, BrokerError, Security
+    from nefl_edge.edge_client.agent import Agent, AgentOptions
+    from nefl_edge.edge_client.client import ClientOptions
+    from nefl_edge.edge_client.trainer import BackendUnavailable
+
+    log = logging.getLogger(__name__)
+    node_id, broker, tls_ca, username, password_file = (
+        args.node_id, args.broker, args.tls_ca, args.username, args.password_file,
+    )  # fmt: skip
+    signer = keyring = None
+    key_id = "coordinator"
+    if identity is not None and identity.enrolment is not None:
+        enrolment = identity.enrolment
+        if node_id is not None and node_id != enrolment.node:
+            fail(
+                f"this device is enrolled as {enrolment.node!r} (in {identity.state_dir}); --node-id {node_id} "
+                "conflicts with it: leave --node-id out, or pass another --state-dir"
+            )
+        node = enrolment.node
+        broker = broker or enrolment.broker
+        tls_ca = tls_ca or enrolment.ca_cert
+        if username is None and password_file is None:
+            username, password_file = enrolment.username, enrolment.password_file
+        signer, keyring, key_id = identity.signer(), identity.keyring(), enrolment.coordinator_key_id
+        log.info(
+            "enrolled as %s (key %s): signing what this device sends; taking only messages signed by the "
+            "coordinator's key %s",
+            node,
+            identity.fingerprint,
+            identity.describe()["coordinator_fingerprint"],
+        )
+    else:
+        node = node_id or (identity.node if identity is not None else "")
+        log.warning(
+            "UNAUTHENTICATED DEVICE: not enrolled, so it accepts unsigned tasks, weights and control messages "
+            "from anyone who can publish on the broker, and signs nothing. Use it on a trusted network only; "
+            "to enrol: `nefl-edge identity`, `nefl-coord add-device`, `nefl-edge enrol BUNDLE` (README: "
+            "'Deploying to real devices')."
+        )
+    if broker is None:
+        fail("pass --broker HOST[:PORT] (an enrolled device takes it from its enrolment: `nefl-edge enrol`)")
+    try:
+        address = BrokerAddress.parse(broker, 8883 if tls_ca else 1883)
+    except ValueError as exc:
+        fail(str(exc))
+    security = Security(tls_ca, args.tls_cert, args.tls_key, False, username, password_file)
+    for path in (tls_ca, args.tls_cert, args.tls_key, password_file):
+        if path is not None and not path.is_file():
+            fail(f"file {path} does not exist; check the TLS / password options")
+    options = ClientOptions(
+        address,
+        node,
+        args.run,
+        args.cache,
+        security,
+        args.mqtt_version,
+        args.tier,
+        args.threads,
+        chunk_size=args.max_message_size,
+        backend=args.backend,
+        signer=signer,
+        keyring=keyring,
+        coordinator_key_id=key_id,
+    )
+    device = Agent(options, dataset, agent_options or AgentOptions(once=True, broker_wait_s=15.0), pinned=pinned)
+
+    def leave(signum: int, frame: Any) -> None:
+        logging.getLogger(__name__).info("interrupted; leaving the run cleanly")
+        device.stop()
+
+    signal.signal(signal.SIGINT, leave)
+    signal.signal(signal.SIGTERM, leave)
+    try:
+        device.run()
+    except BrokerError as exc:
+        fail(str(exc), ExitCode.BROKER)
+    except (DataError, BackendUnavailable, ValueError) as exc:
+        fail(str(exc))
+
+
+@app.command()
+def agent(
+    data: Annotated[Path, typer.Option(help="Local data: an IDX or CIFAR folder, or an .npz file with x and y.")],
+    broker: BrokerOption = None,
+    node_id: NodeIdOption = None,
+    state_dir: StateDir = None,
+    run: Annotated[
+        Optional[str],
+        typer.Option(help="Serve only this run, again after each end. Default: any run announced on the broker."),
+    ] = None,
+    once: Annotated[bool, typer.Option("--once", help="Exit after one run (as `join`).")] = False,
+    broker_wait: Annotated[
+        Optional[float], typer.Option(help="Give up (exit 3) if the broker is not reached within S seconds.")
+    ] = None,
+    backoff_max: Annotated[float, typer.Option(help="Longest wait between broker connection attempts (s).")] = 60.0,
+    tier: Annotated[
+        Optional[int],
+        typer.Option(help="Declared device tier for the coordinator's static policy (0 = smallest submodel)."),
+    ] = None,
+    cache: Annotated[
+        Path, typer.Option(help="Folder for cached artifacts and the latest trained weights.")
+    ] = Path.home() / ".cache" / "nefl-edge",
+    tls_ca: Annotated[Optional[Path], typer.Option(help="CA certificate file: connect with TLS.")] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option(help="Client certificate for TLS client authentication.")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(help="Key of the client certificate.")] = None,
+    username: Annotated[Optional[str], typer.Option(help="Broker user name.")] = None,
+    password_file: Annotated[Optional[Path], typer.Option(help="File holding the broker password.")] = None,
+    mqtt_version: Annotated[str, typer.Option(help="MQTT protocol version: 3.1.1 or 5.")] = "3.1.1",
+    threads: Annotated[
+        int, typer.Option(help="Training threads (0: the fastest setting, measured at the first join and cached).")
+    ] = 0,
+    max_samples: Annotated[Optional[int], typer.Option(help="Use only the first N samples of the data.")] = None,
+    max_message_size: Annotated[
+        int, typer.Option(help="Bytes per MQTT message; larger payloads are chunked.")
+    ] = 1048576,
+    backend: Annotated[
+        str, typer.Option(help="Training backend: auto, ort-training (training build) or portable (stock onnxruntime).")
+    ] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """The long-lived device agent (what the systemd service runs): waits for the broker with backoff, serves
+    run after run (the pinned --run, or any run announced on nefl/+/manifest), reconnects forever."""
+    from nefl_edge.edge_client.agent import AgentOptions
+
+    if broker_wait is not None and broker_wait <= 0:
+        fail("--broker-wait must be positive")
+    if backoff_max < 1:
+        fail("--backoff-max must be at least 1 s")
+    options = AgentOptions(once=once, broker_wait_s=broker_wait, backoff_max_s=backoff_max)
+    args = DeviceArgs(
+        data, broker, node_id, state_dir, run or "default", tier, cache, tls_ca, tls_cert, tls_key, username,
+        password_file, mqtt_version, threads, max_samples, max_message_size, backend, verbose,
+    )  # fmt: skip
+    _device(args, pinned=run is not None, agent_options=options)
+
+
+AGENT_ONLY = ("once", "broker_wait", "backoff_max")
+
+
+def join(**options: Any) -> None:
+    """Join one run: announce this device, take training tasks, train with ONNX Runtime, upload the weights;
+    exit when the run ends (exit 3 if the broker does not answer within 15 s). For a device that stays up,
+    run after run, use `nefl-edge agent`. An enrolled device (`nefl-edge enrol`) signs what it sends and
+    takes only what the coordinator signed."""
+    _device(DeviceArgs(**options), pinned=True, agent_options=None)
+
+
+def _join_signature() -> inspect.Signature:
+    """``agent``'s options without the agent-only ones; ``--run`` names the one run to join."""
+    hints = typing.get_type_hints(agent, include_extras=True)
+    run_option = typer.Option(help="The run to join (the coordinator's --run).")
+    params = [
+        p.replace(annotation=Annotated[str, run_option], default="default")
+        if p.name == "run"
+        else p.replace(annotation=hints[p.name])
+        for p in inspect.signature(agent).parameters.values()
+        if p.name not in AGENT_ONLY
+    ]
+    return inspect.Signature(params)
+
+
+join.__signature__ = _join_signature()  # type: ignore[attr-defined]
+app.command()(join)
+
+
+@app.command()
+def predict(
+    data: Annotated[Path, typer.Option(help="Samples: an .npz file with x (and y for accuracy), or an IDX folder.")],
+    cache: Annotated[Path, typer.Option(help="The device's --cache folder.")] = Path.home() / ".cache" / "nefl-edge",
+    submodel: Annotated[
+        Optional[int], typer.Option(help="Which kept submodel (default: the most recently trained).")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write logits and predictions to this .npz file.")] = None,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: all cores).")] = 0,
+) -> None:
+    """Local inference with the latest weights this device trained (kept after each task)."""
+    import numpy as np
+
+    from nefl_edge.core.data import DataError, load_dataset
+    from nefl_edge.edge_client.latest import LatestStore, LocalModel, NoLatestWeights
+
+    try:
+        info = LatestStore(cache / "latest").get(submodel)
+        model = LocalModel(info, cache / "artifacts", threads)
+        samples = load_dataset(data, "test")
+        samples.check_for(tuple(info.input_shape), info.num_classes)
+    except (NoLatestWeights, DataError) as exc:
+        fail(str(exc))
+        return
+    logits = model.logits(samples.x)
+    predictions = logits.argmax(axis=1)
+    accuracy = float((predictions == samples.y).mean()) if len(samples) else 0.0
+    if out is not None:
+        np.savez(out, logits=logits, predictions=predictions)
+    summary = {
+        "submodel": info.submodel,
+        "gamma": info.gamma,
+        "run": info.run,
+        "round": info.round,
+        "samples": len(samples),
+        "accuracy": round(accuracy, 4),
+    }
+    typer.echo(json.dumps(summary))
+
+
+@app.command("install-service")
+def install_service(
+    data: Annotated[Path, typer.Option(help="The device's data (readable by the service user).")],
+    broker: BrokerOption = None,
+    run: Annotated[Optional[str], typer.Option(help="Pin the agent to this run (default: any run).")] = None,
+    user: Annotated[str, typer.Option(help="The dedicated system user the service runs as.")] = "nefl-edge",
+    password_file: Annotated[
+        Optional[Path], typer.Option(help="Root-only file with the broker password (passed as a systemd credential).")
+    ] = None,
+    extra: Annotated[
+        Optional[str], typer.Option(help="More agent options, e.g. '--tls-ca /etc/nefl-edge/ca.crt --threads 2'.")
+    ] = None,
+    output: Annotated[Path, typer.Option(help="Where to write the unit.")] = Path(
+        "/etc/systemd/system/nefl-edge.service"
+    ),
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the unit instead of writing it.")] = False,
+) -> None:
+    """Write a systemd unit that runs `nefl-edge agent` as a dedicated user and restarts it always."""
+    import shlex
+    import shutil
+
+    from nefl_edge.edge_client.agent import systemd_unit
+
+    exe = shutil.which("nefl-edge") or str(Path(sys.executable).with_name("nefl-edge"))
+    extra_args = shlex.split(extra) if extra else []
+    if any(a in ("--password", "--password-file") for a in extra_args):
+        fail("pass the broker password with --password-file here; it becomes a systemd credential")
+    unit = systemd_unit(str(Path(exe).resolve()), broker, data.resolve(), user, run, extra_args, password_file)
+    if dry_run:
+        typer.echo(unit, nl=False)
+        return
+    try:
+        output.write_text(unit)
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc} (run as root, or pass --output FILE / --dry-run)")
+    typer.echo(f"wrote {output}. Then, as root:")
+    typer.echo(f"  useradd --system --home-dir /var/lib/nefl-edge --shell /usr/sbin/nologin {user}")
+    typer.echo("  systemctl daemon-reload && systemctl enable --now nefl-edge")
+    typer.echo("  journalctl -u nefl-edge -f     # the agent's log")
+
+
+@app.command()
+def profile(
+    artifacts: Annotated[
+        Optional[Path], typer.Option(help="An export folder: also time training of its smallest submodel.")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="Training threads (0: the fastest setting, measured).")] = 0,
+    backend: Annotated[str, typer.Option(help="auto, ort-training or portable.")] = "auto",
+) -> None:
+    """Print this device's profile (JSON): hardware, ONNX Runtime, training backend, throughput."""
+    from nefl_edge.core.artifacts import ArtifactError, load_manifest, submodel_paths
+    from nefl_edge.edge_client.profile import device_profile, probe_threads
+    from nefl_edge.edge_client.trainer import BACKEND_FILES, BackendUnavailable, choose_backend, create_backend
+
+    speed = probe = None
+    try:
+        kind = choose_backend(backend)
+        if artifacts is not None:
+            manifest = load_manifest(artifacts)
+            sub = min(manifest.submodels, key=lambda s: s.mflops)
+            paths = submodel_paths(artifacts, sub, BACKEND_FILES[kind])
+            choice = probe_threads(
+                lambda t, spin: create_backend(kind, paths, sub.params, manifest.train, t, spin),
+                manifest.input_shape,
+                manifest.num_classes,
+                threads,
+            )
+            speed, probe = choice.samples_per_s, sub.mflops
+            typer.echo(f"training threads: {choice.label} (samples/s tried: {choice.tried})", err=True)
+    except (ArtifactError, BackendUnavailable, ValueError) as exc:
+        fail(str(exc))
+        return
+    typer.echo(json.dumps(device_profile(kind, speed, probe).model_dump(), indent=1))
+
+
+@app.command()
+def identity(
+    state_dir: StateDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show this device's identity (made on first use): node id, public key for `nefl-coord add-device`, enrolment."""
+    from nefl_edge.core.identity import IdentityError, open_identity
+
+    try:
+        info = open_identity(state_dir, lock=False).describe()
+    except (IdentityError, OSError) as exc:
+        fail(str(exc))
+        return
+    if as_json:
+        typer.echo(json.dumps(info, indent=1))
+        return
+    for key in ("node", "public_key", "fingerprint", "state_dir"):
+        typer.echo(f"{key:<12} {info[key]}")
+    if info["enrolled"]:
+        typer.echo(f"enrolled     yes: broker {info['broker']} as {info['username']}, TLS CA {info['tls_ca']}")
+        typer.echo(f"coordinator  {info['coordinator_fingerprint']}")
+    else:
+        typer.echo("enrolled     no: give the public key to `nefl-coord add-device`, then run `nefl-edge enrol BUNDLE`")
+
+
+@app.command()
+def enrol(
+    bundle: Annotated[Path, typer.Argument(help="The bundle file made by `nefl-coord add-device`.")],
+    state_dir: StateDir = None,
+) -> None:
+    """Install an enrolment bundle: broker account, coordinator public key, CA certificate."""
+    from nefl_edge.core.identity import IdentityError, install_bundle
+
+    try:
+        with install_bundle(state_dir, bundle) as ident:
+            info = ident.describe()
+    except (IdentityError, OSError) as exc:
+        fail(str(exc))
+        return
+    typer.echo(f"enrolled as {info['node']} on broker {info['broker']} (state in {info['state_dir']}).")
+    typer.echo(f"The bundle {bundle} holds the broker password: delete it now that it is installed.")
+
+
+def main() -> None:
+    run_app(app, "nefl-edge")

@@ -1,0 +1,311 @@
+"""Local training on the device with ONNX Runtime, and the loop that runs a task's epochs.
+
+The training-build backend drives ``onnxruntime.training.api``: the training graph computes the loss and
+the gradients; the SGD update (momentum, weight decay, with ``torch.optim.SGD``'s exact formula) is done
+here in numpy, because ORT's optimizer graph only has plain SGD.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
+
+import numpy as np
+
+from nefl_edge.core.data import Dataset
+from nefl_edge.core.schedule import local_batches, planned_steps
+from nefl_edge.core.schemas import Metrics, ParamEntry, TrainConfig
+from nefl_edge.edge_client.runtime import keep_torch_out, session_options
+
+Tensors = Dict[str, np.ndarray]
+keep_torch_out()
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested training backend is not installed on this device."""
+
+
+def training_api() -> Any:
+    """Import ``onnxruntime.training.api`` without loading torch.
+
+    ``onnxruntime/training/__init__.py`` imports torch-dependent modules; registering a bare package for
+    ``onnxruntime.training`` first keeps torch out of the device process (ORT 1.19.2, measured), and
+    :func:`~nefl_edge.edge_client.runtime.keep_torch_out` keeps ``import onnxruntime`` itself from loading it.
+    """
+    keep_torch_out()
+    if "onnxruntime.training" not in sys.modules:
+        import onnxruntime
+
+        folder = Path(onnxruntime.__file__).parent / "training"
+        if not (folder / "api").is_dir():
+            raise BackendUnavailable(
+                "this onnxruntime has no training API; install onnxruntime-training-cpu==1.19.2 "
+                "(Linux x86_64, Windows, macOS arm64, Python <= 3.12)"
+            )
+        package = types.ModuleType("onnxruntime.training")
+        package.__path__ = [str(folder)]
+        sys.modules["onnxruntime.training"] = package
+    return importlib.import_module("onnxruntime.training.api")
+
+
+def has_training_build() -> bool:
+    try:
+        training_api()
+    except (BackendUnavailable, ImportError):
+        return False
+    return True
+
+
+class TrainerBackend(Protocol):
+    """Local training of one submodel on the device (``ort-training`` or ``portable``)."""
+
+    name: str
+
+    def load(self, tensors: Tensors, train: Optional[TrainConfig] = None) -> None:
+        """Start from these weights (and statistics), with fresh optimizer state and ``train``'s settings."""
+        ...
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> Tuple[float, int]:
+        """One SGD step on a batch; return its loss and the number of correct predictions."""
+        ...
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> Tuple[float, int]:
+        """Loss and correct predictions of the current weights on a batch (eval mode, no update)."""
+        ...
+
+    def tensors(self) -> Tensors:
+        """Every tensor of the submodel as it is now (the update a device sends)."""
+        ...
+
+
+class OrtTrainingBackend:
+    """Training with the ``onnxruntime-training`` build (the ``training``, ``eval`` and ``checkpoint``
+    artifacts of one submodel)."""
+
+    name = "ort-training"
+
+    def __init__(
+        self,
+        files: Dict[str, Path],
+        params: List[ParamEntry],
+        train: Optional[TrainConfig] = None,
+        threads: int = 0,
+        spin: bool = False,
+    ) -> None:
+        api = training_api()
+        import onnxruntime
+
+        options = session_options(onnxruntime, threads, spin)
+        self._state = api.CheckpointState.load_checkpoint(str(files["checkpoint"]))
+        self._module = api.Module(str(files["training"]), self._state, str(files["eval"]), session_options=options)
+        self._params = {p.name: p for p in params}
+        self._trainable = [p.name for p in params if p.trainable]
+        self._cfg = train or TrainConfig()
+        self._momentum: Dict[str, np.ndarray] = {}
+
+    def load(self, tensors: Tensors, train: Optional[TrainConfig] = None) -> None:
+        """Set every tensor of the submodel (and the task's hyper-parameters); momentum starts afresh."""
+        if train is not None:
+            self._cfg = train
+        for name in self._params:
+            self._state.parameters[name] = np.asarray(tensors[name], dtype=np.float32)
+        self._momentum.clear()
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> Tuple[float, int]:
+        self._module.train()
+        loss, logits = self._module(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y, np.int64))
+        cfg = self._cfg
+        for name in self._trainable:
+            param = self._state.parameters[name]
+            weight = param.data
+            grad = param.grad
+            if cfg.weight_decay:
+                grad = grad + cfg.weight_decay * weight
+            if cfg.momentum:
+                buf = self._momentum.get(name)
+                buf = grad.copy() if buf is None else cfg.momentum * buf + grad
+                self._momentum[name] = buf
+                grad = buf
+            self._state.parameters[name] = (weight - cfg.lr * grad).astype(np.float32)
+        self._module.lazy_reset_grad()
+        return float(loss), int((np.argmax(logits, axis=1) == y).sum())
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> Tuple[float, int]:
+        self._module.eval()
+        loss, logits = self._module(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y, np.int64))
+        return float(loss), int((np.argmax(logits, axis=1) == y).sum())
+
+    def tensors(self) -> Tensors:
+        return {name: np.array(self._state.parameters[name].data, dtype=np.float32) for name in self._params}
+
+    def momentum_buffers(self) -> Tensors:
+        """SGD momentum buffers by parameter name (empty before the first step or without momentum)."""
+        return {name: buf.copy() for name, buf in self._momentum.items()}
+
+
+BACKENDS = ("ort-training", "portable")
+BACKEND_FILES: Dict[str, Tuple[str, ...]] = {
+    "ort-training": ("training", "eval", "checkpoint"),
+    "portable": ("portable", "eval"),
+}
+
+
+def choose_backend(requested: str = "auto") -> str:
+    """``auto``: the training build when ``onnxruntime.training`` is importable, else the portable graph."""
+    if requested == "auto":
+        return "ort-training" if has_training_build() else "portable"
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown backend {requested!r}; choose auto, {', '.join(BACKENDS)}")
+    if requested == "ort-training" and not has_training_build():
+        raise BackendUnavailable("backend ort-training needs onnxruntime-training-cpu; use --backend portable")
+    return requested
+
+
+def create_backend(
+    kind: str,
+    files: Dict[str, Path],
+    params: List[ParamEntry],
+    train: Optional[TrainConfig] = None,
+    threads: int = 0,
+    spin: bool = False,
+) -> TrainerBackend:
+    """A ``kind`` backend on one submodel's files, with ``threads`` intra-op threads and spin-waiting
+    ``spin`` (see :func:`session_options`)."""
+    if kind == "portable":
+        from nefl_edge.edge_client.portable import PortableBackend
+
+        return PortableBackend(files, params, train, threads, spin)
+    return OrtTrainingBackend(files, params, train, threads, spin)
+
+
+class DeadlineMissed(RuntimeError):
+    """Local training cannot finish before the task's deadline."""
+
+
+PACE_MIN_STEPS = 5
+"""Steps after the warm-up step that must be timed before the pace may decline a task ..."""
+PACE_MIN_SECONDS = 2.0
+"""... or this many seconds of them, whichever comes first (a slow device decides sooner in steps)."""
+PACE_TOLERANCE = 0.10
+"""Safety margin against declining a task the device would finish: the projection at the measured pace may
+exceed the training budget by this share before the device declines. The budget itself already keeps
+``UPLOAD_MARGIN_S`` for the upload, and a pace measured over >= 5 steps varies by a few percent."""
+
+
+@dataclass
+class Progress:
+    """Where local training stands after ``step`` of ``total`` steps."""
+
+    step: int
+    total: int
+    loss: float
+    elapsed_s: float = 0.0
+    projected_s: Optional[float] = None
+    """Projected duration of the whole task at the measured pace (``None`` until the pace is measured)."""
+
+
+def measured_pace(step: int, elapsed_s: float, first_step_s: float) -> Optional[float]:
+    """Seconds per step after the warm-up step, or ``None`` while too few steps were timed (fewer than
+    ``PACE_MIN_STEPS`` and less than ``PACE_MIN_SECONDS`` of them). The first step is left out: it pays for
+    ONNX Runtime's lazy initialisation and memory allocation, and is often several times slower."""
+    timed = step - 1
+    timed_s = elapsed_s - first_step_s
+    if timed < 1 or (timed < PACE_MIN_STEPS and timed_s < PACE_MIN_SECONDS):
+        return None
+    return max(0.0, timed_s) / timed
+
+
+def projected_seconds(step: int, total: int, elapsed_s: float, first_step_s: float) -> Optional[float]:
+    """The whole task's projected duration: time so far plus the remaining steps at the measured pace."""
+    pace = measured_pace(step, elapsed_s, first_step_s)
+    return None if pace is None else elapsed_s + (total - step) * pace
+
+
+def pace_verdict(step: int, total: int, elapsed_s: float, first_step_s: float, budget_s: float) -> Optional[str]:
+    """Why the task cannot finish within ``budget_s`` seconds, or ``None`` while it still can.
+
+    Declines only on evidence: when the time already spent exceeds the budget (with ``PACE_TOLERANCE``), or
+    when the pace measured over the steps after the warm-up step projects a finish beyond it. Called after
+    every step, so that a pace that worsens later is still caught."""
+    if step >= total:
+        return None
+    limit = budget_s * (1.0 + PACE_TOLERANCE)
+    if elapsed_s > limit:
+        return f"after {step}/{total} steps {elapsed_s:.1f} s have passed; the deadline of {budget_s:.0f} s is missed"
+    projected = projected_seconds(step, total, elapsed_s, first_step_s)
+    if projected is None or projected <= limit:
+        return None
+    pace = (elapsed_s - first_step_s) / (step - 1)
+    return (
+        f"after {step}/{total} steps in {elapsed_s:.1f} s ({pace:.3f} s/step after the first step) the projected "
+        f"{projected:.0f} s exceed the deadline of {budget_s:.0f} s"
+    )
+
+
+class ProgressLog:
+    """Throttles progress lines through ``emit``: the first once the pace is measured, then one every
+    ``every_s`` seconds, and the last step."""
+
+    def __init__(self, emit: Callable[[str], None], every_s: float = 10.0, prefix: str = "") -> None:
+        self.emit, self.every_s, self.prefix = emit, every_s, prefix
+        self._last: Optional[float] = None
+
+    def __call__(self, p: Progress) -> None:
+        if self._last is None:
+            due = p.projected_s is not None or p.elapsed_s >= self.every_s
+        else:
+            due = p.elapsed_s - self._last >= self.every_s
+        if not due and p.step < p.total:
+            return
+        self._last = p.elapsed_s
+        projected = "" if p.projected_s is None else f", projected {p.projected_s:.0f} s"
+        self.emit(f"{self.prefix}step {p.step}/{p.total}, loss {p.loss:.3f}, {p.elapsed_s:.1f} s{projected}")
+
+
+def train_local(
+    backend: TrainerBackend,
+    data: Dataset,
+    cfg: TrainConfig,
+    deadline_s: Optional[float] = None,
+    on_progress: Optional[Callable[[Progress], None]] = None,
+) -> Metrics:
+    """Run the task's epochs (shuffled with ``cfg.seed``; a last batch smaller than 2 is skipped, as
+    BatchNorm cannot train on one sample). With ``deadline_s``, raises :class:`DeadlineMissed` as soon as
+    :func:`pace_verdict` says the task cannot finish within that many seconds from the start, so that a late
+    device says so instead of sending late. ``on_progress`` is called after every step.
+    """
+    total = planned_steps(len(data), cfg)
+    if total == 0:
+        raise ValueError(f"{data.name}: {len(data)} samples are too few to train on")
+    start = time.monotonic()
+    losses: List[float] = []
+    correct = seen = 0
+    step = 0
+    first_step_s = 0.0
+    for idx in local_batches(len(data), cfg):
+        loss, hits = backend.step(data.x[idx], data.y[idx])
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"training diverged at step {step}: loss {loss}; lower the learning rate")
+        losses.append(loss)
+        correct, seen, step = correct + hits, seen + len(idx), step + 1
+        elapsed = time.monotonic() - start
+        if step == 1:
+            first_step_s = elapsed
+        if on_progress is not None:
+            on_progress(Progress(step, total, loss, elapsed, projected_seconds(step, total, elapsed, first_step_s)))
+        if deadline_s is not None:
+            reason = pace_verdict(step, total, elapsed, first_step_s, deadline_s)
+            if reason is not None:
+                raise DeadlineMissed(reason)
+    return Metrics(
+        loss_first=losses[0],
+        loss_last=float(np.mean(losses[-max(1, len(losses) // 10) :])),
+        accuracy=correct / max(1, seen),
+        steps=step,
+        seconds=time.monotonic() - start,
+    )

@@ -167,3 +167,12 @@ def test_partition_cli_writes_shards_and_histogram(tmp_path: Path) -> None:
         first = data["y"]
     row = result.stdout.splitlines()[1].split()
     assert int(row[1]) == len(first) and [int(v) for v in row[2:]] == np.bincount(first, minlength=10).tolist()
+
+
+def test_a_dirichlet_draw_that_starves_a_client_fails_loudly() -> None:
+    # Prepare: 30 samples of 10 classes over 10 clients with a tiny alpha: nearly every class lands on one client
+    labels = np.repeat(np.arange(10), 3)
+
+    # Execute / Assert: flwr-datasets' rule (11 draws, then ValueError), not a silent starved client
+    with pytest.raises(ValueError, match="fewer than 3 samples in 11 draws"):
+        DirichletPartitioner(10, 0.01, seed=0).split(labels)

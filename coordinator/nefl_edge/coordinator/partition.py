@@ -3,8 +3,11 @@
 - IID: a random permutation cut into equal parts.
 - Dirichlet (Hsu et al., "Measuring the Effects of Non-Identical Data Distribution for Federated Visual
   Classification", 2019): for each class, shares over clients drawn from Dir(alpha); small alpha gives
-  skewed label distributions. As flwr-datasets does, the draw is repeated (up to 10 times) until every client
-  has at least ``min_size`` samples.
+  skewed label distributions. As flwr-datasets' ``DirichletPartitioner`` does, the draw is repeated until every
+  client has at least ``min_size`` samples (or its equal share, when that is smaller), and after 11 failed draws
+  it raises :class:`BadInput` (a ``ValueError``) (flwr-datasets: "The max number of attempts (10) was reached"). Unlike flwr-datasets,
+  there is no self-balancing (flwr-datasets stops giving samples of later classes to a client above the average
+  size, "not mentioned in the paper but implemented"); we follow Hsu et al.
 - Shards (McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data",
   2017): sort by label, cut into ``shards_per_client * N`` shards, deal them out at random.
 """
@@ -17,6 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from nefl_edge.core.data import Dataset
+from nefl_edge.core.errors import BadInput
+
+MAX_DRAWS = 11
+"""Dirichlet draws before giving up, as flwr-datasets (its ``sampling_try`` runs 0..10)."""
 
 
 class Partitioner(ABC):
@@ -52,7 +59,8 @@ class DirichletPartitioner(Partitioner):
 
     def split(self, labels: np.ndarray) -> list[np.ndarray]:
         rng = np.random.default_rng(self.seed)
-        for _ in range(10):
+        need = min(self.min_size, len(labels) // self.num_clients)
+        for _ in range(MAX_DRAWS):
             parts: list[list[int]] = [[] for _ in range(self.num_clients)]
             for c in np.unique(labels):
                 idx = rng.permutation(np.flatnonzero(labels == c))
@@ -60,9 +68,12 @@ class DirichletPartitioner(Partitioner):
                 cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
                 for client, chunk in enumerate(np.split(idx, cuts)):
                     parts[client].extend(chunk.tolist())
-            if min(len(p) for p in parts) >= min(self.min_size, len(labels) // self.num_clients):
-                break
-        return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+            if min(len(p) for p in parts) >= need:
+                return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+        raise BadInput(
+            f"Dirichlet(alpha={self.alpha}) over {self.num_clients} clients left a client with fewer than {need} "
+            f"samples in {MAX_DRAWS} draws; raise alpha, use fewer clients or more data"
+        )
 
 
 class ShardPartitioner(Partitioner):

@@ -6,8 +6,8 @@
   skewed label distributions. As flwr-datasets' ``DirichletPartitioner`` does, the draw is repeated until every
   client has at least ``min_size`` samples (or its equal share, when that is smaller), and after 11 failed draws
   it raises :class:`BadInput` (flwr-datasets: "The max number of attempts (10) was reached"). Unlike
-  flwr-datasets, there is no self-balancing (flwr-datasets stops giving samples of later classes to a client above the average
-  size, "not mentioned in the paper but implemented"); we follow Hsu et al.
+  flwr-datasets, there is no self-balancing (flwr-datasets stops giving samples of later classes to a client
+  above the average size, "not mentioned in the paper but implemented"); we follow Hsu et al.
 - Shards (McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data",
   2017): sort by label, cut into ``shards_per_client * N`` shards, deal them out at random.
 """

@@ -1,0 +1,488 @@
+"""The link: what the protocol sessions (``coordinator.session``, ``edge_client.session``) need of a transport,
+and the transport-independent half of one.
+
+:class:`Link` is the interface: subscribe / unsubscribe topic filters, publish a message (retained or not),
+take the next validated inbound message (with a timeout), the ``connected`` event with ``on_connected`` and
+``on_session`` watchers, and close. Topic names and wildcards are MQTT's (``+`` one level, ``#`` the rest), as
+are retained messages, because the protocol is written in them (see ``wire.Topics``).
+
+:class:`FramedLink` is everything of a link that does not depend on the transport: chunking and signing on
+the way out (``wire.iter_frames``, ``signing.Signer``), retained messages kept chunk by chunk on
+``<topic>/chunk/<i>``, and on the way in the :class:`Receiver` (reassembly, signature, schema, run and topic
+checks) and the bounded :class:`Inbox`. ``core.mqtt.MqttLink`` puts it on paho-mqtt; :class:`MemoryLink` on a
+:class:`MemoryBroker` in this process, so that the protocol tests run without a broker.
+
+Where :class:`MemoryBroker` departs from an MQTT broker: delivery is synchronous on the publisher's thread,
+there is no QoS (every delivery to an attached link succeeds) and no persistent session (a link that is not
+connected misses what is published meanwhile, except retained messages). The wire bytes are the real ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import threading
+from collections import Counter
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+
+from nefl_edge.core.schemas import Message
+from nefl_edge.core.signing import SIGNATURE_BLOCK, Keyring, SignatureError, Signer, strip_pieces
+from nefl_edge.core.wire import (
+    DEFAULT_CHUNK_SIZE,
+    MESSAGE_KINDS_BY_TOPIC,
+    Assembler,
+    Buffer,
+    LogLimiter,
+    ProtocolError,
+    Topics,
+    decode,
+    encode_parts,
+    frames,
+    iter_frames,
+    short,
+)
+
+log = logging.getLogger(__name__)
+
+CHUNK_MARK = "/chunk/"
+INBOX_SIZE = 4096  # validated messages waiting for the consumer; beyond it new ones are dropped and counted
+INBOX_BYTES = 1 << 30  # and their bodies' bytes: a flood of large updates cannot grow memory past this
+CHUNK_TOPIC = re.compile(r"(.+)/chunk/(\d{1,9})")
+Inbound = Tuple[str, Message, bytes]
+"""A validated message: (its stream topic without the chunk suffix, the message, its body)."""
+
+
+@runtime_checkable
+class Link(Protocol):
+    """A connection that speaks the nefl wire format over topics (implemented by ``core.mqtt.MqttLink`` and
+    :class:`MemoryLink`). ``on_connected`` is called after every (re)connect with the subscriptions restored;
+    each of ``on_session`` with ``(connected, reason)`` on every connect and disconnect. Callbacks run on the
+    transport's thread; a link logs and swallows their exceptions."""
+
+    connected: threading.Event
+    on_connected: Optional[Callable[[], None]]
+    on_session: List[Callable[[bool, Any], None]]
+
+    @property
+    def rejections(self) -> Counter[str]:
+        """Inbound payloads rejected so far, by reason code (see ``wire.ProtocolError``)."""
+        ...
+
+    def connect(self, timeout_s: float = 15.0) -> None:
+        """Connect (subscriptions made before are restored); raise ``BrokerError`` if that fails."""
+        ...
+
+    def subscribe(self, topic: str) -> None:
+        """Receive ``topic`` (a filter, wildcards allowed), its retained messages included."""
+        ...
+
+    def unsubscribe(self, topic: str) -> None: ...
+
+    def publish(
+        self, topic: str, message: Message, body: Union[Buffer, Sequence[Buffer]] = b"", retain: bool = False
+    ) -> int:
+        """Publish one message (signed and chunked as the link is set up); return the bytes sent."""
+        ...
+
+    def clear_retained(self, topic: str) -> None:
+        """Delete what this link retained on ``topic``."""
+        ...
+
+    def next(self, timeout: float) -> Optional[Inbound]:
+        """The next validated inbound message, or ``None`` after ``timeout`` seconds."""
+        ...
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until everything published so far was delivered; False if that is not known in time."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Inbox(queue.Queue):  # type: ignore[type-arg]
+    """The validated messages waiting for the consumer, bounded by count and by the bytes of their bodies.
+    Only the transport's thread puts (``offer``); consumers ``get`` as from any queue."""
+
+    def __init__(self, maxsize: int, max_bytes: int) -> None:
+        super().__init__(maxsize)
+        self.max_bytes = max_bytes
+        self.bytes = 0
+
+    def offer(self, item: Inbound) -> Optional[str]:
+        """Queue ``item``, or say why not (the inbox is full by count or by bytes)."""
+        size = len(item[2])
+        if self.bytes and self.bytes + size > self.max_bytes:
+            return f"{self.bytes} bytes are waiting (limit {self.max_bytes})"
+        try:
+            self.put_nowait(item)
+        except queue.Full:
+            return f"{self.maxsize} messages are waiting"
+        return None
+
+    def _put(self, item: Inbound) -> None:
+        self.bytes += len(item[2])
+        super()._put(item)
+
+    def _get(self) -> Inbound:
+        item: Inbound = super()._get()
+        self.bytes -= len(item[2])
+        return item
+
+
+def split_chunk_topic(topic: str) -> Tuple[str, Optional[int]]:
+    """``("<stream>", i)`` for a retained chunk topic ``<stream>/chunk/<i>``, else ``(topic, None)``."""
+    match = CHUNK_TOPIC.fullmatch(topic)
+    return (match.group(1), int(match.group(2))) if match else (topic, None)
+
+
+def topic_filters(topic: str) -> List[str]:
+    """The filters a subscription to ``topic`` takes: it and, unless it ends in ``#``, its retained chunks."""
+    return [topic] if topic.endswith("#") else [topic, f"{topic}{CHUNK_MARK}+"]
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """MQTT 3.1.1 topic filter matching (section 4.7): ``+`` matches one level, a final ``#`` the parent level
+    and everything below it; topics starting with ``$`` match no wildcard at the first level."""
+    want, have = pattern.split("/"), topic.split("/")
+    if topic.startswith("$") and want[0] in ("+", "#"):
+        return False
+    for i, part in enumerate(want):
+        if part == "#":
+            return True
+        if i >= len(have) or (part != "+" and part != have[i]):
+            return False
+    return len(want) == len(have)
+
+
+class Receiver:
+    """Turns one payload into a validated inbound message, or into a counted, logged rejection.
+
+    Steps: reassemble frames (:class:`core.wire.Assembler`, with its caps); with a ``keyring``, verify the
+    signature and that its key id is ``sender_of(stream)``; decode and validate the logical message; check it
+    is for this ``run``, that its kind belongs on the topic and that a ``node`` field names the node of a node
+    topic. Without a keyring signed and unsigned messages are both accepted (signatures are not checked).
+    """
+
+    def __init__(
+        self,
+        run: str,
+        assembler: Optional[Assembler] = None,
+        keyring: Optional[Keyring] = None,
+        sender_of: Optional[Callable[[str], Optional[str]]] = None,
+        log_burst: int = 5,
+        log_window_s: float = 60.0,
+    ) -> None:
+        if keyring is not None and sender_of is None:
+            raise ValueError("a keyring needs sender_of (who may sign each topic), e.g. signers_by_topic(...)")
+        self.run = run
+        self.assembler = assembler if assembler is not None else Assembler()
+        self.keyring = keyring
+        self.sender_of = sender_of
+        self.rejections: Counter[str] = Counter()
+        self.last_rejection: Optional[Tuple[str, str]] = None  # (reason, text), for tests and debugging
+        self._log = LogLimiter(log, log_burst, log_window_s)
+
+    def parse(self, topic: str, payload: Buffer) -> Optional[Inbound]:
+        """The message that ``payload`` on ``topic`` completes, or ``None`` (a chunk of a longer message, or
+        an empty payload that clears a retained topic). Raise :class:`ProtocolError` for anything invalid."""
+        if not payload:
+            return None
+        stream, index = split_chunk_topic(topic)
+        data = self.assembler.feed_pieces(stream, payload, index)
+        if data is None:
+            return None
+        if self.keyring is not None:
+            assert self.sender_of is not None
+            signer, data = self.keyring.verify_pieces(stream, data)
+            allowed = self.sender_of(stream)
+            if signer != allowed:
+                who = f"only {allowed!r} may" if allowed else "nobody may"
+                raise SignatureError(f"message signed by {signer!r}, but {who} publish on this topic", "wrong_signer")
+        else:
+            data = strip_pieces(data)
+        message, body = decode(data)
+        if message.run != self.run:
+            raise ProtocolError(f"message for run {short(message.run)}, this is run {self.run!r}", "wrong_run")
+        kind, topic_kind = getattr(message, "kind", ""), Topics.kind_of(stream)
+        if topic_kind and kind not in MESSAGE_KINDS_BY_TOPIC[topic_kind]:
+            raise ProtocolError(f"a {kind} message does not belong on a {topic_kind} topic", "wrong_topic")
+        node = getattr(message, "node", None)
+        if node is not None and topic_kind in MESSAGE_KINDS_BY_TOPIC and node != Topics.node_of(stream):
+            raise ProtocolError(
+                f"message of node {node!r} on the topic of node {Topics.node_of(stream)!r}", "wrong_topic"
+            )
+        return stream, message, body
+
+    def receive(self, topic: str, payload: Buffer) -> Optional[Inbound]:
+        """:meth:`parse` that never raises: a rejection is counted in :attr:`rejections` by reason (an
+        unexpected exception as ``internal:<type>``) and logged with the topic."""
+        try:
+            return self.parse(topic, payload)
+        except ProtocolError as exc:
+            self.reject(topic, exc.reason, str(exc))
+        except Exception as exc:  # a bug, not a protocol violation: still never kill the network thread
+            self.reject(topic, f"internal:{type(exc).__name__}", f"{type(exc).__name__}: {short(str(exc), 200)}")
+        return None
+
+    def reject(self, topic: str, reason: str, text: str) -> None:
+        self.rejections[reason] += 1
+        self.last_rejection = (reason, text)
+        self._log.warning(reason, "rejected payload on %s (%s): %s", short(topic, 200), reason, text)
+
+
+class FramedLink:
+    """The transport-independent half of a :class:`Link`. A transport subclass provides
+    :meth:`_send` (one payload to one topic), :meth:`_add_filters` / :meth:`_drop_filters` (while connected),
+    ``connect``, ``close`` and ``flush``; it hands every inbound payload to :meth:`_deliver` and calls
+    :meth:`_session_up` / :meth:`_session_down` as the connection comes and goes.
+
+    With a ``signer`` every published message is signed. With a ``keyring`` every received message must be
+    signed by the key that ``sender_of(stream topic)`` names (see :func:`core.signing.signers_by_topic`);
+    without one, messages are accepted unverified."""
+
+    def __init__(
+        self,
+        run: str,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        signer: Optional[Signer] = None,
+        keyring: Optional[Keyring] = None,
+        sender_of: Optional[Callable[[str], Optional[str]]] = None,
+        assembler: Optional[Assembler] = None,
+        inbox_size: int = INBOX_SIZE,
+        inbox_bytes: int = INBOX_BYTES,
+    ) -> None:
+        self.run, self.chunk_size, self.signer = run, chunk_size, signer
+        self.receiver = Receiver(run, assembler, keyring, sender_of)
+        self.inbox = Inbox(inbox_size, inbox_bytes)
+        self.connected = threading.Event()
+        self.on_connected: Optional[Callable[[], None]] = None
+        """Called (on the transport's thread, exceptions logged) after every connect, subscriptions restored."""
+        self.on_session: List[Callable[[bool, Any], None]] = []
+        """Watchers of the session: each called with (connected, reason) on every connect and disconnect."""
+        self._subs: List[str] = []
+        self._retained_counts: Dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    # --- what a transport provides -------------------------------------------------------------------------
+
+    def _send(self, topic: str, payload: bytes, retain: bool) -> None:
+        raise NotImplementedError
+
+    def _add_filters(self, filters: List[str]) -> None:
+        raise NotImplementedError
+
+    def _drop_filters(self, filters: List[str]) -> None:
+        raise NotImplementedError
+
+    # --- shared --------------------------------------------------------------------------------------------
+
+    @property
+    def assembler(self) -> Assembler:
+        return self.receiver.assembler
+
+    @property
+    def rejections(self) -> Counter[str]:
+        """Rejected payloads by reason code (see :class:`core.wire.ProtocolError`)."""
+        return self.receiver.rejections
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.receiver.rejections.values())
+
+    def receive(self, topic: str, payload: Buffer) -> Optional[Inbound]:
+        """What the transport does with one payload, minus queueing: never raises (see
+        :meth:`Receiver.receive`)."""
+        return self.receiver.receive(topic, payload)
+
+    def _deliver(self, topic: str, payload: Buffer) -> None:
+        """One inbound payload into the inbox, or into a counted rejection; never raises, never blocks."""
+        try:
+            item = self.receive(topic, payload)
+            full = None if item is None else self.inbox.offer(item)
+            if full is not None:  # the consumer is behind a flood: drop, count, never block the transport
+                self.receiver.reject(topic, "inbox_full", full)
+        except Exception as exc:  # receive() never raises; this guards the topic decoding and the queue
+            self.receiver.reject("?", f"internal:{type(exc).__name__}", short(str(exc), 200))
+
+    def _filters(self) -> List[str]:
+        with self._lock:
+            return [f for topic in self._subs for f in topic_filters(topic)]
+
+    def _session_up(self, reason: Any) -> None:
+        """The transport (re)connected: tell the watchers, restore the subscriptions, call ``on_connected``."""
+        self._tell_session(True, reason)
+        filters = self._filters()
+        if filters:
+            self._add_filters(filters)
+        self.connected.set()
+        if self.on_connected is not None:
+            try:
+                self.on_connected()
+            except Exception:
+                log.exception("the on_connected handler failed")
+
+    def _session_down(self, reason: Any) -> None:
+        self.connected.clear()
+        self._tell_session(False, reason)
+
+    def _tell_session(self, connected: bool, reason: Any) -> None:
+        for watcher in list(self.on_session):
+            try:
+                watcher(connected, reason)
+            except Exception:  # never let a callback end the transport's thread
+                log.exception("a session watcher failed")
+
+    def subscribe(self, topic: str) -> None:
+        """Subscribe ``topic`` and, unless it ends in ``#``, its retained chunks ``<topic>/chunk/+``."""
+        with self._lock:
+            if topic not in self._subs:
+                self._subs.append(topic)
+        self._add_filters(topic_filters(topic))
+
+    def unsubscribe(self, topic: str) -> None:
+        with self._lock:
+            if topic in self._subs:
+                self._subs.remove(topic)
+        self._drop_filters(topic_filters(topic))
+
+    def next(self, timeout: float) -> Optional[Inbound]:
+        """The next validated inbound message, or ``None`` after ``timeout`` seconds (0: do not wait)."""
+        try:
+            if timeout <= 0:
+                return self.inbox.get_nowait()  # type: ignore[no-any-return]
+            return self.inbox.get(timeout=timeout)  # type: ignore[no-any-return]
+        except queue.Empty:
+            return None
+
+    def _seal(self, topic: str, data: bytes) -> bytes:
+        return self.signer.seal(topic, data) if self.signer is not None else data
+
+    def _will_frame(self, will: Tuple[str, bytes]) -> Tuple[str, bytes]:
+        """The Last Will ``(status topic, encoded message)`` as the one frame the transport publishes for it, on
+        the retained chunk topic so that it replaces the retained status the device published."""
+        parts = frames(self._seal(will[0], will[1]), self.chunk_size)
+        if len(parts) != 1:
+            raise ValueError(f"the Last Will must fit one chunk of {self.chunk_size} bytes")
+        return f"{will[0]}{CHUNK_MARK}0", parts[0]
+
+    def publish(
+        self, topic: str, message: Message, body: Union[Buffer, Sequence[Buffer]] = b"", retain: bool = False
+    ) -> int:
+        """Publish one message (signed if this link has a signer, chunked as needed); return the bytes sent.
+        ``body`` may be a list of buffers (e.g. :func:`core.wire.tensor_parts`), copied once, into the frames.
+        Retained messages keep chunk ``i`` on ``<topic>/chunk/<i>`` and clear chunks left over from a longer
+        predecessor."""
+        logical: List[Any] = encode_parts(message, body)
+        known = None
+        if self.signer is not None:
+            logical, known = self.signer.seal_parts(topic, logical)
+        stream = iter_frames(logical, self.chunk_size, known if self.chunk_size == SIGNATURE_BLOCK else None)
+        count = sent = 0
+        for i, frame in enumerate(stream):  # published as built: the transport sends one while the next is built
+            self._send(f"{topic}{CHUNK_MARK}{i}" if retain else topic, frame, retain)
+            count, sent = i + 1, sent + len(frame)
+        if retain:
+            for i in range(count, self._retained_counts.get(topic, 0)):
+                self._send(f"{topic}{CHUNK_MARK}{i}", b"", True)
+            self._retained_counts[topic] = count
+        return sent
+
+    def clear_retained(self, topic: str) -> None:
+        """Delete the retained chunks that this link published on ``topic``."""
+        for i in range(self._retained_counts.pop(topic, 0)):
+            self._send(f"{topic}{CHUNK_MARK}{i}", b"", True)
+
+
+class MemoryBroker:
+    """A broker in this process for :class:`MemoryLink` s: topic filters with MQTT wildcards, retained
+    messages (an empty retained payload deletes one, and is delivered like MQTT delivers it), and Last Wills
+    published when a link is dropped (:meth:`MemoryLink.drop`) rather than closed."""
+
+    def __init__(self) -> None:
+        self._links: List[MemoryLink] = []
+        self._retained: Dict[str, bytes] = {}
+        self._lock = threading.RLock()
+
+    def attach(self, link: MemoryLink) -> None:
+        with self._lock:
+            if link not in self._links:
+                self._links.append(link)
+
+    def detach(self, link: MemoryLink) -> None:
+        with self._lock:
+            if link in self._links:
+                self._links.remove(link)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Deliver ``payload`` to every attached link with a matching filter (on this thread), and keep it
+        (or delete what is kept, for an empty payload) when ``retain``."""
+        with self._lock:
+            if retain:
+                if payload:
+                    self._retained[topic] = payload
+                else:
+                    self._retained.pop(topic, None)
+            targets = [link for link in self._links if link.wants(topic)]
+        for link in targets:
+            link._deliver(topic, payload)
+
+    def retained(self, filters: Sequence[str]) -> List[Tuple[str, bytes]]:
+        """The retained messages that match any of ``filters``, in the order they were first retained."""
+        with self._lock:
+            return [(t, p) for t, p in self._retained.items() if any(topic_matches(f, t) for f in filters)]
+
+
+class MemoryLink(FramedLink):
+    """A :class:`Link` on a :class:`MemoryBroker`: the same frames, signatures and checks as
+    ``core.mqtt.MqttLink``, without a network. ``will``: ``(status topic, encoded message)`` published
+    (retained) by :meth:`drop`. Messages published while not connected are lost (there is no session)."""
+
+    def __init__(self, broker: MemoryBroker, run: str, will: Optional[Tuple[str, bytes]] = None, **kwargs: Any) -> None:
+        super().__init__(run, **kwargs)
+        self.broker = broker
+        self._filters_now: List[str] = []
+        self._attached = False
+        self._will = self._will_frame(will) if will is not None else None
+
+    def wants(self, topic: str) -> bool:
+        with self._lock:
+            return any(topic_matches(f, topic) for f in self._filters_now)
+
+    def connect(self, timeout_s: float = 15.0) -> None:
+        self._attached = True
+        self.broker.attach(self)
+        self._session_up("memory")
+
+    def close(self) -> None:
+        self._attached = False
+        self.broker.detach(self)
+        with self._lock:
+            self._filters_now = []
+        self._session_down("closed")
+
+    def drop(self) -> None:
+        """Lose the connection without closing it: the broker publishes this link's Last Will."""
+        self.close()
+        if self._will is not None:
+            self.broker.publish(*self._will, retain=True)
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        return self._attached  # delivery is synchronous: what was published is delivered
+
+    def _send(self, topic: str, payload: bytes, retain: bool) -> None:
+        if self._attached:
+            self.broker.publish(topic, payload, retain)
+
+    def _add_filters(self, filters: List[str]) -> None:
+        if not self._attached:  # restored by connect(), as an MQTT client restores its subscriptions
+            return
+        with self._lock:
+            new = [f for f in filters if f not in self._filters_now]
+            self._filters_now.extend(new)
+        for topic, payload in self.broker.retained(new):
+            self._deliver(topic, payload)
+
+    def _drop_filters(self, filters: List[str]) -> None:
+        with self._lock:
+            self._filters_now = [f for f in self._filters_now if f not in filters]

@@ -17,6 +17,7 @@ COMMANDS = {
         "partition",
         "demo",
         "broker-config",
+        "broker",
         "add-device",
         "remove-device",
         "devices",

@@ -12,10 +12,20 @@ What it enforces:
   broker reload); the ACL never changes per device;
 - ``max_packet_size`` (Mosquitto 2's successor of ``message_size_limit``), bounded queues, persistence.
 
-Folder written (``--out``)::
+Folder written (``--out``), read in place by the broker that ``nefl-coord broker`` starts::
 
-    mosquitto.conf  acl  passwd (0600)  ca.crt  ca.key (0600)  server.crt  server.key (0600)
-    coordinator.password (0600)  broker.json  data/ (persistence)
+    mosquitto.conf  acl  passwd (0640)  ca.crt  server.crt  server.key (0640)
+    coordinator.password (0600)  broker.json  broker.pid (while it runs)  data/ (persistence)
+
+The CA's private key is not in it: the broker never needs it. It goes to ``--ca-dir`` (default: the sibling
+folder ``<out>-ca``, 0700), the only place that can sign another server certificate.
+
+File access: Mosquitto started as root drops to the ``user`` of its configuration (``mosquitto`` unless
+told otherwise) before it opens the password file, the ACL and the TLS files. With a broker user
+(``BrokerOptions.user``, the CLI's ``--broker-user``: ``mosquitto`` by default when run as root) the folder
+and the files the broker reads belong to that user's group (0750 / 0640) and ``data/`` to the user; every
+later rewrite of ``passwd`` (``add-device``) keeps that group. ``access_problems`` says, with the exact
+``chown`` / ``chmod`` commands, what the broker's user could not read, before Mosquitto starts.
 
 Running it again keeps the certificates and the password file (enrolled devices stay valid).
 """
@@ -24,12 +34,18 @@ from __future__ import annotations
 
 import base64
 import datetime
+import grp
 import hashlib
 import hmac
 import ipaddress
 import json
+import os
+import pwd
 import re
 import secrets
+import shlex
+import signal
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -96,6 +112,17 @@ def set_password(path: Path, user: str, password: Optional[str]) -> None:
     else:
         entries[user] = hash_password(password)
     write_atomic(Path(path), "".join(f"{u}:{h}\n" for u, h in sorted(entries.items())), 0o600)
+    share_with_broker(Path(path))
+
+
+def share_with_broker(path: Path) -> None:
+    """Give ``path`` (0600 when written) the broker folder's group, readable by it (0640), when the folder was
+    handed to a broker user's group (``write_broker_config`` with ``user``); otherwise leave it private."""
+    folder = Path(path).parent.stat()
+    if folder.st_gid == os.getegid() or not folder.st_mode & stat.S_IRGRP:
+        return
+    os.chown(path, -1, folder.st_gid)
+    os.chmod(path, 0o640)
 
 
 # --- certificates ------------------------------------------------------------------------------------------
@@ -117,8 +144,8 @@ def _san(hostnames: Sequence[str]) -> List[x509.GeneralName]:
     return names
 
 
-def make_ca(out: Path, name: str = "nefl-edge broker CA", days: int = 3650) -> None:
-    """A self-signed CA (ECDSA P-256): ``ca.crt`` and ``ca.key`` (0600) in ``out``."""
+def make_ca(out: Path, ca_dir: Path, name: str = "nefl-edge broker CA", days: int = 3650) -> None:
+    """A self-signed CA (ECDSA P-256): ``ca.crt`` in ``out``, its key ``ca.key`` (0600) in ``ca_dir``."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -135,17 +162,17 @@ def make_ca(out: Path, name: str = "nefl-edge broker CA", days: int = 3650) -> N
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    write_atomic(out / "ca.key", _key_pem(key), 0o600)
+    write_atomic(make_private_dir(ca_dir) / "ca.key", _key_pem(key), 0o600)
     write_atomic(out / "ca.crt", cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
-def make_server_cert(out: Path, hostnames: Sequence[str], days: int = 1825) -> None:
-    """``server.crt`` / ``server.key`` (0600) signed by ``out/ca.key``, valid for ``hostnames``, localhost
+def make_server_cert(out: Path, ca_dir: Path, hostnames: Sequence[str], days: int = 1825) -> None:
+    """``server.crt`` / ``server.key`` (0600) signed by ``ca_dir/ca.key``, valid for ``hostnames``, localhost
     and 127.0.0.1."""
-    ca_key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise BrokerConfigError(f"{out / 'ca.key'} is not an EC key; give --server-cert/--server-key instead")
+        raise BrokerConfigError(f"{ca_dir / 'ca.key'} is not an EC key; give --server-cert/--server-key instead")
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
@@ -192,7 +219,10 @@ def acl_text(coordinator_user: str = COORDINATOR_USER, prefix: str = "nefl") -> 
 @dataclass
 class BrokerOptions:
     """What ``nefl-coord broker-config`` takes. ``install_dir``: where the folder will live on the broker
-    host (paths in mosquitto.conf point there); default the output folder itself."""
+    host (paths in mosquitto.conf point there); default the output folder itself (``nefl-coord broker``
+    points them at the folder it starts on anyway). ``user``: the account Mosquitto drops to when started as
+    root (written as ``user``; the broker's files are shared with its group). ``ca_dir``: where the CA's
+    private key goes (default ``<out>-ca``)."""
 
     out: Path
     hostnames: Sequence[str] = ("localhost",)
@@ -208,6 +238,7 @@ class BrokerOptions:
     user: Optional[str] = None
     persistence: bool = True
     extra: Tuple[str, ...] = field(default_factory=tuple)
+    ca_dir: Optional[Path] = None
 
 
 @dataclass(frozen=True)
@@ -304,19 +335,32 @@ def _check(opts: BrokerOptions) -> None:
             raise BrokerConfigError(f"host name {host!r} is not a DNS name or an IP address")
 
 
+def default_ca_dir(out: Path) -> Path:
+    """Where the CA's private key goes unless told: the sibling ``<out>-ca`` (never the broker's folder)."""
+    out = Path(out).resolve()
+    return out.with_name(out.name + "-ca")
+
+
 def write_broker_config(opts: BrokerOptions) -> BrokerSettings:
-    """Write (or refresh) the broker folder; keep existing certificates, passwords and enrolled devices."""
+    """Write (or refresh) the broker folder; keep existing certificates, passwords and enrolled devices.
+    A ``ca.key`` left in the folder by an older version is moved to the CA folder."""
     _check(opts)
     out = make_private_dir(Path(opts.out))
+    ca_dir = Path(opts.ca_dir) if opts.ca_dir else default_ca_dir(out)
+    if (out / "ca.key").exists():
+        make_private_dir(ca_dir)
+        if (ca_dir / "ca.key").exists():
+            raise BrokerConfigError(f"both {out / 'ca.key'} and {ca_dir / 'ca.key'} exist; keep one, out of {out}")
+        os.replace(out / "ca.key", ca_dir / "ca.key")
     if opts.server_cert is not None and opts.server_key is not None and opts.ca_cert is not None:
         for src, name, mode in ((opts.ca_cert, "ca.crt", 0o644), (opts.server_cert, "server.crt", 0o644)):
             write_atomic(out / name, Path(src).read_bytes(), mode)
         write_atomic(out / "server.key", Path(opts.server_key).read_bytes(), 0o600)
     else:
         if not (out / "ca.crt").exists():
-            make_ca(out)
+            make_ca(out, ca_dir)
         if not (out / "server.crt").exists():
-            make_server_cert(out, list(opts.hostnames))
+            make_server_cert(out, ca_dir, list(opts.hostnames))
     if opts.persistence:
         make_private_dir(out / "data")
     if not (out / "coordinator.password").exists():
@@ -342,4 +386,163 @@ def write_broker_config(opts: BrokerOptions) -> BrokerSettings:
         "hostnames": list(opts.hostnames),
     }
     write_atomic(out / "broker.json", json.dumps(record, indent=1), 0o644)
+    if opts.user and opts.user != "root" and os.geteuid() == 0:
+        _hand_to(out, opts.user, opts.persistence)
     return settings
+
+
+BROKER_READS = ("mosquitto.conf", "passwd", "acl", "ca.crt", "server.crt", "server.key")
+
+
+def _hand_to(out: Path, user: str, persistence: bool) -> None:
+    """Let ``user`` (Mosquitto after it drops root) read the folder: its group on the folder (0750) and on
+    the files it reads (0640), ``data/`` its own; ``coordinator.password`` stays the caller's alone."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise BrokerConfigError(f"--broker-user {user!r} is not a user on this host") from None
+    os.chown(out, -1, entry.pw_gid)
+    os.chmod(out, 0o750)
+    for name in BROKER_READS:
+        share_with_broker(out / name)
+    if persistence:
+        os.chown(out / "data", entry.pw_uid, entry.pw_gid)
+
+
+# --- running it: access, paths, pid, reload, unit ----------------------------------------------------------
+
+PATH_KEYS = {
+    "password_file": "passwd",
+    "acl_file": "acl",
+    "cafile": "ca.crt",
+    "certfile": "server.crt",
+    "keyfile": "server.key",
+}
+
+
+def point_at(folder: Path) -> bool:
+    """Make every file path in ``folder/mosquitto.conf`` point into ``folder`` itself (a moved or copied
+    folder still runs on its own files, never on a stale copy); True if the file changed."""
+    folder = Path(folder).resolve()
+    conf = folder / "mosquitto.conf"
+    lines = conf.read_text().splitlines()
+    out = []
+    for line in lines:
+        key, _, value = line.partition(" ")
+        if key in PATH_KEYS and value:
+            line = f"{key} {folder / PATH_KEYS[key]}"
+        elif key == "persistence_location" and value:
+            line = f"{key} {folder / 'data'}/"
+        out.append(line)
+    if out == lines:
+        return False
+    write_atomic(conf, "\n".join(out) + "\n", 0o644)
+    return True
+
+
+def broker_user(folder: Path) -> Optional[str]:
+    """The account Mosquitto will read its files as: the ``user`` of the configuration (``mosquitto`` by
+    default) when started as root, else whoever starts it (None: nothing to check)."""
+    if os.geteuid() != 0:
+        return None
+    user = "mosquitto"
+    for line in (Path(folder) / "mosquitto.conf").read_text().splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key == "user" and value.strip():
+            user = value.strip()
+    return None if user == "root" else user
+
+
+def _allowed(st: os.stat_result, uid: int, gids: Sequence[int], bits: str) -> bool:
+    """Whether a process of ``uid`` / ``gids`` has ``bits`` (of "rwx") on a file with stat ``st``."""
+    masks = {"r": (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH), "w": (stat.S_IWUSR, stat.S_IWGRP, stat.S_IWOTH)}
+    masks["x"] = (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)
+    who = 0 if st.st_uid == uid else 1 if st.st_gid in gids else 2
+    return all(st.st_mode & masks[b][who] for b in bits)
+
+
+def access_problems(folder: Path) -> List[str]:
+    """What the broker's user (:func:`broker_user`) cannot reach in ``folder``, each as the shell command
+    (run as root) that fixes it; empty when it can read everything and write ``data/``."""
+    user = broker_user(folder)
+    if user is None:
+        return []
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return [f"useradd --system --no-create-home --shell /usr/sbin/nologin {user}  # Mosquitto runs as {user}"]
+    uid, gids = entry.pw_uid, os.getgrouplist(user, entry.pw_gid)
+    group = grp.getgrgid(entry.pw_gid).gr_name
+    folder = Path(folder).resolve()
+    fixes: List[str] = []
+    for parent in reversed(folder.parents):
+        if not _allowed(parent.stat(), uid, gids, "x"):
+            fixes.append(f"chmod o+x {shlex.quote(str(parent))}")
+    if not _allowed(folder.stat(), uid, gids, "rx"):
+        fixes.append(f"chown :{group} {shlex.quote(str(folder))} && chmod g+rx {shlex.quote(str(folder))}")
+    unreadable = [
+        str(folder / n)
+        for n in BROKER_READS
+        if (folder / n).exists() and not _allowed((folder / n).stat(), uid, gids, "r")
+    ]
+    if unreadable:
+        names = " ".join(shlex.quote(n) for n in unreadable)
+        fixes.append(f"chown :{group} {names} && chmod g+r {names}")
+    data = folder / "data"
+    if data.is_dir() and not _allowed(data.stat(), uid, gids, "rwx"):
+        fixes.append(f"chown {user}: {shlex.quote(str(data))}")
+    return fixes
+
+
+def pid_file(folder: Path) -> Path:
+    return Path(folder) / "broker.pid"
+
+
+def running_pid(folder: Path) -> Optional[int]:
+    """The pid of the Mosquitto that ``nefl-coord broker`` started on ``folder``, if it still runs (the
+    recorded pid is checked against the process's command line: a recycled pid is not ours)."""
+    try:
+        pid = int(pid_file(folder).read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    conf = str(Path(folder).resolve() / "mosquitto.conf").encode()
+    return pid if any(a.endswith(b"mosquitto") for a in cmdline[:1]) and conf in cmdline else None
+
+
+def reload_broker(folder: Path) -> Optional[int]:
+    """Make the broker running on ``folder`` re-read its password file and ACL (SIGHUP to its recorded pid);
+    its pid, or None when none runs there."""
+    pid = running_pid(folder)
+    if pid is None:
+        return None
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        raise BrokerConfigError(
+            f"the broker on {folder} (pid {pid}) runs as another user; reload it as that user or root: "
+            f"`kill -HUP {pid}` (or `systemctl reload nefl-broker`)"
+        ) from None
+    return pid
+
+
+def broker_unit(exe: str, folder: Path) -> str:
+    """A systemd unit that runs ``nefl-coord broker`` on ``folder`` (Mosquitto in the foreground, as root
+    until it drops to its ``user``); ``systemctl reload`` sends it SIGHUP, as ``add-device`` does."""
+    folder = Path(folder).resolve()
+    return f"""[Unit]
+Description=nefl-edge MQTT broker (Mosquitto on {folder})
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+ExecStart={exe} broker --broker-dir {folder}
+ExecReload=/bin/kill -HUP $MAINPID
+Restart=on-failure
+RestartSec=5
+
+[Install]
+WantedBy=multi-user.target
+"""

@@ -309,9 +309,23 @@ def demo(
         raise typer.Exit(ExitCode.INTERRUPTED)
 
 
+def _default_broker_user() -> Optional[str]:
+    """``mosquitto`` when run as root and that user exists (Mosquitto drops to it), else None."""
+    import os
+    import pwd
+
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam("mosquitto")
+    except KeyError:
+        return None
+    return "mosquitto"
+
+
 @app.command("broker-config")
 def broker_config(
-    out: Annotated[Path, typer.Option(help="Folder for mosquitto.conf, acl, passwd, certificates.")],
+    out: Annotated[Path, typer.Option(help="Folder for mosquitto.conf, acl, passwd, certificates (used in place).")],
     hostname: Annotated[
         Optional[list[str]], typer.Option(help="Broker host name or IP devices connect to (repeatable).")
     ] = None,
@@ -323,30 +337,113 @@ def broker_config(
     ca_cert: Annotated[Optional[Path], typer.Option(help="Your CA certificate (with --server-cert).")] = None,
     server_cert: Annotated[Optional[Path], typer.Option(help="Your server certificate.")] = None,
     server_key: Annotated[Optional[Path], typer.Option(help="Its key.")] = None,
-    install_dir: Annotated[
-        Optional[Path], typer.Option(help="Where the folder will be on the broker host (paths in mosquitto.conf).")
+    ca_dir: Annotated[
+        Optional[Path], typer.Option(help="Where the generated CA's private key goes (default: <out>-ca).")
+    ] = None,
+    broker_user: Annotated[
+        Optional[str],
+        typer.Option(help="User Mosquitto drops to when started as root (default: mosquitto, when run as root)."),
     ] = None,
 ) -> None:
-    """Write a Mosquitto configuration: TLS, passwords, per-device ACL, size limits (see README)."""
+    """Write a Mosquitto configuration: TLS, passwords, per-device ACL, size limits (see README). Start it
+    with `nefl-coord broker --broker-dir OUT`."""
     from nefl_edge.coordinator.broker_config import BrokerConfigError, BrokerOptions, write_broker_config
 
     hosts = tuple(hostname or ["localhost"])
+    opts = BrokerOptions(
+        out, hosts, tls_port, plain_port, bind, coordinator_user, max_packet_size, server_cert, server_key, ca_cert,
+        user=broker_user or _default_broker_user(), ca_dir=ca_dir,
+    )  # fmt: skip
     try:
-        settings = write_broker_config(
-            BrokerOptions(
-                out, hosts, tls_port, plain_port, bind, coordinator_user, max_packet_size,
-                server_cert, server_key, ca_cert, install_dir,
-            )
-        )  # fmt: skip
+        settings = write_broker_config(opts)
     except (BrokerConfigError, OSError) as exc:
         fail(str(exc))
         return
-    typer.echo(f"broker configuration in {out}: start it with `mosquitto -c {out / 'mosquitto.conf'}`")
+    typer.echo(f"broker configuration in {out}: start it with `nefl-coord broker --broker-dir {out}`")
     typer.echo(
         f"coordinator: nefl-coord serve --broker {settings.address} --tls-ca {settings.ca_cert} "
         f"--username {settings.coordinator_user} --password-file {settings.coordinator_password_file}"
     )
     typer.echo(f"enrol devices: nefl-coord add-device NAME --public-key KEY --broker-dir {out} --enrolment-dir DIR")
+
+
+@app.command("broker")
+def broker_command(
+    broker_dir: Annotated[Path, typer.Option(help="The folder written by `nefl-coord broker-config --out`.")],
+    install_service: Annotated[
+        bool, typer.Option("--install-service", help="Write a systemd unit that runs this broker instead.")
+    ] = False,
+    output: Annotated[Path, typer.Option(help="Where --install-service writes the unit.")] = Path(
+        "/etc/systemd/system/nefl-broker.service"
+    ),
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --install-service: print the unit.")] = False,
+) -> None:
+    """Run Mosquitto in the foreground on the broker folder, in place: check that its user can read the
+    folder (else say how to fix it, exit 2), record its pid for `add-device` / `remove-device` (they reload
+    it), then become Mosquitto (same pid; SIGHUP reloads, SIGTERM stops)."""
+    import os
+    import shutil
+
+    from nefl_edge.coordinator.broker_config import (
+        BrokerConfigError,
+        BrokerSettings,
+        access_problems,
+        broker_unit,
+        pid_file,
+        point_at,
+        running_pid,
+    )
+    from nefl_edge.core.files import write_atomic
+
+    folder = broker_dir.resolve()
+    try:
+        BrokerSettings.load(folder)
+        if not (folder / "mosquitto.conf").is_file():
+            raise BrokerConfigError(f"{folder / 'mosquitto.conf'} is missing; run `nefl-coord broker-config --out`")
+    except BrokerConfigError as exc:
+        fail(str(exc))
+    if install_service:
+        exe = shutil.which("nefl-coord") or str(Path(sys.executable).with_name("nefl-coord"))
+        unit = broker_unit(str(Path(exe).resolve()), folder)
+        if dry_run:
+            typer.echo(unit, nl=False)
+            return
+        try:
+            output.write_text(unit)
+        except OSError as exc:
+            fail(f"cannot write {output}: {exc} (run as root, or pass --output FILE / --dry-run)")
+        typer.echo(f"wrote {output}. Then, as root: systemctl daemon-reload && systemctl enable --now nefl-broker")
+        return
+    mosquitto = shutil.which("mosquitto")
+    if mosquitto is None:
+        fail("mosquitto is not installed: `sudo apt-get install mosquitto`")
+    other = running_pid(folder)
+    if other is not None and other != os.getpid():
+        fail(f"a broker already runs on {folder} (pid {other}); stop it first (or `kill -HUP {other}` to reload)")
+    if point_at(folder):
+        typer.echo(f"mosquitto.conf now points at the files in {folder}", err=True)
+    problems = access_problems(folder)
+    if problems:
+        fail(
+            f"Mosquitto drops to its user and could not read {folder}; as root, run: `{' && '.join(problems)}`, "
+            "then start the broker again"
+        )
+    write_atomic(pid_file(folder), f"{os.getpid()}\n", 0o644)
+    conf = str(folder / "mosquitto.conf")
+    typer.echo(f"starting {mosquitto} -c {conf} (pid {os.getpid()})", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(mosquitto, ["mosquitto", "-c", conf])
+
+
+def _reload_note(broker_dir: Path) -> str:
+    """Reload the broker running on ``broker_dir`` (after the password file changed); what to tell the user."""
+    from nefl_edge.coordinator.broker_config import reload_broker
+
+    pid = reload_broker(broker_dir)
+    if pid is None:
+        return f"No broker runs on {broker_dir} now; `nefl-coord broker --broker-dir {broker_dir}` will read it."
+    return f"The broker (pid {pid}) re-read its password file."
 
 
 EnrolmentDir = Annotated[Path, typer.Option(help="The coordinator's enrolment folder (keys, devices.json).")]
@@ -377,7 +474,7 @@ def add_device(
     typer.echo(f"{name} {verb} ({done.device.fingerprint}).")
     typer.echo(f"Bundle: {done.bundle} (holds the broker password): copy it to the device, run")
     typer.echo(f"`nefl-edge enrol {done.bundle.name}` there, then delete it here.")
-    typer.echo("Make the broker re-read its password file: `systemctl reload mosquitto` (or kill -HUP its pid).")
+    typer.echo(_reload_note(broker_dir))
 
 
 @app.command("remove-device")
@@ -398,7 +495,7 @@ def remove_device(
         return
     if not known:
         fail(f"{name} is not enrolled in {enrolment_dir}")
-    typer.echo(f"{name} removed. Reload the broker (`systemctl reload mosquitto`) to disconnect it.")
+    typer.echo(f"{name} removed. {_reload_note(broker_dir)}")
 
 
 @app.command()
@@ -414,3 +511,50 @@ def devices(enrolment_dir: EnrolmentDir) -> None:
     for d in found.values():
         typer.echo(f"{d.name:<24} {d.fingerprint}  enrolled {d.enrolled_at}")
     typer.echo(f"{len(found)} device(s)")
+
+
+@app.command("site-broker-config")
+def site_broker_config(
+    out: Annotated[Path, typer.Option(help="Folder of the site broker (as broker-config's, plus the bridge).")],
+    site: Annotated[str, typer.Option(help="Name of the site (letters, digits, '_', '-').")],
+    upstream: Annotated[str, typer.Option(help="The coordinator's broker as HOST:PORT (its TLS port off loopback).")],
+    upstream_dir: Annotated[
+        Optional[Path], typer.Option(help="The coordinator's broker folder: its CA, and the bridge account made there.")
+    ] = None,
+    upstream_ca: Annotated[Optional[Path], typer.Option(help="CA of the upstream (without --upstream-dir).")] = None,
+    bridge_password_file: Annotated[
+        Optional[Path], typer.Option(help="Password of the account nefl-site-SITE upstream (without --upstream-dir).")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow a plain, anonymous bridge to an upstream off loopback.")
+    ] = False,
+    hostname: Annotated[
+        Optional[list[str]], typer.Option(help="Site broker host name or IP its devices connect to (repeatable).")
+    ] = None,
+    tls_port: Annotated[int, typer.Option(help="Port of the site broker's TLS listener.")] = 8883,
+    plain_port: Annotated[Optional[int], typer.Option(help="Also a plain MQTT listener, on 127.0.0.1 only.")] = None,
+    bind: Annotated[Optional[str], typer.Option(help="Address of the TLS listener (default: all).")] = None,
+    max_packet_size: Annotated[int, typer.Option(help="Largest MQTT packet the site broker accepts.")] = 1114112,
+    broker_user: Annotated[
+        Optional[str], typer.Option(help="User Mosquitto drops to when started as root (as broker-config).")
+    ] = None,
+) -> None:
+    """Write a site broker (a broker-config folder) bridged to the coordinator's broker (README: brokers)."""
+    from nefl_edge.coordinator.bridge import SiteOptions, write_site_config
+    from nefl_edge.coordinator.broker_config import BrokerConfigError, BrokerOptions
+
+    broker = BrokerOptions(
+        out, hostnames=tuple(hostname or ["localhost"]), tls_port=tls_port, plain_port=plain_port, bind=bind,
+        max_packet_size=max_packet_size, user=broker_user or _default_broker_user(),
+    )  # fmt: skip
+    try:
+        write_site_config(
+            SiteOptions(site, upstream, broker, upstream_dir, upstream_ca, bridge_password_file, insecure)
+        )
+    except (BrokerConfigError, OSError) as exc:
+        fail(str(exc))
+        return
+    typer.echo(f"site broker {site} in {out}, bridged to {upstream}: `nefl-coord broker --broker-dir {out}`")
+    if upstream_dir is not None:
+        typer.echo(f"bridge account nefl-site-{site} added to {upstream_dir}. {_reload_note(upstream_dir)}")
+    typer.echo(f"enrol the site's devices: nefl-coord add-device NAME --broker-dir {out} --enrolment-dir DIR")

@@ -19,8 +19,8 @@ from nefl_edge.core.schemas import Hello, TrainConfig, Update
 from nefl_edge.core.specs import ModelConfig, SubmodelSpec
 from nefl_edge.edge_client.agent import Backoff, connect_with_backoff, systemd_unit
 from nefl_edge.edge_client.trainer import PACE_MIN_STEPS, Progress, ProgressLog, pace_verdict, projected_seconds
+from tests.fakes import StandIn
 from tests.helpers import Broker, device_env, make_shards, stop, wait_for
-from tests.test_edge_integration import StandIn
 
 TWO_STEPS = TrainConfig(lr=0.05, batch_size=32, max_steps=2, seed=1)
 

@@ -11,10 +11,9 @@ import socket
 import ssl
 import struct
 import subprocess
-import threading
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -30,6 +29,7 @@ from nefl_edge.coordinator.broker_config import (
     write_broker_config,
 )
 from nefl_edge.coordinator.enrolment import add_device, remove_device
+from tests.fakes import Peer
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -90,76 +90,6 @@ def _bundle_password(path: Path) -> str:
     import json
 
     return str(json.loads(path.read_text())["password"])
-
-
-class Peer:
-    """A plain paho client that records what it receives, its CONNACK and its disconnects."""
-
-    def __init__(
-        self,
-        port: int,
-        user: Optional[str],
-        password: Optional[str],
-        ca: Optional[Path],
-        client_id: str = "",
-    ) -> None:
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"peer-{user}", clean_session=True
-        )
-        if user is not None:
-            self.client.username_pw_set(user, password)
-        if ca is not None:
-            self.client.tls_set(ca_certs=str(ca))
-        self.client.reconnect_delay_set(0.1, 0.2)  # refused peers retry; keeps loop_stop() short
-        self.port = port
-        self.lock = threading.Lock()
-        self.messages: List[Tuple[str, bytes]] = []
-        self.connack: Optional[str] = None
-        self.failed = False
-        self.disconnects: List[str] = []
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = lambda c, u, f, reason, p: self.disconnects.append(str(reason))
-        self.client.on_message = self._on_message
-
-    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object) -> None:
-        self.failed = bool(getattr(reason, "is_failure", True))
-        self.connack = str(reason)
-
-    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        with self.lock:
-            self.messages.append((msg.topic, bytes(msg.payload)))
-
-    def start(self) -> Peer:
-        self.client.connect_async("127.0.0.1", self.port, keepalive=30)
-        self.client.loop_start()
-        return self
-
-    def connect(self) -> Peer:
-        self.start()
-        wait_for(lambda: self.connack is not None, 10, "CONNACK", 0.02)
-        assert not self.failed, f"connection refused: {self.connack}"
-        return self
-
-    def subscribe(self, *topics: str) -> None:
-        done = threading.Event()
-        self.client.on_subscribe = lambda *args: done.set()
-        self.client.subscribe([(t, 1) for t in topics])
-        assert done.wait(5), "no SUBACK"
-
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
-
-    def topics(self) -> List[str]:
-        with self.lock:
-            return [t for t, _ in self.messages]
-
-    def got(self, topic: str, payload: bytes = b"") -> bool:
-        with self.lock:
-            return any(t == topic and (not payload or p == payload) for t, p in self.messages)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def stays_false(predicate, seconds: float = 0.3) -> bool:  # type: ignore[no-untyped-def]

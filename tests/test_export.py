@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from nefl_edge.coordinator.models import SubmodelNet, initial_consistent
 from nefl_edge.core.artifacts import ArtifactError, load_manifest, submodel_paths
@@ -20,6 +19,7 @@ from nefl_edge.core.specs import ModelConfig, SubmodelSpec
 from nefl_edge.core.wire import unpack_tensors
 from nefl_edge.edge_client.trainer import OrtTrainingBackend
 from nefl_edge.export.artifacts import export_set, write_weights
+from tests.fakes import torch_step
 
 
 @pytest.fixture(scope="module")
@@ -31,22 +31,6 @@ def state(small_config: ModelConfig, small_specs: list[SubmodelSpec]) -> GlobalS
 def batch(fmnist_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     data = load_dataset(fmnist_dir, "train")
     return data.x[:32], data.y[:32]
-
-
-def torch_step(
-    net: SubmodelNet, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, momentum: dict[str, np.ndarray]
-) -> float:
-    """One torch.optim.SGD step from the given momentum buffers (the reference)."""
-    net.train()
-    params = dict(net.named_parameters())
-    opt = torch.optim.SGD(params.values(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    for name, buf in momentum.items():
-        opt.state[params[name]]["momentum_buffer"] = torch.from_numpy(buf.copy())
-    opt.zero_grad()
-    loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x)), torch.from_numpy(y))
-    loss.backward()
-    opt.step()
-    return float(loss.detach())
 
 
 # lr 0.01 for the momentum case: at larger steps a pre-activation within ~1e-7 of zero can fall on the other

@@ -20,8 +20,8 @@ from nefl_edge.core.mqtt import BrokerAddress, Inbound, Inbox, MqttLink
 from nefl_edge.core.schemas import Control, Status, Task, TrainConfig
 from nefl_edge.core.signing import Keyring, Signer, save_private_key, signers_by_topic
 from nefl_edge.core.wire import Assembler, Topics, encode, frames
+from tests.fakes import KILLERS, Clock, first_frames
 from tests.helpers import Broker, stop, wait_for
-from tests.test_wire import KILLERS, Clock, first_frames
 
 pytestmark = pytest.mark.integration
 

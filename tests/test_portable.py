@@ -21,8 +21,8 @@ from nefl_edge.core.specs import ModelConfig, SubmodelSpec
 from nefl_edge.edge_client.portable import PortableBackend
 from nefl_edge.edge_client.profile import measure_throughput
 from nefl_edge.edge_client.trainer import BACKEND_FILES, OrtTrainingBackend
+from tests.fakes import torch_step
 from tests.helpers import Broker, make_shards, spawn_edge, stop
-from tests.test_export import torch_step
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_device_with_only_stock_onnxruntime_trains_and_the_loss_goes_down(
     tmp_path: Path,
     device_without_training_build: dict[str, Any],
 ) -> None:
-    from tests.test_edge_integration import StandIn
+    from tests.fakes import StandIn
 
     shard = make_shards(tmp_path, [640], offset=20000)[0]
     stand_in = StandIn(broker, small_artifacts)

@@ -44,8 +44,8 @@ from nefl_edge.core.schemas import (
 from nefl_edge.core.signing import Signer
 from nefl_edge.core.wire import encode, frames, pack_tensors
 from nefl_edge.edge_client.client import ClientOptions, EdgeClient, TakeoverWatch
+from tests.fakes import Peer
 from tests.helpers import Broker, device_env, make_shards, spawn_coordinator, stop, wait_for
-from tests.test_broker_config import Peer
 
 RUN = "signed"
 MALLORY = "mallory"

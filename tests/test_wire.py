@@ -13,7 +13,7 @@ import pytest
 
 from nefl_edge.core import wire
 from nefl_edge.core.mqtt import Receiver
-from nefl_edge.core.schemas import Hello, Message, Task, TrainConfig, Update
+from nefl_edge.core.schemas import Hello, Message, Update
 from nefl_edge.core.signing import (
     KeyFileError,
     Keyring,
@@ -26,8 +26,6 @@ from nefl_edge.core.signing import (
     signers_by_topic,
 )
 from nefl_edge.core.wire import (
-    MAGIC_FRAME,
-    MAGIC_MESSAGE,
     Assembler,
     Pieces,
     ProtocolError,
@@ -40,9 +38,15 @@ from nefl_edge.core.wire import (
     tensor_parts,
     unpack_tensors,
 )
-
-TASK = Task(
-    run="r1", node="n1", task_id="t1", round=3, submodel=1, weights_sha256="a" * 64, train=TrainConfig(), deadline_s=30
+from tests.fakes import (
+    KILLERS,
+    TASK,
+    Clock,
+    first_frames,
+    frame_header,
+    raw_frame,
+    raw_message,
+    task_header_text,
 )
 
 
@@ -145,57 +149,9 @@ def test_every_kind_has_a_schema() -> None:
 
 # --- hostile frames and headers ------------------------------------------------------------------------------
 
-MSG_ID = "0123456789abcdef0123456789abcdef"
-
-
-def raw_frame(header: bytes, chunk: bytes = b"") -> bytes:
-    return MAGIC_FRAME + struct.pack(">I", len(header)) + header + chunk
-
-
-def raw_message(header: bytes, body: bytes = b"") -> bytes:
-    return MAGIC_MESSAGE + struct.pack(">I", len(header)) + header + body
-
-
-def frame_header(data: bytes = b"", **changes: object) -> bytes:
-    header = {
-        "msg": MSG_ID,
-        "i": 0,
-        "n": 1,
-        "size": len(data),
-        "chunk": 1024,
-        "sha256": sha256(data),
-        "chunk_sha256": sha256(data),
-        **changes,
-    }
-    return json.dumps(header, separators=(",", ":")).encode()
-
-
-def task_header_text() -> str:
-    raw = encode(TASK.model_copy(update={"run": "r"}))
-    return raw[8 : 8 + struct.unpack(">I", raw[4:8])[0]].decode()
-
 
 # Payloads that killed paho's network thread before (uncaught OverflowError, RecursionError, ValueError),
 # each as one MQTT payload: (name, payload).
-KILLERS: list[tuple[str, bytes]] = [
-    ("frame header 1e999", raw_frame(frame_header().replace(b'"i":0', b'"i":1e999'))),
-    ("frame header NaN", raw_frame(frame_header().replace(b'"n":1', b'"n":NaN'))),
-    ("frame header nested", raw_frame(b"[" * 1000)),
-    ("frame header not UTF-8", raw_frame(b'{"msg":"\xff\xfe"}')),
-    ("message header nested", frames(raw_message(b"[" * 30000 + b"]" * 30000))[0]),
-    (
-        "message header huge int",
-        frames(raw_message(task_header_text().replace('"round":3', '"round":' + "7" * 5000).encode()))[0],
-    ),
-    (
-        "message header Infinity",
-        frames(raw_message(task_header_text().replace('"deadline_s":30.0', '"deadline_s":Infinity').encode()))[0],
-    ),
-    (
-        "message header 1e999",
-        frames(raw_message(task_header_text().replace('"deadline_s":30.0', '"deadline_s":1e999').encode()))[0],
-    ),
-]
 
 
 @pytest.mark.parametrize(("name", "payload"), KILLERS, ids=[k[0] for k in KILLERS])
@@ -265,19 +221,6 @@ def test_a_frame_on_the_topic_of_another_chunk_is_rejected() -> None:
 
 
 # --- caps on partial messages ----------------------------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def first_frames(count: int, size: int = 4096) -> list[bytes]:
-    """The first 1 KiB chunk of ``count`` distinct messages of ``size`` bytes: partials that never finish."""
-    return [frames(bytes([i % 256]) * size, 1024)[0] for i in range(count)]
 
 
 def test_partials_per_sender_are_capped_by_count_evicting_the_oldest() -> None:

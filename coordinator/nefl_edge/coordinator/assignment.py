@@ -96,6 +96,7 @@ def assign(
     rng: Optional[np.random.Generator] = None,
     window: int = 0,
     window_rng: Optional[np.random.Generator] = None,
+    unreliable: frozenset[str] = frozenset(),
 ) -> dict[str, int]:
     """Submodel per selected client. With ``window`` (and its generator ``window_rng``), a client of capacity
     ``t`` trains the submodel of a tier drawn uniformly from :func:`window_tiers`, as the paper's code does
@@ -103,21 +104,26 @@ def assign(
     client got goes to a client that can afford it and is not the only one on its own submodel: the weakest
     (lowest capacity, then lowest measured speed, ``speeds``), so fast devices keep the large submodels; or,
     with ``rng``, one drawn at random, so that over the rounds every submodel's own parameters see the data
-    of many devices."""
+    of many devices. A client of ``unreliable`` (one that left a task unanswered lately) is never the only
+    cover of a submodel: where it is, a reliable client that is not the only one on its own submodel and can
+    afford it trains that submodel too."""
     if window and window_rng is not None:
         drawn = {n: int(window_rng.choice(window_tiers(plan, capacities[n], window))) for n in sorted(selected)}
         afford = {n: strategy.assign(plan, drawn[n]) for n in selected}
     else:
         afford = {n: strategy.assign(plan, capacities[n]) for n in selected}
     out = {n: k for n, k in afford.items() if k is not None}
-    if not cover:
+    if not cover and not unreliable:
         return out
     speeds = speeds or {}
     for missing in range(len(plan.specs)):
-        if missing in out.values():
+        covers = [n for n, k in out.items() if k == missing]
+        if covers and any(n not in unreliable for n in covers):
             continue
-        counts = Counter(out.values())
-        donors = [n for n, k in out.items() if k > missing and counts[k] > 1]
+        if not covers and not cover:
+            continue
+        counts = Counter(k for n, k in out.items() if n not in unreliable)
+        donors = [n for n, k in out.items() if k > missing and counts[k] > 1 and n not in unreliable]
         if not donors:
             continue
         if rng is not None:

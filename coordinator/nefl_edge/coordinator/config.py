@@ -13,6 +13,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nefl_edge.core.errors import BadInput
+from nefl_edge.core.robust import RobustOptions
 from nefl_edge.core.schemas import NAME_PATTERN, TrainConfig
 from nefl_edge.core.specs import DEFAULT_GAMMAS, ModelConfig, get_model_config
 
@@ -31,14 +32,15 @@ Method = Literal[
 METHODS: tuple[str, ...] = get_args(Method)
 """The federated methods (``coordinator.strategies.STRATEGIES``; a test keeps both lists equal)."""
 OLD_METHOD_NAMES = {"WD": "nefl-wd", "W": "nefl-w", "D": "nefl-d"}
-FIXED_ON_RESUME = frozenset({"method", "model", "dataset", "gammas", "seed", "stem_pool", "step_init"})
+FIXED_ON_RESUME = frozenset({"method", "model", "dataset", "gammas", "seed", "stem_pool", "step_init", "specs"})
 """Keys that define the model, the submodels or the random streams: ``--resume`` refuses to change them."""
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The protocol of the NeFL paper's code (Kang et al., arXiv 2308.07761; the README's "paper protocol"):
     # SGD lr 0.1 without momentum or weight decay, x0.1 at T/2 and 3T/4, 5 local epochs of batch 32,
-    # uniform NeFedAvg weights, tier-window assignment, step sizes from 1, max-pool stem, tracked BatchNorm.
+    # uniform NeFedAvg weights, tier-window assignment, step sizes from 1, max-pool stem, tracked BatchNorm,
+    # the paper's submodel specs.
     "paper": {
         "fraction": 0.1,
         "weighting": "uniform",
@@ -46,6 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cover_submodels": False,
         "step_init": "one",
         "stem_pool": True,
+        "specs": "paper",
         "lr_decay_at": [0.5, 0.75],
         "lr_decay": 0.1,
         "bn": "tracked",
@@ -102,6 +105,19 @@ class RunConfig(BaseModel):
     )
     quarantine_strikes: int = Field(3, ge=1, description="rejected updates in a row that quarantine a client")
     quarantine_rounds: int = Field(5, ge=0, description="rounds a quarantined client sits out")
+    aggregation: Literal["exact", "robust"] = Field(
+        "exact",
+        description="exact NeFedAvg, or robust (clipped updates, agreement with the median, capped weights, "
+        "coordinate-wise trimmed mean per nested region; median-screened BatchNorm statistics and evaluations)",
+    )
+    robust_trim: float = Field(0.25, ge=0, lt=0.5, description="robust: share trimmed from each side per element")
+    robust_clip: float = Field(2.0, gt=0, description="robust: clip updates to this x the round's median norm")
+    robust_agree: float = Field(
+        0.0, ge=-1, le=1, description="robust: leave out updates whose cosine with the median update is below this"
+    )
+    robust_max_weight: float = Field(
+        2.0, ge=1, description="robust: cap each client's weight at this x the round's median weight"
+    )
     eval_samples: int = Field(2000, ge=1, description="held-out test samples that evaluate every submodel")
     bn: Literal["tracked", "federated", "server"] = Field(
         "federated",
@@ -156,6 +172,11 @@ class RunConfig(BaseModel):
         "ode", description="initial step sizes: ode (blocks / kept blocks per stage) or one (the paper's)"
     )
     stem_pool: bool = Field(False, description="max-pool (3, stride 2) after the stem, as the paper's ResNet18/34")
+    specs: Literal["nested", "paper"] = Field(
+        "nested",
+        description="submodel specs: nested (each submodel contains the smaller ones, in depth as in width) or "
+        "paper (the NeFL paper code's widths and depth cuts; specs.paper_specs)",
+    )
     augment: bool = Field(False, description="simulate: random crop (pad 4) and horizontal flip of local batches")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="simulate: torch device of local training and evaluation (auto: cuda if available)"
@@ -194,9 +215,20 @@ class RunConfig(BaseModel):
         passed = sum(round_ > int(f * self.rounds) for f in self.lr_decay_at)
         return self.train.lr * self.lr_decay**passed
 
+    def robust_options(self) -> Optional[RobustOptions]:
+        """The robust aggregation's parameters (None with ``aggregation = "exact"``)."""
+        if self.aggregation != "robust":
+            return None
+        return RobustOptions(self.robust_trim, self.robust_clip, self.robust_agree, self.robust_max_weight)
+
     def network(self) -> ModelConfig:
         """The model shape of the run (model, data set, stem and step-size initialisation)."""
-        return replace(get_model_config(self.model, self.dataset), stem_pool=self.stem_pool, step_init=self.step_init)
+        return replace(
+            get_model_config(self.model, self.dataset),
+            stem_pool=self.stem_pool,
+            step_init=self.step_init,
+            specs=self.specs,
+        )
 
     @field_validator("method", mode="before")
     @classmethod

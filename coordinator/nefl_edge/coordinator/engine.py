@@ -30,7 +30,7 @@ import numpy as np
 from nefl_edge.coordinator.assignment import assign, capacity
 from nefl_edge.coordinator.cadence import evaluates
 from nefl_edge.coordinator.config import RunConfig
-from nefl_edge.coordinator.evaluation import apply_bn_stats, calibrate_bn, combine_evaluations
+from nefl_edge.coordinator.evaluation import apply_bn_stats, calibrate_bn, federated_summary, robust_bn_parts
 from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, Grid, Instruction, Outcome
 from nefl_edge.coordinator.screening import MAX_SAMPLES, Quarantine, UpdateRejected, screen
 from nefl_edge.coordinator.strategies import Plan, Strategy
@@ -53,6 +53,12 @@ class RoundReport:
     dropped: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     quarantined: int = 0
+    quarantined_nodes: list[str] = field(default_factory=list)
+    """The clients sitting out this round (strikes: rejected updates, unanswered tasks, left-out updates)."""
+    robust: dict[str, Any] = field(default_factory=dict)
+    """``aggregation = "robust"``: clients clipped (factor), left out for disagreeing, weight-capped."""
+    bn_rejected: dict[int, list[str]] = field(default_factory=dict)
+    """Robust BatchNorm statistics: per submodel, the devices whose statistics were far from the rest."""
     untrained: list[int] = field(default_factory=list)
     bytes_in: int = 0
     bytes_out: int = 0
@@ -105,13 +111,23 @@ class RoundEngine:
             n: capacity(c, cfg.policy, self.plan, self.config, cfg.train, cfg.deadline_s) for n, c in clients.items()
         }
         blocked = self.quarantine.active(r)
-        report.quarantined = len(blocked)
+        report.quarantined, report.quarantined_nodes = len(blocked), blocked
         pool = [n for n in caps if n not in blocked and self.strategy.assign(self.plan, caps[n]) is not None]
         selected = self.strategy.select(self.rng, pool, cfg.fraction, cfg.min_clients)
         speeds = {n: c.profile.samples_per_s or 0.0 for n, c in clients.items() if c.profile is not None}
         rotate = self.rng if cfg.cover_rule == "random" else None
+        unreliable = frozenset(n for n in selected if self.quarantine.dropped_recently(n, r))
         assignment = assign(
-            self.strategy, self.plan, caps, selected, cfg.cover_submodels, speeds, rotate, cfg.tier_window, self.rng
+            self.strategy,
+            self.plan,
+            caps,
+            selected,
+            cfg.cover_submodels,
+            speeds,
+            rotate,
+            cfg.tier_window,
+            self.rng,
+            unreliable,
         )
         instructions = [
             Instruction(
@@ -126,7 +142,7 @@ class RoundEngine:
         report.selected = len(instructions)
         log.info("round %d: %d clients, submodels %s", r, len(instructions), dict(sorted(assignment.items())))
         out_before = grid.bytes_out
-        agg = NeFedAvg(state, cfg.weighting)
+        agg = NeFedAvg(state, cfg.weighting, cfg.robust_options())
         references = {k: extract(state, k) for k in sorted(set(assignment.values()))} if cfg.update_norm_bound else {}
         collecting = time.monotonic()
         for outcome in grid.run(r, state, instructions):
@@ -143,6 +159,7 @@ class RoundEngine:
         if report.updates >= cfg.min_updates:
             state = agg.result()
             report.aggregated = True
+            self._robust_outcome(r, agg, report)
         else:
             log.warning(
                 "round %d: %d valid updates < min_updates=%d; keeping the previous global model",
@@ -157,6 +174,19 @@ class RoundEngine:
         report.seconds = time.monotonic() - started
         report.ended_at = time.time()
         return state, report
+
+    def _robust_outcome(self, r: int, agg: NeFedAvg, report: RoundReport) -> None:
+        """Record what the robust aggregation did; a left-out update is a strike for its client."""
+        done = agg.robust_report
+        if self.cfg.aggregation == "robust":
+            report.robust = {
+                "clipped": {n: round(f, 4) for n, f in sorted(done.clipped.items())},
+                "left_out": list(done.disagreeing),
+                "capped": list(done.capped),
+            }
+        for node in done.disagreeing:
+            log.warning("round %d: robust aggregation left out the update of %s (it disagrees with the rest)", r, node)
+            self.quarantine.strike(node, r, "update left out by robust aggregation")
 
     @property
     def holdout(self) -> float:
@@ -185,20 +215,29 @@ class RoundEngine:
         if cfg.bn == "federated":
             trained = {c["node"]: c["submodel"] for c in report.clients if c["status"] == "updated"}
             covered = set(trained.values())
+            robust = self.cfg.aggregation == "robust"  # every device on every submodel it runs: a majority
             wanted = {
-                n: tuple(k for k in subs if k == trained.get(n) or k not in covered) for n, subs in runnable.items()
+                n: tuple(k for k in subs if robust or k == trained.get(n) or k not in covered)
+                for n, subs in runnable.items()
             }
             requests = [
                 EvalRequest(n, subs, False, True, self.holdout, batch, max_batches)
                 for n, subs in wanted.items()
                 if subs
             ]
-            parts: dict[int, list[BnStats]] = {}
+            parts: dict[int, list[tuple[str, BnStats]]] = {}
             for outcome in grid.evaluate(r, state, requests):
-                for k, stats in self._screen_evaluation(r, outcome, report)[1].items():
-                    parts.setdefault(k, []).append(stats)
+                for k, stats in self._screen_evaluation(r, outcome, report, max_batches)[1].items():
+                    parts.setdefault(k, []).append((outcome.node, stats))
             for k, found in sorted(parts.items()):
-                report.bn_batches[k] = apply_bn_stats(state, k, found)
+                if robust:
+                    kept, liars = robust_bn_parts(found, cfg.robust_max_weight)
+                    if liars:
+                        report.bn_rejected[k] = liars
+                        log.warning("round %d: BatchNorm statistics of %s for submodel %d left out", r, liars, k)
+                else:
+                    kept = [stats for _, stats in found]
+                report.bn_batches[k] = apply_bn_stats(state, k, kept)
             missing = [k for k in range(len(self.plan.specs)) if k not in report.bn_batches]
             if missing:
                 log.warning(
@@ -214,26 +253,22 @@ class RoundEngine:
             for k in range(len(self.plan.specs)):
                 calibrate_bn(model, k, self.calibration)
         requests = [EvalRequest(n, subs, True, False, self.holdout, max(batch, 256)) for n, subs in runnable.items()]
-        evaluations: dict[int, list[EvalResult]] = {}
+        evaluations: dict[int, list[tuple[str, EvalResult]]] = {}
         for outcome in grid.evaluate(r, model, requests):
             for k, result in self._screen_evaluation(r, outcome, report)[0].items():
-                evaluations.setdefault(k, []).append(result)
+                evaluations.setdefault(k, []).append((outcome.node, result))
         for k, answers in sorted(evaluations.items()):
-            total = combine_evaluations(answers)
-            if total.count:
-                report.federated[k] = {
-                    "accuracy": total.accuracy,
-                    "loss": total.loss,
-                    "samples": total.count,
-                    "devices": len(found),
-                }
+            summary = federated_summary(answers, cfg.aggregation == "robust", cfg.robust_max_weight)
+            if summary["samples"]:
+                report.federated[k] = summary
         report.phases["federated_evaluation"] = time.monotonic() - evaluating
 
     def _screen_evaluation(
-        self, r: int, outcome: EvalOutcome, report: RoundReport
+        self, r: int, outcome: EvalOutcome, report: RoundReport, max_batches: Optional[int] = None
     ) -> tuple[dict[int, EvalResult], dict[int, BnStats]]:
         """The valid parts of an evaluation outcome; a hostile or broken one is rejected whole and counted
-        (``eval_<reason>`` in ``report.rejected``)."""
+        (``eval_<reason>`` in ``report.rejected``). A device may not claim more batches than it was asked for
+        (``max_batches``) nor more held-out samples than its share (``eval_fraction``) of what it declared."""
         report.bytes_in += outcome.bytes_in
         if outcome.status != "evaluated":
             if outcome.status == "rejected":
@@ -241,14 +276,15 @@ class RoundEngine:
             log.warning("round %d: evaluation by %s %s: %s", r, outcome.node, outcome.status, outcome.reason)
             return {}, {}
         limit = min(self.declared.get(outcome.node, MAX_SAMPLES), MAX_SAMPLES)
+        held = int(np.ceil(self.holdout * limit)) + 1 if self.holdout > 0 else limit
         try:
-            if any(b > limit for b in outcome.bn_batches.values()):
-                raise ValueError(f"batch count beyond the {limit} samples the client declared")
+            if any(b > limit or (max_batches is not None and b > max_batches) for b in outcome.bn_batches.values()):
+                raise ValueError(f"batch count beyond the {limit} samples the client declared or {max_batches} asked")
             for k, result in outcome.results.items():
                 if not 0 <= k < len(self.plan.specs):
                     raise ValueError(f"submodel {k} does not exist")
-                if not (0 <= result.correct <= result.count <= limit and np.isfinite(result.loss_sum)):
-                    raise ValueError(f"submodel {k}: implausible counts {result} (at most {limit} samples)")
+                if not (0 <= result.correct <= result.count <= held and np.isfinite(result.loss_sum)):
+                    raise ValueError(f"submodel {k}: implausible counts {result} (at most {held} held out)")
                 if result.loss_sum < 0:
                     raise ValueError(f"submodel {k}: negative loss")
             stats = {
@@ -289,11 +325,11 @@ class RoundEngine:
                 status, reason = "rejected", str(exc)
                 log.warning("round %d: rejected update from %s: %s", r, outcome.node, exc)
             else:
-                agg.add(outcome.submodel, outcome.tensors, outcome.num_samples)
+                agg.add(outcome.submodel, outcome.tensors, outcome.num_samples, outcome.node)
         if status == "rejected":
             key = reason.split(":", 1)[0]
             report.rejected[key] = report.rejected.get(key, 0) + 1
-        self.quarantine.record(outcome.node, status == "rejected", r)
+        self.quarantine.record(outcome.node, status == "rejected", r, dropped=status == "dropped")
         report.updates += status == "updated"
         report.declined += status == "declined"
         report.dropped += status == "dropped"

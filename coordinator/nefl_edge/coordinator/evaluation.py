@@ -165,3 +165,92 @@ def coordinator_data(
         return None, None, True
     samples, calibration = held_out(test, eval_samples, bn_calibration if bn == "server" else 0)
     return samples, (calibration if len(calibration) else None), evaluation in ("federated", "both")
+
+
+FAR_MEAN = 2.0
+"""Robust BatchNorm: a layer's statistics are far when the median over its channels of
+``|mean - median mean| / sqrt(median variance)`` exceeds this..."""
+FAR_VAR_RATIO = 4.0
+"""...or the median over its channels of the variance ratio to the median variance (either way) exceeds this."""
+DISAGREE_MIN = 0.15
+"""Robust evaluation: a device disagrees when its accuracy is further than this (or 3 robust deviations,
+whichever is larger) from the median device's."""
+
+
+def robust_bn_parts(parts: list[tuple[str, BnStats]], max_weight: float) -> tuple[list[BnStats], list[str]]:
+    """The devices' BatchNorm statistics for one submodel with the liars left out: with at least three
+    devices, a device whose statistics of any layer are far from the per-channel median over devices
+    (:data:`FAR_MEAN`, :data:`FAR_VAR_RATIO`) is rejected, and every device's batch count (its weight in the
+    exact combination) is capped at ``max_weight`` times the median count. Returns (kept parts, rejected
+    nodes). Per-channel medians as the robust centre follow Yin et al. 2018 (coordinate-wise median);
+    departure: the median only decides whom to reject, the kept devices are then combined exactly (as
+    :func:`apply_bn_stats`), so honest runs keep the exact statistics. With fewer than three devices there
+    is no majority to compare with and all are kept (capped)."""
+    if not parts:
+        return [], []
+    rejected: list[str] = []
+    if len(parts) >= 3:
+        running = [(node, p.running()) for node, p in parts]
+        names = [n for n in running[0][1] if n.endswith(".running_mean")]
+        for name in names:
+            prefix = name.removesuffix(".running_mean")
+            means = np.stack([r[f"{prefix}.running_mean"] for _, r in running]).astype(np.float64)
+            variances = np.stack([r[f"{prefix}.running_var"] for _, r in running]).astype(np.float64)
+            centre_m, centre_v = np.median(means, axis=0), np.median(variances, axis=0)
+            scale = np.sqrt(centre_v) + 1e-6
+            for i, (node, _) in enumerate(running):
+                shift = float(np.median(np.abs(means[i] - centre_m) / scale))
+                ratio = float(np.median(np.abs(np.log((variances[i] + 1e-8) / (centre_v + 1e-8)))))
+                if (shift > FAR_MEAN or ratio > np.log(FAR_VAR_RATIO)) and node not in rejected:
+                    rejected.append(node)
+        if len(rejected) * 2 >= len(parts):  # no majority agrees: nothing can be told apart
+            rejected = []
+    kept = [p for node, p in parts if node not in rejected]
+    cap = max(1, int(max_weight * float(np.median([p.batches for p in kept]))))
+    out = []
+    for p in kept:
+        if p.batches > cap:
+            factor = cap / p.batches
+            p = BnStats(
+                {k: v * factor for k, v in p.mean_sum.items()}, {k: v * factor for k, v in p.var_sum.items()}, cap
+            )
+        out.append(p)
+    return out, rejected
+
+
+def federated_summary(
+    answers: list[tuple[str, EvalResult]], robust: bool, max_weight: float = 2.0
+) -> dict[str, object]:
+    """The federated evaluation of one submodel from every device's answer: the sample-weighted accuracy and
+    loss, their spread over devices (median, lowest and highest device accuracy) and the devices that
+    disagree with the median (further than :data:`DISAGREE_MIN` or three scaled median absolute deviations;
+    with at least three devices). ``robust``: the disagreeing devices are left out of the sums and every
+    count is capped at ``max_weight`` times the median count, so one device cannot set the result."""
+    accs = np.array([r.accuracy for _, r in answers], np.float64)
+    disagree: list[str] = []
+    median = float(np.median(accs)) if len(accs) else 0.0
+    if len(answers) >= 3:
+        mad = 1.4826 * float(np.median(np.abs(accs - median)))
+        limit = max(DISAGREE_MIN, 3 * mad)
+        disagree = [node for node, r in answers if abs(r.accuracy - median) > limit]
+    used = [(n, r) for n, r in answers if not (robust and n in disagree)]
+    if robust and used:
+        cap = max(1.0, max_weight * float(np.median([r.count for _, r in used])))
+        scaled = [(min(1.0, cap / r.count) if r.count else 1.0, r) for _, r in used]
+        total = EvalResult(
+            sum(f * r.loss_sum for f, r in scaled),
+            round(sum(f * r.correct for f, r in scaled)),
+            round(sum(f * r.count for f, r in scaled)),
+        )
+    else:
+        total = combine_evaluations(r for _, r in used)
+    return {
+        "accuracy": total.accuracy,
+        "loss": total.loss,
+        "samples": total.count,
+        "devices": len(answers),
+        "median": median,
+        "lowest": float(accs.min()) if len(accs) else 0.0,
+        "highest": float(accs.max()) if len(accs) else 0.0,
+        "disagree": disagree,
+    }

@@ -84,21 +84,39 @@ def _finite(name: str, value: np.ndarray) -> None:
 
 @dataclass
 class Quarantine:
-    """A client whose last ``strikes`` updates were all rejected sits out ``rounds`` rounds."""
+    """Strikes with decay: every rejected update, task that never came back (``dropped``) or update the
+    robust aggregation left out adds one strike; every task done well halves the count. A client reaching
+    ``strikes`` sits out ``rounds`` rounds (three rejections in a row always do; one bad answer between
+    good ones fades away)."""
 
     strikes: int = 3
     rounds: int = 5
-    _streak: dict[str, int] = field(default_factory=dict)
+    _streak: dict[str, float] = field(default_factory=dict)
     _until: dict[str, int] = field(default_factory=dict)
+    _recent_drop: dict[str, int] = field(default_factory=dict)
 
-    def record(self, node: str, rejected: bool, round_: int) -> None:
-        self._streak[node] = self._streak.get(node, 0) + 1 if rejected else 0
-        if self._streak[node] >= self.strikes:
+    def record(self, node: str, rejected: bool, round_: int, dropped: bool = False) -> None:
+        """One outcome of ``node``'s task of ``round_``: a strike when ``rejected`` or ``dropped``."""
+        if dropped:
+            self._recent_drop[node] = round_
+        if not (rejected or dropped):
+            self._streak[node] = self._streak.get(node, 0) / 2
+            return
+        self.strike(node, round_, "dropped its task" if dropped else "rejected update")
+
+    def strike(self, node: str, round_: int, why: str) -> None:
+        self._streak[node] = self._streak.get(node, 0) + 1
+        if self._streak[node] >= self.strikes - 1e-9:
             self._until[node] = round_ + self.rounds
             self._streak[node] = 0
             log.warning(
-                "client %s quarantined until round %d after %d rejected updates", node, self._until[node], self.strikes
+                "client %s quarantined until round %d (%s: strike %d)", node, self._until[node], why, self.strikes
             )
+
+    def dropped_recently(self, node: str, round_: int, within: int = 3) -> bool:
+        """Whether ``node`` left a task unanswered in the last ``within`` rounds before ``round_``."""
+        last = self._recent_drop.get(node)
+        return last is not None and round_ - last <= within
 
     def blocked(self, node: str, round_: int) -> bool:
         return self._until.get(node, 0) >= round_
@@ -106,9 +124,11 @@ class Quarantine:
     def active(self, round_: int) -> list[str]:
         return sorted(n for n, until in self._until.items() if until >= round_)
 
-    def dump(self) -> dict[str, dict[str, int]]:
-        return {"streak": dict(self._streak), "until": dict(self._until)}
+    def dump(self) -> dict[str, dict[str, float]]:
+        return {"streak": dict(self._streak), "until": dict(self._until), "dropped": dict(self._recent_drop)}
 
-    def restore(self, data: Optional[dict[str, dict[str, int]]]) -> None:
+    def restore(self, data: Optional[dict[str, dict[str, float]]]) -> None:
         if data:
-            self._streak, self._until = dict(data.get("streak", {})), dict(data.get("until", {}))
+            self._streak = {k: float(v) for k, v in data.get("streak", {}).items()}
+            self._until = {k: int(v) for k, v in data.get("until", {}).items()}
+            self._recent_drop = {k: int(v) for k, v in data.get("dropped", {}).items()}

@@ -23,15 +23,21 @@ Working memory: the float32 sums (1x the consistent model) plus, during :meth:`N
 state and one tensor's scratch. Float32 sums stay within 1e-6 of a float64 fold for 100 ResNet18 updates
 (``tests/test_nefedavg_speed.py``, ``bench/aggregation.py``); inconsistent tensors are small and keep
 float64 sums.
+
+Robust mode (``robust=RobustOptions(...)``, ``RunConfig.aggregation = "robust"``): the updates are kept and
+:meth:`NeFedAvg.result` runs :func:`nefl_edge.core.robust.robust_aggregate` (clipping, agreement with the
+median, capped weights, coordinate-wise trimmed mean per nested region) instead of the streaming average;
+its working memory is the round's update bytes plus one model (see that module).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 
 from nefl_edge.core.nested import GlobalState, Tensors, prefix_slice
+from nefl_edge.core.robust import ClientUpdate, RobustOptions, RobustReport, robust_aggregate
 from nefl_edge.core.specs import param_layout
 
 Weighting = Literal["samples", "uniform"]
@@ -40,29 +46,42 @@ BLOCK_ELEMENTS = 1 << 17  # 512 KiB of float32: the weighted copy of a block sta
 
 
 class NeFedAvg:
-    """Streaming NeFedAvg over one round: ``add`` each client update, then ``result``."""
+    """Streaming NeFedAvg over one round: ``add`` each client update, then ``result``. With ``robust``
+    options the round is aggregated by :func:`~nefl_edge.core.robust.robust_aggregate` instead, and
+    ``robust_report`` says afterwards whom it clipped, capped or left out."""
 
-    def __init__(self, state: GlobalState, weighting: Weighting = "samples") -> None:
+    def __init__(
+        self, state: GlobalState, weighting: Weighting = "samples", robust: Optional[RobustOptions] = None
+    ) -> None:
         if weighting not in ("samples", "uniform"):
             raise ValueError(f"weighting must be 'samples' or 'uniform', got {weighting!r}")
         self._state = state
         self._weighting = weighting
-        self._sums = {k: np.zeros(v.shape, np.float32) for k, v in state.consistent.items()}
+        self._robust = robust
+        self._kept: list[ClientUpdate] = []
+        self.robust_report = RobustReport()
+        # robust mode keeps the updates until result() instead of streaming sums
+        self._sums = {} if robust else {k: np.zeros(v.shape, np.float32) for k, v in state.consistent.items()}
         self._layouts = [
             [(name, info.shape, info.kind == "consistent") for name, info in param_layout(state.config, spec).items()]
             for spec in state.specs
         ]
         self._sub_sums: list[Tensors | None] = [None] * len(state.specs)
         self._sub_weight = [0.0] * len(state.specs)
-        self._scratch = np.empty(BLOCK_ELEMENTS, np.float32)
+        self._scratch = np.empty(0 if robust else BLOCK_ELEMENTS, np.float32)
         self.updates = 0
 
-    def add(self, index: int, tensors: Tensors, num_samples: int) -> None:
+    def add(self, index: int, tensors: Tensors, num_samples: int, node: str = "") -> None:
         """Fold one client's trained submodel ``index`` into the round. ``tensors`` must hold every tensor
-        of that submodel's layout with its shape (the coordinator validates updates before this)."""
+        of that submodel's layout with its shape (the coordinator validates updates before this); ``node``
+        names the client in the robust report."""
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         weight = float(num_samples) if self._weighting == "samples" else 1.0
+        if self._robust is not None:
+            self._kept.append(ClientUpdate(index, tensors, weight, node))
+            self.updates += 1
+            return
         sub_sums = self._sub_sums[index]
         if sub_sums is None:
             sub_sums = self._sub_sums[index] = {
@@ -104,6 +123,9 @@ class NeFedAvg:
     def result(self) -> GlobalState:
         """The aggregated global state (a new object; the input state is not modified)."""
         state = self._state
+        if self._robust is not None:
+            out, self.robust_report = robust_aggregate(state, self._kept, self._robust)
+            return out
         out = GlobalState(
             state.config, list(state.specs), {}, [{k: v.copy() for k, v in t.items()} for t in state.inconsistent]
         )

@@ -1,0 +1,257 @@
+"""Byzantine-robust NeFedAvg: aggregation of nested submodel updates that a minority of hostile clients
+cannot steer.
+
+Exact NeFedAvg (:mod:`nefl_edge.core.nefedavg`) averages each element over the clients whose submodel covers
+it, so one client that uploads ``w - 5 (trained - w)`` or claims ten million samples owns every element it
+covers. Here, per round (:func:`robust_aggregate`):
+
+1. **Deltas and clipping.** Each update becomes ``delta = trained - sent``. Its trained part (every tensor
+   but BatchNorm running statistics) is clipped, the consistent and the inconsistent tensors separately, to
+   ``clip`` times the round's median update norm (Sun et al. 2019, "Can you really backdoor federated
+   learning?", arXiv 1911.07963: norm clipping). Departure: submodels differ in size, so the median is taken
+   over the relative norms ``||delta|| / ||sent||`` and the threshold is that median times the client's own
+   ``||sent||``; the median is over the clients of the same submodel when at least three trained it, else
+   over every client of the round (with nested submodels one client per submodel is common).
+2. **Agreement.** With at least three clients, every client's clipped consistent delta on the region all
+   of them cover is compared with the coordinate-wise median of those deltas (the robust centre); a client
+   whose cosine similarity with it is below ``agree`` is left out of the round (a sign flip or a scaled
+   reversal points away from it). This is in the spirit of centered clipping (Karimireddy, He and Jaggi
+   2021, "Learning from history for Byzantine robust optimization", ICML), which also measures clients
+   against a robust centre; departure: one median step instead of their iterated clipping around the
+   previous round's momentum, and exclusion instead of clipping around the centre.
+3. **Weights.** Sample counts (or 1 with ``uniform`` weighting) are capped at ``max_weight`` times the
+   round's median weight, so a client that claims more samples than the others cannot take more than that
+   share of any average.
+4. **Coordinate-wise trimmed mean** (Yin, Chen, Ramchandran and Bartlett 2018, "Byzantine-robust distributed
+   learning: towards optimal statistical rates", ICML): per element, over the clients that cover it, the
+   ``b = max(1, floor(trim * c))`` largest and smallest of the ``c`` deltas are dropped and the rest
+   averaged with their (capped) weights. Departures: Yin et al. trim an unweighted mean over one shared
+   coverage; here the coverage differs per region of a nested tensor, the kept values keep their weights,
+   and where fewer than ``min_trim`` (3) clients cover an element nothing can be trimmed and the weighted
+   mean of the clipped deltas is used (the fallback: clipping and the agreement step are then the only
+   protection of that element).
+5. **Inconsistent tensors** (BatchNorm affine parameters, step sizes, running statistics: one copy per
+   submodel) get the same trimmed mean among the clients of their submodel.
+
+An element no client covers keeps its value, as in exact NeFedAvg.
+
+Memory: unlike the streaming exact mode, a trimmed mean needs every value of an element at once, so the
+deltas of the round are kept (float32): the working memory is the sum of the round's update sizes plus one
+copy of the global model, plus a sort buffer of at most ``BLOCK_VALUES`` values per region block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from nefl_edge.core.nested import GlobalState, Tensors, extract, prefix_slice
+from nefl_edge.core.specs import param_layout
+
+BLOCK_VALUES = 1 << 23
+"""Values (clients x elements) sorted at once in one block of a region: 32 MiB of float32."""
+
+
+@dataclass(frozen=True)
+class RobustOptions:
+    """The parameters of :func:`robust_aggregate` (``RunConfig``'s ``robust_*`` keys)."""
+
+    trim: float = 0.25
+    """Share of the covering clients trimmed from each side of every element (at least one where ``min_trim``
+    clients cover it)."""
+    clip: float = 2.0
+    """Updates are clipped to this multiple of the round's median (relative) update norm."""
+    agree: float = 0.0
+    """Clients whose delta has a cosine similarity below this with the median delta are left out."""
+    max_weight: float = 2.0
+    """No client weighs more than this multiple of the round's median weight."""
+    min_trim: int = 3
+    """Fewest covering clients where trimming applies (below: the weighted mean of clipped deltas)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.trim < 0.5:
+            raise ValueError(f"trim must be in [0, 0.5), got {self.trim}")
+        if self.clip <= 0 or self.max_weight < 1 or not -1 <= self.agree <= 1 or self.min_trim < 3:
+            raise ValueError("clip must be > 0, max_weight >= 1, agree in [-1, 1] and min_trim >= 3")
+
+
+@dataclass
+class ClientUpdate:
+    """One client's update as :func:`robust_aggregate` takes it."""
+
+    index: int
+    tensors: Tensors
+    weight: float
+    node: str = ""
+
+
+@dataclass
+class RobustReport:
+    """What the robust aggregation did: who was clipped (node or position -> factor < 1), who was left out
+    for disagreeing with the others, and whose weight was capped."""
+
+    clipped: dict[str, float] = field(default_factory=dict)
+    disagreeing: list[str] = field(default_factory=list)
+    capped: list[str] = field(default_factory=list)
+    cosine: dict[str, float] = field(default_factory=dict)
+
+
+def _is_stat(name: str) -> bool:
+    return "running_" in name
+
+
+def _norm(tensors: Tensors, names: Sequence[str]) -> float:
+    total = 0.0
+    for n in names:
+        flat = tensors[n].reshape(-1).astype(np.float64)
+        total += float(np.dot(flat, flat))
+    return float(np.sqrt(total))
+
+
+def trimmed_mean(values: np.ndarray, weights: np.ndarray, trim: float, min_trim: int) -> np.ndarray:
+    """Coordinate-wise weighted trimmed mean over axis 0 of ``values`` (clients x elements): drop the
+    ``max(1, floor(trim * c))`` smallest and largest per element when ``c >= min_trim`` clients (and
+    ``trim > 0``), then the ``weights``-weighted mean of the rest."""
+    c = values.shape[0]
+    w = weights.astype(np.float64)
+    if c < min_trim or trim <= 0:
+        return (np.tensordot(w, values.astype(np.float64), axes=1) / w.sum()).astype(np.float32)
+    b = max(1, int(np.floor(trim * c)))
+    order = np.argsort(values, axis=0, kind="stable")[b : c - b]
+    kept = np.take_along_axis(values, order, axis=0).astype(np.float64)
+    kept_w = w[order]
+    return ((kept * kept_w).sum(axis=0) / kept_w.sum(axis=0)).astype(np.float32)
+
+
+def _closure(shapes: set[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """``shapes`` closed under the element-wise minimum, largest first: every element's covering clients are
+    exactly those whose shape contains the smallest of these shapes that contains the element."""
+    out = set(shapes)
+    grew = True
+    while grew:
+        grew = False
+        for a in list(out):
+            for b in list(out):
+                m = tuple(min(x, y) for x, y in zip(a, b))
+                if m not in out:
+                    out.add(m)
+                    grew = True
+    return sorted(out, key=lambda s: int(np.prod(s)), reverse=True)
+
+
+def _contains(big: tuple[int, ...], small: tuple[int, ...]) -> bool:
+    return all(a >= b for a, b in zip(big, small))
+
+
+def _region_mean(
+    deltas: list[np.ndarray], weights: np.ndarray, shape: tuple[int, ...], opts: RobustOptions
+) -> np.ndarray:
+    """The trimmed mean over ``deltas`` (each at least ``shape``) of their ``shape`` prefix, in blocks of
+    rows so that the stacked values stay under ``BLOCK_VALUES``."""
+    where = prefix_slice(shape)
+    out = np.empty(shape, np.float32)
+    if len(shape) == 0:
+        return trimmed_mean(np.stack([d[where] for d in deltas]), weights, opts.trim, opts.min_trim)
+    row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    rows = max(1, BLOCK_VALUES // max(1, row * len(deltas)))
+    for lo in range(0, shape[0], rows):
+        hi = min(shape[0], lo + rows)
+        block = np.stack([d[where][lo:hi] for d in deltas])
+        out[lo:hi] = trimmed_mean(block, weights, opts.trim, opts.min_trim)
+    return out
+
+
+def robust_aggregate(
+    state: GlobalState, updates: list[ClientUpdate], opts: RobustOptions
+) -> tuple[GlobalState, RobustReport]:
+    """The robust NeFedAvg of ``updates`` (each holding every tensor of its submodel's layout) over
+    ``state``; see the module docstring for the method. Returns the new state and what was done."""
+    report = RobustReport()
+    out = state.copy()
+    if not updates:
+        return out, report
+    specs = state.specs
+    layouts = [param_layout(state.config, spec) for spec in specs]
+    refs = {k: extract(state, k) for k in sorted({u.index for u in updates})}
+    names = [u.node or f"#{i}" for i, u in enumerate(updates)]
+    deltas: list[Tensors] = []
+    for u in updates:
+        ref = refs[u.index]
+        deltas.append({n: np.subtract(u.tensors[n], ref[n], dtype=np.float32) for n in layouts[u.index]})
+
+    # 1. clipping, consistent and inconsistent trained tensors apart, relative to the sent weights
+    for part in ("consistent", "inconsistent"):
+        groups = []
+        for u in updates:
+            layout = layouts[u.index]
+            groups.append([n for n, i in layout.items() if i.kind == part and not _is_stat(n)])
+        sizes = [max(_norm(refs[u.index], g), 1e-12) for u, g in zip(updates, groups)]
+        norms = [_norm(d, g) for d, g in zip(deltas, groups)]
+        relative = np.array([n / s for n, s in zip(norms, sizes)])
+        per_sub: dict[int, list[int]] = {}
+        for i, u in enumerate(updates):
+            per_sub.setdefault(u.index, []).append(i)
+        for i, u in enumerate(updates):
+            peers = per_sub[u.index] if len(per_sub[u.index]) >= 3 else list(range(len(updates)))
+            limit = opts.clip * float(np.median(relative[peers])) * sizes[i]
+            if norms[i] > limit > 0:
+                factor = limit / norms[i]
+                for n in groups[i]:
+                    deltas[i][n] *= np.float32(factor)
+                report.clipped[names[i]] = min(report.clipped.get(names[i], 1.0), factor)
+
+    # 2. agreement with the coordinate-wise median on the region every client covers
+    keep = list(range(len(updates)))
+    if len(updates) >= 3:
+        common: dict[str, tuple[int, ...]] = {}
+        for name in state.consistent:
+            shapes = [layouts[u.index][name].shape for u in updates if name in layouts[u.index]]
+            if len(shapes) == len(updates):
+                common[name] = tuple(min(dims) for dims in zip(*shapes))
+        if common:
+            flat = [
+                np.concatenate([d[n][prefix_slice(s)].reshape(-1) for n, s in common.items()]).astype(np.float64)
+                for d in deltas
+            ]
+            centre = np.median(np.stack(flat), axis=0)
+            centre_norm = float(np.linalg.norm(centre))
+            for i, f in enumerate(flat):
+                denom = centre_norm * float(np.linalg.norm(f))
+                cos = float(np.dot(f, centre) / denom) if denom > 0 else 1.0
+                report.cosine[names[i]] = cos
+            keep = [i for i in keep if report.cosine[names[i]] >= opts.agree]
+            report.disagreeing = [names[i] for i in range(len(updates)) if i not in keep]
+            if not keep:  # nobody agrees with the centre (it is ~0): keep everyone, clipped
+                keep, report.disagreeing = list(range(len(updates))), []
+
+    # 3. weight cap
+    raw = np.array([updates[i].weight for i in keep], np.float64)
+    cap = opts.max_weight * float(np.median(raw))
+    weights = np.minimum(raw, cap)
+    report.capped = [names[i] for i, w in zip(keep, raw) if w > cap]
+    kept = [(updates[i], deltas[i], w) for i, w in zip(keep, weights)]
+
+    # 4. consistent tensors, region by region of the nested slices
+    for name, old in state.consistent.items():
+        covering = [(layouts[u.index][name].shape, d[name], w) for u, d, w in kept if name in layouts[u.index]]
+        if not covering:
+            continue
+        target = out.consistent[name]
+        for shape in _closure({s for s, _, _ in covering}):
+            mine = [(d, w) for s, d, w in covering if _contains(s, shape)]
+            mean = _region_mean([d for d, _ in mine], np.array([w for _, w in mine]), shape, opts)
+            where = prefix_slice(shape)
+            target[where] = old[where] + mean
+
+    # 5. inconsistent tensors, per submodel
+    for k in sorted({u.index for u, _, _ in kept}):
+        own = [(d, w) for u, d, w in kept if u.index == k]
+        ws = np.array([w for _, w in own])
+        for name, info in layouts[k].items():
+            if info.kind == "consistent":
+                continue
+            mean = _region_mean([d[name] for d, _ in own], ws, info.shape, opts)
+            out.inconsistent[k][name] = (state.inconsistent[k][name] + mean).astype(np.float32)
+    return out, report

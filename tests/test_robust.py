@@ -1,0 +1,182 @@
+"""Robust NeFedAvg (core/robust.py) against a naive reference written here: a loop over elements and the
+clients that cover each of them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nefl_edge.core.nefedavg import NeFedAvg
+from nefl_edge.core.nested import GlobalState, Tensors, extract, init_global_state
+from nefl_edge.core.robust import RobustOptions, trimmed_mean
+from nefl_edge.core.specs import ModelConfig, SubmodelSpec, param_layout
+
+
+def _updates(state: GlobalState, subs: list[int], seed: int = 1, scale: float = 0.01) -> list[tuple[int, Tensors, int]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, k in enumerate(subs):
+        sent = extract(state, k)
+        noise = {
+            n: (v + rng.standard_normal(v.shape) * scale * (1 + i % 3)).astype(np.float32) for n, v in sent.items()
+        }
+        out.append((k, noise, int(rng.integers(50, 400))))
+    return out
+
+
+def _naive_norm(delta: dict[str, np.ndarray], names: list[str]) -> float:
+    return float(np.sqrt(sum(float(x) ** 2 for n in names for x in delta[n].reshape(-1))))
+
+
+def _naive_trimmed(values: list[float], weights: list[float], trim: float) -> float:
+    pairs = sorted(zip(values, weights), key=lambda p: p[0])
+    c = len(pairs)
+    if c >= 3 and trim > 0:
+        b = max(1, int(np.floor(trim * c)))
+        pairs = pairs[b : c - b]
+    return sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+
+
+def _naive(state: GlobalState, updates: list[tuple[int, Tensors, int]], opts: RobustOptions, sample: int) -> dict:
+    """Clipping and trimmed mean element by element (agreement off: ``opts.agree = -1``); returns
+    ``{(name, index): value}`` for every element of small tensors and ``sample`` random ones of the rest."""
+    layouts = [param_layout(state.config, s) for s in state.specs]
+    sent = [extract(state, k) for k, _, _ in updates]
+    deltas = [{n: t[n].astype(np.float64) - sent[i][n] for n in t} for i, (_, t, _) in enumerate(updates)]
+    for part in ("consistent", "inconsistent"):
+        groups = [
+            [n for n, info in layouts[k].items() if info.kind == part and "running_" not in n] for k, _, _ in updates
+        ]
+        rel = [_naive_norm(deltas[i], g) / _naive_norm(sent[i], g) for i, g in enumerate(groups)]
+        for i, (k, _, _) in enumerate(updates):
+            same = [j for j, (kj, _, _) in enumerate(updates) if kj == k]
+            peers = same if len(same) >= 3 else list(range(len(updates)))
+            limit = opts.clip * float(np.median([rel[j] for j in peers])) * _naive_norm(sent[i], groups[i])
+            norm = _naive_norm(deltas[i], groups[i])
+            if norm > limit:
+                for n in groups[i]:
+                    deltas[i][n] = deltas[i][n] * (limit / norm)
+    raw = [float(n) for _, _, n in updates]
+    cap = opts.max_weight * float(np.median(raw))
+    weights = [min(w, cap) for w in raw]
+    rng = np.random.default_rng(0)
+    expected: dict = {}
+    for name, old in state.consistent.items():
+        indices = list(np.ndindex(old.shape))
+        if len(indices) > sample:
+            indices = [indices[j] for j in rng.choice(len(indices), sample, replace=False)]
+        for e in indices:
+            cover = [
+                i
+                for i, (k, _, _) in enumerate(updates)
+                if name in layouts[k] and all(a < b for a, b in zip(e, layouts[k][name].shape))
+            ]
+            if cover:
+                value = _naive_trimmed([deltas[i][name][e] for i in cover], [weights[i] for i in cover], opts.trim)
+                expected[("global", name, e)] = old[e] + value
+            else:
+                expected[("global", name, e)] = old[e]
+    for k in sorted({k for k, _, _ in updates}):
+        mine = [i for i, (kk, _, _) in enumerate(updates) if kk == k]
+        for name, info in layouts[k].items():
+            if info.kind == "consistent":
+                continue
+            for e in np.ndindex(info.shape):
+                value = _naive_trimmed([deltas[i][name][e] for i in mine], [weights[i] for i in mine], opts.trim)
+                expected[(k, name, e)] = state.inconsistent[k][name][e] + value
+    return expected
+
+
+def _lookup(out: GlobalState, key: tuple) -> float:
+    scope, name, e = key
+    return float((out.consistent if scope == "global" else out.inconsistent[scope])[name][e])
+
+
+@pytest.mark.parametrize(
+    "subs",
+    [[0, 0, 1, 1, 2, 4, 4], [4, 4, 4, 4, 4], [0, 1, 2, 3, 4], [1, 3]],
+    ids=["mixed", "one-submodel", "one-per-submodel", "two-clients-fallback"],
+)
+def test_robust_nefedavg_matches_a_naive_element_by_element_reference(
+    small_config: ModelConfig, small_specs: list[SubmodelSpec], subs: list[int]
+) -> None:
+    state = init_global_state(small_config, small_specs, {}, seed=3)
+    updates = _updates(state, subs)
+    updates[-1][1]["stem.conv.weight"] *= 50  # one update far larger than the rest: it is clipped
+    opts = RobustOptions(trim=0.25, clip=1.5, agree=-1.0, max_weight=1.5)
+    agg = NeFedAvg(state, "samples", robust=opts)
+    for k, t, n in updates:
+        agg.add(k, t, n)
+    out = agg.result()
+    expected = _naive(state, updates, opts, sample=300)
+    worst = max(abs(_lookup(out, key) - value) for key, value in expected.items())
+    assert worst < 2e-5, f"robust NeFedAvg differs from the naive reference by {worst}"
+    if len(subs) >= 3:
+        assert agg.robust_report.clipped, "the 50x update was not clipped"
+
+
+def test_trimmed_mean_drops_the_extremes_and_falls_back_to_the_mean_with_two_clients() -> None:
+    values = np.array([[1.0], [2.0], [3.0], [100.0]], np.float32)
+    got = trimmed_mean(values, np.array([1.0, 1.0, 1.0, 1.0]), 0.25, 3)
+    assert got[0] == pytest.approx(2.5), f"trimmed mean of 1,2,3,100 should be 2.5, got {got[0]}"
+    two = trimmed_mean(values[:2], np.array([1.0, 3.0]), 0.25, 3)
+    assert two[0] == pytest.approx(1.75), f"two clients: the weighted mean 1.75 expected, got {two[0]}"
+
+
+def test_a_sign_flipped_scaled_update_is_left_out_and_the_result_stays_near_the_honest_one(
+    small_config: ModelConfig, small_specs: list[SubmodelSpec]
+) -> None:
+    state = init_global_state(small_config, small_specs, {}, seed=4)
+    rng = np.random.default_rng(9)
+    direction = {n: rng.standard_normal(v.shape).astype(np.float32) * 0.01 for n, v in state.consistent.items()}
+    honest = []
+    for k in [0, 2, 4]:
+        sent = extract(state, k)
+        t = {n: v.copy() for n, v in sent.items()}
+        for n in t:
+            if n in direction:
+                sl = tuple(slice(0, s) for s in t[n].shape)
+                t[n] = t[n] + direction[n][sl] + rng.standard_normal(t[n].shape).astype(np.float32) * 0.003
+        honest.append((k, t, 100))
+    k, t, _ = honest[2]
+    sent = extract(state, k)
+    hostile = (k, {n: sent[n] - 5 * (t[n] - sent[n]) for n in t}, 10_000_000)  # w - 5 (trained - w)
+    reference = NeFedAvg(state, "samples", robust=RobustOptions())
+    for u in honest:
+        reference.add(*u)
+    clean = reference.result()
+    for mode in ("exact", "robust"):
+        agg = NeFedAvg(state, "samples", robust=RobustOptions() if mode == "robust" else None)
+        for u in [*honest, hostile]:
+            agg.add(*u, node=f"n{agg.updates}")
+        got = agg.result()
+        moved = max(float(np.abs(got.consistent[n] - clean.consistent[n]).max()) for n in clean.consistent)
+        if mode == "robust":
+            assert agg.robust_report.disagreeing == ["n3"], f"the hostile update was not left out: {agg.robust_report}"
+            assert moved < 1e-6, f"robust result moved {moved} from the honest-only result"
+        else:
+            assert moved > 0.01, f"exact NeFedAvg should be owned by the hostile update (moved {moved})"
+
+
+def test_one_client_cannot_take_more_than_its_capped_share_of_the_weight(
+    small_config: ModelConfig, small_specs: list[SubmodelSpec]
+) -> None:
+    state = init_global_state(small_config, small_specs, {}, seed=5)
+    updates = _updates(state, [0, 0])
+    updates[1] = (0, updates[1][1], 10_000_000)
+    agg = NeFedAvg(state, "samples", robust=RobustOptions(max_weight=2.0))
+    for k, t, n in updates:
+        agg.add(k, t, n)
+    out = agg.result()
+    name = "stem.conv.weight"
+    sl = tuple(slice(0, s) for s in updates[0][1][name].shape)
+    d0, d1 = (updates[i][1][name] - state.consistent[name][sl] for i in (0, 1))
+    w0, w1 = updates[0][2], min(10_000_000, 2.0 * np.median([updates[0][2], 10_000_000]))
+    expected = state.consistent[name][sl] + (w0 * d0 + w1 * d1) / (w0 + w1)
+    np.testing.assert_allclose(out.consistent[name][sl], expected, atol=2e-6, err_msg="weight cap")
+    assert agg.robust_report.capped == [], "two clients: the median is their mean, nobody is beyond 2x it"
+    agg = NeFedAvg(state, "samples", robust=RobustOptions(max_weight=2.0))
+    for k, t, n in [*_updates(state, [0, 0, 0], seed=2), updates[1]]:
+        agg.add(k, t, n, node=f"c{agg.updates}")
+    agg.result()
+    assert agg.robust_report.capped == ["c3"], f"the 1e7-sample claim was not capped: {agg.robust_report}"

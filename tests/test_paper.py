@@ -24,7 +24,15 @@ from nefl_edge.coordinator.strategies import get_strategy
 from nefl_edge.core.data import Dataset, load_dataset
 from nefl_edge.core.nested import GlobalState, Tensors, extract, init_global_state
 from nefl_edge.core.schemas import TrainConfig
-from nefl_edge.core.specs import full_spec, get_model_config, make_specs, mflops, param_count, param_layout
+from nefl_edge.core.specs import (
+    SpecError,
+    full_spec,
+    get_model_config,
+    make_specs,
+    mflops,
+    param_count,
+    param_layout,
+)
 
 GAMMAS = (0.2, 0.4, 0.6, 0.8, 1.0)
 
@@ -36,7 +44,7 @@ def test_paper_preset_sets_the_papers_protocol() -> None:
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.fraction) == (5, 32, 0.1)
     assert (cfg.weighting, cfg.tier_window, cfg.cover_submodels) == ("uniform", 2, False)
     assert (cfg.step_init, cfg.stem_pool, cfg.lr_decay_at, cfg.lr_decay) == ("one", True, [0.5, 0.75], 0.1)
-    assert cfg.bn == "tracked"
+    assert (cfg.bn, cfg.specs) == ("tracked", "paper")
 
 
 def test_explicit_settings_override_the_preset(tmp_path: Path) -> None:
@@ -256,3 +264,73 @@ def test_cifar10_table_iii_command_runs_end_to_end(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["method"] == "nefl-wd" and result["rounds"][-1] == 2 and result["updates"] == [2, 2]
     assert len(result["accuracy"][-1]) == 5 and all(0.0 <= a <= 1.0 for a in result["accuracy"][-1])
+
+
+def kept(masks: list[list[int]]) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(i for i, bit in enumerate(stage) if bit) for stage in masks)
+
+
+# The notes' reading of the authors' get_submodel_info, method WD (shared/notes/nefl-paper-results.md, 3a):
+# s2D per submodel and the parameter share each spec has (BatchNorm affine counted, step sizes not).
+PAPER_WD = {
+    "resnet18": (
+        [0.34, 0.4, 0.6, 0.8, 1.0],
+        [[[1, 1], [1, 1], [1, 1], [1, 0]]] + [[[1, 1]] * 4] * 4,
+        [0.198, 0.401, 0.603, 0.801, 1.0],
+    ),
+    "resnet34": (
+        [0.378296187, 0.625390289, 0.770943105, 0.899800797, 1.0],
+        [
+            [[1, 1, 1], [1, 0, 0, 1], [1, 0, 0, 0, 0, 1], [1, 0, 1]],
+            [[1, 1, 1], [1, 0, 0, 1], [1, 1, 1, 0, 0, 1], [1, 0, 1]],
+            [[1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1, 0, 1], [1, 0, 1]],
+            [[1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0, 0, 1], [1, 1, 1]],
+            [[1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1]],
+        ],
+        [0.201, 0.401, 0.559, 0.802, 1.0],
+    ),
+}
+
+
+@pytest.mark.parametrize("model", ["resnet18", "resnet34"])
+def test_paper_preset_gives_the_papers_wd_submodels(model: str) -> None:
+    shares, masks, gammas = PAPER_WD[model]
+    cfg = load_config(None, {"preset": "paper", "model": model, "dataset": "cifar10"})
+
+    _, plan = get_strategy("nefl-wd").setup(cfg.network(), GAMMAS)
+
+    config = cfg.network()
+    full = param_count(config, full_spec(config)) - sum(
+        1 for k in param_layout(config, full_spec(config)) if "step" in k
+    )
+    for k, spec in enumerate(plan.specs):
+        assert spec.blocks == kept(masks[k]), f"{model} submodel {k}: kept blocks {spec.describe()}"
+        assert spec.width == pytest.approx(np.sqrt(shares[k]), abs=1e-6), f"{model} submodel {k}: width"
+        steps = sum(1 for key in param_layout(config, spec) if key.endswith(".step"))
+        share = (param_count(config, spec) - steps) / full
+        assert share == pytest.approx(gammas[k], abs=6e-4), f"{model} submodel {k}: parameter share {share:.4f}"
+    assert plan.tier_submodel == [0, 1, 2, 3, 4]
+
+
+def test_paper_preset_gives_sqrt_gamma_widths_to_width_methods() -> None:
+    cfg = load_config(None, {"preset": "paper", "model": "resnet18", "dataset": "cifar10"})
+
+    for method in ("nefl-w", "fjord-paper"):
+        _, plan = get_strategy(method).setup(cfg.network(), GAMMAS)
+        assert [s.width for s in plan.specs] == pytest.approx([np.sqrt(g) for g in GAMMAS], abs=1e-6), method
+        assert all(s.blocks == full_spec(cfg.network()).blocks for s in plan.specs), method
+
+
+def test_paper_specs_only_where_the_paper_has_them() -> None:
+    cfg = load_config(None, {"preset": "paper", "model": "resnet18", "dataset": "cifar10", "gammas": "0.3,1.0"})
+    with pytest.raises(SpecError, match="paper's WD specs"):
+        get_strategy("nefl-wd").setup(cfg.network(), tuple(cfg.gammas))
+    # fedavg-smallest under the preset trains the paper's smallest submodel
+    paper = load_config(None, {"preset": "paper", "model": "resnet18", "dataset": "cifar10"}).network()
+    assert get_strategy("fedavg-smallest").plan(paper, GAMMAS).specs[0] == make_specs(paper, GAMMAS)[0]
+    # resnet-small (not in the paper): NeFL-W widths, the smallest also drops the last block of the last stage
+    small = load_config(None, {"preset": "paper"}).network()
+    specs = make_specs(small, GAMMAS)
+    assert specs[0].blocks == ((0, 1), (0, 1), (0,)) and abs(specs[0].gamma - 0.2) <= 0.03
+    assert [s.width for s in specs[1:]] == pytest.approx([np.sqrt(g) for g in GAMMAS[1:]], abs=1e-6)
+    assert load_config(None, {"preset": "paper", "specs": "nested"}).network().specs == "nested"

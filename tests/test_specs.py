@@ -30,6 +30,36 @@ def test_default_gammas_are_reached(name: str, method: str) -> None:
         assert all(s.blocks == full_spec(config).blocks for s in specs)
 
 
+@pytest.mark.parametrize(
+    ("name", "dataset"), [("resnet-small", "fmnist"), ("resnet18", "cifar10"), ("resnet34", "cifar10")]
+)
+@pytest.mark.parametrize("method", ["WD", "W"])
+def test_each_submodel_is_inside_the_next_and_costs_less(name: str, dataset: str, method: str) -> None:
+    # Issue 23: the old depth choice per gamma was not nested (resnet18 WD: submodel 0 kept 11 11 11 10,
+    # submodel 1 kept 10 10 10 11) and submodel 1 cost fewer MACs than submodel 0 (39.6 vs 43.0 MMAC).
+    config = get_model_config(name, dataset)
+
+    specs = make_specs(config, DEFAULT_GAMMAS, method)  # type: ignore[arg-type]
+
+    for small, large in zip(specs, specs[1:]):
+        for stage, (kept_small, kept_large) in enumerate(zip(small.blocks, large.blocks)):
+            assert set(kept_small) <= set(kept_large), f"{name} {method}: stage {stage} of {small} not in {large}"
+        assert small.width <= large.width, f"{name} {method}: {small} is wider than {large}"
+        assert mflops(config, small) < mflops(config, large), f"{name} {method}: {small} costs more than {large}"
+        assert param_count(config, small) < param_count(config, large), f"{name} {method}: {small} vs {large}"
+
+
+@pytest.mark.parametrize("name", ["resnet-small", "resnet18"])
+def test_the_smallest_submodel_does_not_depend_on_the_other_gammas(name: str) -> None:
+    # fedavg-smallest asks for the smallest gamma alone; it must get the model NeFL's smallest submodel is.
+    config = get_model_config(name, "cifar10" if name == "resnet18" else "fmnist")
+
+    alone = make_specs(config, (0.2,))[0]
+
+    assert alone == make_specs(config, DEFAULT_GAMMAS)[0]
+    assert alone == make_specs(config, (0.2, 0.5, 1.0))[0]
+
+
 def test_wd_mixes_width_and_depth_for_small_gammas() -> None:
     config = get_model_config("resnet18", "cifar10")
 

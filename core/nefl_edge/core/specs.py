@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from nefl_edge.core.errors import BadInput
@@ -50,6 +50,8 @@ class ModelConfig:
     stem_pool: bool = False
     # Initial step sizes: "ode" (blocks in the stage / kept blocks) or "one" (1 for every kept block, the paper's).
     step_init: str = "ode"
+    # Submodel specs of make_specs: "nested" (ours) or "paper" (the NeFL paper's code, see paper_specs).
+    specs: str = "nested"
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -69,6 +71,7 @@ class ModelConfig:
             shared_head=bool(data.get("shared_head", True)),
             stem_pool=bool(data.get("stem_pool", False)),
             step_init=str(data.get("step_init", "ode")),
+            specs=str(data.get("specs", "nested")),
         )
 
 
@@ -264,42 +267,140 @@ def with_gamma(config: ModelConfig, spec: SubmodelSpec) -> SubmodelSpec:
     return SubmodelSpec(spec.width, spec.blocks, round(gamma, 4))
 
 
+def _contains(outer: tuple[tuple[int, ...], ...], inner: tuple[tuple[int, ...], ...]) -> bool:
+    """Whether every block kept in ``inner`` is kept in ``outer``."""
+    return all(set(i) <= set(o) for o, i in zip(outer, inner, strict=True))
+
+
 def make_specs(
     config: ModelConfig, gammas: tuple[float, ...] = DEFAULT_GAMMAS, method: ScalingMethod = "WD"
 ) -> list[SubmodelSpec]:
-    """Pick one submodel per requested gamma (parameter ratio to the global model).
+    """Pick one submodel per requested gamma (parameter ratio to the global model), nested: every block a
+    submodel keeps is kept by every larger one, and its width is at least theirs, so each submodel is a
+    sub-network of the next and its compute (:func:`mflops`) grows with gamma.
 
     ``W`` scales width only (the paper's NeFL-W; width about sqrt(gamma)), ``D`` depth only (NeFL-D),
-    ``WD`` both: among the depth choices it takes the one whose own parameter ratio is closest to
-    sqrt(gamma), so that width and depth share the reduction, and fits the width to the rest.
+    ``WD`` both: among the depth choices (a prefix of each stage's blocks) it takes the one whose own
+    parameter ratio is closest to gamma^(1/4) (:data:`DEPTH_SHARE`), so that depth takes about a quarter of
+    the reduction in log-parameters and width the rest (width about gamma^(3/8)), and fits the width to the
+    rest. Gammas are served from the smallest up; a larger gamma only chooses among depths that contain the
+    smaller submodel's blocks and widths at least its width (so the smallest submodel is the same whatever
+    the other gammas are, and ``fedavg-smallest`` trains the same model as NeFL's smallest).
+
+    Departure from the paper (Kang et al., arXiv 2308.07761; its code ``get_submodel_info``): the paper
+    lists its specs by hand per model, and its depth-only (``DD``) and ResNet34 ``WD`` specs are not nested
+    (a larger submodel may skip a block that a smaller one keeps). ``config.specs == "paper"`` gives the
+    paper's own specs instead (:func:`paper_specs`).
     Raises :class:`SpecError` for a gamma that no spec reaches within 0.03 (and 25 % of gamma).
     """
     if not gammas:
         raise SpecError("give at least one gamma")
-    total = param_count(config, full_spec(config))
-    depth_options = depth_candidates(config)
-    full_depth = full_spec(config).blocks
-    specs: list[SubmodelSpec] = []
     for gamma in gammas:
         if not 0.0 < gamma <= 1.0:
             raise SpecError(f"gamma must be in (0, 1], got {gamma}")
+    if method not in ("WD", "W", "D"):
+        raise SpecError(f"unknown scaling method {method!r}; choose WD, W or D")
+    if config.specs == "paper":
+        return paper_specs(config, gammas, method)
+    total = param_count(config, full_spec(config))
+    depth_options = depth_candidates(config)
+    ratios = {d: param_count(config, SubmodelSpec(1.0, d)) / total for d in depth_options}
+    chosen: dict[float, SubmodelSpec] = {}
+    smaller: SubmodelSpec | None = None
+    for gamma in sorted(set(gammas)):
         target = round(gamma * total)
+        options = [d for d in depth_options if smaller is None or _contains(d, smaller.blocks)]
         if method == "W":
-            candidates = [_fit_width(config, full_depth, target)]
+            candidates = [_fit_width(config, full_spec(config).blocks, target)]
         elif method == "D":
-            candidates = [SubmodelSpec(1.0, d) for d in depth_options]
-        elif method == "WD":
-            ratios = {d: param_count(config, SubmodelSpec(1.0, d)) / total for d in depth_options}
-            usable = [d for d in depth_options if ratios[d] >= gamma - GAMMA_TOLERANCE]
-            best = min(usable, key=lambda d: (abs(math.log(ratios[d]) - DEPTH_SHARE * math.log(gamma)), -ratios[d]))
-            candidates = [_fit_width(config, best, target)]
+            candidates = [SubmodelSpec(1.0, d) for d in options]
         else:
-            raise SpecError(f"unknown scaling method {method!r}; choose WD, W or D")
+            usable = [d for d in options if ratios[d] >= gamma - GAMMA_TOLERANCE] or [full_spec(config).blocks]
+            ranked = sorted(
+                usable, key=lambda d: (abs(math.log(ratios[d]) - DEPTH_SHARE * math.log(gamma)), -ratios[d])
+            )
+            fitted = (_fit_width(config, d, target) for d in ranked)
+            nested = next((c for c in fitted if smaller is None or c.width >= smaller.width), None)
+            # None: no depth that contains the smaller submodel reaches gamma at its width or wider
+            candidates = [nested or SubmodelSpec(smaller.width if smaller else 1.0, ranked[0])]
         spec = min((with_gamma(config, c) for c in candidates), key=lambda c: abs(c.gamma - gamma))
         if abs(spec.gamma - gamma) > min(GAMMA_TOLERANCE, 0.25 * gamma):
             raise SpecError(
                 f"no {method} submodel of {config.name} has gamma {gamma} (nearest: {spec.gamma:.3f}); "
                 f"choose gammas the model can reach, e.g. {', '.join(map(str, DEFAULT_GAMMAS))}"
             )
-        specs.append(spec)
+        chosen[gamma] = smaller = spec
+    return [chosen[g] for g in gammas]
+
+
+PAPER_WD_SPECS: dict[str, tuple[tuple[float, ...], tuple[str, ...]]] = {
+    "resnet18": (
+        (0.34, 0.4, 0.6, 0.8, 1.0),
+        ("11 11 11 10", "11 11 11 11", "11 11 11 11", "11 11 11 11", "11 11 11 11"),
+    ),
+    "resnet34": (
+        (0.378296187, 0.625390289, 0.770943105, 0.899800797, 1.0),
+        (
+            "111 1001 100001 101",
+            "111 1001 111001 101",
+            "111 1111 111101 101",
+            "111 1111 111001 111",
+            "111 1111 111111 111",
+        ),
+    ),
+}
+"""The NeFL paper's WD submodels for gammas 0.2, 0.4, 0.6, 0.8, 1.0 (its code, ``utils/getData.py::
+get_submodel_info``, method ``WD``): the squared width ratios ``ps**2`` and the kept blocks per stage
+(``s2D``, 1 = kept). ResNet18 is NeFL-W's widths with ``layer4.1`` dropped from the smallest submodel only
+(gamma 0.198); ResNet34's submodel 3 has gamma 0.559, not 0.6, and its submodels are not nested in depth."""
+
+
+def _mask(text: str) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(i for i, bit in enumerate(stage) if bit == "1") for stage in text.split())
+
+
+def paper_specs(
+    config: ModelConfig, gammas: tuple[float, ...] = DEFAULT_GAMMAS, method: ScalingMethod = "WD"
+) -> list[SubmodelSpec]:
+    """The submodels of the NeFL paper's code (Kang et al., arXiv 2308.07761; ``get_submodel_info`` of
+    github.com/honggkang/nested-federated-learning), where our layout can express them.
+
+    - ``W``: width ratio exactly sqrt(gamma) at full depth (the code's ``ps``; :func:`make_specs` fits the
+      width to the parameter count instead, a difference below 0.01 in gamma).
+    - ``WD``, resnet18 and resnet34: :data:`PAPER_WD_SPECS`, for gammas among 0.2, 0.4, 0.6, 0.8, 1.0.
+      Gammas are what the specs give (ResNet34's 0.6 is 0.559), not checked against the request.
+    - ``WD``, resnet-small (not in the paper): ResNet18's rule carried over: widths sqrt(gamma) at full depth,
+      except the smallest of several gammas (or the only one below 1, as ``fedavg-smallest`` asks for it),
+      which drops the last block of the last stage and fits its width to the parameter count.
+    - ``D``: the paper's depth-only specs skip stages' first blocks (ResNet18 submodel 1 keeps no block of
+      stages 2 and 4), which our layout cannot express: our nested depth-only specs instead.
+    """
+    nested = replace(config, specs="nested")
+    if method == "D":
+        return make_specs(nested, gammas, "D")
+    full = full_spec(config).blocks
+    if method == "W":
+        return [with_gamma(config, SubmodelSpec(round(math.sqrt(g), 6), full)) for g in gammas]
+    base = config.name.removeprefix("preact-")
+    if base in PAPER_WD_SPECS:
+        shares, masks = PAPER_WD_SPECS[base]
+        specs = []
+        for gamma in gammas:
+            if not any(math.isclose(gamma, g) for g in DEFAULT_GAMMAS):
+                raise SpecError(
+                    f"the paper's WD specs of {config.name} are for gammas {', '.join(map(str, DEFAULT_GAMMAS))}; "
+                    f"got {gamma}"
+                )
+            k = min(range(len(DEFAULT_GAMMAS)), key=lambda i: abs(DEFAULT_GAMMAS[i] - gamma))
+            specs.append(with_gamma(config, SubmodelSpec(round(math.sqrt(shares[k]), 6), _mask(masks[k]))))
+        return specs
+    cut = (*full[:-1], full[-1][:-1] or full[-1])
+    total = param_count(config, full_spec(config))
+    smallest = min(gammas)
+    specs = []
+    for gamma in gammas:
+        if gamma == smallest and gamma < 1.0:
+            specs.append(with_gamma(config, _fit_width(config, cut, round(gamma * total))))
+        else:
+            specs.append(with_gamma(config, SubmodelSpec(round(math.sqrt(gamma), 6), full)))
     return specs

@@ -62,3 +62,7 @@ wheel:
 # regenerate the submodel table in README.md
 specs-table:
     python -m nefl_edge.coordinator specs
+
+# figures of the code's structure (issue 20's review): device imports, torch at import, docstrings, largest classes
+house *ARGS:
+    python -m bench.house {{ARGS}}

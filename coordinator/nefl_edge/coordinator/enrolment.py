@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import re
 import secrets
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Tuple
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -58,7 +60,9 @@ from nefl_edge.core.signing import (
     save_private_key,
     save_public_key,
 )
+from nefl_edge.core.wire import Pieces
 
+log = logging.getLogger(__name__)
 DEVICES_SCHEMA = "nefl.devices/1"
 RESERVED_NAMES = frozenset({COORDINATOR_KEY_ID, COORDINATOR_USER})
 
@@ -131,9 +135,56 @@ def coordinator_signer(enrolment_dir: Path) -> Signer:
     return Signer(coordinator_private_key(enrolment_dir), COORDINATOR_KEY_ID)
 
 
+class EnrolledKeyring(Keyring):
+    """The enrolled devices' keys, read again from ``devices.json`` when it changes (looked at no more than
+    every ``every_s``): a device enrolled (or removed) while ``serve`` runs is heard (or refused) without a
+    restart. An unreadable file keeps the keys read before."""
+
+    def __init__(self, enrolment_dir: Path, every_s: float = 1.0) -> None:
+        self.path = Path(enrolment_dir) / "devices.json"
+        self.every_s = every_s
+        self._seen: Optional[Tuple[float, int]] = self._stamp()
+        self._looked = time.monotonic()
+        super().__init__(device_keyring(enrolment_dir))
+
+    def _stamp(self) -> Optional[Tuple[float, int]]:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_mtime, st.st_size
+
+    def refresh(self) -> None:
+        """Re-read ``devices.json`` if it changed since it was last read."""
+        stamp = self._stamp()
+        if stamp == self._seen:
+            return
+        try:
+            keys = device_keyring(self.path.parent)
+        except (EnrolmentError, IdentityError) as exc:
+            log.warning("kept the enrolled keys read before: %s", exc)
+            return
+        self._seen = stamp
+        for key_id in [k for k in self if k not in keys]:
+            self.remove(key_id)
+            log.info("device %s is no longer enrolled", key_id)
+        for key_id, key in keys.items():
+            if self.get(key_id) is None or public_key_text(self.get(key_id)) != public_key_text(key):  # type: ignore[arg-type]
+                self.add(key_id, key)
+                log.info("device %s enrolled: its messages are accepted from now on", key_id)
+
+    def verify_pieces(self, topic: str, data: Pieces) -> Tuple[str, Pieces]:
+        now = time.monotonic()
+        if now - self._looked >= self.every_s:
+            self._looked = now
+            self.refresh()
+        return super().verify_pieces(topic, data)
+
+
 def coordinator_keyring(enrolment_dir: Path) -> Keyring:
-    """The enrolled devices' keys, for verifying their hello, status and updates."""
-    return Keyring(device_keyring(enrolment_dir))
+    """The enrolled devices' keys, for verifying their hello, status and updates (kept up to date with
+    ``devices.json``: :class:`EnrolledKeyring`)."""
+    return EnrolledKeyring(enrolment_dir)
 
 
 def read_public_key(text_or_file: str) -> Ed25519PublicKey:

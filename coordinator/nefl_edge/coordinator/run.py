@@ -194,6 +194,7 @@ class ServeRun:
                     last = replace(report, clients=[]) if self.round == report.round else RoundReport(self.round)
                     self._finish(last, self.state, True, True, evaluator)
                     evaluator.wait()
+                self._publish_final(link)
             if self.stop.is_set():
                 reason = f"coordinator stopped ({self.stopped_by or 'interrupted'})"
         except BaseException:
@@ -204,6 +205,19 @@ class ServeRun:
             grid.close(reason)
             write_report(self.run_dir)
         return self.run_dir
+
+    def _publish_final(self, link: MqttLink) -> None:
+        """Broadcast the final model (the checkpointed state, BatchNorm statistics included) of every submodel
+        before the run ends, not retained: a device keeps the broadcast of the submodel it trained last for
+        ``nefl-edge predict``, so the model on the device is the one ``export-model`` exports."""
+        from nefl_edge.core.nested import extract
+        from nefl_edge.core.schemas import Weights
+        from nefl_edge.core.wire import Topics, pack_tensors
+
+        topics = Topics(self.cfg.run)
+        for k in range(len(self.plan.specs)):
+            body = pack_tensors(extract(self.state, k))
+            link.publish(topics.weights(k), Weights(run=self.cfg.run, round=self.round, submodel=k), body)
 
     @contextmanager
     def _signals(self) -> Iterator[None]:

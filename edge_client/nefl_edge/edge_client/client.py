@@ -202,6 +202,8 @@ class EdgeClient:
         self._manifest_at = 0.0  # sent_at of the newest manifest since (a coordinator republishes after a reconnect)
         self._highest: Optional[Tuple[int, float]] = None  # (round, sent_at) of the last task taken
         self.refused: List[str] = []  # why tasks were refused, latest last (bounded)
+        self._following: Optional[int] = None  # the submodel whose global broadcasts are kept (the last trained)
+        self._global_round: Dict[int, int] = {}  # round of the kept global weights, by submodel
         self.takeovers = TakeoverWatch(options.node)
         self._stop = threading.Event()
         self._left: Optional[str] = None
@@ -295,6 +297,8 @@ class EdgeClient:
             if outcome.state != "stopped":
                 for topic in self._run_topics:
                     link.unsubscribe(topic)
+                if self._following is not None:
+                    link.unsubscribe(self.topics.weights(self._following) + "/#")
             self._publish_status("offline")
             time.sleep(0.2)
             link.close()
@@ -468,6 +472,9 @@ class EdgeClient:
             except (ArtifactError, UnicodeDecodeError) as exc:
                 log.warning("ignored a bad manifest: %s", exc)
             return
+        if isinstance(message, Weights):
+            self._keep_broadcast(message, body)
+            return
         if isinstance(message, (Task, EvalTask)):
             if message.node != self.opts.node:
                 return
@@ -516,7 +523,8 @@ class EdgeClient:
         try:
             backend = self._backend(manifest, sub)
             remaining = task.deadline_s - (time.monotonic() - received)
-            weights = self._weights(sub, task.round, task.weights_sha256, remaining)
+            weights = self._weights(sub, task.round, task.weights_sha256, remaining, follow=True)
+            self._keep_global(manifest, sub, task.round, weights)
             backend.load(weights, task.train)
             self._publish_status("training")
             budget = task.deadline_s - (time.monotonic() - received) - UPLOAD_MARGIN_S
@@ -546,8 +554,6 @@ class EdgeClient:
         encoding = task.train.update_encoding
         wire_tensors = tensors if encoding == "float32" else encode_update(tensors, encoding, weights)
         sent = self.link.publish(topic, update, tensor_parts(wire_tensors, keep_dtype=encoding != "float32"))
-        if self.opts.keep_latest:
-            self._keep_latest(manifest, sub, task, tensors, metrics)
         log.info(
             "round %d: uploaded %d KiB; loss %.3f -> %.3f, accuracy %.3f in %.1f s",
             task.round,
@@ -564,9 +570,17 @@ class EdgeClient:
             self._splits = {fraction: split_dataset(self.data, fraction)}
         return self._splits[fraction]
 
-    def _weights(self, sub: SubmodelEntry, round_: int, digest: str, timeout: float) -> Dict[str, np.ndarray]:
-        """The weights of ``sub`` with sha256 ``digest`` from the round's retained broadcast."""
+    def _weights(
+        self, sub: SubmodelEntry, round_: int, digest: str, timeout: float, follow: bool = False
+    ) -> Dict[str, np.ndarray]:
+        """The weights of ``sub`` with sha256 ``digest`` from the round's retained broadcast. ``follow``: stay
+        subscribed to its broadcasts (and leave those of the submodel followed before), so that the device
+        keeps its later global weights, up to the final model of the run (:meth:`_keep_broadcast`)."""
         weights_topic = self.topics.weights(sub.index)
+        if follow and self._following not in (None, sub.index):
+            self.link.unsubscribe(self.topics.weights(self._following) + "/#")
+        if follow:
+            self._following = sub.index
         self.link.subscribe(weights_topic + "/#")
         try:
             _, body = self._wait_for(
@@ -575,7 +589,8 @@ class EdgeClient:
                 max(1.0, timeout),
             )
         finally:
-            self.link.unsubscribe(weights_topic + "/#")
+            if self._following != sub.index:
+                self.link.unsubscribe(weights_topic + "/#")
         tensors = unpack_tensors(body)
         missing = [p.name for p in sub.params if p.name not in tensors]
         if missing:
@@ -650,11 +665,37 @@ class EdgeClient:
         decline = Decline(run=self.opts.run, node=self.opts.node, task_id=task.task_id, round=task.round, reason=reason)
         self.link.publish(self.topics.node(self.opts.node, "update"), decline)
 
-    def _keep_latest(
-        self, manifest: Manifest, sub: SubmodelEntry, task: Task, tensors: Dict[str, np.ndarray], metrics: Metrics
+    def _keep_global(
+        self,
+        manifest: Manifest,
+        sub: SubmodelEntry,
+        round_: int,
+        tensors: Dict[str, np.ndarray],
+        metrics: Optional[Metrics] = None,
     ) -> None:
+        """Keep global weights of ``sub`` (``round_``) for ``nefl-edge predict`` (``edge_client.latest``)."""
+        if not self.opts.keep_latest or round_ < self._global_round.get(sub.index, -1):
+            return
         try:
-            path = self.latest.save(self.opts.run, task.round, manifest, sub, tensors, metrics)
-            log.debug("kept the trained weights in %s", path)
+            path = self.latest.save(self.opts.run, round_, manifest, sub, tensors, metrics)
+            self._global_round[sub.index] = round_
+            log.debug("kept the global weights of submodel %d (round %d) in %s", sub.index, round_, path)
         except OSError as exc:
-            log.warning("could not keep the trained weights for local inference: %s", exc)
+            log.warning("could not keep the global weights for local inference: %s", exc)
+
+    def _keep_broadcast(self, message: Weights, body: bytes) -> None:
+        """A broadcast of the followed submodel outside a task (a later round, or the run's final model):
+        keep it when it fits the manifest; anything else is ignored."""
+        manifest = self.manifest
+        if manifest is None or message.submodel != self._following or message.submodel >= len(manifest.submodels):
+            return
+        sub = manifest.submodels[message.submodel]
+        try:
+            tensors = unpack_tensors(body)
+        except ProtocolError as exc:
+            log.warning("ignored a broadcast of submodel %d: %s", sub.index, exc)
+            return
+        if any(p.name not in tensors or tuple(tensors[p.name].shape) != tuple(p.shape) for p in sub.params):
+            log.warning("ignored a broadcast of submodel %d whose tensors do not fit the manifest", sub.index)
+            return
+        self._keep_global(manifest, sub, message.round, tensors)

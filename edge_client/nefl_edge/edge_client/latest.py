@@ -1,9 +1,17 @@
-"""The latest trained weights of each submodel on the device, and local inference with them.
+"""The latest GLOBAL weights of each submodel the device received, and local inference with them.
 
-After every task the device keeps what it trained: ``<cache>/latest/submodel-<k>.safetensors`` (the
-submodel's tensors, named as in the manifest) and ``submodel-<k>.json`` (run, round, gamma, architecture, the
-sha256 of the submodel's ``eval`` graph in the artifact cache, the task's metrics). ``predict`` runs that
-eval graph with those weights in stock ONNX Runtime: BatchNorm in eval mode with the kept statistics.
+The device keeps the run's global model, not what it trained itself: its own weights are one device's step
+on its own data, with BatchNorm statistics that belong to the weights it started from (on a device that
+trained submodel 4 they scored 11 % where the run's model scored 76 %). What it keeps is the global submodel
+of each task it was sent (the weights it trained from) and every later broadcast of the submodel it trained
+last, up to the broadcast of the run's final model that the coordinator sends before it ends the run: the
+same weights, BatchNorm statistics included, that ``nefl-coord export-model`` exports from the checkpoint.
+
+Files: ``<cache>/latest/submodel-<k>.safetensors`` (the submodel's tensors, named as in the manifest) and
+``submodel-<k>.json`` (run, round, gamma, architecture, the sha256 of the submodel's ``eval`` graph in the
+artifact cache, and the metrics of this device's last training of it, if any). ``predict`` runs that eval
+graph with those weights in stock ONNX Runtime: BatchNorm in eval mode with the kept statistics. Records of
+schema ``nefl.latest/1`` (locally trained weights, before this change) are not used.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from nefl_edge.core.errors import BadInput
 from nefl_edge.core.files import write_atomic
 from nefl_edge.core.schemas import Manifest, Metrics, SubmodelEntry
 
-LATEST_SCHEMA = "nefl.latest/1"
+LATEST_SCHEMA = "nefl.latest/2"
 
 
 class NoLatestWeights(BadInput):
@@ -29,7 +37,7 @@ class NoLatestWeights(BadInput):
 
 @dataclass(frozen=True)
 class LatestInfo:
-    """The record next to a kept weights file."""
+    """The record next to a kept weights file (``round``: the round of the global model it holds)."""
 
     submodel: int
     run: str
@@ -58,12 +66,22 @@ class LatestStore:
         manifest: Manifest,
         sub: SubmodelEntry,
         tensors: Dict[str, np.ndarray],
-        metrics: Metrics,
+        metrics: Optional[Metrics] = None,
     ) -> Path:
+        """Keep ``tensors``, the global weights of ``sub`` at round ``round_`` (``metrics``: this device's last
+        training of it; kept from the previous record when not given)."""
         from safetensors.numpy import save
 
         self.folder.mkdir(parents=True, exist_ok=True)
         weights = self.folder / f"submodel-{sub.index}.safetensors"
+        previous = self.folder / f"submodel-{sub.index}.json"
+        if metrics is not None:
+            kept_metrics: Dict[str, Any] = metrics.model_dump()
+        else:
+            try:
+                kept_metrics = dict(json.loads(previous.read_text()).get("metrics") or {})
+            except (OSError, ValueError, AttributeError):
+                kept_metrics = {}
         write_atomic(weights, save({k: np.ascontiguousarray(v, np.float32) for k, v in sorted(tensors.items())}), 0o644)
         record = {
             "schema": LATEST_SCHEMA,
@@ -77,7 +95,7 @@ class LatestStore:
             "num_classes": manifest.num_classes,
             "eval_sha256": sub.files["eval"].sha256,
             "saved_at": time.time(),
-            "metrics": metrics.model_dump(),
+            "metrics": kept_metrics,
         }
         write_atomic(self.folder / f"submodel-{sub.index}.json", json.dumps(record, indent=1).encode(), 0o644)
         return weights
@@ -103,8 +121,8 @@ class LatestStore:
         kept = self.all()
         if not kept:
             raise NoLatestWeights(
-                f"no trained weights under {self.folder}; the device keeps them after each task it finishes "
-                "(nefl-edge agent / join with the same --cache)"
+                f"no global weights under {self.folder}; the device keeps those of each task it is sent and "
+                "the run's final model (nefl-edge agent / join with the same --cache)"
             )
         if submodel is None:
             return max(kept, key=lambda i: i.saved_at)
@@ -112,7 +130,7 @@ class LatestStore:
             if info.submodel == submodel:
                 return info
         have = ", ".join(str(i.submodel) for i in kept)
-        raise NoLatestWeights(f"no trained weights of submodel {submodel} under {self.folder} (kept: {have})")
+        raise NoLatestWeights(f"no global weights of submodel {submodel} under {self.folder} (kept: {have})")
 
 
 class LocalModel:

@@ -131,11 +131,23 @@ class Message(Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
-class Hello(Message):
+class NodeMessage(Message):
+    """A message about one device: ``node`` names it (the sender of what devices send, the addressee of tasks)."""
+
+    node: str = Field(pattern=NAME_PATTERN)
+
+
+class TaskMessage(NodeMessage):
+    """A task or an answer to one: ``task_id`` and ``round`` tie the answer to its task."""
+
+    task_id: str = Field(pattern=NAME_PATTERN)
+    round: int = Field(ge=0)
+
+
+class Hello(NodeMessage):
     """device -> coordinator: join the run with this profile, sample count and (optional) declared tier."""
 
     kind: Literal["hello"] = "hello"
-    node: str = Field(pattern=NAME_PATTERN)
     profile: DeviceProfile
     num_samples: int = Field(ge=0)
     tier: Optional[int] = Field(None, ge=0)
@@ -146,24 +158,20 @@ class Hello(Message):
     )
 
 
-class Status(Message):
+class Status(NodeMessage):
     """device -> coordinator (retained): online, training, offline (left) or lost (its Last Will)."""
 
     kind: Literal["status"] = "status"
-    node: str = Field(pattern=NAME_PATTERN)
     state: Literal["online", "offline", "training", "lost"] = Field(
         description="offline: the device left; lost: its Last Will (the broker lost it, or went down itself)"
     )
 
 
-class Task(Message):
+class Task(TaskMessage):
     """coordinator -> one device: train ``submodel`` from the weights with ``weights_sha256`` and answer within
     ``deadline_s``."""
 
     kind: Literal["task"] = "task"
-    node: str = Field(pattern=NAME_PATTERN)
-    task_id: str = Field(pattern=NAME_PATTERN)
-    round: int = Field(ge=0)
     submodel: int = Field(ge=0)
     weights_sha256: str = Field(pattern=SHA256_PATTERN)
     train: TrainConfig
@@ -180,28 +188,22 @@ class Metrics(Strict):
     seconds: float
 
 
-class Update(Message):
+class Update(TaskMessage):
     """device -> coordinator: the trained tensors of a task (body: safetensors) and how training went."""
 
     kind: Literal["update"] = "update"
-    node: str = Field(pattern=NAME_PATTERN)
-    task_id: str = Field(pattern=NAME_PATTERN)
-    round: int = Field(ge=0)
     submodel: int = Field(ge=0)
     num_samples: int = Field(gt=0)
     metrics: Metrics
 
 
-class EvalTask(Message):
+class EvalTask(TaskMessage):
     """coordinator -> one device: for each of ``submodels`` (weights: the matching ``weights_sha256``),
     ``evaluate`` on the held-out split (``eval_fraction`` of its data) and/or compute ``bn_stats`` (sums of
     batch statistics over at most ``bn_max_batches`` batches of ``batch_size`` of its training split);
     answer with an ``evaluation`` within ``deadline_s``."""
 
     kind: Literal["evaluate"] = "evaluate"
-    node: str = Field(pattern=NAME_PATTERN)
-    task_id: str = Field(pattern=NAME_PATTERN)
-    round: int = Field(ge=0)
     submodels: List[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=64)
     weights_sha256: List[Annotated[str, Field(pattern=SHA256_PATTERN)]] = Field(min_length=1, max_length=64)
     evaluate: bool = True
@@ -228,26 +230,20 @@ class BnCount(Strict):
     batches: int = Field(ge=1)
 
 
-class Evaluation(Message):
+class Evaluation(TaskMessage):
     """device -> coordinator: the answer to an ``evaluate`` task. ``results``: per submodel evaluated;
     ``bn``: per submodel with statistics, whose sums travel in the body (safetensors, ``<k>/<layer>.mean_sum``
     and ``<k>/<layer>.var_sum``)."""
 
     kind: Literal["evaluation"] = "evaluation"
-    node: str = Field(pattern=NAME_PATTERN)
-    task_id: str = Field(pattern=NAME_PATTERN)
-    round: int = Field(ge=0)
     results: List[SubmodelEval] = Field(default_factory=list, max_length=64)
     bn: List[BnCount] = Field(default_factory=list, max_length=64)
 
 
-class Decline(Message):
+class Decline(TaskMessage):
     """device -> coordinator: the device will not answer this task, and why."""
 
     kind: Literal["decline"] = "decline"
-    node: str = Field(pattern=NAME_PATTERN)
-    task_id: str = Field(pattern=NAME_PATTERN)
-    round: int = Field(ge=0)
     reason: str
 
 

@@ -55,10 +55,6 @@ class SubmodelEntry(Strict):
     files: Dict[Literal["training", "eval", "checkpoint", "portable", "stats"], FileEntry]
     params: List[ParamEntry]
 
-    @property
-    def folder(self) -> str:
-        return f"sub-{self.key[:16]}"
-
 
 class TrainConfig(Strict):
     """Local training hyper-parameters, with ``torch.optim.SGD``'s meaning."""
@@ -69,6 +65,10 @@ class TrainConfig(Strict):
     batch_size: int = Field(32, ge=1, le=4096, description="local batch size")
     epochs: int = Field(1, ge=1, le=1000, description="local epochs per task")
     max_steps: Optional[int] = Field(None, ge=1, description="stop after this many steps even mid-epoch")
+    partial_batch: bool = Field(
+        False,
+        description="train each epoch's last, smaller batch too (if it has >= 2 samples), as the paper's code",
+    )
     eval_fraction: float = Field(
         0.0,
         ge=0,

@@ -44,7 +44,7 @@ def test_paper_preset_sets_the_papers_protocol() -> None:
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.fraction) == (5, 32, 0.1)
     assert (cfg.weighting, cfg.tier_window, cfg.cover_submodels) == ("uniform", 2, False)
     assert (cfg.step_init, cfg.stem_pool, cfg.lr_decay_at, cfg.lr_decay) == ("one", True, [0.5, 0.75], 0.1)
-    assert (cfg.bn, cfg.specs) == ("tracked", "paper")
+    assert (cfg.bn, cfg.specs, cfg.lr_decay_round, cfg.train.partial_batch) == ("tracked", "paper", "at", True)
 
 
 def test_explicit_settings_override_the_preset(tmp_path: Path) -> None:
@@ -95,7 +95,8 @@ def test_the_engine_gives_each_round_the_scheduled_lr() -> None:
     for r in range(1, 5):
         state, _ = engine.run_round(r, state, grid)
 
-    assert [lr for _, lr in seen] == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    # the paper's code decays at rounds T/2 and 3T/4 themselves (`if iter == args.epochs/2`): rounds 2 and 3 of 4
+    assert [lr for _, lr in seen] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001, 0.001, 0.001])
 
 
 def test_tier_window_draws_stay_in_the_window_and_are_seeded() -> None:

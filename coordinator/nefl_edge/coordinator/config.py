@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args
@@ -51,9 +52,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "specs": "paper",
         "lr_decay_at": [0.5, 0.75],
         "lr_decay": 0.1,
+        "lr_decay_round": "at",
         "bn": "tracked",
         "bn_calibration": 0,
-        "train": {"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "epochs": 5, "batch_size": 32},
+        "train": {
+            "lr": 0.1,
+            "momentum": 0.0,
+            "weight_decay": 0.0,
+            "epochs": 5,
+            "batch_size": 32,
+            "partial_batch": True,
+        },
     },
 }
 """Named protocols (``--preset``): their values apply where the TOML file and the options set nothing."""
@@ -162,6 +171,11 @@ class RunConfig(BaseModel):
         description="fractions of the rounds after which the lr is multiplied by lr_decay, comma-separated",
     )
     lr_decay: float = Field(0.1, gt=0, le=1, description="lr factor at each lr_decay_at milestone")
+    lr_decay_round: Literal["next", "at"] = Field(
+        "next",
+        description="first round with the decayed lr: next (round f*T + 1) or at (round f*T itself, the paper's "
+        "code: `if iter == args.epochs/2`)",
+    )
     tier_window: int = Field(
         0,
         ge=0,
@@ -210,9 +224,14 @@ class RunConfig(BaseModel):
 
     def lr_at(self, round_: int) -> float:
         """The local learning rate of round ``round_`` (1-based): ``train.lr`` times ``lr_decay`` for every
-        milestone ``f`` in ``lr_decay_at`` with ``round_ > f * rounds`` (the paper: 0.1, 0.01 after T/2,
-        0.001 after 3T/4)."""
-        passed = sum(round_ > int(f * self.rounds) for f in self.lr_decay_at)
+        milestone ``f`` in ``lr_decay_at`` that has passed: ``round_ > f * rounds`` (``lr_decay_round`` next),
+        or ``round_ >= f * rounds`` (at; the paper's code decays at rounds T/2 and 3T/4 themselves, 250 and
+        375 of 500. It compares ``iter == args.epochs/2``, so it never decays when f * T is not a whole
+        number; here the milestone is then round ceil(f * T))."""
+        if self.lr_decay_round == "at":
+            passed = sum(round_ >= math.ceil(round(f * self.rounds, 9)) for f in self.lr_decay_at)
+        else:
+            passed = sum(round_ > int(f * self.rounds) for f in self.lr_decay_at)
         return self.train.lr * self.lr_decay**passed
 
     def robust_options(self) -> Optional[RobustOptions]:

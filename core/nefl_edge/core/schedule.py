@@ -12,7 +12,13 @@ from nefl_edge.core.schemas import TrainConfig
 
 
 def planned_steps(num_samples: int, cfg: TrainConfig) -> int:
-    per_epoch = max(1, num_samples // cfg.batch_size) if num_samples >= 2 else 0
+    """Local steps of a task. ``cfg.partial_batch`` (the paper's code, a ``DataLoader`` without
+    ``drop_last``): every batch of every epoch, the last smaller one too when it has at least two samples.
+    Otherwise ``num_samples // batch_size`` steps per epoch (at least one)."""
+    if cfg.partial_batch:
+        per_epoch = num_samples // cfg.batch_size + (num_samples % cfg.batch_size >= 2)
+    else:
+        per_epoch = max(1, num_samples // cfg.batch_size) if num_samples >= 2 else 0
     total = per_epoch * cfg.epochs
     return min(total, cfg.max_steps) if cfg.max_steps else total
 

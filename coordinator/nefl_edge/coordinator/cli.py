@@ -115,44 +115,118 @@ def export_model(
 @app.command()
 @config_options()
 def serve(
-    broker: Annotated[str, typer.Option(help="MQTT broker as HOST or HOST:PORT.")],
+    broker: Annotated[
+        Optional[str], typer.Option(help="MQTT broker as HOST or HOST:PORT (with --resume: the recorded one).")
+    ] = None,
     config: Annotated[Optional[Path], typer.Option(help="Run configuration (TOML); options below override it.")] = None,
     resume: Annotated[
-        Optional[Path], typer.Option(help="Run directory to resume after its last completed round.")
+        Optional[Path],
+        typer.Option(help="Run directory to resume after its last completed round (with its recorded security)."),
     ] = None,
     tls_ca: Annotated[Optional[Path], typer.Option(help="CA certificate: connect with TLS.")] = None,
     tls_cert: Annotated[Optional[Path], typer.Option(help="Client certificate.")] = None,
     tls_key: Annotated[Optional[Path], typer.Option(help="Client certificate key.")] = None,
     username: Annotated[Optional[str], typer.Option(help="Broker user name.")] = None,
     password_file: Annotated[Optional[Path], typer.Option(help="File holding the broker password.")] = None,
-    mqtt_version: Annotated[str, typer.Option(help="MQTT protocol version: 3.1.1 or 5.")] = "3.1.1",
+    mqtt_version: Annotated[Optional[str], typer.Option(help="MQTT protocol version: 3.1.1 (default) or 5.")] = None,
     enrolment_dir: Annotated[
         Optional[Path],
         typer.Option(help="Enrolment folder (add-device): sign every message, accept only enrolled devices."),
     ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option("--insecure", help="Allow a broker that is not on loopback without TLS and enrolment."),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     overrides: Optional[dict[str, Any]] = None,
 ) -> None:
-    """Coordinate a run over MQTT: rounds with deadlines, NeFedAvg, per-round checkpoints, metrics and a report."""
+    """Coordinate a run over MQTT: rounds with deadlines, NeFedAvg, per-round checkpoints, metrics and a report.
+    Against a broker that is not on loopback it runs signed and over TLS unless --insecure."""
+    import signal
+
     from nefl_edge.coordinator.config import load_config, resume_config
+    from nefl_edge.coordinator.mqtt_grid import NotEnoughClients
     from nefl_edge.coordinator.render import serve_with_progress
-    from nefl_edge.coordinator.run import ServeRun, coordinator_link
-    from nefl_edge.core.mqtt import Security
+    from nefl_edge.coordinator.run import RunSecurity, ServeRun, coordinator_link, probe_broker, require_security
 
     setup_logging(verbose, terminal_handler())
     overrides = overrides or {}
     if resume is not None and config is not None:
         fail("--config and --resume exclude each other: a resumed run keeps its own config.json")
+    if config is not None and not config.is_file():
+        fail(f"--config {config}: no such file")
+    if mqtt_version not in (None, "3.1.1", "5"):
+        fail(f"--mqtt-version must be 3.1.1 or 5, got {mqtt_version!r}")
     if overrides.get("preset") == "paper" and overrides.get("stem_pool") is None:
         overrides["stem_pool"] = False  # the devices' training graphs have no max-pool gradient (simulate has)
+
+    def absolute(path: Optional[Path]) -> Optional[str]:
+        return str(path.resolve()) if path is not None else None
+
+    given: dict[str, Any] = {
+        "broker": broker, "tls_ca": absolute(tls_ca), "tls_cert": absolute(tls_cert), "tls_key": absolute(tls_key),
+        "username": username, "password_file": absolute(password_file), "enrolment_dir": absolute(enrolment_dir),
+        "mqtt_version": mqtt_version, "insecure": insecure,
+    }  # fmt: skip
+    recorded = RunSecurity.load(resume) if resume is not None else None
+    if recorded is not None:
+        sec = recorded.resumed(given)
+    elif broker is None:
+        fail("pass --broker HOST[:PORT]" + (" (this run directory records none)" if resume is not None else ""))
+    else:
+        sec = RunSecurity(**{**given, "mqtt_version": mqtt_version or "3.1.1"})
     cfg = resume_config(resume, overrides) if resume is not None else load_config(config, overrides)
-    security = Security(tls_ca, tls_cert, tls_key, False, username, password_file)
-    link = coordinator_link(cfg, broker, security, mqtt_version, enrolment_dir)
+    if resume is not None:
+        done = _finished_round(resume)
+        if done is not None and done >= cfg.rounds:
+            typer.echo(
+                f"{resume} finished all {cfg.rounds} rounds already; nothing to resume (pass --rounds N, more than "
+                f"{done}, to train on)"
+            )
+            return
+    require_security(sec)
+    probe_broker(sec)
+    link = coordinator_link(
+        cfg, sec.broker, sec.security(), sec.mqtt_version, Path(sec.enrolment_dir) if sec.enrolment_dir else None
+    )
     run = ServeRun(cfg, resume, resume=resume is not None)
-    run.prepare()
-    serve_with_progress(run, link)
+    sec.save(run.run_dir)
+    how_to_resume = f"resume it with `nefl-coord serve --resume {run.run_dir}`"
+
+    def interrupted(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        run.prepare()
+        serve_with_progress(run, link)
+    except KeyboardInterrupt:
+        if run.round == 0:
+            typer.echo(
+                f"stopped before a round was recorded; start the run again (not --resume {run.run_dir})", err=True
+            )
+        else:
+            typer.echo(f"stopped after round {run.round}; {how_to_resume}", err=True)
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
+    except NotEnoughClients:
+        if run.stopped_by is None:
+            raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if run.stopped_by is not None:
+        typer.echo(f"stopped by {run.stopped_by} after round {run.round}; {how_to_resume}", err=True)
         raise typer.Exit(ExitCode.INTERRUPTED)
+
+
+def _finished_round(run_dir: Path) -> Optional[int]:
+    """The last round checkpointed in ``run_dir`` (None without a checkpoint)."""
+    from nefl_edge.coordinator import checkpoint
+
+    try:
+        saved = checkpoint.load(run_dir)
+    except Exception:  # a damaged checkpoint is reported by the resume itself
+        return None
+    return None if saved is None else int(saved.round)
 
 
 @app.command()
@@ -194,9 +268,10 @@ def simulate(
     strategy = get_strategy(cfg.method)
     if trainer == "ort" and not strategy.device_trainable:
         fail(f"{cfg.method} trains locally in its own way, not as the device does; use --trainer torch")
-    config = cfg.network()
     gammas = tuple(cfg.gammas)
     train_data, test_data = load_dataset(cfg.data_dir, "train"), load_dataset(cfg.data_dir, "test")
+    cfg = cfg.with_input_stats(train_data.x)  # normalize: the training data's per-channel statistics
+    config = cfg.network()
     train_data.check_for((config.in_channels, config.image_size, config.image_size), config.num_classes)
     parts = make_partitioner(scheme, clients, alpha, cfg.seed).split(train_data.y)
     shards = split_dataset(train_data, parts)

@@ -9,14 +9,18 @@ run continues after the last recorded one."""
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
 import signal
+import socket
+import ssl
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,6 +37,7 @@ from nefl_edge.core.mqtt import BrokerAddress, MqttLink, Security
 from nefl_edge.core.nested import GlobalState
 
 log = logging.getLogger(__name__)
+WAIT_LOG_S = 5.0
 RoundCallback = Callable[[RoundReport, list[dict[str, Any]]], None]
 
 
@@ -172,6 +177,7 @@ class ServeRun:
             self.stop,
         )
         grid.on_progress = self.on_progress
+        grid.clients = self._saying_who_waits(grid.clients)  # type: ignore[method-assign,assignment]
         evaluator = Evaluator(cfg.eval_background)
         reason = "finished"
         try:
@@ -206,6 +212,37 @@ class ServeRun:
             write_report(self.run_dir)
         return self.run_dir
 
+    def _saying_who_waits(self, clients: Callable[[int], Any]) -> Callable[[int], Any]:
+        """``grid.clients`` that logs, every ``WAIT_LOG_S`` while fewer than ``minimum`` devices are online,
+        how many and which have joined (a coordinator that waits says so)."""
+
+        def wait(minimum: int) -> Any:
+            done = threading.Event()
+            began = time.monotonic()
+
+            def report() -> None:
+                while not done.wait(WAIT_LOG_S):
+                    try:
+                        online = self.registry.online()
+                    except RuntimeError:  # the registry changed while it was read; look again next time
+                        continue
+                    if len(online) < minimum:
+                        log.info(
+                            "waiting for devices: %d of min_clients=%d online after %.0f s%s",
+                            len(online),
+                            minimum,
+                            time.monotonic() - began,
+                            f" ({', '.join(online)})" if online else "",
+                        )
+
+            threading.Thread(target=report, name="nefl-waiting", daemon=True).start()
+            try:
+                return clients(minimum)
+            finally:
+                done.set()
+
+        return wait
+
     def _publish_final(self, link: MqttLink) -> None:
         """Broadcast the final model (the checkpointed state, BatchNorm statistics included) of every submodel
         before the run ends, not retained: a device keeps the broadcast of the submodel it trained last for
@@ -236,6 +273,147 @@ class ServeRun:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+
+SECURITY_FILE = "security.json"
+
+
+class Downgrade(BadInput):
+    """``--resume`` asked for less security than the run started with."""
+
+
+@dataclass(frozen=True)
+class RunSecurity:
+    """How a serve run reaches its broker and who it trusts, recorded in ``<run dir>/security.json`` (paths
+    absolute, no secret: the password stays in its file) so that ``--resume`` connects the same way."""
+
+    broker: str
+    tls_ca: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    username: Optional[str] = None
+    password_file: Optional[str] = None
+    enrolment_dir: Optional[str] = None
+    mqtt_version: str = "3.1.1"
+    insecure: bool = False
+
+    @property
+    def signed(self) -> bool:
+        return self.enrolment_dir is not None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_ca is not None
+
+    def describe(self) -> str:
+        if self.signed and self.tls:
+            return "signed, over TLS"
+        return "signed, without TLS" if self.signed else "over TLS, unsigned" if self.tls else "unauthenticated"
+
+    def security(self) -> Security:
+        def path(value: Optional[str]) -> Optional[Path]:
+            return Path(value) if value is not None else None
+
+        tls = (path(self.tls_ca), path(self.tls_cert), path(self.tls_key))
+        return Security(*tls, False, self.username, path(self.password_file))
+
+    def save(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / SECURITY_FILE, json.dumps(asdict(self), indent=1) + "\n", 0o600)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Optional[RunSecurity]:
+        """The record of ``run_dir`` (None for a run started before runs recorded it)."""
+        path = Path(run_dir) / SECURITY_FILE
+        if not path.exists():
+            return None
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise BadInput(f"{path} cannot be read ({exc}); it records how the run was secured") from None
+
+    def resumed(self, given: dict[str, Any]) -> RunSecurity:
+        """This record with the options given on the command line applied (``None``: not given); refuses
+        (:class:`Downgrade`) to resume a signed run unsigned, a TLS run without TLS, or with ``--insecure``."""
+        merged = replace(self, **{k: v for k, v in given.items() if v is not None and k != "insecure"})
+        if given.get("insecure") and (self.signed or self.tls):
+            raise Downgrade(f"this run was started {self.describe()}; --resume keeps that, so drop --insecure")
+        return replace(merged, insecure=self.insecure)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address ``host`` names is a loopback address (an unresolvable name is not)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(found) and all(ipaddress.ip_address(str(a).split("%")[0]).is_loopback for a in found)
+
+
+def require_security(sec: RunSecurity) -> None:
+    """Secure by default: against a broker that is not on loopback, refuse to run without TLS and
+    enrolment unless ``insecure``; every file named must exist (exit 2, not a broker error)."""
+    for option, value in (
+        ("--tls-ca", sec.tls_ca), ("--tls-cert", sec.tls_cert), ("--tls-key", sec.tls_key),
+        ("--password-file", sec.password_file),
+    ):  # fmt: skip
+        if value is not None and not Path(value).is_file():
+            raise BadInput(f"{option} {value}: no such file")
+    if sec.enrolment_dir is not None and not (Path(sec.enrolment_dir) / "devices.json").is_file():
+        raise BadInput(f"--enrolment-dir {sec.enrolment_dir} has no devices.json; enrol devices with add-device")
+    host = BrokerAddress.parse(sec.broker).host
+    if not sec.insecure and not (sec.signed and sec.tls) and not is_loopback(host):
+        missing = " and ".join(m for m, ok in (("--tls-ca", sec.tls), ("--enrolment-dir", sec.signed)) if not ok)
+        raise BadInput(
+            f"broker {host} is not on loopback, so serve runs signed and over TLS: give {missing} (README: "
+            "'Deploying to real devices'), or --insecure to run without them"
+        )
+
+
+def probe_broker(sec: RunSecurity, timeout_s: float = 10.0) -> None:
+    """Connect once and disconnect, before any export or evaluation, so that a wrong address, certificate
+    or password is reported at once and truthfully (``BrokerError``, exit 3: refused, no answer, or the
+    broker's own reason)."""
+    import paho.mqtt.client as mqtt
+
+    from nefl_edge.core.mqtt import BrokerError
+
+    address = BrokerAddress.parse(sec.broker, 8883 if sec.tls else 1883)
+    version = mqtt.MQTTv5 if sec.mqtt_version == "5" else mqtt.MQTTv311
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"nefl-probe-{uuid.uuid4().hex[:8]}",
+                         protocol=version)  # fmt: skip
+    answer: list[Any] = []
+    done = threading.Event()
+
+    def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        answer.append(reason)
+        done.set()
+
+    client.on_connect = on_connect
+    sec.security().apply(client)
+    try:
+        client.connect(address.host, address.port, keepalive=10)
+    except ConnectionRefusedError:
+        raise BrokerError(f"broker {address} refused the connection: nothing listens on that port") from None
+    except ssl.SSLError as exc:
+        raise BrokerError(f"TLS with broker {address} failed ({exc}); check --tls-ca and the host name") from None
+    except (OSError, ValueError) as exc:
+        raise BrokerError(f"cannot reach broker {address}: {exc}") from None
+    client.loop_start()
+    try:
+        if not done.wait(timeout_s):
+            raise BrokerError(f"broker {address} accepted the connection but did not answer within {timeout_s:.0f} s")
+        if getattr(answer[0], "is_failure", False):
+            raise BrokerError(
+                f"broker {address} refused the connection ({answer[0]}): check --username and --password-file"
+            )
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 def coordinator_link(

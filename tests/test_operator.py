@@ -1,0 +1,251 @@
+"""What an operator meets outside the happy path: the broker that `nefl-coord broker` runs (access check with
+the commands that fix it, reload on enrolment, its unit, the CA key out of its folder), secure by default
+(`serve` off loopback, the security record and `--resume`), and early, truthful failures (refused, wrong
+password, missing files, signals, a finished run). Real Mosquitto, real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from nefl_edge.coordinator.broker import free_port, port_open
+from nefl_edge.coordinator.broker_config import BrokerOptions, make_ca, write_broker_config
+from nefl_edge.coordinator.run import Downgrade, RunSecurity, is_loopback
+from nefl_edge.core.identity import public_key_text
+from tests.helpers import stop, wait_for
+
+pytestmark = pytest.mark.integration
+AS_ROOT = os.geteuid() == 0
+
+
+def coord(*args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nefl_edge.coordinator", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
+
+
+@pytest.fixture
+def site() -> Iterator[Path]:
+    """A private folder (0700) directly under /tmp, which every user may traverse."""
+    folder = Path(tempfile.mkdtemp(prefix="nefl-operator-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def broker_config(site: Path, port: int) -> Path:
+    made = coord(
+        "broker-config", "--out", str(site / "broker"), "--hostname", "127.0.0.1", "--tls-port", str(port),
+        "--bind", "127.0.0.1",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    return site / "broker"
+
+
+def start_broker(site: Path, port: int) -> subprocess.Popen[bytes]:
+    log = (site / "broker.log").open("ab")
+    args = [sys.executable, "-m", "nefl_edge.coordinator", "broker", "--broker-dir", str(site / "broker")]
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for(lambda: port_open(port) or proc.poll() is not None, 20, "the broker to listen", 0.05)
+    assert proc.poll() is None, f"nefl-coord broker exited {proc.returncode}: {(site / 'broker.log').read_text()}"
+    return proc
+
+
+def connack(port: int, user: str, password: str, ca: Path) -> str:
+    """The broker's answer to one TLS connection with these credentials."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user)
+    client.username_pw_set(user, password)
+    client.tls_set(ca_certs=str(ca))
+    answer: list[str] = []
+    done = threading.Event()
+
+    def on_connect(c: mqtt.Client, userdata: object, flags: object, reason: object, props: object) -> None:
+        answer.append(str(reason))
+        done.set()
+
+    client.on_connect = on_connect
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        assert done.wait(10), "no CONNACK within 10 s"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return answer[0]
+
+
+# --- the broker ----------------------------------------------------------------------------------------------
+
+
+def test_the_ca_key_stays_out_of_the_broker_folder_and_an_old_one_moves(tmp_path: Path) -> None:
+    out = tmp_path / "broker"
+    out.mkdir()
+    make_ca(out, out)  # a folder as older versions wrote it: ca.key next to ca.crt
+    write_broker_config(BrokerOptions(out, ("127.0.0.1",)))
+
+    assert not (out / "ca.key").exists(), "ca.key was left in the broker's folder"
+    assert (tmp_path / "broker-ca" / "ca.key").is_file(), "ca.key did not move to <out>-ca"
+    assert oct((tmp_path / "broker-ca").stat().st_mode & 0o777) == "0o700", "the CA folder is not private"
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="Mosquitto drops to its own user only when started as root")
+def test_the_broker_says_how_to_fix_what_its_user_cannot_read_and_then_runs(site: Path) -> None:
+    port = free_port()
+    folder = broker_config(site, port)
+    os.chmod(folder / "passwd", 0o600)  # as a `cp -r` by root leaves it
+    os.chown(folder / "passwd", 0, 0)
+
+    refused = coord("broker", "--broker-dir", str(folder))
+
+    assert refused.returncode == 2, f"exit {refused.returncode}: {refused.stderr}"
+    message = refused.stderr.strip()
+    assert message.count("\n") == 0, f"more than one line: {message}"
+    assert f"chmod o+x {site}" in message, f"the parent the broker's user cannot traverse is not named: {message}"
+    assert f"chown :mosquitto {folder / 'passwd'}" in message, f"the unreadable password file is not named: {message}"
+    fix = message.split("`")[1]
+    subprocess.run(["sh", "-c", fix], check=True)
+    broker = start_broker(site, port)
+    stop(broker)
+
+
+def test_enrolling_reloads_the_running_broker_and_wrong_passwords_are_reported_at_once(site: Path) -> None:
+    if AS_ROOT:
+        site.chmod(0o711)
+    port = free_port()
+    folder = broker_config(site, port)
+    broker = start_broker(site, port)
+    try:
+        assert int((folder / "broker.pid").read_text()) == broker.pid, "broker.pid is not the broker's pid"
+        key = public_key_text(Ed25519PrivateKey.generate().public_key())
+        added = coord("add-device", "pi-z", "--public-key", key, "--enrolment-dir", str(site / "enrol"),
+                      "--broker-dir", str(folder))  # fmt: skip
+        assert added.returncode == 0, added.stderr
+        assert f"The broker (pid {broker.pid}) re-read its password file." in added.stdout, added.stdout
+        password = json.loads((site / "enrol" / "bundles" / "pi-z.json").read_text())["password"]
+        assert "Success" in connack(port, "pi-z", password, folder / "ca.crt"), "the new device was not let in"
+
+        (site / "wrong").write_text("not-the-password\n")
+        started = time.monotonic()
+        wrong = coord(
+            "serve", "--broker", f"127.0.0.1:{port}", "--tls-ca", str(folder / "ca.crt"), "--username", "nefl-coord",
+            "--password-file", str(site / "wrong"), "--enrolment-dir", str(site / "enrol"), "--runs-dir",
+            str(site / "runs"),
+        )  # fmt: skip
+        seconds = time.monotonic() - started
+        assert wrong.returncode == 3, f"exit {wrong.returncode}: {wrong.stderr[-2000:]}"
+        assert "refused the connection" in wrong.stderr and "password" in wrong.stderr, wrong.stderr[-2000:]
+        assert not (site / "runs").exists(), "serve exported or evaluated before it knew the broker let it in"
+        assert seconds < 30, f"the wrong password took {seconds:.0f} s to report"
+
+        removed = coord("remove-device", "pi-z", "--enrolment-dir", str(site / "enrol"), "--broker-dir", str(folder))
+        assert removed.returncode == 0, removed.stderr
+        assert "Not authorized" in connack(port, "pi-z", password, folder / "ca.crt"), "a removed device got in"
+    finally:
+        stop(broker)
+
+
+def test_the_broker_unit_runs_nefl_coord_broker_on_the_absolute_folder(tmp_path: Path) -> None:
+    write_broker_config(BrokerOptions(tmp_path / "broker", ("127.0.0.1",)))
+
+    shown = coord("broker", "--broker-dir", "broker", "--install-service", "--dry-run", cwd=tmp_path)
+
+    assert shown.returncode == 0, shown.stderr
+    lines = dict(line.split("=", 1) for line in shown.stdout.splitlines() if "=" in line)
+    exe, command, flag, folder = lines["ExecStart"].split()
+    assert Path(exe).is_absolute() and Path(exe).name == "nefl-coord", f"ExecStart: {lines['ExecStart']}"
+    assert (command, flag, folder) == ("broker", "--broker-dir", str((tmp_path / "broker").resolve()))
+    assert lines["ExecReload"] == "/bin/kill -HUP $MAINPID", f"ExecReload: {lines.get('ExecReload')}"
+
+
+# --- secure by default -------------------------------------------------------------------------------------
+
+
+def test_serve_off_loopback_refuses_to_run_unsecured() -> None:
+    started = time.monotonic()
+    refused = coord("serve", "--broker", "192.0.2.7:1883")  # TEST-NET-1: nothing is contacted
+
+    assert refused.returncode == 2, f"exit {refused.returncode}: {refused.stderr}"
+    assert "not on loopback" in refused.stderr and "--insecure" in refused.stderr, refused.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_loopback_is_told_apart_from_other_hosts() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("192.0.2.7") and not is_loopback("broker.invalid")
+
+
+def test_resume_reuses_the_recorded_security_and_refuses_to_downgrade(tmp_path: Path) -> None:
+    recorded = RunSecurity(
+        "broker.lan:8883",
+        tls_ca="/etc/nefl/broker/ca.crt",
+        username="nefl-coord",
+        password_file="/etc/nefl/broker/coordinator.password",
+        enrolment_dir="/etc/nefl/enrol",
+    )
+    recorded.save(tmp_path)
+    loaded = RunSecurity.load(tmp_path)
+
+    assert loaded == recorded, f"the record did not read back: {loaded}"
+    assert recorded.resumed({"broker": None, "tls_ca": None, "insecure": False}) == recorded
+    moved = recorded.resumed({"broker": "10.0.0.2:8883", "insecure": False})
+    assert moved.broker == "10.0.0.2:8883" and moved.enrolment_dir == "/etc/nefl/enrol" and moved.tls
+    with pytest.raises(Downgrade):
+        recorded.resumed({"insecure": True})
+    assert oct((tmp_path / "security.json").stat().st_mode & 0o777) == "0o600"
+
+
+def test_serve_resume_with_insecure_is_refused_in_one_sentence(tmp_path: Path) -> None:
+    from nefl_edge.coordinator.config import RunConfig
+
+    (tmp_path / "config.json").write_text(RunConfig(run="lab").model_dump_json())
+    RunSecurity("broker.lan:8883", tls_ca="/x/ca.crt", enrolment_dir="/x/enrol").save(tmp_path)
+
+    refused = coord("serve", "--resume", str(tmp_path), "--insecure")
+
+    assert refused.returncode == 2, f"exit {refused.returncode}: {refused.stderr}"
+    assert refused.stderr.strip() == (
+        "error: this run was started signed, over TLS; --resume keeps that, so drop --insecure"
+    ), refused.stderr
+
+
+# --- failing early and truthfully --------------------------------------------------------------------------
+
+
+def test_a_refused_connection_says_refused_and_a_missing_file_is_exit_2(tmp_path: Path) -> None:
+    refused = coord("serve", "--broker", f"127.0.0.1:{free_port()}", "--runs-dir", str(tmp_path / "runs"))
+    missing = coord("serve", "--broker", "127.0.0.1", "--username", "u", "--password-file", str(tmp_path / "none"))
+    no_config = coord("serve", "--broker", "127.0.0.1", "--config", str(tmp_path / "run.toml"))
+
+    assert refused.returncode == 3 and "refused" in refused.stderr, refused.stderr
+    assert not (tmp_path / "runs").exists(), "serve prepared a run before it reached the broker"
+    assert missing.returncode == 2 and "no such file" in missing.stderr, missing.stderr
+    assert no_config.returncode == 2 and "no such file" in no_config.stderr, no_config.stderr
+
+
+def test_sigint_while_waiting_for_devices_exits_130_and_says_how_to_resume(broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    log = tmp_path / "coordinator.log"
+    args = [sys.executable, "-m", "nefl_edge.coordinator", "serve", "--broker", broker.address, "--run", "lonely",
+            "--runs-dir", str(tmp_path / "runs"), "--min-clients", "1", "--eval-samples", "200"]  # fmt: skip
+    with log.open("ab") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: "waiting for devices: 0 of min_clients=1" in log.read_text(), 240, "the waiting line")
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(60)
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert code == 130, f"exit {code}: {text[-2000:]}"
+    assert "nefl-coord serve --resume" in text, f"nothing says how to resume: {text[-2000:]}"

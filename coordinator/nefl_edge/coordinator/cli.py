@@ -186,6 +186,9 @@ def serve(
             return
     require_security(sec)
     probe_broker(sec)
+    from nefl_edge.coordinator.bridge import check_chunk_size  # a broker that refuses our chunks: exit 2, not a stall
+
+    check_chunk_size(sec.broker, sec.security(), cfg.chunk_size, cfg.run, sec.mqtt_version)
     link = coordinator_link(
         cfg, sec.broker, sec.security(), sec.mqtt_version, Path(sec.enrolment_dir) if sec.enrolment_dir else None
     )

@@ -1,58 +1,32 @@
-"""The MQTT grid: delivers a round's tasks to real devices through a broker and collects their answers.
-
-Publishing: the manifest and the artifacts (retained, content-addressed) once per run; per round the weights
-of every assigned submodel (retained, one broadcast per submodel: the broker fans them out) and one task per
-device on its own task topic. Collecting: hello and status feed the registry; updates and declines resolve a
-device's task; a task without an answer is dropped at the deadline, at once when the device says it left,
-or after ``LOST_GRACE_S`` of silence after its Last Will while this link stayed connected (a broker that
-goes down publishes every device's will, and those devices come back and answer).
+"""The MQTT grid: the coordinator's protocol session (:mod:`coordinator.session`) on an MQTT link, as the
+:class:`coordinator.grid.Grid` that ``serve`` runs rounds over. What is sent and what an answer may be are
+the session's rules; this module wires them to a broker and chooses how a submodel's weights are cut from
+the global state.
 """
 
 from __future__ import annotations
 
-import logging
-import queue
 import threading
-import time
-import uuid
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Optional, TypeVar, Union
+from typing import Optional
 
 from nefl_edge.coordinator.assignment import ClientInfo
 from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, Instruction, Outcome
 from nefl_edge.coordinator.registry import Registry
-from nefl_edge.core.encoding import EncodingError, decode_update
-from nefl_edge.core.errors import ExitCode, NeflError
-from nefl_edge.core.evaluation import EvalResult
-from nefl_edge.core.mqtt import MqttLink
-from nefl_edge.core.nested import GlobalState, extract
-from nefl_edge.core.schemas import (
-    Artifact,
-    Control,
-    Decline,
-    EvalTask,
-    Evaluation,
-    Manifest,
-    ManifestMessage,
-    Message,
-    Task,
-    Update,
-    Weights,
+from nefl_edge.coordinator.session import (
+    GRACE_S,
+    LOST_GRACE_S,
+    CoordinatorSession,
+    Extract,
+    NotEnoughClients,
 )
-from nefl_edge.core.wire import ProtocolError, Topics, pack_tensors, sha256, unpack_tensors
+from nefl_edge.core.link import Inbound
+from nefl_edge.core.mqtt import MqttLink
+from nefl_edge.core.nested import GlobalState, Tensors, extract
+from nefl_edge.core.schemas import EvalTask, Manifest
 
-log = logging.getLogger(__name__)
-GRACE_S = 5.0  # answers sent just before the deadline are still in flight
-LOST_GRACE_S = 10.0
-GONE_CHECK_S = 0.25  # who is gone is looked at this often, not at every message (O(pending) each)
-PendingTask = TypeVar("PendingTask", Task, EvalTask)
-OutcomeT = TypeVar("OutcomeT", Outcome, EvalOutcome)
-
-
-class NotEnoughClients(NeflError, TimeoutError):
-    exit_code = ExitCode.NO_CLIENTS
+__all__ = ["GRACE_S", "LOST_GRACE_S", "MqttGrid", "NotEnoughClients"]
 
 
 class MqttGrid:
@@ -70,336 +44,58 @@ class MqttGrid:
         registry: Optional[Registry] = None,
         stop: Optional[threading.Event] = None,
     ) -> None:
-        self.link, self.run_name, self.manifest, self.artifacts = link, run, manifest, artifacts
-        self.deadline_s, self.wait_clients_s = deadline_s, wait_clients_s
-        self.registry = registry or Registry()
-        self.stop = stop or threading.Event()
-        self.topics = Topics(run)
-        self.on_progress: Optional[Callable[[str], None]] = None
-        self._retained: dict[str, tuple[Message, bytes]] = {}
-        self._bytes_out = 0
-        self._rejections: Counter[str] = Counter()
-        self._link_seen: Counter[str] = Counter()
-        self._reconnected_at = 0.0
-        self.publish_s = 0.0  # seconds the last round took to publish its weights and tasks
-        self._round_state: Optional[GlobalState] = None
+        self.link, self.wait_clients_s = link, wait_clients_s
+        self.session = CoordinatorSession(link, run, manifest, artifacts, deadline_s, self._submodel, registry, stop)
+        self.registry, self.stop = self.session.registry, self.session.stop
 
-    # --- the run on the broker -----------------------------------------------------------------------------
+    @staticmethod
+    def _submodel(state: GlobalState, k: int) -> Tensors:
+        """The weights of submodel ``k`` as devices get them outside a training round's own extraction (the
+        evaluation step: the deployed nested prefixes)."""
+        return extract(state, k)
 
     def open(self) -> None:
-        for kind in ("hello", "status", "update"):
-            self.link.subscribe(self.topics.all_nodes(kind))
-        self.link.connect()
-        for sub in self.manifest.submodels:
-            for entry in sub.files.values():
-                body = (self.artifacts / entry.name).read_bytes()
-                self._publish_retained(
-                    self.topics.artifact(entry.sha256), Artifact(run=self.run_name, name=entry.name), body
-                )
-        self._publish_retained(
-            self.topics.manifest, ManifestMessage(run=self.run_name), self.manifest.to_json().encode()
-        )
-        self.link.publish(self.topics.control, Control(run=self.run_name, action="announce"))
-        self.link.on_connected = self._reconnected
-        log.info("run %s: manifest and artifacts published on %s", self.run_name, self.topics.base)
+        self.session.open()
 
     def close(self, reason: str) -> None:
-        try:
-            self.link.publish(self.topics.control, Control(run=self.run_name, action="end", reason=reason))
-            for topic in list(self._retained):
-                self.link.clear_retained(topic)
-            if not self.link.flush(10.0):
-                log.warning("the broker did not acknowledge the end of the run in time; retained messages may remain")
-        finally:
-            self.link.close()
+        self.session.close(reason)
 
-    def _publish_retained(self, topic: str, message: Message, body: bytes) -> int:
-        self._retained[topic] = (message, body)
-        sent = self.link.publish(topic, message, body, retain=True)
-        self._bytes_out += sent
-        return sent
+    @property
+    def on_progress(self) -> Optional[Callable[[str], None]]:
+        return self.session.on_progress
 
-    def _reconnected(self) -> None:
-        """The broker may have restarted without persistence: publish the retained messages again and ask
-        every device to say hello (the broker published their wills when it went down)."""
-        self._reconnected_at = time.monotonic()
-        log.warning("reconnected to the broker: publishing %d retained messages again", len(self._retained))
-        for topic, (message, body) in list(self._retained.items()):
-            self.link.publish(topic, message, body, retain=True)
-        self.link.publish(self.topics.control, Control(run=self.run_name, action="announce"))
+    @on_progress.setter
+    def on_progress(self, value: Optional[Callable[[str], None]]) -> None:
+        self.session.on_progress = value
+
+    @property
+    def publish_s(self) -> float:
+        """Seconds the last round took to publish its weights and tasks."""
+        return self.session.publish_s
 
     # --- Grid ----------------------------------------------------------------------------------------------
 
     @property
     def bytes_out(self) -> int:
-        return self._bytes_out
+        return self.session.bytes_out
 
     def rejections(self) -> dict[str, int]:
-        """Messages rejected since the last call: by this grid (stale, unknown sender) and by the link
-        (bad frames, missing or wrong signatures, ...)."""
-        link = self.link.rejections
-        out = self._rejections + Counter({k: v - self._link_seen[k] for k, v in link.items()})
-        self._link_seen = Counter(link)
-        self._rejections.clear()
-        return {k: v for k, v in out.items() if v > 0}
-
-    def _next(self, timeout: float) -> Optional[tuple[str, Message, bytes]]:
-        try:
-            stream, message, body = self.link.inbox.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        self.registry.note(Topics.node_of(stream), message)
-        return stream, message, body
+        return self.session.rejections()
 
     def clients(self, minimum: int) -> dict[str, ClientInfo]:
-        deadline = time.monotonic() + self.wait_clients_s
-        while len(self.registry.online()) < minimum:
-            if time.monotonic() > deadline or self.stop.is_set():
-                raise NotEnoughClients(
-                    f"only {len(self.registry.online())} of min_clients={minimum} clients joined within "
-                    f"{self.wait_clients_s:.0f} s; start devices with `nefl-edge join --run {self.run_name}`"
-                )
-            self._next(0.5)
-        while self._next(0.0) is not None:  # take in every hello and status already waiting
-            pass
-        return self.registry.clients()
+        return self.session.clients(minimum, self.wait_clients_s)
 
-    def _publish_weights(self, round_: int, state: GlobalState, submodels: set[int]) -> dict[int, str]:
-        """Publish the weights of ``submodels`` (retained, one broadcast each); their sha256 by submodel."""
-        digests: dict[int, str] = {}
-        for k in sorted(submodels):
-            body = pack_tensors(extract(state, k))
-            digests[k] = sha256(body)
-            self._publish_retained(self.topics.weights(k), Weights(run=self.run_name, round=round_, submodel=k), body)
-        return digests
-
-    def run(self, round_: int, state: GlobalState, instructions: list[Instruction]) -> Iterator[Outcome]:
-        started = time.monotonic()
-        self._round_state = state  # what int8-encoded updates of this round are deltas against
-        digests = self._publish_weights(round_, state, {ins.submodel for ins in instructions})
-        tasks: dict[str, Task] = {}
-        for ins in instructions:
-            task = Task(
-                run=self.run_name,
-                node=ins.node,
-                task_id=uuid.uuid4().hex[:16],
-                round=round_,
-                submodel=ins.submodel,
-                weights_sha256=digests[ins.submodel],
-                train=ins.train,
-                deadline_s=self.deadline_s,
-            )
-            tasks[ins.node] = task
-        self._send(tasks)
-        self.publish_s = time.monotonic() - started
-
-        def progress(answered: int, total: int) -> None:
-            if self.on_progress is not None:
-                self.on_progress(f"round {round_}: {answered}/{total} clients answered")
-
-        def dropped(node: str, task: Task, why: str) -> Outcome:
-            return Outcome(node, task.submodel, "dropped", reason=why)
-
-        yield from self._collect(round_, tasks, started, self._answer, dropped, progress)
+    def run(
+        self, round_: int, state: GlobalState, instructions: list[Instruction], extract: Extract = extract
+    ) -> Iterator[Outcome]:
+        """The round's weights as ``extract`` (the strategy's) cuts them; see :meth:`CoordinatorSession.run`."""
+        return self.session.run(round_, state, instructions, extract)
 
     def evaluate(self, round_: int, state: GlobalState, requests: list[EvalRequest]) -> Iterator[EvalOutcome]:
-        """The evaluation step over MQTT: one ``evaluate`` task per device (signed like tasks), answered by an
-        ``evaluation`` (signed like updates) or a ``decline``; checked here for what it may claim (the
-        submodels it was asked for, a body only with statistics, readable tensors) and by the engine for the
-        rest (shapes, finite values, bounded counts)."""
-        started = time.monotonic()
-        digests = self._publish_weights(round_, state, {k for req in requests for k in req.submodels})
-        tasks: dict[str, EvalTask] = {}
-        for req in requests:
-            task = EvalTask(
-                run=self.run_name,
-                node=req.node,
-                task_id=uuid.uuid4().hex[:16],
-                round=round_,
-                submodels=list(req.submodels),
-                weights_sha256=[digests[k] for k in req.submodels],
-                evaluate=req.evaluate,
-                bn_stats=req.bn_stats,
-                eval_fraction=req.eval_fraction,
-                batch_size=req.batch_size,
-                bn_max_batches=req.bn_max_batches,
-                deadline_s=self.deadline_s,
-            )
-            tasks[req.node] = task
-        self._send(tasks)
-        yield from self._collect(
-            round_, tasks, started, self._evaluation, lambda node, _, why: EvalOutcome(node, "dropped", reason=why)
-        )
-
-    def _send(self, tasks: dict[str, PendingTask]) -> None:
-        for node, task in tasks.items():
-            self._bytes_out += self.link.publish(self.topics.node(node, "task"), task)
-
-    def _collect(
-        self,
-        round_: int,
-        tasks: dict[str, PendingTask],
-        started: float,
-        answer: Callable[[int, tuple[str, Message, bytes], dict[str, PendingTask], float], Optional[OutcomeT]],
-        dropped: Callable[[str, PendingTask, str], OutcomeT],
-        progress: Optional[Callable[[int, int], None]] = None,
-    ) -> Iterator[OutcomeT]:
-        """The answers to ``tasks`` (sent at ``started``) as ``answer`` reads them, until every task is
-        answered, the deadline passes or the run stops; a device that is gone (looked at every
-        ``GONE_CHECK_S``) or silent at the deadline yields ``dropped``."""
-        pending = dict(tasks)
-        deadline = started + self.deadline_s + GRACE_S
-        look = 0.0
-        while pending and time.monotonic() < deadline and not self.stop.is_set():
-            if time.monotonic() >= look:
-                look = time.monotonic() + GONE_CHECK_S
-                for node, task, gone in self._drop_gone(pending):
-                    log.warning("round %d: %s %s", round_, node, gone)
-                    yield dropped(node, task, gone)
-            item = self._next(0.25)
-            if item is None:
-                continue
-            outcome = answer(round_, item, pending, started)
-            if outcome is not None:
-                yield outcome
-                if progress is not None:
-                    progress(len(tasks) - len(pending), len(tasks))
-        if pending:
-            log.warning("round %d: deadline passed without answers from %s", round_, sorted(pending))
-        for node, task in pending.items():
-            yield dropped(node, task, "no answer before the deadline")
+        return self.session.evaluate(round_, state, requests)
 
     def _evaluation(
-        self, round_: int, item: tuple[str, Message, bytes], pending: dict[str, EvalTask], started: float
+        self, round_: int, item: Inbound, pending: dict[str, EvalTask], started: float
     ) -> Optional[EvalOutcome]:
-        stream, message, body = item
-        if not isinstance(message, (Evaluation, Decline, Update)):
-            return None
-        answered = self._claim(round_, stream, message, pending, answers=not isinstance(message, Update))
-        if answered is None:
-            return None
-        node, task = answered
-        seconds = time.monotonic() - started
-        if isinstance(message, Decline):
-            log.warning("round %d: %s declined to evaluate: %s", round_, node, message.reason)
-            return EvalOutcome(node, "declined", reason=message.reason[:300], seconds=seconds)
-        if not isinstance(message, Evaluation):  # an update never answers an evaluate task: _claim refused it
-            return None
-        asked = set(task.submodels)
-        claimed = [r.submodel for r in message.results] + [b.submodel for b in message.bn]
-        bad = ""
-        if not set(claimed) <= asked or len(set(r.submodel for r in message.results)) != len(message.results):
-            bad = f"wrong_submodels: {sorted(set(claimed) - asked)[:5]} or repeated"
-        elif (message.results and not task.evaluate) or (message.bn and not task.bn_stats):
-            bad = "unasked: results or statistics that were not asked for"
-        elif len(set(b.submodel for b in message.bn)) != len(message.bn):
-            bad = "wrong_submodels: repeated statistics"
-        elif task.bn_max_batches is not None and any(b.batches > task.bn_max_batches for b in message.bn):
-            bad = f"bad_counts: more than {task.bn_max_batches} batches"
-        if bad:
-            return EvalOutcome(node, "rejected", reason=bad, bytes_in=len(body), seconds=seconds)
-        try:
-            tensors = unpack_tensors(body) if body else {}
-        except ProtocolError as exc:
-            return EvalOutcome(node, "rejected", reason=f"bad_payload: {exc}", bytes_in=len(body), seconds=seconds)
-        per_submodel: dict[int, dict[str, Any]] = {b.submodel: {} for b in message.bn}
-        for name, value in tensors.items():
-            head, _, rest = name.partition("/")
-            if not (head.isascii() and head.isdigit()) or int(head) not in per_submodel or not rest:
-                reason = f"bad_names: {name[:80]}"
-                return EvalOutcome(node, "rejected", reason=reason, bytes_in=len(body), seconds=seconds)
-            per_submodel[int(head)][rest] = value
-        return EvalOutcome(
-            node,
-            "evaluated",
-            results={r.submodel: EvalResult(r.loss * r.count, r.correct, r.count) for r in message.results},
-            bn_tensors=per_submodel,
-            bn_batches={b.submodel: b.batches for b in message.bn},
-            seconds=seconds,
-            bytes_in=len(body),
-        )
-
-    def _drop_gone(self, pending: dict[str, PendingTask]) -> list[tuple[str, PendingTask, str]]:
-        """Take the devices that are gone (:meth:`_gone`) out of ``pending``: (node, task, why) each."""
-        dropped = []
-        for node in list(pending):
-            why = self._gone(node)
-            if why:
-                dropped.append((node, pending.pop(node), why))
-        return dropped
-
-    def _gone(self, node: str) -> str:
-        """Why a device with a task is taken as gone ("" while it may still answer). A device that said it
-        leaves is gone at once. Its Last Will (``lost``) counts only after ``LOST_GRACE_S`` during which this
-        link stayed connected: a broker that shuts down publishes every device's will, and those devices
-        come back and answer once the broker is up again."""
-        info = self.registry.nodes.get(node)
-        if info is None or info.online:
-            return ""
-        if info.state != "lost":
-            return "left the run"
-        quiet = time.monotonic() - max(info.since, self._reconnected_at)
-        return (
-            f"lost (no sign of it for {quiet:.0f} s)" if quiet > LOST_GRACE_S and self.link.connected.is_set() else ""
-        )
-
-    def _claim(
-        self,
-        round_: int,
-        stream: str,
-        message: Union[Update, Evaluation, Decline],
-        pending: dict[str, PendingTask],
-        answers: bool = True,
-    ) -> Optional[tuple[str, PendingTask]]:
-        """The device and the pending task that ``message`` answers, taken out of ``pending``; None (counted)
-        when it comes on another device's stream or answers no pending task of this round (``answers``
-        False: a kind that cannot answer these tasks)."""
-        node = Topics.node_of(stream)
-        task = pending.get(node)
-        if message.node != node:
-            self._reject("unknown_sender", f"{message.kind} for {message.node} on {stream}")
-            return None
-        if not answers or task is None or message.task_id != task.task_id or message.round != round_:
-            self._reject("stale", f"{message.kind} from {node} for task {message.task_id} of round {message.round}")
-            return None
-        del pending[node]
-        return node, task
-
-    def _answer(
-        self, round_: int, item: tuple[str, Message, bytes], pending: dict[str, Task], started: float
-    ) -> Optional[Outcome]:
-        """The outcome a device's update or decline resolves, or None (not an answer, or one to ignore)."""
-        stream, message, body = item
-        if not isinstance(message, (Update, Decline)):
-            return None
-        claimed = self._claim(round_, stream, message, pending)
-        if claimed is None:
-            return None
-        node, task = claimed
-        seconds = time.monotonic() - started
-        if isinstance(message, Decline):
-            log.warning("round %d: %s declined: %s", round_, node, message.reason)
-            return Outcome(node, task.submodel, "declined", reason=message.reason[:300], seconds=seconds)
-        if message.submodel != task.submodel:
-            return Outcome(node, task.submodel, "rejected", reason=f"wrong_submodel: {message.submodel}")
-        try:
-            tensors = unpack_tensors(body)
-            encoding, state = task.train.update_encoding, self._round_state
-            if encoding != "float32" and state is not None:
-                tensors = decode_update(tensors, encoding, lambda: extract(state, task.submodel))
-        except (ProtocolError, EncodingError) as exc:
-            return Outcome(node, task.submodel, "rejected", reason=f"bad_payload: {exc}", bytes_in=len(body))
-        return Outcome(
-            node,
-            task.submodel,
-            "updated",
-            message.num_samples,
-            tensors,
-            message.metrics,
-            seconds=seconds,
-            bytes_in=len(body),
-        )
-
-    def _reject(self, reason: str, detail: str) -> None:
-        self._rejections[reason] += 1
-        log.warning("rejected %s", detail)
+        """:meth:`coordinator.session.Answers.evaluation` (kept for callers of the former method)."""
+        return self.session.answers.evaluation(round_, item, pending, started)

@@ -249,3 +249,107 @@ def test_sigint_while_waiting_for_devices_exits_130_and_says_how_to_resume(broke
     text = log.read_text()
     assert code == 130, f"exit {code}: {text[-2000:]}"
     assert "nefl-coord serve --resume" in text, f"nothing says how to resume: {text[-2000:]}"
+
+
+# --- a device that cannot take part -------------------------------------------------------------------------
+
+
+def publish_manifest(broker_address: str, run: str, manifest: bytes, signed: bool, security: object = None) -> None:
+    """A coordinator's retained manifest of ``run`` (signed with a fresh coordinator key, or not)."""
+    from nefl_edge.core.mqtt import BrokerAddress, MqttLink, Security
+    from nefl_edge.core.schemas import ManifestMessage
+    from nefl_edge.core.signing import Signer
+    from nefl_edge.core.wire import Topics
+
+    signer = Signer(Ed25519PrivateKey.generate(), "coordinator") if signed else None
+    sec = security if isinstance(security, Security) else Security()
+    link = MqttLink("nefl-coord", BrokerAddress.parse(broker_address), run, sec, clean=True, signer=signer)
+    link.connect()
+    try:
+        link.publish(Topics(run).manifest, ManifestMessage(run=run), manifest, retain=True)
+        assert link.flush(10), "the broker did not take the manifest"
+    finally:
+        link.close()
+
+
+def join_once(folder: Path, broker_address: str, run: str, data: Path, *extra: str) -> tuple[int, str, float]:
+    """`nefl-edge join` until it exits (at most 60 s): exit code, output, seconds."""
+    from tests.helpers import device_env
+
+    args = [sys.executable, "-m", "nefl_edge.edge_client", "join", "--broker", broker_address, "--run", run,
+            "--data", str(data), "--cache", str(folder / "cache"), *extra]  # fmt: skip
+    started = time.monotonic()
+    done = subprocess.run(args, capture_output=True, text=True, env=device_env(folder), timeout=60)
+    return done.returncode, done.stdout + done.stderr, time.monotonic() - started
+
+
+@pytest.fixture
+def shard(tmp_path: Path) -> Path:
+    from tests.helpers import make_shards
+
+    return make_shards(tmp_path, [64])[0]
+
+
+def test_an_unenrolled_device_stops_at_once_in_a_signed_run(
+    broker, tmp_path: Path, shard: Path, small_artifacts: Path
+) -> None:  # type: ignore[no-untyped-def]
+    publish_manifest(broker.address, "signed", (small_artifacts / "manifest.json").read_bytes(), signed=True)
+
+    code, out, seconds = join_once(tmp_path, broker.address, "signed", shard, "--node-id", "stranger")
+
+    assert code == 2, f"exit {code}: {out[-2000:]}"
+    assert "is signed by its coordinator and this device is not enrolled" in out, out[-2000:]
+    assert seconds < 30, f"it took {seconds:.0f} s to stop"
+
+
+def test_an_enrolled_device_stops_at_once_when_the_run_is_not_its_coordinators(
+    tmp_path: Path, shard: Path, small_artifacts: Path
+) -> None:
+    from nefl_edge.coordinator.enrolment import add_device
+    from nefl_edge.core.identity import install_bundle, open_identity
+    from nefl_edge.core.mqtt import Security
+
+    tls_port, plain_port = free_port(), free_port()
+    options = BrokerOptions(tmp_path / "broker", ("127.0.0.1",), tls_port, plain_port, bind="127.0.0.1",
+                            persistence=False, user="root" if AS_ROOT else None)  # fmt: skip
+    settings = write_broker_config(options)
+    state = tmp_path / "state"
+    with open_identity(state) as ident:
+        public = ident.public_key
+    install_bundle(state, add_device(tmp_path / "enrol", "pi-q", public, settings.folder).bundle).close()
+    with (tmp_path / "mosquitto.log").open("ab") as log:
+        mosquitto = subprocess.Popen(["mosquitto", "-c", str(settings.folder / "mosquitto.conf")], stdout=log,
+                                     stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_for(lambda: port_open(tls_port) and port_open(plain_port), 10, "mosquitto to listen", 0.05)
+        coordinator = Security(username="nefl-coord", password_file=settings.coordinator_password_file)
+        manifest = (small_artifacts / "manifest.json").read_bytes()
+        publish_manifest(f"127.0.0.1:{plain_port}", "other", manifest, signed=False, security=coordinator)
+        args = [sys.executable, "-m", "nefl_edge.edge_client", "join", "--state-dir", str(state), "--run", "other",
+                "--data", str(shard), "--cache", str(tmp_path / "cache")]  # fmt: skip
+        from tests.helpers import device_env
+
+        started = time.monotonic()
+        done = subprocess.run(args, capture_output=True, text=True, env=device_env(tmp_path), timeout=60)
+        seconds, out = time.monotonic() - started, done.stdout + done.stderr
+    finally:
+        mosquitto.terminate()
+        mosquitto.wait(10)
+
+    assert done.returncode == 2, f"exit {done.returncode}: {out[-2000:]}"
+    assert "is not signed by the coordinator this device is enrolled with" in out, out[-2000:]
+    assert seconds < 30, f"it took {seconds:.0f} s to stop"
+
+
+def test_a_device_stops_at_once_in_a_run_of_another_model(broker, tmp_path: Path, small_artifacts: Path) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    colour = tmp_path / "colour.npz"  # 3 x 32 x 32 images: not the Fashion-MNIST model of the manifest
+    np.savez(colour, x=np.zeros((16, 3, 32, 32), np.uint8), y=np.zeros(16, np.int64))
+    publish_manifest(broker.address, "fmnist", (small_artifacts / "manifest.json").read_bytes(), signed=False)
+
+    code, out, seconds = join_once(tmp_path, broker.address, "fmnist", colour, "--node-id", "colour-cam")
+
+    assert code == 2, f"exit {code}: {out[-2000:]}"
+    assert "trains a model this device's data does not fit" in out, out[-2000:]
+    assert seconds < 30, f"it took {seconds:.0f} s to stop"

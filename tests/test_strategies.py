@@ -280,3 +280,43 @@ def test_simulate_refuses_the_ort_trainer_for_a_method_with_its_own_local_traini
     assert run.returncode == 2
     assert "fjord trains locally in its own way" in run.stderr and "--trainer torch" in run.stderr
     assert get_strategy("heterofl").device_trainable and not get_strategy("fjord").device_trainable
+
+
+POLICY_MODULES = ("engine", "grid", "mqtt_grid", "registry", "strategies", "assignment")
+
+
+@pytest.mark.parametrize("module", POLICY_MODULES)
+def test_the_round_machinery_imports_no_torch(module: str) -> None:
+    # The policy half (selection, assignment, extraction, aggregation) and what runs rounds over it are numpy
+    # only; PyTorch is the simulator's local training (coordinator.torch_training), imported when it trains.
+    probe = (
+        f"import sys, nefl_edge.coordinator.{module}; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'onnx', 'torchvision'}))"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]", f"importing nefl_edge.coordinator.{module} loads {run.stdout.strip()}"
+
+
+def test_the_torch_half_is_loaded_by_local_training_only() -> None:
+    # The probe can fail: training through a strategy does import torch (so the test above is not vacuous).
+    probe = (
+        "import sys\n"
+        "from nefl_edge.coordinator.strategies import get_strategy\n"
+        "from nefl_edge.core.data import Dataset\n"
+        "from nefl_edge.core.nested import init_global_state\n"
+        "from nefl_edge.core.schemas import TrainConfig\n"
+        "from nefl_edge.core.specs import get_model_config\n"
+        "import numpy as np\n"
+        "s = get_strategy('heterofl'); config, plan = s.setup(get_model_config('resnet-small'), (0.5, 1.0))\n"
+        "before = 'torch' in sys.modules\n"
+        "state = init_global_state(config, plan.specs, consistent={})\n"
+        "data = Dataset(np.zeros((4, 1, 28, 28), np.float32), np.zeros(4, np.int64), 'z')\n"
+        "s.local_train(state, 0, data, TrainConfig(batch_size=4))\n"
+        "print(before, 'torch' in sys.modules)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False", "True"], f"torch before / after local training: {run.stdout}"

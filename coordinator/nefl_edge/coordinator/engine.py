@@ -3,7 +3,8 @@
 A round, in order: the grid lists the available clients; each gets a capacity (``assignment.capacity``);
 the strategy selects clients and maps capacities to its submodels (``assignment.assign``, which can make
 sure every submodel is trained); every selected client gets an instruction with its own seed; the grid
-delivers them and yields outcomes; each update is screened (``screening.screen``) and folded into NeFedAvg;
+delivers them (the strategy's ``extract`` of the round makes each client's weights) and yields outcomes;
+each update is screened (``screening.screen``) and folded into the strategy's aggregator (NeFedAvg by default);
 with at least ``min_updates`` valid updates the aggregate replaces the global state. BatchNorm statistics
 are re-estimated on the held-out calibration samples where the model is evaluated (``coordinator.cadence``).
 
@@ -17,6 +18,7 @@ submodel they can run on their held-out split (``eval_fraction`` of their data, 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -30,13 +32,11 @@ import numpy as np
 from nefl_edge.coordinator.assignment import assign, capacity
 from nefl_edge.coordinator.cadence import evaluates
 from nefl_edge.coordinator.config import RunConfig
-from nefl_edge.coordinator.evaluation import apply_bn_stats, calibrate_bn, federated_summary, robust_bn_parts
 from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, Grid, Instruction, Outcome
 from nefl_edge.coordinator.screening import MAX_SAMPLES, Quarantine, UpdateRejected, screen
-from nefl_edge.coordinator.strategies import Plan, Strategy
+from nefl_edge.coordinator.strategies import Aggregator, Plan, Strategy
 from nefl_edge.core.evaluation import BnStats, EvalResult, bn_channels
-from nefl_edge.core.nefedavg import NeFedAvg
-from nefl_edge.core.nested import GlobalState, extract
+from nefl_edge.core.nested import GlobalState
 from nefl_edge.core.specs import ModelConfig, param_layout
 
 log = logging.getLogger(__name__)
@@ -142,10 +142,11 @@ class RoundEngine:
         report.selected = len(instructions)
         log.info("round %d: %d clients, submodels %s", r, len(instructions), dict(sorted(assignment.items())))
         out_before = grid.bytes_out
-        agg = NeFedAvg(state, cfg.weighting, cfg.robust_options())
+        agg = self.strategy.aggregator(state, cfg.weighting, r, cfg.robust_options())
+        extract = functools.partial(self.strategy.extract, round_=r)
         references = {k: extract(state, k) for k in sorted(set(assignment.values()))} if cfg.update_norm_bound else {}
         collecting = time.monotonic()
-        for outcome in grid.run(r, state, instructions):
+        for outcome in grid.run(r, state, instructions, extract):
             self._fold(r, outcome, clients[outcome.node].num_samples, references, agg, report)
             if stop is not None and stop.is_set():
                 break
@@ -175,7 +176,7 @@ class RoundEngine:
         report.ended_at = time.time()
         return state, report
 
-    def _robust_outcome(self, r: int, agg: NeFedAvg, report: RoundReport) -> None:
+    def _robust_outcome(self, r: int, agg: Aggregator, report: RoundReport) -> None:
         """Record what the robust aggregation did; a left-out update is a strike for its client."""
         done = agg.robust_report
         if self.cfg.aggregation == "robust":
@@ -201,6 +202,9 @@ class RoundEngine:
         submodel it trained this round, and on any submodel nobody trained that it can run (so the step costs
         a client about ``bn_device_samples`` forward passes). Evaluation: each client on every submodel up to
         the one it can run. Fills ``report.federated`` and ``report.bn_batches``."""
+        # imported here: coordinator.evaluation imports torch, which the engine itself does not need
+        from nefl_edge.coordinator.evaluation import apply_bn_stats, calibrate_bn, federated_summary, robust_bn_parts
+
         cfg = self.cfg
         runnable = {}
         for node, cap in sorted(caps.items()):
@@ -306,7 +310,7 @@ class RoundEngine:
         outcome: Outcome,
         declared: int,
         references: dict[int, Any],
-        agg: NeFedAvg,
+        agg: Aggregator,
         report: RoundReport,
     ) -> None:
         status, reason = outcome.status, outcome.reason

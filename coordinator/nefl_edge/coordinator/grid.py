@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Protocol
 
 from nefl_edge.coordinator.assignment import ClientInfo
-from nefl_edge.coordinator.strategies import LocalTrainer
+from nefl_edge.coordinator.strategies import Extract, LocalTrainer
 from nefl_edge.core.data import Dataset
 from nefl_edge.core.encoding import decode_update, encode_update
 from nefl_edge.core.evaluation import EvalResult, split_dataset
 from nefl_edge.core.nested import GlobalState, Tensors, extract
 from nefl_edge.core.schemas import Metrics, TrainConfig
+from nefl_edge.core.specs import param_layout
 
 Status = Literal["updated", "declined", "dropped", "rejected"]
 
@@ -87,14 +88,17 @@ class Grid(Protocol):
         """The clients available for a round; waits until at least ``minimum`` are (or raises)."""
         ...
 
-    def run(self, round_: int, state: GlobalState, instructions: list[Instruction]) -> Iterator[Outcome]:
-        """Send every instruction with the weights of its submodel in ``state``; yield one outcome per
-        instruction as results arrive (``dropped`` for those that did not answer in time)."""
+    def run(
+        self, round_: int, state: GlobalState, instructions: list[Instruction], extract: Extract = extract
+    ) -> Iterator[Outcome]:
+        """Send every instruction with the weights of its submodel in ``state`` as the round's ``extract``
+        (the strategy's, ``Strategy.extract``) makes them; yield one outcome per instruction as results
+        arrive (``dropped`` for those that did not answer in time)."""
         ...
 
     def evaluate(self, round_: int, state: GlobalState, requests: list[EvalRequest]) -> Iterator[EvalOutcome]:
-        """Send every request with the weights of its submodels in ``state``; yield one outcome per request
-        (``dropped`` for those that did not answer in time)."""
+        """Send every request with the weights of its deployed submodels in ``state`` (nested prefixes); yield
+        one outcome per request (``dropped`` for those that did not answer in time)."""
         ...
 
     @property
@@ -106,6 +110,19 @@ class Grid(Protocol):
         """Messages rejected since the last call that belong to no instruction (stale, duplicate, unknown
         sender), by reason."""
         ...
+
+
+def client_state(state: GlobalState, index: int, sent: Tensors) -> GlobalState:
+    """What a simulated client holds: a global state made of the tensors ``sent`` to it for submodel
+    ``index`` (consistent ones at the submodel's size, its own inconsistent copy), so that
+    ``extract(client_state(...), index)`` is ``sent`` whatever the strategy's extraction, and a narrower
+    nested submodel ``j < index`` is a prefix of it (FjORD's ordered dropout). The inconsistent copies of the
+    other submodels are ``state``'s own objects (not copied: local trainers do not modify the state)."""
+    layout = param_layout(state.config, state.specs[index])
+    consistent = {name: sent[name] for name, info in layout.items() if info.kind == "consistent"}
+    own = {name: sent[name] for name, info in layout.items() if info.kind != "consistent"}
+    inconsistent = [own if k == index else t for k, t in enumerate(state.inconsistent)]
+    return GlobalState(state.config, list(state.specs), consistent, inconsistent)
 
 
 class InProcessGrid:
@@ -125,21 +142,25 @@ class InProcessGrid:
             self._splits[key] = split_dataset(self.shards[node], fraction)
         return self._splits[key]
 
-    def run(self, round_: int, state: GlobalState, instructions: list[Instruction]) -> Iterator[Outcome]:
+    def run(
+        self, round_: int, state: GlobalState, instructions: list[Instruction], extract: Extract = extract
+    ) -> Iterator[Outcome]:
         for ins in instructions:
             data = self._split(ins.node, ins.train.eval_fraction)[0]
             start = time.perf_counter()
-            tensors = self.as_received(state, ins, self.trainer(state, ins.submodel, data, ins.train))
+            sent = extract(state, ins.submodel)
+            trained = self.trainer(client_state(state, ins.submodel, sent), ins.submodel, data, ins.train)
+            tensors = self.as_received(sent, ins, trained)
             yield Outcome(ins.node, ins.submodel, "updated", len(data), tensors, seconds=time.perf_counter() - start)
 
     @staticmethod
-    def as_received(state: GlobalState, ins: Instruction, tensors: Tensors) -> Tensors:
+    def as_received(sent: Tensors, ins: Instruction, tensors: Tensors) -> Tensors:
         """A client's trained tensors as the coordinator receives them: through the round trip of the task's
-        ``update_encoding`` (so that its accuracy cost shows in simulation)."""
+        ``update_encoding`` against the weights it was ``sent`` (so that its accuracy cost shows in
+        simulation)."""
         encoding = ins.train.update_encoding
         if encoding == "float32":
             return tensors
-        sent = extract(state, ins.submodel)
         return decode_update(encode_update(tensors, encoding, sent), encoding, lambda: sent)
 
     def evaluate(self, round_: int, state: GlobalState, requests: list[EvalRequest]) -> Iterator[EvalOutcome]:

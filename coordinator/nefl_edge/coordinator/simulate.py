@@ -20,9 +20,9 @@ from nefl_edge.coordinator.cadence import Evaluator
 from nefl_edge.coordinator.config import ConfigError, RunConfig
 from nefl_edge.coordinator.engine import RoundEngine
 from nefl_edge.coordinator.evaluation import calibrate_bn, evaluate_all
-from nefl_edge.coordinator.grid import InProcessGrid, Instruction, Outcome
+from nefl_edge.coordinator.grid import InProcessGrid, Instruction, Outcome, client_state
 from nefl_edge.coordinator.models import initial_consistent
-from nefl_edge.coordinator.strategies import LocalTrainer, Strategy, TorchOptions, get_strategy
+from nefl_edge.coordinator.strategies import Extract, LocalTrainer, Strategy, TorchOptions, get_strategy
 from nefl_edge.core.data import Dataset
 from nefl_edge.core.nefedavg import Weighting
 from nefl_edge.core.nested import GlobalState, Tensors, extract, init_global_state
@@ -139,15 +139,19 @@ class ParallelGrid(InProcessGrid):
         context = multiprocessing.get_context("spawn")  # no fork of a process that runs torch threads
         self.pool = ProcessPoolExecutor(workers, context, initializer=_worker_init, initargs=(threads,))
 
-    def run(self, round_: int, state: GlobalState, instructions: list[Instruction]) -> Iterator[Outcome]:
+    def run(
+        self, round_: int, state: GlobalState, instructions: list[Instruction], extract: Extract = extract
+    ) -> Iterator[Outcome]:
         jobs = []
         for ins in instructions:
             data = self._split(ins.node, ins.train.eval_fraction)[0]
-            jobs.append((ins, len(data), self.pool.submit(self.task, state, ins.submodel, data, ins.train)))
-        for ins, samples, job in jobs:
+            sent = extract(state, ins.submodel)
+            local = client_state(state, ins.submodel, sent)
+            jobs.append((ins, sent, len(data), self.pool.submit(self.task, local, ins.submodel, data, ins.train)))
+        for ins, sent, samples, job in jobs:
             tensors, seconds = job.result()
             yield Outcome(
-                ins.node, ins.submodel, "updated", samples, self.as_received(state, ins, tensors), seconds=seconds
+                ins.node, ins.submodel, "updated", samples, self.as_received(sent, ins, tensors), seconds=seconds
             )
 
     def close(self) -> None:

@@ -1,14 +1,20 @@
-"""Federated methods for heterogeneous devices, as strategy objects over one harness.
+"""Federated methods for heterogeneous devices, as strategy objects over one harness: the policy half.
 
-Every strategy uses the same machinery as the real coordinator: submodel specs (``coordinator.specs``),
-nested extraction (``coordinator.nested``) and streaming aggregation (``coordinator.nefedavg``). What differs
-between methods is expressed in three places:
+Every strategy uses the same machinery as the real coordinator: submodel specs (``core.specs``), nested
+extraction (``core.nested``) and streaming aggregation (``core.nefedavg``). What differs between methods is
+expressed in four places:
 
 - which submodels exist and which device tier trains which (``plan``);
 - what the submodels share (the ``ModelConfig`` switches ``shared_bn``, ``learned_step``, ``shared_head``);
   NeFedAvg then averages shared tensors over every client that covers them and per-submodel tensors only
   within a submodel, so the one aggregator is HeteroFL's, FjORD's and DepthFL's rule as well;
+- which global elements a client's submodel is made of in a round, and how the round's results fold back
+  (``extract`` and ``aggregator``: nested prefixes and NeFedAvg by default; FedRolex rolls a window);
 - how a client trains locally (``local_train``; FjORD samples a width per batch).
+
+This module is numpy only: the round engine, the grids and the registry import it without torch. Local
+training in PyTorch (``simulate``) is its torch half, ``coordinator.torch_training``, imported when a
+strategy first trains.
 
 Device tiers: tier ``t`` is a device that can afford gamma ``gammas[t]`` (parameter ratio) and no more.
 """
@@ -18,15 +24,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Protocol
 
 import numpy as np
-import torch
 
-from nefl_edge.coordinator.models import build_submodel
+from nefl_edge.coordinator.torch_options import TorchOptions
 from nefl_edge.core.data import Dataset
-from nefl_edge.core.nested import GlobalState, Tensors, extract, prefix_slice
-from nefl_edge.core.schedule import local_batches
+from nefl_edge.core.nefedavg import NeFedAvg, Weighting
+from nefl_edge.core.nested import GlobalState, Tensors, extract
+from nefl_edge.core.robust import RobustOptions, RobustReport
 from nefl_edge.core.schemas import TrainConfig
 from nefl_edge.core.specs import (
     GAMMA_TOLERANCE,
@@ -36,7 +42,6 @@ from nefl_edge.core.specs import (
     SubmodelSpec,
     depth_candidates,
     make_specs,
-    param_layout,
     with_gamma,
 )
 
@@ -50,71 +55,40 @@ class Plan:
     tier_submodel: list[Optional[int]]
 
 
-def _optimizer(net: torch.nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    params = [p for p in net.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-@dataclass(frozen=True)
-class TorchOptions:
-    """How the simulator's PyTorch trainer runs: the torch device, and augmentation of the local batches
-    (random crop with 4 pixels of zero padding and a horizontal flip, as the paper's CIFAR runs)."""
-
-    device: str = "cpu"
-    augment: bool = False
-
-
-def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop of ``x`` (N, C, H, W) from its zero-padded copy, and a random horizontal flip, per sample."""
-    n, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy, dx = (torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=x.device) for _ in range(2))
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    out = padded[
-        torch.arange(n, device=x.device)[:, None, None, None],
-        torch.arange(c, device=x.device)[None, :, None, None],
-        rows,
-        cols,
-    ]
-    flip = torch.rand(n, generator=generator, device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], out.flip(3), out)
-
-
-def _step(
-    net: torch.nn.Module,
-    opt: torch.optim.SGD,
-    data: Dataset,
-    idx: np.ndarray,
-    opts: TorchOptions = TorchOptions(),
-    generator: Optional[torch.Generator] = None,
-) -> None:
-    x = torch.from_numpy(data.x[idx]).to(opts.device)
-    if generator is not None:
-        x = augment_batch(x, generator)
-    opt.zero_grad()
-    loss = torch.nn.functional.cross_entropy(net(x), torch.from_numpy(data.y[idx]).to(opts.device))
-    loss.backward()
-    opt.step()
-
-
-def _generator(opts: TorchOptions, seed: int) -> Optional[torch.Generator]:
-    return torch.Generator(opts.device).manual_seed(seed) if opts.augment else None
-
-
 def train_torch(
     state: GlobalState, index: int, data: Dataset, cfg: TrainConfig, opts: TorchOptions = TorchOptions()
 ) -> Tensors:
-    """Local training of submodel ``index`` in PyTorch with the device's batches and ``torch.optim.SGD``."""
-    net = build_submodel(state, index).to(opts.device).train()
-    opt = _optimizer(net, cfg)
-    generator = _generator(opts, cfg.seed)
-    for idx in local_batches(len(data), cfg):
-        _step(net, opt, data, idx, opts, generator)
-    return net.tensors()
+    """Local training of submodel ``index`` in PyTorch with the device's batches and ``torch.optim.SGD``
+    (``coordinator.torch_training.train_torch``; imports torch when first called)."""
+    from nefl_edge.coordinator.torch_training import train_torch as train
+
+    return train(state, index, data, cfg, opts)
 
 
 LocalTrainer = Callable[[GlobalState, int, Dataset, TrainConfig], Tensors]
+Extract = Callable[[GlobalState, int], Tensors]
+"""A round's extraction: (global state, submodel index) -> the tensors a client of that submodel receives."""
+
+
+class Aggregator(Protocol):
+    """Folds one round's updates into a new global state, one update at a time (``core.nefedavg.NeFedAvg``
+    is one); ``robust_report`` says afterwards whom a robust aggregation clipped, capped or left out."""
+
+    @property
+    def updates(self) -> int:
+        """Updates folded in so far."""
+        ...
+
+    @property
+    def robust_report(self) -> RobustReport: ...
+
+    def add(self, index: int, tensors: Tensors, num_samples: int, node: str = "") -> None:
+        """Fold in one client's trained submodel ``index`` (screened: every tensor of its layout)."""
+        ...
+
+    def result(self) -> GlobalState:
+        """The aggregated global state (a new object)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -144,7 +118,24 @@ class Strategy:
     def local_train(
         self, state: GlobalState, index: int, data: Dataset, cfg: TrainConfig, opts: TorchOptions = TorchOptions()
     ) -> Tensors:
+        """A simulated client's local training of submodel ``index`` of ``state`` (``state`` holds what the
+        round's ``extract`` sent it, see ``grid.client_state``): plain SGD in PyTorch, as on a device."""
         return train_torch(state, index, data, cfg, opts)
+
+    def extract(self, state: GlobalState, index: int, round_: int = 0) -> Tensors:
+        """The tensors of submodel ``index`` that a client trains in round ``round_`` (what the grid sends it and
+        what its update is screened against). Round 0 means the deployed submodel, what evaluation, export and
+        inference run: for every method the nested prefix (``core.nested.extract``). Default: that prefix
+        in every round (the NeFL paper, HeteroFL, FjORD, DepthFL, ScaleFL)."""
+        return extract(state, index)
+
+    def aggregator(
+        self, state: GlobalState, weighting: Weighting, round_: int, robust: Optional[RobustOptions] = None
+    ) -> Aggregator:
+        """What folds round ``round_``'s updates into ``state`` (each update in the coordinates this round's
+        ``extract`` gave it). Default: NeFedAvg (``core.nefedavg``) over nested prefixes, robust with
+        ``robust`` options."""
+        return NeFedAvg(state, weighting, robust)
 
     @property
     def device_trainable(self) -> bool:
@@ -216,27 +207,9 @@ class FjORD(Strategy):
     def local_train(
         self, state: GlobalState, index: int, data: Dataset, cfg: TrainConfig, opts: TorchOptions = TorchOptions()
     ) -> Tensors:
-        if cfg.momentum:
-            raise ValueError("FjORD's ordered dropout here supports plain SGD only; set momentum = 0")
-        local = state.copy()
-        rng = np.random.default_rng(cfg.seed)
-        generator = _generator(opts, cfg.seed)
-        # All batches first, then the widths, from one generator (the batches are the device's).
-        for idx in list(local_batches(len(data), cfg, rng)):
-            width = int(rng.integers(0, index + 1))
-            net = build_submodel(local, width).to(opts.device).train()
-            _step(net, _optimizer(net, cfg), data, idx, opts, generator)
-            write_back(local, width, net.tensors())
-        return extract(local, index)
+        from nefl_edge.coordinator.torch_training import fjord_train
 
-
-def write_back(state: GlobalState, index: int, tensors: Tensors) -> None:
-    """Put a submodel's tensors back into ``state`` in place (nested slices and its own copies)."""
-    for name, info in param_layout(state.config, state.specs[index]).items():
-        if info.kind == "consistent":
-            state.consistent[name][prefix_slice(info.shape)] = tensors[name]
-        else:
-            state.inconsistent[index][name] = tensors[name].copy()
+        return fjord_train(state, index, data, cfg, opts)
 
 
 STRATEGIES: dict[str, Strategy] = {

@@ -1,0 +1,105 @@
+"""Local training in PyTorch for ``simulate``: the torch half of the federated methods.
+
+The methods themselves (``coordinator.strategies``: selection, assignment, extraction, aggregation) are
+numpy only, so that the round engine, the grids and the registry import no torch. What a simulated client
+does with its submodel lives here: plain SGD over the device's own batches (``train_torch``, what the
+device's ONNX Runtime trainer does) and FjORD's ordered dropout (``fjord_train``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from nefl_edge.coordinator.models import build_submodel
+from nefl_edge.coordinator.torch_options import TorchOptions
+from nefl_edge.core.data import Dataset
+from nefl_edge.core.nested import GlobalState, Tensors, extract, prefix_slice
+from nefl_edge.core.schedule import local_batches
+from nefl_edge.core.schemas import TrainConfig
+from nefl_edge.core.specs import param_layout
+
+
+def _optimizer(net: torch.nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    params = [p for p in net.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop of ``x`` (N, C, H, W) from its zero-padded copy, and a random horizontal flip, per sample."""
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy, dx = (torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=x.device) for _ in range(2))
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    out = padded[
+        torch.arange(n, device=x.device)[:, None, None, None],
+        torch.arange(c, device=x.device)[None, :, None, None],
+        rows,
+        cols,
+    ]
+    flip = torch.rand(n, generator=generator, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def _step(
+    net: torch.nn.Module,
+    opt: torch.optim.SGD,
+    data: Dataset,
+    idx: np.ndarray,
+    opts: TorchOptions = TorchOptions(),
+    generator: Optional[torch.Generator] = None,
+) -> None:
+    x = torch.from_numpy(data.x[idx]).to(opts.device)
+    if generator is not None:
+        x = augment_batch(x, generator)
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(net(x), torch.from_numpy(data.y[idx]).to(opts.device))
+    loss.backward()
+    opt.step()
+
+
+def _generator(opts: TorchOptions, seed: int) -> Optional[torch.Generator]:
+    return torch.Generator(opts.device).manual_seed(seed) if opts.augment else None
+
+
+def train_torch(
+    state: GlobalState, index: int, data: Dataset, cfg: TrainConfig, opts: TorchOptions = TorchOptions()
+) -> Tensors:
+    """Local training of submodel ``index`` in PyTorch with the device's batches and ``torch.optim.SGD``."""
+    net = build_submodel(state, index).to(opts.device).train()
+    opt = _optimizer(net, cfg)
+    generator = _generator(opts, cfg.seed)
+    for idx in local_batches(len(data), cfg):
+        _step(net, opt, data, idx, opts, generator)
+    return net.tensors()
+
+
+def fjord_train(
+    state: GlobalState, index: int, data: Dataset, cfg: TrainConfig, opts: TorchOptions = TorchOptions()
+) -> Tensors:
+    """FjORD's ordered dropout (``strategies.FjORD``): for every local batch a width drawn uniformly among
+    the submodels ``0..index``, trained as a nested prefix of the device's model, plain SGD."""
+    if cfg.momentum:
+        raise ValueError("FjORD's ordered dropout here supports plain SGD only; set momentum = 0")
+    local = state.copy()
+    rng = np.random.default_rng(cfg.seed)
+    generator = _generator(opts, cfg.seed)
+    # All batches first, then the widths, from one generator (the batches are the device's).
+    for idx in list(local_batches(len(data), cfg, rng)):
+        width = int(rng.integers(0, index + 1))
+        net = build_submodel(local, width).to(opts.device).train()
+        _step(net, _optimizer(net, cfg), data, idx, opts, generator)
+        write_back(local, width, net.tensors())
+    return extract(local, index)
+
+
+def write_back(state: GlobalState, index: int, tensors: Tensors) -> None:
+    """Put a submodel's tensors back into ``state`` in place (nested slices and its own copies)."""
+    for name, info in param_layout(state.config, state.specs[index]).items():
+        if info.kind == "consistent":
+            state.consistent[name][prefix_slice(info.shape)] = tensors[name]
+        else:
+            state.inconsistent[index][name] = tensors[name].copy()

@@ -353,3 +353,55 @@ def test_a_device_stops_at_once_in_a_run_of_another_model(broker, tmp_path: Path
     assert code == 2, f"exit {code}: {out[-2000:]}"
     assert "trains a model this device's data does not fit" in out, out[-2000:]
     assert seconds < 30, f"it took {seconds:.0f} s to stop"
+
+
+# --- the device's unit ---------------------------------------------------------------------------------------
+
+
+def test_install_service_makes_the_credential_path_absolute_and_refuses_missing_data(tmp_path: Path) -> None:
+    from tests.helpers import device_env
+
+    (tmp_path / "shard.npz").write_bytes(b"")
+    (tmp_path / "pw").write_text("secret\n")
+    base = [sys.executable, "-m", "nefl_edge.edge_client", "install-service", "--broker", "coord.lan:1883", "--dry-run"]
+
+    shown = subprocess.run([*base, "--data", "shard.npz", "--password-file", "pw"], capture_output=True, text=True,
+                           env=device_env(tmp_path), cwd=tmp_path)  # fmt: skip
+    missing = subprocess.run([*base, "--data", "nowhere.npz"], capture_output=True, text=True,
+                             env=device_env(tmp_path), cwd=tmp_path)  # fmt: skip
+
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert f"LoadCredential=broker-password:{(tmp_path / 'pw').resolve()}" in lines, shown.stdout
+    assert "StateDirectoryMode=0700" in lines and "SuccessExitStatus=130" in lines, shown.stdout
+    assert missing.returncode == 2 and "nowhere.npz: no such file" in missing.stderr, missing.stderr
+
+
+def test_resuming_a_finished_run_says_so_and_announces_nothing(tmp_path: Path) -> None:
+    import numpy as np
+
+    from nefl_edge.coordinator import checkpoint
+    from nefl_edge.coordinator.config import RunConfig
+
+    (tmp_path / "config.json").write_text(RunConfig(run="lab", rounds=2).model_dump_json())
+    checkpoint.save(tmp_path, checkpoint.Checkpoint(2, {"w": np.zeros(1, np.float32)}, {}, {}))
+
+    # a closed port: any attempt to announce the run again would fail with exit 3
+    done = coord("serve", "--resume", str(tmp_path), "--broker", f"127.0.0.1:{free_port()}")
+
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert "finished all 2 rounds already; nothing to resume" in done.stdout, done.stdout
+
+
+def test_a_device_stopped_by_sigterm_exits_130(broker, tmp_path: Path, shard: Path) -> None:  # type: ignore[no-untyped-def]
+    from tests.helpers import spawn_edge
+
+    edge = spawn_edge(broker.address, shard, "pi-t", tmp_path, run="nobody-serves-this")
+    try:
+        wait_for(lambda: "waiting for the run's manifest" in (tmp_path / "pi-t.log").read_text(), 60, "the device")
+        os.killpg(edge.pid, signal.SIGTERM)
+        code = edge.wait(30)
+    finally:
+        stop(edge)
+    assert code == 130, f"exit {code}: {(tmp_path / 'pi-t.log').read_text()[-2000:]}"
+    assert "stopped by SIGTERM" in (tmp_path / "pi-t.log").read_text()

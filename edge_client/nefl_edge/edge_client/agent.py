@@ -341,12 +341,14 @@ User={user}
 Group={user}
 ExecStart={" ".join(_quote(a) for a in args)}
 {credential}StateDirectory=nefl-edge
+StateDirectoryMode=0700
 CacheDirectory=nefl-edge
 WorkingDirectory=/var/lib/nefl-edge
 Environment=PYTHONUNBUFFERED=1 NEFL_STATE_DIR=/var/lib/nefl-edge
 Restart=always
 RestartSec=10
 KillSignal=SIGTERM
+SuccessExitStatus=130
 TimeoutStopSec=30
 NoNewPrivileges=yes
 ProtectSystem=strict

@@ -193,8 +193,11 @@ def _serve_device(
             fail(refusal)
     device = Agent(options, dataset, agent_options or AgentOptions(once=True, broker_wait_s=15.0), pinned=pinned)
 
+    signalled: list[str] = []
+
     def leave(signum: int, frame: Any) -> None:
-        logging.getLogger(__name__).info("interrupted; leaving the run cleanly")
+        signalled.append(signal.Signals(signum).name)
+        logging.getLogger(__name__).info("%s: leaving the run cleanly", signalled[-1])
         device.stop()
 
     signal.signal(signal.SIGINT, leave)
@@ -205,6 +208,9 @@ def _serve_device(
         fail(str(exc), ExitCode.BROKER)
     except (DataError, BackendUnavailable, ValueError) as exc:
         fail(str(exc))
+    if signalled:
+        typer.echo(f"stopped by {signalled[0]}; start it again to rejoin the run", err=True)
+        raise typer.Exit(ExitCode.INTERRUPTED)
 
 
 PREFLIGHT_S = 3.0
@@ -447,7 +453,10 @@ def install_service(
     extra_args = shlex.split(extra) if extra else []
     if any(a in ("--password", "--password-file") for a in extra_args):
         fail("pass the broker password with --password-file here; it becomes a systemd credential")
-    unit = systemd_unit(str(Path(exe).resolve()), broker, data.resolve(), user, run, extra_args, password_file)
+    if not data.exists():
+        fail(f"--data {data}: no such file or folder (the service reads it as {user})")
+    secret = password_file.resolve() if password_file is not None else None  # LoadCredential needs an absolute path
+    unit = systemd_unit(str(Path(exe).resolve()), broker, data.resolve(), user, run, extra_args, secret)
     if dry_run:
         typer.echo(unit, nl=False)
         return

@@ -29,7 +29,7 @@ PROFILE = dict(arch="x", system="y", python="3", cores=1, memory_mb=1, onnxrunti
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize(("method", "bn"), [("nefl-wd", "federated"), ("heterofl", "server")])
+@pytest.mark.parametrize(("method", "bn"), [("nefl-wd", "federated"), ("heterofl", "server"), ("fedrolex", "server")])
 def test_simulate_and_serve_give_the_same_global_state(method: str, bn: str, broker: Broker, tmp_path: Path) -> None:
     # Prepare: three shards, device i of tier i, one round of every client, the same seed on both paths;
     # BatchNorm statistics from the devices (federated) or re-estimated on the coordinator (server).

@@ -23,6 +23,7 @@ Method = Literal[
     "nefl-w",
     "nefl-d",
     "heterofl",
+    "fedrolex",
     "fjord",
     "fjord-paper",
     "depthfl",

@@ -21,6 +21,7 @@ Device tiers: tier ``t`` is a device that can afford gamma ``gammas[t]`` (parame
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -41,7 +42,9 @@ from nefl_edge.core.specs import (
     SpecError,
     SubmodelSpec,
     depth_candidates,
+    full_spec,
     make_specs,
+    param_layout,
     with_gamma,
 )
 
@@ -212,6 +215,107 @@ class FjORD(Strategy):
         return fjord_train(state, index, data, cfg, opts)
 
 
+@dataclass(frozen=True)
+class FedRolex(Strategy):
+    """FedRolex (Alam et al., "FedRolex: Model-Heterogeneous Federated Learning with Rolling Sub-Model
+    Extraction", NeurIPS 2022, arXiv 2212.01548): HeteroFL's width submodels, but in round ``r`` a
+    submodel of width ``n`` along a hidden axis of ``C`` channels is made of the channels
+    ``(r + i) mod C, i < n`` instead of the prefix ``0..n-1``; the window rolls by one channel a round, so
+    that every global channel is trained by every device tier over the rounds. The devices are unchanged:
+    they train tensors of the same shapes as HeteroFL's.
+
+    How: the round's extraction is the nested prefix of the global state rolled by ``r`` along its hidden
+    axes (``roll_hidden``), and its aggregation is NeFedAvg on that rolled state, rolled back: an element is
+    averaged over the clients whose window covered it this round, an uncovered one keeps its value, and the
+    robust aggregation (``aggregation = robust``) works unchanged. A hidden axis is one that width scaling
+    cuts (``hidden_axes``); the input image channels, the kernel and the classes are never rolled. Round 0
+    is the prefix: the deployed submodel that evaluation, export and inference run.
+
+    BatchNorm as in the paper's code and as our ``heterofl``: affine parameters shared and windowed like the
+    convolutions, statistics not tracked into the model but re-estimated for the aggregated weights (the
+    code's static BN, ``track_running_stats=False``; here the run's ``bn = server`` or ``federated``). With
+    ``bn = tracked`` a submodel's statistics are those of its last training window, not of its deployed
+    prefix. Where this departs from the paper's code (``resnet_server.py``): the window starts at channel
+    ``r mod C`` and advances (the code's ``torch.roll`` takes channel ``-r mod C`` first; the same rotation
+    run backwards); a full-width submodel is rolled too, as in the code (a permutation of its channels);
+    shared elements are averaged with the run's ``weighting`` (the code: unweighted for convolutions); no
+    ``Scaler`` layer and no label-split masking of the classifier (as our ``heterofl``)."""
+
+    def extract(self, state: GlobalState, index: int, round_: int = 0) -> Tensors:
+        hidden = hidden_axes(state.config)
+        out: Tensors = {}
+        for name, info in param_layout(state.config, state.specs[index]).items():
+            if info.kind == "consistent":
+                full = state.consistent[name]
+                axes = [
+                    _window(g, n, round_) if h else np.arange(n)
+                    for g, n, h in zip(full.shape, info.shape, hidden[name])
+                ]
+                out[name] = full[np.ix_(*axes)]  # fancy indexing: a copy
+            else:
+                out[name] = state.inconsistent[index][name].copy()
+        return out
+
+    def aggregator(
+        self, state: GlobalState, weighting: Weighting, round_: int, robust: Optional[RobustOptions] = None
+    ) -> Aggregator:
+        return _RolledAggregator(state, weighting, round_, robust)
+
+
+def _window(channels: int, width: int, round_: int) -> np.ndarray:
+    """FedRolex's index window: ``(round_ + i) mod channels`` for ``i < width``."""
+    return (round_ + np.arange(width)) % channels
+
+
+@functools.lru_cache(maxsize=32)
+def hidden_axes(config: ModelConfig) -> dict[str, tuple[bool, ...]]:
+    """Per consistent tensor of the full model, which of its axes run over hidden channels: those that width
+    scaling cuts, found from ``param_layout`` at the smallest width (every hidden axis has one channel
+    there; an axis of one channel in the full model is never rolled, which is the same)."""
+    full = full_spec(config)
+    thin = param_layout(config, SubmodelSpec(1e-9, full.blocks))
+    return {
+        name: tuple(a != b for a, b in zip(info.shape, thin[name].shape))
+        for name, info in param_layout(config, full).items()
+        if info.kind == "consistent"
+    }
+
+
+def roll_hidden(state: GlobalState, round_: int) -> GlobalState:
+    """``state`` with every consistent tensor rolled by ``-round_`` along its hidden axes, so that element
+    ``i`` of a hidden axis of ``C`` channels is global channel ``(round_ + i) mod C`` (a new state; the
+    inconsistent copies are ``state``'s objects: they live in submodel coordinates and are not rolled)."""
+    hidden = hidden_axes(state.config)
+    consistent = {}
+    for name, tensor in state.consistent.items():
+        axes = tuple(a for a, h in enumerate(hidden[name]) if h)
+        consistent[name] = np.roll(tensor, [-round_] * len(axes), axes) if axes else tensor.copy()
+    return GlobalState(state.config, list(state.specs), consistent, state.inconsistent)
+
+
+class _RolledAggregator:
+    """NeFedAvg (robust or not) of one FedRolex round, on the global state rolled so that the round's
+    windows are nested prefixes; ``result`` rolls the aggregate back."""
+
+    def __init__(self, state: GlobalState, weighting: Weighting, round_: int, robust: Optional[RobustOptions]) -> None:
+        self._round = round_
+        self._inner = NeFedAvg(roll_hidden(state, round_), weighting, robust)
+
+    @property
+    def updates(self) -> int:
+        return self._inner.updates
+
+    @property
+    def robust_report(self) -> RobustReport:
+        return self._inner.robust_report
+
+    def add(self, index: int, tensors: Tensors, num_samples: int, node: str = "") -> None:
+        self._inner.add(index, tensors, num_samples, node)
+
+    def result(self) -> GlobalState:
+        return roll_hidden(self._inner.result(), -self._round)
+
+
 STRATEGIES: dict[str, Strategy] = {
     s.name: s
     for s in (
@@ -226,6 +330,14 @@ STRATEGIES: dict[str, Strategy] = {
             "heterofl",
             "Diao et al., HeteroFL: Computation and Communication Efficient Federated Learning for Heterogeneous "
             "Clients, ICLR 2021 (width prefixes, shared BN affine, static BN statistics)",
+            scaling="W",
+            shared_bn=True,
+            learned_step=False,
+        ),
+        FedRolex(
+            "fedrolex",
+            "Alam et al., FedRolex: Model-Heterogeneous Federated Learning with Rolling Sub-Model Extraction, "
+            "NeurIPS 2022 (width windows rolling one channel a round, shared BN affine, static BN statistics)",
             scaling="W",
             shared_bn=True,
             learned_step=False,

@@ -6,17 +6,23 @@ plugin; each must end in the same global state as the reference run within float
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import subprocess
+import sys
+import threading
 from pathlib import Path
-from typing import Dict, Iterator, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 
 from nefl_edge.coordinator.bridge import ChunkTooLarge, check_chunk_size, chunk_size_for, packet_size
-from nefl_edge.coordinator.broker import LocalBroker
+from nefl_edge.coordinator.broker import LocalBroker, free_port, port_open
+from nefl_edge.coordinator.broker_config import BrokerOptions, set_password, write_broker_config
 from nefl_edge.core.mqtt import Security
-from tests.helpers import make_shards, spawn_coordinator, spawn_edge, stop
+from tests.helpers import make_shards, spawn_coordinator, spawn_edge, stop, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -40,19 +46,23 @@ def serve_run(
     coordinator_args: Sequence[str] = (),
     device_args: Sequence[str] = (),
     timeout_s: float = 300,
+    before_devices: Optional[Callable[[], bool]] = None,
 ) -> State:
     """One short run: ``serve`` on ``coordinator_broker``, three `nefl-edge join` processes on
-    ``device_broker`` (default: the same); the final global state from the run's checkpoint."""
+    ``device_broker`` (default: the same; ``{node}`` in ``device_args`` is the device's name), started once
+    ``before_devices`` (if given) returned True; the final global state from the run's checkpoint."""
     from safetensors.numpy import load_file
 
     folder.mkdir(parents=True, exist_ok=True)
     shards = make_shards(folder, SIZES)
     coord = spawn_coordinator(coordinator_broker, folder, *RUN_ARGS, *coordinator_args)
-    edges = [
-        spawn_edge(device_broker or coordinator_broker, shard, f"dev{i}", folder, *device_args, tier=i)
-        for i, shard in enumerate(shards)
-    ]
+    edges: List[subprocess.Popen[bytes]] = []
     try:
+        if before_devices is not None:
+            assert before_devices(), "the condition for starting the devices did not come true"
+        for i, shard in enumerate(shards):
+            extra = [a.replace("{node}", f"dev{i}") for a in device_args]
+            edges.append(spawn_edge(device_broker or coordinator_broker, shard, f"dev{i}", folder, *extra, tier=i))
         code = coord.wait(timeout_s)
     except subprocess.TimeoutExpired:
         code = None
@@ -71,8 +81,11 @@ def serve_run(
 
 
 def differences(a: State, b: State) -> float:
+    """The largest absolute difference between two global states (printed: ``pytest -s`` shows it)."""
     assert a.keys() == b.keys(), f"the states differ in tensors: {sorted(a.keys() ^ b.keys())[:5]}"
-    return max(float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a)
+    worst = max(float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a)
+    print(f"largest difference from the reference state: {worst:.3g}")
+    return worst
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +140,88 @@ def test_serve_refuses_a_chunk_size_the_broker_does_not_take_instead_of_stalling
     log = (tmp_path / "coordinator.log").read_text()
     assert code == 2, f"serve should exit 2 on a chunk the broker refuses, got {code}:\n{log[-2000:]}"
     assert f"--chunk-size {chunk_size_for(LIMIT)}" in log and "Traceback" not in log, log[-2000:]
+
+
+class Mosquitto:
+    """Mosquitto on a generated folder (``broker-config`` / ``site-broker-config``), stopped by ``stop``."""
+
+    def __init__(self, folder: Path, *ports: int) -> None:
+        self.folder, self.ports = folder, ports
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+
+    def __enter__(self) -> Mosquitto:
+        with (self.folder.parent / f"{self.folder.name}.log").open("ab") as log:
+            conf = str(self.folder / "mosquitto.conf")
+            self.proc = subprocess.Popen(["mosquitto", "-c", conf], stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: all(port_open(p) for p in self.ports), 10, f"mosquitto on {self.folder.name} to listen")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def retained_on(port: int, user: str, password: str, topic: str, timeout_s: float = 90) -> bool:
+    """Whether the broker at ``port`` comes to hold a retained message on ``topic``: a new subscriber, again
+    and again, until one gets a message with the retain flag (a live message would arrive without it)."""
+
+    def once() -> bool:
+        got = threading.Event()
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user)
+        client.username_pw_set(user, password)
+        client.on_message = lambda c, u, m: got.set() if m.retain and m.payload else None
+        client.on_connect = lambda c, u, f, r, p: c.subscribe(topic, 1)
+        client.connect("127.0.0.1", port, 30)
+        client.loop_start()
+        try:
+            return got.wait(1.0)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
+    return bool(wait_for(once, timeout_s, f"a retained message on {topic}", interval=0.5))
+
+
+def test_devices_on_a_site_broker_bridged_to_the_coordinators_broker(reference: State, tmp_path: Path) -> None:
+    # Prepare: the coordinator's broker from broker-config; a site broker from site-broker-config bridged to
+    # its TLS listener with an account made there; device accounts on the site broker.
+    root_user = "root" if os.geteuid() == 0 else None  # as root Mosquitto drops to a user who can't read tmp
+    up_tls, up_plain, site_tls, site_plain = free_port(), free_port(), free_port(), free_port()
+    upstream = write_broker_config(
+        BrokerOptions(tmp_path / "up", ("127.0.0.1",), up_tls, up_plain, "127.0.0.1", user=root_user)
+    )
+    made = subprocess.run(
+        [
+            sys.executable, "-m", "nefl_edge.coordinator", "site-broker-config", "--out", str(tmp_path / "site"),
+            "--site", "lab", "--upstream", f"127.0.0.1:{up_tls}", "--upstream-dir", str(tmp_path / "up"),
+            "--hostname", "127.0.0.1", "--tls-port", str(site_tls), "--plain-port", str(site_plain),
+            "--bind", "127.0.0.1", *(["--broker-user", root_user] if root_user else []),
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    bridge_conf = (tmp_path / "site" / "bridge.d" / "bridge.conf").read_text()
+    assert "remote_username nefl-site-lab" in bridge_conf and "bridge_cafile" in bridge_conf, bridge_conf
+    passwords = {name: secrets.token_urlsafe(12) for name in ("dev0", "dev1", "dev2", "watcher")}
+    for name, password in passwords.items():
+        set_password(tmp_path / "site" / "passwd", name, password)
+        (tmp_path / f"{name}.password").write_text(password)
+    coordinator_account = ("--username", "nefl-coord", "--password-file", str(upstream.coordinator_password_file))
+
+    with Mosquitto(tmp_path / "up", up_tls, up_plain), Mosquitto(tmp_path / "site", site_tls, site_plain):
+        # Execute: serve on the coordinator's broker; the devices join at the site only once the site broker
+        # holds the retained manifest that came over the bridge, so they get manifest and artifacts from it.
+        state = serve_run(
+            tmp_path / "run",
+            f"127.0.0.1:{up_plain}",
+            f"127.0.0.1:{site_plain}",
+            coordinator_args=coordinator_account,
+            device_args=("--username", "{node}", "--password-file", str(tmp_path / "{node}.password")),
+            before_devices=lambda: retained_on(
+                site_plain, "watcher", passwords["watcher"], "nefl/default/manifest/chunk/+"
+            ),
+        )
+
+    # Assert: the same final state as through one Mosquitto.
+    assert differences(state, reference) < TOLERANCE

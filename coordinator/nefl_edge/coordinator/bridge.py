@@ -42,9 +42,11 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import os
 import re
 import secrets
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -63,6 +65,7 @@ from nefl_edge.coordinator.broker_config import (
     BrokerOptions,
     BrokerSettings,
     set_password,
+    share_with_broker,
     write_broker_config,
 )
 from nefl_edge.core.errors import BadInput
@@ -229,8 +232,13 @@ def write_site_config(opts: SiteOptions) -> BrokerSettings:
         user, password = bridge_user(opts.site), Path(opts.password_file).read_text().strip()
     if ca is not None:
         shutil.copyfile(ca, out / "upstream-ca.crt")
-    make_private_dir(out / BRIDGE_CONF.parent)
+    folder = make_private_dir(out / BRIDGE_CONF.parent)
     write_atomic(out / BRIDGE_CONF, bridge_text(opts, home, password, tls, user), 0o600)
+    group = out.stat().st_gid
+    if group != os.getegid() and out.stat().st_mode & stat.S_IRGRP:  # handed to the broker's user (broker_config)
+        os.chown(folder, -1, group)
+        os.chmod(folder, 0o750)
+        share_with_broker(out / BRIDGE_CONF)
     record = json.loads((out / "broker.json").read_text())
     record["site"] = {"name": opts.site, "upstream": opts.upstream, "bridge_user": user, "tls": tls}
     write_atomic(out / "broker.json", json.dumps(record, indent=1), 0o644)

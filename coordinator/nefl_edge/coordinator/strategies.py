@@ -29,7 +29,7 @@ from typing import Optional, Protocol
 
 import numpy as np
 
-from nefl_edge.coordinator.torch_options import TorchOptions
+from nefl_edge.coordinator.training_options import TorchOptions
 from nefl_edge.core.data import Dataset
 from nefl_edge.core.nefedavg import NeFedAvg, Weighting
 from nefl_edge.core.nested import GlobalState, Tensors, extract

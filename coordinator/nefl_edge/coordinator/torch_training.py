@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from nefl_edge.coordinator.models import build_submodel
-from nefl_edge.coordinator.torch_options import TorchOptions
+from nefl_edge.coordinator.training_options import TorchOptions
 from nefl_edge.core.data import Dataset
 from nefl_edge.core.nested import GlobalState, Tensors, extract, prefix_slice
 from nefl_edge.core.schedule import local_batches

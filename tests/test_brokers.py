@@ -18,9 +18,22 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from nefl_edge.coordinator.bridge import ChunkTooLarge, check_chunk_size, chunk_size_for, packet_size
+from nefl_edge.coordinator.bridge import (
+    ChunkTooLarge,
+    SiteOptions,
+    check_chunk_size,
+    chunk_size_for,
+    packet_size,
+    write_site_config,
+)
 from nefl_edge.coordinator.broker import LocalBroker, free_port, port_open
-from nefl_edge.coordinator.broker_config import BrokerOptions, set_password, write_broker_config
+from nefl_edge.coordinator.broker_config import (
+    BrokerConfigError,
+    BrokerOptions,
+    read_password_file,
+    set_password,
+    write_broker_config,
+)
 from nefl_edge.core.mqtt import Security
 from tests.helpers import make_shards, spawn_coordinator, spawn_edge, stop, wait_for
 
@@ -225,3 +238,22 @@ def test_devices_on_a_site_broker_bridged_to_the_coordinators_broker(reference: 
 
     # Assert: the same final state as through one Mosquitto.
     assert differences(state, reference) < TOLERANCE
+
+
+def test_a_bridge_off_loopback_needs_tls_and_an_account_and_survives_a_new_broker_config(tmp_path: Path) -> None:
+    site = BrokerOptions(tmp_path / "site", ("127.0.0.1",), free_port())
+    with pytest.raises(BrokerConfigError, match="--insecure"):
+        write_site_config(SiteOptions("lab", "broker.example.org:8883", site))
+    plain = write_site_config(SiteOptions("lab", "broker.example.org:1883", site, insecure=True))
+    conf = (plain.folder / "bridge.d" / "bridge.conf").read_text()
+    assert "remote_password" not in conf and "bridge_cafile" not in conf, conf
+
+    upstream = BrokerOptions(tmp_path / "up", ("127.0.0.1",), free_port())
+    write_broker_config(upstream)
+    write_site_config(SiteOptions("lab", "broker.example.org:8883", site, upstream_dir=upstream.out))
+    conf = (tmp_path / "site" / "bridge.d" / "bridge.conf").read_text()
+    assert "remote_username nefl-site-lab" in conf and "bridge_insecure false" in conf, conf
+    write_broker_config(upstream)  # the operator regenerates the coordinator's broker: the bridge's rights stay
+    acl = (upstream.out / "acl").read_text()
+    assert "user nefl-site-lab\ntopic write nefl/+/node/+/hello/#" in acl, acl
+    assert "nefl-site-lab" in read_password_file(upstream.out / "passwd")

@@ -369,7 +369,9 @@ def write_broker_config(opts: BrokerOptions) -> BrokerSettings:
         set_password(out / "passwd", opts.coordinator_user, password)
     elif not (out / "passwd").exists():
         set_password(out / "passwd", opts.coordinator_user, (out / "coordinator.password").read_text().strip())
-    write_atomic(out / "acl", acl_text(opts.coordinator_user), 0o644)
+    from nefl_edge.coordinator.bridge import bridge_users, with_bridge_acl  # site bridges' accounts stay
+
+    write_atomic(out / "acl", with_bridge_acl(acl_text(opts.coordinator_user), bridge_users(out)), 0o644)
     write_atomic(out / "mosquitto.conf", config_text(opts), 0o644)
     host = opts.hostnames[0] if opts.hostnames else "localhost"
     settings = BrokerSettings(

@@ -405,3 +405,34 @@ def test_a_device_stopped_by_sigterm_exits_130(broker, tmp_path: Path, shard: Pa
         stop(edge)
     assert code == 130, f"exit {code}: {(tmp_path / 'pi-t.log').read_text()[-2000:]}"
     assert "stopped by SIGTERM" in (tmp_path / "pi-t.log").read_text()
+
+
+def test_nefl_coord_without_the_coordinator_extra_says_what_to_install(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        "class _Absent(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'onnx'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _Absent())\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(site))
+    export = [sys.executable, "-m", "nefl_edge.coordinator", "export", "--out", str(tmp_path / "artifacts")]
+    done = subprocess.run(export, capture_output=True, text=True, env=env)
+
+    assert done.returncode == 2, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert done.stderr.strip().count("\n") == 0, f"not one line: {done.stderr}"
+    assert "pip install 'nefl-edge[coord]'" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("package", ["nefl_edge.edge_client", "nefl_edge.coordinator"])
+def test_version_names_onnx_runtime_backend_and_commit(package: str) -> None:
+    import onnxruntime
+
+    done = subprocess.run([sys.executable, "-m", package, "-V"], capture_output=True, text=True)
+
+    assert done.returncode == 0, done.stderr
+    assert f"ONNX Runtime {onnxruntime.__version__}" in done.stdout, done.stdout
+    assert "training backend " in done.stdout and "(commit " in done.stdout, done.stdout

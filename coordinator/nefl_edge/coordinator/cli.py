@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from nefl_edge.coordinator.cli_options import config_options
-from nefl_edge.core.cli import add_version_option, fail, run_app, setup_logging
+from nefl_edge.core.cli import fail, run_app, setup_logging
 from nefl_edge.core.errors import ExitCode
 
 app = typer.Typer(
@@ -20,7 +20,65 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-add_version_option(app)
+
+
+def _version(value: bool) -> None:
+    """``-V`` / ``--version``: the package and its commit, torch, ONNX Runtime and its training backend."""
+    if not value:
+        return
+    import platform
+
+    import onnxruntime
+
+    from nefl_edge.core import __version__
+    from nefl_edge.edge_client.trainer import BackendUnavailable, choose_backend
+
+    try:
+        import torch
+
+        torch_version = str(torch.__version__)
+    except ImportError:
+        torch_version = "not installed (pip install 'nefl-edge[coord]')"
+    try:
+        backend = choose_backend("auto")
+    except BackendUnavailable as exc:
+        backend = f"none ({exc})"
+    typer.echo(
+        f"nefl-coord {__version__} (commit {_source_commit()}); torch {torch_version}; ONNX Runtime "
+        f"{onnxruntime.__version__}, training backend {backend}; Python {platform.python_version()}"
+    )
+    raise typer.Exit()
+
+
+def _source_commit() -> str:
+    """The git commit of this source tree (``-dirty`` with uncommitted changes), or "none" for an install."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[3]
+    if not (root / ".git").exists():
+        return "none (installed package)"
+    try:
+        git = ["git", "-C", str(root)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git failed)"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", "-V", callback=_version, is_eager=True, help="Show versions (torch, ONNX Runtime, commit)."
+        ),
+    ] = False,
+) -> None:
+    """nefl-coord: the coordinator of nested federated learning (NeFL) over MQTT."""
+
 
 Model = Annotated[
     str, typer.Option(help="Model shape: resnet-small, resnet18, resnet34 (preact- prefix for pre-activation).")
@@ -30,8 +88,22 @@ Gammas = Annotated[Optional[str], typer.Option(help="Comma-separated parameter r
 Scaling = Annotated[str, typer.Option(help="Scaling: WD (width+depth), W (width), D (depth).")]
 
 
+COORDINATOR_EXTRA = ("torch", "onnx", "rich", "matplotlib", "amqtt")
+
+
 def main() -> None:
-    run_app(app, "nefl-coord")
+    """``nefl-coord``; on a host without the coordinator's extra (a device) one line says what to install."""
+    try:
+        run_app(app, "nefl-coord")
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] not in COORDINATOR_EXTRA:
+            raise
+        print(
+            f"error: nefl-coord needs the coordinator's extra ({exc.name} is missing): pip install 'nefl-edge[coord]' "
+            "(Python >= 3.11); a device needs only nefl-edge",
+            file=sys.stderr,
+        )
+        sys.exit(int(ExitCode.BAD_INPUT))
 
 
 def terminal_handler() -> Optional[logging.Handler]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from nefl_edge.core.cli import add_version_option, fail, run_app, setup_logging
+from nefl_edge.core.cli import fail, run_app, setup_logging
 from nefl_edge.core.errors import ExitCode
 from nefl_edge.edge_client.runtime import keep_torch_out
 
@@ -29,8 +29,28 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-add_version_option(app)
 keep_torch_out()  # before any command imports onnxruntime
+
+
+def _version(value: bool) -> None:
+    if value:
+        from nefl_edge.edge_client.profile import version_text
+
+        typer.echo(version_text("nefl-edge"))
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", "-V", callback=_version, is_eager=True, help="Show versions (ONNX Runtime, backend, commit)."
+        ),
+    ] = False,
+) -> None:
+    """nefl-edge: the device side of nested federated learning (ONNX Runtime + MQTT)."""
+
 
 StateDir = Annotated[
     Optional[Path],

@@ -21,6 +21,7 @@ COMMANDS = {
         "add-device",
         "remove-device",
         "devices",
+        "site-broker-config",
     ],
     "nefl_edge.edge_client": ["join", "agent", "predict", "install-service", "profile", "identity", "enrol"],
 }

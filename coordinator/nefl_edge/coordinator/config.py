@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from dataclasses import replace
@@ -281,9 +282,19 @@ def _comma_floats(value: Any, rule: str) -> Any:
         raise ValueError(f"{rule}, got {value!r}") from None
 
 
-def _explain(exc: ValidationError) -> ConfigError:
-    lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
-    return ConfigError("invalid configuration: " + "; ".join(lines))
+def _explain(exc: ValidationError, where: str = "") -> ConfigError:
+    """One sentence for a failed validation: where (a file, else the options), each field and what is wrong
+    with it; for an unknown key the nearest known one (difflib), as a misspelt ``roudns`` deserves."""
+    lines = []
+    for e in exc.errors():
+        loc = ".".join(map(str, e["loc"]))
+        if e["type"] == "extra_forbidden":
+            model = TrainConfig if len(e["loc"]) > 1 and e["loc"][0] == "train" else RunConfig
+            near = difflib.get_close_matches(str(e["loc"][-1]), list(model.model_fields), n=1)
+            lines.append(f"{loc}: unknown key" + (f" (did you mean {near[0]!r}?)" if near else ""))
+        else:
+            lines.append(f"{loc}: {e['msg']}")
+    return ConfigError(f"invalid configuration{f' in {where}' if where else ''}: " + "; ".join(lines))
 
 
 def _merge(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -298,11 +309,11 @@ def _merge(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def validate(data: dict[str, Any]) -> RunConfig:
+def validate(data: dict[str, Any], where: str = "") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise _explain(exc) from None
+        raise _explain(exc, where) from None
 
 
 def load_config(path: Optional[Path], overrides: dict[str, Any]) -> RunConfig:
@@ -316,7 +327,7 @@ def load_config(path: Optional[Path], overrides: dict[str, Any]) -> RunConfig:
             raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    return validate(_merge(data, overrides))
+    return validate(_merge(data, overrides), f"{path} and the options" if path is not None else "")
 
 
 def upgraded(data: dict[str, Any]) -> dict[str, Any]:

@@ -436,3 +436,18 @@ def test_version_names_onnx_runtime_backend_and_commit(package: str) -> None:
     assert done.returncode == 0, done.stderr
     assert f"ONNX Runtime {onnxruntime.__version__}" in done.stdout, done.stdout
     assert "training backend " in done.stdout and "(commit " in done.stdout, done.stdout
+
+
+def test_config_errors_name_the_file_and_the_nearest_key(tmp_path: Path) -> None:
+    from nefl_edge.coordinator.config import ConfigError, load_config
+
+    toml = tmp_path / "run.toml"
+    toml.write_text("roudns = 3\n[train]\nlrr = 0.1\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(toml, {})
+
+    text = str(caught.value)
+    assert str(toml) in text, f"the file is not named: {text}"
+    assert "roudns: unknown key (did you mean 'rounds'?)" in text, text
+    assert "train.lrr: unknown key (did you mean 'lr'?)" in text, text

@@ -14,10 +14,11 @@ from typing import Any, Literal, Optional, get_args
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from nefl_edge.core.data import channel_stats
 from nefl_edge.core.errors import BadInput
 from nefl_edge.core.robust import RobustOptions
 from nefl_edge.core.schemas import NAME_PATTERN, TrainConfig
-from nefl_edge.core.specs import DEFAULT_GAMMAS, ModelConfig, get_model_config
+from nefl_edge.core.specs import DEFAULT_GAMMAS, ModelConfig, SpecError, get_model_config
 
 Method = Literal[
     "nefl-wd",
@@ -35,7 +36,21 @@ Method = Literal[
 METHODS: tuple[str, ...] = get_args(Method)
 """The federated methods (``coordinator.strategies.STRATEGIES``; a test keeps both lists equal)."""
 OLD_METHOD_NAMES = {"WD": "nefl-wd", "W": "nefl-w", "D": "nefl-d"}
-FIXED_ON_RESUME = frozenset({"method", "model", "dataset", "gammas", "seed", "stem_pool", "step_init", "specs"})
+FIXED_ON_RESUME = frozenset(
+    {
+        "method",
+        "model",
+        "dataset",
+        "gammas",
+        "seed",
+        "stem_pool",
+        "step_init",
+        "specs",
+        "normalize",
+        "input_mean",
+        "input_std",
+    }
+)
 """Keys that define the model, the submodels or the random streams: ``--resume`` refuses to change them."""
 
 
@@ -52,6 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "step_init": "one",
         "stem_pool": True,
         "specs": "paper",
+        "normalize": True,
         "lr_decay_at": [0.5, 0.75],
         "lr_decay": 0.1,
         "lr_decay_round": "at",
@@ -193,6 +209,17 @@ class RunConfig(BaseModel):
         description="submodel specs: nested (each submodel contains the smaller ones, in depth as in width) or "
         "paper (the NeFL paper code's widths and depth cuts; specs.paper_specs)",
     )
+    normalize: bool = Field(
+        False,
+        description="normalise inputs per channel, (x - mean) / std, with the training data's statistics "
+        "(computed by the coordinator at the start, recorded, carried in the manifest; every graph applies them)",
+    )
+    input_mean: list[float] = Field(
+        default_factory=list, description="normalize: per-channel means (empty: computed from the training data)"
+    )
+    input_std: list[float] = Field(
+        default_factory=list, description="normalize: per-channel stds (empty: computed from the training data)"
+    )
     augment: bool = Field(False, description="simulate: random crop (pad 4) and horizontal flip of local batches")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="simulate: torch device of local training and evaluation (auto: cuda if available)"
@@ -211,6 +238,11 @@ class RunConfig(BaseModel):
         if isinstance(given, dict):
             merged["train"] = {**values.get("train", {}), **given}
         return merged
+
+    @field_validator("input_mean", "input_std", mode="before")
+    @classmethod
+    def _stats_text(cls, value: Any) -> Any:
+        return _comma_floats(value, "input_mean / input_std must be comma-separated numbers, one per channel")
 
     @field_validator("lr_decay_at", mode="before")
     @classmethod
@@ -243,13 +275,28 @@ class RunConfig(BaseModel):
         return RobustOptions(self.robust_trim, self.robust_clip, self.robust_agree, self.robust_max_weight)
 
     def network(self) -> ModelConfig:
-        """The model shape of the run (model, data set, stem and step-size initialisation)."""
-        return replace(
-            get_model_config(self.model, self.dataset),
-            stem_pool=self.stem_pool,
-            step_init=self.step_init,
-            specs=self.specs,
-        )
+        """The model shape of the run (model, data set, stem and step-size initialisation, submodel specs, and
+        the input statistics once :meth:`with_input_stats` has filled them in)."""
+        normalized = self.normalize and bool(self.input_mean)
+        try:
+            return replace(
+                get_model_config(self.model, self.dataset),
+                stem_pool=self.stem_pool,
+                step_init=self.step_init,
+                specs=self.specs,
+                input_mean=tuple(self.input_mean) if normalized else (),
+                input_std=tuple(self.input_std) if normalized else (),
+            )
+        except SpecError as exc:
+            raise ConfigError(f"input_mean / input_std: {exc}") from None
+
+    def with_input_stats(self, x: Any) -> RunConfig:
+        """This config with ``input_mean`` / ``input_std`` computed from the training images ``x`` (N, C, H, W)
+        when ``normalize`` is on and they are not given; otherwise this config."""
+        if not self.normalize or self.input_mean:
+            return self
+        mean, std = channel_stats(x)
+        return self.model_copy(update={"input_mean": list(mean), "input_std": list(std)})
 
     @field_validator("method", mode="before")
     @classmethod

@@ -70,6 +70,17 @@ class Stem(nn.Module):
         return F.max_pool2d(x, 3, 2, 1) if self.pool else x
 
 
+def normalize_input(config: ModelConfig, x: Tensor) -> Tensor:
+    """``(x - mean) / std`` per channel with the config's input statistics (none: ``x`` as it is). Part of
+    the network, so every exported graph (training, evaluation, statistics, the portable step, export-model)
+    starts with it and devices feed their [0, 1] samples unchanged."""
+    if not config.input_mean:
+        return x
+    mean = torch.tensor(config.input_mean, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+    std = torch.tensor(config.input_std, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+    return (x - mean) / std
+
+
 class SubmodelNet(nn.Module):
     """The network of one submodel spec (the global model is the full spec)."""
 
@@ -95,6 +106,7 @@ class SubmodelNet(nn.Module):
         self.head = nn.Linear(c_in, config.num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        x = normalize_input(self.config, x)
         x = self.stem(x)
         for blocks in self.stages:
             assert isinstance(blocks, nn.ModuleDict)
@@ -159,6 +171,8 @@ def global_forward(state: GlobalState, index: int, x: Tensor) -> Tensor:
     sub = {k: torch.from_numpy(v) for k, v in state.inconsistent[index].items()}
     w = spec.width
     c_prev = scaled(config.stage_widths[0], w)
+    if config.input_mean:
+        x = torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(config.input_mean, config.input_std))], 1)
     h = F.conv2d(x, g["stem.conv.weight"][:c_prev], padding=1)
     if not config.preact:
         h = F.relu(_bn(h, sub, "stem.bn"))

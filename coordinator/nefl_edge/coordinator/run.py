@@ -41,6 +41,20 @@ WAIT_LOG_S = 5.0
 RoundCallback = Callable[[RoundReport, list[dict[str, Any]]], None]
 
 
+def _training_images(data_dir: Optional[Path]) -> Any:
+    """The coordinator's copy of the training images, for the input statistics of ``normalize``."""
+    from nefl_edge.coordinator.config import ConfigError
+    from nefl_edge.core.data import DataError, load_dataset
+
+    try:
+        return load_dataset(data_dir, "train").x
+    except DataError as exc:
+        raise ConfigError(
+            f"normalize needs the training data's per-channel statistics: {exc} Or give --input-mean and "
+            "--input-std (one value per channel, comma-separated), or --no-normalize"
+        ) from None
+
+
 class MethodNotOnDevices(BadInput):
     """A method whose local training the device backends do not do."""
 
@@ -81,6 +95,8 @@ class ServeRun:
                 "stem_pool: the devices' ONNX Runtime training graphs have no max-pool gradient; serve with "
                 "--no-stem-pool, or run the paper's max-pool stem with `nefl-coord simulate`"
             )
+        if cfg.normalize and not cfg.input_mean:  # measured once, then recorded in config.json for --resume
+            cfg = self.cfg = cfg.with_input_stats(_training_images(cfg.data_dir))
         self.config, self.plan = self.strategy.setup(cfg.network(), tuple(cfg.gammas))
         self.test, self.calibration, federated_eval = coordinator_data(
             cfg.evaluation, cfg.bn, cfg.data_dir, cfg.eval_samples, cfg.bn_calibration

@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -207,6 +207,9 @@ def simulate(
             cover_submodels=False,
             bn="server" if calibration is not None and len(calibration) else "tracked",
         )
+    if cfg.normalize and not config.input_mean:  # the coordinator's statistics of the training data
+        stats = cfg.with_input_stats([shard.x for shard in shards])
+        config = replace(config, input_mean=tuple(stats.input_mean), input_std=tuple(stats.input_std))
     config, plan = strategy.setup(config, gammas)
     state = init_global_state(config, plan.specs, initial_consistent(config, cfg.seed), cfg.seed)
     device = torch_device(cfg.device)

@@ -11,7 +11,7 @@ import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Tuple
+from typing import Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -137,3 +137,28 @@ def load_dataset(path: Optional[Path] = None, split: Split = "train") -> Dataset
         if found is not None:
             return found
     raise DataError(f"{path} holds no {split} split of a known format. {HOW_TO_GET_DATA}")
+
+
+def channel_stats(
+    x: Union[np.ndarray, Sequence[np.ndarray]], chunk: int = 4096
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of images ``x`` (N, C, H, W; or a list of such arrays, e.g.
+    the clients' shards) over all samples and pixels, in float64 (the population std). The coordinator
+    computes them from its training data for ``normalize = true``; every submodel then applies
+    ``(x - mean) / std`` first, as the NeFL paper's code normalises CIFAR-10 with fixed per-channel
+    statistics (its transforms.Normalize), departing from it in that the statistics are measured here."""
+    arrays = [x] if isinstance(x, np.ndarray) else [a for a in x if len(a)]
+    if not arrays or any(a.ndim != 4 or a.shape[1:] != arrays[0].shape[1:] for a in arrays) or not len(arrays[0]):
+        raise DataError(f"channel statistics need non-empty N x C x H x W arrays of one shape, got {len(arrays)}")
+    total = np.zeros(arrays[0].shape[1])
+    squares = np.zeros(arrays[0].shape[1])
+    count = 0
+    for array in arrays:
+        for lo in range(0, len(array), chunk):
+            part = array[lo : lo + chunk].astype(np.float64)
+            total += part.sum(axis=(0, 2, 3))
+            squares += np.square(part).sum(axis=(0, 2, 3))
+        count += array.shape[0] * array.shape[2] * array.shape[3]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)

@@ -83,6 +83,16 @@ class TrainConfig(Strict):
     )
 
 
+class InputNormalization(Strict):
+    """Per-channel input statistics of a run (computed by the coordinator from its training data): every
+    submodel computes ``(x - mean) / std`` as its first operation, inside each exported graph, so devices feed
+    their [0, 1] samples as they are. Listed here so that a reader of the manifest (or a device with its own
+    runtime) knows what the graphs expect."""
+
+    mean: List[float] = Field(min_length=1, max_length=16)
+    std: List[float] = Field(min_length=1, max_length=16)
+
+
 class Manifest(Strict):
     """What a run's devices need before any task: input shape, classes, default training settings and every submodel."""
 
@@ -97,11 +107,15 @@ class Manifest(Strict):
     train: TrainConfig
     opset: int
     submodels: List[SubmodelEntry]
+    normalize: Optional[InputNormalization] = Field(
+        None, description="input statistics every graph applies first (absent: the inputs are not normalised)"
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     def to_json(self) -> str:
-        return self.model_dump_json(by_alias=True, indent=1)
+        # Without normalisation the manifest is written as before the field existed (older devices read it).
+        return self.model_dump_json(by_alias=True, indent=1, exclude={"normalize"} if self.normalize is None else None)
 
 
 # --- wire messages -----------------------------------------------------------------------------------------

@@ -52,9 +52,24 @@ class ModelConfig:
     step_init: str = "ode"
     # Submodel specs of make_specs: "nested" (ours) or "paper" (the NeFL paper's code, see paper_specs).
     specs: str = "nested"
+    # Per-channel input normalisation (x - mean) / std, the first operation of every submodel (and so of every
+    # exported graph: devices feed [0, 1] inputs). Empty: none.
+    input_mean: tuple[float, ...] = ()
+    input_std: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.input_mean or self.input_std:
+            check_normalization(self.input_mean, self.input_std, self.in_channels)
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """The config as JSON-ready values; the defaults of ``specs`` and the input statistics are left out, so
+        that the architecture keys of configs from before they existed stay the same."""
+        data = asdict(self)
+        if self.specs == "nested":
+            del data["specs"]
+        if not self.input_mean:
+            del data["input_mean"], data["input_std"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> ModelConfig:
@@ -72,7 +87,17 @@ class ModelConfig:
             stem_pool=bool(data.get("stem_pool", False)),
             step_init=str(data.get("step_init", "ode")),
             specs=str(data.get("specs", "nested")),
+            input_mean=tuple(float(v) for v in data.get("input_mean", ())),  # type: ignore[attr-defined]
+            input_std=tuple(float(v) for v in data.get("input_std", ())),  # type: ignore[attr-defined]
         )
+
+
+def check_normalization(mean: tuple[float, ...], std: tuple[float, ...], channels: int) -> None:
+    """Raise :class:`SpecError` unless ``mean`` and ``std`` give one finite value per input channel, std > 0."""
+    if len(mean) != channels or len(std) != channels:
+        raise SpecError(f"input normalisation needs {channels} mean and std values, got {len(mean)} and {len(std)}")
+    if not all(math.isfinite(v) for v in (*mean, *std)) or min(std) <= 0:
+        raise SpecError(f"input normalisation needs finite means and positive stds, got {mean} / {std}")
 
 
 _SHAPES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from nefl_edge.core.artifacts import MANIFEST_NAME, ArtifactError, file_entry, load_manifest
 from nefl_edge.core.nested import GlobalState, Tensors, extract
-from nefl_edge.core.schemas import FileEntry, Manifest, ParamEntry, SubmodelEntry, TrainConfig
+from nefl_edge.core.schemas import FileEntry, InputNormalization, Manifest, ParamEntry, SubmodelEntry, TrainConfig
 from nefl_edge.core.specs import ModelConfig, SubmodelSpec, mflops, param_count, param_layout
 from nefl_edge.core.wire import pack_tensors
 from nefl_edge.export.portable import (
@@ -217,6 +217,9 @@ def export_set(
         train=train or TrainConfig(),
         opset=OPSET,
         submodels=entries,
+        normalize=InputNormalization(mean=list(config.input_mean), std=list(config.input_std))
+        if config.input_mean
+        else None,
     )
     (out / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest

@@ -44,6 +44,7 @@ def test_help_works_without_heavy_imports(package: str, command: str) -> None:
 
     assert run.returncode == 0, run.stderr
     assert "Usage" in run.stdout and "--help" in run.stdout
+    assert "<bool>" not in run.stdout, f"{package} {command} --help shows a <bool> type after a flag"
     assert run.stdout.strip().splitlines()[-1] == "HEAVY:", f"{package} {command} --help imported heavy modules"
 
 

@@ -22,6 +22,24 @@ app = typer.Typer(
 )
 
 
+def _no_flag_metavars() -> None:
+    """``--help`` without a ``<bool>`` type column after every flag (``--verbose <bool>``, ``--help <bool>``):
+    typer 0.29 prints the type of flags too, which take no value. Departs from typer's own rendering."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "__name__", "") == "_flag_free":
+        return
+
+    def _flag_free(self: TyperOption, ctx: Any) -> Any:
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    TyperOption.display_type_rich = _flag_free  # type: ignore[method-assign]
+
+
+_no_flag_metavars()
+
+
 def _version(value: bool) -> None:
     """``-V`` / ``--version``: the package and its commit, torch, ONNX Runtime and its training backend."""
     if not value:

@@ -237,7 +237,14 @@ def serve(
     from nefl_edge.coordinator.config import load_config, resume_config
     from nefl_edge.coordinator.mqtt_grid import NotEnoughClients
     from nefl_edge.coordinator.render import serve_with_progress
-    from nefl_edge.coordinator.run import RunSecurity, ServeRun, coordinator_link, probe_broker, require_security
+    from nefl_edge.coordinator.run import (
+        RunSecurity,
+        ServeRun,
+        check_servable,
+        coordinator_link,
+        probe_broker,
+        require_security,
+    )
 
     setup_logging(verbose, terminal_handler())
     overrides = overrides or {}
@@ -274,6 +281,7 @@ def serve(
                 f"{done}, to train on)"
             )
             return
+    check_servable(cfg)
     require_security(sec)
     probe_broker(sec)
     from nefl_edge.coordinator.bridge import check_chunk_size  # a broker that refuses our chunks: exit 2, not a stall

@@ -59,6 +59,23 @@ class MethodNotOnDevices(BadInput):
     """A method whose local training the device backends do not do."""
 
 
+def check_servable(cfg: RunConfig) -> None:
+    """Refuse (exit 2) a run the devices cannot train, before anything is exported or connected."""
+    from nefl_edge.coordinator.strategies import get_strategy
+
+    strategy = get_strategy(cfg.method)
+    if not strategy.device_trainable:
+        raise MethodNotOnDevices(
+            f"{cfg.method} trains locally in its own way ({type(strategy).__name__}.local_train), which "
+            "the devices' ONNX Runtime trainers do not do; run it with `nefl-coord simulate`"
+        )
+    if cfg.stem_pool:
+        raise MethodNotOnDevices(
+            "stem_pool: the devices' ONNX Runtime training graphs have no max-pool gradient; serve with "
+            "--no-stem-pool, or run the paper's max-pool stem with `nefl-coord simulate`"
+        )
+
+
 class ServeRun:
     """Prepare (export, state, held-out data), then :meth:`serve` the remaining rounds over ``link``."""
 
@@ -84,17 +101,8 @@ class ServeRun:
         from nefl_edge.export.artifacts import export_set
 
         cfg = self.cfg
+        check_servable(cfg)
         self.strategy = get_strategy(cfg.method)
-        if not self.strategy.device_trainable:
-            raise MethodNotOnDevices(
-                f"{cfg.method} trains locally in its own way ({type(self.strategy).__name__}.local_train), which "
-                "the devices' ONNX Runtime trainers do not do; run it with `nefl-coord simulate`"
-            )
-        if cfg.stem_pool:
-            raise MethodNotOnDevices(
-                "stem_pool: the devices' ONNX Runtime training graphs have no max-pool gradient; serve with "
-                "--no-stem-pool, or run the paper's max-pool stem with `nefl-coord simulate`"
-            )
         if cfg.normalize and not cfg.input_mean:  # measured once, then recorded in config.json for --resume
             cfg = self.cfg = cfg.with_input_stats(_training_images(cfg.data_dir))
         self.config, self.plan = self.strategy.setup(cfg.network(), tuple(cfg.gammas))

@@ -9,6 +9,7 @@ bench/results/accuracy-<preset>.json and the accuracy section of docs/benchmarks
     python -m bench.accuracy --preset full       # for bigger machines
     python -m bench.accuracy --preset paper --workers 1   # the paper's protocol, scaled down (~45 min)
     python -m bench.accuracy --encodings float16,int8 --methods nefl-wd --schemes iid --workers 2
+    python -m bench.accuracy --methods heterofl,fedrolex --schemes iid --seeds 0 --out /tmp/rolex.json
 
 ``--encodings`` runs the same protocol (default preset ``paper``) with devices sending their updates as
 float16 or int8 (``train.update_encoding``, edge_client/encoding.py) and compares each with float32: the
@@ -365,6 +366,13 @@ def main() -> None:
         help="JSON-lines file of finished runs: each run is appended as it ends, and runs already in it are "
         "not run again (an interrupted benchmark continues); default bench/results/accuracy-<preset>.partial.jsonl",
     )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write the record here and leave docs/benchmarks.md alone (a comparison of a few methods, e.g. "
+        "--methods heterofl,fedrolex --seeds 0, that must not replace the preset's committed results)",
+    )
     args = parser.parse_args()
     args.preset = args.preset or ("paper" if args.encodings else "quick")
     preset = dict(PRESETS[args.preset])
@@ -387,7 +395,8 @@ def main() -> None:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()
-    partial = args.partial or ROOT / "bench" / "results" / f"accuracy-{args.preset}.partial.jsonl"
+    out = args.out or ROOT / "bench" / "results" / f"accuracy-{args.preset}.json"
+    partial = args.partial or out.with_name(out.stem + ".partial.jsonl")
     start = time.perf_counter()
     runs = run_jobs([(m, s, seed, "float32") for m, s, seed in jobs], partial, preset, args.data_dir, args.workers)
     rows = summarize(runs)
@@ -396,7 +405,10 @@ def main() -> None:
         command += f" --methods {args.methods}"
     if args.schemes != "iid,dirichlet":
         command += f" --schemes {args.schemes}"
-    out = ROOT / "bench" / "results" / f"accuracy-{args.preset}.json"
+    if args.seeds:
+        command += f" --seeds {args.seeds}"
+    if args.out:
+        command += f" --out {args.out}"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "preset": args.preset,
@@ -410,10 +422,10 @@ def main() -> None:
     }
     out.write_text(json.dumps(record, indent=2) + "\n")
     partial.unlink()  # the record holds every run now; a next run starts afresh
-    publish(record, args.workers)
+    publish(record, args.workers, write_docs=args.out is None)
 
 
-def publish(record: dict[str, Any], workers: int) -> None:
+def publish(record: dict[str, Any], workers: int, write_docs: bool = True) -> None:
     from bench.common import write_section
 
     rows = summarize(record["runs"])
@@ -422,7 +434,8 @@ def publish(record: dict[str, Any], workers: int) -> None:
     text += f"\nWall time: {record['minutes']} min with {record.get('workers', workers)} worker process(es).\n"
     if record.get("note"):
         text += f"\n{record['note']}\n"
-    write_section(f"accuracy-{record['preset']}", text)
+    if write_docs:
+        write_section(f"accuracy-{record['preset']}", text)
     print(text)
 
 

@@ -274,8 +274,10 @@ def serve(
         sec = RunSecurity(**{**given, "mqtt_version": mqtt_version or "3.1.1"})
     cfg = resume_config(resume, overrides) if resume is not None else load_config(config, overrides)
     if resume is not None:
-        done = _finished_round(resume)
-        if done is not None and done >= cfg.rounds:
+        from nefl_edge.coordinator import checkpoint
+
+        done = checkpoint.load(resume).round  # a missing or damaged checkpoint: exit 2 before any connection
+        if done >= cfg.rounds:
             typer.echo(
                 f"{resume} finished all {cfg.rounds} rounds already; nothing to resume (pass --rounds N, more than "
                 f"{done}, to train on)"
@@ -317,17 +319,6 @@ def serve(
     if run.stopped_by is not None:
         typer.echo(f"stopped by {run.stopped_by} after round {run.round}; {how_to_resume}", err=True)
         raise typer.Exit(ExitCode.INTERRUPTED)
-
-
-def _finished_round(run_dir: Path) -> Optional[int]:
-    """The last round checkpointed in ``run_dir`` (None without a checkpoint)."""
-    from nefl_edge.coordinator import checkpoint
-
-    try:
-        saved = checkpoint.load(run_dir)
-    except Exception:  # a damaged checkpoint is reported by the resume itself
-        return None
-    return None if saved is None else int(saved.round)
 
 
 @app.command()

@@ -57,12 +57,15 @@ Inbound = Tuple[str, Message, bytes]
 class Link(Protocol):
     """A connection that speaks the nefl wire format over topics (implemented by ``core.mqtt.MqttLink`` and
     :class:`MemoryLink`). ``on_connected`` is called after every (re)connect with the subscriptions restored;
-    each of ``on_session`` with ``(connected, reason)`` on every connect and disconnect. Callbacks run on the
-    transport's thread; a link logs and swallows their exceptions."""
+    each of ``on_session`` with ``(connected, reason)`` on every connect and disconnect; ``on_payload`` sees
+    every raw inbound payload first and returns True for one it took (a reader of topics alone, such as the
+    agent's run discovery: nothing it takes is validated). Callbacks run on the transport's thread; a link
+    logs and swallows their exceptions."""
 
     connected: threading.Event
     on_connected: Optional[Callable[[], None]]
     on_session: List[Callable[[bool, Any], None]]
+    on_payload: Optional[Callable[[str, Buffer], bool]]
 
     @property
     def rejections(self) -> Counter[str]:
@@ -260,6 +263,9 @@ class FramedLink:
         """Called (on the transport's thread, exceptions logged) after every connect, subscriptions restored."""
         self.on_session: List[Callable[[bool, Any], None]] = []
         """Watchers of the session: each called with (connected, reason) on every connect and disconnect."""
+        self.on_payload: Optional[Callable[[str, Buffer], bool]] = None
+        """A tap on raw inbound payloads, before any check: True means it took the payload (the receiver never
+        sees it); an exception it raises is counted as a rejection."""
         self._subs: List[str] = []
         self._retained_counts: Dict[str, int] = {}
         self._lock = threading.Lock()
@@ -298,6 +304,8 @@ class FramedLink:
     def _deliver(self, topic: str, payload: Buffer) -> None:
         """One inbound payload into the inbox, or into a counted rejection; never raises, never blocks."""
         try:
+            if self.on_payload is not None and self.on_payload(topic, payload):
+                return
             item = self.receive(topic, payload)
             full = None if item is None else self.inbox.offer(item)
             if full is not None:  # the consumer is behind a flood: drop, count, never block the transport

@@ -24,11 +24,13 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Literal, Optional, Tuple
 
 from nefl_edge.core.data import Dataset
-from nefl_edge.core.mqtt import BrokerError
+from nefl_edge.core.link import Link
+from nefl_edge.core.mqtt import BrokerError, MqttLink
 from nefl_edge.core.schemas import NAME_PATTERN
+from nefl_edge.core.wire import Buffer
 from nefl_edge.edge_client.client import ClientOptions, EdgeClient, RunOutcome
 
 log = logging.getLogger(__name__)
@@ -86,93 +88,65 @@ def connect_with_backoff(
 
 
 class RunDiscovery:
-    """Which runs are open, from the coordinators' retained manifests (``nefl/+/manifest/#``).
+    """Which runs are open, from the coordinators' retained manifests (``nefl/+/manifest/#``), over a link of
+    its own (an :class:`core.mqtt.MqttLink` with a clean session, or ``link_factory``'s).
 
-    Only topics are read (a run is open while chunk 0 of its manifest is retained); the manifest itself is
-    validated by the run's own :class:`EdgeClient`, so a forged announcement costs a join attempt at most."""
+    Only topics are read (a run is open while chunk 0 of its manifest is retained), through the link's raw
+    ``on_payload`` tap; the manifest itself is validated by the run's own :class:`EdgeClient`, so a forged
+    announcement costs a join attempt at most."""
 
-    def __init__(self, options: ClientOptions, client_id: str) -> None:
-        import paho.mqtt.client as mqtt
-
+    def __init__(
+        self, options: ClientOptions, client_id: str, link_factory: Optional[Callable[[], Link]] = None
+    ) -> None:
         self.opts = options
-        self._mqtt = mqtt
         self._client_id = client_id
+        self._new_link = link_factory or self._mqtt_link
         self._open: Dict[str, Tuple[float, str]] = {}  # run -> (first seen (monotonic), sha256 of chunk 0)
         self._lock = threading.Lock()
         self.changed = threading.Event()
-        self.client: Any = None
-        self.connected = threading.Event()
-        self._refused: Optional[str] = None
+        self.link: Optional[Link] = None
+
+    def _mqtt_link(self) -> Link:
+        opts = self.opts
+        protocol: Literal["3.1.1", "5"] = "5" if opts.protocol == "5" else "3.1.1"
+        return MqttLink(self._client_id, opts.broker, opts.run, opts.security, protocol=protocol, clean=True)
 
     def connect(self, timeout_s: float) -> None:
-        """One attempt (a fresh client each time); raises ``BrokerError``."""
-        mqtt = self._mqtt
+        """One attempt (a fresh link each time); raises ``BrokerError``."""
         self.close()
-        self.connected.clear()
-        self._refused = None
         with self._lock:
             self._open.clear()  # the broker delivers the retained manifests again on subscribing
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=self._client_id,
-            protocol=mqtt.MQTTv5 if self.opts.protocol == "5" else mqtt.MQTTv311,
-        )
-        self.opts.security.apply(client)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        self.client = client
-        address = self.opts.broker
-        try:
-            client.connect_async(address.host, address.port, keepalive=30)
-        except (OSError, ValueError) as exc:
-            raise BrokerError(f"cannot connect to broker {address}: {exc}") from None
-        client.loop_start()
-        if not self.connected.wait(timeout_s) or self._refused:
-            client.loop_stop()
-            self.client = None
-            raise BrokerError(f"cannot connect to MQTT broker {address}: {self._refused or 'no answer'}")
+        link = self._new_link()
+        link.on_payload = self._on_payload
+        link.subscribe(DISCOVERY_TOPIC)
+        link.connect(timeout_s)
+        self.link = link
 
     def close(self) -> None:
-        if self.client is not None:
-            self.client.disconnect()
-            self.client.loop_stop()
-            self.client = None
+        if self.link is not None:
+            self.link.close()
+            self.link = None
 
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if reason.is_failure:
-            self._refused = f"broker refused the connection ({reason})"
-            self.connected.set()
-            client.disconnect()
-            return
-        client.subscribe(DISCOVERY_TOPIC, qos=1)
-        self.connected.set()
-
-    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        self.connected.clear()
-
-    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        try:
-            parts = msg.topic.split("/")
-            if len(parts) != 5 or parts[0] != "nefl" or parts[2:4] != ["manifest", "chunk"] or parts[4] != "0":
-                return
-            run = parts[1]
-            if not re.match(NAME_PATTERN, run):
-                return
-            digest = hashlib.sha256(bytes(msg.payload)).hexdigest()
-            with self._lock:
-                if msg.payload:
-                    if run in self._open:
-                        self._open[run] = (self._open[run][0], digest)
-                    elif len(self._open) < MAX_KNOWN_RUNS:
-                        self._open[run] = (time.monotonic(), digest)
-                        log.info("run %s is announced", run)
-                elif self._open.pop(run, None) is not None:
-                    log.info("run %s is withdrawn (its manifest was cleared)", run)
-            self.changed.set()
-        except Exception:  # a callback must never die: paho would drop the connection
-            log.exception("discovery: bad message on %s ignored", getattr(msg, "topic", "?"))
+    def _on_payload(self, topic: str, payload: Buffer) -> bool:
+        """Note an announcement (chunk 0 of a run's manifest) or a withdrawal (an empty one); take every payload."""
+        parts = topic.split("/")
+        if len(parts) != 5 or parts[0] != "nefl" or parts[2:4] != ["manifest", "chunk"] or parts[4] != "0":
+            return True
+        run = parts[1]
+        if not re.match(NAME_PATTERN, run):
+            return True
+        digest = hashlib.sha256(bytes(payload)).hexdigest()
+        with self._lock:
+            if payload:
+                if run in self._open:
+                    self._open[run] = (self._open[run][0], digest)
+                elif len(self._open) < MAX_KNOWN_RUNS:
+                    self._open[run] = (time.monotonic(), digest)
+                    log.info("run %s is announced", run)
+            elif self._open.pop(run, None) is not None:
+                log.info("run %s is withdrawn (its manifest was cleared)", run)
+        self.changed.set()
+        return True
 
     def open_runs(self) -> List[Tuple[str, str]]:
         """Open runs with the sha256 of their announcement (chunk 0 of the manifest), earliest first. The same

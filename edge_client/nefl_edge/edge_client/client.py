@@ -1,45 +1,40 @@
 """The device's side of the federated loop for one run: join it, take tasks, train with ONNX Runtime,
 upload, keep the latest weights; evaluate on its held-out split and compute BatchNorm statistics when asked
-(``evaluate`` tasks, ``edge_client.evaluate``). :mod:`edge_client.agent` runs one of these per run, run after run."""
+(``evaluate`` tasks, ``edge_client.evaluate``). :mod:`edge_client.agent` runs one of these per run, run after run.
+
+The protocol's rules (manifest, tasks taken or refused as replays, run end, answers) are the device session's
+(:mod:`edge_client.session`); :class:`EdgeClient` wires that session to an MQTT link and does the work a task
+asks for."""
 
 from __future__ import annotations
 
 import collections
 import logging
-import queue
 import secrets
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from nefl_edge.core.artifacts import ArtifactCache, ArtifactError, parse_manifest
+from nefl_edge.core.artifacts import ArtifactCache, ArtifactError
 from nefl_edge.core.data import Dataset
 from nefl_edge.core.encoding import encode_update
 from nefl_edge.core.evaluation import split_dataset
-from nefl_edge.core.mqtt import BrokerAddress, Inbound, MqttLink, Security
+from nefl_edge.core.mqtt import BrokerAddress, MqttLink, Security
 from nefl_edge.core.schemas import (
-    Artifact,
     BnCount,
-    Control,
-    Decline,
     DeviceProfile,
     EvalTask,
-    Evaluation,
     Hello,
     Manifest,
-    ManifestMessage,
     Message,
     Metrics,
     Status,
     SubmodelEntry,
     SubmodelEval,
     Task,
-    Update,
     Weights,
 )
 from nefl_edge.core.signing import Keyring, Signer, signers_by_topic
@@ -48,7 +43,6 @@ from nefl_edge.core.wire import (
     Topics,
     encode,
     pack_tensors,
-    sha256,
     short,
     tensor_parts,
     unpack_tensors,
@@ -56,6 +50,7 @@ from nefl_edge.core.wire import (
 from nefl_edge.edge_client.evaluate import SubmodelEvaluator
 from nefl_edge.edge_client.latest import LatestStore
 from nefl_edge.edge_client.profile import device_profile, probe_threads, thread_choice_key
+from nefl_edge.edge_client.session import DeviceSession, RunEnded, Stopped
 from nefl_edge.edge_client.trainer import (
     BACKEND_FILES,
     DeadlineMissed,
@@ -66,22 +61,9 @@ from nefl_edge.edge_client.trainer import (
     train_local,
 )
 
-MAX_DEFERRED = 256  # messages kept aside while waiting for one (weights, artifacts)
 log = logging.getLogger(__name__)
 UPLOAD_MARGIN_S = 2.0
 SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason code
-
-
-class RunEnded(Exception):
-    """The run is over for this device: the coordinator said so (``at``: its ``sent_at``), or the device left."""
-
-    def __init__(self, reason: str, at: float = 0.0) -> None:
-        super().__init__(reason)
-        self.at = at
-
-
-class _Stopped(Exception):
-    """``stop()`` or ``leave()`` was called while waiting."""
 
 
 @dataclass(frozen=True)
@@ -190,26 +172,43 @@ class EdgeClient:
         self.topics = Topics(options.run)
         self.cache = ArtifactCache(options.cache / "artifacts")
         self.latest = LatestStore(options.cache / "latest")
-        self.manifest: Optional[Manifest] = None
         self.backend_kind = choose_backend(options.backend)
         self._backends: Dict[str, TrainerBackend] = {}
         self._threads: Tuple[int, bool] = (options.threads, False)  # (threads, spin-wait); the probe chooses
         self._evaluators: Dict[str, SubmodelEvaluator] = {}
         self._splits: Dict[float, Tuple[Dataset, Dataset]] = {}
-        self._deferred: Deque[Inbound] = deque(maxlen=MAX_DEFERRED)  # the oldest go first when full
-        self._done_tasks: set[str] = set()
-        self._joined_at = 0.0  # sent_at of the manifest this client joined with (coordinator clock)
-        self._manifest_at = 0.0  # sent_at of the newest manifest since (a coordinator republishes after a reconnect)
-        self._highest: Optional[Tuple[int, float]] = None  # (round, sent_at) of the last task taken
-        self.refused: List[str] = []  # why tasks were refused, latest last (bounded)
-        self._following: Optional[int] = None  # the submodel whose global broadcasts are kept (the last trained)
         self._global_round: Dict[int, int] = {}  # round of the kept global weights, by submodel
         self.takeovers = TakeoverWatch(options.node)
-        self._stop = threading.Event()
         self._left: Optional[str] = None
-        self._hello: Optional[Hello] = None
-        self._run_topics = (self.topics.manifest + "/#", self.topics.node(options.node, "task"), self.topics.control)
         self.link = self._new_link()
+        self.session = DeviceSession(self.link, options.run, options.node, not_before)
+        self._stop = self.session.stop
+
+    @property
+    def manifest(self) -> Optional[Manifest]:
+        """The run's manifest as the session holds it (the newest valid one)."""
+        return self.session.manifest
+
+    @property
+    def refused(self) -> List[str]:
+        """Why tasks were refused (replays), latest last."""
+        return self.session.refused
+
+    @property
+    def _joined_at(self) -> float:
+        return self.session.joined_at
+
+    @_joined_at.setter
+    def _joined_at(self, value: float) -> None:
+        self.session.joined_at = value
+
+    @property
+    def _manifest_at(self) -> float:
+        return self.session.manifest_at
+
+    @_manifest_at.setter
+    def _manifest_at(self, value: float) -> None:
+        self.session.manifest_at = value
 
     def _new_link(self) -> MqttLink:
         opts = self.opts
@@ -250,41 +249,39 @@ class EdgeClient:
 
     def connect(self, timeout_s: float = 15.0) -> None:
         """One attempt to reach the broker (a fresh session object each time); raises ``BrokerError``."""
-        self.link = self._new_link()
-        for topic in self._run_topics:
-            self.link.subscribe(topic)
+        self.link = self.session.link = self._new_link()
+        self.session.subscribe_run()
         self.link.connect(timeout_s)
 
     def serve(self, manifest_timeout_s: Optional[float] = None) -> RunOutcome:
         """Serve the run on the connected link until it ends; then unsubscribe (the persistent session keeps
         nothing queued for a run that is over), say ``offline`` and disconnect."""
-        link, node = self.link, self.opts.node
-        link.on_connected = self._on_reconnect
+        link, node, session = self.link, self.opts.node, self.session
+        link.on_connected = session.announce  # after a reconnect (once joined): tell the coordinator we are back
         outcome = RunOutcome("stopped", "stopped")
         ended = False
         try:
-            self._publish_status("online")
-            manifest = self._wait_manifest(manifest_timeout_s)
+            session.status("online")
+            manifest = session.wait_manifest(manifest_timeout_s)
             if manifest is None:
                 outcome = RunOutcome("no-manifest", f"no manifest within {manifest_timeout_s or 0:.0f} s")
                 return outcome
-            self.manifest = manifest
-            self._check_data(self.manifest)
-            self._hello = Hello(
+            self._check_data(manifest)
+            session.hello = Hello(
                 run=self.opts.run,
                 node=node,
-                profile=self._profile(self.manifest),
+                profile=self._profile(manifest),
                 num_samples=len(self.data),
                 tier=self.opts.tier,
                 instance=self.opts.instance,
             )
-            self._announce()
+            session.announce()
             log.info("joined run %s as %s with %d samples; waiting for tasks", self.opts.run, node, len(self.data))
             while not self._stop.is_set():
-                item = self._next(1.0)
+                item = session.next(1.0)
                 if item is not None:
                     self._handle(*item)
-        except _Stopped:
+        except Stopped:
             pass
         except RunEnded as end:
             ended = True
@@ -295,11 +292,8 @@ class EdgeClient:
                 outcome = RunOutcome("left", self._left)
                 log.info("left run %s: %s", self.opts.run, self._left)
             if outcome.state != "stopped":
-                for topic in self._run_topics:
-                    link.unsubscribe(topic)
-                if self._following is not None:
-                    link.unsubscribe(self.topics.weights(self._following) + "/#")
-            self._publish_status("offline")
+                session.unsubscribe_run()
+            session.status("offline")
             time.sleep(0.2)
             link.close()
         return outcome
@@ -312,75 +306,6 @@ class EdgeClient:
         """Leave this run for good (e.g. its manifest was withdrawn); callable from any thread."""
         self._left = reason
         self._stop.set()
-
-    def _on_reconnect(self) -> None:
-        if self._hello is not None:  # after a reconnect: tell the coordinator we are back
-            self._announce()
-
-    def _announce(self) -> None:
-        assert self._hello is not None
-        self._publish_status("online")
-        self.link.publish(self.topics.node(self.opts.node, "hello"), self._hello)
-
-    def _publish_status(self, state: str) -> None:
-        status = Status(run=self.opts.run, node=self.opts.node, state=state)  # type: ignore[arg-type]
-        self.link.publish(self.topics.node(self.opts.node, "status"), status, retain=True)
-
-    # --- inbox ---------------------------------------------------------------------------------------------
-
-    def _next(self, timeout: float) -> Optional[Inbound]:
-        if self._deferred:
-            return self._deferred.popleft()
-        try:
-            return self.link.inbox.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def _wait_for(self, what: str, match: Callable[[Message, bytes], bool], timeout: float) -> tuple[Message, bytes]:
-        """Wait for one message; others are kept for the main loop, except that a run end stops the wait."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self._stop.is_set():
-            try:
-                stream, message, body = self.link.inbox.get(timeout=min(1.0, deadline - time.monotonic()))
-            except (queue.Empty, ValueError):
-                continue
-            if match(message, body):
-                return message, body
-            if self._is_end(message):
-                assert isinstance(message, Control)
-                raise RunEnded(message.reason, message.sent_at)
-            self._deferred.append((stream, message, body))
-        if self._stop.is_set():
-            raise _Stopped()
-        raise TimeoutError(f"no {what} within {timeout:.0f} s")
-
-    def _fresh_manifest(self, message: Message) -> bool:
-        if not isinstance(message, ManifestMessage):
-            return False
-        if message.sent_at < self.not_before:
-            log.info("ignored the manifest of an earlier run %s (sent before it ended)", self.opts.run)
-            return False
-        return True
-
-    def _wait_manifest(self, timeout_s: Optional[float] = None) -> Optional[Manifest]:
-        log.info("waiting for the run's manifest on %s", self.topics.manifest)
-        give_up = None if timeout_s is None else time.monotonic() + timeout_s
-        while not self._stop.is_set():
-            wait = 30.0 if give_up is None else min(30.0, give_up - time.monotonic())
-            if wait <= 0:
-                return None
-            try:
-                message, body = self._wait_for("manifest", lambda m, b: self._fresh_manifest(m), wait)
-            except TimeoutError:
-                log.info("no manifest yet; is the coordinator of run %r up?", self.opts.run)
-                continue
-            try:
-                manifest = parse_manifest(body.decode(), "the manifest from the broker")
-                self._joined_at = self._manifest_at = message.sent_at
-                return manifest
-            except (ArtifactError, UnicodeDecodeError) as exc:
-                log.warning("ignored a bad manifest: %s", exc)
-        raise _Stopped()
 
     def _check_data(self, manifest: Manifest) -> None:
         self.data.check_for(manifest.input_shape, manifest.num_classes)
@@ -395,16 +320,7 @@ class EdgeClient:
         for role, entry in sub.files.items():
             if role not in roles or self.cache.has(entry.sha256):
                 continue
-            topic = self.topics.artifact(entry.sha256)
-            self.link.subscribe(topic + "/#")
-            try:
-                _, body = self._wait_for(
-                    f"artifact {entry.name}",
-                    lambda m, b, d=entry.sha256: isinstance(m, Artifact) and sha256(b) == d,  # type: ignore[misc]
-                    self.opts.fetch_timeout_s,
-                )
-            finally:
-                self.link.unsubscribe(topic + "/#")
+            body = self.session.artifact(entry.sha256, entry.name, self.opts.fetch_timeout_s)
             self.cache.put(body, entry.sha256)
             log.info("fetched %s artifact of submodel %d (%d KiB)", role, sub.index, len(body) // 1024)
         paths = self.cache.submodel_paths(sub, tuple(roles))
@@ -446,71 +362,22 @@ class EdgeClient:
 
     # --- tasks ---------------------------------------------------------------------------------------------
 
-    def _is_end(self, message: Message) -> bool:
-        """A ``control end`` of this run; one sent before the manifest this client joined with is an old one
-        (replayed, or of an earlier run of the same name) and is ignored."""
-        if not (isinstance(message, Control) and message.action == "end"):
-            return False
-        if message.sent_at < self._joined_at:
-            log.warning("ignored a control end sent before this run's manifest (a replay of an earlier run's end)")
-            return False
-        return True
-
     def _handle(self, stream: str, message: Message, body: bytes) -> None:
-        if isinstance(message, Control):
-            if self._is_end(message):
-                raise RunEnded(message.reason or "the coordinator finished", message.sent_at)
-            if message.action == "announce":
-                self._announce()  # a (re)started coordinator asks who is there
-            return
-        if isinstance(message, ManifestMessage):
-            if not self._fresh_manifest(message):
-                return
-            try:
-                self.manifest = parse_manifest(body.decode(), "the manifest from the broker")
-                self._manifest_at = max(self._manifest_at, message.sent_at)
-            except (ArtifactError, UnicodeDecodeError) as exc:
-                log.warning("ignored a bad manifest: %s", exc)
-            return
-        if isinstance(message, Weights):
-            self._keep_broadcast(message, body)
-            return
-        if isinstance(message, (Task, EvalTask)):
-            if message.node != self.opts.node:
-                return
-            refusal = self._refusal(message)
-            if refusal:
-                self.refused = [*self.refused[-31:], refusal]
-                log.warning("refused task %s of round %d: %s; not training it", message.task_id, message.round, refusal)
-                return
-            self._done_tasks.add(message.task_id)
-            self._highest = (message.round, message.sent_at)
-            if isinstance(message, EvalTask):
-                self._run_evaluation(message, time.monotonic())
-            else:
-                self._run_task(message, time.monotonic())
-
-    def _refusal(self, task: Union[Task, EvalTask]) -> str:
-        """Why ``task`` must not be trained (a replay), or "". Times are the coordinator's ``sent_at`` (signed
-        with the message), compared only with each other: no clock on the device is trusted."""
-        if task.task_id in self._done_tasks:
-            return "this task was done already (a replay)"
-        if task.sent_at < self._joined_at:
-            return "it was sent before this run's manifest (a task of an earlier run, replayed)"
-        highest = self._highest
-        if highest is not None and task.round < highest[0]:
-            # a coordinator started afresh under the same run name sends round 1 again, after a new manifest
-            restarted = task.sent_at > self._manifest_at > highest[1]
-            if not restarted:
-                return f"round {task.round} is older than round {highest[0]}, already seen in this run (a replay)"
-        return ""
+        """One inbound message: the session decides (run end, announce, manifest, replays); a task it takes is
+        run here, a later broadcast of the followed submodel kept."""
+        taken = self.session.handle(stream, message, body)
+        if isinstance(taken, Weights):
+            self._keep_broadcast(taken, body)
+        elif isinstance(taken, EvalTask):
+            self._run_evaluation(taken, time.monotonic())
+        elif isinstance(taken, Task):
+            self._run_task(taken, time.monotonic())
 
     def _run_task(self, task: Task, received: float) -> None:
         manifest = self.manifest
         assert manifest is not None
-        topic = self.topics.node(self.opts.node, "update")
         if task.submodel >= len(manifest.submodels):
-            self._decline(task, f"submodel {task.submodel} is not in the manifest")
+            self.session.decline(task, f"submodel {task.submodel} is not in the manifest")
             return
         sub = manifest.submodels[task.submodel]
         log.info(
@@ -523,37 +390,29 @@ class EdgeClient:
         try:
             backend = self._backend(manifest, sub)
             remaining = task.deadline_s - (time.monotonic() - received)
-            weights = self._weights(sub, task.round, task.weights_sha256, remaining, follow=True)
+            weights = self.session.weights(sub, task.round, task.weights_sha256, remaining, follow=True)
             self._keep_global(manifest, sub, task.round, weights)
             backend.load(weights, task.train)
-            self._publish_status("training")
+            self.session.status("training")
             budget = task.deadline_s - (time.monotonic() - received) - UPLOAD_MARGIN_S
             progress = ProgressLog(log.info, self.opts.progress_every_s, f"round {task.round}: ")
             data = self._split(task.train.eval_fraction)[0]
             metrics = train_local(backend, data, task.train, deadline_s=budget, on_progress=progress)
         except DeadlineMissed as exc:
-            self._decline(task, str(exc))
+            self.session.decline(task, str(exc))
             return
-        except (RunEnded, _Stopped):
+        except (RunEnded, Stopped):
             raise
         except Exception as exc:
             self._task_failed(task, exc, "training")
             return
         finally:
-            self._publish_status("online")
-        update = Update(
-            run=self.opts.run,
-            node=self.opts.node,
-            task_id=task.task_id,
-            round=task.round,
-            submodel=sub.index,
-            num_samples=len(data),
-            metrics=metrics,
-        )
+            self.session.status("online")
         tensors = backend.tensors()
         encoding = task.train.update_encoding
         wire_tensors = tensors if encoding == "float32" else encode_update(tensors, encoding, weights)
-        sent = self.link.publish(topic, update, tensor_parts(wire_tensors, keep_dtype=encoding != "float32"))
+        parts = tensor_parts(wire_tensors, keep_dtype=encoding != "float32")
+        sent = self.session.send_update(task, sub.index, len(data), metrics, parts)
         log.info(
             "round %d: uploaded %d KiB; loss %.3f -> %.3f, accuracy %.3f in %.1f s",
             task.round,
@@ -570,36 +429,6 @@ class EdgeClient:
             self._splits = {fraction: split_dataset(self.data, fraction)}
         return self._splits[fraction]
 
-    def _weights(
-        self, sub: SubmodelEntry, round_: int, digest: str, timeout: float, follow: bool = False
-    ) -> Dict[str, np.ndarray]:
-        """The weights of ``sub`` with sha256 ``digest`` from the round's retained broadcast. ``follow``: stay
-        subscribed to its broadcasts (and leave those of the submodel followed before), so that the device
-        keeps its later global weights, up to the final model of the run (:meth:`_keep_broadcast`)."""
-        weights_topic = self.topics.weights(sub.index)
-        if follow and self._following not in (None, sub.index):
-            self.link.unsubscribe(self.topics.weights(self._following) + "/#")
-        if follow:
-            self._following = sub.index
-        self.link.subscribe(weights_topic + "/#")
-        try:
-            _, body = self._wait_for(
-                f"weights of submodel {sub.index} for round {round_}",
-                lambda m, b: isinstance(m, Weights) and m.submodel == sub.index and sha256(b) == digest,
-                max(1.0, timeout),
-            )
-        finally:
-            if self._following != sub.index:
-                self.link.unsubscribe(weights_topic + "/#")
-        tensors = unpack_tensors(body)
-        missing = [p.name for p in sub.params if p.name not in tensors]
-        if missing:
-            raise ProtocolError(f"weights lack {missing[:3]}")
-        misshapen = [p.name for p in sub.params if tuple(tensors[p.name].shape) != tuple(p.shape)]
-        if misshapen:  # ONNX Runtime would raise its own exception (not a decline) on them
-            raise ProtocolError(f"weights of the wrong shape: {misshapen[:3]}")
-        return tensors
-
     def _evaluator(self, sub: SubmodelEntry, roles: Tuple[str, ...]) -> SubmodelEvaluator:
         key = f"{sub.key}:{','.join(roles)}"
         if key not in self._evaluators:
@@ -612,7 +441,7 @@ class EdgeClient:
         Runtime's own exceptions, is logged with its traceback as well."""
         if not isinstance(exc, (TimeoutError, ArtifactError, ProtocolError, FloatingPointError, ValueError)):
             log.exception("round %d: %s failed", task.round, what)
-        self._decline(task, f"{type(exc).__name__}: {short(str(exc), 200)}")
+        self.session.decline(task, f"{type(exc).__name__}: {short(str(exc), 200)}")
 
     def _run_evaluation(self, task: EvalTask, received: float) -> None:
         """Evaluate the task's submodels on the held-out split and/or sum their BatchNorm batch statistics
@@ -632,7 +461,8 @@ class EdgeClient:
                     raise ValueError(f"submodel {k} is not in the manifest")
                 sub = manifest.submodels[k]
                 evaluator = self._evaluator(sub, roles)
-                tensors = self._weights(sub, task.round, digest, task.deadline_s - (time.monotonic() - received))
+                remaining = task.deadline_s - (time.monotonic() - received)
+                tensors = self.session.weights(sub, task.round, digest, remaining)
                 if task.bn_stats:
                     stats = evaluator.bn_stats(tensors, train.x, task.batch_size, task.bn_max_batches)
                     if stats.batches:
@@ -643,15 +473,12 @@ class EdgeClient:
                     results.append(
                         SubmodelEval(submodel=k, loss=result.loss, correct=result.correct, count=result.count)
                     )
-        except (RunEnded, _Stopped):
+        except (RunEnded, Stopped):
             raise
         except Exception as exc:
             self._task_failed(task, exc, "evaluation")
             return
-        answer = Evaluation(
-            run=self.opts.run, node=self.opts.node, task_id=task.task_id, round=task.round, results=results, bn=counts
-        )
-        self.link.publish(self.topics.node(self.opts.node, "update"), answer, pack_tensors(body) if body else b"")
+        self.session.send_evaluation(task, results, counts, pack_tensors(body) if body else b"")
         log.info(
             "round %d: evaluated submodels %s (%s) in %.1f s",
             task.round,
@@ -659,11 +486,6 @@ class EdgeClient:
             ", ".join(f"{r.submodel}: {100 * r.correct / max(1, r.count):.1f} %" for r in results) or "statistics",
             time.monotonic() - received,
         )
-
-    def _decline(self, task: Union[Task, EvalTask], reason: str) -> None:
-        log.warning("round %d: declining task %s: %s", task.round, task.task_id, reason)
-        decline = Decline(run=self.opts.run, node=self.opts.node, task_id=task.task_id, round=task.round, reason=reason)
-        self.link.publish(self.topics.node(self.opts.node, "update"), decline)
 
     def _keep_global(
         self,
@@ -687,7 +509,11 @@ class EdgeClient:
         """A broadcast of the followed submodel outside a task (a later round, or the run's final model):
         keep it when it fits the manifest; anything else is ignored."""
         manifest = self.manifest
-        if manifest is None or message.submodel != self._following or message.submodel >= len(manifest.submodels):
+        if (
+            manifest is None
+            or message.submodel != self.session.following
+            or message.submodel >= len(manifest.submodels)
+        ):
             return
         sub = manifest.submodels[message.submodel]
         try:

@@ -160,7 +160,9 @@ class TakeoverWatch:
 
 class EdgeClient:
     """A device in one run: ``connect()`` then ``serve()``, which blocks until the run ends, ``stop()`` or
-    ``leave()`` is called; ``run()`` does both (the one-run ``nefl-edge join``).
+    ``leave()`` is called; ``run()`` does both (the one-run ``nefl-edge join``). The protocol's rules are the
+    :class:`edge_client.session.DeviceSession`'s and the tasks' work :class:`DeviceWork`'s; this class wires
+    them to an MQTT link (Last Will, takeover watch) and keeps global weights for ``nefl-edge predict``.
 
     ``not_before``: manifests sent before this time (coordinator clock) are stale (a run of the same name
     that just ended) and are ignored."""
@@ -170,19 +172,14 @@ class EdgeClient:
         self.data = data
         self.not_before = not_before
         self.topics = Topics(options.run)
-        self.cache = ArtifactCache(options.cache / "artifacts")
         self.latest = LatestStore(options.cache / "latest")
-        self.backend_kind = choose_backend(options.backend)
-        self._backends: Dict[str, TrainerBackend] = {}
-        self._threads: Tuple[int, bool] = (options.threads, False)  # (threads, spin-wait); the probe chooses
-        self._evaluators: Dict[str, SubmodelEvaluator] = {}
-        self._splits: Dict[float, Tuple[Dataset, Dataset]] = {}
         self._global_round: Dict[int, int] = {}  # round of the kept global weights, by submodel
         self.takeovers = TakeoverWatch(options.node)
         self._left: Optional[str] = None
         self.link = self._new_link()
         self.session = DeviceSession(self.link, options.run, options.node, not_before)
         self._stop = self.session.stop
+        self.work = DeviceWork(options, data, self.session, self._keep_global)
 
     @property
     def manifest(self) -> Optional[Manifest]:
@@ -270,7 +267,7 @@ class EdgeClient:
             session.hello = Hello(
                 run=self.opts.run,
                 node=node,
-                profile=self._profile(manifest),
+                profile=self.work.profile(manifest),
                 num_samples=len(self.data),
                 tier=self.opts.tier,
                 instance=self.opts.instance,
@@ -310,7 +307,87 @@ class EdgeClient:
     def _check_data(self, manifest: Manifest) -> None:
         self.data.check_for(manifest.input_shape, manifest.num_classes)
 
-    # --- artifacts and profile -----------------------------------------------------------------------------
+    # --- tasks ---------------------------------------------------------------------------------------------
+
+    def _handle(self, stream: str, message: Message, body: bytes) -> None:
+        """One inbound message: the session decides (run end, announce, manifest, replays); a task it takes is
+        run here, a later broadcast of the followed submodel kept."""
+        taken = self.session.handle(stream, message, body)
+        if isinstance(taken, Weights):
+            self._keep_broadcast(taken, body)
+        elif isinstance(taken, EvalTask):
+            self._run_evaluation(taken, time.monotonic())
+        elif isinstance(taken, Task):
+            self._run_task(taken, time.monotonic())
+
+    def _run_task(self, task: Task, received: float) -> None:
+        self.work.run_task(task, received)
+
+    def _run_evaluation(self, task: EvalTask, received: float) -> None:
+        self.work.run_evaluation(task, received)
+
+    def _keep_global(
+        self,
+        manifest: Manifest,
+        sub: SubmodelEntry,
+        round_: int,
+        tensors: Dict[str, np.ndarray],
+        metrics: Optional[Metrics] = None,
+    ) -> None:
+        """Keep global weights of ``sub`` (``round_``) for ``nefl-edge predict`` (``edge_client.latest``)."""
+        if not self.opts.keep_latest or round_ < self._global_round.get(sub.index, -1):
+            return
+        try:
+            path = self.latest.save(self.opts.run, round_, manifest, sub, tensors, metrics)
+            self._global_round[sub.index] = round_
+            log.debug("kept the global weights of submodel %d (round %d) in %s", sub.index, round_, path)
+        except OSError as exc:
+            log.warning("could not keep the global weights for local inference: %s", exc)
+
+    def _keep_broadcast(self, message: Weights, body: bytes) -> None:
+        """A broadcast of the followed submodel outside a task (a later round, or the run's final model):
+        keep it when it fits the manifest; anything else is ignored."""
+        manifest = self.manifest
+        if (
+            manifest is None
+            or message.submodel != self.session.following
+            or message.submodel >= len(manifest.submodels)
+        ):
+            return
+        sub = manifest.submodels[message.submodel]
+        try:
+            tensors = unpack_tensors(body)
+        except ProtocolError as exc:
+            log.warning("ignored a broadcast of submodel %d: %s", sub.index, exc)
+            return
+        if any(p.name not in tensors or tuple(tensors[p.name].shape) != tuple(p.shape) for p in sub.params):
+            log.warning("ignored a broadcast of submodel %d whose tensors do not fit the manifest", sub.index)
+            return
+        self._keep_global(manifest, sub, message.round, tensors)
+
+
+class DeviceWork:
+    """The work a device's tasks ask for, with ONNX Runtime: local training (``edge_client.trainer``) and
+    evaluation or BatchNorm statistics (``edge_client.evaluate``) of the manifest's submodels. Artifacts come
+    from the content-addressed cache or through the session; trainer backends and evaluators are kept per
+    submodel, with the thread count the probe chose (:meth:`profile`); the held-out split is the same every
+    round. Answers and declines go out through the session; ``keep(manifest, sub, round, weights)`` is given the
+    global weights of every training task (kept for ``nefl-edge predict``)."""
+
+    def __init__(
+        self,
+        options: ClientOptions,
+        data: Dataset,
+        session: DeviceSession,
+        keep: Callable[[Manifest, SubmodelEntry, int, Dict[str, np.ndarray]], None],
+    ) -> None:
+        self.opts, self.data, self.session, self.keep = options, data, session, keep
+        self.cache = ArtifactCache(options.cache / "artifacts")
+        self.backend_kind = choose_backend(options.backend)
+        self._backends: Dict[str, TrainerBackend] = {}
+        self._threads: Tuple[int, bool] = (options.threads, False)  # (threads, spin-wait); the probe chooses
+        self._evaluators: Dict[str, SubmodelEvaluator] = {}
+        self._splits: Dict[float, Tuple[Dataset, Dataset]] = {}
 
     def _fetch_artifacts(self, sub: SubmodelEntry, roles: Optional[Tuple[str, ...]] = None) -> Dict[str, Path]:
         roles = roles or BACKEND_FILES[self.backend_kind]
@@ -336,7 +413,7 @@ class EdgeClient:
             )
         return self._backends[sub.key]
 
-    def _profile(self, manifest: Manifest) -> DeviceProfile:
+    def profile(self, manifest: Manifest) -> DeviceProfile:
         probe = min(manifest.submodels, key=lambda s: s.mflops)
         paths = self._fetch_artifacts(probe)
         choice = probe_threads(
@@ -360,21 +437,8 @@ class EdgeClient:
         )
         return profile
 
-    # --- tasks ---------------------------------------------------------------------------------------------
-
-    def _handle(self, stream: str, message: Message, body: bytes) -> None:
-        """One inbound message: the session decides (run end, announce, manifest, replays); a task it takes is
-        run here, a later broadcast of the followed submodel kept."""
-        taken = self.session.handle(stream, message, body)
-        if isinstance(taken, Weights):
-            self._keep_broadcast(taken, body)
-        elif isinstance(taken, EvalTask):
-            self._run_evaluation(taken, time.monotonic())
-        elif isinstance(taken, Task):
-            self._run_task(taken, time.monotonic())
-
-    def _run_task(self, task: Task, received: float) -> None:
-        manifest = self.manifest
+    def run_task(self, task: Task, received: float) -> None:
+        manifest = self.session.manifest
         assert manifest is not None
         if task.submodel >= len(manifest.submodels):
             self.session.decline(task, f"submodel {task.submodel} is not in the manifest")
@@ -391,7 +455,7 @@ class EdgeClient:
             backend = self._backend(manifest, sub)
             remaining = task.deadline_s - (time.monotonic() - received)
             weights = self.session.weights(sub, task.round, task.weights_sha256, remaining, follow=True)
-            self._keep_global(manifest, sub, task.round, weights)
+            self.keep(manifest, sub, task.round, weights)
             backend.load(weights, task.train)
             self.session.status("training")
             budget = task.deadline_s - (time.monotonic() - received) - UPLOAD_MARGIN_S
@@ -443,10 +507,10 @@ class EdgeClient:
             log.exception("round %d: %s failed", task.round, what)
         self.session.decline(task, f"{type(exc).__name__}: {short(str(exc), 200)}")
 
-    def _run_evaluation(self, task: EvalTask, received: float) -> None:
+    def run_evaluation(self, task: EvalTask, received: float) -> None:
         """Evaluate the task's submodels on the held-out split and/or sum their BatchNorm batch statistics
         over the training split; answer with one ``evaluation`` (or a ``decline``)."""
-        manifest = self.manifest
+        manifest = self.session.manifest
         assert manifest is not None
         roles = tuple(r for r, wanted in (("eval", task.evaluate), ("stats", task.bn_stats)) if wanted)
         results: List[SubmodelEval] = []
@@ -486,42 +550,3 @@ class EdgeClient:
             ", ".join(f"{r.submodel}: {100 * r.correct / max(1, r.count):.1f} %" for r in results) or "statistics",
             time.monotonic() - received,
         )
-
-    def _keep_global(
-        self,
-        manifest: Manifest,
-        sub: SubmodelEntry,
-        round_: int,
-        tensors: Dict[str, np.ndarray],
-        metrics: Optional[Metrics] = None,
-    ) -> None:
-        """Keep global weights of ``sub`` (``round_``) for ``nefl-edge predict`` (``edge_client.latest``)."""
-        if not self.opts.keep_latest or round_ < self._global_round.get(sub.index, -1):
-            return
-        try:
-            path = self.latest.save(self.opts.run, round_, manifest, sub, tensors, metrics)
-            self._global_round[sub.index] = round_
-            log.debug("kept the global weights of submodel %d (round %d) in %s", sub.index, round_, path)
-        except OSError as exc:
-            log.warning("could not keep the global weights for local inference: %s", exc)
-
-    def _keep_broadcast(self, message: Weights, body: bytes) -> None:
-        """A broadcast of the followed submodel outside a task (a later round, or the run's final model):
-        keep it when it fits the manifest; anything else is ignored."""
-        manifest = self.manifest
-        if (
-            manifest is None
-            or message.submodel != self.session.following
-            or message.submodel >= len(manifest.submodels)
-        ):
-            return
-        sub = manifest.submodels[message.submodel]
-        try:
-            tensors = unpack_tensors(body)
-        except ProtocolError as exc:
-            log.warning("ignored a broadcast of submodel %d: %s", sub.index, exc)
-            return
-        if any(p.name not in tensors or tuple(tensors[p.name].shape) != tuple(p.shape) for p in sub.params):
-            log.warning("ignored a broadcast of submodel %d whose tensors do not fit the manifest", sub.index)
-            return
-        self._keep_global(manifest, sub, message.round, tensors)

@@ -262,7 +262,7 @@ def test_replayed_and_foreign_answers_are_refused_and_the_real_one_counts(tmp_pa
     def script_a() -> None:
         task = fleet.task("pi-a")
         old = Update(
-            run=RUN, node="pi-a", task_id="0123456789abcdef", round=task.round - 1, submodel=0, num_samples=3,
+            run=RUN, node="pi-a", task_id="0123456789abcdef", round=task.round - 1, submodel=0, num_samples=99,
             metrics=METRICS,
         )  # fmt: skip
         a.link.publish(topics.node("pi-a", "update"), old, body)
@@ -287,7 +287,7 @@ def test_replayed_and_foreign_answers_are_refused_and_the_real_one_counts(tmp_pa
         fleet.coordinator.answers.update(5, late, {}, 0.0)
 
     # Assert
-    assert outcomes["pi-a"].status == "updated" and outcomes["pi-a"].num_samples == 3
+    assert outcomes["pi-a"].status == "updated" and outcomes["pi-a"].num_samples == 3, "not the real answer"
     assert outcomes["pi-b"].status == "declined" and "too slow" in outcomes["pi-b"].reason
     rejections = fleet.coordinator.rejections()
     assert rejections.get("stale") == 2, f"the old-round update and the duplicate: {rejections}"

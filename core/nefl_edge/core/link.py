@@ -12,9 +12,10 @@ the way out (``wire.iter_frames``, ``signing.Signer``), retained messages kept c
 checks) and the bounded :class:`Inbox`. ``core.mqtt.MqttLink`` puts it on paho-mqtt; :class:`MemoryLink` on a
 :class:`MemoryBroker` in this process, so that the protocol tests run without a broker.
 
-Where :class:`MemoryBroker` departs from an MQTT broker: delivery is synchronous on the publisher's thread,
-there is no QoS (every delivery to an attached link succeeds) and no persistent session (a link that is not
-connected misses what is published meanwhile, except retained messages). The wire bytes are the real ones.
+Where :class:`MemoryBroker` departs from an MQTT broker: delivery is synchronous on the publisher's thread
+(one payload at a time per receiving link), there is no QoS (every delivery to an attached link succeeds) and
+no persistent session (a link that is not connected misses what is published meanwhile, except retained
+messages). The wire bytes are the real ones.
 """
 
 from __future__ import annotations
@@ -452,6 +453,11 @@ class MemoryLink(FramedLink):
         self._filters_now: List[str] = []
         self._attached = False
         self._will = self._will_frame(will) if will is not None else None
+        self._inbound = threading.Lock()  # publishers' threads deliver; the receiver takes one payload at a time
+
+    def _deliver(self, topic: str, payload: Buffer) -> None:
+        with self._inbound:  # as paho's one network thread does for an MqttLink
+            super()._deliver(topic, payload)
 
     def wants(self, topic: str) -> bool:
         with self._lock:

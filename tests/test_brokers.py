@@ -5,9 +5,11 @@ plugin; each must end in the same global state as the reference run within float
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -265,6 +267,17 @@ def test_a_bridge_off_loopback_needs_tls_and_an_account_and_survives_a_new_broke
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")  # Debian's; /usr/sbin's wrapper su's to rabbitmq
 
 
+def distinct_ports(count: int) -> List[int]:
+    """``count`` free loopback ports, all different (``free_port`` twice may give the same one)."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            s = held.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            ports.append(int(s.getsockname()[1]))
+        return ports
+
+
 class RabbitMQ:
     """A RabbitMQ node of our own (Debian's rabbitmq-server) with the MQTT plugin on free loopback ports: its
     own node name, config, data and log folders, distribution port and epmd port, so nothing on the machine
@@ -273,7 +286,7 @@ class RabbitMQ:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
-        self.port, amqp, dist, self.epmd = free_port(), free_port(), free_port(), free_port()
+        self.port, amqp, dist, self.epmd = distinct_ports(4)
         (folder / "rabbitmq.conf").write_text(
             f"listeners.tcp.default = 127.0.0.1:{amqp}\n"
             f"mqtt.listeners.tcp.default = 127.0.0.1:{self.port}\n"
@@ -374,12 +387,14 @@ def test_what_rabbitmq_does_differently_from_mosquitto(rabbitmq: RabbitMQ) -> No
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="RabbitMQ sends no retained message through a wildcard subscription, and a device fetches the "
-    "artifacts and a round's weights from retained <topic>/chunk/<i> through <topic>/#: it gets the manifest "
-    "(published after it subscribed) and waits for the artifacts for ever (README: brokers)",
-)
 def test_a_run_through_rabbitmqs_mqtt_plugin(reference: State, rabbitmq: RabbitMQ, tmp_path: Path) -> None:
-    state = serve_run(tmp_path, rabbitmq.address, timeout_s=150)
+    # Known to fail, and how: the devices get the manifest (published after they subscribed) but never the
+    # retained artifacts, so none says hello and serve gives up after --wait-clients-s (exit 4).
+    try:
+        state = serve_run(tmp_path, rabbitmq.address, timeout_s=200)
+    except AssertionError as exc:
+        if "serve ended with 4" in str(exc) and "only 0 of min_clients=3" in str(exc):
+            pytest.xfail("RabbitMQ sends no retained message through a wildcard subscription (README: brokers)")
+        raise
     assert differences(state, reference) < TOLERANCE
+    pytest.fail("the run through RabbitMQ works now: drop the expected failure here and update the README")

@@ -133,6 +133,7 @@ class InProcessGrid:
         self._splits: dict[tuple[str, float], tuple[Dataset, Dataset]] = {}
 
     def clients(self, minimum: int) -> dict[str, ClientInfo]:
+        """Every simulated client, always available."""
         return {n: ClientInfo(n, len(d), self.tiers[n]) for n, d in sorted(self.shards.items())}
 
     def _split(self, node: str, fraction: float) -> tuple[Dataset, Dataset]:
@@ -145,6 +146,7 @@ class InProcessGrid:
     def run(
         self, round_: int, state: GlobalState, instructions: list[Instruction], extract: Extract = extract
     ) -> Iterator[Outcome]:
+        """Each client trains what ``extract`` sends it (``client_state``) on its training split, in turn."""
         for ins in instructions:
             data = self._split(ins.node, ins.train.eval_fraction)[0]
             start = time.perf_counter()
@@ -164,6 +166,8 @@ class InProcessGrid:
         return decode_update(encode_update(tensors, encoding, sent), encoding, lambda: sent)
 
     def evaluate(self, round_: int, state: GlobalState, requests: list[EvalRequest]) -> Iterator[EvalOutcome]:
+        """What devices compute, in PyTorch: evaluation on the held-out split, BatchNorm sums on the training
+        split, of the deployed submodels."""
         from nefl_edge.coordinator.evaluation import bn_batch_stats, evaluate_sums
 
         for req in requests:
@@ -182,7 +186,9 @@ class InProcessGrid:
 
     @property
     def bytes_out(self) -> int:
+        """Nothing travels."""
         return 0
 
     def rejections(self) -> dict[str, int]:
+        """Nothing is ever rejected in process."""
         return {}

@@ -16,6 +16,8 @@ DUPLICATE_WINDOW_S = 120.0  # two instances of one node saying hello within this
 
 @dataclass
 class NodeInfo:
+    """What the coordinator knows of one device: its hello (samples, tier, profile) and its last status."""
+
     node: str
     num_samples: int
     tier: Optional[int]
@@ -25,6 +27,7 @@ class NodeInfo:
     since: float = field(default_factory=time.monotonic)  # when that status arrived
 
     def client(self) -> ClientInfo:
+        """The device as the round engine sees it."""
         profile = DeviceProfile.model_validate(self.profile) if self.profile else None
         return ClientInfo(self.node, self.num_samples, self.tier, profile)
 
@@ -42,6 +45,7 @@ class Registry:
         self._reported: dict[str, float] = {}
 
     def note(self, node: str, message: Message) -> None:
+        """Take in a hello or status that arrived on ``node``'s own topic (others are ignored)."""
         if isinstance(message, Hello) and message.node == node:
             known = self.nodes.get(node)
             self._check_instance(node, message.instance, known)
@@ -89,16 +93,20 @@ class Registry:
             )
 
     def online(self) -> list[str]:
+        """The devices whose last status says they are up, sorted."""
         return sorted(n for n, info in self.nodes.items() if info.online)
 
     def clients(self) -> dict[str, ClientInfo]:
+        """The online devices as the round engine sees them."""
         return {n: self.nodes[n].client() for n in self.online()}
 
     def dump(self) -> dict[str, dict[str, Any]]:
+        """The registry as a checkpoint stores it (without the volatile status)."""
         return {n: {k: v for k, v in asdict(i).items() if k not in ("state", "since")} for n, i in self.nodes.items()}
 
     @classmethod
     def load(cls, data: dict[str, dict[str, Any]]) -> Registry:
+        """A registry from a checkpoint's dump: every device offline until it says hello again."""
         registry = cls()
         for n, info in data.items():
             registry.nodes[n] = NodeInfo(**{**info, "online": False, "state": "offline"})  # until they say hello

@@ -34,6 +34,8 @@ TrainerKind = Literal["torch", "ort"]
 
 @dataclass
 class SimResult:
+    """What a simulated run gives: per evaluated round the accuracy of every submodel, the final state."""
+
     method: str
     gammas: list[float]
     tier_submodel: list[Optional[int]]
@@ -142,6 +144,7 @@ class ParallelGrid(InProcessGrid):
     def run(
         self, round_: int, state: GlobalState, instructions: list[Instruction], extract: Extract = extract
     ) -> Iterator[Outcome]:
+        """The round's clients trained at once in the pool, on what ``extract`` sends each (``client_state``)."""
         jobs = []
         for ins in instructions:
             data = self._split(ins.node, ins.train.eval_fraction)[0]
@@ -155,6 +158,7 @@ class ParallelGrid(InProcessGrid):
             )
 
     def close(self) -> None:
+        """Stop the worker processes."""
         self.pool.shutdown(cancel_futures=True)
 
 

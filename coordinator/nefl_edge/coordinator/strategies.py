@@ -83,7 +83,9 @@ class Aggregator(Protocol):
         ...
 
     @property
-    def robust_report(self) -> RobustReport: ...
+    def robust_report(self) -> RobustReport:
+        """Whom a robust aggregation clipped, capped or left out (empty otherwise)."""
+        ...
 
     def add(self, index: int, tensors: Tensors, num_samples: int, node: str = "") -> None:
         """Fold in one client's trained submodel ``index`` (screened: every tensor of its layout)."""
@@ -106,9 +108,12 @@ class Strategy:
     shared_head: bool = True
 
     def configure(self, config: ModelConfig) -> ModelConfig:
+        """The model family with this method's sharing switches (BN, step sizes, classifier)."""
         return replace(config, shared_bn=self.shared_bn, learned_step=self.learned_step, shared_head=self.shared_head)
 
     def plan(self, config: ModelConfig, gammas: tuple[float, ...]) -> Plan:
+        """One submodel per gamma, scaled as ``scaling`` says (tier ``t`` trains submodel ``t``); depth-only
+        methods get the depth-only submodels each tier can afford (``_depth_plan``)."""
         if self.scaling == "D":
             return _depth_plan(config, gammas)
         return Plan(make_specs(config, gammas, self.scaling), list(range(len(gammas))))
@@ -185,6 +190,7 @@ class FedAvgSmallest(Strategy):
     """Every device trains and runs the smallest model (the one the weakest tier can afford)."""
 
     def plan(self, config: ModelConfig, gammas: tuple[float, ...]) -> Plan:
+        """The smallest gamma's submodel for every tier."""
         return Plan(make_specs(config, (min(gammas),), "WD"), [0] * len(gammas))
 
 
@@ -193,6 +199,7 @@ class FedAvgFull(Strategy):
     """Only the devices that can afford the full model train it; the others neither train nor get a model."""
 
     def plan(self, config: ModelConfig, gammas: tuple[float, ...]) -> Plan:
+        """The full model for the tiers that afford it, nothing for the others."""
         return Plan(make_specs(config, (1.0,), "W"), [0 if g >= 1.0 else None for g in gammas])
 
 
@@ -210,6 +217,7 @@ class FjORD(Strategy):
     def local_train(
         self, state: GlobalState, index: int, data: Dataset, cfg: TrainConfig, opts: TorchOptions = TorchOptions()
     ) -> Tensors:
+        """Ordered dropout over the widths ``0..index`` (``torch_training.fjord_train``)."""
         from nefl_edge.coordinator.torch_training import fjord_train
 
         return fjord_train(state, index, data, cfg, opts)
@@ -242,6 +250,7 @@ class FedRolex(Strategy):
     ``Scaler`` layer and no label-split masking of the classifier (as our ``heterofl``)."""
 
     def extract(self, state: GlobalState, index: int, round_: int = 0) -> Tensors:
+        """Submodel ``index`` over the round's windows: hidden axes of ``C`` channels at ``(round_ + i) mod C``."""
         hidden = hidden_axes(state.config)
         out: Tensors = {}
         for name, info in param_layout(state.config, state.specs[index]).items():
@@ -259,6 +268,7 @@ class FedRolex(Strategy):
     def aggregator(
         self, state: GlobalState, weighting: Weighting, round_: int, robust: Optional[RobustOptions] = None
     ) -> Aggregator:
+        """NeFedAvg (robust with ``robust``) on the state rolled to the round's windows, rolled back."""
         return _RolledAggregator(state, weighting, round_, robust)
 
 
@@ -393,6 +403,7 @@ STRATEGIES: dict[str, Strategy] = {
 
 
 def get_strategy(name: str) -> Strategy:
+    """The method called ``name``; :class:`SpecError` (a clear exit 2 from the CLI) for an unknown one."""
     if name not in STRATEGIES:
         raise SpecError(f"unknown method {name!r}; choose one of: {', '.join(STRATEGIES)}")
     return STRATEGIES[name]

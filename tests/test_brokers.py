@@ -199,6 +199,7 @@ def retained_on(port: int, user: str, password: str, topic: str, timeout_s: floa
     return bool(wait_for(once, timeout_s, f"a retained message on {topic}", interval=0.5))
 
 
+@pytest.mark.slow  # 36 s on this 2-core machine
 def test_devices_on_a_site_broker_bridged_to_the_coordinators_broker(reference: State, tmp_path: Path) -> None:
     # Prepare: the coordinator's broker from broker-config; a site broker from site-broker-config bridged to
     # its TLS listener with an account made there; device accounts on the site broker.

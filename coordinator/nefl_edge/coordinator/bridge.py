@@ -59,6 +59,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from nefl_edge.coordinator.broker_config import (
+    BRIDGE_ACL_MARK,
     BROADCASTS,
     DEVICE_WRITES,
     BrokerConfigError,
@@ -75,7 +76,6 @@ from nefl_edge.core.wire import MAX_FRAME_HEADER_SIZE, MIN_CHUNK_SIZE
 
 SITE_PATTERN = r"^[A-Za-z0-9_-]{1,40}$"
 BRIDGES_FILE = "bridges.json"
-BRIDGE_ACL_MARK = "# bridges of sites (nefl-coord site-broker-config)"
 BRIDGE_CONF = Path("bridge.d") / "bridge.conf"
 
 

@@ -65,6 +65,7 @@ DEFAULT_TLS_PORT = 8883
 DEFAULT_MAX_PACKET = DEFAULT_CHUNK_SIZE + (64 << 10)
 PBKDF2_ITERATIONS = 101  # Mosquitto's own default; the generated passwords carry 256 random bits anyway
 USER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+BRIDGE_ACL_MARK = "# bridges of sites (nefl-coord site-broker-config)"  # the ACL's last block
 
 
 class BrokerConfigError(BadInput):
@@ -369,9 +370,9 @@ def write_broker_config(opts: BrokerOptions) -> BrokerSettings:
         set_password(out / "passwd", opts.coordinator_user, password)
     elif not (out / "passwd").exists():
         set_password(out / "passwd", opts.coordinator_user, (out / "coordinator.password").read_text().strip())
-    from nefl_edge.coordinator.bridge import bridge_users, with_bridge_acl  # site bridges' accounts stay
-
-    write_atomic(out / "acl", with_bridge_acl(acl_text(opts.coordinator_user), bridge_users(out)), 0o644)
+    old_acl = (out / "acl").read_text() if (out / "acl").exists() else ""
+    bridges = old_acl[old_acl.index(BRIDGE_ACL_MARK) :] if BRIDGE_ACL_MARK in old_acl else ""  # bridge.py's, kept
+    write_atomic(out / "acl", acl_text(opts.coordinator_user) + ("\n" + bridges if bridges else ""), 0o644)
     write_atomic(out / "mosquitto.conf", config_text(opts), 0o644)
     host = opts.hostnames[0] if opts.hostnames else "localhost"
     settings = BrokerSettings(

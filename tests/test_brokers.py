@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -200,34 +201,60 @@ def retained_on(port: int, user: str, password: str, topic: str, timeout_s: floa
     return bool(wait_for(lambda: retained_once(port, user, password, topic), timeout_s, f"retained {topic}", 0.5))
 
 
-@pytest.mark.slow  # 36 s on this 2-core machine
-def test_devices_on_a_site_broker_bridged_to_the_coordinators_broker(reference: State, tmp_path: Path) -> None:
-    # Prepare: the coordinator's broker from broker-config; a site broker from site-broker-config bridged to
-    # its TLS listener with an account made there; device accounts on the site broker.
+@dataclass
+class BridgedPair:
+    """The coordinator's broker (``broker-config``, folder ``up``) and a site broker (``site-broker-config``,
+    folder ``site``) bridged to its TLS listener with an account made there; device accounts at the site."""
+
+    folder: Path
+    up_tls: int
+    up_plain: int
+    site_tls: int
+    site_plain: int
+    coordinator_password_file: Path
+    passwords: Dict[str, str]
+
+    def upstream(self) -> Mosquitto:
+        return Mosquitto(self.folder / "up", self.up_tls, self.up_plain)
+
+    def site(self) -> Mosquitto:
+        return Mosquitto(self.folder / "site", self.site_tls, self.site_plain)
+
+
+def bridged_pair(folder: Path, accounts: Sequence[str]) -> BridgedPair:
     root_user = "root" if os.geteuid() == 0 else None  # as root Mosquitto drops to a user who can't read tmp
-    up_tls, up_plain, site_tls, site_plain = free_port(), free_port(), free_port(), free_port()
+    up_tls, up_plain, site_tls, site_plain = distinct_ports(4)
     upstream = write_broker_config(
-        BrokerOptions(tmp_path / "up", ("127.0.0.1",), up_tls, up_plain, "127.0.0.1", user=root_user)
+        BrokerOptions(folder / "up", ("127.0.0.1",), up_tls, up_plain, "127.0.0.1", user=root_user)
     )
     made = subprocess.run(
         [
-            sys.executable, "-m", "nefl_edge.coordinator", "site-broker-config", "--out", str(tmp_path / "site"),
-            "--site", "lab", "--upstream", f"127.0.0.1:{up_tls}", "--upstream-dir", str(tmp_path / "up"),
+            sys.executable, "-m", "nefl_edge.coordinator", "site-broker-config", "--out", str(folder / "site"),
+            "--site", "lab", "--upstream", f"127.0.0.1:{up_tls}", "--upstream-dir", str(folder / "up"),
             "--hostname", "127.0.0.1", "--tls-port", str(site_tls), "--plain-port", str(site_plain),
             "--bind", "127.0.0.1", *(["--broker-user", root_user] if root_user else []),
         ],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
-    bridge_conf = (tmp_path / "site" / "bridge.d" / "bridge.conf").read_text()
+    bridge_conf = (folder / "site" / "bridge.d" / "bridge.conf").read_text()
     assert "remote_username nefl-site-lab" in bridge_conf and "bridge_cafile" in bridge_conf, bridge_conf
-    passwords = {name: secrets.token_urlsafe(12) for name in ("dev0", "dev1", "dev2", "watcher")}
+    passwords = {name: secrets.token_urlsafe(12) for name in accounts}
     for name, password in passwords.items():
-        set_password(tmp_path / "site" / "passwd", name, password)
-        (tmp_path / f"{name}.password").write_text(password)
-    coordinator_account = ("--username", "nefl-coord", "--password-file", str(upstream.coordinator_password_file))
+        set_password(folder / "site" / "passwd", name, password)
+        (folder / f"{name}.password").write_text(password)
+    return BridgedPair(folder, up_tls, up_plain, site_tls, site_plain, upstream.coordinator_password_file, passwords)
 
-    with Mosquitto(tmp_path / "up", up_tls, up_plain), Mosquitto(tmp_path / "site", site_tls, site_plain):
+
+@pytest.mark.slow  # 36 s on this 2-core machine
+def test_devices_on_a_site_broker_bridged_to_the_coordinators_broker(reference: State, tmp_path: Path) -> None:
+    # Prepare: the coordinator's broker from broker-config; a site broker from site-broker-config bridged to
+    # its TLS listener with an account made there; device accounts on the site broker.
+    pair = bridged_pair(tmp_path, ("dev0", "dev1", "dev2", "watcher"))
+    up_plain, site_plain, passwords = pair.up_plain, pair.site_plain, pair.passwords
+    coordinator_account = ("--username", "nefl-coord", "--password-file", str(pair.coordinator_password_file))
+
+    with pair.upstream(), pair.site():
         # Execute: serve on the coordinator's broker; the devices join at the site only once the site broker
         # holds the retained manifest that came over the bridge, so they get manifest and artifacts from it.
         state = serve_run(
@@ -247,6 +274,49 @@ def test_devices_on_a_site_broker_bridged_to_the_coordinators_broker(reference: 
 
     # Assert: the same final state as through one Mosquitto.
     assert differences(state, reference) < TOLERANCE
+
+
+def test_a_task_sent_while_the_site_broker_is_down_reaches_the_device_after_it_is_back(tmp_path: Path) -> None:
+    # The bridge's session upstream is persistent (cleansession false) and so is the device's at the site
+    # (persistence on): a QoS 1 task published while the site broker is down waits upstream, then crosses.
+    pair = bridged_pair(tmp_path, ("dev0",))
+    task = "nefl/r1/node/dev0/task"
+
+    def device() -> Tuple[mqtt.Client, List[bytes]]:
+        got: List[bytes] = []
+        subscribed = threading.Event()
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="dev0", clean_session=False)
+        client.username_pw_set("dev0", pair.passwords["dev0"])
+        client.on_message = lambda c, u, m: got.append(bytes(m.payload))
+        client.on_subscribe = lambda *args: subscribed.set()
+        client.on_connect = lambda c, u, f, r, p: c.subscribe(task, 1)
+        client.connect("127.0.0.1", pair.site_plain, 30)
+        client.loop_start()
+        assert subscribed.wait(10), "the device's subscription was not acknowledged"
+        return client, got
+
+    coordinator = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="nefl-coord")
+    coordinator.username_pw_set("nefl-coord", pair.coordinator_password_file.read_text().strip())
+    with pair.upstream():
+        coordinator.connect("127.0.0.1", pair.up_plain, 30)
+        coordinator.loop_start()
+        with pair.site():
+            client, got = device()
+            coordinator.publish(task, b"before", qos=1).wait_for_publish(10)
+            wait_for(lambda: got == [b"before"], 20, "the task through the bridge (positive control)")
+            client.disconnect()
+            client.loop_stop()
+        coordinator.publish(task, b"while down", qos=1).wait_for_publish(10)
+        with pair.site():
+            client, got = device()
+            try:
+                wait_for(lambda: b"while down" in got, 30, "the task sent while the site broker was down")
+            finally:
+                client.disconnect()
+                client.loop_stop()
+        coordinator.disconnect()
+        coordinator.loop_stop()
+    assert got == [b"while down"], f"the device got {got}"
 
 
 def test_a_bridge_off_loopback_needs_tls_and_an_account_and_survives_a_new_broker_config(tmp_path: Path) -> None:

@@ -146,6 +146,14 @@ def test_the_chunk_check_says_what_fits_a_broker_with_a_128_kib_limit(
     check_chunk_size(limited_broker.address, Security(), SMALL_CHUNK, "default", protocol)
 
 
+def test_the_chunk_check_lets_a_run_go_on_when_no_size_passes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A broker that drops every probe (here: packets over 4 KiB, below the smallest probe) is not refused on a
+    # guess: the refusal may be about the publish itself (cloud brokers drop a client for a denied publish).
+    with LocalBroker("mosquitto", tmp_path / "broker", extra_config=("max_packet_size 4096",)) as tiny:
+        check_chunk_size(tiny.address, Security(), 1 << 20, "default")
+    assert "of every size tried" in caplog.text, caplog.text
+
+
 def test_serve_refuses_a_chunk_size_the_broker_does_not_take_instead_of_stalling(
     limited_broker: LocalBroker, tmp_path: Path
 ) -> None:

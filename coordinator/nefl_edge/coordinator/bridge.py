@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import logging
 import os
 import re
 import secrets
@@ -73,6 +74,8 @@ from nefl_edge.core.errors import BadInput
 from nefl_edge.core.identity import make_private_dir, write_atomic
 from nefl_edge.core.mqtt import BrokerAddress, BrokerError, Security
 from nefl_edge.core.wire import MAX_FRAME_HEADER_SIZE, MIN_CHUNK_SIZE
+
+log = logging.getLogger(__name__)
 
 SITE_PATTERN = r"^[A-Za-z0-9_-]{1,40}$"
 BRIDGES_FILE = "bridges.json"
@@ -342,7 +345,9 @@ def check_chunk_size(
     and be dropped again, for ever. Over MQTT 5 the broker states its limit in CONNACK (Maximum Packet Size,
     MQTT 5.0 section 3.2.2.3.6); over 3.1.1 one QoS 1 packet of the largest frame's size goes to
     ``nefl/<run>/flush`` (a topic nobody reads; the link waits for its acknowledgements there) and a
-    closed connection means too large. The smaller sizes are then tried to say what would fit.
+    closed connection means too large. The smaller sizes are then tried to say what would fit; when none
+    passes, the refusal is not about size (a broker that drops clients for a publish it does not permit,
+    as some cloud brokers do): a warning, and the run goes on.
 
     Not detected: a broker that acknowledges and drops an oversized message (Mosquitto's deprecated
     ``message_size_limit`` does so over 3.1.1): only a round trip would show it, and the generated ACL lets
@@ -356,16 +361,22 @@ def check_chunk_size(
                 return
         elif wanted <= limit:
             return
-    said = f"its limit is {limit} bytes" if limit else "it took none of the sizes tried"
+    said = f"its limit is {limit} bytes"
     if limit is None:
-        limit = 0
         for size in (s for s in PROBE_SIZES if s < wanted):
             with _Probe(address, security, protocol, timeout_s) as probe:
                 if probe.carries(topic, size - PACKET_ALLOWANCE):
                     limit, said = size, f"it took a packet of {size} bytes"
                     break
-    fits = f"--chunk-size {chunk_size_for(limit)}" if limit else "a smaller --chunk-size"
+        else:
+            log.warning(
+                "the broker %s closed the connection on a publish to %s of every size tried (%d bytes down to "
+                "%d): not a size limit, or not one this check can see; going on",
+                address, topic, wanted, PROBE_SIZES[-1],
+            )  # fmt: skip
+            return
     raise ChunkTooLarge(
         f"the broker {address} refuses MQTT packets of {wanted} bytes, which --chunk-size {chunk_size} makes "
-        f"({said}); pass {fits} to serve and the same --max-message-size to the devices"
+        f"({said}); pass --chunk-size {chunk_size_for(limit)} to serve and the same --max-message-size to "
+        "the devices"
     )

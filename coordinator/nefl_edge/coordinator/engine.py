@@ -187,7 +187,7 @@ class RoundEngine:
             }
         for node in done.disagreeing:
             log.warning("round %d: robust aggregation left out the update of %s (it disagrees with the rest)", r, node)
-            self.quarantine.strike(node, r, "update left out by robust aggregation")
+            self.quarantine.strike(node, r, "update left out by robust aggregation", instead_of_good=True)
 
     @property
     def holdout(self) -> float:

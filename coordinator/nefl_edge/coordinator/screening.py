@@ -104,7 +104,11 @@ class Quarantine:
             return
         self.strike(node, round_, "dropped its task" if dropped else "rejected update")
 
-    def strike(self, node: str, round_: int, why: str) -> None:
+    def strike(self, node: str, round_: int, why: str, instead_of_good: bool = False) -> None:
+        """One strike; ``instead_of_good``: the task was first :meth:`record`-ed as done well (an update the
+        robust aggregation then left out), so that halving is undone first."""
+        if instead_of_good:
+            self._streak[node] = self._streak.get(node, 0) * 2
         self._streak[node] = self._streak.get(node, 0) + 1
         if self._streak[node] >= self.strikes - 1e-9:
             self._until[node] = round_ + self.rounds

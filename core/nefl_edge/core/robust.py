@@ -13,9 +13,10 @@ covers. Here, per round (:func:`robust_aggregate`):
    ``||sent||``; the median is over the clients of the same submodel when at least three trained it, else
    over every client of the round (with nested submodels one client per submodel is common).
 2. **Agreement.** With at least three clients, every client's clipped consistent delta on the region all
-   of them cover is compared with the coordinate-wise median of those deltas (the robust centre); a client
-   whose cosine similarity with it is below ``agree`` is left out of the round (a sign flip or a scaled
-   reversal points away from it). This is in the spirit of centered clipping (Karimireddy, He and Jaggi
+   of them cover is compared, tensor by tensor, with the coordinate-wise median of the other clients'
+   deltas (the robust centre; leave-one-out up to ``LEAVE_ONE_OUT`` clients); a client whose cosine
+   similarity with it, averaged over the tensors, is below ``agree`` is left out of the round (a sign flip
+   or a scaled reversal points away from it). This is in the spirit of centered clipping (Karimireddy, He and Jaggi
    2021, "Learning from history for Byzantine robust optimization", ICML), which also measures clients
    against a robust centre; departure: one median step instead of their iterated clipping around the
    previous round's momentum, and exclusion instead of clipping around the centre.
@@ -36,18 +37,20 @@ covers. Here, per round (:func:`robust_aggregate`):
 An element no client covers keeps its value, as in exact NeFedAvg.
 
 Memory: unlike the streaming exact mode, a trimmed mean needs every value of an element at once, so the
-deltas of the round are kept (float32): the working memory is the sum of the round's update sizes plus one
-copy of the global model, plus a sort buffer of at most ``BLOCK_VALUES`` values per region block.
+round's updates are kept (references to what the grid delivered: the sum of the round's update sizes)
+until :func:`robust_aggregate`; its own working memory is one copy of the global model (the result) plus
+blocks of at most ``BLOCK_VALUES`` clipped deltas at a time (deltas are recomputed per block, never stored).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 
-from nefl_edge.core.nested import GlobalState, Tensors, extract, prefix_slice
+from nefl_edge.core.nested import GlobalState, Tensors, prefix_slice
 from nefl_edge.core.specs import param_layout
 
 BLOCK_VALUES = 1 << 23
@@ -102,14 +105,6 @@ def _is_stat(name: str) -> bool:
     return "running_" in name
 
 
-def _norm(tensors: Tensors, names: Sequence[str]) -> float:
-    total = 0.0
-    for n in names:
-        flat = tensors[n].reshape(-1).astype(np.float64)
-        total += float(np.dot(flat, flat))
-    return float(np.sqrt(total))
-
-
 def trimmed_mean(values: np.ndarray, weights: np.ndarray, trim: float, min_trim: int) -> np.ndarray:
     """Coordinate-wise weighted trimmed mean over axis 0 of ``values`` (clients x elements): drop the
     ``max(1, floor(trim * c))`` smallest and largest per element when ``c >= min_trim`` clients (and
@@ -146,21 +141,95 @@ def _contains(big: tuple[int, ...], small: tuple[int, ...]) -> bool:
 
 
 def _region_mean(
-    deltas: list[np.ndarray], weights: np.ndarray, shape: tuple[int, ...], opts: RobustOptions
+    deltas: list[Callable[[tuple[slice, ...]], np.ndarray]],
+    weights: np.ndarray,
+    shape: tuple[int, ...],
+    opts: RobustOptions,
 ) -> np.ndarray:
-    """The trimmed mean over ``deltas`` (each at least ``shape``) of their ``shape`` prefix, in blocks of
-    rows so that the stacked values stay under ``BLOCK_VALUES``."""
-    where = prefix_slice(shape)
-    out = np.empty(shape, np.float32)
+    """The trimmed mean over the clients' deltas (``deltas[i](slices)`` gives client ``i``'s clipped delta at
+    ``slices``) of the ``shape`` prefix, in blocks of rows so that the stacked values stay under
+    ``BLOCK_VALUES``."""
     if len(shape) == 0:
-        return trimmed_mean(np.stack([d[where] for d in deltas]), weights, opts.trim, opts.min_trim)
+        return trimmed_mean(np.stack([d(()) for d in deltas]), weights, opts.trim, opts.min_trim)
+    out = np.empty(shape, np.float32)
     row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     rows = max(1, BLOCK_VALUES // max(1, row * len(deltas)))
+    rest = prefix_slice(shape[1:])
     for lo in range(0, shape[0], rows):
         hi = min(shape[0], lo + rows)
-        block = np.stack([d[where][lo:hi] for d in deltas])
+        block = np.stack([d((slice(lo, hi), *rest)) for d in deltas])
         out[lo:hi] = trimmed_mean(block, weights, opts.trim, opts.min_trim)
     return out
+
+
+class _Deltas:
+    """Clients' clipped deltas, computed block by block from their updates and the sent weights (views of
+    the global state), so that no copy of an update is kept."""
+
+    def __init__(self, state: GlobalState, updates: list[ClientUpdate], layouts: list[dict[str, Any]]) -> None:
+        self.state, self.updates, self.layouts = state, updates, layouts
+        self.factor: list[dict[str, float]] = [{} for _ in updates]
+
+    def sent(self, i: int, name: str) -> np.ndarray:
+        u = self.updates[i]
+        if self.layouts[u.index][name].kind == "consistent":
+            return self.state.consistent[name][prefix_slice(self.layouts[u.index][name].shape)]
+        return self.state.inconsistent[u.index][name]
+
+    def get(self, i: int, name: str, where: tuple[slice, ...]) -> np.ndarray:
+        delta = np.subtract(self.updates[i].tensors[name][where], self.sent(i, name)[where], dtype=np.float32)
+        factor = self.factor[i].get(name, 1.0)
+        return delta * np.float32(factor) if factor != 1.0 else delta
+
+    def getter(self, i: int, name: str) -> Callable[[tuple[slice, ...]], np.ndarray]:
+        return lambda where: self.get(i, name, where)
+
+    def norm(self, i: int, names: Sequence[str]) -> tuple[float, float]:
+        """(||delta||, ||sent||) over ``names`` of client ``i``, before clipping."""
+        change = size = 0.0
+        for n in names:
+            d = np.subtract(self.updates[i].tensors[n], self.sent(i, n), dtype=np.float32).reshape(-1)
+            ref = self.sent(i, n).reshape(-1)
+            change += float(np.dot(d.astype(np.float64), d))
+            size += float(np.dot(ref.astype(np.float64), ref))
+        return float(np.sqrt(change)), float(np.sqrt(size))
+
+
+LEAVE_ONE_OUT = 16
+"""Up to this many clients, each is compared with the median of the others (its own value would pull the
+median its way); above, with the median of all (one client moves it little)."""
+
+
+def _agreement(deltas: _Deltas, layouts: list[dict[str, Any]], state: GlobalState) -> list[float]:
+    """Per client: the mean over the consistent tensors that every client has of the cosine similarity
+    between its clipped delta and the coordinate-wise median of the other clients' deltas, on the prefix
+    every client covers. Per tensor, not over the flattened model: the large convolutions would drown the
+    classifier, where honest updates agree most."""
+    n = len(deltas.updates)
+    sums, counted = np.zeros(n), 0
+    for name in state.consistent:
+        shapes = [layouts[u.index][name].shape for u in deltas.updates if name in layouts[u.index]]
+        if len(shapes) < n or not shapes[0]:
+            continue
+        common = tuple(min(dims) for dims in zip(*shapes))
+        row = int(np.prod(common[1:])) if len(common) > 1 else 1
+        rows = max(1, BLOCK_VALUES // max(1, row * n * (n if n <= LEAVE_ONE_OUT else 1)))
+        rest = prefix_slice(common[1:])
+        dots, squares, centre_sq = np.zeros(n), np.zeros(n), np.zeros(n)
+        for lo in range(0, common[0], rows):
+            where = (slice(lo, min(common[0], lo + rows)), *rest)
+            block = np.stack([deltas.get(i, name, where).reshape(-1) for i in range(n)]).astype(np.float64)
+            if n <= LEAVE_ONE_OUT:
+                centres = np.stack([np.median(np.delete(block, i, axis=0), axis=0) for i in range(n)])
+            else:
+                centres = np.broadcast_to(np.median(block, axis=0), block.shape)
+            dots += np.einsum("ij,ij->i", block, centres)
+            squares += np.einsum("ij,ij->i", block, block)
+            centre_sq += np.einsum("ij,ij->i", centres, centres)
+        denom = np.sqrt(squares * centre_sq)
+        sums += np.divide(dots, denom, out=np.zeros(n), where=denom > 0)
+        counted += 1
+    return [float(v / counted) if counted else 1.0 for v in sums]
 
 
 def robust_aggregate(
@@ -172,86 +241,70 @@ def robust_aggregate(
     out = state.copy()
     if not updates:
         return out, report
-    specs = state.specs
-    layouts = [param_layout(state.config, spec) for spec in specs]
-    refs = {k: extract(state, k) for k in sorted({u.index for u in updates})}
+    layouts = [param_layout(state.config, spec) for spec in state.specs]
     names = [u.node or f"#{i}" for i, u in enumerate(updates)]
-    deltas: list[Tensors] = []
-    for u in updates:
-        ref = refs[u.index]
-        deltas.append({n: np.subtract(u.tensors[n], ref[n], dtype=np.float32) for n in layouts[u.index]})
+    deltas = _Deltas(state, updates, layouts)
 
     # 1. clipping, consistent and inconsistent trained tensors apart, relative to the sent weights
+    per_sub: dict[int, list[int]] = {}
+    for i, u in enumerate(updates):
+        per_sub.setdefault(u.index, []).append(i)
     for part in ("consistent", "inconsistent"):
-        groups = []
-        for u in updates:
-            layout = layouts[u.index]
-            groups.append([n for n, i in layout.items() if i.kind == part and not _is_stat(n)])
-        sizes = [max(_norm(refs[u.index], g), 1e-12) for u, g in zip(updates, groups)]
-        norms = [_norm(d, g) for d, g in zip(deltas, groups)]
+        groups = [[n for n, x in layouts[u.index].items() if x.kind == part and not _is_stat(n)] for u in updates]
+        measured = [deltas.norm(i, g) for i, g in enumerate(groups)]
+        norms = [m[0] for m in measured]
+        sizes = [max(m[1], 1e-12) for m in measured]
         relative = np.array([n / s for n, s in zip(norms, sizes)])
-        per_sub: dict[int, list[int]] = {}
-        for i, u in enumerate(updates):
-            per_sub.setdefault(u.index, []).append(i)
         for i, u in enumerate(updates):
             peers = per_sub[u.index] if len(per_sub[u.index]) >= 3 else list(range(len(updates)))
             limit = opts.clip * float(np.median(relative[peers])) * sizes[i]
             if norms[i] > limit > 0:
                 factor = limit / norms[i]
                 for n in groups[i]:
-                    deltas[i][n] *= np.float32(factor)
+                    deltas.factor[i][n] = factor
                 report.clipped[names[i]] = min(report.clipped.get(names[i], 1.0), factor)
 
-    # 2. agreement with the coordinate-wise median on the region every client covers
+    # 2. agreement with the coordinate-wise median of the others on the region every client covers
     keep = list(range(len(updates)))
     if len(updates) >= 3:
-        common: dict[str, tuple[int, ...]] = {}
-        for name in state.consistent:
-            shapes = [layouts[u.index][name].shape for u in updates if name in layouts[u.index]]
-            if len(shapes) == len(updates):
-                common[name] = tuple(min(dims) for dims in zip(*shapes))
-        if common:
-            flat = [
-                np.concatenate([d[n][prefix_slice(s)].reshape(-1) for n, s in common.items()]).astype(np.float64)
-                for d in deltas
-            ]
-            centre = np.median(np.stack(flat), axis=0)
-            centre_norm = float(np.linalg.norm(centre))
-            for i, f in enumerate(flat):
-                denom = centre_norm * float(np.linalg.norm(f))
-                cos = float(np.dot(f, centre) / denom) if denom > 0 else 1.0
-                report.cosine[names[i]] = cos
-            keep = [i for i in keep if report.cosine[names[i]] >= opts.agree]
-            report.disagreeing = [names[i] for i in range(len(updates)) if i not in keep]
-            if not keep:  # nobody agrees with the centre (it is ~0): keep everyone, clipped
-                keep, report.disagreeing = list(range(len(updates))), []
+        scores = _agreement(deltas, layouts, state)
+        for i in range(len(updates)):
+            report.cosine[names[i]] = scores[i]
+        keep = [i for i in keep if report.cosine[names[i]] >= opts.agree]
+        report.disagreeing = [names[i] for i in range(len(updates)) if i not in keep]
+        if not keep:  # nobody agrees with the centre (it is ~0): keep everyone, clipped
+            keep, report.disagreeing = list(range(len(updates))), []
 
     # 3. weight cap
     raw = np.array([updates[i].weight for i in keep], np.float64)
     cap = opts.max_weight * float(np.median(raw))
     weights = np.minimum(raw, cap)
     report.capped = [names[i] for i, w in zip(keep, raw) if w > cap]
-    kept = [(updates[i], deltas[i], w) for i, w in zip(keep, weights)]
 
     # 4. consistent tensors, region by region of the nested slices
     for name, old in state.consistent.items():
-        covering = [(layouts[u.index][name].shape, d[name], w) for u, d, w in kept if name in layouts[u.index]]
+        covering = [
+            (layouts[updates[i].index][name].shape, i, w)
+            for i, w in zip(keep, weights)
+            if name in layouts[updates[i].index]
+        ]
         if not covering:
             continue
         target = out.consistent[name]
         for shape in _closure({s for s, _, _ in covering}):
-            mine = [(d, w) for s, d, w in covering if _contains(s, shape)]
-            mean = _region_mean([d for d, _ in mine], np.array([w for _, w in mine]), shape, opts)
+            mine = [(i, w) for s, i, w in covering if _contains(s, shape)]
+            getters = [deltas.getter(i, name) for i, _ in mine]
+            mean = _region_mean(getters, np.array([w for _, w in mine]), shape, opts)
             where = prefix_slice(shape)
             target[where] = old[where] + mean
 
     # 5. inconsistent tensors, per submodel
-    for k in sorted({u.index for u, _, _ in kept}):
-        own = [(d, w) for u, d, w in kept if u.index == k]
+    for k in sorted({updates[i].index for i in keep}):
+        own = [(i, w) for i, w in zip(keep, weights) if updates[i].index == k]
         ws = np.array([w for _, w in own])
         for name, info in layouts[k].items():
             if info.kind == "consistent":
                 continue
-            mean = _region_mean([d[name] for d, _ in own], ws, info.shape, opts)
+            mean = _region_mean([deltas.getter(i, name) for i, _ in own], ws, info.shape, opts)
             out.inconsistent[k][name] = (state.inconsistent[k][name] + mean).astype(np.float32)
     return out, report

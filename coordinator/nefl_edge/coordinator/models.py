@@ -6,7 +6,8 @@ one naming. ``global_forward`` runs the global state in a submodel's configurati
 tensors on the fly: an independent second implementation that the tests hold ``SubmodelNet`` against.
 
 Each block computes ``shortcut(x) + s * f(x)`` with a learnable step size ``s`` (the ODE reading of a
-residual block; skipping a block is a bigger step for the others).
+residual block; skipping a block is a bigger step for the others). A config with input statistics
+(``normalize``) starts with ``(x - mean) / std`` per channel (:func:`normalize_input`).
 """
 
 from __future__ import annotations

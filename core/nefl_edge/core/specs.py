@@ -9,6 +9,9 @@ scaling keeps the first ``ceil(w * C)`` channels of every layer (nested prefixes
 scaling skips blocks. Departure from the paper's code: a stage's first block (the one that changes channel
 count and stride) is always kept, and depth scaling keeps a prefix of each stage's blocks. This keeps every
 submodel's tensor shapes well defined without the paper's special cases for skipped downsampling blocks.
+:func:`make_specs` nests the submodels (each contains the smaller ones); ``ModelConfig.specs == "paper"``
+gives the paper code's own specs where this layout can express them (:func:`paper_specs`; its ResNet34
+specs keep non-prefix block sets, which the layout allows as long as each stage keeps its first block).
 """
 
 from __future__ import annotations

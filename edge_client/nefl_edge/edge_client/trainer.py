@@ -3,6 +3,10 @@
 The training-build backend drives ``onnxruntime.training.api``: the training graph computes the loss and
 the gradients; the SGD update (momentum, weight decay, with ``torch.optim.SGD``'s exact formula) is done
 here in numpy, because ORT's optimizer graph only has plain SGD.
+
+Samples are fed as loaded ([0, 1]): a run's per-channel input normalisation (``Manifest.normalize``) is the
+first operation of every exported graph, so this trainer, evaluation, statistics and prediction all apply it
+exactly as the coordinator's PyTorch model does (tests/test_normalize.py).
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from nefl_edge.coordinator.broker_config import (
     write_broker_config,
 )
 from nefl_edge.core.mqtt import Security
+from nefl_edge.core.wire import Assembler, frames, parse_frame
 from tests.helpers import make_shards, spawn_coordinator, spawn_edge, stop, wait_for
 
 pytestmark = pytest.mark.integration
@@ -468,6 +469,48 @@ def test_what_rabbitmq_does_differently_from_mosquitto(rabbitmq: RabbitMQ) -> No
     # Packets: no limit near ours (the default chunk passes the check); QoS 1 and persistent sessions hold.
     check_chunk_size(rabbitmq.address, Security(), 1 << 20, "default")
     print(f"RabbitMQ {rabbitmq.version()}: retained only on exact filters")
+
+
+def test_exact_chunk_subscriptions_would_fetch_retained_messages_from_rabbitmq(rabbitmq: RabbitMQ) -> None:
+    # The link change proposed in the README, done here by hand: subscribe <topic>/chunk/0 exactly, read the
+    # chunk count n from its frame header, subscribe <topic>/chunk/1 .. <n-1> exactly: every retained chunk
+    # arrives from RabbitMQ and the message reassembles.
+    data = np.random.default_rng(3).bytes(5000)
+    stream = "nefl/fix/weights/0"
+    parts = frames(data, 1024)
+    publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fix-publisher")
+    publisher.connect("127.0.0.1", rabbitmq.port, 30)
+    publisher.loop_start()
+    for i, part in enumerate(parts):
+        publisher.publish(f"{stream}/chunk/{i}", part, qos=1, retain=True).wait_for_publish(10)
+    publisher.disconnect()
+    publisher.loop_stop()
+
+    assembler, done = Assembler(), threading.Event()
+    result: List[bytes] = []
+
+    def on_message(client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        index = int(msg.topic.rsplit("/", 1)[1])
+        if index == 0:
+            head, _ = parse_frame(msg.payload)
+            if head.n > 1:
+                client.subscribe([(f"{stream}/chunk/{i}", 1) for i in range(1, head.n)])
+        whole = assembler.feed(stream, msg.payload, index)
+        if whole is not None:
+            result.append(whole)
+            done.set()
+
+    reader = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fix-reader")
+    reader.on_message = on_message
+    reader.on_connect = lambda c, u, f, r, p: c.subscribe(f"{stream}/chunk/0", 1)
+    reader.connect("127.0.0.1", rabbitmq.port, 30)
+    reader.loop_start()
+    try:
+        assert done.wait(10), f"the {len(parts)} retained chunks did not all arrive through exact subscriptions"
+    finally:
+        reader.disconnect()
+        reader.loop_stop()
+    assert len(parts) == 5 and result == [data]
 
 
 @pytest.mark.slow

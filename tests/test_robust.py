@@ -1,11 +1,17 @@
 """Robust NeFedAvg (core/robust.py) against a naive reference written here: a loop over elements and the
-clients that cover each of them."""
+clients that cover each of them; robust BatchNorm statistics and federated evaluation; strikes with decay and
+the cover rule for devices that dropped tasks."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from nefl_edge.coordinator.assignment import assign
+from nefl_edge.coordinator.evaluation import federated_summary, robust_bn_parts
+from nefl_edge.coordinator.screening import Quarantine
+from nefl_edge.coordinator.strategies import get_strategy
+from nefl_edge.core.evaluation import BnStats, EvalResult
 from nefl_edge.core.nefedavg import NeFedAvg
 from nefl_edge.core.nested import GlobalState, Tensors, extract, init_global_state
 from nefl_edge.core.robust import RobustOptions, trimmed_mean
@@ -180,3 +186,67 @@ def test_one_client_cannot_take_more_than_its_capped_share_of_the_weight(
         agg.add(k, t, n, node=f"c{agg.updates}")
     agg.result()
     assert agg.robust_report.capped == ["c3"], f"the 1e7-sample claim was not capped: {agg.robust_report}"
+
+
+def _bn(mean: float, var: float, batches: int, channels: int = 4) -> BnStats:
+    rng = np.random.default_rng(int(mean * 100 + var * 10 + batches))
+    m = mean + rng.standard_normal(channels) * 0.01
+    v = var * (1 + rng.random(channels) * 0.05)
+    return BnStats({"stem.bn": m * batches}, {"stem.bn": v * batches}, batches)
+
+
+@pytest.mark.parametrize("lie", ["mean+1e4", "var*1e-6"])
+def test_robust_bn_statistics_leave_the_liar_out_and_combine_the_rest_exactly(lie: str) -> None:
+    honest = [(f"d{i}", _bn(0.5, 2.0, 8)) for i in range(3)]
+    liar = _bn(0.5 + 1e4, 2.0, 8) if lie == "mean+1e4" else _bn(0.5, 2.0 * 1e-6, 8)
+    kept, rejected = robust_bn_parts([*honest, ("liar", liar)], max_weight=2.0)
+    assert rejected == ["liar"], f"{lie}: rejected {rejected}"
+    total = sum(p.mean_sum["stem.bn"] for _, p in honest) / sum(p.batches for _, p in honest)
+    got = sum(p.mean_sum["stem.bn"] for p in kept) / sum(p.batches for p in kept)
+    np.testing.assert_allclose(got, total, err_msg="the kept devices are not combined exactly")
+
+
+def test_robust_bn_statistics_cap_a_claimed_batch_count() -> None:
+    parts = [("a", _bn(0.5, 2.0, 8)), ("b", _bn(0.5, 2.0, 8)), ("big", _bn(0.5, 2.0, 800))]
+    kept, rejected = robust_bn_parts(parts, max_weight=2.0)
+    assert rejected == [] and [p.batches for p in kept] == [8, 8, 16], f"batches {[p.batches for p in kept]}"
+    big = kept[2]
+    np.testing.assert_allclose(big.mean_sum["stem.bn"] / big.batches, parts[2][1].mean_sum["stem.bn"] / 800)
+
+
+def test_federated_accuracy_reports_its_spread_and_the_disagreeing_device() -> None:
+    answers = [("a", EvalResult(10.0, 70, 100)), ("b", EvalResult(12.0, 66, 100)), ("c", EvalResult(9.0, 72, 100))]
+    liar = ("liar", EvalResult(0.0, 1000, 1000))
+    summary = federated_summary([*answers, liar], robust=True, max_weight=2.0)
+    assert summary["disagree"] == ["liar"], f"disagreeing devices {summary['disagree']}"
+    naive = sum(r.correct for _, r in answers) / sum(r.count for _, r in answers)
+    assert summary["accuracy"] == pytest.approx(naive), "robust: the liar must not count"
+    assert (summary["lowest"], summary["highest"]) == (0.66, 1.0), f"spread {summary}"
+    plain = federated_summary([*answers, liar], robust=False)
+    assert plain["accuracy"] == pytest.approx(1208 / 1300) and plain["disagree"] == ["liar"], f"exact sum {plain}"
+
+
+def test_strikes_decay_and_drops_count() -> None:
+    q = Quarantine(strikes=3, rounds=2)
+    q.record("a", False, 1, dropped=True)
+    q.record("a", False, 2)  # a good task halves the count
+    q.record("a", False, 3, dropped=True)
+    q.record("a", True, 4)
+    assert not q.blocked("a", 5), "1 -> 0.5 -> 1.5 -> 2.5 strikes must not quarantine"
+    q.record("a", False, 5, dropped=True)
+    assert q.blocked("a", 6) and q.blocked("a", 7) and not q.blocked("a", 8), "3.5 strikes quarantine for 2 rounds"
+    assert q.dropped_recently("a", 6) and not q.dropped_recently("a", 9), "recent drops are remembered 3 rounds"
+
+
+def test_a_device_with_recent_drops_is_never_the_only_cover_of_a_submodel(
+    small_config: ModelConfig,
+) -> None:
+    strategy = get_strategy("nefl-wd")
+    _, plan = strategy.setup(small_config, (0.5, 1.0))
+    caps = {"flaky": 0, "b": 1, "c": 1, "d": 1}
+    out = assign(strategy, plan, caps, sorted(caps), cover=True)
+    assert out["flaky"] == 0 and sorted(out.values()).count(0) == 1, f"baseline assignment {out}"
+    out = assign(strategy, plan, caps, sorted(caps), cover=True, unreliable=frozenset({"flaky"}))
+    covers = sorted(n for n, k in out.items() if k == 0)
+    assert "flaky" in covers and len(covers) == 2, f"submodel 0 needs a reliable second device: {out}"
+    assert 1 in out.values(), f"the large submodel lost its cover: {out}"

@@ -7,15 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nefl_edge.coordinator.assignment import assign
+from nefl_edge.coordinator.assignment import ClientInfo, assign, capacity
 from nefl_edge.coordinator.evaluation import federated_summary, robust_bn_parts
-from nefl_edge.coordinator.screening import Quarantine
+from nefl_edge.coordinator.screening import Quarantine, SpeedEvidence
 from nefl_edge.coordinator.strategies import get_strategy
 from nefl_edge.core.evaluation import BnStats, EvalResult
 from nefl_edge.core.nefedavg import NeFedAvg
 from nefl_edge.core.nested import GlobalState, Tensors, extract, init_global_state
 from nefl_edge.core.robust import RobustOptions, trimmed_mean
-from nefl_edge.core.specs import ModelConfig, SubmodelSpec, param_layout
+from nefl_edge.core.schemas import DeviceProfile, TrainConfig
+from nefl_edge.core.specs import ModelConfig, SubmodelSpec, mflops, param_layout
 
 
 def _updates(state: GlobalState, subs: list[int], seed: int = 1, scale: float = 0.01) -> list[tuple[int, Tensors, int]]:
@@ -250,3 +251,30 @@ def test_a_device_with_recent_drops_is_never_the_only_cover_of_a_submodel(
     covers = sorted(n for n, k in out.items() if k == 0)
     assert "flaky" in covers and len(covers) == 2, f"submodel 0 needs a reliable second device: {out}"
     assert 1 in out.values(), f"the large submodel lost its cover: {out}"
+
+
+def test_a_declared_speed_that_answers_contradict_stops_setting_the_capacity(small_config: ModelConfig) -> None:
+    strategy = get_strategy("nefl-wd")
+    config, plan = strategy.setup(small_config, (0.2, 0.6, 1.0))
+    train = TrainConfig(epochs=1, batch_size=32)
+    profile = DeviceProfile(
+        arch="x", system="y", python="3", cores=4, memory_mb=1, onnxruntime="1", backend="b",
+        samples_per_s=1e9, probe_mflops=mflops(config, plan.specs[0]),
+    )  # fmt: skip
+    info = ClientInfo("liar", 2000, None, profile)
+    deadline = 10.0
+    assert capacity(info, "deadline", plan, config, train, deadline) == 2, "1e9 samples/s affords the largest"
+    evidence = SpeedEvidence()
+    big = mflops(config, plan.specs[2])
+    why = evidence.observe("liar", profile, big, 2000, deadline, deadline, answered=False)
+    assert why and "never answered" in why, f"an unanswered task must lower the trusted speed: {why}"
+    trusted = evidence.profile("liar", profile)
+    assert trusted is not None and trusted.samples_per_s is not None
+    naive = 2000 / deadline * big / profile.probe_mflops / 2  # it did not train 2000 samples in 10 s
+    assert trusted.samples_per_s == pytest.approx(naive), f"trusted {trusted.samples_per_s}, expected {naive}"
+    after = capacity(ClientInfo("liar", 2000, None, trusted), "deadline", plan, config, train, deadline)
+    assert after < 2, f"capacity {after} still from the declared speed"
+    honest = evidence.observe("ok", profile, big, 2000, 1.0, deadline, answered=True)
+    assert honest is None, "a short task is not judged (downloads and start-up dominate it)"
+    slow = evidence.observe("ok", profile, big, 2000, 9.0, deadline, answered=True)
+    assert slow and "delivered" in slow, "a long task far below the declared speed must be seen"

@@ -24,7 +24,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import numpy as np
@@ -33,11 +33,12 @@ from nefl_edge.coordinator.assignment import assign, capacity
 from nefl_edge.coordinator.cadence import evaluates
 from nefl_edge.coordinator.config import RunConfig
 from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, Grid, Instruction, Outcome
-from nefl_edge.coordinator.screening import MAX_SAMPLES, Quarantine, UpdateRejected, screen
+from nefl_edge.coordinator.screening import MAX_SAMPLES, Quarantine, SpeedEvidence, UpdateRejected, screen
 from nefl_edge.coordinator.strategies import Aggregator, Plan, Strategy
 from nefl_edge.core.evaluation import BnStats, EvalResult, bn_channels
 from nefl_edge.core.nested import GlobalState
-from nefl_edge.core.specs import ModelConfig, param_layout
+from nefl_edge.core.schedule import planned_steps
+from nefl_edge.core.specs import ModelConfig, mflops, param_layout
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class RoundReport:
     robust: dict[str, Any] = field(default_factory=dict)
     """``aggregation = "robust"``: clients clipped (factor), left out for disagreeing, weight-capped."""
     bn_rejected: dict[int, list[str]] = field(default_factory=dict)
+    distrusted: dict[str, str] = field(default_factory=dict)
+    """Devices whose declared speed their answers contradicted this round (capacity from delivered speed)."""
     """Robust BatchNorm statistics: per submodel, the devices whose statistics were far from the rest."""
     untrained: list[int] = field(default_factory=list)
     bytes_in: int = 0
@@ -90,6 +93,9 @@ class RoundEngine:
         self.calibration = calibration
         self.rng = np.random.default_rng(cfg.seed)
         self.quarantine = Quarantine(cfg.quarantine_strikes, cfg.quarantine_rounds)
+        self.evidence = SpeedEvidence()
+        """Declared speeds against delivered ones: a device's capacity follows what it delivers."""
+        self._profiles: dict[str, Any] = {}
         self.shapes = [{n: p.shape for n, p in param_layout(config, spec).items()} for spec in plan.specs]
         self.bn_channels = [bn_channels(shapes) for shapes in self.shapes]
         self.declared: dict[str, int] = {}
@@ -106,6 +112,8 @@ class RoundEngine:
         started = time.monotonic()
         clients = grid.clients(cfg.min_clients)
         self.declared = {n: c.num_samples for n, c in clients.items()}
+        self._profiles = {n: c.profile for n, c in clients.items()}
+        clients = {n: replace(c, profile=self.evidence.profile(n, c.profile)) for n, c in clients.items()}
         report.phases["waiting"] = time.monotonic() - started
         caps = {
             n: capacity(c, cfg.policy, self.plan, self.config, cfg.train, cfg.deadline_s) for n, c in clients.items()
@@ -334,6 +342,20 @@ class RoundEngine:
             key = reason.split(":", 1)[0]
             report.rejected[key] = report.rejected.get(key, 0) + 1
         self.quarantine.record(outcome.node, status == "rejected", r, dropped=status == "dropped")
+        if status in ("updated", "dropped"):
+            doubt = self.evidence.observe(
+                outcome.node,
+                self._profiles.get(outcome.node),
+                mflops(self.config, self.plan.specs[outcome.submodel]),
+                planned_steps(outcome.num_samples or self.declared.get(outcome.node, 0), self.cfg.train)
+                * self.cfg.train.batch_size,
+                outcome.seconds,
+                self.cfg.deadline_s,
+                status == "updated",
+            )
+            if doubt:
+                report.distrusted[outcome.node] = doubt
+                log.warning("round %d: %s: %s", r, outcome.node, doubt)
         report.updates += status == "updated"
         report.declined += status == "declined"
         report.dropped += status == "dropped"

@@ -11,6 +11,7 @@ import numpy as np
 
 from nefl_edge.core.errors import NeflError
 from nefl_edge.core.nested import Tensors
+from nefl_edge.core.schemas import DeviceProfile
 
 log = logging.getLogger(__name__)
 MAX_SAMPLES = 10_000_000
@@ -136,3 +137,52 @@ class Quarantine:
             self._streak = {k: float(v) for k, v in data.get("streak", {}).items()}
             self._until = {k: int(v) for k, v in data.get("until", {}).items()}
             self._recent_drop = {k: int(v) for k, v in data.get("dropped", {}).items()}
+
+
+@dataclass
+class SpeedEvidence:
+    """A device's declared training speed against what it delivers. The speed a device declares at hello
+    (``DeviceProfile.samples_per_s`` on its probe submodel) sets its capacity; once a task has taken more
+    than ``judged_share`` of the deadline at less than ``1 / slack`` of the declared speed, or was never
+    answered (the declared speed is then divided by 4 per unanswered task), the capacity is computed from
+    the speed it delivered instead until it delivers its claim again. Only tasks that took a large share of
+    the deadline are judged: on short tasks, downloads and session start-up dominate the time to answer."""
+
+    slack: float = 3.0
+    judged_share: float = 0.5
+    _trusted: dict[str, float] = field(default_factory=dict)
+
+    def observe(
+        self,
+        node: str,
+        profile: Optional[DeviceProfile],
+        cost_mflops: float,
+        samples_trained: int,
+        seconds: float,
+        deadline_s: float,
+        answered: bool,
+    ) -> Optional[str]:
+        """Record one task's evidence (``samples_trained``: trained, or planned for an unanswered task);
+        returns why the claim is no longer trusted (None: nothing new)."""
+        if profile is None or not profile.samples_per_s or not profile.probe_mflops or cost_mflops <= 0:
+            return None
+        declared = profile.samples_per_s
+        if not answered:  # it did not train samples_trained within the deadline: at most that speed, halved
+            bound = samples_trained / deadline_s * cost_mflops / profile.probe_mflops / 2
+            self._trusted[node] = min(self._trusted.get(node, declared), declared, bound)
+            return f"task never answered: trusted speed {self._trusted[node]:.3g} samples/s instead of {declared:.3g}"
+        if seconds < self.judged_share * deadline_s or seconds <= 0:
+            return None
+        delivered = samples_trained / seconds * cost_mflops / profile.probe_mflops
+        if delivered * self.slack < declared:
+            self._trusted[node] = delivered
+            return f"declared {declared:.3g} samples/s, delivered {delivered:.3g}"
+        self._trusted.pop(node, None)
+        return None
+
+    def profile(self, node: str, profile: Optional[DeviceProfile]) -> Optional[DeviceProfile]:
+        """``profile`` with the speed the evidence supports."""
+        trusted = self._trusted.get(node)
+        if profile is None or trusted is None or profile.samples_per_s is None:
+            return profile
+        return profile.model_copy(update={"samples_per_s": min(profile.samples_per_s, trusted)})

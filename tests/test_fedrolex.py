@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nefl_edge.coordinator.config import ConfigError
 from nefl_edge.coordinator.models import initial_consistent
 from nefl_edge.coordinator.simulate import simulate
 from nefl_edge.coordinator.strategies import get_strategy
@@ -178,3 +179,13 @@ def test_a_simulated_round_trains_the_rolled_window(fmnist_dir: Path) -> None:
 
     assert moved["heterofl"] == list(range(width)), moved
     assert moved["fedrolex"] == list(range(1, width + 1)), moved
+
+
+def test_tracked_batchnorm_statistics_are_refused_clearly(fmnist_dir: Path) -> None:
+    data = load_dataset(fmnist_dir, "train")
+    shard = [Dataset(data.x[:32], data.y[:32], "c0")]
+
+    with pytest.raises(ConfigError, match=r"bn = tracked: fedrolex .* use --bn federated or --bn server"):
+        # without calibration samples simulate keeps the devices' tracked statistics
+        simulate(get_strategy("fedrolex"), get_model_config("resnet-small"), (0.2, 1.0), shard, [0], shard[0], 1,
+                 TrainConfig())  # fmt: skip

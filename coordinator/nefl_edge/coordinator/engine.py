@@ -31,7 +31,7 @@ import numpy as np
 
 from nefl_edge.coordinator.assignment import assign, capacity
 from nefl_edge.coordinator.cadence import evaluates
-from nefl_edge.coordinator.config import RunConfig
+from nefl_edge.coordinator.config import ConfigError, RunConfig
 from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, Grid, Instruction, Outcome
 from nefl_edge.coordinator.screening import MAX_SAMPLES, Quarantine, SpeedEvidence, UpdateRejected, screen
 from nefl_edge.coordinator.strategies import Aggregator, Plan, Strategy
@@ -89,6 +89,11 @@ class RoundEngine:
         plan: Plan,
         calibration: Optional[np.ndarray] = None,
     ) -> None:
+        if cfg.bn == "tracked" and not strategy.tracked_bn:
+            raise ConfigError(
+                f"bn = tracked: {strategy.name} trains other channels than its deployed submodels run, so the "
+                "devices' running statistics would not fit them; use --bn federated or --bn server"
+            )
         self.strategy, self.cfg, self.config, self.plan = strategy, cfg, config, plan
         self.calibration = calibration
         self.rng = np.random.default_rng(cfg.seed)

@@ -106,6 +106,9 @@ class Strategy:
     shared_bn: bool = False
     learned_step: bool = True
     shared_head: bool = True
+    tracked_bn: bool = True
+    """Whether the devices' tracked running statistics (``bn = tracked``) describe the deployed submodels;
+    False for a method whose clients train other channels than the deployed ones (FedRolex)."""
 
     def configure(self, config: ModelConfig) -> ModelConfig:
         """The model family with this method's sharing switches (BN, step sizes, classifier)."""
@@ -242,12 +245,14 @@ class FedRolex(Strategy):
     BatchNorm as in the paper's code and as our ``heterofl``: affine parameters shared and windowed like the
     convolutions, statistics not tracked into the model but re-estimated for the aggregated weights (the
     code's static BN, ``track_running_stats=False``; here the run's ``bn = server`` or ``federated``). With
-    ``bn = tracked`` a submodel's statistics are those of its last training window, not of its deployed
-    prefix. Where this departs from the paper's code (``resnet_server.py``): the window starts at channel
-    ``r mod C`` and advances (the code's ``torch.roll`` takes channel ``-r mod C`` first; the same rotation
-    run backwards); a full-width submodel is rolled too, as in the code (a permutation of its channels);
-    shared elements are averaged with the run's ``weighting`` (the code: unweighted for convolutions); no
-    ``Scaler`` layer and no label-split masking of the classifier (as our ``heterofl``)."""
+    ``bn = tracked`` a submodel's statistics would be those of its last training window, not of its deployed
+    prefix, so the engine refuses it (``tracked_bn``).
+
+    Where this departs from the paper's code (``resnet_server.py``): the window starts at channel ``r mod C``
+    and advances (the code's ``torch.roll`` takes channel ``-r mod C`` first: the same rotation, run
+    backwards); a full-width submodel is rolled too, as in the code (a permutation of its channels); shared
+    elements are averaged with the run's ``weighting`` (the code: unweighted for convolutions); no ``Scaler``
+    layer and no label-split masking of the classifier (as our ``heterofl``)."""
 
     def extract(self, state: GlobalState, index: int, round_: int = 0) -> Tensors:
         """Submodel ``index`` over the round's windows: hidden axes of ``C`` channels at ``(round_ + i) mod C``."""
@@ -351,6 +356,7 @@ STRATEGIES: dict[str, Strategy] = {
             scaling="W",
             shared_bn=True,
             learned_step=False,
+            tracked_bn=False,
         ),
         FjORD(
             "fjord",

@@ -172,9 +172,9 @@ FAR_MEAN = 2.0
 ``|mean - median mean| / sqrt(median variance)`` exceeds this..."""
 FAR_VAR_RATIO = 4.0
 """...or the median over its channels of the variance ratio to the median variance (either way) exceeds this."""
-DISAGREE_MIN = 0.15
-"""Robust evaluation: a device disagrees when its accuracy is further than this (or 3 robust deviations,
-whichever is larger) from the median device's."""
+DISAGREE_MIN = 0.1
+"""Federated evaluation: a device disagrees when its accuracy is further than this (or three binomial
+standard errors of its own count, whichever is larger) from the median device's."""
 
 
 def robust_bn_parts(parts: list[tuple[str, BnStats]], max_weight: float) -> tuple[list[BnStats], list[str]]:
@@ -223,16 +223,20 @@ def federated_summary(
 ) -> dict[str, object]:
     """The federated evaluation of one submodel from every device's answer: the sample-weighted accuracy and
     loss, their spread over devices (median, lowest and highest device accuracy) and the devices that
-    disagree with the median (further than :data:`DISAGREE_MIN` or three scaled median absolute deviations;
-    with at least three devices). ``robust``: the disagreeing devices are left out of the sums and every
-    count is capped at ``max_weight`` times the median count, so one device cannot set the result."""
+    disagree with the median (further than :data:`DISAGREE_MIN` or three binomial standard errors
+    ``sqrt(m (1 - m) / count)`` of the device's count; with at least three devices). ``robust``: the
+    disagreeing devices are left out of the sums and every count is capped at ``max_weight`` times the
+    median count, so one device cannot set the result."""
     accs = np.array([r.accuracy for _, r in answers], np.float64)
     disagree: list[str] = []
     median = float(np.median(accs)) if len(accs) else 0.0
     if len(answers) >= 3:
-        mad = 1.4826 * float(np.median(np.abs(accs - median)))
-        limit = max(DISAGREE_MIN, 3 * mad)
-        disagree = [node for node, r in answers if abs(r.accuracy - median) > limit]
+        spread = median * (1 - median)
+        disagree = [
+            node
+            for node, r in answers
+            if abs(r.accuracy - median) > max(DISAGREE_MIN, 3 * np.sqrt(spread / max(r.count, 1)))
+        ]
     used = [(n, r) for n, r in answers if not (robust and n in disagree)]
     if robust and used:
         cap = max(1.0, max_weight * float(np.median([r.count for _, r in used])))

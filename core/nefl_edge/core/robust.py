@@ -53,7 +53,9 @@ import numpy as np
 from nefl_edge.core.nested import GlobalState, Tensors, prefix_slice
 from nefl_edge.core.specs import param_layout
 
-BLOCK_VALUES = 1 << 23
+SELECT_PASSES = 4
+"""Trimming up to this many values per side selects them pass by pass; more: one sort per element."""
+BLOCK_VALUES = 1 << 22
 """Values (clients x elements) sorted at once in one block of a region: 32 MiB of float32."""
 
 
@@ -114,10 +116,24 @@ def trimmed_mean(values: np.ndarray, weights: np.ndarray, trim: float, min_trim:
     if c < min_trim or trim <= 0:
         return (np.tensordot(w, values.astype(np.float64), axes=1) / w.sum()).astype(np.float32)
     b = max(1, int(np.floor(trim * c)))
-    order = np.argsort(values, axis=0, kind="stable")[b : c - b]
-    kept = np.take_along_axis(values, order, axis=0).astype(np.float64)
-    kept_w = w[order]
-    return ((kept * kept_w).sum(axis=0) / kept_w.sum(axis=0)).astype(np.float32)
+    flat = values.reshape(c, -1)
+    if b > SELECT_PASSES:
+        order = np.argsort(flat, axis=0, kind="stable")[b : c - b]
+        kept = np.take_along_axis(flat, order, axis=0).astype(np.float64)
+        kept_w = w[order]
+        return ((kept * kept_w).sum(axis=0) / kept_w.sum(axis=0)).astype(np.float32).reshape(values.shape[1:])
+    # b passes that drop the smallest and the largest remaining value: no sort of every element's values
+    cols = np.arange(flat.shape[1])
+    keep = np.ones(flat.shape, bool)
+    low, high = flat.copy(), flat.copy()
+    for _ in range(b):
+        i = np.argmin(low, axis=0)
+        low[i, cols], keep[i, cols] = np.inf, False
+        j = np.argmax(high, axis=0)
+        high[j, cols], keep[j, cols] = -np.inf, False
+    kept_w = np.where(keep, w[:, None], 0.0)
+    out = np.einsum("ij,ij->j", flat.astype(np.float64), kept_w) / kept_w.sum(axis=0)
+    return out.astype(np.float32).reshape(values.shape[1:])
 
 
 def _closure(shapes: set[tuple[int, ...]]) -> list[tuple[int, ...]]:
@@ -200,6 +216,28 @@ LEAVE_ONE_OUT = 16
 median its way); above, with the median of all (one client moves it little)."""
 
 
+def _leave_one_out_medians(block: np.ndarray) -> np.ndarray:
+    """Row ``i``: the coordinate-wise median of ``block`` without its row ``i`` (one sort of the block: the
+    remaining values are the sorted ones with the row's rank skipped)."""
+    n = block.shape[0]
+    order = np.argsort(block, axis=0)
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(n)[:, None], axis=0)
+    srt = np.take_along_axis(block, order, axis=0)
+
+    def remaining(k: int, rank: np.ndarray) -> np.ndarray:  # the k-th smallest value without that rank
+        return np.where(k < rank, srt[k], srt[min(k + 1, n - 1)])
+
+    out = np.empty_like(block)
+    m = n - 1
+    for i in range(n):
+        if m % 2:
+            out[i] = remaining(m // 2, ranks[i])
+        else:
+            out[i] = (remaining(m // 2 - 1, ranks[i]) + remaining(m // 2, ranks[i])) / 2
+    return out
+
+
 def _agreement(deltas: _Deltas, layouts: list[dict[str, Any]], state: GlobalState) -> list[float]:
     """Per client: the mean over the consistent tensors that every client has of the cosine similarity
     between its clipped delta and the coordinate-wise median of the other clients' deltas, on the prefix
@@ -218,14 +256,14 @@ def _agreement(deltas: _Deltas, layouts: list[dict[str, Any]], state: GlobalStat
         dots, squares, centre_sq = np.zeros(n), np.zeros(n), np.zeros(n)
         for lo in range(0, common[0], rows):
             where = (slice(lo, min(common[0], lo + rows)), *rest)
-            block = np.stack([deltas.get(i, name, where).reshape(-1) for i in range(n)]).astype(np.float64)
+            block = np.stack([deltas.get(i, name, where).reshape(-1) for i in range(n)])
             if n <= LEAVE_ONE_OUT:
-                centres = np.stack([np.median(np.delete(block, i, axis=0), axis=0) for i in range(n)])
+                centres = _leave_one_out_medians(block)
             else:
                 centres = np.broadcast_to(np.median(block, axis=0), block.shape)
-            dots += np.einsum("ij,ij->i", block, centres)
-            squares += np.einsum("ij,ij->i", block, block)
-            centre_sq += np.einsum("ij,ij->i", centres, centres)
+            dots += np.einsum("ij,ij->i", block, centres, dtype=np.float64)
+            squares += np.einsum("ij,ij->i", block, block, dtype=np.float64)
+            centre_sq += np.einsum("ij,ij->i", centres, centres, dtype=np.float64)
         denom = np.sqrt(squares * centre_sq)
         sums += np.divide(dots, denom, out=np.zeros(n), where=denom > 0)
         counted += 1

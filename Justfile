@@ -66,3 +66,7 @@ specs-table:
 # figures of the code's structure (issue 20's review): device imports, torch at import, docstrings, largest classes
 house *ARGS:
     python -m bench.house {{ARGS}}
+
+# the path of one update from device to global model on a real one-round demo: package crossings and upward calls (--python PY: another install)
+trip *ARGS:
+    python -m bench.trip {{ARGS}}

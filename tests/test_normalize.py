@@ -177,3 +177,35 @@ def test_paper_preset_normalises_and_bad_statistics_are_refused() -> None:
     given = load_config(None, {"normalize": True, "input_mean": "0.3", "input_std": "0.4"})
     assert given.with_input_stats(np.zeros((2, 1, 2, 2), np.float32)) is given
     assert given.network().input_mean == (0.3,) and given.network().input_std == (0.4,)
+
+
+def test_serve_measures_the_statistics_once_and_the_recorded_config_keeps_them(train: Dataset, tmp_path: Path) -> None:
+    from nefl_edge.coordinator.config import resume_config
+    from nefl_edge.coordinator.run import ServeRun
+
+    data = tmp_path / "train.npz"
+    np.savez(data, x=train.x[:500], y=train.y[:500])
+    overrides = {"normalize": True, "gammas": "0.2,1.0", "data_dir": str(data), "runs_dir": str(tmp_path)}
+    run = ServeRun(load_config(None, overrides), tmp_path / "run")
+
+    run.prepare()
+
+    mean, std = channel_stats(train.x[:500])
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert np.allclose(recorded["input_mean"], mean) and np.allclose(recorded["input_std"], std), recorded
+    assert run.config.input_mean == tuple(recorded["input_mean"])
+    manifest = load_manifest(tmp_path / "run" / "artifacts")
+    assert manifest.normalize is not None and tuple(manifest.normalize.mean) == run.config.input_mean
+    np.savez(data, x=np.ones_like(train.x[:500]), y=train.y[:500])  # the data changed: the recorded stats hold
+    resumed = ServeRun(resume_config(tmp_path / "run", {}), tmp_path / "again")  # the recorded configuration
+    resumed.prepare()
+    assert resumed.config.input_mean == run.config.input_mean
+
+
+def test_serve_without_training_data_says_what_to_give(tmp_path: Path) -> None:
+    from nefl_edge.coordinator.run import ServeRun
+
+    cfg = load_config(None, {"normalize": True, "data_dir": str(tmp_path / "none"), "runs_dir": str(tmp_path)})
+
+    with pytest.raises(ConfigError, match="--input-mean"):
+        ServeRun(cfg, tmp_path / "run").prepare()

@@ -11,6 +11,7 @@ submodel, on the coordinator's test samples; each test prints its figures.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +27,7 @@ from nefl_edge.coordinator.engine import RoundEngine, RoundReport
 from nefl_edge.coordinator.evaluation import evaluate_all
 from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, InProcessGrid, Instruction, Outcome
 from nefl_edge.coordinator.models import initial_consistent
+from nefl_edge.coordinator.records import METRICS, Records
 from nefl_edge.coordinator.strategies import TorchOptions, get_strategy
 from nefl_edge.core.data import Dataset, load_dataset
 from nefl_edge.core.evaluation import EvalResult
@@ -188,6 +190,19 @@ def test_a_scaled_reversed_update_is_left_out_and_its_device_quarantined(fmnist_
     assert all(lo == [HOSTILE] for lo in left_out), f"not exactly the scaled update left out each round: {left_out}"
     assert reports[3].quarantined_nodes == [HOSTILE], f"three left-out updates did not quarantine it: {reports[3]}"
     assert all(r.aggregated for r in reports), "a round without aggregation"
+
+
+def test_quarantine_and_the_robust_aggregation_show_in_metrics_jsonl(fmnist_dir: Path, tmp_path: Path) -> None:
+    _, reports = run_attack(str(fmnist_dir), "scaled", rounds=4, max_steps=6)
+    _, plan = get_strategy("nefl-wd").setup(replace(RunConfig().network(), stage_widths=WIDTHS), tuple(GAMMAS))
+    records = Records(tmp_path)
+    for report in reports:
+        records.write_round(report, [], plan)
+    rows = [json.loads(line) for line in (tmp_path / METRICS).read_text().splitlines()]
+    assert rows and all(r["round"] == 4 for r in rows), f"only the evaluated round has rows: {rows}"
+    assert all(r["quarantined_nodes"] == [HOSTILE] for r in rows), f"quarantine not in metrics.jsonl: {rows[0]}"
+    assert all("fed_disagree" in r and "fed_lowest" in r and "fed_highest" in r for r in rows), "no spread"
+    assert set(rows[0]["robust"]) == {"clipped", "left_out", "capped"}, f"no robust record: {rows[0]}"
 
 
 @pytest.mark.slow

@@ -24,7 +24,9 @@ def test_both_command_lines_tell_their_version(module: str) -> None:
     run = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=60)
 
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == f"nefl-edge {__version__}"
+    program = "nefl-coord" if module.endswith("coordinator") else "nefl-edge"
+    assert run.stdout.startswith(f"{program} {__version__} (commit "), run.stdout
+    assert "ONNX Runtime " in run.stdout and "Python " in run.stdout, run.stdout
 
 
 def test_a_method_the_devices_cannot_train_is_refused_with_exit_code_2(tmp_path: Path) -> None:

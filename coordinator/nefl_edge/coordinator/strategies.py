@@ -259,15 +259,15 @@ class FedRolex(Strategy):
         hidden = hidden_axes(state.config)
         out: Tensors = {}
         for name, info in param_layout(state.config, state.specs[index]).items():
-            if info.kind == "consistent":
-                full = state.consistent[name]
-                axes = [
-                    _window(g, n, round_) if h else np.arange(n)
-                    for g, n, h in zip(full.shape, info.shape, hidden[name])
-                ]
-                out[name] = full[np.ix_(*axes)]  # fancy indexing: a copy
-            else:
+            if info.kind != "consistent":
                 out[name] = state.inconsistent[index][name].copy()
+                continue
+            full = state.consistent[name]
+            part = full[tuple(slice(None) if h else slice(0, n) for n, h in zip(info.shape, hidden[name]))]
+            for axis, (g, n, h) in enumerate(zip(full.shape, info.shape, hidden[name])):
+                if h:  # one gather per hidden axis (faster than an open mesh over all axes at once)
+                    part = np.take(part, _window(g, n, round_), axis=axis)
+            out[name] = part if part.base is None else part.copy()
         return out
 
     def aggregator(

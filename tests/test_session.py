@@ -10,7 +10,7 @@ device's (replayed and stale tasks refused) can be driven message by message.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -199,6 +199,41 @@ def test_the_memory_link_keeps_retained_chunks_and_clears_them(tmp_path: Path) -
     assert sent_chunks >= 5, f"the body was not chunked: {sent_chunks} chunks"
     assert chunks == [], f"chunks left after clear_retained: {chunks}"
     assert after.next(0.1) is None, "a cleared retained message was delivered"
+
+
+class ExactRetainedBroker(MemoryBroker):
+    """A broker that, like RabbitMQ's MQTT plugin (3.10 to 3.13), sends a retained message only to a filter that
+    is exactly its topic, never through a wildcard."""
+
+    def retained(self, filters: Sequence[str]) -> list[tuple[str, bytes]]:
+        with self._lock:
+            return [(t, p) for t, p in self._retained.items() if t in filters]
+
+
+def test_retained_chunks_arrive_through_exact_subscriptions_only(tmp_path: Path) -> None:
+    # Prepare: a 4 KiB retained message in 1 KiB frames on a broker that sends retained messages only to
+    # exact filters
+    broker = ExactRetainedBroker()
+    sender = MemoryLink(broker, RUN, chunk_size=1024)
+    sender.connect()
+    body = bytes(range(256)) * 16
+    sender.publish("nefl/sess/weights/3", Weights(run=RUN, round=1, submodel=3), body, retain=True)
+    chunks = sum(1 for t in broker._retained if t.startswith("nefl/sess/weights/3/chunk/"))
+
+    # Execute: a wildcard subscriber (the control: it gets nothing) and an exact one join late
+    wildcard, exact = MemoryLink(broker, RUN), MemoryLink(broker, RUN)
+    wildcard.subscribe("nefl/sess/weights/+")
+    exact.subscribe("nefl/sess/weights/3")
+    wildcard.connect()
+    exact.connect()
+    got = exact.next(1.0)
+
+    # Assert: the exact subscriber read the chunk count from chunk 0, subscribed the rest, and dropped them after
+    assert chunks >= 5, f"the body was not chunked: {chunks} chunks"
+    assert wildcard.next(0.1) is None, "the broker sent a retained message through a wildcard"
+    assert got is not None and got[2] == body, f"the retained message did not arrive whole: {got}"
+    left = sorted(exact._filters_now)
+    assert left == ["nefl/sess/weights/3", "nefl/sess/weights/3/chunk/0"], f"chunk subscriptions left: {left}"
 
 
 def test_both_links_implement_the_link_interface() -> None:

@@ -1,6 +1,11 @@
 """The link: what the protocol sessions (``coordinator.session``, ``edge_client.session``) need of a transport,
 and the transport-independent half of one.
 
+Fair share (issue 22): a session says which streams it listens to now (``admit``: the rest are dropped before
+reassembly) and whose messages the receive caps must keep (``favoured``); :class:`FairAssembler` and
+:class:`Inbox` then make room from the sender holding the most, and :meth:`FramedLink.rejected_by` says who
+sent what was refused, for quarantine.
+
 :class:`Link` is the interface: subscribe / unsubscribe topic filters, publish a message (retained or not),
 take the next validated inbound message (with a timeout), the ``connected`` event with ``on_connected`` and
 ``on_session`` watchers, and close. Topic names and wildcards are MQTT's (``+`` one level, ``#`` the rest), as
@@ -20,9 +25,11 @@ messages). The wire bytes are the real ones.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import re
+import struct
 import threading
 from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
@@ -31,7 +38,11 @@ from nefl_edge.core.schemas import Message
 from nefl_edge.core.signing import SIGNATURE_BLOCK, Keyring, SignatureError, Signer, strip_pieces
 from nefl_edge.core.wire import (
     DEFAULT_CHUNK_SIZE,
+    MAGIC_FRAME,
+    MAX_FRAME_HEADER_SIZE,
+    MAX_MESSAGE_SIZE,
     MESSAGE_KINDS_BY_TOPIC,
+    MIN_CHUNK_SIZE,
     Assembler,
     Buffer,
     LogLimiter,
@@ -50,6 +61,7 @@ CHUNK_MARK = "/chunk/"
 INBOX_SIZE = 4096  # validated messages waiting for the consumer; beyond it new ones are dropped and counted
 INBOX_BYTES = 1 << 30  # and their bodies' bytes: a flood of large updates cannot grow memory past this
 CHUNK_TOPIC = re.compile(r"(.+)/chunk/(\d{1,9})")
+MAX_CHUNKS = -(-MAX_MESSAGE_SIZE // MIN_CHUNK_SIZE)  # the most chunks a valid message has
 Inbound = Tuple[str, Message, bytes]
 """A validated message: (its stream topic without the chunk suffix, the message, its body)."""
 
@@ -67,10 +79,24 @@ class Link(Protocol):
     on_connected: Optional[Callable[[], None]]
     on_session: List[Callable[[bool, Any], None]]
     on_payload: Optional[Callable[[str, Buffer], bool]]
+    admit: Optional[Callable[[str], bool]]
+    """Which streams are listened to now; the others are dropped unread and counted as ``unsolicited``."""
+
+    @property
+    def favoured(self) -> Optional[Callable[[str], bool]]:
+        """Senders whose messages the receive caps never evict while another sender holds any."""
+        ...
+
+    @favoured.setter
+    def favoured(self, value: Optional[Callable[[str], bool]]) -> None: ...
 
     @property
     def rejections(self) -> Counter[str]:
         """Inbound payloads rejected so far, by reason code (see ``wire.ProtocolError``)."""
+        ...
+
+    def rejected_by(self) -> Counter[str]:
+        """Inbound payloads rejected (and partial messages evicted) on each node's topics so far, by node."""
         ...
 
     def connect(self, timeout_s: float = 15.0) -> None:
@@ -82,6 +108,12 @@ class Link(Protocol):
         ...
 
     def unsubscribe(self, topic: str) -> None: ...
+
+    def subscribe_all(self, topics: Sequence[str]) -> None:
+        """:meth:`subscribe` each topic, in one request."""
+        ...
+
+    def unsubscribe_all(self, topics: Sequence[str]) -> None: ...
 
     def publish(
         self, topic: str, message: Message, body: Union[Buffer, Sequence[Buffer]] = b"", retain: bool = False
@@ -106,32 +138,123 @@ class Link(Protocol):
 
 class Inbox(queue.Queue):  # type: ignore[type-arg]
     """The validated messages waiting for the consumer, bounded by count and by the bytes of their bodies.
-    Only the transport's thread puts (``offer``); consumers ``get`` as from any queue."""
+    Only the transport's thread puts (``offer``); consumers ``get`` as from any queue.
+
+    When it is full, room is made from the sender (``Topics.sender_of`` of the stream) holding the most, never
+    from a ``favoured`` one (e.g. a device with a pending task): a new message of a favoured sender, or of a
+    sender holding less than the heaviest, evicts the heaviest unfavoured sender's oldest messages; otherwise
+    the new message is the one dropped."""
 
     def __init__(self, maxsize: int, max_bytes: int) -> None:
         super().__init__(maxsize)
         self.max_bytes = max_bytes
         self.bytes = 0
+        self.held: Dict[str, List[int]] = {}  # sender -> [messages, bytes] waiting
+        self.evicted: Counter[str] = Counter()  # messages evicted to make room, by sender
 
-    def offer(self, item: Inbound) -> Optional[str]:
-        """Queue ``item``, or say why not (the inbox is full by count or by bytes)."""
-        size = len(item[2])
+    def _full(self, size: int) -> Tuple[Optional[str], bool]:
+        """Why ``size`` more bytes do not fit (None if they do), and whether the bytes are the limit."""
         if self.bytes and self.bytes + size > self.max_bytes:
-            return f"{self.bytes} bytes are waiting (limit {self.max_bytes})"
-        try:
-            self.put_nowait(item)
-        except queue.Full:
-            return f"{self.maxsize} messages are waiting"
+            return f"{self.bytes} bytes are waiting (limit {self.max_bytes})", True
+        if 0 < self.maxsize <= self._qsize():
+            return f"{self.maxsize} messages are waiting", False
+        return None, False
+
+    def offer(self, item: Inbound, favoured: Optional[Callable[[str], bool]] = None) -> Optional[str]:
+        """Queue ``item`` (making room as the class says), or say why not."""
+        size, sender = len(item[2]), Topics.sender_of(item[0])
+        with self.mutex:
+            full, by_bytes = self._full(size)
+            while full is not None:
+                victim = self._heaviest(favoured, by_bytes)
+                mine = self.held.get(sender, [0, 0])
+                if victim is None or victim == sender:
+                    return full
+                if not (favoured is not None and favoured(sender)):
+                    theirs = self.held[victim]
+                    if (mine[1], mine[0]) >= (theirs[1], theirs[0]):
+                        return full
+                self._evict(victim)
+                full, by_bytes = self._full(size)
+            self._put(item)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
         return None
 
+    def _heaviest(self, favoured: Optional[Callable[[str], bool]], by_bytes: bool) -> Optional[str]:
+        """The unfavoured sender holding the most bytes (``by_bytes``) or messages waiting, if any."""
+        best, most = None, (0, 0)
+        for sender, (count, held) in self.held.items():
+            weight = (held, count) if by_bytes else (count, held)
+            if weight > most and not (favoured is not None and favoured(sender)):
+                best, most = sender, weight
+        return best
+
+    def _evict(self, sender: str) -> None:
+        for i, item in enumerate(self.queue):
+            if Topics.sender_of(item[0]) == sender:
+                del self.queue[i]
+                self._account(item, -1)
+                self.unfinished_tasks -= 1
+                self.evicted[sender] += 1
+                self.not_full.notify()
+                return
+
+    def _account(self, item: Inbound, sign: int) -> None:
+        sender, size = Topics.sender_of(item[0]), len(item[2])
+        self.bytes += sign * size
+        held = self.held.setdefault(sender, [0, 0])
+        held[0] += sign
+        held[1] += sign * size
+        if held[0] <= 0:
+            del self.held[sender]
+
     def _put(self, item: Inbound) -> None:
-        self.bytes += len(item[2])
+        self._account(item, 1)
         super()._put(item)
 
     def _get(self) -> Inbound:
         item: Inbound = super()._get()
-        self.bytes -= len(item[2])
+        self._account(item, -1)
         return item
+
+
+class FairAssembler(Assembler):
+    """:class:`core.wire.Assembler` whose total caps (partials, bytes held) evict from the sender holding the
+    most bytes, never from a ``favoured`` one while another holds anything (``favoured(sender)``: e.g. a
+    device with a pending task), instead of the oldest partial of anyone; the per-sender caps evict that
+    sender's own oldest partial, as before. :attr:`evicted_by` counts evictions by sender.
+
+    Departure from the base class: the base evicts the oldest partial of anyone for the total caps, so that
+    senders opening many partials push out a slow honest sender's only partial (issue 22: 0 of 8 honest
+    updates under 10 flooding accounts)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.favoured: Optional[Callable[[str], bool]] = None
+        self.evicted_by: Counter[str] = Counter()
+
+    def _oldest(self, sender: Optional[str], keep: Tuple[str, str]) -> Tuple[str, str]:
+        if sender is None:
+            sender = self._heaviest(keep)
+        return super()._oldest(sender, keep)
+
+    def _heaviest(self, keep: Tuple[str, str]) -> Optional[str]:
+        """The sender holding the most bytes (unfavoured ones first) with a partial other than ``keep``."""
+        favoured = self.favoured
+        best, most = None, (False, -1)
+        for key, part in self._partials.items():
+            if key == keep:
+                continue
+            weight = (not (favoured is not None and favoured(part.sender)), self._senders[part.sender][1])
+            if weight > most:
+                best, most = part.sender, weight
+        return best
+
+    def _drop(self, key: Tuple[str, str], cause: str) -> None:
+        if cause and key in self._partials:
+            self.evicted_by[self._partials[key].sender] += 1
+        super()._drop(key, cause)
 
 
 def split_chunk_topic(topic: str) -> Tuple[str, Optional[int]]:
@@ -141,8 +264,32 @@ def split_chunk_topic(topic: str) -> Tuple[str, Optional[int]]:
 
 
 def topic_filters(topic: str) -> List[str]:
-    """The filters a subscription to ``topic`` takes: it and, unless it ends in ``#``, its retained chunks."""
-    return [topic] if topic.endswith("#") else [topic, f"{topic}{CHUNK_MARK}+"]
+    """The filters a subscription to ``topic`` takes: it and, unless it ends in ``#``, its retained chunks: of
+    a wildcard filter ``<topic>/chunk/+``, of an exact topic only ``<topic>/chunk/0`` (the link subscribes the
+    other chunks exactly once chunk 0 says how many there are: :meth:`FramedLink._more_chunks`)."""
+    if topic.endswith("#"):
+        return [topic]
+    return [topic, f"{topic}{CHUNK_MARK}{'+' if is_wildcard(topic) else 0}"]
+
+
+def is_wildcard(topic: str) -> bool:
+    return "+" in topic or "#" in topic
+
+
+def chunk_count(payload: Buffer) -> Optional[int]:
+    """The chunk count ``n`` in a frame's header, or ``None`` if the payload is not a frame with a plausible
+    one (only the header is read; the receiver checks the frame in full)."""
+    try:
+        view = memoryview(payload)
+        if len(view) < 8 or view[:4] != MAGIC_FRAME:
+            return None
+        (size,) = struct.unpack(">I", view[4:8])
+        if size > MAX_FRAME_HEADER_SIZE or 8 + size > len(view):
+            return None
+        n = json.loads(bytes(view[8 : 8 + size])).get("n")
+    except (ValueError, TypeError, AttributeError, struct.error):
+        return None
+    return n if type(n) is int and 1 <= n <= MAX_CHUNKS else None
 
 
 def topic_matches(pattern: str, topic: str) -> bool:
@@ -180,10 +327,11 @@ class Receiver:
         if keyring is not None and sender_of is None:
             raise ValueError("a keyring needs sender_of (who may sign each topic), e.g. signers_by_topic(...)")
         self.run = run
-        self.assembler = assembler if assembler is not None else Assembler()
+        self.assembler = assembler if assembler is not None else FairAssembler()
         self.keyring = keyring
         self.sender_of = sender_of
         self.rejections: Counter[str] = Counter()
+        self.by_node: Counter[str] = Counter()  # rejections on each node's topics, by node
         self.last_rejection: Optional[Tuple[str, str]] = None  # (reason, text), for tests and debugging
         self._log = LogLimiter(log, log_burst, log_window_s)
 
@@ -231,6 +379,9 @@ class Receiver:
 
     def reject(self, topic: str, reason: str, text: str) -> None:
         self.rejections[reason] += 1
+        node = Topics.node_of(topic)
+        if node:
+            self.by_node[node] += 1
         self.last_rejection = (reason, text)
         self._log.warning(reason, "rejected payload on %s (%s): %s", short(topic, 200), reason, text)
 
@@ -267,7 +418,13 @@ class FramedLink:
         self.on_payload: Optional[Callable[[str, Buffer], bool]] = None
         """A tap on raw inbound payloads, before any check: True means it took the payload (the receiver never
         sees it); an exception it raises is counted as a rejection."""
-        self._subs: List[str] = []
+        self.admit: Optional[Callable[[str], bool]] = None
+        """Which streams are listened to now (called with the stream topic): False drops the payload before it
+        is reassembled or checked, counted as ``unsolicited`` (e.g. the coordinator's updates from devices
+        without a task)."""
+        self._favoured: Optional[Callable[[str], bool]] = None
+        self._subs: Dict[str, None] = {}  # the topics subscribed, in order (a dict: 10,000 devices' topics)
+        self._chunk_subs: Dict[str, int] = {}  # exact stream -> chunks 1..n-1 subscribed for the message arriving
         self._retained_counts: Dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -297,6 +454,29 @@ class FramedLink:
     def rejected(self) -> int:
         return sum(self.receiver.rejections.values())
 
+    @property
+    def favoured(self) -> Optional[Callable[[str], bool]]:
+        """Senders (``Topics.sender_of``) whose partial and waiting messages the caps never evict while another
+        sender holds any (see :class:`FairAssembler`, :class:`Inbox`)."""
+        return self._favoured
+
+    @favoured.setter
+    def favoured(self, value: Optional[Callable[[str], bool]]) -> None:
+        self._favoured = value
+        if isinstance(self.assembler, FairAssembler):
+            self.assembler.favoured = value
+
+    def rejected_by(self) -> Counter[str]:
+        """Payloads rejected on each node's topics so far, by node, with the partial messages of that node that
+        a cap or the timeout evicted (the trace of a flood of messages that never finish)."""
+        out = Counter(self.receiver.by_node)
+        evicted = getattr(self.assembler, "evicted_by", None)
+        for sender, count in (evicted or {}).items():
+            node = Topics.node_of(sender + "/x")
+            if node:
+                out[node] += count
+        return out
+
     def receive(self, topic: str, payload: Buffer) -> Optional[Inbound]:
         """What the transport does with one payload, minus queueing: never raises (see
         :meth:`Receiver.receive`)."""
@@ -307,8 +487,16 @@ class FramedLink:
         try:
             if self.on_payload is not None and self.on_payload(topic, payload):
                 return
+            stream, index = split_chunk_topic(topic)
+            if self.admit is not None and not self.admit(stream):
+                self.receiver.reject(topic, "unsolicited", "a stream this link does not listen to now")
+                return
+            if index == 0:
+                self._more_chunks(stream, payload)
             item = self.receive(topic, payload)
-            full = None if item is None else self.inbox.offer(item)
+            if item is not None and index is not None:
+                self._chunks_done(stream)
+            full = None if item is None else self.inbox.offer(item, self.favoured)
             if full is not None:  # the consumer is behind a flood: drop, count, never block the transport
                 self.receiver.reject(topic, "inbox_full", full)
         except Exception as exc:  # receive() never raises; this guards the topic decoding and the queue
@@ -318,9 +506,35 @@ class FramedLink:
         with self._lock:
             return [f for topic in self._subs for f in topic_filters(topic)]
 
+    def _more_chunks(self, stream: str, payload: Buffer) -> None:
+        """Chunk 0 of a retained message on an exactly subscribed ``stream`` came: subscribe its chunks 1..n-1
+        exactly. Brokers such as RabbitMQ's MQTT plugin (3.10 to 3.13) send retained messages only to a filter
+        that is exactly their topic, never through ``<topic>/chunk/+``; Mosquitto sends them either way."""
+        n = chunk_count(payload)
+        if n is None:
+            return
+        with self._lock:
+            if stream not in self._subs:
+                return
+            have = self._chunk_subs.get(stream, 1)
+            if n <= have:
+                return
+            self._chunk_subs[stream] = n  # set before subscribing: a link may deliver during _add_filters
+        self._add_filters([f"{stream}{CHUNK_MARK}{i}" for i in range(have, n)])
+
+    def _chunks_done(self, stream: str) -> None:
+        """A message on ``stream`` is whole: unsubscribe the chunks that :meth:`_more_chunks` added for it."""
+        with self._lock:
+            have = self._chunk_subs.pop(stream, 1)
+        if have > 1:
+            self._drop_filters([f"{stream}{CHUNK_MARK}{i}" for i in range(1, have)])
+
     def _session_up(self, reason: Any) -> None:
-        """The transport (re)connected: tell the watchers, restore the subscriptions, call ``on_connected``."""
+        """The transport (re)connected: tell the watchers, restore the subscriptions, call ``on_connected``.
+        Chunks subscribed for a message under way are subscribed again when its chunk 0 comes again."""
         self._tell_session(True, reason)
+        with self._lock:
+            self._chunk_subs.clear()
         filters = self._filters()
         if filters:
             self._add_filters(filters)
@@ -343,17 +557,31 @@ class FramedLink:
                 log.exception("a session watcher failed")
 
     def subscribe(self, topic: str) -> None:
-        """Subscribe ``topic`` and, unless it ends in ``#``, its retained chunks ``<topic>/chunk/+``."""
+        """Subscribe ``topic`` and, unless it ends in ``#``, its retained chunks (see :func:`topic_filters`)."""
+        self.subscribe_all([topic])
+
+    def subscribe_all(self, topics: Sequence[str]) -> None:
+        """:meth:`subscribe` each of ``topics``, in one request to the broker."""
         with self._lock:
-            if topic not in self._subs:
-                self._subs.append(topic)
-        self._add_filters(topic_filters(topic))
+            for topic in topics:
+                self._subs[topic] = None
+        filters = [f for topic in topics for f in topic_filters(topic)]
+        if filters:
+            self._add_filters(filters)
 
     def unsubscribe(self, topic: str) -> None:
+        self.unsubscribe_all([topic])
+
+    def unsubscribe_all(self, topics: Sequence[str]) -> None:
+        """:meth:`unsubscribe` each of ``topics``, in one request to the broker."""
+        filters: List[str] = []
         with self._lock:
-            if topic in self._subs:
-                self._subs.remove(topic)
-        self._drop_filters(topic_filters(topic))
+            for topic in topics:
+                self._subs.pop(topic, None)
+                have = self._chunk_subs.pop(topic, 1)
+                filters += topic_filters(topic) + [f"{topic}{CHUNK_MARK}{i}" for i in range(1, have)]
+        if filters:
+            self._drop_filters(filters)
 
     def next(self, timeout: float) -> Optional[Inbound]:
         """The next validated inbound message, or ``None`` after ``timeout`` seconds (0: do not wait)."""
@@ -453,7 +681,9 @@ class MemoryLink(FramedLink):
         self._filters_now: List[str] = []
         self._attached = False
         self._will = self._will_frame(will) if will is not None else None
-        self._inbound = threading.Lock()  # publishers' threads deliver; the receiver takes one payload at a time
+        # publishers' threads deliver; the receiver takes one payload at a time (re-entered only by the retained
+        # chunks that a subscription made while delivering chunk 0 delivers at once)
+        self._inbound = threading.RLock()
 
     def _deliver(self, topic: str, payload: Buffer) -> None:
         with self._inbound:  # as paho's one network thread does for an MqttLink

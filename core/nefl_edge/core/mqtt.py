@@ -6,8 +6,9 @@ optionally signed publishing and the inbox of validated (and, with a keyring, ve
 The receive path cannot be killed by a payload: paho's callback hands every payload to
 :meth:`core.link.Receiver.receive`, which catches every exception, counts it by reason in ``rejections`` and logs it
 (rate-limited) with the topic; the fuzz suite drives that same method. :meth:`MqttLink.subscribe` also
-subscribes the chunked form ``<topic>/chunk/+`` on which retained messages travel, so retained and plain
-messages on a topic both arrive.
+subscribes the chunked form on which retained messages travel (``<topic>/chunk/0`` exactly, then its other
+chunks exactly, which brokers such as RabbitMQ need; ``<topic>/chunk/+`` for a wildcard filter), so retained
+and plain messages on a topic both arrive.
 
 Correct over MQTT 3.1.1; MQTT 5 is optional (``protocol="5"``), used only for a session expiry interval.
 """

@@ -94,7 +94,7 @@ class DeviceSession:
     @property
     def run_topics(self) -> Tuple[str, ...]:
         """What the device listens to for the whole run: the manifest, its own tasks, the run's control."""
-        return (self.topics.manifest + "/#", self.topics.node(self.node, "task"), self.topics.control)
+        return (self.topics.manifest, self.topics.node(self.node, "task"), self.topics.control)
 
     def subscribe_run(self) -> None:
         for topic in self.run_topics:
@@ -105,7 +105,7 @@ class DeviceSession:
         for topic in self.run_topics:
             self.link.unsubscribe(topic)
         if self.following is not None:
-            self.link.unsubscribe(self.topics.weights(self.following) + "/#")
+            self.link.unsubscribe(self.topics.weights(self.following))
 
     # --- what the device says ------------------------------------------------------------------------------
 
@@ -177,11 +177,11 @@ class DeviceSession:
 
     def fetch(self, topic: str, what: str, match: Callable[[Message, bytes], bool], timeout: float) -> bytes:
         """The body of the retained message on ``topic`` that ``match`` accepts (subscribed for the wait)."""
-        self.link.subscribe(topic + "/#")
+        self.link.subscribe(topic)
         try:
             return self.wait_for(what, match, timeout)[1]
         finally:
-            self.link.unsubscribe(topic + "/#")
+            self.link.unsubscribe(topic)
 
     def fresh_manifest(self, message: Message) -> bool:
         if not isinstance(message, ManifestMessage):
@@ -289,10 +289,10 @@ class DeviceSession:
         device its later global weights, up to the final model of the run."""
         topic = self.topics.weights(sub.index)
         if follow and self.following not in (None, sub.index):
-            self.link.unsubscribe(self.topics.weights(self.following) + "/#")
+            self.link.unsubscribe(self.topics.weights(self.following))
         if follow:
             self.following = sub.index
-        self.link.subscribe(topic + "/#")
+        self.link.subscribe(topic)
         try:
             _, body = self.wait_for(
                 f"weights of submodel {sub.index} for round {round_}",
@@ -301,7 +301,7 @@ class DeviceSession:
             )
         finally:
             if self.following != sub.index:
-                self.link.unsubscribe(topic + "/#")
+                self.link.unsubscribe(topic)
         tensors = unpack_tensors(body)
         missing = [p.name for p in sub.params if p.name not in tensors]
         if missing:

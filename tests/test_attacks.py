@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from nefl_edge.coordinator.assignment import ClientInfo
+from nefl_edge.coordinator.checkpoint import CheckpointError, DiskFull, durable_append
 from nefl_edge.coordinator.config import RunConfig
 from nefl_edge.coordinator.engine import RoundEngine, RoundReport
 from nefl_edge.coordinator.evaluation import evaluate_all
@@ -269,3 +270,22 @@ def test_a_falsified_evaluation_is_seen_and_does_not_set_the_federated_accuracy(
                 assert fed["highest"] == 1.0, "the spread does not show the 100 % device"
         if attack == "falsified_huge":
             assert r.rejected.get("eval_invalid"), f"round {r.round}: 10,000,000 held-out samples were accepted"
+
+
+def test_a_full_disk_while_recording_is_one_sentence_not_a_traceback() -> None:
+    """/dev/full answers every write with ENOSPC, as a full disk does."""
+    with pytest.raises(DiskFull, match=r"no space left.*--resume"):
+        durable_append(Path("/dev/full"), ['{"round": 1}'])
+    assert DiskFull("x").exit_code != 1, "a full disk must not exit like a bug"
+
+
+def test_a_truncated_last_line_of_metrics_jsonl_is_dropped_and_a_damaged_earlier_one_named(tmp_path: Path) -> None:
+    path = tmp_path / METRICS
+    path.write_text('{"round": 1, "submodel": 0}\n{"round": 2, "submodel": 0}\n{"round": 3, "subm')
+    records = Records(tmp_path)
+    assert [r["round"] for r in records.metrics()] == [1, 2], "the cut-short last line must be dropped"
+    records.truncate(1)
+    assert [r["round"] for r in records.metrics()] == [1], "resume's truncate must work on such a file"
+    path.write_text('{"round": 1}\n{"rou\n{"round": 2}\n')
+    with pytest.raises(CheckpointError, match="line 2 is damaged"):
+        records.metrics()

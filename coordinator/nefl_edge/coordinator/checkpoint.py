@@ -8,15 +8,18 @@ the previous state file is deleted only after the new checkpoint that no longer 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nefl_edge.core.errors import BadInput
+from nefl_edge.core.errors import BadInput, NeflError
 from nefl_edge.core.files import write_atomic
 
 CHECKPOINT = "checkpoint.json"
@@ -26,9 +29,27 @@ class CheckpointError(BadInput):
     """A run directory that cannot be resumed; the message names the file and what to do."""
 
 
+class DiskFull(NeflError):
+    """The run directory's disk is full (or over quota): the message names the file and how to go on."""
+
+
+@contextmanager
+def _disk(path: Path, what: str) -> Iterator[None]:
+    """Turn a full disk while writing ``path`` into :class:`DiskFull` with one sentence."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFull(
+            f"no space left on the disk of {path.parent} while writing {what} ({path.name}): free some space, "
+            f"then continue the run with --resume {path.parent} (it restarts after the last complete checkpoint)"
+        ) from None
+
+
 def durable_append(path: Path, lines: list[str]) -> None:
     """Append lines and fsync (metrics and client records survive a crash once a round is recorded)."""
-    with path.open("a") as fh:
+    with _disk(path, "the run's records"), path.open("a") as fh:
         fh.write("".join(line + "\n" for line in lines))
         fh.flush()
         os.fsync(fh.fileno())
@@ -47,7 +68,8 @@ def save(run_dir: Path, checkpoint: Checkpoint) -> None:
 
     name = f"state-{checkpoint.round:05d}.safetensors"
     blob = save_tensors(checkpoint.state)
-    write_atomic(run_dir / name, blob, 0o644)
+    with _disk(run_dir / name, "a checkpoint"):
+        write_atomic(run_dir / name, blob, 0o644)
     meta = {
         "round": checkpoint.round,
         "state": name,
@@ -56,7 +78,8 @@ def save(run_dir: Path, checkpoint: Checkpoint) -> None:
         "registry": checkpoint.registry,
         "saved_at": time.time(),
     }
-    write_atomic(run_dir / CHECKPOINT, json.dumps(meta).encode(), 0o644)
+    with _disk(run_dir / CHECKPOINT, "a checkpoint"):
+        write_atomic(run_dir / CHECKPOINT, json.dumps(meta).encode(), 0o644)
     for old in run_dir.glob("state-*.safetensors"):
         if old.name != name:
             old.unlink()

@@ -4,22 +4,39 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from nefl_edge.coordinator.checkpoint import durable_append
+from nefl_edge.coordinator.checkpoint import CheckpointError, durable_append
 from nefl_edge.coordinator.engine import RoundReport
 from nefl_edge.coordinator.strategies import Plan
 from nefl_edge.core.files import write_atomic
 
 METRICS, CLIENTS = "metrics.jsonl", "clients.jsonl"
+log = logging.getLogger(__name__)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of ``path``. A last line cut short (a crash or a full disk in the middle of an append) is
+    dropped with a warning; a damaged line before it raises :class:`CheckpointError` naming it."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    out = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            if number == len(lines):
+                log.warning("%s: its last line is cut short (%s); dropped", path, exc)
+                break
+            raise CheckpointError(f"{path} line {number} is damaged ({exc}); repair or remove that line") from None
+        out.append(record)
+    return out
 
 
 def final_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -166,6 +166,9 @@ class RoundEngine:
         report.bytes_out = grid.bytes_out - out_before
         for reason, count in grid.rejections().items():
             report.rejected[reason] = report.rejected.get(reason, 0) + count
+        for node in getattr(grid, "offenders", list)():  # refused traffic over budget (MQTT grids)
+            self.quarantine.block(node, r, "refused traffic over budget")
+            report.rejected["over_budget"] = report.rejected.get("over_budget", 0) + 1
         report.phases["training"] = time.monotonic() - collecting
         aggregating = time.monotonic()
         trained = Counter(c["submodel"] for c in report.clients if c["status"] == "updated")

@@ -82,6 +82,10 @@ class MqttGrid:
     def rejections(self) -> dict[str, int]:
         return self.session.rejections()
 
+    def offenders(self) -> list[str]:
+        """The devices whose refused traffic since the last call is over budget (the engine quarantines them)."""
+        return self.session.offenders()
+
     def clients(self, minimum: int) -> dict[str, ClientInfo]:
         return self.session.clients(minimum, self.wait_clients_s)
 

@@ -118,6 +118,12 @@ class Quarantine:
                 "client %s quarantined until round %d (%s: strike %d)", node, self._until[node], why, self.strikes
             )
 
+    def block(self, node: str, round_: int, why: str) -> None:
+        """Quarantine ``node`` at once for ``rounds`` rounds from ``round_`` (e.g. its refused traffic is over
+        budget: a flood, not a mistake)."""
+        self._until[node] = max(self._until.get(node, 0), round_ + self.rounds)
+        log.warning("client %s quarantined until round %d (%s)", node, self._until[node], why)
+
     def dropped_recently(self, node: str, round_: int, within: int = 3) -> bool:
         """Whether ``node`` left a task unanswered in the last ``within`` rounds before ``round_``."""
         last = self._recent_drop.get(node)

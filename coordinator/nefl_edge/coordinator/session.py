@@ -43,10 +43,11 @@ from nefl_edge.core.schemas import (
     Update,
     Weights,
 )
-from nefl_edge.core.wire import ProtocolError, Topics, pack_tensors, sha256, unpack_tensors
+from nefl_edge.core.wire import LogLimiter, ProtocolError, Topics, pack_tensors, sha256, unpack_tensors
 
 log = logging.getLogger(__name__)
 GRACE_S = 5.0  # answers sent just before the deadline are still in flight
+REJECTED_BUDGET = 100  # payloads refused (or partial messages evicted) per round beyond which a device is quarantined
 LOST_GRACE_S = 10.0
 GONE_CHECK_S = 0.25  # who is gone is looked at this often, not at every message (O(pending) each)
 PendingTask = TypeVar("PendingTask", Task, EvalTask)
@@ -117,6 +118,8 @@ class Answers:
 
     def __init__(self) -> None:
         self.rejections: Counter[str] = Counter()
+        self.by_node: Counter[str] = Counter()  # rejections by the device whose stream they came on
+        self._log = LogLimiter(log)
 
     def claim(
         self,
@@ -132,10 +135,11 @@ class Answers:
         node = Topics.node_of(stream)
         task = pending.get(node)
         if message.node != node:
-            self.reject("unknown_sender", f"{message.kind} for {message.node} on {stream}")
+            self.reject("unknown_sender", f"{message.kind} for {message.node} on {stream}", node)
             return None
         if not answers or task is None or message.task_id != task.task_id or message.round != round_:
-            self.reject("stale", f"{message.kind} from {node} for task {message.task_id} of round {message.round}")
+            detail = f"{message.kind} from {node} for task {message.task_id} of round {message.round}"
+            self.reject("stale", detail, node)
             return None
         del pending[node]
         return node, task
@@ -236,9 +240,13 @@ class Answers:
             bytes_in=len(body),
         )
 
-    def reject(self, reason: str, detail: str) -> None:
+    def reject(self, reason: str, detail: str, node: str = "") -> None:
+        """Count one refused answer (by reason, and by ``node``, the device whose stream it came on) and log it
+        through the rate limiter (a device that floods answers cannot flood the log)."""
         self.rejections[reason] += 1
-        log.warning("rejected %s", detail)
+        if node:
+            self.by_node[node] += 1
+        self._log.warning(reason, "rejected %s", detail)
 
 
 class CoordinatorSession:
@@ -269,11 +277,19 @@ class CoordinatorSession:
         self._retained: dict[str, tuple[Message, bytes]] = {}
         self._link_seen: Counter[str] = Counter()
         self._reconnected_at = 0.0
+        self.tasked: frozenset[str] = frozenset()
+        """The devices sent a task by the latest :meth:`send`: the only ones whose update topics this session
+        listens to (subscribed one by one; other devices' answers are not even delivered), and whose partial
+        and waiting messages the link's caps keep while another sender holds any."""
+        self._node_prefix = f"{self.topics.base}/node/"
+        self._offences_seen: Counter[str] = Counter()
+        link.admit = self._admit
+        link.favoured = self._favoured
 
     # --- the run on the link -------------------------------------------------------------------------------
 
     def open(self) -> None:
-        for kind in ("hello", "status", "update"):
+        for kind in ("hello", "status"):  # updates: only those of the devices with a task (send)
             self.link.subscribe(self.topics.all_nodes(kind))
         self.link.connect()
         for sub in self.manifest.submodels:
@@ -313,6 +329,30 @@ class CoordinatorSession:
         for topic, (message, body) in list(self._retained.items()):
             self.link.publish(topic, message, body, retain=True)
         self.link.publish(self.topics.control, Control(run=self.run_name, action="announce"))
+
+    def _admit(self, stream: str) -> bool:
+        """The link's gate: an update topic only of a device with a task (the broker may still deliver what
+        was published before an unsubscribe took effect)."""
+        return Topics.kind_of(stream) != "update" or Topics.node_of(stream) in self.tasked
+
+    def _favoured(self, sender: str) -> bool:
+        return sender.startswith(self._node_prefix) and sender[len(self._node_prefix) :] in self.tasked
+
+    def listen(self, nodes: frozenset[str]) -> None:
+        """Listen to the update topics of ``nodes`` only (before their tasks are sent: an answer cannot come
+        before the subscription, which the broker takes in order before the tasks)."""
+        before, self.tasked = self.tasked, self.tasked | nodes  # both, until the broker has the change
+        self.link.subscribe_all([self.topics.node(n, "update") for n in sorted(nodes - before)])
+        self.link.unsubscribe_all([self.topics.node(n, "update") for n in sorted(before - nodes)])
+        self.tasked = nodes
+
+    def offenders(self, budget: int = REJECTED_BUDGET) -> list[str]:
+        """The devices with more than ``budget`` payloads refused by the link or the answer rules (partial
+        messages evicted by the caps included) since the last call: to be quarantined."""
+        now = self.link.rejected_by() + self.answers.by_node
+        grown = {n: c - self._offences_seen[n] for n, c in now.items()}
+        self._offences_seen = now
+        return sorted(n for n, c in grown.items() if c > budget)
 
     def rejections(self) -> dict[str, int]:
         """Messages rejected since the last call: by the answer rules (stale, unknown sender) and by the link
@@ -367,6 +407,7 @@ class CoordinatorSession:
         return digests
 
     def send(self, tasks: dict[str, PendingTask]) -> None:
+        self.listen(frozenset(tasks))
         for node, task in tasks.items():
             self.bytes_out += self.link.publish(self.topics.node(node, "task"), task)
 

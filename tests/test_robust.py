@@ -14,7 +14,7 @@ from nefl_edge.coordinator.strategies import get_strategy
 from nefl_edge.core.evaluation import BnStats, EvalResult
 from nefl_edge.core.nefedavg import NeFedAvg
 from nefl_edge.core.nested import GlobalState, Tensors, extract, init_global_state
-from nefl_edge.core.robust import RobustOptions, trimmed_mean
+from nefl_edge.core.robust import RobustOptions, _leave_one_out_medians, trimmed_mean
 from nefl_edge.core.schemas import DeviceProfile, TrainConfig
 from nefl_edge.core.specs import ModelConfig, SubmodelSpec, mflops, param_layout
 
@@ -278,3 +278,18 @@ def test_a_declared_speed_that_answers_contradict_stops_setting_the_capacity(sma
     assert honest is None, "a short task is not judged (downloads and start-up dominate it)"
     slow = evidence.observe("ok", profile, big, 2000, 9.0, deadline, answered=True)
     assert slow and "delivered" in slow, "a long task far below the declared speed must be seen"
+
+
+@pytest.mark.parametrize("clients", [3, 4, 7, 24])
+def test_trimmed_mean_and_leave_one_out_medians_match_a_naive_loop(clients: int) -> None:
+    rng = np.random.default_rng(clients)
+    values = rng.standard_normal((clients, 40)).astype(np.float32)
+    weights = rng.integers(1, 50, clients).astype(np.float64)
+    got = trimmed_mean(values, weights, 0.25, 3)  # 24 clients: 6 per side, past the selection passes
+    for e in range(values.shape[1]):
+        naive = _naive_trimmed(list(values[:, e]), list(weights), 0.25)
+        assert got[e] == pytest.approx(naive, rel=1e-5, abs=1e-6), f"{clients} clients, element {e}"
+    medians = _leave_one_out_medians(values)
+    for i in range(clients):
+        naive_median = np.median(np.delete(values, i, axis=0), axis=0)
+        np.testing.assert_allclose(medians[i], naive_median, rtol=1e-6, err_msg=f"leave-one-out median of {i}")

@@ -216,8 +216,11 @@ class RoundEngine:
         """Federated BatchNorm re-estimation (``bn = "federated"``: sets ``state``'s statistics) and federated
         evaluation of ``state`` by the clients of ``caps`` (node -> capacity). Statistics: each client on the
         submodel it trained this round, and on any submodel nobody trained that it can run (so the step costs
-        a client about ``bn_device_samples`` forward passes). Evaluation: each client on every submodel up to
-        the one it can run. Fills ``report.federated`` and ``report.bn_batches``."""
+        a client about ``bn_device_samples`` forward passes); with ``aggregation = "robust"`` on every submodel
+        it can run, so that each submodel's statistics have a majority to screen a liar against
+        (``evaluation.robust_bn_parts``; up to one such pass per submodel). Evaluation: each client on every
+        submodel up to the one it can run (``evaluation.federated_summary``: spread and disagreeing devices).
+        Fills ``report.federated``, ``report.bn_batches`` and ``report.bn_rejected``."""
         # imported here: coordinator.evaluation imports torch, which the engine itself does not need
         from nefl_edge.coordinator.evaluation import apply_bn_stats, calibrate_bn, federated_summary, robust_bn_parts
 

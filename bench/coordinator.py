@@ -1,26 +1,34 @@
-"""Benchmark: the coordinator as the fleet grows (issue 15, "a coordinator that scales").
+"""Benchmark: the coordinator as the fleet grows (issue 15, "a coordinator that scales"; issue 24, "the
+coordinator at 10,000 devices").
 
-A real ``nefl-coord serve`` (resnet-small, Fashion-MNIST test set, ``--bn server``: evaluation and
-BatchNorm re-estimation every round, the heaviest cadence) against a local Mosquitto and the load generator
-(``bench.loadgen``): 50, 500 and 2000 virtual devices that speak the device protocol and upload real-sized
+A real ``nefl-coord serve`` (Fashion-MNIST test set, evaluation every round) against a local Mosquitto and
+the load generator (``bench.loadgen``): virtual devices that speak the device protocol and upload real-sized
 updates without training; fraction 1 (every device is selected every round), device ``i`` declares tier
-``i % 5`` (submodels 0-4 in equal shares), each answers 5-8 s after its task (emulated training). Reported
-per fleet: the round overhead (the coordinator taking in the last update of round r -> the last task of round
-r+1 arriving at the devices), the coordinator's CPU seconds per round and its peak RSS; at 500 devices also
-with evaluation inline (``--no-eval-background``), the way every round ran before. Also the take-in cost of
-one ResNet18 update, stage by stage, in this process.
+``i % 5`` (submodels 0-4 in equal shares), each answers 5-8 s after its task (emulated training; large
+fleets spread their answers wider, ``answers_per_s``, as a real fleet does). The fleets (:data:`FLEETS`):
+resnet-small with 50 to 10,000 devices, with ``--bn server`` (re-estimation on the coordinator, off the
+critical path) and with the default ``--bn federated`` (a statistics round trip to the devices after every
+evaluated round, on the critical path), at 500 devices also with evaluation inline; ResNet18 with 1,000
+devices. Reported per fleet: the round overhead (the coordinator taking in the last update of round r -> the
+last task of round r+1 arriving at the devices, the statistics round trip included), the coordinator's CPU
+seconds per round and its peak RSS. Also the take-in cost of one ResNet18 update, stage by stage, in this
+process.
 
-    python -m bench coordinator           # about 5 min
-    python -m bench coordinator --quick   # 50 devices only, under a minute
+    python -m bench coordinator                          # every fleet: about 30 min on 2 cores
+    python -m bench coordinator --quick                  # 50 devices only, under a minute
+    python -m bench.coordinator --only 10000-federated   # some fleets, merged into the committed record
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
-from bench.common import SummaryRow, interleaved, write_json, write_section
+from bench.common import RESULTS, SummaryRow, commit, interleaved, summary_table, write_json, write_section
 from bench.loadgen import measure
 
 TARGET_S = 2.0
@@ -29,32 +37,61 @@ FEDERATED = ("--bn", "federated", "--eval-samples", "2000")  # the default: stat
 DELAY_S, JITTER_S = 5.0, 3.0  # emulated training: each device answers 5-8 s after its task
 
 
-def fleet(
-    devices: int,
-    rounds: int,
-    background: bool = True,
-    eval_every: int = 1,
-    quick: bool = False,
-    extra: tuple[str, ...] = EXTRA,
-) -> dict[str, Any]:
-    where = "in the background" if background else "inline"
-    print(f"   {devices} devices, {rounds} rounds, evaluation {where}, {' '.join(extra[:2])}")
+@dataclass(frozen=True)
+class Fleet:
+    """One measured fleet: ``devices`` virtual devices for ``rounds`` rounds of ``model`` with serve options
+    ``extra``; answers spread over at least ``devices / answers_per_s`` seconds."""
+
+    devices: int
+    rounds: int = 3
+    extra: tuple[str, ...] = EXTRA
+    background: bool = True
+    model: str = "resnet-small"
+    answers_per_s: float = 250.0
+
+
+SMALL = ("--eval-samples", "500")  # the coordinator's own test evaluation, in the background, kept cheap
+FLEETS: dict[str, Fleet] = {
+    "50": Fleet(50),
+    "500": Fleet(500),
+    "500-inline": Fleet(500, 2, background=False),
+    "500-federated": Fleet(500, extra=FEDERATED),
+    "2000": Fleet(2000),
+    "2000-federated": Fleet(2000, extra=FEDERATED),
+    "5000-federated": Fleet(5000, 2, ("--bn", "federated", *SMALL)),
+    "10000-federated": Fleet(10000, 2, ("--bn", "federated", *SMALL)),
+    "1000-resnet18-federated": Fleet(1000, 2, ("--bn", "federated", "--eval-samples", "200"), model="resnet18",
+                                     answers_per_s=10.0),
+}  # fmt: skip
+"""Every fleet of a full run, by key (``--only`` picks some)."""
+
+
+def fleet(spec: Fleet, eval_every: int = 1, quick: bool = False) -> dict[str, Any]:
+    where = "in the background" if spec.background else "inline"
+    jitter = 1.0 if quick else max(JITTER_S, spec.devices / spec.answers_per_s)
+    print(
+        f"   {spec.devices} devices of {spec.model}, {spec.rounds} rounds, evaluation {where}, {' '.join(spec.extra)}"
+    )
     result = measure(
-        devices,
-        rounds,
+        spec.devices,
+        spec.rounds,
+        spec.model,
         eval_every=eval_every,
-        eval_background=background,
-        extra=extra,
-        timeout_s=600,
+        eval_background=spec.background,
+        extra=spec.extra,
+        timeout_s=900,
         delay_s=1.0 if quick else DELAY_S,
-        jitter_s=1.0 if quick else JITTER_S,
+        jitter_s=jitter,
     )
     lags = [r["take_in_lag_s"] for r in result["rounds"] if "take_in_lag_s" in r]
     result["take_in_lag_s"] = statistics.median(lags) if lags else None
-    result["mb_per_round"] = result["mb_sent"] / rounds
+    result["mb_per_round"] = result["mb_sent"] / spec.rounds
+    result["commit"], result["measured_at"] = commit(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(
-        f"   overhead {result['overhead_s']:.2f} s (max {result['overhead_max_s']:.2f}), "
-        f"CPU {result['coordinator_cpu_s_per_round']:.1f} s/round, peak RSS {result['peak_rss_mb']:.0f} MiB"
+        f"   overhead {_fmt(result['overhead_s'])} s (max {_fmt(result['overhead_max_s'])}; statistics round trip "
+        f"{_fmt(result['bn_s'])}), CPU {_fmt(result['coordinator_cpu_s_per_round'], 1)} s/round, "
+        f"peak RSS {result['peak_rss_mb']:.0f} MiB",
+        flush=True,
     )
     return result
 
@@ -108,18 +145,31 @@ def take_in_profile(model: str = "resnet18", dataset: str = "cifar10", repeats: 
     return out
 
 
-def run(quick: bool = False) -> list[SummaryRow]:
+def run(quick: bool = False, only: Optional[list[str]] = None) -> list[SummaryRow]:
+    """Measure every fleet (``quick``: 50 devices), or those of ``only``, merged into the committed record
+    (each fleet carries the commit and time it was measured at)."""
     started = time.monotonic()
     fleets: dict[str, dict[str, Any]] = {}
-    if quick:
-        fleets["50"] = fleet(50, 3, eval_every=3, quick=True)
-    else:
-        fleets["50"] = fleet(50, 3)
-        fleets["500"] = fleet(500, 3)
-        fleets["500-inline"] = fleet(500, 2, background=False)
-        fleets["500-federated"] = fleet(500, 3, extra=FEDERATED)
-        fleets["2000"] = fleet(2000, 3)
-    profile = take_in_profile()
+    profile: Optional[dict[str, float]] = None
+    if only:
+        unknown = sorted(set(only) - set(FLEETS))
+        if unknown:
+            raise SystemExit(f"unknown fleets {unknown}; known: {', '.join(FLEETS)}")
+        path = RESULTS / "coordinator.json"
+        if path.is_file():
+            before = json.loads(path.read_text())
+            fleets, profile = dict(before.get("fleets", {})), before.get("take_in_resnet18_ms")
+    for key in ["50"] if quick else only or list(FLEETS):
+        fleets[key] = fleet(FLEETS[key], eval_every=3 if quick else 1, quick=quick)
+        if only:  # a fleet that finished is kept even if a later one is stopped
+            _write(quick, fleets, profile or take_in_profile(), started)
+    if profile is None or not only:
+        profile = take_in_profile()
+    _write(quick, fleets, profile, started)
+    return _rows(fleets, profile)
+
+
+def _write(quick: bool, fleets: dict[str, dict[str, Any]], profile: dict[str, float], started: float) -> None:
     record = {
         "quick": quick,
         "settings": {
@@ -137,52 +187,65 @@ def run(quick: bool = False) -> list[SummaryRow]:
     write_json("coordinator-quick" if quick else "coordinator", record)
     if not quick:
         write_section("coordinator", _section(fleets, profile))
-    return _rows(fleets, profile)
+
+
+MEMORY_TARGET_MB = 2048.0
+
+
+def overheads(f: dict[str, Any]) -> tuple[Optional[float], Optional[float], Optional[float]]:
+    """(median, max) round overhead of fleet record ``f`` with the statistics round trip included, and the
+    median of that round trip alone. Records written before the load generator counted it (no ``bn_s``) had
+    their overhead measured from its end: it is added back from each round's ``bn_statistics`` phase."""
+    if "bn_s" in f:
+        return f["overhead_s"], f["overhead_max_s"], f["bn_s"]
+    rounds = [r for r in f["rounds"] if "overhead_s" in r]
+    total = [r["overhead_s"] + r.get("phases", {}).get("bn_statistics", 0.0) for r in rounds]
+    bns = [r["phases"]["bn_statistics"] for r in rounds if "bn_statistics" in r.get("phases", {})]
+    return (
+        statistics.median(total) if total else None,
+        max(total) if total else None,
+        statistics.median(bns) if bns else None,
+    )
 
 
 def _rows(fleets: dict[str, dict[str, Any]], profile: dict[str, float]) -> list[SummaryRow]:
     rows = []
-    main = fleets.get("500") or fleets["50"]
-    size = main["settings"]["devices"]
-    rows.append(
-        SummaryRow(
-            "coordinator",
-            f"round overhead, {size} devices (resnet-small)",
-            main["overhead_s"] / TARGET_S,
-            f"{TARGET_S:g} s limit",
-            1.0,
-            higher_is_better=False,
-            note=f"{main['overhead_s']:.2f} s median; CPU {main['coordinator_cpu_s_per_round']:.1f} s/round",
-        )
-    )
-    if "2000" in fleets:
-        big = fleets["2000"]
+    for key in ("500", "50", "2000", "500-federated", "2000-federated", "5000-federated", "10000-federated",
+                "1000-resnet18-federated"):  # fmt: skip
+        f = fleets.get(key)
+        if f is None or (key == "50" and "500" in fleets):
+            continue
+        median, _, bn = overheads(f)
+        if median is None:
+            continue
+        devices, model = f["settings"]["devices"], f["settings"].get("model", "resnet-small")
         rows.append(
             SummaryRow(
                 "coordinator",
-                "round overhead, 2000 devices (resnet-small)",
-                big["overhead_s"] / TARGET_S,
+                f"round overhead, {devices} devices ({model}, bn = {_bn(f)})",
+                median / TARGET_S,
                 f"{TARGET_S:g} s limit",
-                None,
+                1.0 if devices >= 10000 or key in ("500", "500-federated") else None,
                 higher_is_better=False,
-                note=f"{big['overhead_s']:.2f} s; peak RSS {big['peak_rss_mb']:.0f} MiB",
+                note=f"{median:.2f} s median"
+                + (f", statistics round trip {bn:.2f} s" if bn is not None else "")
+                + f"; CPU {_fmt(f['coordinator_cpu_s_per_round'], 1)} s/round",
             )
         )
-    if "500-federated" in fleets:
-        fed = fleets["500-federated"]
-        rows.append(
-            SummaryRow(
-                "coordinator",
-                "round overhead, 500 devices, default bn = federated (devices' statistics round trip)",
-                fed["overhead_s"] / TARGET_S,
-                f"{TARGET_S:g} s limit",
-                1.0,
-                higher_is_better=False,
-                note=f"{fed['overhead_s']:.2f} s median",
+        if devices >= 5000:
+            rows.append(
+                SummaryRow(
+                    "coordinator",
+                    f"coordinator peak RSS, {devices} devices ({model})",
+                    f["peak_rss_mb"] / MEMORY_TARGET_MB,
+                    "2 GiB limit",
+                    1.0 if devices >= 10000 else None,
+                    higher_is_better=False,
+                    note=f"{f['peak_rss_mb']:.0f} MiB",
+                )
             )
-        )
-    if "500-inline" in fleets:
-        inline = fleets["500-inline"]
+    if "500-inline" in fleets and "500" in fleets:
+        main, inline = fleets["500"], fleets["500-inline"]
         rows.append(
             SummaryRow(
                 "coordinator",
@@ -210,28 +273,35 @@ def _section(fleets: dict[str, dict[str, Any]], profile: dict[str, float]) -> st
     lines = [
         "## Coordinator at scale",
         "",
-        "`python -m bench coordinator` (bench/coordinator.py): a real `nefl-coord serve` (resnet-small, "
-        f"`{' '.join(EXTRA)}`, evaluation every round) against a local Mosquitto and `bench/loadgen.py`'s "
+        "`python -m bench coordinator` (bench/coordinator.py): a real `nefl-coord serve` (evaluation every "
+        "round, on its own test samples in the background) against a local Mosquitto and `bench/loadgen.py`'s "
         "virtual devices (the device protocol, real-sized updates of the assigned submodel, no training; "
-        f"each answers {DELAY_S:g}-{DELAY_S + JITTER_S:g} s after its task). Fraction 1: every device is "
-        "selected every round; tiers round-robin over the 5 submodels. Round overhead: the coordinator taking "
-        "in the last update of a round -> the last task of the next round arriving at the devices (median over "
-        "rounds); tasks out: the first to the last task of a round arriving; take-in lag: the broker acknowledging "
-        "a round's last update -> the coordinator having taken it in. Shared 2-core machine: the coordinator, "
-        "the broker and the load generator run side by side (and, during this run, other engineers' jobs).",
+        f"each answers {DELAY_S:g}-{DELAY_S + JITTER_S:g} s after its task, or spread over `devices / 250` s "
+        "for large fleets, `devices / 10` s for ResNet18). Fraction 1: every device is selected every round; "
+        "tiers round-robin over the 5 submodels. Round overhead: the coordinator taking in the last update of "
+        "a round -> the last task of the next round arriving at the devices (median over rounds; 2-round runs "
+        "have one), with `bn = federated` including the statistics round trip to the devices (column "
+        "'statistics'; rows measured before it was counted are corrected from their `bn_statistics` phase). "
+        "Tasks out: the first to the last task of a round arriving; take-in lag: the broker acknowledging a "
+        "round's last update -> the coordinator having taken it in. Serve options: `--bn server "
+        "--eval-samples 2000 --bn-calibration 500`, or `--bn federated` with `--eval-samples` 2000 (500 at "
+        "5,000 and 10,000 devices, 200 for ResNet18). Shared 2-core machine: the coordinator, the broker and "
+        "the load generator run side by side (and other engineers' jobs: the load average was 2-10).",
         "",
-        "| devices | bn | evaluation | overhead s (median / max) | tasks out s | take-in lag s "
-        "| coordinator CPU s / round | peak RSS MiB | MB up / round |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| devices | model | bn | evaluation | overhead s (median / max) | statistics s | tasks out s "
+        "| take-in lag s | coordinator CPU s / round | peak RSS MiB | MB up / round | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in fleets.values():
         tasks_out = [r["tasks_out_s"] for r in f["rounds"] if "tasks_out_s" in r]
         where = "background" if f["settings"]["eval_background"] else "inline"
+        median, most, bn = overheads(f)
         lines.append(
-            f"| {f['settings']['devices']} | {_bn(f)} | {where} "
-            f"| {_fmt(f['overhead_s'])} / {_fmt(f['overhead_max_s'])} "
+            f"| {f['settings']['devices']} | {f['settings'].get('model', 'resnet-small')} | {_bn(f)} | {where} "
+            f"| {_fmt(median)} / {_fmt(most)} | {_fmt(bn)} "
             f"| {_fmt(statistics.median(tasks_out) if tasks_out else None)} | {_fmt(f['take_in_lag_s'])} "
-            f"| {_fmt(f['coordinator_cpu_s_per_round'], 1)} | {f['peak_rss_mb']:.0f} | {f['mb_per_round']:.0f} |"
+            f"| {_fmt(f['coordinator_cpu_s_per_round'], 1)} | {f['peak_rss_mb']:.0f} | {f['mb_per_round']:.0f} "
+            f"| {f.get('commit', 'earlier')} |"
         )
     lines += [
         "",
@@ -248,3 +318,15 @@ def _section(fleets: dict[str, dict[str, Any]], profile: dict[str, float]) -> st
         "about 170).",
     ]
     return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="50 devices only (a smoke run, not for the docs)")
+    parser.add_argument("--only", nargs="+", metavar="FLEET", help=f"measure these fleets: {', '.join(FLEETS)}")
+    args = parser.parse_args(argv)
+    print(summary_table(run(args.quick, args.only)))
+
+
+if __name__ == "__main__":
+    main()

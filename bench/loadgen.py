@@ -17,8 +17,10 @@ a fleet for some rounds and returns per-round timings, the coordinator's CPU sec
 RSS. ``python -m bench.loadgen --devices 500 --rounds 3`` prints them.
 
 Round overhead (what :func:`measure` reports per round): from the coordinator taking in the last update of
-round r (``ended_at - phases.aggregation`` of its metrics row: the end of its collecting loop) until the
-last task of round r+1 arrives at the load generator.
+round r (the end of its collecting loop: ``ended_at`` of its metrics row less the phases after it,
+aggregation and the evaluation step's ``bn_statistics`` and ``federated_evaluation``) until the last task of
+round r+1 arrives at the load generator. With ``bn = federated`` it therefore includes the statistics round
+trip to the devices (``bn_s``: that phase alone), which the virtual devices answer at once.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ PROFILE = DeviceProfile(
     arch="x86_64", system="Linux", python="3.11", cores=4, memory_mb=4096, onnxruntime="none", backend="loadgen"
 )
 WINDOW = 8  # updates in flight per connection before the sender waits for the broker's acknowledgement
+AFTER_COLLECTING = ("aggregation", "bn_statistics", "federated_evaluation")
+"""The phases of a metrics row that run between the end of the collecting loop and ``ended_at``."""
 
 
 @dataclass
@@ -82,6 +86,7 @@ class RoundTiming:
     first_task_at: float = 0.0
     last_task_at: float = 0.0
     last_update_at: float = 0.0  # the broker acknowledged the round's last update
+    first_eval_task_at: float = 0.0  # the round's first evaluate task (federated statistics) arrived
     coordinator_cpu_s: float = 0.0  # the coordinator's process CPU seconds when its last task arrived
 
 
@@ -163,6 +168,8 @@ class LoadGen:
         self.updates_sent = 0
         self.bytes_sent = 0
         self._weights: dict[int, tuple[int, str, bytes]] = {}  # submodel -> (round, sha256, body)
+        # (submodel, weights sha256, batches) -> the statistics tensors every virtual device sends for them
+        self._bn_bodies: dict[tuple[int, str, int], dict[str, np.ndarray]] = {}
         self._lock = threading.Condition()
         self._senders: list[threading.Thread] = []
         self._seq = 0
@@ -272,6 +279,9 @@ class LoadGen:
             wait = self.delay_s + (random.uniform(0, self.jitter_s) if self.jitter_s else 0.0)
             conn.put(time.monotonic() + wait, self._seq, message)
         elif isinstance(message, EvalTask):  # answered at once: the statistics pass is short beside training
+            with self._lock:
+                timing = self.rounds.setdefault(message.round, RoundTiming(message.round))
+                timing.first_eval_task_at = timing.first_eval_task_at or now
             self._seq += 1
             conn.put(time.monotonic(), self._seq, message)
 
@@ -330,15 +340,30 @@ class LoadGen:
                 if weights is None:
                     continue
                 counts.append(BnCount(submodel=k, batches=batches))
-                for name, value in unpack_tensors(weights).items():
-                    if name.endswith(".running_mean"):
-                        layer = name[: -len(".running_mean")]
-                        body[f"{k}/{layer}.mean_sum"] = np.zeros_like(value)
-                        body[f"{k}/{layer}.var_sum"] = np.full_like(value, float(batches))
+                body.update(self._bn_body(k, digest, batches, weights))
         answer = Evaluation(
             run=self.run, node=task.node, task_id=task.task_id, round=task.round, results=results, bn=counts
         )
         return self._publish(conn, self.topics.node(task.node, "update"), answer, pack_tensors(body) if body else b"")
+
+    def _bn_body(self, k: int, digest: str, batches: int, weights: bytes) -> dict[str, np.ndarray]:
+        """The statistics tensors of submodel ``k`` (zero means, variance sums of ``batches``), the same for
+        every virtual device: built once per broadcast, so that the load generator's own cost does not grow
+        with the fleet's statistics answers."""
+        key = (k, digest, batches)
+        with self._lock:
+            held = self._bn_bodies.get(key)
+        if held is None:
+            held = {}
+            for name, value in unpack_tensors(weights).items():
+                if name.endswith(".running_mean"):
+                    layer = name[: -len(".running_mean")]
+                    held[f"{k}/{layer}.mean_sum"] = np.zeros_like(value)
+                    held[f"{k}/{layer}.var_sum"] = np.full_like(value, float(batches))
+            with self._lock:
+                self._bn_bodies = {c: v for c, v in self._bn_bodies.items() if c[0] != k}  # older broadcasts
+                self._bn_bodies[key] = held
+        return held
 
     def _weights_for(self, task: Task) -> Optional[bytes]:
         return self._weights_of(task.submodel, task.weights_sha256, task.deadline_s, task.round)
@@ -408,10 +433,17 @@ def measure(
     timeout_s: float = 600.0,
     delay_s: float = 0.0,
     jitter_s: float = 0.0,
+    profile: Optional[Path] = None,
+    broker_queue: Optional[int] = None,
 ) -> dict[str, Any]:
     """One ``nefl-coord serve`` run of ``rounds`` rounds with ``devices`` virtual devices, every device
     selected every round (fraction 1, tiers round-robin over the 5 default submodels); returns the settings,
-    per-round timings (overhead, coordinator CPU seconds, phases) and the coordinator's peak RSS."""
+    per-round timings (overhead, coordinator CPU seconds, phases) and the coordinator's peak RSS. With
+    ``profile``, ``py-spy`` (installed separately) samples the coordinator's threads into that file (collapsed
+    stacks, one line per distinct stack with its sample count). ``broker_queue``: Mosquitto's
+    ``max_queued_messages`` (QoS 1 messages it holds for a client that reads slower than they come; beyond
+    it they are dropped); default the larger of 10,000 (what ``broker-config`` writes) and 4 per device, so
+    that a coordinator that falls behind a burst of updates (2 statuses and 1 update per device) loses none."""
     from nefl_edge.coordinator.broker import LocalBroker
 
     folder = Path(folder or tempfile.mkdtemp(prefix="nefl-loadgen-"))
@@ -427,8 +459,11 @@ def measure(
         "fraction": 1.0,
         "policy": "static (device i declares tier i % 5: submodels 0-4 in equal shares)",
         "extra": list(extra),
+        "broker_queue": broker_queue or max(10_000, 4 * devices),
+        "answer_delay_s": [delay_s, delay_s + jitter_s],
     }
-    with LocalBroker("mosquitto", folder / "broker") as broker:
+    queue_line = f"max_queued_messages {settings['broker_queue']}"
+    with LocalBroker("mosquitto", folder / "broker", extra_config=(queue_line,)) as broker:
         args = [
             sys.executable, "-m", "nefl_edge.coordinator", "serve", "--broker", broker.address,
             "--runs-dir", str(folder / "runs"), "--run", run, "--model", model, "--rounds", str(rounds),
@@ -439,6 +474,11 @@ def measure(
         env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="120")
         with (folder / "coordinator.log").open("ab") as out:
             coord = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        spy = None
+        if profile is not None:
+            spy_args = ["py-spy", "record", "--pid", str(coord.pid), "--format", "raw", "--rate", "50"]
+            spy_args += ["--nonblocking", "--threads", "-o", str(profile)]
+            spy = subprocess.Popen(spy_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         gen = LoadGen(
             broker.address, run, devices, connections, delay_s=delay_s, jitter_s=jitter_s,
             cpu_of=lambda: process_cpu(coord.pid),
@@ -462,6 +502,9 @@ def measure(
             if coord.poll() is None:
                 coord.kill()
                 coord.wait(10)
+            if spy is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    spy.wait(30)  # py-spy writes its file once the coordinator has exited
     if code != 0:
         raise RuntimeError(f"nefl-coord serve exited with {code}: {(folder / 'coordinator.log').read_text()[-2000:]}")
     run_dirs = sorted((folder / "runs").glob(f"{run}-*"))
@@ -477,7 +520,10 @@ def measure(
             entry["updates"] = row["updates"]
             entry["rejected"] = row["rejected"]
             entry["collect_s"] = row["phases"].get("training", 0.0)
-            collected = row["ended_at"] - row["phases"].get("aggregation", 0.0)
+            collected = row["ended_at"] - sum(row["phases"].get(p, 0.0) for p in AFTER_COLLECTING)
+            entry["collected_at"] = collected
+            if "bn_statistics" in row["phases"]:
+                entry["bn_s"] = row["phases"]["bn_statistics"]
             if timing is not None and timing.last_update_at:
                 entry["take_in_lag_s"] = collected - timing.last_update_at  # last update acknowledged -> taken in
         entry["overhead_from"] = "coordinator" if row is not None else "load generator"
@@ -489,12 +535,14 @@ def measure(
         per_round.append(entry)
     overheads = [e["overhead_s"] for e in per_round if "overhead_s" in e]
     cpus = [e["coordinator_cpu_s"] for e in per_round if "coordinator_cpu_s" in e]
+    bns = [e["bn_s"] for e in per_round if "bn_s" in e and "overhead_s" in e]
     return {
         "settings": settings,
         "rounds": per_round,
         "timings": [asdict(t) for _, t in sorted(gen.rounds.items())],
         "overhead_s": statistics.median(overheads) if overheads else None,
         "overhead_max_s": max(overheads) if overheads else None,
+        "bn_s": statistics.median(bns) if bns else None,
         "coordinator_cpu_s_per_round": statistics.median(cpus) if cpus else None,
         "coordinator_cpu_s_total": cpu_total,
         "peak_rss_mb": peak,
@@ -518,6 +566,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--delay-s", type=float, default=0.0, help="answers at the earliest this long after a task")
     parser.add_argument("--serve-options", default="", help='more options of serve, e.g. "--bn server"')
     parser.add_argument("--folder", type=Path, default=None)
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy the coordinator into this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # stop the broker and serve too
@@ -532,6 +581,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         folder=args.folder,
         delay_s=args.delay_s,
         jitter_s=args.jitter_s,
+        profile=args.profile,
     )
     print(json.dumps(result, indent=1))
 

@@ -29,6 +29,14 @@ def test_a_small_virtual_fleet_runs_a_served_run_with_evaluation_every_second_ro
     assert result["overhead_s"] is not None and result["overhead_s"] > 0
     evaluated = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["round"] == 2]
     assert all(sorted(r["bn_batches"]) == ["0", "1", "2", "3", "4"] for r in evaluated)  # default bn = federated
+    # the overhead runs from the end of collecting, before the statistics round trip, which it includes
+    second, timing = result["rounds"][1], result["timings"][1]
+    assert timing["first_eval_task_at"] > 0, "no evaluate task reached the virtual devices in round 2"
+    assert second["collected_at"] <= timing["first_eval_task_at"], (
+        f"round 2 counted as collected at {second['collected_at']:.3f}, after its statistics tasks arrived "
+        f"({timing['first_eval_task_at']:.3f}): the overhead leaves out the statistics round trip"
+    )
+    assert second["overhead_s"] >= second["bn_s"] > 0, f"overhead {second['overhead_s']} < bn {second['bn_s']}"
     assert result["coordinator_cpu_s_per_round"] is not None and result["peak_rss_mb"] > 50
 
 

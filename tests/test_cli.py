@@ -22,6 +22,8 @@ COMMANDS = {
         "remove-device",
         "devices",
         "site-broker-config",
+        "runs",
+        "status",
     ],
     "nefl_edge.edge_client": ["join", "agent", "predict", "install-service", "profile", "identity", "enrol"],
 }

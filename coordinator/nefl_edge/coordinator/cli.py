@@ -3,6 +3,7 @@ every run setting of ``serve`` and ``simulate`` is an option generated from ``Ru
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -10,9 +11,17 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from nefl_edge.coordinator.cli_options import config_options
+from nefl_edge.coordinator.cli_options import (
+    BROKER_PANEL,
+    OUTPUT_PANEL,
+    SIMULATE_ONLY,
+    config_options,
+)
+from nefl_edge.coordinator.config import METHODS
 from nefl_edge.core.cli import fail, run_app, setup_logging
 from nefl_edge.core.errors import ExitCode
+
+log = logging.getLogger("nefl_edge.coordinator")
 
 app = typer.Typer(
     help="nefl-coord: the coordinator of nested federated learning (NeFL) over MQTT.",
@@ -107,6 +116,38 @@ Scaling = Annotated[str, typer.Option(help="Scaling: WD (width+depth), W (width)
 
 
 COORDINATOR_EXTRA = ("torch", "onnx", "rich", "matplotlib", "amqtt")
+SIMULATE_ONLY_METHODS = ("fjord",)  # local training of its own (Strategy.local_train): not on devices
+SERVE_METHODS = tuple(m for m in METHODS if m not in SIMULATE_ONLY_METHODS)
+
+LogFormat = Annotated[
+    str,
+    typer.Option(
+        help="Log lines as text, or json: one object per event (round, join, drop, decline, ...) per line.",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
+]
+COORDINATOR_EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "client %s joined (%d samples, tier %s, %s samples/s)": ("join", ("node", "samples", "tier", "samples_per_s")),
+    "client %s went offline (%s)": ("drop", ("node", "how")),
+    "client %s restarted (instance %s, before %s)": ("restart", ("node", "instance", "before")),
+    "round %d: %d clients, submodels %s": ("selection", ("round", "clients", "submodels")),
+    "round %d: %s declined: %s": ("decline", ("round", "node", "reason")),
+    "round %d: %s declined to evaluate: %s": ("decline_evaluation", ("round", "node", "reason")),
+    "round %d: %s %s": ("drop", ("round", "node", "how")),
+    "round %d: deadline passed without answers from %s": ("deadline", ("round", "nodes")),
+    "round %d: rejected update from %s: %s": ("rejected", ("round", "node", "reason")),
+    "rejected %s": ("rejected", ("detail",)),
+    "waiting for devices: %d of min_clients=%d online after %.0f s%s": (
+        "waiting", ("online", "min_clients", "seconds", "names"),
+    ),
+    "resuming %s after round %d": ("resume", ("run_dir", "round")),
+}  # fmt: skip
+"""The coordinator's log lines that ``--log-format json`` names as events (with the round summary and the
+final report, which name themselves): format string -> event and the names of its arguments."""
+
+
+def coordinator_logging(verbose: bool, log_format: str) -> None:
+    setup_logging(verbose, terminal_handler() if log_format == "text" else None, log_format, COORDINATOR_EVENTS)
 
 
 def main() -> None:
@@ -203,31 +244,56 @@ def export_model(
 
 
 @app.command()
-@config_options()
+@config_options(
+    exclude=SIMULATE_ONLY,
+    helps={"method": "federated method a device can train: " + ", ".join(SERVE_METHODS)},
+)
 def serve(
     broker: Annotated[
-        Optional[str], typer.Option(help="MQTT broker as HOST or HOST:PORT (with --resume: the recorded one).")
+        Optional[str],
+        typer.Option(
+            help="MQTT broker as HOST or HOST:PORT (with --resume: the recorded one).", rich_help_panel=BROKER_PANEL
+        ),
     ] = None,
     config: Annotated[Optional[Path], typer.Option(help="Run configuration (TOML); options below override it.")] = None,
     resume: Annotated[
         Optional[Path],
         typer.Option(help="Run directory to resume after its last completed round (with its recorded security)."),
     ] = None,
-    tls_ca: Annotated[Optional[Path], typer.Option(help="CA certificate: connect with TLS.")] = None,
-    tls_cert: Annotated[Optional[Path], typer.Option(help="Client certificate.")] = None,
-    tls_key: Annotated[Optional[Path], typer.Option(help="Client certificate key.")] = None,
-    username: Annotated[Optional[str], typer.Option(help="Broker user name.")] = None,
-    password_file: Annotated[Optional[Path], typer.Option(help="File holding the broker password.")] = None,
-    mqtt_version: Annotated[Optional[str], typer.Option(help="MQTT protocol version: 3.1.1 (default) or 5.")] = None,
+    tls_ca: Annotated[
+        Optional[Path], typer.Option(help="CA certificate: connect with TLS.", rich_help_panel=BROKER_PANEL)
+    ] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option(help="Client certificate.", rich_help_panel=BROKER_PANEL)] = None,
+    tls_key: Annotated[
+        Optional[Path], typer.Option(help="Client certificate key.", rich_help_panel=BROKER_PANEL)
+    ] = None,
+    username: Annotated[Optional[str], typer.Option(help="Broker user name.", rich_help_panel=BROKER_PANEL)] = None,
+    password_file: Annotated[
+        Optional[Path], typer.Option(help="File holding the broker password.", rich_help_panel=BROKER_PANEL)
+    ] = None,
+    mqtt_version: Annotated[
+        Optional[str],
+        typer.Option(help="MQTT protocol version: 3.1.1 (default) or 5.", rich_help_panel=BROKER_PANEL),
+    ] = None,
     enrolment_dir: Annotated[
         Optional[Path],
-        typer.Option(help="Enrolment folder (add-device): sign every message, accept only enrolled devices."),
+        typer.Option(
+            help="Enrolment folder (add-device): sign every message, accept only enrolled devices.",
+            rich_help_panel=BROKER_PANEL,
+        ),
     ] = None,
     insecure: Annotated[
         bool,
-        typer.Option("--insecure", help="Allow a broker that is not on loopback without TLS and enrolment."),
+        typer.Option(
+            "--insecure",
+            help="Allow a broker that is not on loopback without TLS and enrolment.",
+            rich_help_panel=BROKER_PANEL,
+        ),
     ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    log_format: LogFormat = "text",
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Debug logging.", rich_help_panel=OUTPUT_PANEL)
+    ] = False,
     overrides: Optional[dict[str, Any]] = None,
 ) -> None:
     """Coordinate a run over MQTT: rounds with deadlines, NeFedAvg, per-round checkpoints, metrics and a report.
@@ -245,8 +311,9 @@ def serve(
         probe_broker,
         require_security,
     )
+    from nefl_edge.coordinator.runs import running_marker
 
-    setup_logging(verbose, terminal_handler())
+    coordinator_logging(verbose, log_format)
     overrides = overrides or {}
     if resume is not None and config is not None:
         fail("--config and --resume exclude each other: a resumed run keeps its own config.json")
@@ -301,8 +368,9 @@ def serve(
 
     previous = signal.signal(signal.SIGTERM, interrupted)
     try:
-        run.prepare()
-        serve_with_progress(run, link)
+        with running_marker(run.run_dir):  # `nefl-coord runs` / `status` see it running
+            run.prepare()
+            serve_with_progress(run, link, json_lines=log_format == "json")
     except KeyboardInterrupt:
         if run.round == 0:
             typer.echo(
@@ -337,6 +405,7 @@ def simulate(
     workers: Annotated[
         int, typer.Option(help="Processes that train a round's clients at once (CPU, torch trainer).", min=1)
     ] = 1,
+    log_format: LogFormat = "text",
     overrides: Optional[dict[str, Any]] = None,
 ) -> None:
     """Simulate a federated method in this process (no broker): the round engine of serve, in-process clients."""
@@ -352,8 +421,14 @@ def simulate(
     from nefl_edge.coordinator.render import print_simulation
     from nefl_edge.coordinator.simulate import simulate as run_simulation
     from nefl_edge.coordinator.strategies import get_strategy
+    from nefl_edge.core.cli import event
     from nefl_edge.core.data import load_dataset
 
+    json_lines = log_format == "json"
+    if json_lines:  # text: as before, the engine's INFO lines stay quiet and stdout has the rounds
+        coordinator_logging(False, log_format)
+    elif log_format != "text":
+        fail(f"--log-format must be text or json, got {log_format!r}")
     if trainer not in ("torch", "ort"):
         fail(f"--trainer must be torch or ort, got {trainer!r}")
     cfg = load_config(None, {**(overrides or {}), "policy": "static", "min_clients": 1})
@@ -376,17 +451,29 @@ def simulate(
         configured, plan = strategy.setup(config, gammas)
         artifacts = Path(tempfile.mkdtemp(prefix="nefl-sim-artifacts-"))
         export_set(configured, plan.specs, artifacts)
-    typer.echo(f"{strategy.name}: {strategy.reference}")
+    if not json_lines:
+        typer.echo(f"{strategy.name}: {strategy.reference}")
 
     def progress(r: int, accuracy: list[float]) -> None:
-        typer.echo(f"round {r}/{cfg.rounds}: " + " ".join(f"{100 * a:.1f}" for a in accuracy))
+        line = f"round {r}/{cfg.rounds}: " + " ".join(f"{100 * a:.1f}" for a in accuracy)
+        if json_lines:
+            log.info(line, extra=event("round", round=r, rounds=cfg.rounds, accuracy=[round(a, 6) for a in accuracy]))
+        else:
+            typer.echo(line)
 
     result = run_simulation(
         strategy, config, gammas, shards, tiers, test, cfg.rounds, cfg.train, cfg.fraction, cfg.weighting,
         cfg.seed, calibration, eval_every(cfg), trainer, artifacts, progress, cfg, workers,  # type: ignore[arg-type]
     )  # fmt: skip
     title = f"{strategy.name}, {scheme}, {cfg.rounds} rounds ({result.seconds:.0f} s)"
-    print_simulation(Console(), title, gammas, result)
+    if json_lines:
+        tiers_out = [
+            {"tier": t, "gamma": g, "submodel": result.tier_submodel[t], "accuracy": a}
+            for t, (g, a) in enumerate(zip(gammas, result.tier_accuracy()))
+        ]
+        log.info(title, extra=event("result", method=strategy.name, seconds=result.seconds, tiers=tiers_out))
+    else:
+        print_simulation(Console(), title, gammas, result)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         data = {k: v for k, v in result.__dict__.items() if k != "state"}
@@ -448,6 +535,7 @@ def demo(
     bn: Annotated[
         Optional[str], typer.Option(help="BatchNorm statistics: tracked, federated or server (default: the run's).")
     ] = None,
+    log_format: LogFormat = "text",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a whole federated job on this machine: broker, N devices, R rounds, accuracy table and report."""
@@ -455,7 +543,7 @@ def demo(
     from nefl_edge.coordinator.demo import DemoOptions, run_demo
     from nefl_edge.core.specs import DEFAULT_GAMMAS
 
-    setup_logging(verbose, terminal_handler())
+    coordinator_logging(verbose, log_format)
     options = DemoOptions(
         clients=clients,
         rounds=rounds,
@@ -471,9 +559,80 @@ def demo(
         eval_samples=eval_samples,
         seed=seed,
         bn=bn,
+        log_format=log_format,
     )
     if run_demo(options) is None:
         raise typer.Exit(ExitCode.INTERRUPTED)
+
+
+OutputFormat = Annotated[str, typer.Option("--format", help="text (a table) or json.")]
+
+
+def _check_format(output: str) -> None:
+    if output not in ("text", "json"):
+        fail(f"--format must be text or json, got {output!r}")
+
+
+def _percent(accuracy: list[float]) -> str:
+    return " ".join(f"{100 * a:.1f}" for a in accuracy) or "-"
+
+
+@app.command("runs")
+def runs_command(
+    runs_dir: Annotated[Path, typer.Option(help="The folder of run directories (serve's --runs-dir).")] = Path("runs"),
+    output: OutputFormat = "text",
+) -> None:
+    """The runs in a folder: state (running, stopped, finished), last recorded round, accuracy of every
+    submodel at the last evaluated round, and how the run is secured."""
+    from nefl_edge.coordinator.runs import list_runs
+
+    _check_format(output)
+    found = list_runs(runs_dir)
+    if output == "json":
+        typer.echo(json.dumps(found, indent=1))
+        return
+    typer.echo(f"{'run directory':<36} {'state':<11} {'round':>7}  {'secured':<10} accuracy % by submodel")
+    for r in found:
+        done = "-" if r["round"] is None else f"{r['round']}/{r['rounds']}"
+        typer.echo(
+            f"{Path(r['run_dir']).name:<36} {r['state']:<11} {done:>7}  {r['secured']:<10} {_percent(r['accuracy'])}"
+        )
+    typer.echo(f"{len(found)} run(s) in {runs_dir}")
+
+
+@app.command("status")
+def status_command(
+    run: Annotated[str, typer.Argument(help="A run directory, or a run name (its newest directory in --runs-dir).")],
+    runs_dir: Annotated[Path, typer.Option(help="Where to look up a run name.")] = Path("runs"),
+    output: OutputFormat = "text",
+    no_broker: Annotated[bool, typer.Option("--no-broker", help="Read only the run directory.")] = False,
+) -> None:
+    """One run now: state, the round in progress, and every device with its state on the broker (from its
+    retained status, read with the run's recorded security) and its last recorded task."""
+    from nefl_edge.coordinator.runs import find_run, run_status
+
+    _check_format(output)
+    found = run_status(find_run(run, runs_dir), from_broker=not no_broker)
+    if output == "json":
+        typer.echo(json.dumps(found, indent=1))
+        return
+    done = "-" if found["round"] is None else f"{found['round']}/{found['rounds']}"
+    typer.echo(
+        f"{found['run_dir']}: run {found['run']} ({found['method']}), {found['state']}"
+        + (f" (pid {found['pid']})" if found["pid"] else "")
+        + f", round {done} recorded, secured: {found['secured']}"
+    )
+    typer.echo(f"accuracy % by submodel (round {found['evaluated_round']}): {_percent(found['accuracy'])}")
+    if found["progress"]:
+        typer.echo(f"now: {found['progress']}")
+    if found["broker_error"]:
+        typer.echo(f"broker not read: {found['broker_error']}")
+    typer.echo(f"online: {len(found['online'])} ({', '.join(found['online']) or 'none'})")
+    for d in found["devices"]:
+        task = (
+            "-" if d["last_round"] is None else f"submodel {d['submodel']} in round {d['last_round']} ({d['outcome']})"
+        )
+        typer.echo(f"  {d['node']:<24} {d['broker_state']:<9} last task: {task}")
 
 
 def _default_broker_user() -> Optional[str]:

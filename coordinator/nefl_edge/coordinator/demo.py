@@ -22,6 +22,7 @@ from nefl_edge.coordinator.config import RunConfig
 from nefl_edge.coordinator.partition import label_histogram, make_partitioner, plot_histogram, write_shards
 from nefl_edge.coordinator.render import serve_with_progress
 from nefl_edge.coordinator.run import ServeRun, coordinator_link
+from nefl_edge.coordinator.runs import running_marker
 from nefl_edge.core.data import load_dataset
 from nefl_edge.core.mqtt import Security
 
@@ -43,10 +44,11 @@ class DemoOptions:
     deadline_s: float = 180.0
     seed: int = 0
     bn: Optional[str] = None  # BatchNorm mode; None: the run configuration's default
+    log_format: str = "text"  # the coordinator's and the devices' (json: one object per event)
 
 
 def spawn_clients(
-    address: str, shards: list[Path], tiers: list[int], run: str, logs: Path, cache: Path
+    address: str, shards: list[Path], tiers: list[int], run: str, logs: Path, cache: Path, log_format: str = "text"
 ) -> list[subprocess.Popen[bytes]]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", NEFL_THREADS="1")
     procs = []
@@ -71,6 +73,8 @@ def spawn_clients(
             str(cache / f"device-{i:02d}"),
             "--threads",
             "1",
+            "--log-format",
+            log_format,
         ]
         with (logs / f"device-{i:02d}.log").open("ab") as log:
             procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env))
@@ -129,7 +133,8 @@ def run_demo(opts: DemoOptions) -> Optional[Path]:
             print(f"broker: {broker.kind} on {address}")
         else:
             address = opts.broker
-        procs = spawn_clients(address, shards, tiers, cfg.run, run_dir / "logs", run_dir / "cache")
+        procs = spawn_clients(address, shards, tiers, cfg.run, run_dir / "logs", run_dir / "cache", opts.log_format)
         stack.callback(stop_all, procs)
-        out = serve_with_progress(run, coordinator_link(cfg, address, Security()))
+        stack.enter_context(running_marker(run_dir))
+        out = serve_with_progress(run, coordinator_link(cfg, address, Security()), json_lines=opts.log_format == "json")
     return None if run.stopped_by else out

@@ -3,6 +3,7 @@ Orchestration (``coordinator.run``) logs; this module only draws."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,14 +14,22 @@ from rich.table import Table
 from nefl_edge.coordinator.engine import RoundReport
 from nefl_edge.coordinator.records import Records, final_rows, summary
 from nefl_edge.coordinator.run import ServeRun
+from nefl_edge.coordinator.runs import write_progress
+from nefl_edge.core.cli import event
 from nefl_edge.core.mqtt import MqttLink
 
+log = logging.getLogger(__name__)
 
-def serve_with_progress(run: ServeRun, link: MqttLink, console: Optional[Console] = None) -> Path:
-    """``run.serve(link)`` with a progress bar (on a terminal), then the accuracy table."""
+
+def serve_with_progress(
+    run: ServeRun, link: MqttLink, console: Optional[Console] = None, json_lines: bool = False
+) -> Path:
+    """``run.serve(link)`` with a progress bar (on a terminal), then the accuracy table and where the
+    report is; with ``json_lines`` (``--log-format json``) no bar and no table: a ``report`` event instead."""
     console = console or Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as progress:
+    bar_off = json_lines or not console.is_terminal
+    with Progress(*columns, console=console, transient=False, disable=bar_off) as progress:
         bar = progress.add_task(f"run {run.cfg.run}", total=run.cfg.rounds, completed=run.round)
 
         def on_round(report: RoundReport, rows: list[dict[str, Any]]) -> None:
@@ -28,13 +37,23 @@ def serve_with_progress(run: ServeRun, link: MqttLink, console: Optional[Console
             text = f"round {report.round}: {report.updates}/{report.selected} updates, acc % {accs}"
             progress.update(bar, completed=report.round, description=text)  # round 0 and a stop report too
 
+        def on_progress(text: str) -> None:
+            progress.update(bar, description=text)
+            write_progress(run.run_dir, text)  # for `nefl-coord status`
+
         run.on_round = on_round
-        run.on_progress = lambda text: progress.update(bar, description=text)
+        run.on_progress = on_progress
         out = run.serve(link)
+    paths = {"report": out / "report.html", "metrics": out / "metrics.jsonl", "clients": out / "clients.jsonl"}
+    line = "; ".join(f"{k}: {v}" for k, v in paths.items())
+    if json_lines:
+        rows = [
+            {k: r.get(k) for k in ("submodel", "gamma", "accuracy", "loss")} for r in final_rows(Records(out).metrics())
+        ]
+        log.info(line, extra=event("report", run_dir=str(out), submodels=rows, **{k: str(v) for k, v in paths.items()}))
+        return out
     print_final_table(Console(), Records(out).metrics())
-    Console().print(
-        f"report: {out / 'report.html'}; metrics: {out / 'metrics.jsonl'}; clients: {out / 'clients.jsonl'}"
-    )
+    print(line, flush=True)  # not through rich: a path must not wrap on a narrow or absent terminal
     return out
 
 

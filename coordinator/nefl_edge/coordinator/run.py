@@ -31,6 +31,7 @@ from nefl_edge.coordinator.engine import RoundEngine, RoundReport
 from nefl_edge.coordinator.mqtt_grid import MqttGrid
 from nefl_edge.coordinator.records import Records
 from nefl_edge.coordinator.registry import Registry
+from nefl_edge.core.cli import ROUND_ORDER, event
 from nefl_edge.core.errors import BadInput
 from nefl_edge.core.files import write_atomic
 from nefl_edge.core.mqtt import BrokerAddress, MqttLink, Security
@@ -157,7 +158,21 @@ class ServeRun:
         if evaluate:
             self.evaluated = report.round
 
+        fields = {
+            "round": report.round, "rounds": self.cfg.rounds, "updates": report.updates,
+            "selected": report.selected, "declined": report.declined, "dropped": report.dropped,
+            "seconds": round(report.seconds, 3),
+        }  # fmt: skip
+        mark = ROUND_ORDER.hold() if evaluator.background else None  # later rounds' lines wait for this one
+
         def job() -> None:
+            try:
+                record()
+            finally:
+                if mark is not None:
+                    ROUND_ORDER.release(mark)
+
+        def record() -> None:
             accuracies: list[tuple[float, float]] = []
             if evaluate:
                 started = time.monotonic()
@@ -167,7 +182,11 @@ class ServeRun:
             rows = self.records.write_round(report, accuracies, self.plan)
             checkpoint.save(self.run_dir, saved)
             if rows:
-                log.info(self.records.summary_line(report, rows, self.cfg.rounds))
+                accuracy = [round(r["accuracy"], 6) for r in rows]
+                log.info(
+                    self.records.summary_line(report, rows, self.cfg.rounds),
+                    extra=event("round", **fields, accuracy=accuracy, rejected=dict(report.rejected)),
+                )
             else:
                 log.info(
                     "round %d/%d: %d/%d updates, %d declined, %d dropped; %.1f s (not evaluated: eval_every)",
@@ -178,6 +197,7 @@ class ServeRun:
                     report.declined,
                     report.dropped,
                     report.seconds,
+                    extra=event("round", **fields, accuracy=None),
                 )
             if self.on_round is not None:
                 self.on_round(report, rows)

@@ -101,6 +101,28 @@ def _open_identity(state_dir: Optional[Path], node_id: Optional[str]) -> Optiona
     return identity
 
 
+DEVICE_EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "joined run %s as %s with %d samples; waiting for tasks": ("joined", ("run", "node", "samples")),
+    "run %s ended: %s": ("run_end", ("run", "reason")),
+    "left run %s: %s": ("left", ("run", "reason")),
+    "round %d: training submodel %d (gamma %.2f) for at most %.0f s": (
+        "task", ("round", "submodel", "gamma", "deadline_s"),
+    ),
+    "round %d: uploaded %d KiB; loss %.3f -> %.3f, accuracy %.3f in %.1f s": (
+        "update", ("round", "kib", "loss_first", "loss_last", "accuracy", "seconds"),
+    ),
+    "round %d: evaluated submodels %s (%s) in %.1f s": ("evaluation", ("round", "submodels", "accuracy", "seconds")),
+    "round %d: declining task %s: %s": ("decline", ("round", "task", "reason")),
+    "refused task %s of round %d: %s; not training it": ("refused", ("task", "round", "reason")),
+    "reached %s after %d failed attempts": ("connected", ("broker", "attempts")),
+    "%s; attempt %d failed, retrying in %.0f s": ("retry", ("error", "attempt", "delay_s")),
+    "run %s is announced": ("announced", ("run",)),
+    "serving run %s": ("serving", ("run",)),
+}  # fmt: skip
+"""The device's log lines that ``--log-format json`` names as events: format string -> event and the names
+of its arguments (``core.cli.JsonLines``)."""
+
+
 @dataclass(frozen=True)
 class DeviceArgs:
     """The options `join` and `agent` share, as given on the command line."""
@@ -123,6 +145,7 @@ class DeviceArgs:
     max_message_size: int
     backend: str
     verbose: bool
+    log_format: str = "text"
 
 
 def _device(args: DeviceArgs, pinned: bool, agent_options: Any) -> None:
@@ -132,7 +155,7 @@ def _device(args: DeviceArgs, pinned: bool, agent_options: Any) -> None:
     from nefl_edge.core.schemas import NAME_PATTERN
     from nefl_edge.edge_client.trainer import BackendUnavailable, choose_backend
 
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, log_format=args.log_format, templates=DEVICE_EVENTS)
     if args.node_id is not None and not re.match(NAME_PATTERN, args.node_id):
         fail(f"node id {args.node_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
     if not re.match(NAME_PATTERN, args.run):
@@ -378,6 +401,9 @@ def agent(
         str, typer.Option(help="Training backend: auto, ort-training (training build) or portable (stock onnxruntime).")
     ] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    log_format: Annotated[
+        str, typer.Option(help="Log lines as text, or json: one object per event (joined, task, update, decline).")
+    ] = "text",
 ) -> None:
     """The long-lived device agent (what the systemd service runs): waits for the broker with backoff, serves
     run after run (the pinned --run, or any run announced on nefl/+/manifest), reconnects forever."""
@@ -390,7 +416,7 @@ def agent(
     options = AgentOptions(once=once, broker_wait_s=broker_wait, backoff_max_s=backoff_max)
     args = DeviceArgs(
         data, broker, node_id, state_dir, run or "default", tier, cache, tls_ca, tls_cert, tls_key, username,
-        password_file, mqtt_version, threads, max_samples, max_message_size, backend, verbose,
+        password_file, mqtt_version, threads, max_samples, max_message_size, backend, verbose, log_format,
     )  # fmt: skip
     _device(args, pinned=run is not None, agent_options=options)
 

@@ -2,17 +2,28 @@
 PyTorch on the same submodel, weights, batch and thread count, and each as a share of this machine's
 float32 GEMM peak.
 
-Every default submodel of resnet-small, batch 32, SGD with momentum 0.9 (what a device runs); at 1 and 2
-threads (both backends with spin-waiting off, the device default, and at 2 threads also on: the device's
-probe picks whichever is faster).
+Every default submodel of resnet-small, batch 32, SGD with momentum 0.9 and the task's weight decay (what a
+device runs; PyTorch's ``SGD(weight_decay=...)`` adds the same ``wd * w`` to every gradient that the ORT
+trainers add); at 1 and 2 threads (both backends with spin-waiting off, the device default, and at 2 threads
+also on: the device's probe picks whichever is faster). PyTorch's thread settings are pinned, never its
+defaults, so that a shared host's load cannot change them: its intra-op threads are set to the contender's
+count before every call, its inter-op pool to 1 thread (ONNX Runtime's sequential executor uses none), and
+its OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE``), the counterpart of ONNX Runtime's
+spin-waiting off: with OpenMP's default spinning, 2 threads on a loaded 2-core host ran 10x slower than 1
+(45 against 456 samples/s, submodel 0, load 6-7), which made a false 2-thread "met". PyTorch fixes the
+inter-op pool once per process, before any parallel work, so it cannot follow the contender's count as the
+intra-op threads do (an eager training step does not use it); OpenMP reads its wait policy once, when
+``import torch`` loads it (:func:`import_torch`).
 Contenders run interleaved (A B C A B C ...), each call a few steps, and the medians count. Writes
 ``bench/results/device.json`` and the ``device`` section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,7 +50,7 @@ def gemm_peak(threads: int, seconds: float, n: int = 2048) -> float:
     ``threads`` threads, on ``n`` x ``n`` matrices."""
     import torch
 
-    torch.set_num_threads(threads)
+    pin_torch_threads(threads)
     rng = np.random.default_rng(0)
     a, b = rng.random((n, n), dtype=np.float32), rng.random((n, n), dtype=np.float32)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
@@ -94,8 +105,45 @@ def _repeat(fn: Callable[[], Any], steps: int) -> Callable[[], None]:
     return run
 
 
-def measure(quick: bool) -> dict[str, Any]:
+def import_torch() -> tuple[Any, bool]:
+    """``torch``, imported with ``OMP_WAIT_POLICY=PASSIVE`` for its OpenMP runtime (the variable is set for
+    the import only, so that subprocesses of other suites do not inherit it); and whether the policy took
+    (False when something had imported torch before, or the caller set the variable otherwise)."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"], os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+    before = os.environ.get("OMP_WAIT_POLICY")
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        import torch
+    finally:
+        if before is None:
+            del os.environ["OMP_WAIT_POLICY"]
+        else:
+            os.environ["OMP_WAIT_POLICY"] = before
+    return torch, before is None or before.upper() == "PASSIVE"
+
+
+def pin_torch_threads(threads: int) -> None:
+    """Set PyTorch's intra-op threads to ``threads`` and check that they took (``torch.set_num_threads``)."""
     import torch
+
+    torch.set_num_threads(threads)
+    if torch.get_num_threads() != threads:
+        raise RuntimeError(f"PyTorch runs {torch.get_num_threads()} intra-op threads, not the {threads} asked")
+
+
+def pin_torch_interop(threads: int = 1) -> int:
+    """Set PyTorch's inter-op pool to ``threads`` where it is still possible (once per process, before any
+    inter-op work); return the count in effect."""
+    import torch
+
+    with contextlib.suppress(RuntimeError):  # already set or started in this process: report what is there
+        torch.set_num_interop_threads(threads)
+    return int(torch.get_num_interop_threads())
+
+
+def measure(quick: bool) -> dict[str, Any]:
+    torch, passive = import_torch()
 
     from nefl_edge.coordinator.models import SubmodelNet, initial_consistent
     from nefl_edge.core.artifacts import submodel_paths
@@ -107,6 +155,7 @@ def measure(quick: bool) -> dict[str, Any]:
     from nefl_edge.export.artifacts import export_set
 
     steps, repeats = (2, 2) if quick else (3, 5)
+    interop = pin_torch_interop(1)
     load_before = os.getloadavg()
     config = get_model_config("resnet-small")
     specs = make_specs(config)
@@ -128,7 +177,7 @@ def measure(quick: bool) -> dict[str, Any]:
             weights = extract(state, index)
             flops = training_flops(config, specs[index]) * BATCH
             for threads in THREADS:
-                torch.set_num_threads(threads)
+                pin_torch_threads(threads)
                 contenders: dict[str, Callable[[], None]] = {}
                 for kind in ("ort-training", "portable"):
                     for spin in (False, True) if threads > 1 else (False,):
@@ -138,15 +187,21 @@ def measure(quick: bool) -> dict[str, Any]:
                         contenders[kind + ("+spin" if spin else "")] = _repeat(partial(backend.step, x, y), steps)
                 net = SubmodelNet(config, specs[index]).train()
                 net.load_tensors(weights)
-                opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+                opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-                def torch_step(net: Any = net, opt: Any = opt) -> None:
+                def torch_step(net: Any = net, opt: Any = opt, threads: int = threads) -> None:
+                    pin_torch_threads(threads)
                     opt.zero_grad()
                     torch.nn.functional.cross_entropy(net(tx), ty).backward()
                     opt.step()
 
                 contenders["pytorch"] = _repeat(torch_step, steps)
-                contenders["gemm"] = _repeat(lambda: ga @ gb, steps)
+
+                def torch_gemm(threads: int = threads) -> None:
+                    pin_torch_threads(threads)
+                    ga @ gb
+
+                contenders["gemm"] = _repeat(torch_gemm, steps)
                 contenders["gemm-mlas"] = _repeat(mlas[threads], steps)
                 seconds = interleaved(contenders, repeats)
                 gemm_rates = {k: GEMM_FLOPS * steps / seconds.pop(k) for k in ("gemm", "gemm-mlas")}
@@ -190,6 +245,12 @@ def measure(quick: bool) -> dict[str, Any]:
             choices[kind] = {"threads": choice.label, "tried": choice.tried}
     return {
         "batch": BATCH,
+        "weight_decay": cfg.weight_decay,
+        "torch_threads": {
+            "intra_op": "the contender's, set before every call",
+            "inter_op": interop,
+            "omp_wait_policy": "PASSIVE" if passive else os.environ.get("OMP_WAIT_POLICY", "default (spinning)"),
+        },
         "steps_per_call": steps,
         "repeats": repeats,
         "gemm_peak_gflops": {t: p / 1e9 for t, p in peaks.items()},
@@ -205,7 +266,12 @@ def _docs(record: dict[str, Any]) -> str:
         "## Device training speed: ONNX Runtime (training build, portable graph) vs PyTorch",
         "",
         f"`just bench device` at commit `{commit()}`: resnet-small's 5 default submodels, batch {record['batch']}, "
-        f"SGD with momentum 0.9, the same weights and batch for every contender; medians of {record['repeats']} "
+        f"SGD with momentum 0.9 and weight decay {record.get('weight_decay', 0):g} in every contender; PyTorch's "
+        "intra-op threads pinned to the contender's count before every call, its inter-op pool to "
+        f"{record.get('torch_threads', {}).get('inter_op', '-')}, its OpenMP wait policy "
+        f"{record.get('torch_threads', {}).get('omp_wait_policy', '-')} (ORT's spin-waiting off); "
+        "the same weights and batch for every contender; "
+        f"medians of {record['repeats']} "
         f"interleaved calls of {record['steps_per_call']} steps (samples/s). ORT runs with spin-waiting off (the "
         "device default) and, at 2 threads, also with it on; the ratios take the faster, which "
         "the device's probe picks by measurement. FLOP share: training FLOPs (forward, weight and input "

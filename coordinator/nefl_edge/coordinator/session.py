@@ -283,6 +283,9 @@ class CoordinatorSession:
         and waiting messages the link's caps keep while another sender holds any."""
         self._node_prefix = f"{self.topics.base}/node/"
         self._offences_seen: Counter[str] = Counter()
+        self._offences_at_task: dict[str, int] = {}  # each tasked device's refused traffic when it was tasked
+        self.cut_off: set[str] = set()  # tasked devices whose refused traffic passed the budget this round
+        self._log = LogLimiter(log)
         link.admit = self._admit
         link.favoured = self._favoured
 
@@ -332,8 +335,25 @@ class CoordinatorSession:
 
     def _admit(self, stream: str) -> bool:
         """The link's gate: an update topic only of a device with a task (the broker may still deliver what
-        was published before an unsubscribe took effect)."""
-        return Topics.kind_of(stream) != "update" or Topics.node_of(stream) in self.tasked
+        was published before an unsubscribe took effect); a device whose refused traffic since its task
+        passed ``REJECTED_BUDGET`` is cut off at once (:meth:`cut`), before its flood fills the broker's
+        queue for this session."""
+        if Topics.kind_of(stream) != "update":
+            return True
+        node = Topics.node_of(stream)
+        if node not in self.tasked:
+            return False
+        if self.link.rejected_of(node) - self._offences_at_task.get(node, 0) > REJECTED_BUDGET:
+            self.cut(node)
+            return False
+        return True
+
+    def cut(self, node: str) -> None:
+        """Stop listening to ``node`` for the rest of its task (unsubscribed; :meth:`gone` drops the task)."""
+        self.cut_off.add(node)
+        self.tasked = self.tasked - {node}
+        self.link.unsubscribe_all([self.topics.node(node, "update")])
+        self._log.warning("cut", "%s sent more than %d refused payloads: no longer listened to", node, REJECTED_BUDGET)
 
     def _favoured(self, sender: str) -> bool:
         return sender.startswith(self._node_prefix) and sender[len(self._node_prefix) :] in self.tasked
@@ -341,6 +361,8 @@ class CoordinatorSession:
     def listen(self, nodes: frozenset[str]) -> None:
         """Listen to the update topics of ``nodes`` only (before their tasks are sent: an answer cannot come
         before the subscription, which the broker takes in order before the tasks)."""
+        self.cut_off = set()
+        self._offences_at_task = {n: self.link.rejected_of(n) for n in nodes}
         before, self.tasked = self.tasked, self.tasked | nodes  # both, until the broker has the change
         self.link.subscribe_all([self.topics.node(n, "update") for n in sorted(nodes - before)])
         self.link.unsubscribe_all([self.topics.node(n, "update") for n in sorted(before - nodes)])
@@ -500,6 +522,8 @@ class CoordinatorSession:
         leaves is gone at once. Its Last Will (``lost``) counts only after ``LOST_GRACE_S`` during which this
         link stayed connected: a broker that shuts down publishes every device's will, and those devices
         come back and answer once the broker is up again."""
+        if node in self.cut_off:
+            return f"cut off: more than {REJECTED_BUDGET} refused payloads"
         info = self.registry.nodes.get(node)
         if info is None or info.online:
             return ""

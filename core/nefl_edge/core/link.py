@@ -44,6 +44,7 @@ from nefl_edge.core.wire import (
     MESSAGE_KINDS_BY_TOPIC,
     MIN_CHUNK_SIZE,
     Assembler,
+    FrameHeader,
     Buffer,
     LogLimiter,
     ProtocolError,
@@ -97,6 +98,10 @@ class Link(Protocol):
 
     def rejected_by(self) -> Counter[str]:
         """Inbound payloads rejected (and partial messages evicted) on each node's topics so far, by node."""
+        ...
+
+    def rejected_of(self, node: str) -> int:
+        """:meth:`rejected_by` of one node (cheap enough to ask on every payload)."""
         ...
 
     def connect(self, timeout_s: float = 15.0) -> None:
@@ -220,10 +225,11 @@ class Inbox(queue.Queue):  # type: ignore[type-arg]
 
 
 class FairAssembler(Assembler):
-    """:class:`core.wire.Assembler` whose total caps (partials, bytes held) evict from the sender holding the
-    most bytes, never from a ``favoured`` one while another holds anything (``favoured(sender)``: e.g. a
-    device with a pending task), instead of the oldest partial of anyone; the per-sender caps evict that
-    sender's own oldest partial, as before. :attr:`evicted_by` counts evictions by sender.
+    """:class:`core.wire.Assembler` whose total caps evict from the sender holding the most (partials for the
+    cap on partials, bytes for the cap on bytes), never from a ``favoured`` one while another holds anything
+    (``favoured(sender)``: e.g. a device with a pending task), instead of the oldest partial of anyone; the
+    per-sender caps evict that sender's own oldest partial, as before. :attr:`evicted_by` counts evictions
+    by sender.
 
     Departure from the base class: the base evicts the oldest partial of anyone for the total caps, so that
     senders opening many partials push out a slow honest sender's only partial (issue 22: 0 of 8 honest
@@ -233,6 +239,15 @@ class FairAssembler(Assembler):
         super().__init__(*args, **kwargs)
         self.favoured: Optional[Callable[[str], bool]] = None
         self.evicted_by: Counter[str] = Counter()
+        self._by_bytes = False  # which total cap is making room now
+
+    def _start(self, key: Tuple[str, str], sender: str, head: FrameHeader) -> Any:
+        self._by_bytes = False
+        return super()._start(key, sender, head)
+
+    def _make_room(self, key: Tuple[str, str], sender: str, size: int) -> None:
+        self._by_bytes = True
+        super()._make_room(key, sender, size)
 
     def _oldest(self, sender: Optional[str], keep: Tuple[str, str]) -> Tuple[str, str]:
         if sender is None:
@@ -240,13 +255,16 @@ class FairAssembler(Assembler):
         return super()._oldest(sender, keep)
 
     def _heaviest(self, keep: Tuple[str, str]) -> Optional[str]:
-        """The sender holding the most bytes (unfavoured ones first) with a partial other than ``keep``."""
-        favoured = self.favoured
-        best, most = None, (False, -1)
+        """The sender holding the most partials or bytes (unfavoured ones first) with a partial other than
+        ``keep``."""
+        favoured, by_bytes = self.favoured, self._by_bytes
+        best, most = None, (False, -1, -1)
         for key, part in self._partials.items():
             if key == keep:
                 continue
-            weight = (not (favoured is not None and favoured(part.sender)), self._senders[part.sender][1])
+            count, held = self._senders[part.sender]
+            unfavoured = not (favoured is not None and favoured(part.sender))
+            weight = (unfavoured, held, count) if by_bytes else (unfavoured, count, held)
             if weight > most:
                 best, most = part.sender, weight
         return best
@@ -476,6 +494,12 @@ class FramedLink:
             if node:
                 out[node] += count
         return out
+
+    def rejected_of(self, node: str) -> int:
+        """:meth:`rejected_by` of one node, without counting the others."""
+        evicted = getattr(self.assembler, "evicted_by", None)
+        sender = Topics.sender_of(Topics(self.run).node(node, "x"))
+        return self.receiver.by_node.get(node, 0) + (evicted or {}).get(sender, 0)
 
     def receive(self, topic: str, payload: Buffer) -> Optional[Inbound]:
         """What the transport does with one payload, minus queueing: never raises (see

@@ -51,7 +51,7 @@ from nefl_edge.core.schemas import (
     Update,
     Weights,
 )
-from nefl_edge.core.wire import Buffer, ProtocolError, Topics, sha256, unpack_tensors
+from nefl_edge.core.wire import Buffer, LogLimiter, ProtocolError, Topics, sha256, unpack_tensors
 
 MAX_DEFERRED = 256  # messages kept aside while waiting for one (weights, artifacts)
 MAX_REFUSALS = 32  # why tasks were refused, the latest kept
@@ -90,6 +90,7 @@ class DeviceSession:
         self.refused: List[str] = []  # why tasks were refused, latest last (bounded)
         self.following: Optional[int] = None  # the submodel whose weight broadcasts stay subscribed (the last trained)
         self._deferred: Deque[Inbound] = deque(maxlen=MAX_DEFERRED)  # the oldest go first when full
+        self._log = LogLimiter(log)  # lines a replayed or hostile message causes: rate-limited
 
     @property
     def run_topics(self) -> Tuple[str, ...]:
@@ -187,7 +188,9 @@ class DeviceSession:
         if not isinstance(message, ManifestMessage):
             return False
         if message.sent_at < self.not_before:
-            log.info("ignored the manifest of an earlier run %s (sent before it ended)", self.run)
+            self._log.warning(
+                "old_manifest", "ignored a manifest of run %s sent before it ended (an earlier run)", self.run
+            )
             return False
         return True
 
@@ -209,7 +212,7 @@ class DeviceSession:
                 self.joined_at = self.manifest_at = message.sent_at
                 return self.manifest
             except (ArtifactError, UnicodeDecodeError) as exc:
-                log.warning("ignored a bad manifest: %s", exc)
+                self._log.warning("bad_manifest", "ignored a bad manifest: %s", exc)
         raise Stopped()
 
     def is_end(self, message: Message) -> bool:
@@ -218,7 +221,7 @@ class DeviceSession:
         if not (isinstance(message, Control) and message.action == "end"):
             return False
         if message.sent_at < self.joined_at:
-            log.warning("ignored a control end sent before this run's manifest (a replay of an earlier run's end)")
+            self._log.warning("old_end", "ignored a control end sent before this run's manifest (a replayed end)")
             return False
         return True
 
@@ -239,7 +242,7 @@ class DeviceSession:
                 self.manifest = parse_manifest(body.decode(), "the manifest from the broker")
                 self.manifest_at = max(self.manifest_at, message.sent_at)
             except (ArtifactError, UnicodeDecodeError) as exc:
-                log.warning("ignored a bad manifest: %s", exc)
+                self._log.warning("bad_manifest", "ignored a bad manifest: %s", exc)
             return None
         if isinstance(message, Weights):
             return message if message.submodel == self.following else None
@@ -248,7 +251,9 @@ class DeviceSession:
         refusal = self.refusal(message)
         if refusal:
             self.refused = [*self.refused[-(MAX_REFUSALS - 1) :], refusal]
-            log.warning("refused task %s of round %d: %s; not training it", message.task_id, message.round, refusal)
+            self._log.warning(
+                "refused", "refused task %s of round %d: %s; not training it", message.task_id, message.round, refusal
+            )
             return None
         self.done_tasks.add(message.task_id)
         self.highest = (message.round, message.sent_at)

@@ -326,3 +326,26 @@ def test_serve_help_shows_serve_options_grouped_and_no_simulate_only_ones() -> N
     broker_panel = serve_help.split("Broker and security")[1].split("╰")[0]
     for option in ("--broker", "--tls-ca", "--password-file", "--enrolment-dir", "--insecure"):
         assert option in broker_panel, f"{option} is not in the broker and security group"
+
+
+def test_the_readme_run_toml_shows_the_real_defaults() -> None:
+    import tomllib
+
+    from nefl_edge.coordinator.config import RunConfig
+
+    # Prepare: the README's run.toml block.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("A run configuration for `serve` (`run.toml`)")
+    block = readme[
+        readme.index("```toml", start) + len("```toml") : readme.index("```\n", readme.index("```toml", start) + 7)
+    ]
+
+    # Execute
+    shown = tomllib.loads(block)
+    defaults = RunConfig().model_dump(mode="json")
+
+    # Assert: every key it shows has its default value.
+    train = shown.pop("train")
+    wrong = {k: (v, defaults[k]) for k, v in shown.items() if v != defaults[k]}
+    wrong |= {f"train.{k}": (v, defaults["train"][k]) for k, v in train.items() if v != defaults["train"][k]}
+    assert wrong == {}, f"README run.toml values that are not the defaults (shown, default): {wrong}"

@@ -349,3 +349,39 @@ def test_the_readme_run_toml_shows_the_real_defaults() -> None:
     wrong = {k: (v, defaults[k]) for k, v in shown.items() if v != defaults[k]}
     wrong |= {f"train.{k}": (v, defaults["train"][k]) for k, v in train.items() if v != defaults["train"][k]}
     assert wrong == {}, f"README run.toml values that are not the defaults (shown, default): {wrong}"
+
+
+def test_simulate_json_lines_are_the_rounds_in_order_and_the_result(tmp_path: Path) -> None:
+    # Execute: a tiny simulation (4 clients, 2 rounds of at most 3 steps).
+    result = coord(
+        "simulate", "--clients", "4", "--rounds", "2", "--fraction", "0.5", "--eval-samples", "200",
+        "--gammas", "0.2,1.0", "--max-steps", "3", "--log-format", "json", timeout=300,
+    )  # fmt: skip
+    (tmp_path / "simulate.err").write_text(result.stderr)
+
+    # Assert: nothing on stdout; on stderr only JSON: the rounds in order, then the result per tier.
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == "", f"simulate --log-format json printed text: {result.stdout[:300]!r}"
+    lines = json_lines(tmp_path / "simulate.err")
+    events = [(o["event"], o.get("round")) for o in lines]
+    assert events == [("round", 1), ("round", 2), ("result", None)], f"events: {events}"
+    assert [t["gamma"] for t in lines[-1]["tiers"]] == [0.2, 1.0], lines[-1]
+    assert lines[-1]["tiers"][-1]["accuracy"] == lines[1]["accuracy"][1], "the result is not the last round's"
+
+
+def test_every_event_template_is_a_log_call_in_the_source() -> None:
+    from nefl_edge.coordinator.cli import COORDINATOR_EVENTS
+    from nefl_edge.edge_client.cli import DEVICE_EVENTS
+
+    # Prepare: the source the templates must match verbatim (a reworded log line would lose its event).
+    root = Path(__file__).resolve().parents[1]
+    coordinator = "".join(p.read_text() for p in (root / "coordinator").rglob("*.py"))
+    device = "".join(p.read_text() for p in (root / "edge_client").rglob("*.py"))
+
+    # Execute: how often each template occurs as a string literal: once in its table, once per log call.
+    uses = {t: coordinator.count(f'"{t}"') for t in COORDINATOR_EVENTS}
+    uses |= {t: device.count(f'"{t}"') for t in DEVICE_EVENTS}
+
+    # Assert
+    lost = sorted(t for t, n in uses.items() if n < 2)
+    assert lost == [], f"event templates that no log call uses any more: {lost}"

@@ -425,8 +425,9 @@ def simulate(
     from nefl_edge.core.data import load_dataset
 
     json_lines = log_format == "json"
-    if json_lines:  # text: as before, the engine's INFO lines stay quiet and stdout has the rounds
+    if json_lines:  # as text: the rounds (in order, from the evaluator) and warnings, not the engine's INFO lines
         coordinator_logging(False, log_format)
+        logging.getLogger("nefl_edge.coordinator.engine").setLevel(logging.WARNING)
     elif log_format != "text":
         fail(f"--log-format must be text or json, got {log_format!r}")
     if trainer not in ("torch", "ort"):

@@ -28,7 +28,7 @@ from nefl_edge.coordinator.registry import Registry
 from nefl_edge.core.encoding import EncodingError, decode_update
 from nefl_edge.core.errors import ExitCode, NeflError
 from nefl_edge.core.evaluation import EvalResult
-from nefl_edge.core.link import Inbound, Link
+from nefl_edge.core.link import Inbound, Link, topic_matches
 from nefl_edge.core.nested import GlobalState, Tensors
 from nefl_edge.core.schemas import (
     Artifact,
@@ -47,6 +47,7 @@ from nefl_edge.core.wire import LogLimiter, ProtocolError, Topics, pack_tensors,
 
 log = logging.getLogger(__name__)
 GRACE_S = 5.0  # answers sent just before the deadline are still in flight
+HEARTBEAT_S = 10.0  # a control heartbeat this often while the run is open (devices leave after 60 s without one)
 REJECTED_BUDGET = 100  # payloads refused (or partial messages evicted) per round beyond which a device is quarantined
 LOST_GRACE_S = 10.0
 GONE_CHECK_S = 0.25  # who is gone is looked at this often, not at every message (O(pending) each)
@@ -288,6 +289,8 @@ class CoordinatorSession:
         self._log = LogLimiter(log)
         link.admit = self._admit
         link.favoured = self._favoured
+        self.heartbeat_s = HEARTBEAT_S
+        self._beating = threading.Event()
 
     # --- the run on the link -------------------------------------------------------------------------------
 
@@ -295,6 +298,7 @@ class CoordinatorSession:
         for kind in ("hello", "status"):  # updates: only those of the devices with a task (send)
             self.link.subscribe(self.topics.all_nodes(kind))
         self.link.connect()
+        self.clear_stale()
         for sub in self.manifest.submodels:
             for entry in sub.files.values():
                 body = (self.artifacts / entry.name).read_bytes()
@@ -306,9 +310,54 @@ class CoordinatorSession:
         )
         self.link.publish(self.topics.control, Control(run=self.run_name, action="announce"))
         self.link.on_connected = self._reconnected
+        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         log.info("run %s: manifest and artifacts published on %s", self.run_name, self.topics.base)
 
+    def clear_stale(self, rounds: int = 3) -> list[str]:
+        """Delete what an earlier coordinator of this run name retained (its manifest, artifacts and weights:
+        a coordinator that died never cleared them), before this one publishes its own; the topics deleted.
+        They are found with wildcard subscriptions held until the broker acknowledged a publish made after
+        them, again while that turns up more (at most ``rounds`` times). Brokers that send retained messages
+        only to exact filters (RabbitMQ) show none: there the new manifest replaces the old one's chunks, and
+        older artifacts and weights stay."""
+        base = self.topics.base
+        filters = [f"{base}/manifest/chunk/+", f"{base}/artifact/+/chunk/+", f"{base}/weights/+/chunk/+"]
+        found: set[str] = set()
+
+        def tap(topic: str, payload: Any) -> bool:
+            if payload and any(topic_matches(f, topic) for f in filters):
+                found.add(topic)
+                return True
+            return False
+
+        self.link.on_payload = tap
+        try:
+            self.link.subscribe_all(filters)
+            for _ in range(rounds):
+                seen = len(found)
+                if not self.link.flush(5.0) or len(found) == seen:
+                    break
+            self.link.unsubscribe_all(filters)
+        finally:
+            self.link.on_payload = None
+        if found:
+            log.warning("run %s: deleting %d retained messages an earlier coordinator left", self.run_name, len(found))
+            self.link.clear_topics(sorted(found))
+        return sorted(found)
+
+    def _heartbeat(self) -> None:
+        """A ``control heartbeat`` every ``heartbeat_s`` until :meth:`close`: devices take a run whose
+        coordinator has been silent for ``edge_client.session.SILENT_S`` as dead and leave it. A thread of its
+        own, so that a long aggregation or evaluation does not look like a dead coordinator."""
+        while not self._beating.wait(self.heartbeat_s):
+            try:
+                if self.link.connected.is_set():
+                    self.link.publish(self.topics.control, Control(run=self.run_name, action="heartbeat"))
+            except Exception:  # never end the heartbeat over one failed publish
+                log.exception("the heartbeat failed")
+
     def close(self, reason: str) -> None:
+        self._beating.set()
         try:
             self.link.publish(self.topics.control, Control(run=self.run_name, action="end", reason=reason))
             for topic in list(self._retained):

@@ -283,10 +283,12 @@ class ManifestMessage(Message):
 
 
 class Control(Message):
-    """coordinator -> all: ``announce`` (devices say hello again) or ``end`` (the run is over)."""
+    """coordinator -> all: ``announce`` (devices say hello again), ``end`` (the run is over) or ``heartbeat``
+    (the coordinator is alive: sent every ``coordinator.session.HEARTBEAT_S``; devices leave a run silent for
+    ``edge_client.session.SILENT_S``)."""
 
     kind: Literal["control"] = "control"
-    action: Literal["end", "announce"]
+    action: Literal["end", "announce", "heartbeat"]
     reason: str = ""
 
 

@@ -11,6 +11,9 @@
   earliest announced first; it subscribes to discovery only between runs, so that it holds one broker
   connection at a time. A run whose announcement it has served (or that gave no manifest within
   ``manifest_wait_s``) is not served again until it is announced anew.
+- **Dead runs**: a run whose coordinator sent nothing, not even its heartbeat, for 60 s is left
+  (``edge_client.session.SILENT_S``); its manifest counts as stale from then on (pinned: the agent waits for
+  a newer one; discovering: that announcement is served, and the agent moves to another announced run).
 - After a run it unsubscribes (so its persistent session queues nothing), keeps the artifact cache and the
   latest weights, and waits for the next run; ``once`` exits after one run instead (``nefl-edge join``).
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 import threading
 import time
@@ -227,6 +231,8 @@ class Agent:
                 if outcome.state == "ended":
                     served += 1
                     self._ended[run] = outcome.ended_at
+                elif outcome.state == "silent":  # its manifest is stale: only a later one is a new run
+                    self._ended[run] = math.nextafter(outcome.ended_at, math.inf)
                 if digest:
                     self._done[run] = [*self._done.get(run, [])[-7:], digest]
                 if self.agent.once or outcome.state == "stopped":

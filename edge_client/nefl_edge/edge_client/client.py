@@ -69,8 +69,10 @@ SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason code
 @dataclass(frozen=True)
 class RunOutcome:
     """How :meth:`EdgeClient.serve` returned: ``ended`` (the coordinator's ``control end``), ``stopped``
-    (``stop()``: a signal), ``left`` (``leave()``: e.g. the run's manifest was withdrawn) or ``no-manifest``
-    (none within the wait). ``ended_at`` is the end message's ``sent_at`` (coordinator clock)."""
+    (``stop()``: a signal), ``left`` (``leave()``: e.g. the run's manifest was withdrawn), ``silent`` (its
+    coordinator sent nothing, not even a heartbeat, for ``session.SILENT_S``) or ``no-manifest`` (none
+    within the wait). ``ended_at`` is the end message's ``sent_at`` (coordinator clock); for ``silent``
+    that of the dead coordinator's manifest, which is stale from then on."""
 
     state: str
     reason: str = ""
@@ -274,10 +276,16 @@ class EdgeClient:
             )
             session.announce()
             log.info("joined run %s as %s with %d samples; waiting for tasks", self.opts.run, node, len(self.data))
+            session.heard = time.monotonic()
             while not self._stop.is_set():
                 item = session.next(1.0)
                 if item is not None:
                     self._handle(*item)
+                    session.heard = time.monotonic()  # a task's time was not spent listening
+                elif session.silent():
+                    self._left = str(session.silent())
+                    outcome = RunOutcome("silent", self._left, session.manifest_at)
+                    break
         except Stopped:
             pass
         except RunEnded as end:
@@ -285,7 +293,7 @@ class EdgeClient:
             log.info("run %s ended: %s", self.opts.run, end)
             outcome = RunOutcome("ended", str(end), end.at)
         finally:
-            if self._left and not ended:
+            if self._left and not ended and outcome.state != "silent":
                 outcome = RunOutcome("left", self._left)
                 log.info("left run %s: %s", self.opts.run, self._left)
             if outcome.state != "stopped":

@@ -9,7 +9,11 @@ device, the in-memory link in the protocol tests): the state machine that the tr
   taken (unless a newer manifest says the coordinator started afresh). Times are the coordinator's signed
   ``sent_at``, compared only with each other: no clock on the device is trusted.
 - **Control**: ``end`` ends the run (unless sent before the join: a replayed end of an earlier run);
-  ``announce`` (a restarted coordinator asks who is there) is answered with status and hello.
+  ``announce`` (a restarted coordinator asks who is there) is answered with status and hello; ``heartbeat``
+  (every 10 s) only says the coordinator is alive.
+- **Liveness**: a joined run from whose coordinator nothing came for ``silent_s`` (default ``SILENT_S``,
+  60 s: six missed heartbeats) is taken as dead (:meth:`DeviceSession.silent`); the client leaves it. Time
+  spent on a task does not count (the device was not listening).
 - **Answers**: an update, an evaluation or a decline on the device's own update topic, for the task it answers.
 - **Broadcasts**: the weights of the submodel the device trained last stay subscribed (``follow``), and
   :meth:`DeviceSession.handle` hands their later broadcasts to the device (it keeps the global model).
@@ -54,6 +58,7 @@ from nefl_edge.core.schemas import (
 from nefl_edge.core.wire import Buffer, LogLimiter, ProtocolError, Topics, sha256, unpack_tensors
 
 MAX_DEFERRED = 256  # messages kept aside while waiting for one (weights, artifacts)
+SILENT_S = 60.0  # a joined run whose coordinator sent nothing (not even its 10 s heartbeat) this long is dead
 MAX_REFUSALS = 32  # why tasks were refused, the latest kept
 log = logging.getLogger(__name__)
 AnyTask = Union[Task, EvalTask]
@@ -90,6 +95,8 @@ class DeviceSession:
         self.refused: List[str] = []  # why tasks were refused, latest last (bounded)
         self.following: Optional[int] = None  # the submodel whose weight broadcasts stay subscribed (the last trained)
         self._deferred: Deque[Inbound] = deque(maxlen=MAX_DEFERRED)  # the oldest go first when full
+        self.silent_s = SILENT_S
+        self.heard = time.monotonic()  # when the coordinator was last heard from (or the device last listened)
         self._log = LogLimiter(log)  # lines a replayed or hostile message causes: rate-limited
 
     @property
@@ -155,7 +162,15 @@ class DeviceSession:
         """A message kept aside by a wait, else the link's next one."""
         if self._deferred:
             return self._deferred.popleft()
-        return self.link.next(timeout)
+        item = self.link.next(timeout)
+        if item is not None:
+            self.heard = time.monotonic()
+        return item
+
+    def silent(self) -> Optional[str]:
+        """Why the run is taken as dead (its coordinator silent for :attr:`silent_s`), or None."""
+        quiet = time.monotonic() - self.heard
+        return f"the coordinator was silent for {quiet:.0f} s" if quiet > self.silent_s else None
 
     def wait_for(self, what: str, match: Callable[[Message, bytes], bool], timeout: float) -> Tuple[Message, bytes]:
         """Wait for one message; others are kept for the main loop, except that a run end stops the wait
@@ -165,6 +180,7 @@ class DeviceSession:
             item = self.link.next(min(1.0, max(0.0, deadline - time.monotonic())))
             if item is None:
                 continue
+            self.heard = time.monotonic()
             _, message, body = item
             if match(message, body):
                 return message, body

@@ -1,0 +1,148 @@
+"""Liveness and recovery (issue 22): a device leaves a run whose coordinator went silent (no heartbeat), and
+a new coordinator of a run name deletes what a dead one retained before it publishes its own. Over the
+in-memory link and over a real Mosquitto."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from nefl_edge.coordinator.session import CoordinatorSession
+from nefl_edge.core.link import FramedLink, MemoryBroker, MemoryLink
+from nefl_edge.core.mqtt import BrokerAddress, MqttLink
+from nefl_edge.core.schemas import Control, FileEntry, Manifest, ParamEntry, SubmodelEntry, TrainConfig
+from nefl_edge.core.wire import Topics, sha256
+from nefl_edge.edge_client.session import DeviceSession
+from tests.helpers import Broker
+
+RUN = "live"
+SHAPE = (32, 32)  # 4 KiB of weights: five retained chunks of 1 KiB
+Links = Callable[[str], FramedLink]
+
+
+def manifest(folder: Path, graph: bytes) -> Manifest:
+    """One submodel whose one artifact is ``graph`` (written to ``folder``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "g0.onnx").write_bytes(graph)
+    sub = SubmodelEntry(
+        index=0, key=sha256(b"arch"), width=1.0, blocks=[[0]], gamma=1.0, mflops=1.0, param_count=int(np.prod(SHAPE)),
+        files={"training": FileEntry(name="g0.onnx", sha256=sha256(graph), size=len(graph))},
+        params=[ParamEntry(name="w", shape=SHAPE, kind="consistent", trainable=True)],
+    )  # fmt: skip
+    return Manifest(model={}, input_shape=(1, 28, 28), num_classes=10, train=TrainConfig(), opset=17, submodels=[sub])
+
+
+def extract(state: float, k: int) -> dict[str, np.ndarray]:
+    return {"w": np.full(SHAPE, state, np.float32)}
+
+
+@pytest.fixture(params=["memory", "mosquitto"])
+def links(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Links, Callable[[], list[str]]]]:
+    """A factory of links (1 KiB chunks) on one broker, and what that broker retains under the run now."""
+    if request.param == "memory":
+        memory = MemoryBroker()
+        yield (lambda name: MemoryLink(memory, RUN, chunk_size=1024)), lambda: sorted(memory._retained)
+        return
+    broker = Broker(tmp_path / "broker").start()
+    try:
+
+        def make(name: str) -> FramedLink:
+            return MqttLink(name, BrokerAddress("127.0.0.1", broker.port), RUN, clean=True, chunk_size=1024)
+
+        yield make, lambda: retained_on(broker.port)
+    finally:
+        broker.stop()
+
+
+def retained_on(port: int) -> list[str]:
+    """The topics under the run that a new subscriber gets retained messages on (all of them: they come
+    before a marker this subscriber publishes after subscribing)."""
+    got: list[str] = []
+    marker, done = f"nefl/{RUN}/marker", threading.Event()
+
+    def on_message(client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == marker:
+            done.set()
+        elif msg.retain and msg.payload:
+            got.append(msg.topic)
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="retained-probe")
+    client.on_message = on_message
+    client.on_subscribe = lambda c, *args: c.publish(marker, b"x", qos=0)
+    client.on_connect = lambda c, u, f, r, p: c.subscribe(f"nefl/{RUN}/#", 0)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        assert done.wait(10), "the marker did not come back"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return sorted(got)
+
+
+def test_a_new_coordinator_deletes_what_a_dead_one_retained(
+    links: tuple[Links, Callable[[], list[str]]], tmp_path: Path
+) -> None:
+    # Prepare: coordinator A publishes its run and a round's weights, then dies (its connection ends, nothing
+    # is cleared)
+    make, retained = links
+    old = CoordinatorSession(make("coord-a"), RUN, manifest(tmp_path / "a", b"old graph"), tmp_path / "a", 5, extract)
+    old.heartbeat_s = 3600
+    old.open()
+    old.publish_weights(1, 1.0, {0})
+    left = retained()
+    old._beating.set()
+    old.link.close()
+
+    # Execute: coordinator B opens the same run name with another artifact
+    new = CoordinatorSession(make("coord-b"), RUN, manifest(tmp_path / "b", b"new graph"), tmp_path / "b", 5, extract)
+    new.heartbeat_s = 3600
+    new.open()
+    after = retained()
+    new.close("test over")
+
+    # Assert: before, A's manifest, artifact and weights were retained; after, only B's manifest and artifact
+    topics = Topics(RUN)
+    kinds = {t.split("/")[2] for t in left}
+    assert kinds == {"manifest", "artifact", "weights"}, f"what A left: {left}"
+    base = (topics.manifest, topics.artifact(sha256(b"new graph")))
+    assert after and all(t.startswith(base) for t in after), f"retained after B opened: {after}"
+    assert not any(t.startswith(topics.artifact(sha256(b"old graph"))) for t in after), after
+
+
+def test_a_device_leaves_a_run_whose_coordinator_went_silent(tmp_path: Path) -> None:
+    # Prepare: a coordinator beating every 0.1 s; a device that takes 0.6 s of silence as a dead run
+    broker = MemoryBroker()
+    coordinator = CoordinatorSession(MemoryLink(broker, RUN), RUN, manifest(tmp_path, b"graph"), tmp_path, 5, extract)  # type: ignore[arg-type]
+    coordinator.heartbeat_s = 0.1
+    coordinator.open()
+    device = DeviceSession(MemoryLink(broker, RUN), RUN, "pi")
+    device.silent_s = 0.6
+    device.subscribe_run()
+    device.link.connect()
+    assert device.wait_manifest(5.0) is not None, "no manifest"
+
+    # Execute: listen for 1.5 s while the coordinator lives, then while it is dead (no heartbeat, no close)
+    beats, alive_until = 0, time.monotonic() + 1.5
+    while time.monotonic() < alive_until:
+        item = device.next(0.1)
+        if item is not None and isinstance(item[1], Control) and item[1].action == "heartbeat":
+            beats += 1
+            assert device.handle(*item) is None, "a heartbeat is no task"
+        assert device.silent() is None, f"left a live run: {device.silent()} ({beats} heartbeats)"
+    coordinator._beating.set()
+    died = time.monotonic()
+    while device.silent() is None and time.monotonic() < died + 5:
+        device.next(0.1)
+    waited = time.monotonic() - died
+
+    # Assert
+    assert beats >= 5, f"only {beats} heartbeats in 1.5 s at one per 0.1 s"
+    assert device.silent() is not None, "the device still takes a dead run as alive after 5 s"
+    assert 0.5 <= waited <= 2.0, f"the device left {waited:.1f} s after the last heartbeat (silent_s 0.6)"

@@ -59,3 +59,54 @@ def test_a_stopped_run_evaluates_and_checkpoints_its_last_round(broker: Broker, 
     last = checkpoint.load(run_dir)
     assert last is not None and last.round in (1, 2)
     assert sorted({r["round"] for r in read_jsonl(run_dir / "metrics.jsonl")}) == [0, last.round]
+
+
+def _burst(backpressure_s: float, answers: int = 24, inbox: int = 4) -> tuple[int, int, float]:
+    """``answers`` updates of tasked devices published at once into a coordinator link whose inbox holds
+    ``inbox`` messages, taken by a consumer slower than the burst: (taken, refused as inbox_full, seconds)."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from nefl_edge.core.link import MemoryBroker, MemoryLink
+    from nefl_edge.core.schemas import Metrics, Update
+    from nefl_edge.core.wire import Topics, pack_tensors
+
+    broker, topics = MemoryBroker(), Topics("burst")
+    coordinator = MemoryLink(broker, "burst", inbox_size=inbox)
+    coordinator.backpressure_s = backpressure_s
+    coordinator.favoured = lambda sender: True  # every device has a pending task
+    coordinator.subscribe(topics.all_nodes("update"))
+    coordinator.connect()
+    devices = MemoryLink(broker, "burst")
+    devices.connect()
+    body = pack_tensors({"w": np.ones(1000, np.float32)})
+    taken: list[str] = []
+
+    def consume() -> None:
+        while len(taken) + coordinator.rejections["inbox_full"] < answers:
+            item = coordinator.next(0.2)
+            if item is not None:
+                taken.append(item[1].node)  # type: ignore[union-attr]
+                time.sleep(0.01)  # the coordinator screens and folds each update
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    started = time.monotonic()
+    metrics = Metrics(loss_first=1.0, loss_last=1.0, accuracy=0.5, steps=1, seconds=1.0)
+    for i in range(answers):
+        node = f"d{i}"
+        update = Update(run="burst", node=node, task_id="t", round=1, submodel=0, num_samples=10, metrics=metrics)
+        devices.publish(topics.node(node, "update"), update, body)
+    consumer.join(30)
+    return len(taken), coordinator.rejections["inbox_full"], time.monotonic() - started
+
+
+def test_a_burst_of_awaited_updates_beyond_the_inbox_waits_for_room_instead_of_being_dropped() -> None:
+    taken, refused, seconds = _burst(backpressure_s=5.0)
+    assert (taken, refused) == (24, 0), f"with backpressure {taken} of 24 updates taken, {refused} dropped"
+    assert seconds < 5.0, f"the burst took {seconds:.1f} s: the transport waited longer than the consumer needed"
+
+    taken, refused, _ = _burst(backpressure_s=0.0)  # the link as it was: a full inbox drops
+    assert refused > 0 and taken + refused == 24, f"without backpressure {taken} taken, {refused} dropped"

@@ -52,6 +52,9 @@ __all__ = [  # the receive path lives in core.link since the Link interface; the
 ]
 
 log = logging.getLogger(__name__)
+BACKPRESSURE_S = 5.0
+"""How long paho's network thread may hold an awaited answer for room in a full inbox
+(:meth:`core.link.FramedLink._offer_waiting`): well within the 45 s a broker waits on a 30 s keepalive."""
 
 
 class BrokerError(NeflError, ConnectionError):
@@ -138,6 +141,7 @@ class MqttLink(FramedLink):
         inbox_bytes: int = INBOX_BYTES,
     ) -> None:
         super().__init__(run, chunk_size, signer, keyring, sender_of, assembler, inbox_size, inbox_bytes)
+        self.backpressure_s = BACKPRESSURE_S
         self.broker = broker
         self.protocol = protocol
         self._clean = clean

@@ -499,14 +499,17 @@ def test_the_coordinator_names_two_processes_that_share_an_identity(caplog: pyte
         hello("bbbbbbbbbbbb")  # and b is back: two processes
         hello("cccccccccccc")
 
-        for instance in ("dddddddddddd", "eeeeeeeeeeee"):  # pi-b still online when e says hello
+        for instance in ("dddddddddddd", "eeeeeeeeeeee"):  # pi-b still online when e says hello: a restart
             registry.note("pi-b", Hello(run=RUN, node="pi-b", profile=profile(), num_samples=5, instance=instance))
+        restarted_online = caplog.text.split(restarted)[-1]
+        registry.note("pi-b", Hello(run=RUN, node="pi-b", profile=profile(), num_samples=5, instance="d" * 12))
 
     assert "ERROR" not in restarted and "restarted" in restarted
+    assert "client pi-b restarted" in restarted_online, "a restart before the Last Will came is no duplicate"
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert errors == [
         "two processes use the identity pi-a: instances cccccccccccc and bbbbbbbbbbbb; give each device its own "
         "state dir (a copied state dir is a copied identity: `nefl-edge identity` shows the node id)",
-        "two processes use the identity pi-b: instances dddddddddddd and eeeeeeeeeeee; give each device its own "
+        "two processes use the identity pi-b: instances eeeeeeeeeeee and dddddddddddd; give each device its own "
         "state dir (a copied state dir is a copied identity: `nefl-edge identity` shows the node id)",
     ]

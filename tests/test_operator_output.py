@@ -294,11 +294,13 @@ def test_json_lines_name_template_events_and_keep_plain_lines() -> None:
     joined = line("client %s joined (%d samples)", "pi-a", 300)
     named = line("round 1/2: accuracy", **event("round", round=1, accuracy=[0.5]))
     plain = line("something %s", "else")
+    diverged = line("round %d: loss %s", 3, float("nan"), **event("update", loss=float("nan"), worst=[float("inf")]))
     assert (joined["event"], joined["node"], joined["samples"], joined["message"]) == (
         "join", "pi-a", 300, "client pi-a joined (300 samples)",
     ), joined  # fmt: skip
     assert (named["event"], named["round"], named["accuracy"]) == ("round", 1, [0.5]), named
     assert (plain["event"], plain["message"]) == ("log", "something else"), plain
+    assert (diverged["loss"], diverged["worst"]) == ("nan", ["inf"]), diverged
     assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$", plain["time"]), plain["time"]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import threading
 from collections import deque
@@ -96,7 +97,19 @@ class JsonLines(logging.Formatter):
         obj.update({k: v for k, v in fields.items() if k not in obj})
         if record.exc_info:
             obj["exception"] = self.formatException(record.exc_info)
-        return json.dumps(obj, default=str)
+        return json.dumps(_strict(obj), default=str, allow_nan=False)
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with non-finite floats as strings (``"nan"``, ``"inf"``): JSON has no NaN, and a diverged
+    loss must not make a line that strict parsers (jq) refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
 
 
 class RoundOrder:

@@ -1,6 +1,7 @@
-"""Liveness and recovery (issue 22): a device leaves a run whose coordinator went silent (no heartbeat), and
-a new coordinator of a run name deletes what a dead one retained before it publishes its own. Over the
-in-memory link and over a real Mosquitto."""
+"""Liveness and recovery (issue 22): a device leaves a run whose coordinator went silent (no heartbeat); a
+new coordinator of a run name deletes what a dead one retained before it publishes its own; a coordinator
+that reconnects asks its pending tasks again, so answers lost meanwhile do not cost the round its deadline.
+Over the in-memory link and over a real Mosquitto."""
 
 from __future__ import annotations
 
@@ -13,17 +14,28 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
+from nefl_edge.coordinator.grid import Instruction
 from nefl_edge.coordinator.session import CoordinatorSession
 from nefl_edge.core.link import FramedLink, MemoryBroker, MemoryLink
 from nefl_edge.core.mqtt import BrokerAddress, MqttLink
-from nefl_edge.core.schemas import Control, FileEntry, Manifest, ParamEntry, SubmodelEntry, TrainConfig
-from nefl_edge.core.wire import Topics, sha256
+from nefl_edge.core.schemas import (
+    Control,
+    FileEntry,
+    Manifest,
+    Metrics,
+    ParamEntry,
+    SubmodelEntry,
+    Task,
+    TrainConfig,
+)
+from nefl_edge.core.wire import Topics, sha256, tensor_parts
 from nefl_edge.edge_client.session import DeviceSession
 from tests.helpers import Broker
 
 RUN = "live"
 SHAPE = (32, 32)  # 4 KiB of weights: five retained chunks of 1 KiB
 Links = Callable[[str], FramedLink]
+METRICS = Metrics(loss_first=2.0, loss_last=1.0, accuracy=0.5, steps=1, seconds=0.1)
 
 
 def manifest(folder: Path, graph: bytes) -> Manifest:
@@ -146,3 +158,53 @@ def test_a_device_leaves_a_run_whose_coordinator_went_silent(tmp_path: Path) -> 
     assert beats >= 5, f"only {beats} heartbeats in 1.5 s at one per 0.1 s"
     assert device.silent() is not None, "the device still takes a dead run as alive after 5 s"
     assert 0.5 <= waited <= 2.0, f"the device left {waited:.1f} s after the last heartbeat (silent_s 0.6)"
+
+
+def test_the_coordinator_asks_again_for_answers_lost_while_it_was_away(tmp_path: Path) -> None:
+    # Prepare: a coordinator and one device on an in-memory broker (no persistent sessions: what is published
+    # while a link is away is lost, as on a broker restarted without persistence)
+    broker = MemoryBroker()
+    coordinator = CoordinatorSession(MemoryLink(broker, RUN), RUN, manifest(tmp_path, b"graph"), tmp_path, 30, extract)  # type: ignore[arg-type]
+    coordinator.heartbeat_s = 3600
+    coordinator.open()
+    device = DeviceSession(MemoryLink(broker, RUN), RUN, "pi")
+    device.subscribe_run()
+    device.link.connect()
+    assert device.wait_manifest(5.0) is not None, "no manifest"
+    assert device.manifest is not None
+    sub = device.manifest.submodels[0]
+    asked: list[Task] = []
+
+    def next_task() -> Task:
+        while True:
+            item = device.next(5.0)
+            assert item is not None, "no task"
+            taken = device.handle(*item)
+            if isinstance(taken, Task):
+                return taken
+
+    def script() -> None:
+        # the device answers while the coordinator is away (lost), then answers the task it is asked again
+        asked.append(next_task())
+        weights = device.weights(sub, asked[0].round, asked[0].weights_sha256, 5.0)
+        coordinator.link.close()
+        device.send_update(asked[0], 0, 5, METRICS, tensor_parts({"w": weights["w"] + 1}))
+        coordinator.link.connect()
+        asked.append(next_task())
+        weights = device.weights(sub, asked[1].round, asked[1].weights_sha256, 5.0)
+        device.send_update(asked[1], 0, 5, METRICS, tensor_parts({"w": weights["w"] + 1}))
+
+    # Execute
+    thread = threading.Thread(target=script, daemon=True)
+    started = time.monotonic()
+    thread.start()
+    (outcome,) = list(coordinator.run(1, 1.0, [Instruction("pi", 0, TrainConfig())]))  # type: ignore[arg-type]
+    seconds = time.monotonic() - started
+    thread.join(10)
+    coordinator.close("test over")
+
+    # Assert: the round got the answer to the task asked again, long before its 30 s deadline
+    assert len(asked) == 2 and asked[0].task_id != asked[1].task_id and asked[1].round == 1, asked
+    assert outcome.status == "updated", f"the round lost the answer: {outcome}"
+    assert outcome.tensors is not None and np.array_equal(outcome.tensors["w"], np.full(SHAPE, 2.0)), "wrong update"
+    assert seconds < 10, f"the round took {seconds:.1f} s (deadline 30 s)"

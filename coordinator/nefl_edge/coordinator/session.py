@@ -291,6 +291,7 @@ class CoordinatorSession:
         link.favoured = self._favoured
         self.heartbeat_s = HEARTBEAT_S
         self._beating = threading.Event()
+        self._reask = threading.Event()  # reconnected while tasks were pending: ask them again (collect)
 
     # --- the run on the link -------------------------------------------------------------------------------
 
@@ -377,6 +378,7 @@ class CoordinatorSession:
         """The broker may have restarted without persistence: publish the retained messages again and ask
         every device to say hello (the broker published their wills when it went down)."""
         self._reconnected_at = time.monotonic()
+        self._reask.set()
         log.warning("reconnected to the broker: publishing %d retained messages again", len(self._retained))
         for topic, (message, body) in list(self._retained.items()):
             self.link.publish(topic, message, body, retain=True)
@@ -478,6 +480,7 @@ class CoordinatorSession:
         return digests
 
     def send(self, tasks: dict[str, PendingTask]) -> None:
+        self._reask.clear()  # these are sent on the connection there is now
         self.listen(frozenset(tasks))
         for node, task in tasks.items():
             self.bytes_out += self.link.publish(self.topics.node(node, "task"), task)
@@ -539,6 +542,9 @@ class CoordinatorSession:
         deadline = started + self.deadline_s + GRACE_S
         look = 0.0
         while pending and time.monotonic() < deadline and not self.stop.is_set():
+            if self._reask.is_set():
+                self._reask.clear()
+                self.ask_again(round_, pending)
             if time.monotonic() >= look:
                 look = time.monotonic() + GONE_CHECK_S
                 for node, task, gone in self._drop_gone(pending):
@@ -556,6 +562,17 @@ class CoordinatorSession:
             log.warning("round %d: deadline passed without answers from %s", round_, sorted(pending))
         for node, task in pending.items():
             yield dropped(node, task, "no answer before the deadline")
+
+    def ask_again(self, round_: int, pending: dict[str, PendingTask]) -> None:
+        """Send the ``pending`` tasks again under new ids (in place): after this link reconnected, answers may
+        have been lost (a broker restarted without persistence drops what came while this session had no
+        subscription there, and devices that were back first answered into the void). A device takes the
+        new id as a new task of the same round (``edge_client.session.DeviceSession.refusal``); an answer to
+        the old id that still comes is stale."""
+        for (node, task), task_id in zip(list(pending.items()), task_ids(len(pending))):
+            pending[node] = again = task.model_copy(update={"task_id": task_id, "sent_at": 0.0})
+            self.bytes_out += self.link.publish(self.topics.node(node, "task"), again)
+        log.warning("round %d: reconnected: asked %d devices again for their answers", round_, len(pending))
 
     def _drop_gone(self, pending: dict[str, PendingTask]) -> list[tuple[str, PendingTask, str]]:
         """Take the devices that are gone (:meth:`gone`) out of ``pending``: (node, task, why) each."""

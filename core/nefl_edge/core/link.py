@@ -131,6 +131,10 @@ class Link(Protocol):
         """Delete what this link retained on ``topic``."""
         ...
 
+    def clear_topics(self, topics: Sequence[str]) -> None:
+        """Delete the retained messages on ``topics`` (exact topics, e.g. chunks another publisher left)."""
+        ...
+
     def next(self, timeout: float) -> Optional[Inbound]:
         """The next validated inbound message, or ``None`` after ``timeout`` seconds."""
         ...
@@ -683,6 +687,11 @@ class FramedLink:
         """Delete the retained chunks that this link published on ``topic``."""
         for i in range(self._retained_counts.pop(topic, 0)):
             self._send(f"{topic}{CHUNK_MARK}{i}", b"", True)
+
+    def clear_topics(self, topics: Sequence[str]) -> None:
+        """Delete the retained messages on ``topics`` (exact topics, e.g. chunks another publisher left)."""
+        for topic in topics:
+            self._send(topic, b"", True)
 
 
 class MemoryBroker:

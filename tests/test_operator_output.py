@@ -192,11 +192,11 @@ def test_status_of_a_finished_run_reads_the_broker_and_the_records(served: Serve
     # Assert: the devices left (their retained status says offline); their last tasks are round 2's.
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout)
-    assert found["state"] == "finished" and found["broker_error"] is None, f"status: {found}"
+    assert (found["state"], found["source"], found["source_note"]) == ("finished", "broker", None), f"{found}"
     devices = {d["node"]: d for d in found["devices"]}
     assert set(devices) == set(served.nodes), f"devices {sorted(devices)}"
     for node, d in devices.items():
-        assert (d["broker_state"], d["last_round"], d["outcome"]) == ("offline", 2, "updated"), f"{node}: {d}"
+        assert (d["state"], d["last_round"], d["outcome"]) == ("offline", 2, "updated"), f"{node}: {d}"
     assert found["online"] == [], f"online after the run: {found['online']}"
 
 
@@ -207,6 +207,8 @@ def test_status_of_a_live_run_shows_who_is_online(tmp_path: Path, broker: Broker
     edges = [spawn_edge(broker.address, s, f"dev{i}", tmp_path, run=RUN) for i, s in enumerate(shards)]
     try:
         wait_for(lambda: '"online": 2' in (tmp_path / "serve.err").read_text(), 150, "the coordinator to see 2 devices")
+        progress = lambda: next((tmp_path / "runs").glob(f"{RUN}-*/progress.json"), None)  # noqa: E731
+        wait_for(lambda: progress() is not None and '"dev1": "online"' in progress().read_text(), 30, "progress.json")
 
         # Execute
         result = coord("status", RUN, "--runs-dir", str(tmp_path / "runs"), "--format", "json")
@@ -221,8 +223,8 @@ def test_status_of_a_live_run_shows_who_is_online(tmp_path: Path, broker: Broker
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout)
     assert (found["state"], found["pid"], found["round"]) == ("running", coordinator.pid, 0), f"status: {found}"
-    assert found["online"] == ["dev0", "dev1"], f"online: {found['online']}"
-    assert "online: 2 (dev0, dev1)" in text.stdout, text.stdout
+    assert (found["online"], found["source"]) == (["dev0", "dev1"], "coordinator"), f"status: {found}"
+    assert "online: 2 (dev0, dev1; from: coordinator)" in text.stdout, text.stdout
     assert code == 130, f"serve exited {code} on SIGINT"
     after = json.loads(coord("runs", "--runs-dir", str(tmp_path / "runs"), "--format", "json").stdout)
     assert after[0]["state"] == "stopped" and after[0]["pid"] is None, f"after SIGINT: {after}"

@@ -608,8 +608,8 @@ def status_command(
     output: OutputFormat = "text",
     no_broker: Annotated[bool, typer.Option("--no-broker", help="Read only the run directory.")] = False,
 ) -> None:
-    """One run now: state, the round in progress, and every device with its state on the broker (from its
-    retained status, read with the run's recorded security) and its last recorded task."""
+    """One run now: state, the round in progress, and every device with its state (a running run: the
+    coordinator's registry; else the devices' retained status on an anonymous broker) and its last task."""
     from nefl_edge.coordinator.runs import find_run, run_status
 
     _check_format(output)
@@ -626,14 +626,14 @@ def status_command(
     typer.echo(f"accuracy % by submodel (round {found['evaluated_round']}): {_percent(found['accuracy'])}")
     if found["progress"]:
         typer.echo(f"now: {found['progress']}")
-    if found["broker_error"]:
-        typer.echo(f"broker not read: {found['broker_error']}")
-    typer.echo(f"online: {len(found['online'])} ({', '.join(found['online']) or 'none'})")
+    if found["source_note"]:
+        typer.echo(f"device states {found['source_note']}")
+    typer.echo(f"online: {len(found['online'])} ({', '.join(found['online']) or 'none'}; from: {found['source']})")
     for d in found["devices"]:
         task = (
             "-" if d["last_round"] is None else f"submodel {d['submodel']} in round {d['last_round']} ({d['outcome']})"
         )
-        typer.echo(f"  {d['node']:<24} {d['broker_state']:<9} last task: {task}")
+        typer.echo(f"  {d['node']:<24} {d['state']:<9} last task: {task}")
 
 
 def _default_broker_user() -> Optional[str]:

@@ -4,6 +4,9 @@ Orchestration (``coordinator.run``) logs; this module only draws."""
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,7 +17,7 @@ from rich.table import Table
 from nefl_edge.coordinator.engine import RoundReport
 from nefl_edge.coordinator.records import Records, final_rows, summary
 from nefl_edge.coordinator.run import ServeRun
-from nefl_edge.coordinator.runs import write_progress
+from nefl_edge.coordinator.runs import PROGRESS_EVERY_S, write_progress
 from nefl_edge.core.cli import event
 from nefl_edge.core.mqtt import MqttLink
 
@@ -37,13 +40,16 @@ def serve_with_progress(
             text = f"round {report.round}: {report.updates}/{report.selected} updates, acc % {accs}"
             progress.update(bar, completed=report.round, description=text)  # round 0 and a stop report too
 
+        latest = {"text": "starting"}
+
         def on_progress(text: str) -> None:
             progress.update(bar, description=text)
-            write_progress(run.run_dir, text)  # for `nefl-coord status`
+            latest["text"] = text
 
         run.on_round = on_round
         run.on_progress = on_progress
-        out = run.serve(link)
+        with _progress_file(run, latest):
+            out = run.serve(link)
     paths = {"report": out / "report.html", "metrics": out / "metrics.jsonl", "clients": out / "clients.jsonl"}
     line = "; ".join(f"{k}: {v}" for k, v in paths.items())
     if json_lines:
@@ -55,6 +61,29 @@ def serve_with_progress(
     print_final_table(Console(), Records(out).metrics())
     print(line, flush=True)  # not through rich: a path must not wrap on a narrow or absent terminal
     return out
+
+
+@contextmanager
+def _progress_file(run: ServeRun, latest: dict[str, str]) -> Iterator[None]:
+    """Rewrite ``progress.json`` (the round's progress line, every device's last status in the registry)
+    every ``PROGRESS_EVERY_S`` while the block runs, for ``nefl-coord status``."""
+    done = threading.Event()
+
+    def write() -> None:
+        while not done.wait(PROGRESS_EVERY_S):
+            try:
+                devices = {n: info.state for n, info in list(run.registry.nodes.items())}
+            except RuntimeError:  # the registry changed while it was read; next time
+                continue
+            write_progress(run.run_dir, latest["text"], devices)
+
+    thread = threading.Thread(target=write, name="nefl-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(5)
 
 
 def print_final_table(console: Console, records: list[dict[str, Any]]) -> None:

@@ -1,13 +1,18 @@
 """Run management read from disk and from the broker: ``nefl-coord runs`` (the runs in a folder) and
-``nefl-coord status RUN`` (one run now). Nothing here writes to a run except :func:`running_marker`, which
-``serve`` and ``demo`` hold while they run.
+``nefl-coord status RUN`` (one run now). Nothing here writes to a run except what ``serve`` and ``demo`` call
+while they run: :func:`running_marker` and :func:`write_progress`.
 
 A run's state comes from its directory: ``coordinator.pid`` names the serving process while it runs,
 ``checkpoint.json`` the last recorded round, ``config.json`` the rounds planned, ``metrics.jsonl`` the
-accuracy, ``security.json`` how it was secured, ``progress.json`` the live round's answers. Who is online
-comes from the devices' retained status messages on the broker (``nefl/<run>/node/+/status``), read with the
-run's recorded security; what each device trains is its task of the last recorded round (``clients.jsonl``):
-tasks are not retained, so the task of the round in progress is not known to a reader that joins late."""
+accuracy, ``security.json`` how it was secured, ``progress.json`` (rewritten every ``PROGRESS_EVERY_S`` by
+the running coordinator) the round's answers and every device's last status as the coordinator's registry
+holds it. Who is online: for a running run, that registry (the coordinator reads the broker itself); for a
+run that is not running, the devices' retained status messages on the broker (``nefl/<run>/node/+/status``),
+read with the run's recorded security, but only on a broker without accounts: the generated broker takes
+the user name as client id (``use_username_as_clientid``), so a second session with the coordinator's
+account would take over the connection of any coordinator using it now. What each device trains is its
+task of the last recorded round (``clients.jsonl``): tasks are not retained, so the task of the round in
+progress shows once that round is recorded."""
 
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from nefl_edge.core.errors import BadInput
 from nefl_edge.core.files import write_atomic
 
 PID_FILE, PROGRESS_FILE = "coordinator.pid", "progress.json"
+PROGRESS_EVERY_S = 2.0
 STATUS_WAIT_S = 2.0  # the broker sends retained messages right after the subscription; quiet this long: done
 
 
@@ -41,10 +47,12 @@ def running_marker(run_dir: Path) -> Iterator[None]:
             path.unlink()
 
 
-def write_progress(run_dir: Path, text: str) -> None:
-    """The live round's progress line (``round 3: 2/5 clients answered``) for ``nefl-coord status``."""
+def write_progress(run_dir: Path, text: str, devices: dict[str, str]) -> None:
+    """The live round's progress line (``round 3: 2/5 clients answered``) and every device's last status
+    (``online``, ``training``, ``offline``, ``lost``) for ``nefl-coord status``."""
+    body = {"text": text, "devices": devices, "time": time.time()}
     with contextlib.suppress(OSError):
-        write_atomic(run_dir / PROGRESS_FILE, json.dumps({"text": text, "time": time.time()}) + "\n", 0o644)
+        write_atomic(run_dir / PROGRESS_FILE, json.dumps(body) + "\n", 0o644)
 
 
 def _json(path: Path) -> Optional[dict[str, Any]]:
@@ -185,7 +193,8 @@ def broker_states(run_dir: Path, run: str, wait_s: float = STATUS_WAIT_S) -> dic
 
 def run_status(run_dir: Path, from_broker: bool = True) -> dict[str, Any]:
     """``nefl-coord status``: the run's summary, the live round's progress, and every device seen (in the
-    run's records or on the broker) with its broker state and its last recorded task."""
+    run's records, the running coordinator's registry or on the broker) with its state and its last
+    recorded task; ``source`` says where the states come from."""
     summary = summarise(run_dir)
     config = _json(run_dir / "config.json") or {}
     progress = _json(run_dir / PROGRESS_FILE) if summary["state"] == "running" else None
@@ -195,19 +204,30 @@ def run_status(run_dir: Path, from_broker: bool = True) -> dict[str, Any]:
         if isinstance(node, str):
             last_task[node] = row
     states: dict[str, str] = {}
-    broker_error = None
-    if from_broker:
+    source, note = "none", None
+    if progress is not None and isinstance(progress.get("devices"), dict):
+        states, source = {str(k): str(v) for k, v in progress["devices"].items()}, "coordinator"
+    elif summary["state"] == "running":
+        note = "the coordinator has not written progress.json yet"
+    elif not from_broker:
+        note = "not read (--no-broker)"
+    elif (_json(run_dir / "security.json") or {}).get("username"):
+        note = (
+            "not read: the run's broker account is the coordinator's, and a second session with it would take "
+            "over the connection of a coordinator using it now (the broker takes the user name as client id)"
+        )
+    else:
         try:
-            states = broker_states(run_dir, str(config.get("run", "")))
+            states, source = broker_states(run_dir, str(config.get("run", ""))), "broker"
         except Exception as exc:  # the broker may be gone with the run: say so, show what the disk holds
-            broker_error = f"{type(exc).__name__}: {exc}"
+            note = f"not read: {type(exc).__name__}: {exc}"
     devices = []
     for node in sorted(set(last_task) | set(states)):
         task = last_task.get(node, {})
         devices.append(
             {
                 "node": node,
-                "broker_state": states.get(node, "unknown" if broker_error or not from_broker else "not seen"),
+                "state": states.get(node, "not seen" if source != "none" else "unknown"),
                 "last_round": task.get("round"),
                 "submodel": task.get("submodel"),
                 "outcome": task.get("status"),
@@ -216,7 +236,8 @@ def run_status(run_dir: Path, from_broker: bool = True) -> dict[str, Any]:
     return {
         **summary,
         "progress": progress.get("text") if progress else None,
+        "source": source,
+        "source_note": note,
         "online": sorted(n for n, s in states.items() if s in ("online", "training")),
         "devices": devices,
-        "broker_error": broker_error,
     }

@@ -389,3 +389,26 @@ def test_every_event_template_is_a_log_call_in_the_source() -> None:
     # Assert
     lost = sorted(t for t, n in uses.items() if n < 2)
     assert lost == [], f"event templates that no log call uses any more: {lost}"
+
+
+def test_the_report_line_is_one_line_without_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from types import SimpleNamespace
+
+    from nefl_edge.coordinator.registry import Registry
+    from nefl_edge.coordinator.render import serve_with_progress
+
+    # Prepare: a run whose directory has a path far longer than a terminal is wide; serve returns at once.
+    run_dir = tmp_path / ("a-long-folder-name-" * 8) / "lab-20261207-120000"
+    run_dir.mkdir(parents=True)
+    run = SimpleNamespace(cfg=SimpleNamespace(run="lab", rounds=1), round=0, registry=Registry(), run_dir=run_dir)
+    run.serve = lambda link: run_dir
+
+    # Execute: stdout is pytest's capture, not a terminal.
+    serve_with_progress(run, link=None)  # type: ignore[arg-type]
+
+    # Assert: the report, metrics and clients paths on one line, unbroken.
+    (line,) = [t for t in capsys.readouterr().out.splitlines() if t.startswith("report:")]
+    want = (
+        f"report: {run_dir / 'report.html'}; metrics: {run_dir / 'metrics.jsonl'}; clients: {run_dir / 'clients.jsonl'}"
+    )
+    assert line == want, f"report line: {line!r}"

@@ -208,3 +208,47 @@ def test_the_coordinator_asks_again_for_answers_lost_while_it_was_away(tmp_path:
     assert outcome.status == "updated", f"the round lost the answer: {outcome}"
     assert outcome.tensors is not None and np.array_equal(outcome.tensors["w"], np.full(SHAPE, 2.0)), "wrong update"
     assert seconds < 10, f"the round took {seconds:.1f} s (deadline 30 s)"
+
+
+@pytest.mark.integration
+def test_an_agent_leaves_a_dead_run_for_another_announced_one(
+    broker: Broker, small_artifacts: Path, tmp_path: Path
+) -> None:
+    # Prepare: run "alpha" announced by a coordinator that says nothing after the device's hello (no
+    # heartbeat: as a dead one whose retained manifest stays); an agent in discovery mode that takes 3 s of
+    # silence as a dead run
+    from nefl_edge.core.data import load_dataset
+    from nefl_edge.core.schemas import Hello
+    from nefl_edge.edge_client.agent import Agent, AgentOptions
+    from nefl_edge.edge_client.client import ClientOptions
+    from tests.fakes import StandIn
+    from tests.helpers import make_shards
+
+    dead = StandIn(broker, small_artifacts, run="alpha")
+    data = load_dataset(make_shards(tmp_path, [100])[0], "train")
+    options = ClientOptions(
+        BrokerAddress("127.0.0.1", broker.port), "pi-a", "alpha", tmp_path / "cache", threads=1, silent_s=3.0
+    )
+    agent = Agent(options, data, AgentOptions(broker_wait_s=10.0), pinned=False)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    live = None
+    try:
+        # Execute: the agent joins alpha; then run "beta" is announced by a live coordinator
+        thread.start()
+        joined, _ = dead.expect(Hello, timeout=60)
+        started = time.monotonic()
+        live = StandIn(broker, small_artifacts, run="beta")
+        hello, _ = live.expect(Hello, timeout=60)
+        seconds = time.monotonic() - started
+    finally:
+        agent.stop()
+        thread.join(30)
+        dead.link.close()
+        if live is not None:
+            live.end()
+
+    # Assert: it left the silent run after 3 s and said hello in the live one
+    states = [(o.state, o.reason) for o in agent.outcomes]
+    assert joined.run == "alpha" and states and states[0][0] == "silent", f"the agent's runs: {states}"
+    assert hello.run == "beta" and hello.node == "pi-a", hello
+    assert 2.0 <= seconds <= 40, f"hello in the live run {seconds:.0f} s after the dead one's last word"

@@ -50,7 +50,7 @@ from nefl_edge.core.wire import (
 from nefl_edge.edge_client.evaluate import SubmodelEvaluator
 from nefl_edge.edge_client.latest import LatestStore
 from nefl_edge.edge_client.profile import device_profile, probe_threads, thread_choice_key
-from nefl_edge.edge_client.session import DeviceSession, RunEnded, Stopped
+from nefl_edge.edge_client.session import SILENT_S, DeviceSession, RunEnded, Stopped
 from nefl_edge.edge_client.trainer import (
     BACKEND_FILES,
     DeadlineMissed,
@@ -103,6 +103,8 @@ class ClientOptions:
     coordinator_key_id: str = "coordinator"
     instance: str = field(default_factory=lambda: secrets.token_hex(6))
     """Random per process, sent in every hello: the coordinator tells two processes with one identity apart."""
+    silent_s: float = SILENT_S
+    """A joined run whose coordinator sent nothing (not even its heartbeat) this long is left as dead."""
 
 
 class TakeoverWatch:
@@ -180,6 +182,7 @@ class EdgeClient:
         self._left: Optional[str] = None
         self.link = self._new_link()
         self.session = DeviceSession(self.link, options.run, options.node, not_before)
+        self.session.silent_s = options.silent_s
         self._stop = self.session.stop
         self.work = DeviceWork(options, data, self.session, self._keep_global)
 

@@ -557,7 +557,9 @@ class FramedLink:
                 return full
             with self.inbox.not_full:
                 self.inbox.not_full.wait(min(left, 0.05))
-            full = self.inbox.offer(item, self.favoured)
+                room = self.inbox._full(len(item[2]))[0] is None  # O(1): offer's eviction scan is O(senders)
+            if room:
+                full = self.inbox.offer(item, self.favoured)
         return None
 
     def _filters(self) -> List[str]:

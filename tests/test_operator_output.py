@@ -213,6 +213,11 @@ def test_status_of_a_live_run_shows_who_is_online(tmp_path: Path, broker: Broker
         # Execute
         result = coord("status", RUN, "--runs-dir", str(tmp_path / "runs"), "--format", "json")
         text = coord("status", RUN, "--runs-dir", str(tmp_path / "runs"))
+
+        # Execute: a device leaves while the coordinator waits.
+        stop(edges[1])
+        drop = '"event": "drop", "message": "client dev1 went offline (left)"'
+        wait_for(lambda: drop in (tmp_path / "serve.err").read_text(), 30, "the coordinator's drop event")
     finally:
         coordinator.send_signal(signal.SIGINT)
         code = coordinator.wait(60)
@@ -226,6 +231,10 @@ def test_status_of_a_live_run_shows_who_is_online(tmp_path: Path, broker: Broker
     assert (found["online"], found["source"]) == (["dev0", "dev1"], "coordinator"), f"status: {found}"
     assert "online: 2 (dev0, dev1; from: coordinator)" in text.stdout, text.stdout
     assert code == 130, f"serve exited {code} on SIGINT"
+    lines = json_lines(tmp_path / "serve.err")
+    (dropped,) = [o for o in lines if o["event"] == "drop"]
+    assert (dropped["node"], dropped["how"]) == ("dev1", "left"), f"drop event: {dropped}"
+    assert lines[-1]["event"] == "stopped" and lines[-1]["signal"] == "SIGINT", f"last line: {lines[-1]}"
     after = json.loads(coord("runs", "--runs-dir", str(tmp_path / "runs"), "--format", "json").stdout)
     assert after[0]["state"] == "stopped" and after[0]["pid"] is None, f"after SIGINT: {after}"
 

@@ -18,7 +18,7 @@ from nefl_edge.coordinator.cli_options import (
     config_options,
 )
 from nefl_edge.coordinator.config import METHODS
-from nefl_edge.core.cli import fail, run_app, setup_logging
+from nefl_edge.core.cli import event, fail, run_app, setup_logging
 from nefl_edge.core.errors import ExitCode
 
 log = logging.getLogger("nefl_edge.coordinator")
@@ -314,6 +314,14 @@ def serve(
     from nefl_edge.coordinator.runs import running_marker
 
     coordinator_logging(verbose, log_format)
+
+    def say(text: str, name: str, err: bool = True, **fields: Any) -> None:
+        """A closing message: a line of text, or with ``--log-format json`` an event like every other line."""
+        if log_format == "json":
+            log.warning(text, extra=event(name, **fields))
+        else:
+            typer.echo(text, err=err)
+
     overrides = overrides or {}
     if resume is not None and config is not None:
         fail("--config and --resume exclude each other: a resumed run keeps its own config.json")
@@ -345,9 +353,13 @@ def serve(
 
         done = checkpoint.load(resume).round  # a missing or damaged checkpoint: exit 2 before any connection
         if done >= cfg.rounds:
-            typer.echo(
+            say(
                 f"{resume} finished all {cfg.rounds} rounds already; nothing to resume (pass --rounds N, more than "
-                f"{done}, to train on)"
+                f"{done}, to train on)",
+                "finished",
+                err=False,
+                run_dir=str(resume),
+                round=done,
             )
             return
     check_servable(cfg)
@@ -362,6 +374,7 @@ def serve(
     run = ServeRun(cfg, resume, resume=resume is not None)
     sec.save(run.run_dir)
     how_to_resume = f"resume it with `nefl-coord serve --resume {run.run_dir}`"
+    stopped_fields: dict[str, Any] = {"run_dir": str(run.run_dir), "resumable": True}
 
     def interrupted(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -373,11 +386,15 @@ def serve(
             serve_with_progress(run, link, json_lines=log_format == "json")
     except KeyboardInterrupt:
         if run.round == 0:
-            typer.echo(
-                f"stopped before a round was recorded; start the run again (not --resume {run.run_dir})", err=True
+            say(
+                f"stopped before a round was recorded; start the run again (not --resume {run.run_dir})",
+                "stopped",
+                run_dir=str(run.run_dir),
+                round=0,
+                resumable=False,
             )
         else:
-            typer.echo(f"stopped after round {run.round}; {how_to_resume}", err=True)
+            say(f"stopped after round {run.round}; {how_to_resume}", "stopped", round=run.round, **stopped_fields)
         raise typer.Exit(ExitCode.INTERRUPTED) from None
     except NotEnoughClients:
         if run.stopped_by is None:
@@ -385,7 +402,8 @@ def serve(
     finally:
         signal.signal(signal.SIGTERM, previous)
     if run.stopped_by is not None:
-        typer.echo(f"stopped by {run.stopped_by} after round {run.round}; {how_to_resume}", err=True)
+        text = f"stopped by {run.stopped_by} after round {run.round}; {how_to_resume}"
+        say(text, "stopped", signal=run.stopped_by, round=run.round, **stopped_fields)
         raise typer.Exit(ExitCode.INTERRUPTED)
 
 
@@ -421,7 +439,6 @@ def simulate(
     from nefl_edge.coordinator.render import print_simulation
     from nefl_edge.coordinator.simulate import simulate as run_simulation
     from nefl_edge.coordinator.strategies import get_strategy
-    from nefl_edge.core.cli import event
     from nefl_edge.core.data import load_dataset
 
     json_lines = log_format == "json"

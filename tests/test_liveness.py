@@ -252,3 +252,55 @@ def test_an_agent_leaves_a_dead_run_for_another_announced_one(
     assert joined.run == "alpha" and states and states[0][0] == "silent", f"the agent's runs: {states}"
     assert hello.run == "beta" and hello.node == "pi-a", hello
     assert 2.0 <= seconds <= 40, f"hello in the live run {seconds:.0f} s after the dead one's last word"
+
+
+@pytest.mark.integration
+def test_a_round_survives_a_broker_restart_while_the_device_answers(broker: Broker, tmp_path: Path) -> None:
+    # Prepare: a coordinator and a device on a real Mosquitto without persistence; the device takes its task,
+    # then the broker restarts, and the device answers as soon as it is back, before the coordinator is
+    address = BrokerAddress("127.0.0.1", broker.port)
+    coordinator = CoordinatorSession(
+        MqttLink("coord", address, RUN, clean=True), RUN, manifest(tmp_path, b"graph"), tmp_path, 60, extract
+    )  # type: ignore[arg-type]
+    coordinator.heartbeat_s = 3600
+    coordinator.open()
+    device = DeviceSession(MqttLink("dev-pi", address, RUN, clean=True), RUN, "pi")
+    device.subscribe_run()
+    device.link.connect(10)
+    assert device.wait_manifest(10.0) is not None and device.manifest is not None, "no manifest"
+    sub, stop, asked = device.manifest.submodels[0], threading.Event(), []
+
+    def script() -> None:
+        while not stop.is_set():
+            item = device.next(0.2)
+            task = device.handle(*item) if item is not None else None
+            if not isinstance(task, Task):
+                continue
+            asked.append(task)
+            weights = device.weights(sub, task.round, task.weights_sha256, 20.0)
+            if len(asked) == 1:  # the coordinator comes back 5 s after the broker, the device within 1 s
+                coordinator.link.client.reconnect_delay_set(min_delay=5, max_delay=5)  # type: ignore[attr-defined]
+                broker.stop()
+                broker.start()
+                assert device.link.connected.wait(40), "the device did not reconnect"
+            device.send_update(task, 0, 5, METRICS, tensor_parts({"w": weights["w"] + 1}))
+
+    # Execute
+    thread = threading.Thread(target=script, daemon=True)
+    started = time.monotonic()
+    thread.start()
+    try:
+        (outcome,) = list(coordinator.run(1, 1.0, [Instruction("pi", 0, TrainConfig())]))  # type: ignore[arg-type]
+        seconds = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(30)
+        device.link.close()
+        coordinator.close("test over")
+
+    # Assert: the answer into the void was asked again, and the round got it well before its 60 s deadline
+    assert len(asked) == 2 and asked[0].task_id != asked[1].task_id, f"tasks the device got: {asked}"
+    assert outcome.status == "updated", f"the round lost the answer: {outcome} (tasks: {asked})"
+    assert outcome.tensors is not None and np.array_equal(outcome.tensors["w"], np.full(SHAPE, 2.0)), "wrong update"
+    assert seconds < 45, f"the round took {seconds:.1f} s (deadline 60 s)"
+    print(f"round across a broker restart: {seconds:.1f} s, {len(asked)} task(s) sent to the device")

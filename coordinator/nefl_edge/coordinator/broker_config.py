@@ -292,6 +292,10 @@ def config_text(opts: BrokerOptions) -> str:
         "max_queued_messages 10000",
         "connection_messages true",
     ]
+    # Issue 22 (B2): a device account that vanished must not keep a session queuing its tasks and weights for
+    # ever. No max_queued_bytes: that bound applies to the coordinator's own queue too, where a slow round
+    # would then drop honest updates.
+    lines.append("persistent_client_expiration 1d")
     if opts.persistence:
         lines += ["persistence true", f"persistence_location {home / 'data'}/", "autosave_interval 60"]
     else:

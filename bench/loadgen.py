@@ -130,7 +130,8 @@ class LoadGen:
     ``run``. Device ``i`` is node ``<prefix>-<i>`` of tier ``i % tiers`` with ``samples`` samples. A task is
     answered ``delay_s`` (plus up to ``jitter_s``) after it arrived (at the earliest once its weights did).
     ``expected_tasks`` per round marks when a round's tasks are all out (then ``cpu_of`` is sampled: e.g. the
-    coordinator's CPU time)."""
+    coordinator's CPU time). While ``hold()`` is true (e.g. the broker holds too much for a coordinator
+    that takes in slower than the fleet answers) the senders wait; ``held_s`` adds up how long."""
 
     def __init__(
         self,
@@ -147,6 +148,7 @@ class LoadGen:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         expected_tasks: Optional[int] = None,
         cpu_of: Optional[Any] = None,
+        hold: Optional[Callable[[], bool]] = None,
     ) -> None:
         host, port = broker.rsplit(":", 1)
         self.host, self.port, self.run = host, int(port), run
@@ -155,6 +157,8 @@ class LoadGen:
         self.statuses, self.chunk_size = statuses, chunk_size
         self.expected_tasks = devices if expected_tasks is None else expected_tasks
         self.cpu_of = cpu_of
+        self.hold = hold
+        self.held_s = 0.0
         width = len(str(devices - 1))
         names = [f"{prefix}-{i:0{width}d}" for i in range(devices)]
         self.tier_of = {n: i % tiers for i, n in enumerate(names)}
@@ -293,6 +297,12 @@ class LoadGen:
             task = conn.take()
             if task is None:
                 return
+            if self.hold is not None and self.hold():
+                since = time.monotonic()
+                while self.hold() and not conn.closed:
+                    time.sleep(0.05)
+                with self._lock:
+                    self.held_s += time.monotonic() - since
             try:
                 if isinstance(task, EvalTask):
                     window.extend(self._evaluation(conn, task))
@@ -408,6 +418,18 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def rss_mb(pid: int) -> float:
+    """The resident set size of process ``pid`` now (VmRSS), MiB (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def peak_rss_mb(pid: int) -> float:
     """The peak resident set size of process ``pid`` so far (VmHWM), MiB."""
     with open(f"/proc/{pid}/status") as fh:
@@ -435,6 +457,7 @@ def measure(
     jitter_s: float = 0.0,
     profile: Optional[Path] = None,
     broker_queue: Optional[int] = None,
+    broker_mb: float = 3072.0,
 ) -> dict[str, Any]:
     """One ``nefl-coord serve`` run of ``rounds`` rounds with ``devices`` virtual devices, every device
     selected every round (fraction 1, tiers round-robin over the 5 default submodels); returns the settings,
@@ -443,7 +466,9 @@ def measure(
     stacks, one line per distinct stack with its sample count). ``broker_queue``: Mosquitto's
     ``max_queued_messages`` (QoS 1 messages it holds for a client that reads slower than they come; beyond
     it they are dropped); default the larger of 10,000 (what ``broker-config`` writes) and 4 per device, so
-    that a coordinator that falls behind a burst of updates (2 statuses and 1 update per device) loses none."""
+    that a coordinator that falls behind a burst of updates (2 statuses and 1 update per device) loses none.
+    While the broker's resident memory is above ``broker_mb`` the virtual devices hold their answers (a
+    fleet of large models would otherwise pile gigabytes into it); ``held_s`` in the result says how long."""
     from nefl_edge.coordinator.broker import LocalBroker
 
     folder = Path(folder or tempfile.mkdtemp(prefix="nefl-loadgen-"))
@@ -461,6 +486,7 @@ def measure(
         "extra": list(extra),
         "broker_queue": broker_queue or max(10_000, 4 * devices),
         "answer_delay_s": [delay_s, delay_s + jitter_s],
+        "broker_mb": broker_mb,
     }
     queue_line = f"max_queued_messages {settings['broker_queue']}"
     with LocalBroker("mosquitto", folder / "broker", extra_config=(queue_line,)) as broker:
@@ -479,11 +505,12 @@ def measure(
             spy_args = ["py-spy", "record", "--pid", str(coord.pid), "--format", "raw", "--rate", "50"]
             spy_args += ["--nonblocking", "--threads", "-o", str(profile)]
             spy = subprocess.Popen(spy_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        broker_pid = broker.proc.pid if broker.proc is not None else -1
         gen = LoadGen(
             broker.address, run, devices, connections, delay_s=delay_s, jitter_s=jitter_s,
-            cpu_of=lambda: process_cpu(coord.pid),
+            cpu_of=lambda: process_cpu(coord.pid), hold=lambda: rss_mb(broker_pid) > broker_mb,
         )  # fmt: skip
-        peak = 0.0
+        peak = broker_peak = 0.0
         started = time.monotonic()
         try:
             gen.start(timeout_s=300, alive=lambda: coord.poll() is None)
@@ -491,6 +518,7 @@ def measure(
                 if coord.poll() is not None:
                     break
                 peak = max(peak, peak_rss_mb(coord.pid))
+                broker_peak = max(broker_peak, rss_mb(broker_pid))
                 if time.monotonic() - started > timeout_s:
                     raise TimeoutError(f"the run did not end within {timeout_s:.0f} s; see {folder}")
             with contextlib.suppress(OSError):
@@ -549,6 +577,8 @@ def measure(
         "updates_sent": gen.updates_sent,
         "mb_sent": gen.bytes_sent / 1e6,
         "loadgen_rejected": dict(gen.rejected),
+        "answers_held_s": gen.held_s,
+        "broker_peak_rss_mb": broker_peak,
         "seconds": time.monotonic() - started,
         "folder": str(folder),
     }

@@ -204,7 +204,10 @@ def test_status_of_a_live_run_shows_who_is_online(tmp_path: Path, broker: Broker
     # Prepare: a coordinator that waits for 3 devices; two have joined.
     shards = make_shards(tmp_path, [100, 100])
     coordinator = serve(tmp_path, broker, "--rounds", "1", "--min-clients", "3", "--wait-clients-s", "120")
-    edges = [spawn_edge(broker.address, s, f"dev{i}", tmp_path, run=RUN) for i, s in enumerate(shards)]
+    edges = [
+        spawn_edge(broker.address, s, f"dev{i}", tmp_path, "--log-format", "json", run=RUN)
+        for i, s in enumerate(shards)
+    ]
     try:
         wait_for(lambda: '"online": 2' in (tmp_path / "serve.err").read_text(), 150, "the coordinator to see 2 devices")
         progress = lambda: next((tmp_path / "runs").glob(f"{RUN}-*/progress.json"), None)  # noqa: E731
@@ -235,6 +238,8 @@ def test_status_of_a_live_run_shows_who_is_online(tmp_path: Path, broker: Broker
     (dropped,) = [o for o in lines if o["event"] == "drop"]
     assert (dropped["node"], dropped["how"]) == ("dev1", "left"), f"drop event: {dropped}"
     assert lines[-1]["event"] == "stopped" and lines[-1]["signal"] == "SIGINT", f"last line: {lines[-1]}"
+    left = json_lines(tmp_path / "dev1.log")
+    assert (left[-1]["event"], left[-1]["signal"]) == ("stopped", "SIGTERM"), f"dev1's last line: {left[-1]}"
     after = json.loads(coord("runs", "--runs-dir", str(tmp_path / "runs"), "--format", "json").stdout)
     assert after[0]["state"] == "stopped" and after[0]["pid"] is None, f"after SIGINT: {after}"
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from nefl_edge.core.cli import fail, run_app, setup_logging
+from nefl_edge.core.cli import event, fail, run_app, setup_logging
 from nefl_edge.core.errors import ExitCode
 from nefl_edge.edge_client.runtime import keep_torch_out
 
@@ -270,7 +270,11 @@ def _serve_device(
     except (DataError, BackendUnavailable, ValueError) as exc:
         fail(str(exc))
     if signalled:
-        typer.echo(f"stopped by {signalled[0]}; start it again to rejoin the run", err=True)
+        text = f"stopped by {signalled[0]}; start it again to rejoin the run"
+        if args.log_format == "json":  # every line an event, the last one too
+            logging.getLogger(__name__).warning(text, extra=event("stopped", signal=signalled[0]))
+        else:
+            typer.echo(text, err=True)
         raise typer.Exit(ExitCode.INTERRUPTED)
 
 

@@ -209,3 +209,16 @@ def test_serve_without_training_data_says_what_to_give(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="--input-mean"):
         ServeRun(cfg, tmp_path / "run").prepare()
+
+
+@pytest.mark.parametrize(
+    ("mean", "std"),
+    [([0.5], [0.0]), ([0.5], [-1.0]), ([float("nan")], [0.3]), ([0.5, 0.5], [0.3]), ([0.5], [float("inf")])],
+)
+def test_a_manifest_with_insane_statistics_is_refused(
+    small_artifacts: Path, mean: list[float], std: list[float]
+) -> None:
+    data = json.loads((small_artifacts / "manifest.json").read_text())
+
+    with pytest.raises(ValueError, match="normalize"):
+        Manifest.model_validate({**data, "normalize": {"mean": mean, "std": std}})

@@ -5,9 +5,10 @@ field; nothing from the network is trusted before it passes through here.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Dict, List, Literal, Optional, Tuple
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MANIFEST_SCHEMA = "nefl.manifest/1"
 WIRE_SCHEMA = "nefl.wire/3"
@@ -91,6 +92,14 @@ class InputNormalization(Strict):
 
     mean: List[float] = Field(min_length=1, max_length=16)
     std: List[float] = Field(min_length=1, max_length=16)
+
+    @model_validator(mode="after")
+    def _sane(self) -> InputNormalization:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"{len(self.mean)} means but {len(self.std)} stds")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)) or min(self.std) <= 0:
+            raise ValueError("means must be finite and stds finite and positive")
+        return self
 
 
 class Manifest(Strict):

@@ -73,6 +73,7 @@ PROFILE = DeviceProfile(
     arch="x86_64", system="Linux", python="3.11", cores=4, memory_mb=4096, onnxruntime="none", backend="loadgen"
 )
 WINDOW = 8  # updates in flight per connection before the sender waits for the broker's acknowledgement
+STORE_BYTES = "$SYS/broker/store/messages/bytes"  # Mosquitto: bytes of the messages it stores (sys_interval)
 AFTER_COLLECTING = ("aggregation", "bn_statistics", "federated_evaluation")
 """The phases of a metrics row that run between the end of the collecting loop and ``ended_at``."""
 
@@ -130,8 +131,9 @@ class LoadGen:
     ``run``. Device ``i`` is node ``<prefix>-<i>`` of tier ``i % tiers`` with ``samples`` samples. A task is
     answered ``delay_s`` (plus up to ``jitter_s``) after it arrived (at the earliest once its weights did).
     ``expected_tasks`` per round marks when a round's tasks are all out (then ``cpu_of`` is sampled: e.g. the
-    coordinator's CPU time). While ``hold()`` is true (e.g. the broker holds too much for a coordinator
-    that takes in slower than the fleet answers) the senders wait; ``held_s`` adds up how long."""
+    coordinator's CPU time). While the broker stores more than ``hold_mb`` of messages (its
+    ``$SYS/broker/store/messages/bytes``: a coordinator that takes in slower than the fleet answers) the
+    senders wait; ``held_s`` adds up how long."""
 
     def __init__(
         self,
@@ -148,7 +150,7 @@ class LoadGen:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         expected_tasks: Optional[int] = None,
         cpu_of: Optional[Any] = None,
-        hold: Optional[Callable[[], bool]] = None,
+        hold_mb: Optional[float] = None,
     ) -> None:
         host, port = broker.rsplit(":", 1)
         self.host, self.port, self.run = host, int(port), run
@@ -157,7 +159,8 @@ class LoadGen:
         self.statuses, self.chunk_size = statuses, chunk_size
         self.expected_tasks = devices if expected_tasks is None else expected_tasks
         self.cpu_of = cpu_of
-        self.hold = hold
+        self.hold_bytes = None if hold_mb is None else hold_mb * 2**20
+        self.broker_bytes = self.broker_bytes_max = 0  # what the broker says it stores, if it says
         self.held_s = 0.0
         width = len(str(devices - 1))
         names = [f"{prefix}-{i:0{width}d}" for i in range(devices)]
@@ -240,13 +243,17 @@ class LoadGen:
         if index == 0:
             base = self.topics.base
             subs += [(f"{base}/manifest", 1), (f"{base}/manifest/#", 1), (f"{base}/weights/#", 1)]
-            subs += [(f"{base}/control", 1)]
+            subs += [(f"{base}/control", 1), (STORE_BYTES, 0)]
         for lo in range(0, len(subs), 200):
             conn.client.subscribe(subs[lo : lo + 200])
         conn.connected.set()
 
     def _on_message(self, conn: _Connection, topic: str, payload: bytes) -> None:
         try:
+            if topic == STORE_BYTES:
+                self.broker_bytes = int(payload)
+                self.broker_bytes_max = max(self.broker_bytes_max, self.broker_bytes)
+                return
             item = conn.receiver.receive(topic, payload)
             if item is None:
                 if conn.receiver.last_rejection is not None:
@@ -297,9 +304,9 @@ class LoadGen:
             task = conn.take()
             if task is None:
                 return
-            if self.hold is not None and self.hold():
+            if self._hold():
                 since = time.monotonic()
-                while self.hold() and not conn.closed:
+                while self._hold() and not conn.closed:
                     time.sleep(0.05)
                 with self._lock:
                     self.held_s += time.monotonic() - since
@@ -335,6 +342,9 @@ class LoadGen:
                     timing.last_update_at = max(timing.last_update_at, time.time())
             except Exception:
                 log.exception("load generator: could not answer task %s of %s", task.task_id, task.node)
+
+    def _hold(self) -> bool:
+        return self.hold_bytes is not None and self.broker_bytes > self.hold_bytes
 
     def _evaluation(self, conn: _Connection, task: EvalTask) -> list[mqtt.MQTTMessageInfo]:
         """A plausible answer to an ``evaluate`` task, with statistics of the real layer shapes: what a device
@@ -467,8 +477,9 @@ def measure(
     ``max_queued_messages`` (QoS 1 messages it holds for a client that reads slower than they come; beyond
     it they are dropped); default the larger of 10,000 (what ``broker-config`` writes) and 4 per device, so
     that a coordinator that falls behind a burst of updates (2 statuses and 1 update per device) loses none.
-    While the broker's resident memory is above ``broker_mb`` the virtual devices hold their answers (a
-    fleet of large models would otherwise pile gigabytes into it); ``held_s`` in the result says how long."""
+    While the broker stores more than ``broker_mb`` of messages the virtual devices hold their answers (a
+    fleet of large models would otherwise pile gigabytes into it for a coordinator that takes in slower);
+    ``answers_held_s`` in the result says how long."""
     from nefl_edge.coordinator.broker import LocalBroker
 
     folder = Path(folder or tempfile.mkdtemp(prefix="nefl-loadgen-"))
@@ -489,7 +500,7 @@ def measure(
         "broker_mb": broker_mb,
     }
     queue_line = f"max_queued_messages {settings['broker_queue']}"
-    with LocalBroker("mosquitto", folder / "broker", extra_config=(queue_line,)) as broker:
+    with LocalBroker("mosquitto", folder / "broker", extra_config=(queue_line, "sys_interval 1")) as broker:
         args = [
             sys.executable, "-m", "nefl_edge.coordinator", "serve", "--broker", broker.address,
             "--runs-dir", str(folder / "runs"), "--run", run, "--model", model, "--rounds", str(rounds),
@@ -508,7 +519,7 @@ def measure(
         broker_pid = broker.proc.pid if broker.proc is not None else -1
         gen = LoadGen(
             broker.address, run, devices, connections, delay_s=delay_s, jitter_s=jitter_s,
-            cpu_of=lambda: process_cpu(coord.pid), hold=lambda: rss_mb(broker_pid) > broker_mb,
+            cpu_of=lambda: process_cpu(coord.pid), hold_mb=broker_mb,
         )  # fmt: skip
         peak = broker_peak = 0.0
         started = time.monotonic()
@@ -579,6 +590,7 @@ def measure(
         "loadgen_rejected": dict(gen.rejected),
         "answers_held_s": gen.held_s,
         "broker_peak_rss_mb": broker_peak,
+        "broker_stored_mb_max": gen.broker_bytes_max / 2**20,
         "seconds": time.monotonic() - started,
         "folder": str(folder),
     }

@@ -14,7 +14,7 @@ last task of round r+1 arriving at the devices, the statistics round trip includ
 seconds per round and its peak RSS. Also the take-in cost of one ResNet18 update, stage by stage, in this
 process.
 
-    python -m bench coordinator                          # every fleet: about 30 min on 2 cores
+    python -m bench coordinator                          # every fleet: tens of minutes on 2 cores
     python -m bench coordinator --quick                  # 50 devices only, under a minute
     python -m bench.coordinator --only 10000-federated   # some fleets, merged into the committed record
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ def fleet(spec: Fleet, eval_every: int = 1, quick: bool = False) -> dict[str, An
     print(
         f"   {spec.devices} devices of {spec.model}, {spec.rounds} rounds, evaluation {where}, {' '.join(spec.extra)}"
     )
+    load_before = os.getloadavg()[0]
     result = measure(
         spec.devices,
         spec.rounds,
@@ -87,6 +89,7 @@ def fleet(spec: Fleet, eval_every: int = 1, quick: bool = False) -> dict[str, An
     result["take_in_lag_s"] = statistics.median(lags) if lags else None
     result["mb_per_round"] = result["mb_sent"] / spec.rounds
     result["commit"], result["measured_at"] = commit(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    result["load_average_1min"] = [load_before, os.getloadavg()[0]]
     print(
         f"   overhead {_fmt(result['overhead_s'])} s (max {_fmt(result['overhead_max_s'])}; statistics round trip "
         f"{_fmt(result['bn_s'])}), CPU {_fmt(result['coordinator_cpu_s_per_round'], 1)} s/round, "
@@ -265,6 +268,11 @@ def _bn(fleet: dict[str, Any]) -> str:
     return extra[extra.index("--bn") + 1] if "--bn" in extra else "federated"
 
 
+def _load(fleet: dict[str, Any]) -> str:
+    load = fleet.get("load_average_1min")
+    return f" ({load[0]:.1f}/{load[1]:.1f})" if load else ""
+
+
 def _fmt(value: Optional[float], digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -286,10 +294,11 @@ def _section(fleets: dict[str, dict[str, Any]], profile: dict[str, float]) -> st
         "round's last update -> the coordinator having taken it in. Serve options: `--bn server "
         "--eval-samples 2000 --bn-calibration 500`, or `--bn federated` with `--eval-samples` 2000 (500 at "
         "5,000 and 10,000 devices, 200 for ResNet18). Shared 2-core machine: the coordinator, the broker and "
-        "the load generator run side by side (and other engineers' jobs: the load average was 2-10).",
+        "the load generator run side by side (and other engineers' jobs: the 1-minute load average before and "
+        "after each fleet is in the last column).",
         "",
         "| devices | model | bn | evaluation | overhead s (median / max) | statistics s | tasks out s "
-        "| take-in lag s | coordinator CPU s / round | peak RSS MiB | MB up / round | commit |",
+        "| take-in lag s | coordinator CPU s / round | peak RSS MiB | MB up / round | commit (load before/after) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in fleets.values():
@@ -301,7 +310,7 @@ def _section(fleets: dict[str, dict[str, Any]], profile: dict[str, float]) -> st
             f"| {_fmt(median)} / {_fmt(most)} | {_fmt(bn)} "
             f"| {_fmt(statistics.median(tasks_out) if tasks_out else None)} | {_fmt(f['take_in_lag_s'])} "
             f"| {_fmt(f['coordinator_cpu_s_per_round'], 1)} | {f['peak_rss_mb']:.0f} | {f['mb_per_round']:.0f} "
-            f"| {f.get('commit', 'earlier')} |"
+            f"| {f.get('commit', 'earlier')}{_load(f)} |"
         )
     lines += [
         "",

@@ -304,3 +304,29 @@ def test_a_round_survives_a_broker_restart_while_the_device_answers(broker: Brok
     assert outcome.tensors is not None and np.array_equal(outcome.tensors["w"], np.full(SHAPE, 2.0)), "wrong update"
     assert seconds < 45, f"the round took {seconds:.1f} s (deadline 60 s)"
     print(f"round across a broker restart: {seconds:.1f} s, {len(asked)} task(s) sent to the device")
+
+
+def test_an_answer_to_the_task_id_before_it_was_asked_again_still_counts() -> None:
+    # Prepare: pi's task was asked again under a new id; pi answers the first id (it was training it all along)
+    from nefl_edge.coordinator.session import Answers
+    from nefl_edge.core.schemas import Update
+
+    answers = Answers()
+    task = Task(
+        run=RUN, node="pi", task_id="new", round=2, submodel=0, weights_sha256="0" * 64, train=TrainConfig(),
+        deadline_s=5,
+    )  # fmt: skip
+    answers.earlier_ids = {"pi": {"old"}}
+    stream = Topics(RUN).node("pi", "update")
+
+    def update(task_id: str, round_: int = 2) -> Update:
+        return Update(run=RUN, node="pi", task_id=task_id, round=round_, submodel=0, num_samples=3, metrics=METRICS)
+
+    # Execute
+    unknown = answers.claim(2, stream, update("other"), {"pi": task})
+    earlier = answers.claim(2, stream, update("old"), {"pi": task})
+    again = answers.claim(2, stream, update("new"), {})  # the task is resolved: a second answer is stale
+
+    # Assert
+    assert unknown is None and earlier == ("pi", task) and again is None, (unknown, earlier, again)
+    assert answers.rejections == {"stale": 2}, answers.rejections

@@ -120,6 +120,9 @@ class Answers:
     def __init__(self) -> None:
         self.rejections: Counter[str] = Counter()
         self.by_node: Counter[str] = Counter()  # rejections by the device whose stream they came on
+        self.earlier_ids: dict[str, set[str]] = {}
+        """Task ids a pending task had before it was asked again (:meth:`CoordinatorSession.ask_again`): an
+        answer to one of them is as good (the device may have been training it all along)."""
         self._log = LogLimiter(log)
 
     def claim(
@@ -138,7 +141,9 @@ class Answers:
         if message.node != node:
             self.reject("unknown_sender", f"{message.kind} for {message.node} on {stream}", node)
             return None
-        if not answers or task is None or message.task_id != task.task_id or message.round != round_:
+        earlier: set[str] = self.earlier_ids.get(node, set())
+        known = task is not None and (message.task_id == task.task_id or message.task_id in earlier)
+        if not answers or task is None or not known or message.round != round_:
             detail = f"{message.kind} from {node} for task {message.task_id} of round {message.round}"
             self.reject("stale", detail, node)
             return None
@@ -481,6 +486,7 @@ class CoordinatorSession:
 
     def send(self, tasks: dict[str, PendingTask]) -> None:
         self._reask.clear()  # these are sent on the connection there is now
+        self.answers.earlier_ids = {}
         self.listen(frozenset(tasks))
         for node, task in tasks.items():
             self.bytes_out += self.link.publish(self.topics.node(node, "task"), task)
@@ -568,8 +574,10 @@ class CoordinatorSession:
         have been lost (a broker restarted without persistence drops what came while this session had no
         subscription there, and devices that were back first answered into the void). A device takes the
         new id as a new task of the same round (``edge_client.session.DeviceSession.refusal``); an answer to
-        the old id that still comes is stale."""
+        an earlier id still counts (:attr:`Answers.earlier_ids`: the device may have been training it all
+        along), and the first answer resolves the task."""
         for (node, task), task_id in zip(list(pending.items()), task_ids(len(pending))):
+            self.answers.earlier_ids.setdefault(node, set()).add(task.task_id)
             pending[node] = again = task.model_copy(update={"task_id": task_id, "sent_at": 0.0})
             self.bytes_out += self.link.publish(self.topics.node(node, "task"), again)
         log.warning("round %d: reconnected: asked %d devices again for their answers", round_, len(pending))

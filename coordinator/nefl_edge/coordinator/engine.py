@@ -103,6 +103,8 @@ class RoundEngine:
         self._profiles: dict[str, Any] = {}
         self.shapes = [{n: p.shape for n, p in param_layout(config, spec).items()} for spec in plan.specs]
         self.bn_channels = [bn_channels(shapes) for shapes in self.shapes]
+        self.mflops = [mflops(config, spec) for spec in plan.specs]
+        """Forward MFLOPs per submodel (the speed evidence of every answer needs them; computed once)."""
         self.declared: dict[str, int] = {}
         """Samples each client of the current round declared (its hello): what its evaluation may claim."""
         self.federated_eval = cfg.evaluation in ("federated", "both")
@@ -357,7 +359,7 @@ class RoundEngine:
             doubt = self.evidence.observe(
                 outcome.node,
                 self._profiles.get(outcome.node),
-                mflops(self.config, self.plan.specs[outcome.submodel]),
+                self.mflops[outcome.submodel],
                 planned_steps(outcome.num_samples or self.declared.get(outcome.node, 0), self.cfg.train)
                 * self.cfg.train.batch_size,
                 outcome.seconds,

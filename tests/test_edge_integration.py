@@ -59,7 +59,13 @@ def test_join_trains_with_pytorch_parity_and_leaves_on_end(
         assert update.num_samples == 600 and update.metrics.steps == 1
         assert abs(update.metrics.loss_first - float(loss.detach())) <= 1e-5
         for name, value in want.items():
-            assert np.abs(got[name] - value).max() <= (1e-4 if "running" in name else 1e-5), name
+            # ONNX Runtime's training step on the 10-channel stem of the nested specs is up to 0.8 % of the step
+            # away from PyTorch's (tests/test_export.py measures it against float64: ONNX Runtime 1.5e-5 off,
+            # PyTorch float32 1e-7), so the bound is absolute (1e-5) plus 1 % of the step: a wrong batch, lr or
+            # gradient is off by the whole step.
+            step = np.abs(value - tensors[name]).max() if name in tensors else 0.0
+            tol = (1e-4 if "running" in name else 1e-5) + 1e-2 * step
+            assert np.abs(got[name] - value).max() <= tol, f"{name}: {np.abs(got[name] - value).max()} > {tol}"
 
         # Execute again: a longer task; the loss goes down.
         stand_in.task("pi-1", 2, 2, got, TrainConfig(lr=0.05, batch_size=32, epochs=2, seed=1))

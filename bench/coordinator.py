@@ -290,16 +290,19 @@ def _section(fleets: dict[str, dict[str, Any]], profile: dict[str, float]) -> st
         "a round -> the last task of the next round arriving at the devices (median over rounds; 2-round runs "
         "have one), with `bn = federated` including the statistics round trip to the devices (column "
         "'statistics'; rows measured before it was counted are corrected from their `bn_statistics` phase). "
-        "Tasks out: the first to the last task of a round arriving; take-in lag: the broker acknowledging a "
+        "Handed out: the same start until the coordinator has handed the next round's last task to its MQTT "
+        "client (the overhead less the broker's delivery and the load generator decoding every device's task "
+        "in one process). Tasks out: the first to the last task of a round arriving; take-in lag: the broker "
+        "acknowledging a "
         "round's last update -> the coordinator having taken it in. Serve options: `--bn server "
         "--eval-samples 2000 --bn-calibration 500`, or `--bn federated` with `--eval-samples` 2000 (500 at "
         "5,000 and 10,000 devices, 200 for ResNet18). Shared 2-core machine: the coordinator, the broker and "
         "the load generator run side by side (and other engineers' jobs: the 1-minute load average before and "
         "after each fleet is in the last column).",
         "",
-        "| devices | model | bn | evaluation | overhead s (median / max) | statistics s | tasks out s "
+        "| devices | model | bn | evaluation | overhead s (median / max) | statistics s | handed out s | tasks out s "
         "| take-in lag s | coordinator CPU s / round | peak RSS MiB | MB up / round | commit (load before/after) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in fleets.values():
         tasks_out = [r["tasks_out_s"] for r in f["rounds"] if "tasks_out_s" in r]
@@ -307,7 +310,7 @@ def _section(fleets: dict[str, dict[str, Any]], profile: dict[str, float]) -> st
         median, most, bn = overheads(f)
         lines.append(
             f"| {f['settings']['devices']} | {f['settings'].get('model', 'resnet-small')} | {_bn(f)} | {where} "
-            f"| {_fmt(median)} / {_fmt(most)} | {_fmt(bn)} "
+            f"| {_fmt(median)} / {_fmt(most)} | {_fmt(bn)} | {_fmt(f.get('handed_out_s'))} "
             f"| {_fmt(statistics.median(tasks_out) if tasks_out else None)} | {_fmt(f['take_in_lag_s'])} "
             f"| {_fmt(f['coordinator_cpu_s_per_round'], 1)} | {f['peak_rss_mb']:.0f} | {f['mb_per_round']:.0f} "
             f"| {f.get('commit', 'earlier')}{_load(f)} |"

@@ -37,6 +37,9 @@ def test_a_small_virtual_fleet_runs_a_served_run_with_evaluation_every_second_ro
         f"({timing['first_eval_task_at']:.3f}): the overhead leaves out the statistics round trip"
     )
     assert second["overhead_s"] >= second["bn_s"] > 0, f"overhead {second['overhead_s']} < bn {second['bn_s']}"
+    assert 0 < second["handed_out_s"] <= second["overhead_s"] + 0.5, (
+        f"tasks handed to paho {second['handed_out_s']:.3f} s after collecting, arriving {second['overhead_s']:.3f} s"
+    )
     assert result["coordinator_cpu_s_per_round"] is not None and result["peak_rss_mb"] > 50
 
 

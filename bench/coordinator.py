@@ -232,6 +232,7 @@ def _rows(fleets: dict[str, dict[str, Any]], profile: dict[str, float]) -> list[
                 higher_is_better=False,
                 note=f"{median:.2f} s median"
                 + (f", statistics round trip {bn:.2f} s" if bn is not None else "")
+                + f", handed out {_fmt(f.get('handed_out_s'))} s"
                 + f"; CPU {_fmt(f['coordinator_cpu_s_per_round'], 1)} s/round",
             )
         )

@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -338,6 +340,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--quick", action="store_true", help="50 devices only (a smoke run, not for the docs)")
     parser.add_argument("--only", nargs="+", metavar="FLEET", help=f"measure these fleets: {', '.join(FLEETS)}")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # stop the broker and serve too
     print(summary_table(run(args.quick, args.only)))
 
 

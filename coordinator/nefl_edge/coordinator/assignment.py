@@ -53,6 +53,16 @@ def projected_seconds(profile: DeviceProfile, cost_mflops: float, num_samples: i
     return samples / (speed * probe / cost_mflops)
 
 
+def task_mflops(config: ModelConfig, plan: Plan, index: int) -> float:
+    """Forward MFLOPs that price a task on submodel ``index``: the submodel's, plus the smallest submodel's
+    when the method also trains it in the same step (``Plan.distill_smallest``; its forward and backward
+    scale like any submodel's; the teacher's logits are the forward already counted)."""
+    cost = mflops(config, plan.specs[index])
+    if plan.distill_smallest and index != 0:
+        cost += mflops(config, plan.specs[0])
+    return cost
+
+
 def capacity(
     client: ClientInfo,
     policy: Policy,
@@ -70,7 +80,7 @@ def capacity(
     for tier, index in enumerate(plan.tier_submodel):
         if index is None:
             continue
-        cost = mflops(config, plan.specs[index])
+        cost = task_mflops(config, plan, index)
         if projected_seconds(client.profile, cost, client.num_samples, train) <= margin * deadline_s:
             best = tier
     return best

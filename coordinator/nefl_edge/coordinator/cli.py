@@ -116,7 +116,7 @@ Scaling = Annotated[str, typer.Option(help="Scaling: WD (width+depth), W (width)
 
 
 COORDINATOR_EXTRA = ("torch", "onnx", "rich", "matplotlib", "amqtt")
-SIMULATE_ONLY_METHODS = ("fjord",)  # local training of its own (Strategy.local_train): not on devices
+SIMULATE_ONLY_METHODS = ("fjord", "nefl-wd-distill")  # local training of its own (Strategy.local_train): not on devices
 SERVE_METHODS = tuple(m for m in METHODS if m not in SIMULATE_ONLY_METHODS)
 
 LogFormat = Annotated[

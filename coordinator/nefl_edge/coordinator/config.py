@@ -22,6 +22,7 @@ from nefl_edge.core.specs import DEFAULT_GAMMAS, ModelConfig, SpecError, get_mod
 
 Method = Literal[
     "nefl-wd",
+    "nefl-wd-distill",
     "nefl-w",
     "nefl-d",
     "heterofl",

@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from nefl_edge.coordinator.assignment import assign, capacity
+from nefl_edge.coordinator.assignment import assign, capacity, task_mflops
 from nefl_edge.coordinator.cadence import evaluates
 from nefl_edge.coordinator.config import ConfigError, RunConfig
 from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, Grid, Instruction, Outcome
@@ -38,7 +38,7 @@ from nefl_edge.coordinator.strategies import Aggregator, Plan, Strategy
 from nefl_edge.core.evaluation import BnStats, EvalResult, bn_channels
 from nefl_edge.core.nested import GlobalState
 from nefl_edge.core.schedule import planned_steps
-from nefl_edge.core.specs import ModelConfig, mflops, param_layout
+from nefl_edge.core.specs import ModelConfig, param_layout
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,8 @@ class RoundEngine:
         self._profiles: dict[str, Any] = {}
         self.shapes = [{n: p.shape for n, p in param_layout(config, spec).items()} for spec in plan.specs]
         self.bn_channels = [bn_channels(shapes) for shapes in self.shapes]
-        self.mflops = [mflops(config, spec) for spec in plan.specs]
+        self.update_shapes = [strategy.update_shapes(config, plan, k) for k in range(len(plan.specs))]
+        self.mflops = [task_mflops(config, plan, k) for k in range(len(plan.specs))]
         """Forward MFLOPs per submodel (the speed evidence of every answer needs them; computed once)."""
         self.declared: dict[str, int] = {}
         """Samples each client of the current round declared (its hello): what its evaluation may claim."""
@@ -340,7 +341,7 @@ class RoundEngine:
             try:
                 screen(
                     outcome.tensors,
-                    self.shapes[outcome.submodel],
+                    self.update_shapes[outcome.submodel],
                     references.get(outcome.submodel, {}),
                     outcome.num_samples,
                     declared,

@@ -56,6 +56,9 @@ class Plan:
 
     specs: list[SubmodelSpec]
     tier_submodel: list[Optional[int]]
+    distill_smallest: bool = False
+    """Whether a client of a submodel other than 0 also trains submodel 0 (in-place distillation): its task
+    then costs the forward MFLOPs of both (``assignment.task_mflops``)."""
 
 
 def train_torch(
@@ -147,6 +150,11 @@ class Strategy:
         ``extract`` gave it). Default: NeFedAvg (``core.nefedavg``) over nested prefixes, robust with
         ``robust`` options."""
         return NeFedAvg(state, weighting, robust)
+
+    def update_shapes(self, config: ModelConfig, plan: Plan, index: int) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the update a client of submodel ``index`` returns (what screening expects):
+        by default the submodel's layout."""
+        return {n: p.shape for n, p in param_layout(config, plan.specs[index]).items()}
 
     @property
     def device_trainable(self) -> bool:
@@ -331,6 +339,120 @@ class _RolledAggregator:
         return roll_hidden(self._inner.result(), -self._round)
 
 
+SMALLEST_PREFIX = "smallest/"
+"""Names of the smallest submodel's own tensors in an in-place distillation update and task (the same value
+as ``torch_training.SMALLEST_PREFIX``, which this numpy-only module does not import)."""
+
+
+@dataclass(frozen=True)
+class InPlaceDistillation(Strategy):
+    """NeFL-WD with in-place distillation into the smallest submodel: the sandwich rule of slimmable networks
+    (Yu & Huang, "Universally Slimmable Networks and Improved Training Techniques", ICCV 2019), in federated
+    form. A client that trains submodel ``k > 0`` also trains submodel 0 in the same local step: the loss is
+    the cross-entropy of submodel ``k`` plus ``KL(softmax(z_k).detach() || softmax(z_0))`` of the smallest
+    submodel's logits ``z_0`` on the same batch, one SGD step on the sum (``torch_training.distill_train``).
+    The smallest submodel's consistent tensors are prefixes of submodel ``k``'s (nested specs), so its update
+    is the usual one; the update also carries submodel 0's own (inconsistent) tensors, BatchNorm and step
+    sizes (``smallest/<name>``), and those are averaged among every client that trained them this round, its
+    own clients and the distilling ones (``_DistillAggregator``). So the parameters only the smallest
+    submodel has are trained by every device, not by the tenth that draws it.
+
+    Sources and where this departs from them. Yu & Huang train the largest width on the labels and the
+    smallest plus two random widths on the largest's soft outputs, summing gradients before one step; here
+    the teacher is the device's own submodel (not the global largest), there are no random middle widths
+    (a device with a deadline pays for one extra forward/backward of the smallest submodel only; the
+    deadline projection prices it, ``assignment.task_mflops``), and the student gets no label loss (as
+    theirs). FjORD (Horváth et al., NeurIPS 2021, section 4) distils, on a device, from its largest width to
+    the sampled ordered-dropout width ("self-distillation"); we distil to a fixed width (the smallest), the
+    one the weakest devices deploy. ScaleFL (Ilhan et al., CVPR 2023) distils from the deepest exit to the
+    early exits with a KL term on temperature-scaled logits beside the label loss; we use temperature 1 and
+    no label loss on the student, and have no early exits (the smallest is a separate nested submodel). No
+    source averages the student's own normalisation layers over the distilling clients: that is ours.
+    Simulate only: the devices' ONNX Runtime training graphs hold one submodel (``serve`` refuses it)."""
+
+    def plan(self, config: ModelConfig, gammas: tuple[float, ...]) -> Plan:
+        """NeFL-WD's plan, with the smallest submodel distilled by every other client."""
+        return replace(super().plan(config, gammas), distill_smallest=True)
+
+    def local_train(
+        self, state: GlobalState, index: int, data: Dataset, cfg: TrainConfig, opts: TorchOptions = TorchOptions()
+    ) -> Tensors:
+        """``torch_training.distill_train``: submodel ``index`` on the labels, submodel 0 on its outputs."""
+        from nefl_edge.coordinator.torch_training import distill_train
+
+        return distill_train(state, index, data, cfg, opts)
+
+    def extract(self, state: GlobalState, index: int, round_: int = 0) -> Tensors:
+        """Submodel ``index``'s tensors and, in a training round (``round_ > 0``) of a submodel other than 0,
+        submodel 0's own tensors under ``smallest/`` (the norm bound's reference for them)."""
+        out = extract(state, index)
+        if round_ > 0 and index > 0:
+            small = param_layout(state.config, state.specs[0])
+            out.update(
+                {
+                    SMALLEST_PREFIX + n: state.inconsistent[0][n].copy()
+                    for n, i in small.items()
+                    if i.kind != "consistent"
+                }
+            )
+        return out
+
+    def update_shapes(self, config: ModelConfig, plan: Plan, index: int) -> dict[str, tuple[int, ...]]:
+        """Submodel ``index``'s layout and, for ``index > 0``, submodel 0's own tensors under ``smallest/``."""
+        out = super().update_shapes(config, plan, index)
+        if index > 0:
+            small = param_layout(config, plan.specs[0])
+            out.update({SMALLEST_PREFIX + n: i.shape for n, i in small.items() if i.kind != "consistent"})
+        return out
+
+    def aggregator(
+        self, state: GlobalState, weighting: Weighting, round_: int, robust: Optional[RobustOptions] = None
+    ) -> Aggregator:
+        """NeFedAvg of the submodels, and submodel 0's own tensors over everyone who trained them."""
+        return _DistillAggregator(state, weighting, robust)
+
+
+class _DistillAggregator:
+    """NeFedAvg (robust or not) of the round's updates as they are, and a second NeFedAvg of submodel 0 alone
+    fed by every update: a client of submodel 0 as it is, a distilling client as submodel 0's nested prefix
+    of its consistent tensors with its ``smallest/`` tensors. The result takes submodel 0's own tensors from
+    the second (its consistent tensors are the first's: each element averaged once, over its covering
+    clients)."""
+
+    def __init__(self, state: GlobalState, weighting: Weighting, robust: Optional[RobustOptions]) -> None:
+        self._main = NeFedAvg(state, weighting, robust)
+        self._small = NeFedAvg(state, weighting, robust)
+        self._layout = param_layout(state.config, state.specs[0])
+
+    @property
+    def updates(self) -> int:
+        return self._main.updates
+
+    @property
+    def robust_report(self) -> RobustReport:
+        return self._main.robust_report
+
+    def add(self, index: int, tensors: Tensors, num_samples: int, node: str = "") -> None:
+        main = {n: t for n, t in tensors.items() if not n.startswith(SMALLEST_PREFIX)}
+        self._main.add(index, main, num_samples, node)
+        if index == 0:
+            self._small.add(0, main, num_samples, node)
+            return
+        small = {}
+        for name, info in self._layout.items():
+            if info.kind == "consistent":
+                small[name] = main[name][tuple(slice(0, n) for n in info.shape)]
+            else:
+                small[name] = tensors[SMALLEST_PREFIX + name]
+        self._small.add(0, small, num_samples, node)
+
+    def result(self) -> GlobalState:
+        out = self._main.result()
+        if self._small.updates:
+            out.inconsistent[0] = self._small.result().inconsistent[0]
+        return out
+
+
 STRATEGIES: dict[str, Strategy] = {
     s.name: s
     for s in (
@@ -338,6 +460,12 @@ STRATEGIES: dict[str, Strategy] = {
             "nefl-wd",
             "Kang et al., NeFL: Nested Model Scaling for Federated Learning with System Heterogeneous Clients, "
             "arXiv 2308.07761 (width and depth)",
+        ),
+        InPlaceDistillation(
+            "nefl-wd-distill",
+            "Kang et al., arXiv 2308.07761 (NeFL-WD), with the sandwich rule's in-place distillation into the "
+            "smallest submodel (Yu & Huang, Universally Slimmable Networks and Improved Training Techniques, "
+            "ICCV 2019); not in the NeFL paper",
         ),
         Strategy("nefl-w", "Kang et al., arXiv 2308.07761 (NeFL-W, width only)", scaling="W"),
         Strategy("nefl-d", "Kang et al., arXiv 2308.07761 (NeFL-D, depth only)", scaling="D"),

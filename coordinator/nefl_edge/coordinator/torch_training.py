@@ -3,7 +3,8 @@
 The methods themselves (``coordinator.strategies``: selection, assignment, extraction, aggregation) are
 numpy only, so that the round engine, the grids and the registry import no torch. What a simulated client
 does with its submodel lives here: plain SGD over the device's own batches (``train_torch``, what the
-device's ONNX Runtime trainer does) and FjORD's ordered dropout (``fjord_train``).
+device's ONNX Runtime trainer does), FjORD's ordered dropout (``fjord_train``) and the sandwich rule's
+in-place distillation into the smallest submodel (``distill_train``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from nefl_edge.core.nested import GlobalState, Tensors, extract, prefix_slice
 from nefl_edge.core.schedule import local_batches
 from nefl_edge.core.schemas import TrainConfig
 from nefl_edge.core.specs import param_layout
+
+SMALLEST_PREFIX = "smallest/"
+"""Names of the smallest submodel's own (inconsistent) tensors in an in-place distillation update."""
 
 
 def _optimizer(net: torch.nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
@@ -103,3 +107,51 @@ def write_back(state: GlobalState, index: int, tensors: Tensors) -> None:
             state.consistent[name][prefix_slice(info.shape)] = tensors[name]
         else:
             state.inconsistent[index][name] = tensors[name].copy()
+
+
+def distill_train(
+    state: GlobalState, index: int, data: Dataset, cfg: TrainConfig, opts: TorchOptions = TorchOptions()
+) -> Tensors:
+    """In-place distillation into the smallest submodel (``strategies.InPlaceDistillation``).
+
+    For every local batch: the cross-entropy of submodel ``index`` on the labels, plus (when ``index > 0``)
+    the KL divergence of the smallest submodel's softmax from the detached softmax of submodel ``index``
+    (``KL(p_index || p_0)``, temperature 1, batch mean), both on the same (augmented) batch; one SGD step on
+    the sum. The smallest submodel's consistent tensors are nested prefixes of submodel ``index``'s (the same
+    leaves, so both losses move them); its own inconsistent tensors (BatchNorm, step sizes) are trained too
+    and returned under ``SMALLEST_PREFIX``. ``index == 0`` is plain local training (``train_torch``)."""
+    if index == 0:
+        return train_torch(state, index, data, cfg, opts)
+    config = state.config
+    small_layout = param_layout(config, state.specs[0])
+    big_layout = param_layout(config, state.specs[index])
+    shared = {n: info.shape for n, info in small_layout.items() if info.kind == "consistent"}
+    for name, shape in shared.items():
+        big = big_layout.get(name)
+        if big is None or big.kind != "consistent" or any(a > b for a, b in zip(shape, big.shape)):
+            raise ValueError(f"in-place distillation needs the smallest submodel nested in submodel {index}: {name}")
+    net = build_submodel(state, index).to(opts.device).train()
+    small = build_submodel(state, 0).to(opts.device).train()
+    params = dict(net.named_parameters())
+    own = [p for n, p in small.named_parameters() if n not in shared]
+    opt = torch.optim.SGD(
+        [p for p in net.parameters()] + own, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    generator = _generator(opts, cfg.seed)
+    for idx in local_batches(len(data), cfg):
+        x = torch.from_numpy(data.x[idx]).to(opts.device)
+        if generator is not None:
+            x = augment_batch(x, generator)
+        opt.zero_grad()
+        logits = net(x)
+        loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(data.y[idx]).to(opts.device))
+        views = {n: params[n][prefix_slice(shape)] for n, shape in shared.items()}
+        student = torch.func.functional_call(small, views, (x,), strict=False)
+        teacher = torch.nn.functional.softmax(logits.detach(), dim=1)
+        kd = torch.nn.functional.kl_div(torch.nn.functional.log_softmax(student, dim=1), teacher, reduction="batchmean")
+        (loss + kd).backward()
+        opt.step()
+    out = net.tensors()
+    small_tensors = small.tensors()
+    out.update({SMALLEST_PREFIX + n: small_tensors[n] for n in small_layout if n not in shared})
+    return out

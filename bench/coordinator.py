@@ -64,7 +64,7 @@ FLEETS: dict[str, Fleet] = {
     "5000-federated": Fleet(5000, 2, ("--bn", "federated", *SMALL)),
     "10000-federated": Fleet(10000, 2, ("--bn", "federated", *SMALL)),
     "1000-resnet18-federated": Fleet(1000, 2, ("--bn", "federated", "--eval-samples", "200"), model="resnet18",
-                                     answers_per_s=10.0),
+                                     answers_per_s=25.0),
 }  # fmt: skip
 """Every fleet of a full run, by key (``--only`` picks some)."""
 
@@ -288,7 +288,7 @@ def _section(fleets: dict[str, dict[str, Any]], profile: dict[str, float]) -> st
         "round, on its own test samples in the background) against a local Mosquitto and `bench/loadgen.py`'s "
         "virtual devices (the device protocol, real-sized updates of the assigned submodel, no training; "
         f"each answers {DELAY_S:g}-{DELAY_S + JITTER_S:g} s after its task, or spread over `devices / 250` s "
-        "for large fleets, `devices / 10` s for ResNet18). Fraction 1: every device is selected every round; "
+        "for large fleets, `devices / 25` s for ResNet18). Fraction 1: every device is selected every round; "
         "tiers round-robin over the 5 submodels. Round overhead: the coordinator taking in the last update of "
         "a round -> the last task of the next round arriving at the devices (median over rounds; 2-round runs "
         "have one), with `bn = federated` including the statistics round trip to the devices (column "

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from nefl_edge.coordinator.assignment import ClientInfo
 from nefl_edge.core.schemas import DeviceProfile, Hello, Message, Status
+from nefl_edge.core.wire import LogLimiter
 
 log = logging.getLogger(__name__)
 DUPLICATE_WINDOW_S = 120.0  # two instances of one node saying hello within this: two processes, one identity
@@ -47,6 +48,7 @@ class Registry:
         self._instance: dict[str, tuple[str, float]] = {}
         self._replaced: dict[str, tuple[str, float]] = {}
         self._reported: dict[str, float] = {}
+        self._log = LogLimiter(log)  # a device that flips its status cannot flood the log
 
     def note(self, node: str, message: Message) -> None:
         """Take in a hello or status that arrived on ``node``'s own topic (others are ignored)."""
@@ -66,7 +68,8 @@ class Registry:
             info = self.nodes[node]
             online = message.state not in ("offline", "lost")
             if info.online and not online:
-                log.warning("client %s went offline (%s)", node, "left" if message.state == "offline" else "lost")
+                why = "left" if message.state == "offline" else "lost"
+                self._log.warning(f"offline:{node}", "client %s went offline (%s)", node, why)
             info.online, info.state, info.since = online, message.state, time.monotonic()
 
     def _check_instance(self, node: str, instance: Optional[str], known: Optional[NodeInfo]) -> None:

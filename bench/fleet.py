@@ -11,12 +11,27 @@ class), one after the other on the same fleet:
 - ``fedavg-smallest``: FedAvg of the smallest submodel (every device can train it).
 
 The clock of a run starts when every device has said hello (observed on the broker), so device start-up is
-not counted; each round's end is when its line appears in the run's ``metrics.jsonl``. A run is stopped
-after ``--budget-s``. Reported: wall-clock time until the worst / best submodel reaches ``--target``
-accuracy, and the worst / average / best submodel accuracy at the end of the budget.
+not counted; each round ends at the engine's ``ended_at`` in the run's ``metrics.jsonl`` (after aggregation
+and the devices' part of evaluation, before the coordinator's own test-set evaluation, which is therefore
+not counted). A run is stopped after ``--budget-s``. Reported: wall-clock time until the worst / best
+submodel reaches ``--target`` accuracy, the worst / average / best submodel accuracy at the end of the
+budget, the coordinator's evaluation seconds (accounted apart), and per submodel the accuracy on every
+class of the full 10,000-image test set, from the run's last checkpoint (evaluated after the policy's run,
+off its clock).
+
+The coordinator's own work is kept off the devices' CPU budget: with ``--coordinator-core C`` (default: the
+host's last core, when it has two or more) the coordinator and the broker are pinned to core ``C`` and every
+device process to the other cores (``taskset``); the devices' cgroup quotas should then add up to at most
+the cores left (the ``bench-device`` fleet: 28 x 0.035 = 0.98 of one core).
+
+``--partition device-correlated``: data that follows the device (docs/benchmarks.md, "Data that follows the
+device", defined before any run): the slow class (``SLOW_CLASSES``) holds most of the footwear images
+(``HELD_LABELS``: sandal, sneaker, ankle boot), which the faster classes rarely see
+(:func:`device_correlated_split`).
 
     sudo python -m bench.fleet                    # about 4 x (budget + 30 s): 14 min
     python -m bench.fleet --budget-s 60 --policies nefl-deadline   # a quick look
+    sudo python -m bench.fleet --fleet bench-device --partition device-correlated   # data that follows the device
 """
 
 from __future__ import annotations
@@ -35,12 +50,100 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.hil.fleet is imported from the source tree
 
 from tests.hil.fleet import Fleet, environment_summary, load_fleet, read_jsonl, run_dir  # noqa: E402
 
 GAMMAS = "0.2,0.4,0.6,0.8,1.0"
+PARTITIONS = ("fleet", "device-correlated")
+HELD_LABELS = (5, 7, 9)
+"""Fashion-MNIST sandal, sneaker, ankle boot: the images of the sites whose devices are old boards."""
+SLOW_CLASSES = ("pi-zero-2w",)
+"""The device classes that hold the footwear (the slowest of tests/hil/device_classes.toml)."""
+SLOW_SHARE, FAST_SHARE = 0.8, 0.02
+"""Share of held-label images in a slow device's shard, and in any other device's (IID would be 0.3)."""
+CLASS_NAMES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
+
+
+def device_correlated_split(
+    labels: np.ndarray,
+    slow: list[bool],
+    samples: list[int],
+    seed: int,
+    held: tuple[int, ...] = HELD_LABELS,
+    slow_share: float = SLOW_SHARE,
+    fast_share: float = FAST_SHARE,
+) -> list[np.ndarray]:
+    """Sample indices per device, disjoint: device ``i`` gets ``samples[i]`` images, of which
+    ``round(share * samples[i])`` have a label in ``held`` (``slow_share`` for a slow device, ``fast_share``
+    otherwise), drawn without replacement from a seeded shuffle of each pool; the rest from the other labels.
+    ValueError when a pool runs out."""
+    rng = np.random.default_rng(seed)
+    in_held = np.isin(labels, held)
+    pools = [rng.permutation(np.flatnonzero(in_held)), rng.permutation(np.flatnonzero(~in_held))]
+    taken = [0, 0]
+    out = []
+    for is_slow, n in zip(slow, samples, strict=True):
+        n_held = round((slow_share if is_slow else fast_share) * n)
+        part = []
+        for pool, (k, want) in enumerate(((0, n_held), (1, n - n_held))):
+            if taken[k] + want > len(pools[k]):
+                raise ValueError(f"device-correlated split: pool {pool} has {len(pools[k])} images, {want} more asked")
+            part.append(pools[k][taken[k] : taken[k] + want])
+            taken[k] += want
+        out.append(rng.permutation(np.concatenate(part)))
+    return out
+
+
+def fleet_partition(name: str, seed: int) -> Any:
+    """The ``Fleet`` partition for ``--partition``: None keeps the fleet file's scheme."""
+    if name == "fleet":
+        return None
+    if name != "device-correlated":
+        raise ValueError(f"unknown partition {name!r}; choose from {', '.join(PARTITIONS)}")
+
+    def split(labels: np.ndarray, devices: list[Any]) -> list[np.ndarray]:
+        slow = [d.cls.name in SLOW_CLASSES for d in devices]
+        return device_correlated_split(labels, slow, [d.samples for d in devices], seed)
+
+    return split
+
+
+def class_accuracy(run_directory: Path) -> Optional[dict[str, Any]]:
+    """Per submodel, the accuracy on each class of the full test set, of the run's last checkpoint (None when
+    the run has none)."""
+    import torch
+
+    from nefl_edge.coordinator import checkpoint
+    from nefl_edge.coordinator.config import RunConfig
+    from nefl_edge.coordinator.models import build_submodel
+    from nefl_edge.coordinator.strategies import get_strategy
+    from nefl_edge.core.data import load_dataset
+    from nefl_edge.core.nested import GlobalState
+
+    try:
+        saved = checkpoint.load(run_directory, "evaluate")
+    except checkpoint.CheckpointError as exc:  # a run stopped before its first checkpoint: say so, go on
+        print(f"no per-class accuracy for {run_directory}: {exc}")
+        return None
+    cfg = RunConfig.model_validate_json((run_directory / "config.json").read_text())
+    config, plan = get_strategy(cfg.method).setup(cfg.network(), tuple(cfg.gammas))
+    state = GlobalState.from_flat(config, plan.specs, saved.state)
+    test = load_dataset(cfg.data_dir, "test")
+    out = []
+    for k in range(len(plan.specs)):
+        net = build_submodel(state, k).eval()
+        with torch.no_grad():
+            pred = np.concatenate(
+                [net(torch.from_numpy(test.x[i : i + 500])).argmax(1).numpy() for i in range(0, len(test), 500)]
+            )
+        out.append([float((pred[test.y == c] == c).mean()) for c in range(config.num_classes)])
+    return {"round": saved.round, "per_submodel": out}
+
+
 POLICIES = ("nefl-deadline", "fedavg-full-wait", "fedavg-full-drop", "fedavg-smallest")
 
 
@@ -76,7 +179,7 @@ class HelloWatch:
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         node = msg.topic.split("/")[3]
         with self.lock:
-            self.seen.setdefault(node, time.monotonic())
+            self.seen.setdefault(node, time.time())
 
     def all_seen(self, nodes: set[str]) -> Optional[float]:
         with self.lock:
@@ -89,7 +192,9 @@ class HelloWatch:
         self.client.disconnect()
 
 
-def run_policy(fleet: Fleet, name: str, args: argparse.Namespace, index: int) -> dict[str, Any]:
+def run_policy(
+    fleet: Fleet, name: str, args: argparse.Namespace, index: int, service_cpus: Optional[set[int]] = None
+) -> dict[str, Any]:
     run = f"bench-{index}-{name}"
     watch = HelloWatch(fleet.local_broker, run)
     fleet.start_all(run, *shlex.split(args.device_args))
@@ -97,14 +202,14 @@ def run_policy(fleet: Fleet, name: str, args: argparse.Namespace, index: int) ->
         "--run", run, "--rounds", str(args.max_rounds), "--min-clients", str(len(fleet.devices)),
         "--gammas", GAMMAS, "--eval-samples", str(args.eval_samples), "--wait-clients-s", "300",
         "--seed", str(args.seed), *policy_args(name, args.deadline_s, args.wait_deadline_s),
-        *shlex.split(args.serve_args),
+        *shlex.split(args.serve_args), cpus=service_cpus,
     )  # fmt: skip
     t0: Optional[float] = None
     ends: dict[int, float] = {}
-    started = time.monotonic()
+    started = time.time()
     try:
         while coord.poll() is None:
-            now = time.monotonic()
+            now = time.time()
             if t0 is None:
                 t0 = watch.all_seen(set(fleet.devices))
                 if t0 is None and now - started > 600:
@@ -113,7 +218,7 @@ def run_policy(fleet: Fleet, name: str, args: argparse.Namespace, index: int) ->
             if out is not None and t0 is not None:
                 for row in read_jsonl(out / "metrics.jsonl"):
                     if row["round"] > 0:
-                        ends.setdefault(row["round"], now - t0)
+                        ends.setdefault(row["round"], float(row.get("ended_at") or now) - t0)
             if t0 is not None and now - t0 > args.budget_s:
                 coord.send_signal(signal.SIGINT)
                 break
@@ -132,7 +237,9 @@ def run_policy(fleet: Fleet, name: str, args: argparse.Namespace, index: int) ->
         print(f"{name}: coordinator exited with {coord.returncode}; see {fleet.workdir / 'coordinator.log'}")
     clients = read_jsonl(out / "clients.jsonl") if out else []
     classes = {node: d.cls.name for node, d in fleet.devices.items()}
-    return summarize(name, rows, ends, args, clients, classes)
+    result = summarize(name, rows, ends, args, clients, classes)
+    result["class_accuracy"] = class_accuracy(out) if out is not None else None
+    return result
 
 
 def summarize(
@@ -157,6 +264,7 @@ def summarize(
             "worst": min(acc), "average": statistics.fmean(acc), "best": max(acc),
             "selected": first.get("selected"), "updates": first.get("updates"),
             "declined": first.get("declined"), "dropped": first.get("dropped"), "round_s": first.get("seconds"),
+            "eval_s": float((first.get("phases") or {}).get("evaluation", 0.0)),
         })  # fmt: skip
 
     def reach(key: str) -> Optional[float]:
@@ -178,6 +286,7 @@ def summarize(
         "participation": None if not device_rounds else sum(p["updates"] or 0 for p in curve) / device_rounds,
         "submodels_by_class": {k: sorted(v) for k, v in trained.items()},
         "mean_round_s": None if not curve else statistics.fmean(p["round_s"] or 0 for p in curve),
+        "coordinator_eval_s": round(sum(p["eval_s"] for p in curve), 1),
         "curve": curve,
     }
 
@@ -211,7 +320,7 @@ def render(record: dict[str, Any]) -> str:
         f"(wait policy: {opts['wait_deadline_s']:.0f} s); budget {opts['budget_s']:.0f} s of wall-clock per "
         f"policy, counted from the moment every device has joined; target accuracy {_pct(opts['target'])} %. "
         f"Host: {record['environment'].get('cpus')} CPUs, cgroup {record['environment'].get('cgroup')}. "
-        f"Raw numbers and curves: `bench/results/fleet-{opts['fleet']}.json`.",
+        f"Raw numbers and curves: `bench/results/fleet-{record.get('results_name', opts['fleet'])}.json`.",
         "",
         "| policy | rounds in budget | time to target, worst submodel (s) | time to target, best (s) | "
         "worst % | average % | best % | updates / device-rounds | mean round (s) | submodels trained, by class |",
@@ -232,9 +341,44 @@ def render(record: dict[str, Any]) -> str:
         "policies). Updates / device-rounds counts every device of the fleet in every round, so devices a method "
         "leaves out (cannot afford its model) count as missing; submodel indices are those of the method. "
         "The emulation keeps the classes' speed ratios, not a board's absolute speed "
-        "(tests/hil/device_classes.toml says where the figures come from); tbf adds no propagation delay.",
+        "(tests/hil/device_classes.toml says where the figures come from); tbf adds no propagation delay. "
+        f"Coordinator: {record.get('pinning', 'not pinned')}; its test-set evaluation ends after each round's "
+        "`ended_at` and is not counted in the times (its seconds per policy: "
+        + ", ".join(f"{p['policy']} {p.get('coordinator_eval_s', '—')} s" for p in record["policies"])
+        + ").",
     ]
+    lines += class_table(record)
     return "\n".join(lines)
+
+
+def class_table(record: dict[str, Any]) -> list[str]:
+    """Per policy and submodel, the accuracy (%) on every class of the full test set at the run's last
+    checkpoint; the held labels' mean beside the others'."""
+    held = record.get("held_labels") or []
+    lines = [
+        "",
+        f"Per-class accuracy (%) on the 10,000 test images at each policy's last checkpoint (partition "
+        f"`{record.get('partition', 'fleet')}`"
+        + (f"; held by the slow class: {', '.join(CLASS_NAMES[c] for c in held)}" if held else "")
+        + "):",
+        "",
+        "| policy | submodel (round) | " + " | ".join(CLASS_NAMES) + " | held classes | other classes |",
+        "|---|---|" + "---|" * (len(CLASS_NAMES) + 2),
+    ]
+    for p in record["policies"]:
+        ca = p.get("class_accuracy")
+        if not ca:
+            lines.append(f"| {p['policy']} | — |" + " — |" * (len(CLASS_NAMES) + 2))
+            continue
+        for k, acc in enumerate(ca["per_submodel"]):
+            h = [acc[c] for c in held]
+            o = [a for c, a in enumerate(acc) if c not in held]
+            lines.append(
+                f"| {p['policy']} | {k} ({ca['round']}) | "
+                + " | ".join(_pct(a) for a in acc)
+                + f" | {_pct(statistics.fmean(h)) if h else '—'} | {_pct(statistics.fmean(o))} |"
+            )
+    return lines
 
 
 def main() -> None:
@@ -254,6 +398,14 @@ def main() -> None:
     parser.add_argument("--device-args", default="", help="extra options for every `nefl-edge join`")
     parser.add_argument("--workdir", type=Path, default=None, help="where logs and run directories go")
     parser.add_argument("--no-publish", action="store_true", help="do not write bench/results and docs")
+    parser.add_argument(
+        "--partition", default="fleet", choices=PARTITIONS,
+        help="fleet: the fleet file's scheme; device-correlated: the slow class holds the footwear (see docstring)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--coordinator-core", type=int, default=(os.cpu_count() or 1) - 1,
+        help="host core for the coordinator and broker (devices get the others); -1: no pinning",
+    )  # fmt: skip
     args = parser.parse_args()
     names = [p.strip() for p in args.policies.split(",") if p.strip()]
     for name in names:
@@ -268,12 +420,28 @@ def main() -> None:
     print(f"fleet {spec.name}: {len(spec.devices())} devices; work folder {workdir}")
     results = []
     started = time.time()
-    with Fleet(spec, workdir) as fleet:
+    cores = set(range(os.cpu_count() or 1))
+    service = {args.coordinator_core} if 0 <= args.coordinator_core < len(cores) and len(cores) > 1 else None
+    device_cpus = cores - service if service else None
+    pinning = "not pinned"
+    if service and device_cpus:
+        quota = sum(d.cores for d in spec.devices())
+        pinning = (
+            f"coordinator and broker pinned to core {args.coordinator_core}, devices to cores "
+            f"{','.join(map(str, sorted(device_cpus)))} (their quotas add up to {quota:.2f} cores)"
+        )
+        if quota > len(device_cpus) + 1e-9:
+            print(f"warning: the devices' quotas ({quota:.2f} cores) exceed the {len(device_cpus)} cores left to them")
+    print(pinning)
+    partition = fleet_partition(args.partition, spec.seed)
+    with Fleet(spec, workdir, partition=partition, device_cpus=device_cpus) as fleet:
+        if service and fleet.broker is not None and fleet.broker.proc is not None:
+            os.sched_setaffinity(fleet.broker.proc.pid, service)
         for d in fleet.describe():
             print(f"  {d['node']}: {d['cpu_cores']} core, {d['rate_mbit']} Mbit/s, {d['samples']} samples")
         for i, name in enumerate(names):
             t = time.monotonic()
-            result = run_policy(fleet, name, args, i)
+            result = run_policy(fleet, name, args, i, service)
             results.append(result)
             final = result["final"] or {}
             print(
@@ -296,7 +464,17 @@ def main() -> None:
         "classes_count": counts,
         "core_per_speed": spec.core_per_speed,
         "speed_spread": max(speeds) / min(speeds),
-        "scheme": spec.scheme if spec.scheme != "dirichlet" else f"dirichlet({spec.alpha})",
+        "scheme": (
+            "device-correlated"
+            if args.partition == "device-correlated"
+            else spec.scheme
+            if spec.scheme != "dirichlet"
+            else f"dirichlet({spec.alpha})"
+        ),
+        "partition": args.partition,
+        "held_labels": list(HELD_LABELS) if args.partition == "device-correlated" else [],
+        "pinning": pinning,
+        "results_name": spec.name + ("-correlated" if args.partition == "device-correlated" else ""),
         "environment": environment_summary(),
         "policies": results,
     }
@@ -304,7 +482,7 @@ def main() -> None:
     if not args.no_publish:
         from bench.common import write_section
 
-        name = record["options"]["fleet"]
+        name = record["results_name"]
         out = ROOT / "bench" / "results" / f"fleet-{name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1) + "\n")

@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -352,8 +353,19 @@ def free_subnet() -> str:
 class Fleet:
     """An emulated fleet with its own broker. Use as a context manager; ``close`` removes everything."""
 
-    def __init__(self, spec: FleetSpec, workdir: Path, data_dir: Optional[Path] = None) -> None:
+    def __init__(
+        self,
+        spec: FleetSpec,
+        workdir: Path,
+        data_dir: Optional[Path] = None,
+        partition: Optional[Callable[[Any, list[Device]], list[Any]]] = None,
+        device_cpus: Optional[set[int]] = None,
+    ) -> None:
+        """``partition`` (labels, devices) -> sample indices per device replaces the fleet file's scheme;
+        ``device_cpus``: the host cores every device process is pinned to (``taskset``), none: all."""
         self.spec = spec
+        self.partition = partition
+        self.device_cpus = device_cpus
         self.workdir = Path(workdir)
         self.data_dir = data_dir
         self.devices = {d.node: d for d in spec.devices()}
@@ -437,7 +449,10 @@ class Fleet:
 
         train = load_dataset(self.data_dir, "train")
         devices = list(self.devices.values())
-        parts = make_partitioner(self.spec.scheme, len(devices), self.spec.alpha, self.spec.seed).split(train.y)
+        if self.partition is not None:
+            parts = self.partition(train.y, devices)
+        else:
+            parts = make_partitioner(self.spec.scheme, len(devices), self.spec.alpha, self.spec.seed).split(train.y)
         out = self.workdir / "shards"
         out.mkdir(exist_ok=True)
         for d, part in zip(devices, parts):
@@ -511,6 +526,8 @@ class Fleet:
 
         d = self.devices[node]
         argv = [*command, *extra] if command is not None else self.device_command(d, run, *extra)
+        if self.device_cpus:
+            argv = ["taskset", "-c", ",".join(map(str, sorted(self.device_cpus))), *argv]
         procs = " ".join(str(g / "cgroup.procs") for g in d.cgroups)
         wrapper = 'for f in $NEFL_HIL_PROCS; do echo $$ > "$f"; done; exec ip netns exec "$0" "$@"'
         env = dict(device_env(self.workdir), NEFL_HIL_PROCS=procs)
@@ -534,10 +551,12 @@ class Fleet:
             return None
         return stop_process(d.proc, sig)
 
-    def spawn_coordinator(self, *args: str, command: str = "serve") -> subprocess.Popen[bytes]:
+    def spawn_coordinator(
+        self, *args: str, command: str = "serve", cpus: Optional[set[int]] = None
+    ) -> subprocess.Popen[bytes]:
         """``nefl-coord <command> --broker 127.0.0.1:P --runs-dir <workdir>/runs ARGS`` in the root namespace,
-        unlimited, logging to ``<workdir>/coordinator.log``."""
-        proc = start_coordinator(self.workdir, self.local_broker, *args, command=command)
+        unlimited (pinned to ``cpus`` when given), logging to ``<workdir>/coordinator.log``."""
+        proc = start_coordinator(self.workdir, self.local_broker, *args, command=command, cpus=cpus)
         self._adopt(proc)
         self.others.append(proc)
         return proc
@@ -590,8 +609,12 @@ class Fleet:
         ]  # fmt: skip
 
 
-def start_coordinator(workdir: Path, broker: str, *args: str, command: str = "serve") -> subprocess.Popen[bytes]:
+def start_coordinator(
+    workdir: Path, broker: str, *args: str, command: str = "serve", cpus: Optional[set[int]] = None
+) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "nefl_edge.coordinator", command, "--broker", broker]
+    if cpus:
+        argv = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *argv]
     argv += ["--runs-dir", str(workdir / "runs"), *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="160")
     with (workdir / "coordinator.log").open("ab") as log:

@@ -241,9 +241,9 @@ def test_old_runs_keep_server_reestimation_and_server_mode_needs_coordinator_dat
     assert RunConfig().bn == "federated" and validate({**old, "bn": "tracked"}).bn == "tracked"
     with pytest.raises(ConfigError, match="bn = server"):
         coordinator_data("federated", "server", None, 100, 100)
-    with pytest.raises(ConfigError, match="bn = server"):
-        coordinator_data("auto", "server", tmp_path / "nothing", 100, 100)
-    test, calibration, federated = coordinator_data("auto", "tracked", tmp_path / "nothing", 100, 100)
+    with pytest.raises(ConfigError, match="--evaluation federated"):  # a missing --data-dir is no silent switch
+        coordinator_data("auto", "tracked", tmp_path / "nothing", 100, 100)
+    test, calibration, federated = coordinator_data("federated", "tracked", tmp_path / "nothing", 100, 100)
     assert test is None and calibration is None and federated
     test, calibration, federated = coordinator_data("both", "server", None, 100, 50)
     assert test is not None and len(test) == 100 and calibration is not None and len(calibration) == 50 and federated

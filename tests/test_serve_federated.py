@@ -20,7 +20,8 @@ def test_serve_runs_with_no_coordinator_data_and_evaluates_on_the_devices(broker
     sizes = [400, 400, 400]
     shards = make_shards(tmp_path, sizes)
     coord = spawn_coordinator(
-        broker.address, tmp_path, "--data-dir", str(tmp_path / "no-data"), "--bn", "federated", "--policy", "static",
+        broker.address, tmp_path, "--data-dir", str(tmp_path / "no-data"), "--evaluation", "federated",
+        "--bn", "federated", "--policy", "static",
         "--gammas", "0.2,0.6,1.0", "--rounds", "2", "--eval-every", "1", "--min-clients", "3", "--max-steps", "8",
         "--lr", "0.05", "--deadline-s", "120", "--wait-clients-s", "90", "--eval-fraction", "0.2",
     )  # fmt: skip

@@ -18,7 +18,7 @@ from nefl_edge.coordinator.cli_options import (
     config_options,
 )
 from nefl_edge.coordinator.config import METHODS
-from nefl_edge.core.cli import event, fail, run_app, setup_logging
+from nefl_edge.core.cli import check_folder, event, fail, run_app, setup_logging
 from nefl_edge.core.errors import ExitCode
 
 log = logging.getLogger("nefl_edge.coordinator")
@@ -348,6 +348,10 @@ def serve(
     else:
         sec = RunSecurity(**{**given, "mqtt_version": mqtt_version or "3.1.1"})
     cfg = resume_config(resume, overrides) if resume is not None else load_config(config, overrides)
+    if resume is None:
+        check_folder(cfg.runs_dir, "--runs-dir")
+    if sec.enrolment_dir is not None:
+        check_folder(Path(sec.enrolment_dir), "--enrolment-dir")
     if resume is not None:
         from nefl_edge.coordinator import checkpoint
 
@@ -449,6 +453,10 @@ def simulate(
         fail(f"--log-format must be text or json, got {log_format!r}")
     if trainer not in ("torch", "ort"):
         fail(f"--trainer must be torch or ort, got {trainer!r}")
+    if out is not None:
+        if out.is_dir():
+            fail(f"--out {out} is a folder; give the file to write the result to")
+        check_folder(out.parent, "--out's folder")
     cfg = load_config(None, {**(overrides or {}), "policy": "static", "min_clients": 1})
     strategy = get_strategy(cfg.method)
     if trainer == "ort" and not strategy.device_trainable:
@@ -562,6 +570,7 @@ def demo(
     from nefl_edge.core.specs import DEFAULT_GAMMAS
 
     coordinator_logging(verbose, log_format)
+    check_folder(runs_dir, "--runs-dir")
     options = DemoOptions(
         clients=clients,
         rounds=rounds,

@@ -91,6 +91,11 @@ class ConfigError(BadInput):
     """A configuration value that is wrong; the message names the key."""
 
 
+MAX_CHUNK_SIZE = (1 << 28) - (1 << 16)
+"""The largest ``chunk_size``: an MQTT packet's remaining length is at most 268,435,455 bytes (MQTT 3.1.1
+section 2.2.3), less room for the frame header, the topic and the properties."""
+
+
 class RunConfig(BaseModel):
     """Every setting of a run. Each key can be set in the TOML file and on the command line."""
 
@@ -163,8 +168,8 @@ class RunConfig(BaseModel):
     evaluation: Literal["auto", "test", "federated", "both"] = Field(
         "auto",
         description="who evaluates: test (the coordinator's test set), federated (devices, on held-out "
-        "eval_fraction of their data; the coordinator needs no data), both, or auto (test when the "
-        "coordinator has a test set, else federated)",
+        "eval_fraction of their data; the coordinator needs no data), both, or auto (test; federated only "
+        "when no data_dir is given and the default data set is not installed)",
     )
     eval_fraction: float = Field(
         0.1, gt=0, le=0.5, description="share of each device's data held out for federated evaluation"
@@ -180,7 +185,12 @@ class RunConfig(BaseModel):
     )
     seed: int = Field(0, description="seed of initialisation, selection and local shuffles")
     runs_dir: Path = Field(Path("runs"), description="parent folder of run directories")
-    chunk_size: int = Field(1 << 20, ge=1024, description="bytes per MQTT message; larger payloads are chunked")
+    chunk_size: int = Field(
+        1 << 20,
+        ge=1024,
+        le=MAX_CHUNK_SIZE,
+        description="bytes per MQTT message; larger payloads are chunked (at most 256 MiB - 64 KiB, MQTT's limit)",
+    )
     train: TrainConfig = Field(default_factory=TrainConfig)
     preset: Optional[Literal["paper"]] = Field(
         None, description="protocol preset (paper: the NeFL paper's); explicit settings override its values"

@@ -15,6 +15,7 @@ BatchNorm, Diao et al., ICLR 2021, re-estimates them for that reason).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from nefl_edge.coordinator.models import build_submodel
 from nefl_edge.core.data import Dataset
 from nefl_edge.core.evaluation import BnStats, EvalResult, stats_batches
 from nefl_edge.core.nested import GlobalState
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(state: GlobalState, index: int, data: Dataset, batch: int = 500) -> tuple[float, float]:
@@ -143,18 +146,24 @@ def coordinator_data(
     """What the coordinator evaluates and calibrates on, from the run configuration's ``evaluation``,
     ``bn``, ``data_dir``, ``eval_samples`` and ``bn_calibration``: (its test samples or None, its BatchNorm
     calibration images or None, whether devices evaluate). ``evaluation = "federated"`` loads no data at
-    all; ``"auto"`` evaluates on the test set when there is one and on the devices otherwise. Raises
-    ``ConfigError`` for ``bn = "server"`` without coordinator data."""
+    all; ``"auto"`` evaluates on the test set when there is one and on the devices only when no
+    ``data_dir`` is given and the default data set is not installed: a given ``data_dir`` that is missing,
+    and any damaged or truncated data, raise ``ConfigError`` instead of silently moving evaluation to the
+    devices (whose numbers the coordinator cannot check). Raises ``ConfigError`` for ``bn = "server"``
+    without coordinator data."""
     from nefl_edge.coordinator.config import ConfigError
-    from nefl_edge.core.data import DataError, load_dataset
+    from nefl_edge.core.data import FASHION_MNIST_DIR, DataError, load_dataset
 
     test: Dataset | None = None
     if evaluation != "federated":
         try:
             test = load_dataset(data_dir, "test")
-        except DataError:
-            if evaluation != "auto":
-                raise
+        except DataError as exc:
+            if evaluation != "auto" or data_dir is not None or FASHION_MNIST_DIR.exists():
+                raise ConfigError(
+                    f"the coordinator's test data: {exc} To evaluate on the devices only, pass --evaluation federated"
+                ) from None
+            log.info("no test data at %s: evaluation = auto evaluates on the devices", FASHION_MNIST_DIR)
     if test is None:
         if bn == "server":
             raise ConfigError(

@@ -10,6 +10,7 @@ import sys
 import threading
 from collections import deque
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, NoReturn, Optional, Union
 
 import typer
@@ -27,6 +28,17 @@ class CliError(NeflError):
 
 def fail(message: str, code: ExitCode = ExitCode.BAD_INPUT) -> NoReturn:
     raise CliError(message, code)
+
+
+def check_folder(path: Path, flag: str) -> None:
+    """Exit 2 with one sentence when ``path`` (given as ``flag``) cannot be a folder: it, or the nearest of
+    its parents that exists, is not a folder (a file given as ``--runs-dir`` or ``--cache``)."""
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                what = f"{existing} is a file" if existing == path else f"{existing}, a parent of it, is a file"
+                fail(f"{flag} {path} must be a folder, and {what}")
+            return
 
 
 def run_app(app: typer.Typer, prog_name: str, args: Optional[list[str]] = None) -> NoReturn:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Sequence, Tuple, Union
@@ -53,7 +55,12 @@ class Dataset:
 
 def _open(path: Path) -> bytes:
     raw = path.read_bytes()
-    return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as exc:  # a download cut short: a clear error, not a traceback
+        raise DataError(f"{path} is a damaged or truncated gzip file ({exc}); download it again") from None
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -113,8 +120,8 @@ def load_npz(path: Path) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as data:
             x, y = data["x"], data["y"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise DataError(f"{path} is not an .npz file with arrays x and y: {exc}") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(f"{path} is not an .npz file with arrays x and y (or is truncated): {exc}") from None
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4 or y.ndim != 1 or x.shape[0] != y.shape[0]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from nefl_edge.core.cli import event, fail, run_app, setup_logging
+from nefl_edge.core.cli import check_folder, event, fail, run_app, setup_logging
 from nefl_edge.core.errors import ExitCode
 from nefl_edge.edge_client.runtime import keep_torch_out
 
@@ -164,10 +164,13 @@ def _device(args: DeviceArgs, pinned: bool, agent_options: Any) -> None:
         fail(f"--mqtt-version must be 3.1.1 or 5, got {args.mqtt_version!r}")
     if args.max_message_size < 1024:
         fail("--max-message-size must be at least 1024 bytes")
+    check_folder(args.cache, "--cache")
+    if args.state_dir is not None:
+        check_folder(args.state_dir, "--state-dir")
     try:
         dataset = load_dataset(args.data, "train")
         choose_backend(args.backend)
-    except (DataError, BackendUnavailable) as exc:
+    except (DataError, BackendUnavailable, ValueError) as exc:  # ValueError: an unknown --backend
         fail(str(exc))
     if args.max_samples is not None:
         dataset.x, dataset.y = dataset.x[: args.max_samples], dataset.y[: args.max_samples]
@@ -470,6 +473,7 @@ def predict(
     from nefl_edge.core.data import DataError, load_dataset
     from nefl_edge.edge_client.latest import LatestStore, LocalModel, NoLatestWeights
 
+    check_folder(cache, "--cache")
     try:
         info = LatestStore(cache / "latest").get(submodel)
         model = LocalModel(info, cache / "artifacts", threads)

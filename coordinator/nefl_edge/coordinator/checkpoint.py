@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nefl_edge.core.errors import BadInput, NeflError
+from nefl_edge.core.errors import BadInput, ExitCode, NeflError
 from nefl_edge.core.files import write_atomic
 
 CHECKPOINT = "checkpoint.json"
@@ -30,7 +30,10 @@ class CheckpointError(BadInput):
 
 
 class DiskFull(NeflError):
-    """The run directory's disk is full (or over quota): the message names the file and how to go on."""
+    """The run directory's disk is full (or over quota): the message names the file and how to go on; the
+    command exits with :attr:`ExitCode.DISK_FULL`."""
+
+    exit_code = ExitCode.DISK_FULL
 
 
 @contextmanager

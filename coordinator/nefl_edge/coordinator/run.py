@@ -9,6 +9,7 @@ run continues after the last recorded one."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import logging
@@ -92,6 +93,7 @@ class ServeRun:
         self.on_progress: Optional[Callable[[str], None]] = None
         self.stopped_by: Optional[str] = None
         self.evaluated = -1  # the last round whose model was evaluated (and its BatchNorm re-estimated)
+        self.disk_full: Optional[checkpoint.DiskFull] = None  # a round's records or checkpoint hit a full disk
 
     def prepare(self) -> None:
         """Export (or reuse) the method's artifacts, write the resolved config, load or initialise the state."""
@@ -168,6 +170,11 @@ class ServeRun:
         def job() -> None:
             try:
                 record()
+            except checkpoint.DiskFull as exc:
+                # end the round in progress now, not when the next round hands its job over (Evaluator
+                # raises a job's error only then); serve raises it, whatever else the stop interrupted
+                self.disk_full = exc
+                self.stop.set()
             finally:
                 if mark is not None:
                     ROUND_ORDER.release(mark)
@@ -239,6 +246,8 @@ class ServeRun:
                     self.state, self.round = state, r
                     self._finish(report, state, evaluates(cfg, r), r == cfg.rounds, evaluator)
                 evaluator.wait()
+                if self.disk_full is not None:
+                    raise self.disk_full
                 if self.stop.is_set() and self.evaluated < self.round:
                     # the state a stopped run leaves behind carries re-estimated statistics, as a finished one
                     last = replace(report, clients=[]) if self.round == report.round else RoundReport(self.round)
@@ -249,11 +258,18 @@ class ServeRun:
                 reason = f"coordinator stopped ({self.stopped_by or 'interrupted'})"
         except BaseException:
             reason = "coordinator stopped on an error"
+            if self.disk_full is not None:
+                raise self.disk_full from None
             raise
         finally:
             evaluator.close()
             grid.close(reason)
-            write_report(self.run_dir)
+            try:
+                write_report(self.run_dir)
+            except OSError as exc:  # a full disk: the error that stopped the run is the one to report
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                log.warning("no report written: %s", exc.strerror)
         return self.run_dir
 
     def _saying_who_waits(self, clients: Callable[[int], Any]) -> Callable[[int], Any]:

@@ -14,6 +14,7 @@ class ExitCode(IntEnum):
     BAD_INPUT = 2  # a wrong option, configuration, data set or run directory; the message says what to fix
     BROKER = 3  # the MQTT broker cannot be reached or refused the connection
     NO_CLIENTS = 4  # too few devices joined the run in time
+    DISK_FULL = 5  # the disk of the run directory (or the device's cache) is full; free space, then resume
     INTERRUPTED = 130  # stopped by SIGINT / SIGTERM after a clean shutdown
 
 

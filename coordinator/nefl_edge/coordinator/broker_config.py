@@ -63,6 +63,15 @@ BROKER_SCHEMA = "nefl.broker/1"
 COORDINATOR_USER = "nefl-coord"
 DEFAULT_TLS_PORT = 8883
 DEFAULT_MAX_PACKET = DEFAULT_CHUNK_SIZE + (64 << 10)
+MAX_QUEUED_MESSAGES = 10_000
+MAX_QUEUED_BYTES = 1 << 30
+"""Per client, Mosquitto keeps at most this many QoS 1 messages (and bytes) beyond those in flight, for a
+client that is offline (a persistent session) or reads slower than it is sent to, and drops the rest. Mosquitto
+2.0 has no per-account setting: the bound applies to the coordinator too, whose queue holds every device's
+updates while it aggregates, so it is sized for that (1 GiB: 100 updates of 10 MiB) rather than for a device,
+whose own queue holds its tasks and the broadcasts (manifest, final model) of a few rounds."""
+PERSISTENT_CLIENT_EXPIRATION = "1d"
+"""A persistent session whose client has not come back within this time is removed with its queue."""
 PBKDF2_ITERATIONS = 101  # Mosquitto's own default; the generated passwords carry 256 random bits anyway
 USER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 BRIDGE_ACL_MARK = "# bridges of sites (nefl-coord site-broker-config)"  # the ACL's last block
@@ -240,6 +249,8 @@ class BrokerOptions:
     persistence: bool = True
     extra: Tuple[str, ...] = field(default_factory=tuple)
     ca_dir: Optional[Path] = None
+    max_queued_messages: int = MAX_QUEUED_MESSAGES
+    max_queued_bytes: int = MAX_QUEUED_BYTES
 
 
 @dataclass(frozen=True)
@@ -289,13 +300,18 @@ def config_text(opts: BrokerOptions) -> str:
         f"password_file {home / 'passwd'}",
         f"acl_file {home / 'acl'}",
         f"max_packet_size {opts.max_packet_size}",
-        "max_queued_messages 10000",
         "connection_messages true",
     ]
-    # Issue 22 (B2): a device account that vanished must not keep a session queuing its tasks and weights for
-    # ever. No max_queued_bytes: that bound applies to the coordinator's own queue too, where a slow round
-    # would then drop honest updates.
-    lines.append("persistent_client_expiration 1d")
+    # Issue 22: what bounds one account. A vanished device's session stops queuing after the expiration,
+    # and until then holds at most the queue bounds (global in Mosquitto 2.0, so sized for the coordinator's
+    # queue of updates, see MAX_QUEUED_BYTES). Retained messages have no per-account bound in Mosquitto 2.0
+    # (neither the ACL nor a setting tells a retained publish apart; retain_available is all or nothing and the
+    # protocol's manifest is retained): max_packet_size bounds each one, memory_limit (not set) only the total.
+    lines += [
+        f"max_queued_messages {opts.max_queued_messages}",
+        f"max_queued_bytes {opts.max_queued_bytes}",
+        f"persistent_client_expiration {PERSISTENT_CLIENT_EXPIRATION}",
+    ]
     if opts.persistence:
         lines += ["persistence true", f"persistence_location {home / 'data'}/", "autosave_interval 60"]
     else:

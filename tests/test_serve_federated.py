@@ -48,7 +48,7 @@ def test_serve_runs_with_no_coordinator_data_and_evaluates_on_the_devices(broker
         assert row["bn_batches"][str(k)] > 0
         assert "bn_statistics" in row["phases"] and "federated_evaluation" in row["phases"]
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["bn"] == "federated" and config["evaluation"] == "auto"
+    assert config["bn"] == "federated" and config["evaluation"] == "federated"
     clients = read_jsonl(run_dir / "clients.jsonl")
     assert {c["num_samples"] for c in clients} == {400 - held}
     assert "evaluated submodels [0, 1, 2]" in (tmp_path / "dev2.log").read_text()

@@ -138,6 +138,30 @@ def test_a_full_disk_has_its_own_exit_code_and_one_line(tmp_path: Path) -> None:
     assert str(caught.value).count("\n") == 0, "the message must be one line"
 
 
+def test_a_full_disk_anywhere_else_ends_either_cli_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import typer
+
+    from nefl_edge.core.cli import run_app
+
+    app = typer.Typer()
+
+    @app.command()
+    def write(out: Path, size: int = 1) -> None:
+        out.write_bytes(b"x" * size)  # /dev/full: ENOSPC, as a full disk answers
+
+    @app.command()
+    def other() -> None:
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/nowhere")
+
+    with pytest.raises(SystemExit) as exited:
+        run_app(app, "prog", ["write", "/dev/full"])
+    err = capsys.readouterr().err
+    assert exited.value.code == ExitCode.DISK_FULL, f"exit {exited.value.code}: {err}"
+    assert err.splitlines() == [err.strip()] and err.startswith("error: no space left on the disk"), err
+    with pytest.raises(FileNotFoundError):  # another OSError stays a bug with its traceback
+        run_app(app, "prog", ["other"])
+
+
 def _mount_tmpfs(folder: Path, size: str) -> bool:
     folder.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -42,12 +43,19 @@ def check_folder(path: Path, flag: str) -> None:
 
 
 def run_app(app: typer.Typer, prog_name: str, args: Optional[list[str]] = None) -> NoReturn:
-    """Run a typer app; a :class:`NeflError` ends it with ``error: <message>`` and the error's exit code."""
+    """Run a typer app; a :class:`NeflError` ends it with ``error: <message>`` and the error's exit code, and
+    so does a full disk (or quota) that no code of ours turned into one: ``ExitCode.DISK_FULL``."""
     try:
         app(args=args, prog_name=prog_name)
     except NeflError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(int(exc.exit_code))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        typer.echo(f"error: no space left on the disk{where}: free some space and run it again", err=True)
+        sys.exit(int(ExitCode.DISK_FULL))
     sys.exit(0)
 
 

@@ -89,6 +89,9 @@ def test_bad_inputs_of_nefl_edge_are_exit_2_with_one_sentence(files: dict[str, P
             ([*device, *cache, "--cache", f + "/sub"], ["--cache", "a parent of it"]),
             ([*device, *cache, "--state-dir", f], ["--state-dir", "is a file"]),
             ([*device, *cache, "--backend", "bogus"], ["unknown backend 'bogus'"]),
+            ([*device, *cache, "--tier", "-1"], ["--tier"]),
+            ([*device, *cache, "--threads", "-5"], ["--threads"]),
+            ([*device, *cache, "--max-samples", "-3"], ["--max-samples"]),
             ([*EDGE, command, "--broker", NO_BROKER, "--data", str(files["cut"]), *cache], ["cut.npz", "truncated"]),
         ]
     cases.append(([*EDGE, "predict", *data, "--cache", f], ["--cache", "is a file"]))

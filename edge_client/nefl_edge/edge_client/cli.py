@@ -164,6 +164,12 @@ def _device(args: DeviceArgs, pinned: bool, agent_options: Any) -> None:
         fail(f"--mqtt-version must be 3.1.1 or 5, got {args.mqtt_version!r}")
     if args.max_message_size < 1024:
         fail("--max-message-size must be at least 1024 bytes")
+    if args.tier is not None and args.tier < 0:
+        fail(f"--tier must be 0 or more, got {args.tier}")
+    if args.threads < 0:
+        fail(f"--threads must be 0 (the fastest setting) or more, got {args.threads}")
+    if args.max_samples is not None and args.max_samples < 1:
+        fail(f"--max-samples must be at least 1, got {args.max_samples}")
     check_folder(args.cache, "--cache")
     if args.state_dir is not None:
         check_folder(args.state_dir, "--state-dir")

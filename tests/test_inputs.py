@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 from nefl_edge.coordinator.broker import free_port, port_open
-from nefl_edge.coordinator.broker_config import BrokerOptions, config_text, write_broker_config
+from nefl_edge.coordinator.broker_config import BrokerOptions, config_text, set_password, write_broker_config
 from nefl_edge.coordinator.checkpoint import DiskFull
 from nefl_edge.coordinator.config import ConfigError
 from nefl_edge.coordinator.evaluation import coordinator_data
@@ -231,7 +232,20 @@ def test_serve_on_a_full_disk_stops_at_the_round_that_hit_it(broker, tmp_path: P
     assert len(errors) == 1 and "no space left" in errors[0] and "--resume" in errors[0], shown
 
 
-def test_generated_broker_config_bounds_an_account_and_mosquitto_starts_on_it(tmp_path: Path) -> None:
+def _client(user: str, password: str, port: int):  # type: ignore[no-untyped-def]
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user)
+    client.username_pw_set(user, password)
+    connected = threading.Event()
+    client.on_connect = lambda c, u, f, reason, p: connected.set() if not reason.is_failure else None
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    assert connected.wait(10), f"{user} could not connect"
+    return client
+
+
+def test_generated_broker_config_bounds_queues_and_mosquitto_starts_on_it(tmp_path: Path) -> None:
     port, plain = free_port(), free_port()
     root = "root" if os.geteuid() == 0 else None  # as root Mosquitto would drop to a user who cannot read tmp
     opts = BrokerOptions(tmp_path / "broker", ("127.0.0.1",), port, plain, bind="127.0.0.1", user=root)
@@ -248,11 +262,33 @@ def test_generated_broker_config_bounds_an_account_and_mosquitto_starts_on_it(tm
         assert found == [f"{key} {value}"], f"{key}: expected one line '{key} {value}', found {found}"
     assert config_text(opts).splitlines() == lines
 
+    set_password(settings.password_file, "pi-a", "pw-of-pi-a")
     log = (tmp_path / "mosquitto.log").open("ab")
     proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: port_open(plain) or proc.poll() is not None, 10, "mosquitto to listen or exit", 0.05)
         assert proc.poll() is None and port_open(plain), (tmp_path / "mosquitto.log").read_text()[-2000:]
+        # What is not bounded per account (README threat model): one device account retains 1 MiB messages on
+        # as many topics under its own prefix as it likes; the coordinator reads them all back.
+        topics, size = 32, 1 << 20
+        device = _client("pi-a", "pw-of-pi-a", plain)
+        sent = [
+            device.publish(f"nefl/r1/node/pi-a/status/x{i}", os.urandom(size), qos=1, retain=True)
+            for i in range(topics)
+        ]
+        for info in sent:
+            info.wait_for_publish(60)
+        device.disconnect()
+        device.loop_stop()
+        coordinator_password = settings.coordinator_password_file.read_text().strip()
+        got: dict[str, int] = {}
+        reader = _client(settings.coordinator_user, coordinator_password, plain)
+        reader.on_message = lambda c, u, m: got.__setitem__(m.topic, len(m.payload)) if m.retain else None
+        reader.subscribe("nefl/r1/node/pi-a/status/#", qos=1)
+        wait_for(lambda: len(got) >= topics, 30, "the retained messages to come back")
+        reader.disconnect()
+        reader.loop_stop()
+        assert sum(got.values()) == topics * size, f"retained {sum(got.values())} bytes of {topics * size}"
     finally:
         proc.terminate()
         proc.wait(10)

@@ -139,14 +139,6 @@ class SubmodelSpec:
     blocks: tuple[tuple[int, ...], ...]
     gamma: float = field(default=1.0, compare=False)
 
-    def to_dict(self) -> dict[str, object]:
-        return {"width": self.width, "blocks": [list(b) for b in self.blocks], "gamma": self.gamma}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, object]) -> SubmodelSpec:
-        blocks = tuple(tuple(int(i) for i in stage) for stage in data["blocks"])  # type: ignore[attr-defined]
-        return cls(float(data["width"]), blocks, float(data.get("gamma", 1.0)))  # type: ignore[arg-type]
-
     def describe(self) -> str:
         return " ".join("".join("1" if i in kept else "0" for i in range(max(kept) + 1)) for kept in self.blocks)
 

@@ -108,6 +108,7 @@ def test_a_new_coordinator_deletes_what_a_dead_one_retained(
     old.heartbeat_s = 3600
     old.open()
     old.publish_weights(1, 1.0, {0})
+    assert old.link.flush(5.0), "A's publishes were not acknowledged"
     left = retained()
     old._beating.set()
     old.link.close()
@@ -116,6 +117,7 @@ def test_a_new_coordinator_deletes_what_a_dead_one_retained(
     new = CoordinatorSession(make("coord-b"), RUN, manifest(tmp_path / "b", b"new graph"), tmp_path / "b", 5, extract)
     new.heartbeat_s = 3600
     new.open()
+    assert new.link.flush(5.0), "B's publishes were not acknowledged"
     after = retained()
     new.close("test over")
 

@@ -319,29 +319,35 @@ class CoordinatorSession:
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         log.info("run %s: manifest and artifacts published on %s", self.run_name, self.topics.base)
 
-    def clear_stale(self, rounds: int = 3) -> list[str]:
+    def clear_stale(self, quiet_s: float = 1.0, limit_s: float = 15.0) -> list[str]:
         """Delete what an earlier coordinator of this run name retained (its manifest, artifacts and weights:
         a coordinator that died never cleared them), before this one publishes its own; the topics deleted.
         They are found with wildcard subscriptions held until the broker acknowledged a publish made after
-        them, again while that turns up more (at most ``rounds`` times). Brokers that send retained messages
-        only to exact filters (RabbitMQ) show none: there the new manifest replaces the old one's chunks, and
-        older artifacts and weights stay."""
+        them and then until no retained message has arrived for ``quiet_s`` (at most ``limit_s``): a broker
+        may acknowledge that publish before it has sent every retained message of a long queue (Mosquitto
+        keeps at most 20 QoS 1 messages in flight, and weights come in 1 MiB chunks). Brokers that send
+        retained messages only to exact filters (RabbitMQ) show none: there the new manifest replaces the old
+        one's chunks, and older artifacts and weights stay."""
         base = self.topics.base
         filters = [f"{base}/manifest/chunk/+", f"{base}/artifact/+/chunk/+", f"{base}/weights/+/chunk/+"]
         found: set[str] = set()
+        arrived = threading.Event()
 
         def tap(topic: str, payload: Any) -> bool:
             if payload and any(topic_matches(f, topic) for f in filters):
                 found.add(topic)
+                arrived.set()
                 return True
             return False
 
         self.link.on_payload = tap
         try:
             self.link.subscribe_all(filters)
-            for _ in range(rounds):
-                seen = len(found)
-                if not self.link.flush(5.0) or len(found) == seen:
+            self.link.flush(5.0)
+            end = time.monotonic() + limit_s
+            while time.monotonic() < end:
+                arrived.clear()
+                if not arrived.wait(quiet_s):
                     break
             self.link.unsubscribe_all(filters)
         finally:

@@ -214,3 +214,18 @@ def setup_logging(
         handler.setFormatter(logging.Formatter("%(message)s"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[_Ordered(handler)])
     logging.getLogger("paho").setLevel(logging.WARNING)
+
+
+def no_flag_metavars() -> None:
+    """``--help`` without a ``<bool>`` type column after every flag (``--verbose <bool>``, ``--help <bool>``):
+    typer 0.29 prints the type of flags too, which take no value. Departs from typer's own rendering."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "__name__", "") == "_flag_free":
+        return
+
+    def _flag_free(self: TyperOption, ctx: Any) -> Any:
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    TyperOption.display_type_rich = _flag_free  # type: ignore[method-assign]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from nefl_edge.core.cli import check_folder, event, fail, run_app, setup_logging
+from nefl_edge.core.cli import check_folder, event, fail, no_flag_metavars, run_app, setup_logging
 from nefl_edge.core.errors import ExitCode
 from nefl_edge.edge_client.runtime import keep_torch_out
 
@@ -32,22 +32,7 @@ app = typer.Typer(
 keep_torch_out()  # before any command imports onnxruntime
 
 
-def _no_flag_metavars() -> None:
-    """``--help`` without a ``<bool>`` type column after every flag (``--verbose <bool>``, ``--help <bool>``):
-    typer 0.29 prints the type of flags too, which take no value. Departs from typer's own rendering."""
-    from typer.core import TyperOption
-
-    shown = TyperOption.display_type_rich
-    if getattr(shown, "__name__", "") == "_flag_free":
-        return
-
-    def _flag_free(self: TyperOption, ctx: Any) -> Any:
-        return None if getattr(self, "is_flag", False) else shown(self, ctx)
-
-    TyperOption.display_type_rich = _flag_free  # type: ignore[method-assign]
-
-
-_no_flag_metavars()
+no_flag_metavars()
 
 
 def _version(value: bool) -> None:

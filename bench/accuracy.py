@@ -80,17 +80,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "methods": "nefl-wd,heterofl,fjord-paper,fedavg-smallest,fedavg-full",
         "bn": "tracked",
     },
-    "full-data-federated": {
-        "protocol": "paper",
-        "rounds": 100,
-        "seeds": [0, 1, 2],
-        "test_samples": 10000,
-        "epochs": 1,
-        "eval_every": 10,
-        "methods": "nefl-wd,heterofl,fjord-paper,fedavg-smallest,fedavg-full",
-        "bn": "federated",
-    },
 }
+PRESETS["full-data-federated"] = {**PRESETS["full-data"], "bn": "federated"}
 
 
 def paper_config(method: str, seed: int, preset: dict[str, Any], encoding: str = "float32") -> Any:

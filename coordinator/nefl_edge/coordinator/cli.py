@@ -18,7 +18,7 @@ from nefl_edge.coordinator.cli_options import (
     config_options,
 )
 from nefl_edge.coordinator.config import METHODS
-from nefl_edge.core.cli import check_folder, event, fail, no_flag_metavars, run_app, setup_logging
+from nefl_edge.core.cli import check_folder, event, fail, no_flag_metavars, run_app, setup_logging, source_commit
 from nefl_edge.core.errors import ExitCode
 
 log = logging.getLogger("nefl_edge.coordinator")
@@ -56,28 +56,10 @@ def _version(value: bool) -> None:
     except BackendUnavailable as exc:
         backend = f"none ({exc})"
     typer.echo(
-        f"nefl-coord {__version__} (commit {_source_commit()}); torch {torch_version}; ONNX Runtime "
+        f"nefl-coord {__version__} (commit {source_commit()}); torch {torch_version}; ONNX Runtime "
         f"{onnxruntime.__version__}, training backend {backend}; Python {platform.python_version()}"
     )
     raise typer.Exit()
-
-
-def _source_commit() -> str:
-    """The git commit of this source tree (``-dirty`` with uncommitted changes), or "none" for an install."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[3]
-    if not (root / ".git").exists():
-        return "none (installed package)"
-    try:
-        git = ["git", "-C", str(root)]
-        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(
-            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (git failed)"
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 @app.callback()

@@ -229,3 +229,23 @@ def no_flag_metavars() -> None:
         return None if getattr(self, "is_flag", False) else shown(self, ctx)
 
     TyperOption.display_type_rich = _flag_free  # type: ignore[method-assign]
+
+
+def source_commit() -> str:
+    """The git commit of the source tree this package runs from (``-dirty`` with uncommitted changes), or what
+    it is instead: an installed wheel has no tree. Every source root lies three folders below the tree's top."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    if not (root / ".git").exists():
+        return "none (installed package)"
+    try:
+        git = ["git", "-C", str(root)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git failed)"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

@@ -161,29 +161,12 @@ def device_profile(
     )
 
 
-def source_commit(anchor: Path) -> str:
-    """The git commit of the source tree ``anchor`` (a module file) lies in, or what it is instead: an
-    installed wheel has no tree. ``-dirty`` when the tree has uncommitted changes."""
-    import subprocess
-
-    root = Path(anchor).resolve().parents[3]
-    if not (root / ".git").exists():
-        return "none (installed package)"
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=5, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (git failed)"
-    return head + ("-dirty" if dirty else "")
-
-
 def version_text(program: str) -> str:
     """What ``--version`` prints: the package, its commit, ONNX Runtime and the backend it gives, Python."""
     import onnxruntime
 
     from nefl_edge.core import __version__
+    from nefl_edge.core.cli import source_commit
     from nefl_edge.edge_client.trainer import BackendUnavailable, choose_backend
 
     try:
@@ -191,6 +174,6 @@ def version_text(program: str) -> str:
     except BackendUnavailable as exc:
         backend = f"none ({exc})"
     return (
-        f"{program} {__version__} (commit {source_commit(Path(__file__))}); ONNX Runtime {onnxruntime.__version__}, "
+        f"{program} {__version__} (commit {source_commit()}); ONNX Runtime {onnxruntime.__version__}, "
         f"training backend {backend}; Python {platform.python_version()} on {platform.machine()}"
     )

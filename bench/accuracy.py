@@ -30,6 +30,7 @@ import os
 import statistics
 import subprocess
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Optional
@@ -84,9 +85,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESETS["full-data-federated"] = {**PRESETS["full-data"], "bn": "federated"}
 
 
-def paper_config(method: str, seed: int, preset: dict[str, Any], encoding: str = "float32") -> Any:
+def paper_config(
+    method: str, seed: int, preset: dict[str, Any], encoding: str = "float32", aggregation: str = "exact"
+) -> Any:
     """The run configuration of one run under the paper's protocol (``--preset paper``), with the preset's
-    rounds and epochs, the paper's tracked BatchNorm (or the preset's ``bn``) and the devices' update ``encoding``."""
+    rounds and epochs, the paper's tracked BatchNorm (or the preset's ``bn``), the devices' update ``encoding``
+    and the coordinator's ``aggregation`` (exact or robust NeFedAvg, with the robust options' defaults)."""
     from nefl_edge.coordinator.config import RunConfig, load_config
 
     overrides: dict[str, Any] = {
@@ -97,6 +101,7 @@ def paper_config(method: str, seed: int, preset: dict[str, Any], encoding: str =
         "policy": "static",
         "train.epochs": preset["epochs"],
         "train.update_encoding": encoding,
+        "aggregation": aggregation,
     }
     # One core per run (no evaluation thread beside the training), evaluation on the test set only.
     for key, value in (("bn", preset.get("bn", "tracked")), ("eval_background", False), ("evaluation", "test")):
@@ -106,22 +111,23 @@ def paper_config(method: str, seed: int, preset: dict[str, Any], encoding: str =
 
 
 def run_jobs(
-    jobs: list[tuple[str, str, int, str]],
+    jobs: Sequence[tuple[str, str, int, str, Optional[str]]],
     partial: Path,
     preset: dict[str, Any],
     data_dir: Optional[str],
     workers: int,
 ) -> list[dict[str, Any]]:
-    """Every (method, scheme, seed, encoding) run of ``jobs``: those already in ``partial`` (JSON lines of
-    finished runs) are read back, the others run in ``workers`` processes and are appended there as they end,
-    so that an interrupted benchmark resumes. Prints a line per finished run."""
+    """Every (method, scheme, seed, encoding, aggregation) run of ``jobs`` (aggregation None: exact, not named
+    in the record): those already in ``partial`` (JSON lines of finished runs) are read back, the others run
+    in ``workers`` processes and are appended there as they end, so that an interrupted benchmark resumes.
+    Prints a line per finished run."""
     runs = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()] if partial.exists() else []
-    finished = {(r["method"], r["scheme"], r["seed"], r.get("encoding", "float32")) for r in runs}
+    finished = {(r["method"], r["scheme"], r["seed"], r.get("encoding", "float32"), r.get("aggregation")) for r in runs}
     todo = [job for job in jobs if job not in finished]
     done = len(jobs) - len(todo)
     partial.parent.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(workers) as pool:
-        futures = [pool.submit(run_one, m, s, seed, preset, data_dir, e) for m, s, seed, e in todo]
+        futures = [pool.submit(run_one, m, s, seed, preset, data_dir, e, a) for m, s, seed, e, a in todo]
         for future in as_completed(futures):
             run = future.result()
             runs.append(run)
@@ -133,6 +139,7 @@ def run_jobs(
             print(
                 f"[{done}/{len(jobs)}] {run['method']:<16} {run['scheme']:<9} seed {run['seed']}"
                 + ("" if encoding == "float32" else f" {encoding}")
+                + (f" {run['aggregation']}" if "aggregation" in run else "")
                 + f": {accs} ({run['seconds']:.0f} s)",
                 flush=True,
             )
@@ -140,9 +147,17 @@ def run_jobs(
 
 
 def run_one(
-    method: str, scheme: str, seed: int, preset: dict[str, Any], data_dir: Optional[str], encoding: str = "float32"
+    method: str,
+    scheme: str,
+    seed: int,
+    preset: dict[str, Any],
+    data_dir: Optional[str],
+    encoding: str = "float32",
+    aggregation: Optional[str] = None,
 ) -> dict[str, Any]:
-    """One run; ``encoding`` is how devices send their updates (the in-process grid applies its round trip)."""
+    """One run; ``encoding`` is how devices send their updates (the in-process grid applies its round trip),
+    ``aggregation`` the coordinator's NeFedAvg (paper protocol only; None: exact, and the record does not
+    name it, as the committed ones do not)."""
     import numpy as np
     import torch
 
@@ -167,7 +182,7 @@ def run_one(
     calibration = test_all.x[-500:]  # held out from the evaluated part
     tiers = [i % len(GAMMAS) for i in range(clients)]
     if preset.get("protocol") == "paper":
-        cfg = paper_config(method, seed, preset, encoding)
+        cfg = paper_config(method, seed, preset, encoding, aggregation or "exact")
         result = simulate(
             get_strategy(method),
             cfg.network(),
@@ -180,7 +195,9 @@ def run_one(
             eval_every=preset.get("eval_every", 0),
             cfg=cfg,
         )
-        return _record(method, scheme, seed, result, encoding)
+        return _record(method, scheme, seed, result, encoding, aggregation)
+    if aggregation not in (None, "exact"):
+        raise ValueError("robust aggregation is benchmarked under the paper protocol only")
     result = simulate(
         get_strategy(method),
         get_model_config("resnet-small", "fmnist"),
@@ -198,7 +215,9 @@ def run_one(
     return _record(method, scheme, seed, result, encoding)
 
 
-def _record(method: str, scheme: str, seed: int, result: Any, encoding: str = "float32") -> dict[str, Any]:
+def _record(
+    method: str, scheme: str, seed: int, result: Any, encoding: str = "float32", aggregation: Optional[str] = None
+) -> dict[str, Any]:
     record = {
         "method": method,
         "scheme": scheme,
@@ -211,6 +230,8 @@ def _record(method: str, scheme: str, seed: int, result: Any, encoding: str = "f
     }
     if encoding != "float32":  # float32 records keep the shape of the committed ones
         record["encoding"] = encoding
+    if aggregation is not None:
+        record["aggregation"] = aggregation
     return record
 
 
@@ -371,6 +392,12 @@ def main() -> None:
         default=None,
         help="comma-separated update encodings (float16, int8) to compare with float32; writes accuracy-encoding",
     )
+    parser.add_argument(
+        "--aggregations",
+        default=None,
+        help="comma-separated NeFedAvg modes (exact, robust) run side by side under the paper protocol; writes "
+        "--out (default bench/results/accuracy-<preset>-robust.json) and the accuracy-robust section",
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--data-dir", default=None, help="IDX/CIFAR folder; default Debian's Fashion-MNIST")
     parser.add_argument("--render-only", action="store_true", help="re-render docs/benchmarks.md from the JSON")
@@ -398,6 +425,9 @@ def main() -> None:
     if args.encodings:
         encoding_main(args, preset)
         return
+    if args.aggregations:
+        aggregation_main(args, preset)
+        return
     if args.rounds is not None:
         parser.error("--rounds is for trying --encodings (it would overwrite the preset's results)")
     default_methods = preset.get("methods", ",".join(METHOD_ORDER))
@@ -413,7 +443,9 @@ def main() -> None:
     out = args.out or ROOT / "bench" / "results" / f"accuracy-{args.preset}.json"
     partial = args.partial or out.with_name(out.stem + ".partial.jsonl")
     start = time.perf_counter()
-    runs = run_jobs([(m, s, seed, "float32") for m, s, seed in jobs], partial, preset, args.data_dir, args.workers)
+    runs = run_jobs(
+        [(m, s, seed, "float32", None) for m, s, seed in jobs], partial, preset, args.data_dir, args.workers
+    )
     rows = summarize(runs)
     command = f"just bench-accuracy --preset {args.preset}"
     if args.methods != default_methods:
@@ -438,6 +470,142 @@ def main() -> None:
     out.write_text(json.dumps(record, indent=2) + "\n")
     partial.unlink()  # the record holds every run now; a next run starts afresh
     publish(record, args.workers, write_docs=args.out is None)
+
+
+AGGREGATIONS = ("exact", "robust")
+
+
+def aggregation_main(args: argparse.Namespace, preset: dict[str, Any]) -> None:
+    """``--aggregations``: the preset's protocol with each NeFedAvg mode, side by side (same data, partition,
+    initial weights and client draws per seed). Runs are interleaved mode by mode, so that an interrupted
+    benchmark leaves pairs; ``--render-only`` renders what the record, or else the partial file, holds."""
+    from bench.common import write_section
+
+    modes = [a for a in args.aggregations.split(",") if a]
+    if not modes or any(a not in AGGREGATIONS for a in modes):
+        raise SystemExit(f"--aggregations takes a comma-separated subset of {', '.join(AGGREGATIONS)}")
+    if preset.get("protocol") != "paper":
+        raise SystemExit("--aggregations runs under the paper protocol: use --preset paper (or paper-smoke)")
+    methods = (args.methods or "nefl-wd").split(",")
+    schemes = args.schemes.split(",")
+    out = args.out or ROOT / "bench" / "results" / f"accuracy-{args.preset}-robust.json"
+    partial = args.partial or out.with_name(out.stem + ".partial.jsonl")
+    command = (
+        f"python -m bench.accuracy --preset {args.preset} --aggregations {','.join(modes)} "
+        f"--methods {','.join(methods)} --schemes {args.schemes} --seeds {','.join(map(str, preset['seeds']))} "
+        f"--workers {args.workers} --out {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}"
+    )
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    if args.render_only:
+        if out.exists():
+            record = json.loads(out.read_text())
+        else:
+            runs = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
+            record = {"preset": args.preset, "settings": preset, "commit": commit, "command": command}
+            record |= {"minutes": None, "workers": args.workers, "aggregations": modes, "runs": runs}
+            total = len(modes) * len(methods) * len(schemes) * len(preset["seeds"])
+            record["note"] = f"Partial: {len(runs)} of {total} runs finished."
+    else:
+        jobs = [(m, s, seed, "float32", a) for seed in preset["seeds"] for s in schemes for m in methods for a in modes]
+        start = time.perf_counter()
+        runs = run_jobs(jobs, partial, preset, args.data_dir, args.workers)
+        record = {"preset": args.preset, "settings": preset, "commit": commit, "command": command}
+        record |= {"minutes": round((time.perf_counter() - start) / 60, 1), "workers": args.workers}
+        record |= {"aggregations": modes, "runs": runs}
+    record["runs"] = sorted(
+        record["runs"],
+        key=lambda r: (r["seed"], r["scheme"], METHOD_ORDER.index(r["method"]), AGGREGATIONS.index(r["aggregation"])),
+    )
+    record["summary"] = summarize_aggregations(record["runs"])
+    if not args.render_only:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=2) + "\n")
+        partial.unlink(missing_ok=True)
+    text = render_aggregations(record)
+    if out.resolve().parent == (ROOT / "bench" / "results").resolve():  # a trial elsewhere leaves the docs alone
+        write_section("accuracy-robust", text)
+    print(text)
+
+
+def _scores(run: dict[str, Any]) -> tuple[float, float]:
+    served = [a for a in run["tier_accuracy"] if a is not None]
+    return min(served), sum(served) / len(served)
+
+
+def summarize_aggregations(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (scheme, method, aggregation): worst and average tier accuracy per seed and over seeds, and for a
+    mode other than exact the per-seed difference to the exact run of the same seed (only seeds that have
+    both)."""
+    by = {(r["scheme"], r["method"], r["aggregation"], r["seed"]): r for r in runs}
+    rows = []
+    for scheme, method, mode in sorted(
+        {(r["scheme"], r["method"], r["aggregation"]) for r in runs},
+        key=lambda k: (k[0], METHOD_ORDER.index(k[1]), AGGREGATIONS.index(k[2])),
+    ):
+        seeds = sorted(seed for (sc, m, a, seed) in by if (sc, m, a) == (scheme, method, mode))
+        scores = {seed: _scores(by[scheme, method, mode, seed]) for seed in seeds}
+        row: dict[str, Any] = {"scheme": scheme, "method": method, "aggregation": mode, "seeds": seeds}
+        row["per_seed"] = {str(seed): {"worst": w, "average": a} for seed, (w, a) in scores.items()}
+        row["worst"] = _stat([w for w, _ in scores.values()])
+        row["average"] = _stat([a for _, a in scores.values()])
+        paired = [seed for seed in seeds if (scheme, method, "exact", seed) in by]
+        if mode != "exact" and paired:
+            exact = {seed: _scores(by[scheme, method, "exact", seed]) for seed in paired}
+            row["delta_worst"] = _stat([scores[s][0] - exact[s][0] for s in paired])
+            row["delta_average"] = _stat([scores[s][1] - exact[s][1] for s in paired])
+            row["paired_seeds"] = paired
+        rows.append(row)
+    return rows
+
+
+def render_aggregations(record: dict[str, Any]) -> str:
+    preset, rows = record["settings"], record["summary"]
+    seeds = sorted({seed for r in rows for seed in r["seeds"]})
+    lines = [
+        f"## Robust vs exact NeFedAvg on honest runs: accuracy, preset `{record['preset']}`",
+        "",
+        "Every client honest; the coordinator aggregates with exact NeFedAvg or with robust NeFedAvg "
+        '(`aggregation = "robust"`, core/robust.py, its default options: clip at 2x the median update norm, '
+        "agreement with the median of the others, weights capped at 2x the median, trimmed mean of 25 % per "
+        "side). Everything else is the accuracy benchmark's paper protocol: "
+        f"{preset['rounds']} rounds, {preset['epochs']} local epochs, 100 devices, 10 a round, a seeded "
+        f"{preset.get('train_samples')}-sample training subset, {preset['test_samples']} test samples; the two "
+        "modes of a seed share data, partition, initial weights and client draws.",
+        "",
+        "Accuracy (%) of the worst and the average served tier: per seed, then mean ± spread (population "
+        "standard deviation) over the seeds that finished. Δ: robust minus exact, per seed, mean ± spread.",
+        "",
+        f"Produced by `{record['command']}` at commit `{record['commit']}`"
+        + (f", {record['minutes']} min with {record['workers']} worker(s)." if record.get("minutes") else "."),
+        "",
+    ]
+    for scheme in sorted({r["scheme"] for r in rows}):
+        lines += [f"**{scheme}**", ""]
+        lines.append(
+            "| method | aggregation | "
+            + " | ".join(f"seed {s} worst / avg" for s in seeds)
+            + " | worst | average | Δ worst | Δ average |"
+        )
+        lines.append("|---|---|" + "---|" * (len(seeds) + 4))
+        for r in (r for r in rows if r["scheme"] == scheme):
+            cells = [
+                f"{100 * r['per_seed'][str(s)]['worst']:.1f} / {100 * r['per_seed'][str(s)]['average']:.1f}"
+                if str(s) in r["per_seed"]
+                else "not run"
+                for s in seeds
+            ]
+            lines.append(
+                f"| {r['method']} | {r['aggregation']} | "
+                + " | ".join(cells)
+                + f" | {_fmt(r['worst'])} | {_fmt(r['average'])} | {_delta(r.get('delta_worst'))} | "
+                f"{_delta(r.get('delta_average'))} |"
+            )
+        lines.append("")
+    if record.get("note"):
+        lines += [record["note"], ""]
+    return "\n".join(lines)
 
 
 def publish(record: dict[str, Any], workers: int, write_docs: bool = True) -> None:
@@ -523,7 +691,7 @@ def encoding_main(args: argparse.Namespace, preset: dict[str, Any]) -> None:
         return
     reference = None if "float32" in encodings else _reference(args, preset, base)
     run_encodings = encodings if reference else _with_float32(encodings)
-    jobs = [(m, s, seed, e) for seed in preset["seeds"] for s in schemes for e in run_encodings for m in methods]
+    jobs = [(m, s, seed, e, None) for seed in preset["seeds"] for s in schemes for e in run_encodings for m in methods]
     partial = args.partial or RESULTS / f"{name}.partial.jsonl"
     start = time.perf_counter()
     runs = run_jobs(jobs, partial, preset, args.data_dir, args.workers)

@@ -91,8 +91,8 @@ class RoundEngine:
     ) -> None:
         if cfg.bn == "tracked" and not strategy.tracked_bn:
             raise ConfigError(
-                f"bn = tracked: {strategy.name} trains other channels than its deployed submodels run, so the "
-                "devices' running statistics would not fit them; use --bn federated or --bn server"
+                f"bn = tracked: {strategy.name} moves its channel window every round, so the devices' running "
+                "statistics would not fit its deployed submodels; use --bn federated or --bn server"
             )
         self.strategy, self.cfg, self.config, self.plan = strategy, cfg, config, plan
         self.calibration = calibration
@@ -187,6 +187,7 @@ class RoundEngine:
                 report.updates,
                 cfg.min_updates,
             )
+            state = self.strategy.keep(state, r)
         report.phases["aggregation"] = time.monotonic() - aggregating
         if report.aggregated and self.evaluate_at(r) and not (stop is not None and stop.is_set()):
             answered = [c["node"] for c in report.clients if c["status"] != "dropped"]

@@ -23,7 +23,7 @@ from nefl_edge.coordinator.session import (
 )
 from nefl_edge.core.link import Inbound
 from nefl_edge.core.mqtt import MqttLink
-from nefl_edge.core.nested import GlobalState, Tensors, extract
+from nefl_edge.core.nested import GlobalState, extract
 from nefl_edge.core.schemas import EvalTask, Manifest
 
 __all__ = ["GRACE_S", "LOST_GRACE_S", "MqttGrid", "NotEnoughClients"]
@@ -43,16 +43,14 @@ class MqttGrid:
         wait_clients_s: float,
         registry: Optional[Registry] = None,
         stop: Optional[threading.Event] = None,
+        deployed: Extract = extract,
     ) -> None:
+        """``deployed`` cuts the weights of a submodel as devices get them outside a training round's own
+        extraction (the evaluation step): the strategy's deployed submodel (``Strategy.extract`` at round 0),
+        the nested prefix by default."""
         self.link, self.wait_clients_s = link, wait_clients_s
-        self.session = CoordinatorSession(link, run, manifest, artifacts, deadline_s, self._submodel, registry, stop)
+        self.session = CoordinatorSession(link, run, manifest, artifacts, deadline_s, deployed, registry, stop)
         self.registry, self.stop = self.session.registry, self.session.stop
-
-    @staticmethod
-    def _submodel(state: GlobalState, k: int) -> Tensors:
-        """The weights of submodel ``k`` as devices get them outside a training round's own extraction (the
-        evaluation step: the deployed nested prefixes)."""
-        return extract(state, k)
 
     def open(self) -> None:
         self.session.open()

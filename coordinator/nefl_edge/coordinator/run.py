@@ -226,6 +226,7 @@ class ServeRun:
             cfg.wait_clients_s,
             self.registry,
             self.stop,
+            self.strategy.extract,
         )
         grid.on_progress = self.on_progress
         grid.clients = self._saying_who_waits(grid.clients)  # type: ignore[method-assign,assignment]
@@ -306,14 +307,14 @@ class ServeRun:
     def _publish_final(self, link: MqttLink) -> None:
         """Broadcast the final model (the checkpointed state, BatchNorm statistics included) of every submodel
         before the run ends, not retained: a device keeps the broadcast of the submodel it trained last for
-        ``nefl-edge predict``, so the model on the device is the one ``export-model`` exports."""
-        from nefl_edge.core.nested import extract
+        ``nefl-edge predict``, so the model on the device is the one ``export-model`` exports (the strategy's
+        deployed submodels: the nested prefixes)."""
         from nefl_edge.core.schemas import Weights
         from nefl_edge.core.wire import Topics, pack_tensors
 
         topics = Topics(self.cfg.run)
         for k in range(len(self.plan.specs)):
-            body = pack_tensors(extract(self.state, k))
+            body = pack_tensors(self.strategy.extract(self.state, k))
             link.publish(topics.weights(k), Weights(run=self.cfg.run, round=self.round, submodel=k), body)
 
     @contextmanager

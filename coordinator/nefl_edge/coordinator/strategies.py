@@ -111,7 +111,8 @@ class Strategy:
     shared_head: bool = True
     tracked_bn: bool = True
     """Whether the devices' tracked running statistics (``bn = tracked``) describe the deployed submodels;
-    False for a method whose clients train other channels than the deployed ones (FedRolex)."""
+    False for a method whose channel window moves every round (FedRolex: an untrained submodel's statistics
+    would be those of the previous window)."""
 
     def configure(self, config: ModelConfig) -> ModelConfig:
         """The model family with this method's sharing switches (BN, step sizes, classifier)."""
@@ -150,6 +151,11 @@ class Strategy:
         ``extract`` gave it). Default: NeFedAvg (``core.nefedavg``) over nested prefixes, robust with
         ``robust`` options."""
         return NeFedAvg(state, weighting, robust)
+
+    def keep(self, state: GlobalState, round_: int) -> GlobalState:
+        """The global state after round ``round_`` when it aggregated nothing (fewer than ``min_updates``
+        valid updates): ``state`` itself by default (FedRolex moves it to the round's window)."""
+        return state
 
     def update_shapes(self, config: ModelConfig, plan: Plan, index: int) -> dict[str, tuple[int, ...]]:
         """Names and shapes of the update a client of submodel ``index`` returns (what screening expects):
@@ -243,18 +249,35 @@ class FedRolex(Strategy):
     that every global channel is trained by every device tier over the rounds. The devices are unchanged:
     they train tensors of the same shapes as HeteroFL's.
 
-    How: the round's extraction is the nested prefix of the global state rolled by ``r`` along its hidden
-    axes (``roll_hidden``), and its aggregation is NeFedAvg on that rolled state, rolled back: an element is
-    averaged over the clients whose window covered it this round, an uncovered one keeps its value, and the
-    robust aggregation (``aggregation = robust``) works unchanged. A hidden axis is one that width scaling
-    cuts (``hidden_axes``); the input image channels, the kernel and the classes are never rolled. Round 0
-    is the prefix: the deployed submodel that evaluation, export and inference run.
+    Where the state's coordinates depart from the paper's presentation. The paper keeps the global model
+    in fixed channel order and gathers window ``r`` out of it. Here the global state after round ``r`` is
+    kept in the coordinates of window ``r``: element ``i`` of a hidden axis of ``C`` channels is the
+    paper's channel ``(r + i) mod C`` (the state is ``roll_hidden(paper_state, r)``; round 0, before
+    training, is the paper's order). Round ``r``'s extraction is then the nested prefix of the state rolled
+    by one more channel (``roll_hidden(state, 1)``), and its aggregation is NeFedAvg on that rolled state,
+    kept in the new coordinates instead of rolled back. This is the paper's algorithm: a roll is one
+    permutation of the channels of each hidden axis, applied alike to a layer's outputs, the next layer's
+    inputs, the shortcut and the shared BatchNorm affine parameters, so the full network computes the same
+    function, and every round sends, averages and keeps exactly the global elements the paper's window
+    ``(r + i) mod C`` does (``tests/test_fedrolex.py`` checks it against a naive window loop in the paper's
+    order). Why: the nested prefix of the state, the submodel that evaluation, checkpoints,
+    ``export-model``, ``predict`` and the final broadcast deploy, is then the last round's window, the
+    channels the small clients trained together, rather than the paper's channels ``0..n-1`` of every axis,
+    which the clients of that width trained together only in rounds that are multiples of every hidden size.
+    Nothing downstream needs to know the method.
+
+    The roll offset is the round, so a checkpoint's round says it (``--resume`` needs nothing more): a
+    round that aggregates nothing (fewer than ``min_updates`` updates) still moves the state to its window
+    (``keep``, a relabelling that changes no value). Its deployed prefix then holds, per hidden axis, one
+    channel its window did not train, until the next round. A hidden axis is one that width scaling cuts
+    (``hidden_axes``); the input image channels, the kernel and the classes are never rolled. The
+    per-submodel BatchNorm statistics are in submodel coordinates and are not rolled.
 
     BatchNorm as in the paper's code and as our ``heterofl``: affine parameters shared and windowed like the
     convolutions, statistics not tracked into the model but re-estimated for the aggregated weights (the
     code's static BN, ``track_running_stats=False``; here the run's ``bn = server`` or ``federated``). With
-    ``bn = tracked`` a submodel's statistics would be those of its last training window, not of its deployed
-    prefix, so the engine refuses it (``tracked_bn``).
+    ``bn = tracked`` the statistics of a submodel no client trained in a round would stay those of the
+    previous window while the state moves on, so the engine refuses it (``tracked_bn``).
 
     Where this departs from the paper's code (``resnet_server.py``): the window starts at channel ``r mod C``
     and advances (the code's ``torch.roll`` takes channel ``-r mod C`` first: the same rotation, run
@@ -263,7 +286,13 @@ class FedRolex(Strategy):
     layer and no label-split masking of the classifier (as our ``heterofl``)."""
 
     def extract(self, state: GlobalState, index: int, round_: int = 0) -> Tensors:
-        """Submodel ``index`` over the round's windows: hidden axes of ``C`` channels at ``(round_ + i) mod C``."""
+        """Submodel ``index`` of training round ``round_ >= 1`` from the state after round ``round_ - 1``
+        (window ``round_ - 1`` coordinates): along hidden axes of ``C`` channels, the state's channels
+        ``(1 + i) mod C``, which are the paper's ``(round_ + i) mod C``. Round 0: the deployed submodel, the
+        state's nested prefix (the last round's window)."""
+        step = _step(round_)
+        if not step:
+            return extract(state, index)
         hidden = hidden_axes(state.config)
         out: Tensors = {}
         for name, info in param_layout(state.config, state.specs[index]).items():
@@ -274,20 +303,30 @@ class FedRolex(Strategy):
             part = full[tuple(slice(None) if h else slice(0, n) for n, h in zip(info.shape, hidden[name]))]
             for axis, (g, n, h) in enumerate(zip(full.shape, info.shape, hidden[name])):
                 if h:  # one gather per hidden axis (faster than an open mesh over all axes at once)
-                    part = np.take(part, _window(g, n, round_), axis=axis)
+                    part = np.take(part, _window(g, n, step), axis=axis)
             out[name] = part if part.base is None else part.copy()
         return out
 
     def aggregator(
         self, state: GlobalState, weighting: Weighting, round_: int, robust: Optional[RobustOptions] = None
     ) -> Aggregator:
-        """NeFedAvg (robust with ``robust``) on the state rolled to the round's windows, rolled back."""
-        return _RolledAggregator(state, weighting, round_, robust)
+        """NeFedAvg (robust with ``robust``) on the state rolled to round ``round_``'s window, whose
+        coordinates the result keeps."""
+        return NeFedAvg(roll_hidden(state, _step(round_)), weighting, robust)
+
+    def keep(self, state: GlobalState, round_: int) -> GlobalState:
+        """The state moved to round ``round_``'s window without a value changed (see the class docstring)."""
+        return roll_hidden(state, _step(round_))
 
 
-def _window(channels: int, width: int, round_: int) -> np.ndarray:
-    """FedRolex's index window: ``(round_ + i) mod channels`` for ``i < width``."""
-    return (round_ + np.arange(width)) % channels
+def _step(round_: int) -> int:
+    """Channels the state rolls from the previous round's window to round ``round_``'s: one, none at 0."""
+    return 1 if round_ > 0 else 0
+
+
+def _window(channels: int, width: int, start: int) -> np.ndarray:
+    """An index window of FedRolex: ``(start + i) mod channels`` for ``i < width``."""
+    return (start + np.arange(width)) % channels
 
 
 @functools.lru_cache(maxsize=32)
@@ -304,39 +343,16 @@ def hidden_axes(config: ModelConfig) -> dict[str, tuple[bool, ...]]:
     }
 
 
-def roll_hidden(state: GlobalState, round_: int) -> GlobalState:
-    """``state`` with every consistent tensor rolled by ``-round_`` along its hidden axes, so that element
-    ``i`` of a hidden axis of ``C`` channels is global channel ``(round_ + i) mod C`` (a new state; the
+def roll_hidden(state: GlobalState, shift: int) -> GlobalState:
+    """``state`` with every consistent tensor rolled by ``-shift`` along its hidden axes, so that element
+    ``i`` of a hidden axis of ``C`` channels is ``state``'s channel ``(shift + i) mod C`` (a new state; the
     inconsistent copies are ``state``'s objects: they live in submodel coordinates and are not rolled)."""
     hidden = hidden_axes(state.config)
     consistent = {}
     for name, tensor in state.consistent.items():
         axes = tuple(a for a, h in enumerate(hidden[name]) if h)
-        consistent[name] = np.roll(tensor, [-round_] * len(axes), axes) if axes else tensor.copy()
+        consistent[name] = np.roll(tensor, [-shift] * len(axes), axes) if axes else tensor.copy()
     return GlobalState(state.config, list(state.specs), consistent, state.inconsistent)
-
-
-class _RolledAggregator:
-    """NeFedAvg (robust or not) of one FedRolex round, on the global state rolled so that the round's
-    windows are nested prefixes; ``result`` rolls the aggregate back."""
-
-    def __init__(self, state: GlobalState, weighting: Weighting, round_: int, robust: Optional[RobustOptions]) -> None:
-        self._round = round_
-        self._inner = NeFedAvg(roll_hidden(state, round_), weighting, robust)
-
-    @property
-    def updates(self) -> int:
-        return self._inner.updates
-
-    @property
-    def robust_report(self) -> RobustReport:
-        return self._inner.robust_report
-
-    def add(self, index: int, tensors: Tensors, num_samples: int, node: str = "") -> None:
-        self._inner.add(index, tensors, num_samples, node)
-
-    def result(self) -> GlobalState:
-        return roll_hidden(self._inner.result(), -self._round)
 
 
 SMALLEST_PREFIX = "smallest/"

@@ -17,7 +17,7 @@ from nefl_edge.coordinator.cli_options import (
     SIMULATE_ONLY,
     config_options,
 )
-from nefl_edge.coordinator.config import METHODS
+from nefl_edge.coordinator.config import DEMO_DEFAULTS, DEMO_SET, METHODS
 from nefl_edge.core.cli import check_folder, event, fail, no_flag_metavars, run_app, setup_logging, source_commit
 from nefl_edge.core.errors import ExitCode
 
@@ -394,20 +394,35 @@ def simulate(
     workers: Annotated[
         int, typer.Option(help="Processes that train a round's clients at once (CPU, torch trainer).", min=1)
     ] = 1,
+    threads: Annotated[
+        Optional[int],
+        typer.Option(help="PyTorch threads of each training process (default: this machine's cores / workers).", min=1),
+    ] = None,
+    engine: Annotated[
+        str, typer.Option(help="Who trains the clients: local (this process, or --workers), or ray (nefl-edge[ray]).")
+    ] = "local",
+    ray_address: Annotated[
+        Optional[str],
+        typer.Option(help="--engine ray: an existing cluster (host:port, or auto); default: a local Ray for the run."),
+    ] = None,
+    client_cpus: Annotated[float, typer.Option(help="--engine ray: CPUs each client task reserves.")] = 1.0,
+    client_gpus: Annotated[float, typer.Option(help="--engine ray: GPUs each client task reserves (>0: CUDA).")] = 0.0,
     log_format: LogFormat = "text",
     overrides: Optional[dict[str, Any]] = None,
 ) -> None:
     """Simulate a federated method in this process (no broker): the round engine of serve, in-process clients."""
     import json
+    import os
     import tempfile
 
+    # PyTorch's OpenMP threads wait passively (read once, when torch is imported): simulate.pinned_threads
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from rich.console import Console
 
-    from nefl_edge.coordinator.cadence import eval_every
-    from nefl_edge.coordinator.config import load_config
     from nefl_edge.coordinator.evaluation import held_out
     from nefl_edge.coordinator.partition import make_partitioner, split_dataset
     from nefl_edge.coordinator.render import print_simulation
+    from nefl_edge.coordinator.simulate import fleet_config
     from nefl_edge.coordinator.simulate import simulate as run_simulation
     from nefl_edge.coordinator.strategies import get_strategy
     from nefl_edge.core.data import load_dataset
@@ -420,11 +435,23 @@ def simulate(
         fail(f"--log-format must be text or json, got {log_format!r}")
     if trainer not in ("torch", "ort"):
         fail(f"--trainer must be torch or ort, got {trainer!r}")
+    ray = None
+    if engine == "ray":
+        from nefl_edge.coordinator.ray_grid import RayOptions, import_ray
+
+        if trainer != "torch" or workers > 1:
+            fail("--engine ray trains with the PyTorch trainer and Ray runs the clients: drop --trainer and --workers")
+        ray = RayOptions(ray_address, client_cpus, client_gpus)  # a wrong share: ConfigError, exit 2
+        import_ray()  # not installed: exit 2, saying how to install it
+    elif engine != "local":
+        fail(f"--engine must be local or ray, got {engine!r}")
+    elif ray_address is not None or client_cpus != 1.0 or client_gpus != 0.0:
+        fail("--ray-address, --client-cpus and --client-gpus go with --engine ray")
     if out is not None:
         if out.is_dir():
             fail(f"--out {out} is a folder; give the file to write the result to")
         check_folder(out.parent, "--out's folder")
-    cfg = load_config(None, {**(overrides or {}), "policy": "static", "min_clients": 1})
+    cfg = fleet_config(overrides or {})
     strategy = get_strategy(cfg.method)
     if trainer == "ort" and not strategy.device_trainable:
         fail(f"{cfg.method} trains locally in its own way, not as the device does; use --trainer torch")
@@ -455,8 +482,8 @@ def simulate(
             typer.echo(line)
 
     result = run_simulation(
-        strategy, config, gammas, shards, tiers, test, cfg.rounds, cfg.train, cfg.fraction, cfg.weighting,
-        cfg.seed, calibration, eval_every(cfg), trainer, artifacts, progress, cfg, workers,  # type: ignore[arg-type]
+        cfg, shards, tiers, test, calibration, trainer=trainer, artifacts=artifacts,  # type: ignore[arg-type]
+        on_round=progress, workers=workers, threads=threads, ray=ray,
     )  # fmt: skip
     title = f"{strategy.name}, {scheme}, {cfg.rounds} rounds ({result.seconds:.0f} s)"
     if json_lines:
@@ -509,12 +536,13 @@ def partition(
 
 
 @app.command()
+@config_options(
+    exclude=(*DEMO_SET, *SIMULATE_ONLY),
+    defaults=DEMO_DEFAULTS,
+    helps={"method": "federated method a device can train: " + ", ".join(SERVE_METHODS)},
+)
 def demo(
     clients: Annotated[int, typer.Option(help="Number of edge devices (real nefl-edge processes).", min=1)] = 5,
-    rounds: Annotated[int, typer.Option(help="Federated rounds.", min=1)] = 8,
-    method: Annotated[str, typer.Option(help="Federated method (one the devices can train).")] = "nefl-wd",
-    gammas: Gammas = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Data folder; default Debian's Fashion-MNIST.")] = None,
     broker: Annotated[Optional[str], typer.Option(help="Use this broker (HOST:PORT) instead of starting one.")] = None,
     embedded_broker: Annotated[
         bool, typer.Option(help="Use the embedded amqtt broker even if Mosquitto is installed.")
@@ -522,37 +550,25 @@ def demo(
     samples_per_client: Annotated[int, typer.Option(help="Training samples per device.", min=2)] = 2000,
     scheme: Annotated[str, typer.Option(help="Partition: iid, dirichlet or shards.")] = "iid",
     alpha: Annotated[float, typer.Option(help="Dirichlet alpha.")] = 0.5,
-    runs_dir: Annotated[Path, typer.Option(help="Where the run directory goes.")] = Path("runs"),
-    eval_samples: Annotated[int, typer.Option(help="Test samples per evaluation.")] = 2000,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    bn: Annotated[
-        Optional[str], typer.Option(help="BatchNorm statistics: tracked, federated or server (default: the run's).")
-    ] = None,
     log_format: LogFormat = "text",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    overrides: Optional[dict[str, Any]] = None,
 ) -> None:
-    """Run a whole federated job on this machine: broker, N devices, R rounds, accuracy table and report."""
-    from nefl_edge.coordinator.config import parse_gammas
-    from nefl_edge.coordinator.demo import DemoOptions, run_demo
-    from nefl_edge.core.specs import DEFAULT_GAMMAS
+    """Run a whole federated job on this machine: broker, N devices, R rounds, accuracy table and report. Every
+    run setting of serve is an option here too (defaults: serve's, but --rounds 8 and --deadline-s 180)."""
+    from nefl_edge.coordinator.demo import DemoOptions, demo_config, run_demo
 
     coordinator_logging(verbose, log_format)
-    check_folder(runs_dir, "--runs-dir")
+    cfg = demo_config(clients, overrides or {})
+    check_folder(cfg.runs_dir, "--runs-dir")
     options = DemoOptions(
+        cfg=cfg,
         clients=clients,
-        rounds=rounds,
-        method=method,
-        gammas=tuple(parse_gammas(gammas) or DEFAULT_GAMMAS),
-        data_dir=data_dir,
         broker=broker,
         broker_kind="amqtt" if embedded_broker else "auto",
         samples_per_client=samples_per_client,
         scheme=scheme,
         alpha=alpha,
-        runs_dir=runs_dir,
-        eval_samples=eval_samples,
-        seed=seed,
-        bn=bn,
         log_format=log_format,
     )
     if run_demo(options) is None:

@@ -4,30 +4,31 @@ device's own code path)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import numpy as np
 
-from nefl_edge.coordinator.cadence import Evaluator
-from nefl_edge.coordinator.config import ConfigError, RunConfig
-from nefl_edge.coordinator.engine import RoundEngine
-from nefl_edge.coordinator.evaluation import calibrate_bn, evaluate_all
-from nefl_edge.coordinator.grid import InProcessGrid, Instruction, Outcome, client_state
+from nefl_edge.coordinator.cadence import Evaluator, evaluated_model, evaluation_step, run_rounds
+from nefl_edge.coordinator.config import ConfigError, RunConfig, load_config
+from nefl_edge.coordinator.engine import RoundEngine, RoundReport
+from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, InProcessGrid, Instruction, Outcome, client_state
 from nefl_edge.coordinator.models import initial_consistent
-from nefl_edge.coordinator.strategies import Extract, LocalTrainer, Strategy, TorchOptions, get_strategy
+from nefl_edge.coordinator.strategies import Extract, LocalTrainer, TorchOptions, get_strategy
 from nefl_edge.core.data import Dataset
-from nefl_edge.core.nefedavg import Weighting
 from nefl_edge.core.nested import GlobalState, Tensors, extract, init_global_state
 from nefl_edge.core.schemas import TrainConfig
-from nefl_edge.core.specs import ModelConfig
+
+if TYPE_CHECKING:
+    from nefl_edge.coordinator.ray_grid import RayOptions
 
 TrainerKind = Literal["torch", "ort"]
 
@@ -87,30 +88,12 @@ def torch_device(requested: str) -> str:
     return requested
 
 
-def evaluate_on(state: GlobalState, data: Dataset, device: str = "cpu", batch: int = 500) -> list[float]:
-    """Test accuracy of every submodel of ``state``, computed on ``device``."""
-    if device == "cpu":
-        return [acc for acc, _ in evaluate_all(state, data)]
-    import torch
-
-    from nefl_edge.coordinator.models import build_submodel
-
-    scores = []
-    for k in range(len(state.specs)):
-        net = build_submodel(state, k).to(device).eval()
-        correct = 0
-        with torch.no_grad():
-            for lo in range(0, len(data), batch):
-                logits = net(torch.from_numpy(data.x[lo : lo + batch]).to(device))
-                correct += int((logits.argmax(1).cpu() == torch.from_numpy(data.y[lo : lo + batch])).sum())
-        scores.append(correct / len(data))
-    return scores
+def _no_training(state: GlobalState, index: int, data: Dataset, cfg: TrainConfig) -> Tensors:
+    raise AssertionError("an evaluation task trains nothing")
 
 
 def _worker_init(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
+    pin_torch_threads(threads)
 
 
 def _train_task(
@@ -121,10 +104,19 @@ def _train_task(
     return tensors, time.perf_counter() - start
 
 
+def _evaluate_task(round_: int, state: GlobalState, shard: Dataset, request: EvalRequest) -> EvalOutcome:
+    """One client's part of the evaluation step in a worker: ``InProcessGrid.evaluate`` over that client."""
+    grid = InProcessGrid({request.node: shard}, {request.node: 0}, _no_training)
+    return next(iter(grid.evaluate(round_, state, [request])))
+
+
 class ParallelGrid(InProcessGrid):
     """The in-process grid with a round's clients trained at once in ``workers`` processes (PyTorch on the
-    CPU, ``threads`` torch threads each). Outcomes are yielded in instruction order, so the aggregate is the
-    serial grid's: every client's training depends only on its state, data and seed."""
+    CPU, ``threads`` torch threads each), and the evaluation step (``bn = "federated"`` statistics, federated
+    evaluation) spread over the same processes, one request per client. Outcomes are yielded in instruction
+    (request) order, so the aggregate and the combined statistics are the serial grid's: every client's
+    training depends only on its state, data and seed, and its statistics only on the aggregated state and
+    its data."""
 
     def __init__(
         self,
@@ -137,7 +129,7 @@ class ParallelGrid(InProcessGrid):
     ) -> None:
         super().__init__(shards, tiers, functools.partial(get_strategy(method).local_train, opts=opts))
         self.task = functools.partial(_train_task, method, opts)
-        threads = threads or max(1, (os.cpu_count() or 1) // workers)
+        threads = threads or default_threads(workers)
         context = multiprocessing.get_context("spawn")  # no fork of a process that runs torch threads
         self.pool = ProcessPoolExecutor(workers, context, initializer=_worker_init, initargs=(threads,))
 
@@ -157,9 +149,55 @@ class ParallelGrid(InProcessGrid):
                 ins.node, ins.submodel, "updated", samples, self.as_received(sent, ins, tensors), seconds=seconds
             )
 
+    def evaluate(self, round_: int, state: GlobalState, requests: list[EvalRequest]) -> Iterator[EvalOutcome]:
+        """The clients' evaluation requests at once in the pool (what ``InProcessGrid.evaluate`` computes for
+        each, in request order)."""
+        jobs = [self.pool.submit(_evaluate_task, round_, state, self.shards[req.node], req) for req in requests]
+        for job in jobs:
+            yield job.result()
+
     def close(self) -> None:
         """Stop the worker processes."""
         self.pool.shutdown(cancel_futures=True)
+
+
+def default_threads(workers: int) -> int:
+    """PyTorch intra-op threads of each of ``workers`` training processes: this machine's cores shared out."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def pin_torch_threads(threads: int) -> None:
+    """Set this process's PyTorch intra-op threads to ``threads`` and its inter-op pool to 1 (possible only
+    before its first inter-op work; an eager training step does not use it), as ``bench/device.py`` pins its
+    PyTorch contender: never PyTorch's default, which follows the cores and not the load of a shared host."""
+    import torch
+
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # already set or started in this process
+        torch.set_num_interop_threads(1)
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int, workers: int) -> Iterator[None]:
+    """For one simulation: PyTorch's OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE``, unless the
+    caller set a policy) in the worker processes it starts, whose environment is this one's, and this
+    process runs ``threads`` intra-op threads (when it trains: ``workers`` = 1); both restored afterwards.
+    Spinning OpenMP threads on a loaded host made 2 threads 10x slower than 1 in the device benchmark
+    (``bench/device.py``). OpenMP reads the policy once, when torch is imported: ``nefl-coord simulate`` sets
+    it for its own process before that (``cli.simulate``)."""
+    import torch
+
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    before = torch.get_num_threads()
+    if workers == 1:
+        pin_torch_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        if policy is None:
+            del os.environ["OMP_WAIT_POLICY"]
 
 
 def client_names(count: int) -> list[str]:
@@ -168,53 +206,58 @@ def client_names(count: int) -> list[str]:
     return [f"client-{i:0{width}d}" for i in range(count)]
 
 
+def fleet_config(overrides: dict[str, Any]) -> RunConfig:
+    """The run configuration of ``nefl-coord simulate`` from its options (``None``: not given): every
+    simulated device trains the submodel of its declared tier (``policy = "static"``, ``min_clients = 1``),
+    and ``fedavg-full`` without ``gammas`` simulates a fleet where every device affords the full model
+    (``gammas = 1.0``; with the default five gammas only one device in five could train it). Given
+    ``gammas`` keep their meaning: a tier whose gamma is below 1 gets no model under ``fedavg-full``."""
+    given = dict(overrides)
+    if given.get("method") == "fedavg-full" and given.get("gammas") is None:
+        given["gammas"] = [1.0]
+    return load_config(None, {**given, "policy": "static", "min_clients": 1})
+
+
 def simulate(
-    strategy: Strategy,
-    config: ModelConfig,
-    gammas: tuple[float, ...],
+    cfg: RunConfig,
     shards: list[Dataset],
     tiers: list[int],
     test: Dataset,
-    rounds: int,
-    train: TrainConfig,
-    fraction: float = 0.1,
-    weighting: Weighting = "samples",
-    seed: int = 0,
     calibration: Optional[np.ndarray] = None,
-    eval_every: int = 0,
+    *,
     trainer: TrainerKind = "torch",
     artifacts: Optional[Path] = None,
     on_round: Optional[Callable[[int, list[float]], None]] = None,
-    cfg: Optional[RunConfig] = None,
     workers: int = 1,
+    threads: Optional[int] = None,
+    ray: Optional[RayOptions] = None,
 ) -> SimResult:
-    """``rounds`` rounds of ``strategy`` through the round engine and an in-process grid: device ``i``
-    (node ``client_names(...)[i]``) holds ``shards[i]`` and affords ``gammas[tiers[i]]``. Every submodel is
-    evaluated on ``test`` before training, every ``eval_every`` rounds (0: only at the end) and after the
-    last round. ``cfg`` gives every other rule of the run (selection, coverage, screening); by default the
-    run configuration's defaults with this call's arguments and the paper's protocol: every device trains
-    the submodel of its own tier (static policy, no coverage moves), BatchNorm statistics re-estimated on
-    ``calibration`` where it is given (``bn = "server"``) and the clients' tracked ones otherwise; with a
-    ``cfg``, ``calibration`` is used only if ``cfg.bn`` is ``"server"``. ``workers`` > 1 trains each round's
-    clients in that many processes (PyTorch trainer on the CPU; the same result as one)."""
+    """The run ``cfg`` (method, model, gammas, rounds, local training, selection, BatchNorm, evaluation
+    cadence, seed: every rule a ``serve`` run has) through the round engine and the loop of ``serve``
+    (``cadence.run_rounds``) over an in-process grid. What only a simulation has: device ``i`` (node
+    ``client_names(...)[i]``) holds ``shards[i]`` and declares tier ``tiers[i]`` (affords
+    ``cfg.gammas[tiers[i]]``); every submodel is evaluated on ``test`` before training, every
+    ``cfg.eval_every`` rounds (``cadence.evaluates``) and after the last round; with ``bn = "server"``
+    the BatchNorm statistics are re-estimated on the ``calibration`` images first (required then, ignored
+    otherwise). ``trainer`` ``ort`` trains through the exported ONNX Runtime ``artifacts`` (the device's
+    code path). ``workers`` > 1 trains each round's clients, and runs the evaluation step, in that many
+    processes (PyTorch trainer on the CPU; the same result as one); ``threads`` are PyTorch's intra-op
+    threads of each training process (default: this machine's cores over ``workers``), pinned with
+    passive OpenMP waiting (:func:`pinned_threads`). ``ray`` trains them as Ray tasks instead
+    (``coordinator.ray_grid``; the same result too). ``on_round(r, accuracies)`` is called for every
+    evaluated round after round 0."""
     start = time.perf_counter()
-    if cfg is None:
-        cfg = RunConfig(
-            method=strategy.name,  # type: ignore[arg-type]
-            gammas=list(gammas),
-            rounds=rounds,
-            fraction=fraction,
-            weighting=weighting,
-            seed=seed,
-            train=train,
-            policy="static",
-            cover_submodels=False,
-            bn="server" if calibration is not None and len(calibration) else "tracked",
+    strategy = get_strategy(cfg.method)
+    gammas = tuple(cfg.gammas)
+    if cfg.bn != "server":
+        calibration = None
+    elif calibration is None or not len(calibration):
+        raise ConfigError(
+            "bn = server re-estimates BatchNorm statistics on the coordinator's held-out images, and simulate "
+            "was given none (calibration); use bn = federated or tracked, or pass calibration images"
         )
-    if cfg.normalize and not config.input_mean:  # the coordinator's statistics of the training data
-        stats = cfg.with_input_stats([shard.x for shard in shards])
-        config = replace(config, input_mean=tuple(stats.input_mean), input_std=tuple(stats.input_std))
-    config, plan = strategy.setup(config, gammas)
+    cfg = cfg.with_input_stats([shard.x for shard in shards])  # normalize: the clients' data, when not given
+    config, plan = strategy.setup(cfg.network(), gammas)
     state = init_global_state(config, plan.specs, initial_consistent(config, cfg.seed), cfg.seed)
     device = torch_device(cfg.device)
     opts = TorchOptions(device, cfg.augment)
@@ -231,41 +274,45 @@ def simulate(
             raise ValueError("trainer 'ort' needs the folder of the method's exported artifacts (artifacts=...)")
         local = ort_trainer(artifacts)  # type: ignore[assignment]
     names = client_names(len(shards))
-    if workers > 1:
+    threads = threads or default_threads(workers)
+    if ray is not None:  # the round's clients as Ray tasks (coordinator.ray_grid; the same result as serial)
+        from nefl_edge.coordinator.ray_grid import RayGrid
+
+        if trainer != "torch" or workers > 1:
+            raise ConfigError("--engine ray trains with the PyTorch trainer and no --workers (Ray runs the clients)")
+        grid: InProcessGrid = RayGrid(dict(zip(names, shards)), dict(zip(names, tiers)), strategy.name, opts, ray)
+    elif workers > 1:
         if trainer != "torch" or device != "cpu":
             raise ConfigError("workers > 1 needs the PyTorch trainer on the CPU (--trainer torch --device cpu)")
-        grid: InProcessGrid = ParallelGrid(
-            dict(zip(names, shards)), dict(zip(names, tiers)), strategy.name, opts, workers
-        )
+        grid = ParallelGrid(dict(zip(names, shards)), dict(zip(names, tiers)), strategy.name, opts, workers, threads)
     else:
         grid = InProcessGrid(dict(zip(names, shards)), dict(zip(names, tiers)), local)
     engine = RoundEngine(strategy, cfg, config, plan, calibration)
-    engine.evaluate_at = lambda r: r == rounds or bool(eval_every and r % eval_every == 0)
 
     result = SimResult(strategy.name, list(gammas), plan.tier_submodel, [s.gamma for s in plan.specs], [], [], 0.0)
 
-    def score(r: int, model: GlobalState) -> None:  # BatchNorm re-estimation, then evaluation (cadence.py)
-        if cfg.bn == "server" and calibration is not None and len(calibration):
-            for k in range(len(model.specs)):
-                calibrate_bn(model, k, calibration)
-        result.accuracy.append(evaluate_on(model, test, device))
+    def score(r: int, model: GlobalState) -> None:  # BatchNorm re-estimation (bn = server), then evaluation
+        result.accuracy.append([accuracy for accuracy, _ in evaluation_step(model, test, calibration, device)])
         result.rounds.append(r)
         if on_round is not None and r > 0:
             on_round(r, result.accuracy[-1])
 
+    def finish(report: RoundReport, state: GlobalState, evaluate: bool, last: bool) -> None:
+        result.updates.append(report.updates)
+        if evaluate:
+            evaluator.submit(functools.partial(score, r=report.round, model=evaluated_model(state, evaluate, last)))
+
     evaluator = Evaluator(cfg.eval_background)  # off the last round: a copy, evaluated while the next round runs
     try:
-        evaluator.submit(functools.partial(score, 0, state.copy()))
-        for r in range(1, rounds + 1):
-            state, report = engine.run_round(r, state, grid)
-            result.updates.append(report.updates)
-            if r == rounds or (eval_every and r % eval_every == 0):
-                evaluator.submit(functools.partial(score, r, state if r == rounds else state.copy()))
-        evaluator.wait()
+        with pinned_threads(threads, workers if ray is None else 0):
+            evaluator.submit(functools.partial(score, 0, state.copy()))
+            state = run_rounds(engine, grid, state, 0, finish)
+            evaluator.wait()
     finally:
         evaluator.close()
-        if isinstance(grid, ParallelGrid):
-            grid.close()
+        close = getattr(grid, "close", None)  # the process pool, Ray
+        if close is not None:
+            close()
     result.seconds = time.perf_counter() - start
     result.state = state
     return result

@@ -1,0 +1,210 @@
+"""Simulation on Ray (``simulate --engine ray``, ``coordinator.ray_grid``): the serial state on a local Ray and
+on a two-node cluster on loopback, the object store used once per round rather than once per client, and the
+command line's checks. Skipped with the reason where Ray is not installed (the ``nefl-edge[ray]`` extra)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pytest
+
+from nefl_edge.coordinator.config import ConfigError, RunConfig, load_config
+from nefl_edge.coordinator.grid import Instruction
+from nefl_edge.coordinator.simulate import SimResult, simulate
+from nefl_edge.core.data import Dataset, load_dataset
+
+GAMMAS = (0.2, 0.4, 0.6, 0.8, 1.0)
+CLIENTS = 10  # two clients per submodel: the submodels' weights are put once per round, not once per client
+ROUNDS = 2
+
+
+def ray_or_skip() -> Any:
+    return pytest.importorskip("ray", reason="Ray is not installed here (pip install 'nefl-edge[ray]')")
+
+
+@pytest.fixture(scope="module")
+def small_fmnist(fmnist_dir: Path) -> tuple[list[Dataset], Dataset]:
+    data = load_dataset(fmnist_dir, "train")
+    shards = [Dataset(data.x[i * 24 : (i + 1) * 24], data.y[i * 24 : (i + 1) * 24], f"s{i}") for i in range(CLIENTS)]
+    test = load_dataset(fmnist_dir, "test")
+    return shards, Dataset(test.x[:100], test.y[:100], "test")
+
+
+def run_config() -> RunConfig:
+    """The paper protocol, shortened, with the default federated BatchNorm statistics (the evaluation step's
+    tasks run on Ray too) after every round."""
+    base = {"preset": "paper", "method": "nefl-wd", "rounds": ROUNDS, "fraction": 1.0, "policy": "static"}
+    return load_config(None, {**base, "device": "cpu", "train.epochs": 1, "bn": "federated"})
+
+
+def run(data: tuple[list[Dataset], Dataset], ray: Any = None) -> SimResult:
+    shards, test = data
+    cfg = run_config()
+    tiers = [i % len(GAMMAS) for i in range(CLIENTS)]
+    return simulate(cfg, shards, tiers, test, threads=1, ray=ray)  # serial: 1 PyTorch thread, as each Ray task
+
+
+@pytest.fixture(scope="module")
+def serial(small_fmnist: tuple[list[Dataset], Dataset]) -> SimResult:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each Ray task (--client-cpus 1)
+    try:
+        return run(small_fmnist)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_serial(result: SimResult, serial: SimResult, where: str) -> None:
+    assert serial.state is not None and result.state is not None
+    want, got = serial.state.flat(), result.state.flat()
+    assert sorted(got) == sorted(want), f"{where}: the state's tensors differ from the serial run's"
+    for name, value in want.items():
+        assert np.array_equal(got[name], value), f"{where}: {name} differs from the serial run's"
+    assert result.accuracy == serial.accuracy, f"{where}: accuracy {result.accuracy} != serial {serial.accuracy}"
+    assert result.updates == serial.updates == [CLIENTS] * ROUNDS, f"{where}: updates {result.updates}"
+
+
+def test_local_ray_gives_the_serial_state_and_puts_once_per_round(
+    small_fmnist: tuple[list[Dataset], Dataset], serial: SimResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ray_or_skip()
+    from nefl_edge.coordinator import ray_grid
+
+    grids: list[ray_grid.RayGrid] = []
+    rounds: list[list[Instruction]] = []
+    steps: list[int] = []
+    init, train, evaluate = ray_grid.RayGrid.__init__, ray_grid.RayGrid.run, ray_grid.RayGrid.evaluate
+
+    def keep(self: ray_grid.RayGrid, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        grids.append(self)
+
+    def seen_run(self: ray_grid.RayGrid, r: int, state: Any, instructions: list[Instruction], *a: Any) -> Any:
+        rounds.append(instructions)
+        return train(self, r, state, instructions, *a)
+
+    def seen_evaluate(self: ray_grid.RayGrid, r: int, state: Any, requests: list[Any]) -> Any:
+        steps.append(len(requests))
+        return evaluate(self, r, state, requests)
+
+    monkeypatch.setattr(ray_grid.RayGrid, "__init__", keep)
+    monkeypatch.setattr(ray_grid.RayGrid, "run", seen_run)
+    monkeypatch.setattr(ray_grid.RayGrid, "evaluate", seen_evaluate)
+
+    result = run(small_fmnist, ray_grid.RayOptions())
+
+    assert_serial(result, serial, "local Ray")
+    (grid,) = grids
+    assert len(rounds) == ROUNDS and all(steps) and len(steps) == ROUNDS, f"rounds {len(rounds)}, steps {steps}"
+    # shards once per run; per round the state and each trained submodel's weights; per evaluation step the state
+    nodes = {ins.node for instructions in rounds for ins in instructions}
+    want = len(nodes) + sum(1 + len({ins.submodel for ins in instructions}) for instructions in rounds) + len(steps)
+    per_client = sum(2 * len(instructions) for instructions in rounds)
+    assert grid.puts == want < per_client, f"{grid.puts} objects put into Ray's object store, expected {want}"
+    assert not grid.started, "the Ray the grid started is still up after the run"
+    import ray
+
+    assert not ray.is_initialized(), "simulate left Ray initialised in this process"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ray_cli(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("ray", path=str(Path(sys.executable).parent))
+    assert exe is not None, "the ray command is not next to this Python"
+    return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_two_node_loopback_cluster_gives_the_serial_state(
+    small_fmnist: tuple[list[Dataset], Dataset], serial: SimResult, tmp_path: Path
+) -> None:
+    ray_or_skip()
+    import ray
+
+    from nefl_edge.coordinator.ray_grid import RayOptions
+
+    port = free_port()
+    # a short session folder: Ray's socket paths must stay under 107 characters
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(tmp_path)}
+    head: Optional[subprocess.CompletedProcess[str]] = None
+    try:
+        head = ray_cli(
+            "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1",
+            "--num-gpus", "0", "--include-dashboard", "false", "--disable-usage-stats", env=env,
+        )  # fmt: skip
+        assert head.returncode == 0, f"ray start --head failed: {head.stderr[-2000:]}"
+        worker = ray_cli(
+            "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+            "--num-gpus", "0", "--disable-usage-stats", env=env,
+        )  # fmt: skip
+        assert worker.returncode == 0, f"ray start (the worker node) failed: {worker.stderr[-2000:]}"
+
+        result = run(small_fmnist, RayOptions(address=f"127.0.0.1:{port}"))
+
+        assert_serial(result, serial, "two-node Ray cluster")
+        ray.init(address=f"127.0.0.1:{port}", logging_level="WARNING")
+        try:
+            alive = [n for n in ray.nodes() if n["Alive"]]
+            assert len(alive) == 2, f"the cluster has {len(alive)} live node(s), expected the head and the worker"
+        finally:
+            ray.shutdown()
+    finally:
+        if head is not None:
+            stop = ray_cli("stop", "--force", env=env)
+            assert stop.returncode == 0, f"ray stop failed: {stop.stderr[-2000:]}"
+
+
+def test_ray_options_refuse_a_share_of_nothing() -> None:
+    from nefl_edge.coordinator.ray_grid import RayOptions
+
+    with pytest.raises(ConfigError, match="client_cpus"):
+        RayOptions(client_cpus=0)
+    with pytest.raises(ConfigError, match="client_gpus"):
+        RayOptions(client_gpus=-1)
+    assert RayOptions(client_cpus=2.5).threads == 2 and RayOptions(client_cpus=0.5).threads == 1
+
+
+def test_without_ray_the_message_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nefl_edge.coordinator.ray_grid import import_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+
+    with pytest.raises(ConfigError, match=r"nefl-edge\[ray\]"):
+        import_ray()
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--engine", "spark"], "--engine must be local or ray"),
+        (["--ray-address", "127.0.0.1:1"], "go with --engine ray"),
+        (["--client-cpus", "2"], "go with --engine ray"),
+        (["--engine", "ray", "--workers", "2"], "drop --trainer and --workers"),
+        (["--engine", "ray", "--client-cpus", "0"], "client_cpus must be above 0"),
+    ],
+)
+def test_simulate_refuses_wrong_engine_options(args: list[str], says: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "nefl_edge.coordinator", "simulate", "--rounds", "1", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert run.returncode == 2, f"simulate {' '.join(args)} exited {run.returncode}: {run.stderr[-1000:]}"
+    assert says in run.stderr, f"simulate {' '.join(args)} said {run.stderr!r}, not {says!r}"
+    assert len(run.stderr.strip().splitlines()) == 1, f"more than one line: {run.stderr!r}"

@@ -180,6 +180,7 @@ class LoadGen:
         self._weights: dict[int, tuple[int, str, bytes]] = {}  # submodel -> (round, sha256, body)
         # (submodel, weights sha256, batches) -> the statistics tensors every virtual device sends for them
         self._bn_bodies: dict[tuple[int, str, int], dict[str, np.ndarray]] = {}
+        self._bn_blobs: dict[tuple[tuple[int, str, int], ...], bytes] = {}  # packed, by the keys of _bn_bodies
         self._lock = threading.Condition()
         self._senders: list[threading.Thread] = []
         self._seq = 0
@@ -354,7 +355,7 @@ class LoadGen:
         sends for federated evaluation and BatchNorm re-estimation, without computing it."""
         held = max(1, int(self.samples * task.eval_fraction))
         batches = max(1, min(task.bn_max_batches or self.samples, self.samples // task.batch_size))
-        results, counts, body = [], [], {}
+        results, counts, parts = [], [], []  # parts: (key, tensors) each
         for k, digest in zip(task.submodels, task.weights_sha256):
             if task.evaluate:
                 results.append(SubmodelEval(submodel=k, loss=2.0, correct=held // 3, count=held))
@@ -363,11 +364,29 @@ class LoadGen:
                 if weights is None:
                     continue
                 counts.append(BnCount(submodel=k, batches=batches))
-                body.update(self._bn_body(k, digest, batches, weights))
+                parts.append(((k, digest, batches), self._bn_body(k, digest, batches, weights)))
         answer = Evaluation(
             run=self.run, node=task.node, task_id=task.task_id, round=task.round, results=results, bn=counts
         )
-        return self._publish(conn, self.topics.node(task.node, "update"), answer, pack_tensors(body) if body else b"")
+        return self._publish(conn, self.topics.node(task.node, "update"), answer, self._bn_packed(parts))
+
+    def _bn_packed(self, parts: list[tuple[tuple[int, str, int], dict[str, np.ndarray]]]) -> bytes:
+        """The packed statistics body of ``parts`` (key and tensors of :meth:`_bn_body` each), packed once per
+        broadcast and set of submodels rather than once per device: the load generator shares the host's
+        cores with the coordinator it measures."""
+        if not parts:
+            return b""
+        keys = tuple(key for key, _ in parts)
+        with self._lock:
+            packed = self._bn_blobs.get(keys)
+            if packed is None:
+                body: dict[str, np.ndarray] = {}
+                for _, tensors in parts:
+                    body.update(tensors)
+                if len(self._bn_blobs) >= 64:  # older broadcasts
+                    self._bn_blobs.clear()
+                packed = self._bn_blobs[keys] = pack_tensors(body)
+        return packed
 
     def _bn_body(self, k: int, digest: str, batches: int, weights: bytes) -> dict[str, np.ndarray]:
         """The statistics tensors of submodel ``k`` (zero means, variance sums of ``batches``), the same for

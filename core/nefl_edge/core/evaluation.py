@@ -7,7 +7,7 @@ Summed over devices and divided by the total count, they are exactly what PyTorc
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -71,19 +71,115 @@ class EvalResult:
         return self.loss_sum / self.count if self.count else 0.0
 
 
-@dataclass
+Layout = Tuple[Tuple[str, int], ...]
+"""BatchNorm layers in order: (prefix, channels) each."""
+
+
+@dataclass(frozen=True)
+class _Flat:
+    """Statistics held as two float64 vectors: every layer's sums end to end, in ``layout`` order."""
+
+    layout: Layout
+    means: np.ndarray
+    variances: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Expected:
+    """What :meth:`BnStats.from_tensors` checks a device's tensors against, for one layout."""
+
+    layout: Layout
+    names: frozenset[str]
+    mean_names: Tuple[str, ...]
+    var_names: Tuple[str, ...]
+    shapes: List[Tuple[int, ...]]
+    bounds: Tuple[Tuple[int, int], ...]
+
+
+_expected_by_layout: Dict[Layout, _Expected] = {}
+MAX_LAYOUTS = 64
+
+
+def _expected(layout: Layout) -> _Expected:
+    known = _expected_by_layout.get(layout)
+    if known is None:
+        sizes = [size for _, size in layout]
+        ends = np.cumsum([0, *sizes]).tolist()
+        known = _Expected(
+            layout,
+            frozenset(f"{p}{s}" for p, _ in layout for s in (".mean_sum", ".var_sum")),
+            tuple(f"{p}.mean_sum" for p, _ in layout),
+            tuple(f"{p}.var_sum" for p, _ in layout),
+            [(size,) for size in sizes],
+            tuple(zip(ends[:-1], ends[1:])),
+        )
+        if len(_expected_by_layout) >= MAX_LAYOUTS:  # a model has a few submodels: only a misuse gets here
+            _expected_by_layout.clear()
+        _expected_by_layout[layout] = known
+    return known
+
+
 class BnStats:
     """Per BatchNorm layer (prefix ``stem.bn``, ...): sums over batches of the batch mean and the unbiased
-    batch variance, and the number of batches."""
+    batch variance (``mean_sum``, ``var_sum``: prefix -> array), and the number of batches.
 
-    mean_sum: Dict[str, np.ndarray] = field(default_factory=dict)
-    var_sum: Dict[str, np.ndarray] = field(default_factory=dict)
-    batches: int = 0
+    Statistics read from the network (:meth:`from_tensors`) are held as two float64 vectors, every layer
+    end to end, until something asks for the per-layer dicts: folding thousands of devices' statistics
+    (:meth:`add`) then costs two vector additions per device, not two small additions and a few objects per
+    layer. The dicts, once asked for, are the truth (a caller may change them) and the vectors are dropped."""
+
+    def __init__(
+        self,
+        mean_sum: Optional[Dict[str, np.ndarray]] = None,
+        var_sum: Optional[Dict[str, np.ndarray]] = None,
+        batches: int = 0,
+    ) -> None:
+        self._mean_sum: Optional[Dict[str, np.ndarray]] = {} if mean_sum is None else mean_sum
+        self._var_sum: Optional[Dict[str, np.ndarray]] = {} if var_sum is None else var_sum
+        self._flat: Optional[_Flat] = None
+        self.batches = batches
+
+    def __repr__(self) -> str:
+        return f"BnStats(layers={len(self.mean_sum)}, batches={self.batches})"
+
+    def _dicts(self) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+        if self._mean_sum is None or self._var_sum is None:
+            flat = self._flat
+            assert flat is not None
+            bounds = _expected(flat.layout).bounds
+            prefixes = [p for p, _ in flat.layout]
+            self._mean_sum = {p: flat.means[a:b] for p, (a, b) in zip(prefixes, bounds)}
+            self._var_sum = {p: flat.variances[a:b] for p, (a, b) in zip(prefixes, bounds)}
+            self._flat = None
+        return self._mean_sum, self._var_sum
+
+    @property
+    def mean_sum(self) -> Dict[str, np.ndarray]:
+        return self._dicts()[0]
+
+    @property
+    def var_sum(self) -> Dict[str, np.ndarray]:
+        return self._dicts()[1]
 
     def add(self, other: BnStats) -> None:
+        """Add ``other``'s sums and batches to these (in float64)."""
+        theirs = other._flat
+        if theirs is not None:
+            ours = self._flat
+            if ours is not None and (ours.layout is theirs.layout or ours.layout == theirs.layout):
+                np.add(ours.means, theirs.means, out=ours.means)
+                np.add(ours.variances, theirs.variances, out=ours.variances)
+                self.batches += other.batches
+                return
+            if ours is None and not self._mean_sum and not self._var_sum:  # empty: start from a copy
+                self._flat = _Flat(theirs.layout, theirs.means.copy(), theirs.variances.copy())
+                self._mean_sum = self._var_sum = None
+                self.batches += other.batches
+                return
+        mean_sum, var_sum = self._dicts()
         for name, value in other.mean_sum.items():
-            self.mean_sum[name] = self.mean_sum.get(name, 0.0) + value.astype(np.float64)
-            self.var_sum[name] = self.var_sum.get(name, 0.0) + other.var_sum[name].astype(np.float64)
+            mean_sum[name] = mean_sum.get(name, 0.0) + value.astype(np.float64)
+            var_sum[name] = var_sum.get(name, 0.0) + other.var_sum[name].astype(np.float64)
         self.batches += other.batches
 
     def running(self) -> Tensors:
@@ -108,16 +204,41 @@ class BnStats:
     def from_tensors(cls, tensors: Tensors, batches: int, channels: Dict[str, int]) -> BnStats:
         """Read sums that came from the network: exactly the layers of ``channels`` (prefix -> channels),
         float32, 1-D of the right length, finite, variances non-negative, ``batches`` in
-        ``1..MAX_STATS_BATCHES``; raises ``ValueError`` naming what is wrong."""
+        ``1..MAX_STATS_BATCHES``; raises ``ValueError`` naming what is wrong.
+
+        The values are checked all at once (one concatenation, one finiteness test, one sign test); only a
+        device whose tensors fail is looked at tensor by tensor, to say which one is wrong."""
         if not 0 < batches <= MAX_STATS_BATCHES:
             raise ValueError(f"batch count {batches} is outside 1..{MAX_STATS_BATCHES}")
-        expected = {f"{p}{s}" for p in channels for s in (".mean_sum", ".var_sum")}
-        if set(tensors) != expected:
-            extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
+        layout: Layout = tuple(channels.items())
+        want = _expected(layout)
+        if tensors.keys() != want.names:
+            extra, missing = sorted(set(tensors) - want.names), sorted(want.names - set(tensors))
             raise ValueError(f"unexpected tensors {extra[:3]}, missing {missing[:3]}")
-        stats = cls(batches=batches)
+        means = [tensors[n] for n in want.mean_names]
+        variances = [tensors[n] for n in want.var_names]
+        f32 = np.dtype(np.float32)
+        if (
+            all(v.dtype == f32 for v in means)
+            and all(v.dtype == f32 for v in variances)
+            and [v.shape for v in means] == want.shapes
+            and [v.shape for v in variances] == want.shapes
+        ):
+            flat_mean = np.concatenate(means, dtype=np.float64) if means else np.zeros(0)
+            flat_var = np.concatenate(variances, dtype=np.float64) if variances else np.zeros(0)
+            if np.isfinite(flat_mean).all() and np.isfinite(flat_var).all() and not (flat_var < 0).any():
+                stats = cls(batches=batches)
+                stats._flat = _Flat(want.layout, flat_mean, flat_var)
+                stats._mean_sum = stats._var_sum = None
+                return stats
+        cls._explain(tensors, channels)
+        raise AssertionError("unreachable: _explain raises for tensors that failed the checks")
+
+    @staticmethod
+    def _explain(tensors: Tensors, channels: Dict[str, int]) -> None:
+        """Raise ``ValueError`` naming the first tensor that fails :meth:`from_tensors`' checks."""
         for prefix, size in channels.items():
-            for suffix, target in ((".mean_sum", stats.mean_sum), (".var_sum", stats.var_sum)):
+            for suffix in (".mean_sum", ".var_sum"):
                 value = tensors[prefix + suffix]
                 if value.dtype != np.float32 or value.shape != (size,):
                     raise ValueError(f"{prefix}{suffix}: {value.dtype} {value.shape}, expected float32 ({size},)")
@@ -125,8 +246,6 @@ class BnStats:
                     raise ValueError(f"{prefix}{suffix} holds NaN or Inf")
                 if suffix == ".var_sum" and (value < 0).any():
                     raise ValueError(f"{prefix}{suffix} holds a negative variance")
-                target[prefix] = value.astype(np.float64)
-        return stats
 
 
 def bn_channels(params: Dict[str, Tuple[int, ...]]) -> Dict[str, int]:

@@ -38,6 +38,7 @@ import logging
 import math
 import re
 import struct
+import threading
 import time
 import uuid
 from collections import Counter, OrderedDict
@@ -185,6 +186,7 @@ def short(value: object, limit: int = 60) -> str:
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
 _DEPTH = {"[": 1, "{": 1, "]": -1, "}": -1}
+_LONG_DIGITS = re.compile(f"[0-9]{{{MAX_INT_DIGITS + 1}}}")
 
 
 def json_depth(text: str) -> int:
@@ -222,12 +224,20 @@ def load_json(raw: bytes, what: str, reason: str, max_depth: int = MAX_HEADER_DE
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolError(f"{what} is not UTF-8", reason) from None
-    depth = json_depth(text)
-    if depth > max_depth:
-        raise ProtocolError(f"{what} is nested {depth} deep (at most {max_depth})", reason)
+    # cheap sufficient conditions first: a text with at most ``max_depth`` opening brackets cannot nest deeper,
+    # and one without a run of 41 digits holds no longer integer (the per-integer hook is then not needed)
+    if text.count("{") + text.count("[") > max_depth:
+        depth = json_depth(text)
+        if depth > max_depth:
+            raise ProtocolError(f"{what} is nested {depth} deep (at most {max_depth})", reason)
+    long_ints = _LONG_DIGITS.search(text) is not None
     try:
         return json.loads(
-            text, parse_constant=bad_constant, parse_int=parse_int, parse_float=parse_float, object_pairs_hook=pairs
+            text,
+            parse_constant=bad_constant,
+            parse_int=parse_int if long_ints else None,
+            parse_float=parse_float,
+            object_pairs_hook=pairs,
         )
     except ProtocolError:
         raise
@@ -407,24 +417,70 @@ def _is_int(value: object) -> bool:
     return type(value) is int
 
 
+_TensorEntry = Tuple[int, str, np.dtype, Tuple[int, ...], int]  # (offset in the data, name, dtype, shape, count)
+MAX_CACHED_LAYOUTS = 64
+MAX_CACHED_HEADER = 32 << 10
+_Layout = Tuple[Tuple[_TensorEntry, ...], Optional[np.dtype]]
+_layouts: OrderedDict[Tuple[bytes, int], _Layout] = OrderedDict()
+_layouts_lock = threading.Lock()
+
+
 def unpack_tensors(body: Buffer) -> Dict[str, np.ndarray]:
     """Read a safetensors blob (``u64 LE header length | JSON header | data``) without trusting it: every
     entry must have a known dtype, a shape of non-negative integers whose byte size equals its data range,
-    and the ranges must tile the data exactly. The arrays are read-only views of ``body``."""
+    and the ranges must tile the data exactly. The arrays are read-only views of ``body``.
 
-    def bad(why: str) -> ProtocolError:
-        return ProtocolError(f"body is not a valid safetensors blob: {why}", "tensors")
-
+    The checks are a function of the header's bytes and the data's length alone, so a layout that passed
+    them is remembered by those (up to :data:`MAX_CACHED_LAYOUTS` headers of at most
+    :data:`MAX_CACHED_HEADER` bytes, least recently used first out): every device of a fleet sends the same
+    header for the same submodel, and the 10,000th is not parsed again. A sender that varies its header only
+    pays the full parse."""
     body = _byte_view(body)
     if len(body) < 8:
-        raise bad(f"{len(body)} bytes is too short")
+        raise _bad_tensors(f"{len(body)} bytes is too short")
     (size,) = struct.unpack("<Q", body[:8])
     if size > MAX_TENSOR_HEADER_SIZE or 8 + size > len(body):
-        raise bad(f"header length {size} does not fit the {len(body)} bytes")
-    header = load_json(bytes(body[8 : 8 + size]), "safetensors header", "tensors", max_depth=3)
+        raise _bad_tensors(f"header length {size} does not fit the {len(body)} bytes")
+    start = 8 + size
+    entries, dtype = _tensor_layout(bytes(body[8:start]), len(body) - start)
+    if dtype is not None:  # one dtype (the usual case): one view of all the data, sliced
+        flat = np.frombuffer(body, dtype, offset=start)
+        size = dtype.itemsize
+        return {name: flat[b // size : b // size + n].reshape(shape) for b, name, _, shape, n in entries}
+    return {
+        name: np.frombuffer(body, dtype, count=count, offset=start + begin).reshape(shape)
+        for begin, name, dtype, shape, count in entries
+    }
+
+
+def _bad_tensors(why: str) -> ProtocolError:
+    return ProtocolError(f"body is not a valid safetensors blob: {why}", "tensors")
+
+
+def _tensor_layout(raw: bytes, length: int) -> _Layout:
+    """The checked entries of safetensors header ``raw`` over ``length`` data bytes, in data order, and their
+    one dtype if they share one (cached: see :func:`unpack_tensors`); raises :class:`ProtocolError`."""
+    cache = len(raw) <= MAX_CACHED_HEADER
+    if cache:
+        with _layouts_lock:
+            known = _layouts.get((raw, length))
+            if known is not None:
+                _layouts.move_to_end((raw, length))
+                return known
+    entries = _check_tensor_layout(raw, length)
+    if cache:
+        with _layouts_lock:
+            _layouts[(raw, length)] = entries
+            while len(_layouts) > MAX_CACHED_LAYOUTS:
+                _layouts.popitem(last=False)
+    return entries
+
+
+def _check_tensor_layout(raw: bytes, length: int) -> _Layout:
+    bad = _bad_tensors
+    header = load_json(raw, "safetensors header", "tensors", max_depth=3)
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
-    start, length = 8 + size, len(body) - 8 - size
     entries: List[Tuple[int, int, str, np.dtype, Tuple[int, ...]]] = []
     for name, info in header.items():
         if name == "__metadata__":
@@ -455,10 +511,9 @@ def unpack_tensors(body: Buffer) -> Dict[str, np.ndarray]:
         position = end
     if position != length:
         raise bad(f"the tensors cover {position} of the {length} data bytes")
-    return {
-        name: np.frombuffer(body, dtype, count=math.prod(shape), offset=start + begin).reshape(shape)
-        for begin, _, name, dtype, shape in entries
-    }
+    dtypes = {dtype for _, _, _, dtype, _ in entries}
+    one = dtypes.pop() if len(dtypes) == 1 else None
+    return tuple((begin, name, dtype, shape, math.prod(shape)) for begin, _, name, dtype, shape in entries), one
 
 
 # --- chunk frames ------------------------------------------------------------------------------------------

@@ -1,0 +1,260 @@
+"""The coordinator's take-in path for thousands of devices' answers (issue 24): safetensors layouts checked
+once per distinct header (``wire.unpack_tensors``), JSON headers parsed without per-integer hooks when no
+integer can be too long (``wire.load_json``), BatchNorm statistics checked and folded as whole vectors
+(``evaluation.BnStats``) and evaluation tensor names split once per name list (``session.split_names``).
+Every fast path is compared with a naive reference written here, and every check it must keep is attacked."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from nefl_edge.coordinator.session import split_names
+from nefl_edge.core import wire
+from nefl_edge.core.evaluation import MAX_STATS_BATCHES, BnStats
+from nefl_edge.core.wire import ProtocolError, load_json, pack_tensors, unpack_tensors
+
+NUMPY = {"F32": "<f4", "F64": "<f8", "F16": "<f2", "I8": "i1", "U8": "u1", "I32": "<i4", "I64": "<i8"}
+
+
+def naive_unpack(blob: bytes) -> dict[str, np.ndarray]:
+    """safetensors read the obvious way: the header by json.loads, one copy per tensor."""
+    (size,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + size])
+    data = blob[8 + size :]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        out[name] = np.frombuffer(data[begin:end], NUMPY[info["dtype"]]).reshape(info["shape"]).copy()
+    return out
+
+
+def blob(header: dict[str, object], data: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def random_tensors(rng: np.random.Generator, mixed: bool) -> dict[str, np.ndarray]:
+    dtypes = [np.float32, np.float16, np.int8, np.float64, np.uint8] if mixed else [np.float32]
+    out = {}
+    for i in range(int(rng.integers(1, 12))):
+        shape = tuple(int(d) for d in rng.integers(0, 5, size=int(rng.integers(0, 4))))
+        out[f"layer{i}.w"] = (rng.normal(size=shape) * 10).astype(dtypes[i % len(dtypes)])
+    return out
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_unpack_tensors_reads_what_a_naive_reader_reads_first_time_and_from_the_cache(mixed: bool) -> None:
+    rng = np.random.default_rng(24)
+    for trial in range(40):
+        tensors = random_tensors(rng, mixed)
+        body = pack_tensors(tensors, keep_dtype=True)
+        want = naive_unpack(body)
+        for attempt in ("parsed", "cached"):
+            got = unpack_tensors(body)
+            assert got.keys() == want.keys(), f"trial {trial} ({attempt}): names {sorted(got)} != {sorted(want)}"
+            for name in want:
+                assert got[name].dtype == want[name].dtype, f"trial {trial} ({attempt}): dtype of {name}"
+                assert got[name].shape == want[name].shape, f"trial {trial} ({attempt}): shape of {name}"
+                np.testing.assert_array_equal(got[name], want[name], err_msg=f"trial {trial} ({attempt}): {name}")
+                assert not got[name].flags.writeable, f"trial {trial} ({attempt}): {name} is writable"
+
+
+def test_a_cached_layout_admits_only_the_data_length_it_was_checked_with() -> None:
+    tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float32)}
+    body = pack_tensors(tensors)
+    unpack_tensors(body)  # cached now
+    for bad, what in ((body[:-4], "shorter"), (body + b"\0" * 4, "longer"), (body + b"\0" * 8, "longer by 8")):
+        with pytest.raises(ProtocolError, match=r"cover|does not match") as caught:
+            unpack_tensors(bad)
+        assert caught.value.reason == "tensors", f"a body {what} than its header says: {caught.value.reason}"
+
+
+def test_a_header_that_differs_from_a_cached_one_is_checked_in_full() -> None:
+    data = np.arange(8, dtype=np.float32).tobytes()
+    good = {
+        "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+        "b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]},
+    }
+    np.testing.assert_array_equal(unpack_tensors(blob(good, data))["b"], [4, 5, 6, 7])
+    hostile = [
+        ({**good, "b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, "start where"),  # overlap
+        ({**good, "b": {"dtype": "F32", "shape": [5], "data_offsets": [16, 32]}}, "does not match"),
+        ({**good, "b": {"dtype": "F32", "shape": [-4], "data_offsets": [16, 32]}}, "invalid shape"),
+        ({**good, "b": {"dtype": "PICKLE", "shape": [4], "data_offsets": [16, 32]}}, "unsupported dtype"),
+        ({**good, "b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32], "x": 1}}, "other keys"),
+        ({"a": good["a"]}, "cover"),
+    ]
+    for header, why in hostile:
+        with pytest.raises(ProtocolError, match=why):
+            unpack_tensors(blob(header, data))
+    # a 41-digit integer in a header is refused even though every other header skips the integer hook
+    raw = json.dumps(good).replace("[0, 16]", "[0, 16" + "0" * 40 + "]").encode()
+    with pytest.raises(ProtocolError, match="integer of 42 digits"):
+        unpack_tensors(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def test_the_layout_cache_stays_bounded_under_a_flood_of_distinct_headers() -> None:
+    big_name = "x" * 400
+    for i in range(3 * wire.MAX_CACHED_LAYOUTS):
+        unpack_tensors(pack_tensors({f"t{i}": np.zeros(1, np.float32)}))
+    assert len(wire._layouts) <= wire.MAX_CACHED_LAYOUTS, f"{len(wire._layouts)} layouts cached"
+    wire._layouts.clear()
+    many = {f"{big_name}{i}": np.zeros(1, np.float32) for i in range(wire.MAX_CACHED_HEADER // 400 + 1)}
+    assert len(unpack_tensors(pack_tensors(many))) == len(many)
+    assert not wire._layouts, "a header above MAX_CACHED_HEADER was cached"
+
+
+@pytest.mark.parametrize(
+    ("text", "depth", "accepted"),
+    [
+        ('{"a": ' + "9" * 40 + "}", 16, True),
+        ('{"a": -' + "9" * 40 + "}", 16, True),
+        ('{"a": ' + "9" * 41 + "}", 16, False),
+        ('{"a": 1, "b": [' + "9" * 41 + "]}", 16, False),
+        ('{"' + "9" * 60 + '": 1}', 16, True),  # digits in a string are no integer
+        ('{"a": 1.5e3, "b": "' + "1" * 50 + '"}', 16, True),
+        ("[" * 16 + "]" * 16, 16, True),
+        ("[" * 17 + "]" * 17, 16, False),
+        ('{"a": [[1]]}', 3, True),
+        ('{"a": [[[1]]]}', 3, False),
+        ('{"a": "[[[[["}', 1, True),  # brackets in a string do not nest
+        ('{"a": 1, "a": 2}', 16, False),
+        ('{"a": 1e999}', 16, False),
+        ('{"a": NaN}', 16, False),
+    ],
+)
+def test_load_json_keeps_every_bound_on_its_fast_paths(text: str, depth: int, accepted: bool) -> None:
+    if accepted:
+        assert load_json(text.encode(), "h", "r", max_depth=depth) == json.loads(text), f"{text[:40]} refused"
+    else:
+        with pytest.raises(ProtocolError):
+            load_json(text.encode(), "h", "r", max_depth=depth)
+
+
+CHANNELS = {"stem.bn": 16, "layer1.0.bn1": 16, "layer1.0.bn2": 16, "layer2.0.bn1": 32, "layer2.0.bn2": 32, "head.bn": 3}
+
+
+def device_tensors(rng: np.random.Generator, channels: dict[str, int], batches: int) -> dict[str, np.ndarray]:
+    out = {}
+    for prefix, size in channels.items():
+        out[f"{prefix}.mean_sum"] = (rng.normal(size=size) * batches).astype(np.float32)
+        out[f"{prefix}.var_sum"] = (rng.random(size) * batches).astype(np.float32)
+    return out
+
+
+def naive_running(parts: list[tuple[dict[str, np.ndarray], int]], channels: dict[str, int]) -> dict[str, np.ndarray]:
+    """Per layer: the float64 sum over devices, in order, divided by the total batch count."""
+    total = sum(b for _, b in parts)
+    out = {}
+    for prefix, size in channels.items():
+        for suffix, key in ((".running_mean", ".mean_sum"), (".running_var", ".var_sum")):
+            acc = np.zeros(size, np.float64)
+            for tensors, _ in parts:
+                acc = acc + tensors[prefix + key].astype(np.float64)
+            out[prefix + suffix] = (acc / total).astype(np.float32)
+    return out
+
+
+def test_statistics_folded_as_vectors_equal_the_naive_per_layer_sums() -> None:
+    rng = np.random.default_rng(7)
+    parts = [(device_tensors(rng, CHANNELS, int(b)), int(b)) for b in rng.integers(1, 20, size=300)]
+    total = BnStats()
+    for tensors, batches in parts:
+        body = pack_tensors(tensors)  # through the wire, as the coordinator reads them
+        total.add(BnStats.from_tensors(unpack_tensors(body), batches, dict(CHANNELS)))
+    want = naive_running(parts, CHANNELS)
+    got = total.running()
+    assert total.batches == sum(b for _, b in parts), "batch count"
+    assert got.keys() == want.keys(), f"layers {sorted(got)}"
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name} differs from the naive sum")
+
+
+def test_vector_and_per_layer_statistics_mix_in_any_order() -> None:
+    rng = np.random.default_rng(8)
+    parts = [(device_tensors(rng, CHANNELS, 5), 5) for _ in range(6)]
+    flat = [BnStats.from_tensors(t, b, CHANNELS) for t, b in parts]
+
+    def layers(t: dict[str, np.ndarray], suffix: str) -> dict[str, np.ndarray]:
+        return {p: t[p + suffix].astype(np.float64) for p in CHANNELS}
+
+    by_layer = [BnStats(layers(t, ".mean_sum"), layers(t, ".var_sum"), b) for t, b in parts]
+    want = naive_running(parts, CHANNELS)
+    for order in (
+        [flat[0], by_layer[1], flat[2], flat[3], by_layer[4], flat[5]],
+        by_layer[:3] + flat[3:],
+        flat[:3] + by_layer[3:],
+    ):
+        total = BnStats()
+        for part in order:
+            total.add(part)
+        for name, value in total.running().items():
+            np.testing.assert_allclose(value, want[name], rtol=1e-6, err_msg=f"{name} in a mixed fold")
+    # a caller that changes a layer after reading the dicts changes what is folded
+    total = BnStats()
+    total.add(flat[0])
+    total.mean_sum["stem.bn"] = total.mean_sum["stem.bn"] + 5.0
+    total.add(flat[1])
+    expected = (parts[0][0]["stem.bn.mean_sum"].astype(np.float64) + 5.0 + parts[1][0]["stem.bn.mean_sum"]) / 10
+    np.testing.assert_allclose(total.running()["stem.bn.running_mean"], expected.astype(np.float32), rtol=1e-6)
+
+
+def test_a_device_that_differs_in_layout_is_folded_layer_by_layer() -> None:
+    rng = np.random.default_rng(9)
+    small = {"stem.bn": 16, "head.bn": 3}
+    a, b = device_tensors(rng, CHANNELS, 4), device_tensors(rng, small, 4)
+    total = BnStats()
+    total.add(BnStats.from_tensors(a, 4, CHANNELS))
+    total.add(BnStats.from_tensors(b, 4, small))
+    want = (a["head.bn.var_sum"].astype(np.float64) + b["head.bn.var_sum"]) / 8
+    np.testing.assert_allclose(total.running()["head.bn.running_var"], want.astype(np.float32), rtol=1e-6)
+    assert set(total.mean_sum) == set(CHANNELS), "a layer only one device has was lost"
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (lambda t: t["layer2.0.bn1.mean_sum"].__setitem__(3, np.nan), "layer2.0.bn1.mean_sum holds NaN or Inf"),
+        (lambda t: t["head.bn.var_sum"].__setitem__(0, np.inf), "head.bn.var_sum holds NaN or Inf"),
+        (lambda t: t["layer1.0.bn2.var_sum"].__setitem__(15, -1e-3), "layer1.0.bn2.var_sum holds a negative"),
+        (
+            lambda t: t.update({"stem.bn.mean_sum": t["stem.bn.mean_sum"].astype(np.float64)}),
+            "stem.bn.mean_sum: float64",
+        ),
+        (lambda t: t.update({"head.bn.var_sum": np.ones(4, np.float32)}), r"head.bn.var_sum: float32 \(4,\)"),
+        (lambda t: t.update({"head.bn.var_sum": np.ones((3, 1), np.float32)}), r"head.bn.var_sum: float32 \(3, 1\)"),
+        (lambda t: t.pop("layer2.0.bn2.var_sum"), "missing"),
+        (lambda t: t.update({"extra.bn.mean_sum": np.ones(3, np.float32)}), "unexpected"),
+    ],
+)
+def test_statistics_that_fail_a_check_are_refused_naming_the_tensor(spoil, message: str) -> None:  # type: ignore[no-untyped-def]
+    tensors = {k: v.copy() for k, v in device_tensors(np.random.default_rng(3), CHANNELS, 3).items()}
+    BnStats.from_tensors(tensors, 3, CHANNELS)  # the layout is known to the fast path before it is attacked
+    spoil(tensors)
+    with pytest.raises(ValueError, match=message):
+        BnStats.from_tensors(tensors, 3, CHANNELS)
+
+
+@pytest.mark.parametrize("batches", [0, -1, MAX_STATS_BATCHES + 1])
+def test_a_batch_count_out_of_range_is_refused(batches: int) -> None:
+    with pytest.raises(ValueError, match="batch count"):
+        BnStats.from_tensors(device_tensors(np.random.default_rng(4), CHANNELS, 3), batches, CHANNELS)
+
+
+def test_split_names_reads_submodel_prefixes_and_names_the_first_bad_one() -> None:
+    names = ("0/stem.bn.mean_sum", "0/stem.bn.var_sum", "3/head.bn.mean_sum")
+    for attempt in ("parsed", "cached"):
+        split, submodels, wrong = split_names(names)
+        assert split == tuple((n, int(n[0]), n[2:]) for n in names), f"{attempt}: {split}"
+        assert submodels == {0, 3} and wrong == "", attempt
+    for bad in ("x/stem.bn.mean_sum", "0/", "stem.bn.mean_sum", "\u00b2/stem.bn.mean_sum", "-1/a"):
+        assert split_names(("0/a", bad))[2] == bad, f"{bad!r} was taken as a submodel's tensor"
+    long = tuple(f"1/t{i}" for i in range(2000))  # beyond what is cached: the same answer
+    split, submodels, wrong = split_names(long)
+    assert len(split) == 2000 and submodels == {1} and wrong == ""

@@ -355,6 +355,59 @@ def test_a_device_stops_at_once_in_a_run_of_another_model(broker, tmp_path: Path
     assert seconds < 30, f"it took {seconds:.0f} s to stop"
 
 
+def test_a_device_started_before_a_signed_run_it_is_not_enrolled_in_stops_when_the_run_is_announced(
+    broker, tmp_path: Path, shard: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from nefl_edge.coordinator.enrolment import add_device
+    from nefl_edge.coordinator.session import HEARTBEAT_S
+    from nefl_edge.core.mqtt import BrokerAddress, MqttLink
+    from nefl_edge.core.schemas import ManifestMessage
+    from nefl_edge.core.wire import Topics
+    from tests.helpers import spawn_coordinator, spawn_edge
+
+    # Prepare: an enrolment folder without this device; the device waits for a run nobody serves yet; a
+    # listener notes when the run's manifest is retained.
+    settings = write_broker_config(BrokerOptions(tmp_path / "broker-files", ("127.0.0.1",)))
+    add_device(tmp_path / "enrol", "pi-other", Ed25519PrivateKey.generate().public_key(), settings.folder)
+    bound = 3 * HEARTBEAT_S  # a device that waits for ever is the failure; it reacts within 1-2 s here
+    log = tmp_path / "early.log"
+    edge = spawn_edge(broker.address, shard, "early", tmp_path, run="late")
+    watcher = MqttLink("watcher", BrokerAddress.parse(broker.address), "late", clean=True)
+    watcher.subscribe(Topics("late").manifest)
+    watcher.connect()
+    coordinator = None
+    try:
+        wait_for(lambda: "waiting for the run's manifest" in log.read_text(), 60, "the device to wait for its run")
+        assert edge.poll() is None, f"the device exited {edge.returncode} before the run existed: {log.read_text()}"
+
+        # Execute: a signed coordinator (an enrolment folder in which this device is not) announces the run.
+        coordinator = spawn_coordinator(
+            broker.address, tmp_path, "--run", "late", "--enrolment-dir", str(tmp_path / "enrol"),
+            "--min-clients", "1", "--wait-clients-s", "300", "--eval-samples", "200",
+        )  # fmt: skip
+        item = wait_for(lambda: coordinator.poll() is not None or watcher.next(1.0), 240, "the run's manifest", 0)
+        assert coordinator.poll() is None, f"serve exited: {(tmp_path / 'coordinator.log').read_text()[-2000:]}"
+        announced = time.monotonic()
+        assert isinstance(item[1], ManifestMessage), f"the listener got a {item[1].kind}"
+        try:
+            code: int | None = edge.wait(bound)
+        except subprocess.TimeoutExpired:
+            code = None  # still waiting: the failure this test is for
+        seconds = time.monotonic() - announced
+    finally:
+        watcher.close()
+        stop(edge)
+        if coordinator is not None:
+            stop(coordinator)
+
+    # Assert: exit 2 soon after the announcement, with the reason.
+    out = log.read_text()
+    assert code == 2, f"exit {code} ({seconds:.0f} s after the announcement): {out[-2000:]}"
+    assert "is signed by its coordinator and this device is not enrolled" in out, out[-2000:]
+    assert seconds < bound, f"the device stopped {seconds:.1f} s after the run was announced (bound {bound:.0f} s)"
+    print(f"the device stopped {seconds:.2f} s after the signed run's manifest was retained")
+
+
 # --- the device's unit ---------------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ device's (replayed and stale tasks refused) can be driven message by message.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -31,6 +32,7 @@ from nefl_edge.core.schemas import (
     FileEntry,
     Hello,
     Manifest,
+    ManifestMessage,
     Metrics,
     ParamEntry,
     Status,
@@ -43,7 +45,7 @@ from nefl_edge.core.schemas import (
 )
 from nefl_edge.core.signing import Keyring, Signer, signers_by_topic
 from nefl_edge.core.wire import Topics, encode, pack_tensors, sha256, tensor_parts
-from nefl_edge.edge_client.session import DeviceSession, RunEnded
+from nefl_edge.edge_client.session import Admission, CannotTakePart, DeviceSession, RunEnded
 
 RUN = "sess"
 SHAPES = {0: (2, 3), 1: (4, 3)}  # the one tensor "w" of submodel 0 and of submodel 1
@@ -458,6 +460,119 @@ def test_an_unsigned_task_is_refused_by_a_device_that_verifies(tmp_path: Path) -
 
     assert device.next(0.3) is None, "an unsigned task reached the device's session"
     assert sum(device.link.rejections.values()) == 1, f"not counted: {device.link.rejections}"
+
+
+# --- a device that cannot take part --------------------------------------------------------------------------
+
+ENROLLED = "enrolled"  # the device trusts the run's coordinator key
+OTHER = "other"  # the device trusts another coordinator's key
+NOT_FITTING = "3 x 32 x 32 images do not fit the model's input"
+
+
+def signed_link(broker: MemoryBroker, key: Optional[Ed25519PrivateKey]) -> MemoryLink:
+    """A coordinator's link that signs with ``key`` (unsigned without)."""
+    if key is None:
+        return MemoryLink(broker, RUN)
+    return MemoryLink(
+        broker, RUN, signer=Signer(key, "coordinator"), keyring=Keyring(), sender_of=signers_by_topic("coordinator")
+    )
+
+
+def waiting_device(
+    broker: MemoryBroker, trusts: Optional[Ed25519PrivateKey], fits: Callable[[Manifest], str] = lambda m: ""
+) -> DeviceSession:
+    """A device connected and subscribed before any coordinator: enrolled (it verifies with ``trusts``'s public
+    key) or not (``trusts`` None); ``fits`` says why its data does not fit a manifest's model."""
+    keyring = None if trusts is None else Keyring({"coordinator": trusts.public_key()})
+    sender_of = None if keyring is None else signers_by_topic("coordinator")
+    link = MemoryLink(broker, RUN, keyring=keyring, sender_of=sender_of)
+    device = DeviceSession(link, RUN, "pi-a", admission=Admission(RUN, keyring, "coordinator", fits))
+    device.subscribe_run()
+    link.connect()
+    return device
+
+
+@pytest.mark.parametrize(
+    ("signed", "trusted", "fits", "refusal"),
+    [
+        (True, None, "", "is signed by its coordinator and this device is not enrolled"),
+        (
+            True,
+            OTHER,
+            "",
+            "is not signed by the coordinator this device is enrolled with (bad signature by key 'coordinator'",
+        ),
+        (False, ENROLLED, "", "is not signed by the coordinator this device is enrolled with (message is not signed)"),
+        (False, None, NOT_FITTING, f"trains a model this device's data does not fit: {NOT_FITTING}"),
+        (True, ENROLLED, "", ""),
+        (False, None, "", ""),
+    ],
+    ids=["not-enrolled-signed-run", "another-coordinator", "unsigned-run", "data-does-not-fit", "enrolled", "open"],
+)
+def test_a_device_waiting_before_the_run_exists_stops_when_its_manifest_shows_it_cannot_take_part(
+    tmp_path: Path, signed: bool, trusted: Optional[str], fits: str, refusal: str
+) -> None:
+    # Prepare: the device waits for its run before any coordinator is there
+    broker = MemoryBroker()
+    key = Ed25519PrivateKey.generate()
+    trusts = {None: None, ENROLLED: key, OTHER: Ed25519PrivateKey.generate()}[trusted]
+    device = waiting_device(broker, trusts, lambda m: fits)
+    outcome: dict[str, Any] = {}
+
+    def wait() -> None:
+        try:
+            outcome["manifest"] = device.wait_manifest(10.0)
+        except CannotTakePart as exc:
+            outcome["refused"] = str(exc)
+        outcome["at"] = time.monotonic()
+
+    waiting = threading.Thread(target=wait)
+    waiting.start()
+
+    # Execute: the coordinator announces the run (its retained manifest)
+    announced = time.monotonic()
+    CoordinatorSession(
+        signed_link(broker, key if signed else None), RUN, manifest(tmp_path), tmp_path, 5.0, extract
+    ).open()  # type: ignore[arg-type]
+    waiting.join(15.0)
+
+    # Assert: refused with the reason within the session's 1 s poll (and some slack), or joined
+    assert "at" in outcome, "wait_manifest did not return within 15 s"
+    if refusal:
+        assert refusal in outcome.get("refused", ""), f"refusal {outcome.get('refused')!r}, wanted {refusal!r}"
+        assert outcome["at"] - announced < 3.0, f"refused {outcome['at'] - announced:.1f} s after the announcement"
+    else:
+        assert "refused" not in outcome, f"a run this device can take part in was refused: {outcome['refused']}"
+        assert outcome["manifest"] is not None and device.manifest is not None, "the device did not join"
+
+
+def test_after_the_join_a_forged_manifest_is_only_rejected_and_a_newer_one_is_checked(tmp_path: Path) -> None:
+    # Prepare: an enrolled device joined its coordinator's run; its data fits only 10 classes
+    broker = MemoryBroker()
+    key = Ed25519PrivateKey.generate()
+    device = waiting_device(broker, key, lambda m: "" if m.num_classes == 10 else f"{m.num_classes} classes, not 10")
+    coordinator = CoordinatorSession(signed_link(broker, key), RUN, manifest(tmp_path), tmp_path, 5.0, extract)  # type: ignore[arg-type]
+    coordinator.open()
+    assert device.wait_manifest(5.0) is not None, "the device did not join its coordinator's run"
+    while device.next(0.2) is not None:  # the coordinator's announce
+        pass
+    rogue = MemoryLink(broker, RUN)
+    rogue.connect()
+    manifest_topic = Topics(RUN).manifest
+    other = manifest(tmp_path).model_copy(update={"num_classes": 7})
+
+    # Execute: an unsigned manifest (a rogue publisher), then the coordinator's newer one of another model
+    rogue.publish(manifest_topic, ManifestMessage(run=RUN), other.to_json().encode(), retain=True)
+    forged = device.next(0.3)
+    coordinator.link.publish(manifest_topic, ManifestMessage(run=RUN), other.to_json().encode(), retain=True)
+    newer = device.next(2.0)
+
+    # Assert: the forged one never reached the session; the newer one stops it
+    assert forged is None, f"an unsigned manifest reached a joined, enrolled device: {forged}"
+    assert device.link.rejections["unsigned"] == 1, f"not counted as unsigned: {device.link.rejections}"
+    assert newer is not None, "the coordinator's newer manifest did not arrive"
+    with pytest.raises(CannotTakePart, match="data does not fit: 7 classes, not 10"):
+        device.handle(*newer)
 
 
 def test_run_discovery_sees_a_run_open_and_close_over_the_link(tmp_path: Path) -> None:

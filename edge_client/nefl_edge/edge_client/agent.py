@@ -14,6 +14,10 @@
 - **Dead runs**: a run whose coordinator sent nothing, not even its heartbeat, for 60 s is left
   (``edge_client.session.SILENT_S``); its manifest counts as stale from then on (pinned: the agent waits for
   a newer one; discovering: that announcement is served, and the agent moves to another announced run).
+- **Runs it cannot take part in** (``edge_client.session.Admission``: not enrolled in a signed run, a
+  manifest its coordinator did not sign, a model its data does not fit): pinned, the agent stops with
+  ``CannotTakePart`` (``join`` and ``agent --run`` exit 2 with its sentence); discovering, it logs why and
+  waits for another run (that announcement is not served again).
 - After a run it unsubscribes (so its persistent session queues nothing), keeps the artifact cache and the
   latest weights, and waits for the next run; ``once`` exits after one run instead (``nefl-edge join``).
 """
@@ -36,6 +40,7 @@ from nefl_edge.core.mqtt import BrokerError, MqttLink
 from nefl_edge.core.schemas import NAME_PATTERN
 from nefl_edge.core.wire import Buffer
 from nefl_edge.edge_client.client import ClientOptions, EdgeClient, RunOutcome
+from nefl_edge.edge_client.session import CannotTakePart
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +217,8 @@ class Agent:
         return Backoff(self.agent.backoff_initial_s, self.agent.backoff_max_s)
 
     def run(self) -> int:
-        """Serve runs; return how many ended normally. Raises ``BrokerError`` only with ``broker_wait_s``."""
+        """Serve runs; return how many ended normally. Raises ``BrokerError`` only with ``broker_wait_s``, and
+        ``CannotTakePart`` when pinned to a run this device cannot take part in."""
         served = 0
         try:
             while not self._stop.is_set():
@@ -228,6 +234,10 @@ class Agent:
                 if outcome is None:
                     break
                 self.outcomes.append(outcome)
+                if outcome.state == "refused":
+                    if self.pinned:
+                        raise CannotTakePart(outcome.reason)
+                    log.warning("cannot take part in run %s: %s", run, outcome.reason)
                 if outcome.state == "ended":
                     served += 1
                     self._ended[run] = outcome.ended_at

@@ -242,10 +242,6 @@ def _serve_device(
         keyring=keyring,
         coordinator_key_id=key_id,
     )
-    if pinned:
-        refusal = cannot_take_part(address, security, args.run, dataset, keyring, key_id)
-        if refusal:
-            fail(refusal)
     device = Agent(options, dataset, agent_options or AgentOptions(once=True, broker_wait_s=15.0), pinned=pinned)
 
     signalled: list[str] = []
@@ -270,94 +266,6 @@ def _serve_device(
         else:
             typer.echo(text, err=True)
         raise typer.Exit(ExitCode.INTERRUPTED)
-
-
-PREFLIGHT_S = 3.0
-SIGNATURE_REASONS = ("unsigned", "unknown_key", "bad_signature", "wrong_signer", "envelope")
-
-
-def cannot_take_part(
-    address: Any, security: Any, run: str, dataset: Dataset, keyring: Any, key_id: str, wait_s: float = PREFLIGHT_S
-) -> str:
-    """Why this device cannot take part in ``run`` as it stands on the broker (its retained manifest, read
-    once, for at most ``wait_s``), or "": a run whose manifest this device would never accept (an enrolled
-    device: not signed by the coordinator it was enrolled with) or whose coordinator would never accept it
-    (not enrolled, in a signed run), or a run of a model its data does not fit. No manifest yet, or a broker
-    that cannot be reached, is no reason: the device then waits as it always did. Departs from a check
-    inside the session: it sees only a run already announced when the device starts."""
-    import threading
-
-    import paho.mqtt.client as mqtt
-
-    from nefl_edge.core.artifacts import ArtifactError, parse_manifest
-    from nefl_edge.core.data import DataError
-    from nefl_edge.core.link import Receiver
-    from nefl_edge.core.schemas import ManifestMessage
-    from nefl_edge.core.signing import Keyring, signers_by_topic
-    from nefl_edge.core.wire import Topics
-
-    enrolled = keyring is not None
-    receiver = Receiver(run, keyring=keyring, sender_of=signers_by_topic(key_id) if enrolled else None)
-    # an empty keyring turns any signature into "unknown_key"; silent: unsigned is the usual case here
-    signed = Receiver(run, keyring=Keyring(), sender_of=signers_by_topic(key_id), log_burst=0)
-    topics = Topics(run)
-    found: list[Any] = []
-    done = threading.Event()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=security.username or "", clean_session=True)
-
-    def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if getattr(reason, "is_failure", False):
-            done.set()
-        else:
-            c.subscribe(topics.manifest + "/#", qos=1)
-
-    def on_message(c: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        item = receiver.receive(msg.topic, msg.payload)
-        if not enrolled:
-            signed.receive(msg.topic, msg.payload)
-        if item is not None or any(receiver.rejections[r] for r in SIGNATURE_REASONS):
-            found.append(item)
-            done.set()
-
-    client.on_connect, client.on_message = on_connect, on_message
-    try:
-        security.apply(client)
-        client.connect(address.host, address.port, keepalive=10)
-    except Exception:  # the agent reports an unreachable broker itself, with its own waits
-        return ""
-    client.loop_start()
-    try:
-        done.wait(wait_s)
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    if not found:
-        return ""
-    enrol_hint = (
-        "(`nefl-edge identity`, `nefl-coord add-device`, `nefl-edge enrol BUNDLE`; README: 'Deploying to real devices')"
-    )
-    if not enrolled and signed.rejections["unknown_key"]:
-        return (
-            f"run {run} is signed by its coordinator and this device is not enrolled, so the coordinator refuses "
-            f"everything it sends: enrol it first {enrol_hint}"
-        )
-    if found[0] is None:
-        _, text = receiver.last_rejection or ("?", "")
-        return (
-            f"the manifest of run {run} is not signed by the coordinator this device is enrolled with ({text}), so "
-            f"it would never take a task: check --run and the broker, or enrol it with that coordinator {enrol_hint}"
-        )
-    _, message, body = found[0]
-    if not isinstance(message, ManifestMessage):
-        return ""
-    try:
-        manifest = parse_manifest(body.decode(), f"the manifest of run {run}")
-        dataset.check_for(manifest.input_shape, manifest.num_classes)
-    except (ArtifactError, UnicodeDecodeError):
-        return ""
-    except DataError as exc:
-        return f"run {run} trains a model this device's data does not fit: {exc}"
-    return ""
 
 
 @app.command()

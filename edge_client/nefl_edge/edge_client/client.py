@@ -19,7 +19,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from nefl_edge.core.artifacts import ArtifactCache, ArtifactError
-from nefl_edge.core.data import Dataset
+from nefl_edge.core.data import DataError, Dataset
 from nefl_edge.core.encoding import encode_update
 from nefl_edge.core.evaluation import split_dataset
 from nefl_edge.core.mqtt import BrokerAddress, MqttLink, Security
@@ -50,7 +50,7 @@ from nefl_edge.core.wire import (
 from nefl_edge.edge_client.evaluate import SubmodelEvaluator
 from nefl_edge.edge_client.latest import LatestStore
 from nefl_edge.edge_client.profile import device_profile, probe_threads, thread_choice_key
-from nefl_edge.edge_client.session import SILENT_S, DeviceSession, RunEnded, Stopped
+from nefl_edge.edge_client.session import SILENT_S, Admission, CannotTakePart, DeviceSession, RunEnded, Stopped
 from nefl_edge.edge_client.trainer import (
     BACKEND_FILES,
     DeadlineMissed,
@@ -70,9 +70,10 @@ SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason code
 class RunOutcome:
     """How :meth:`EdgeClient.serve` returned: ``ended`` (the coordinator's ``control end``), ``stopped``
     (``stop()``: a signal), ``left`` (``leave()``: e.g. the run's manifest was withdrawn), ``silent`` (its
-    coordinator sent nothing, not even a heartbeat, for ``session.SILENT_S``) or ``no-manifest`` (none
-    within the wait). ``ended_at`` is the end message's ``sent_at`` (coordinator clock); for ``silent``
-    that of the dead coordinator's manifest, which is stale from then on."""
+    coordinator sent nothing, not even a heartbeat, for ``session.SILENT_S``), ``no-manifest`` (none
+    within the wait) or ``refused`` (its manifest shows this device cannot take part: ``reason`` says why).
+    ``ended_at`` is the end message's ``sent_at`` (coordinator clock); for ``silent`` that of the dead
+    coordinator's manifest, which is stale from then on."""
 
     state: str
     reason: str = ""
@@ -181,7 +182,8 @@ class EdgeClient:
         self.takeovers = TakeoverWatch(options.node)
         self._left: Optional[str] = None
         self.link = self._new_link()
-        self.session = DeviceSession(self.link, options.run, options.node, not_before)
+        admission = Admission(options.run, options.keyring, options.coordinator_key_id, self._misfit)
+        self.session = DeviceSession(self.link, options.run, options.node, not_before, admission=admission)
         self.session.silent_s = options.silent_s
         self._stop = self.session.stop
         self.work = DeviceWork(options, data, self.session, self._keep_global)
@@ -268,7 +270,6 @@ class EdgeClient:
             if manifest is None:
                 outcome = RunOutcome("no-manifest", f"no manifest within {manifest_timeout_s or 0:.0f} s")
                 return outcome
-            self._check_data(manifest)
             session.hello = Hello(
                 run=self.opts.run,
                 node=node,
@@ -291,6 +292,8 @@ class EdgeClient:
                     break
         except Stopped:
             pass
+        except CannotTakePart as refusal:
+            outcome = RunOutcome("refused", str(refusal))
         except RunEnded as end:
             ended = True
             log.info("run %s ended: %s", self.opts.run, end)
@@ -315,8 +318,13 @@ class EdgeClient:
         self._left = reason
         self._stop.set()
 
-    def _check_data(self, manifest: Manifest) -> None:
-        self.data.check_for(manifest.input_shape, manifest.num_classes)
+    def _misfit(self, manifest: Manifest) -> str:
+        """Why this device's data does not fit the model of ``manifest``, or ""."""
+        try:
+            self.data.check_for(manifest.input_shape, manifest.num_classes)
+        except DataError as exc:
+            return str(exc)
+        return ""
 
     # --- tasks ---------------------------------------------------------------------------------------------
 

@@ -4,6 +4,11 @@ device, the in-memory link in the protocol tests): the state machine that the tr
 - **Manifest**: the run's retained manifest is the join; one sent before ``not_before`` (coordinator clock: the
   end of an earlier run of the same name) is stale and ignored, a newer one (a coordinator that republished,
   or restarted under the same run name) replaces it.
+- **Admission** (:class:`Admission`): a run this device cannot take part in ends the session with
+  :class:`CannotTakePart`, whenever its manifest comes (retained before the device started, or announced
+  later): not enrolled in a signed run, enrolled but facing a manifest its coordinator did not sign, a model
+  its data does not fit. After the join, a manifest the device cannot verify is a hostile message and is only
+  rejected; a newer valid one is checked again.
 - **Tasks**: a task or evaluate task for this device is taken unless it is a replay (:meth:`refusal`): a task
   id already done, a task sent before the manifest this device joined with, or a round older than one already
   taken (unless a newer manifest says the coordinator started afresh). Times are the coordinator's signed
@@ -35,7 +40,8 @@ from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from nefl_edge.core.artifacts import ArtifactError, parse_manifest
-from nefl_edge.core.link import Inbound, Link
+from nefl_edge.core.errors import ExitCode, NeflError
+from nefl_edge.core.link import Inbound, Link, Receiver, split_chunk_topic
 from nefl_edge.core.schemas import (
     Artifact,
     BnCount,
@@ -55,6 +61,7 @@ from nefl_edge.core.schemas import (
     Update,
     Weights,
 )
+from nefl_edge.core.signing import Keyring, signers_by_topic
 from nefl_edge.core.wire import Buffer, LogLimiter, ProtocolError, Topics, sha256, unpack_tensors
 
 MAX_DEFERRED = 256  # messages kept aside while waiting for one (weights, artifacts)
@@ -76,14 +83,113 @@ class Stopped(Exception):
     """The session's ``stop`` event was set while waiting."""
 
 
+class CannotTakePart(NeflError):
+    """The run, as its manifest shows it, is one this device cannot take part in; the message says why and
+    what to do. ``nefl-edge join`` and a pinned ``agent --run`` exit 2 with it; a discovering agent skips the run."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+SIGNATURE_REASONS = ("unsigned", "unknown_key", "bad_signature", "wrong_signer", "envelope")
+ENROL_HINT = (
+    "(`nefl-edge identity`, `nefl-coord add-device`, `nefl-edge enrol BUNDLE`; README: 'Deploying to real devices')"
+)
+
+
+class Admission:
+    """Whether this device can take part in ``run``, read from the run's manifest as it arrives.
+
+    - An enrolled device (``keyring``: its coordinator's key, id ``key_id``) takes only what that coordinator
+      signed, so its link rejects a manifest signed otherwise or not at all and the device would wait for
+      ever. :meth:`tap`, the link's raw tap (``Link.on_payload``), verifies each manifest payload with a
+      receiver of its own and keeps why the latest one fails (:meth:`before_join`).
+    - A device that is not enrolled accepts anything, but the coordinator of a signed run refuses what it
+      sends; :meth:`tap` notes whether the latest manifest was signed (by a key this device does not know).
+    - ``fits(manifest)`` says why the device's data does not fit the run's model ("" when it does).
+
+    Where this departs from the rest of the receive path: a manifest that fails verification is not only
+    rejected, it stops a device that has not joined yet. Whoever may publish a retained manifest on the run's
+    topic (the broker's ACL gives that to the coordinator's account) can thus send waiting devices away.
+    """
+
+    def __init__(
+        self, run: str, keyring: Optional[Keyring], key_id: str, fits: Optional[Callable[[Manifest], str]] = None
+    ) -> None:
+        self.run, self.enrolled, self.fits = run, keyring is not None, fits
+        # an empty keyring turns any signature into "unknown_key", none into "unsigned": the verdict for a device
+        # that is not enrolled
+        self.probe = Receiver(run, keyring=keyring or Keyring(), sender_of=signers_by_topic(key_id), log_burst=0)
+        self.stream = Topics(run).manifest
+        self.signed = False  # the latest manifest was signed (what a device that is not enrolled needs to know)
+        self.unverified = ""  # why the latest manifest fails verification (an enrolled device), else ""
+        self._lock = threading.Lock()
+
+    def tap(self, topic: str, payload: Buffer) -> bool:
+        """Look at a payload on the run's manifest topic (its chunks); take none (False): the link's receiver
+        still checks and delivers it. Never raises (a raising tap would cost the link its payload)."""
+        try:
+            if split_chunk_topic(topic)[0] == self.stream:
+                self._look(topic, payload)
+        except Exception:
+            log.exception("the manifest check failed on %s", topic)
+        return False
+
+    def _look(self, topic: str, payload: Buffer) -> None:
+        with self._lock:  # transports deliver on one thread; the in-memory broker on the publishers'
+            if not payload:
+                if split_chunk_topic(topic)[1] in (0, None):  # the manifest was withdrawn
+                    self.signed, self.unverified = False, ""
+                return
+            before = sum(self.probe.rejections[r] for r in SIGNATURE_REASONS)
+            item = self.probe.receive(topic, payload)
+            rejected = sum(self.probe.rejections[r] for r in SIGNATURE_REASONS) > before
+            if item is None and not rejected:
+                return  # a chunk of a longer manifest, or a fault that is not the signature's
+            reason, text = self.probe.last_rejection or ("", "")
+            if self.enrolled:
+                self.unverified = text if rejected else ""
+            else:
+                self.signed = rejected and reason == "unknown_key"
+
+    def before_join(self) -> str:
+        """Why this device cannot take part, from a manifest it cannot verify (an enrolled device), or ""."""
+        if not self.unverified:
+            return ""
+        return (
+            f"the manifest of run {self.run} is not signed by the coordinator this device is enrolled with "
+            f"({self.unverified}), so it would never take a task: check --run and the broker, or enrol it with "
+            f"that coordinator {ENROL_HINT}"
+        )
+
+    def check(self, manifest: Manifest) -> str:
+        """Why this device cannot take part in the run of ``manifest`` (fresh and valid), or ""."""
+        if not self.enrolled and self.signed:
+            return (
+                f"run {self.run} is signed by its coordinator and this device is not enrolled, so the coordinator "
+                f"refuses everything it sends: enrol it first {ENROL_HINT}"
+            )
+        misfit = self.fits(manifest) if self.fits is not None else ""
+        if misfit:
+            return f"run {self.run} trains a model this device's data does not fit: {misfit}"
+        return ""
+
+
 class DeviceSession:
     """One device (``node``) in one run on ``link``. ``link`` may be replaced (a fresh connection) before the
     run is served; the state (join time, tasks taken) lives as long as the session."""
 
     def __init__(
-        self, link: Link, run: str, node: str, not_before: float = 0.0, stop: Optional[threading.Event] = None
+        self,
+        link: Link,
+        run: str,
+        node: str,
+        not_before: float = 0.0,
+        stop: Optional[threading.Event] = None,
+        admission: Optional[Admission] = None,
     ) -> None:
         self.link, self.run, self.node, self.not_before = link, run, node, not_before
+        self.admission = admission
+        """Checks each manifest (:class:`Admission`); ``None``: every valid manifest is joined."""
         self.stop = stop or threading.Event()
         self.topics = Topics(run)
         self.manifest: Optional[Manifest] = None
@@ -105,6 +211,9 @@ class DeviceSession:
         return (self.topics.manifest, self.topics.node(self.node, "task"), self.topics.control)
 
     def subscribe_run(self) -> None:
+        """Listen to the run (on the current link, whose raw tap the :attr:`admission` check takes)."""
+        if self.admission is not None:
+            self.link.on_payload = self.admission.tap
         for topic in self.run_topics:
             self.link.subscribe(topic)
 
@@ -211,25 +320,37 @@ class DeviceSession:
         return True
 
     def wait_manifest(self, timeout_s: Optional[float] = None) -> Optional[Manifest]:
-        """Join: the run's first fresh, valid manifest (``None`` after ``timeout_s``; ``None``: wait forever)."""
+        """Join: the run's first fresh, valid manifest (``None`` after ``timeout_s``; ``None``: wait forever).
+        ``CannotTakePart`` as soon as the manifest shows that this device cannot take part (:attr:`admission`)."""
         log.info("waiting for the run's manifest on %s", self.topics.manifest)
         give_up = None if timeout_s is None else time.monotonic() + timeout_s
+        quiet_since = time.monotonic()
         while not self.stop.is_set():
-            wait = 30.0 if give_up is None else min(30.0, give_up - time.monotonic())
+            self._admit(self.admission.before_join() if self.admission is not None else "")
+            wait = 1.0 if give_up is None else min(1.0, give_up - time.monotonic())  # 1 s: the admission is polled
             if wait <= 0:
                 return None
             try:
                 message, body = self.wait_for("manifest", lambda m, b: self.fresh_manifest(m), wait)
             except TimeoutError:
-                log.info("no manifest yet; is the coordinator of run %r up?", self.run)
+                if time.monotonic() - quiet_since >= 30.0:
+                    log.info("no manifest yet; is the coordinator of run %r up?", self.run)
+                    quiet_since = time.monotonic()
                 continue
             try:
-                self.manifest = parse_manifest(body.decode(), "the manifest from the broker")
-                self.joined_at = self.manifest_at = message.sent_at
-                return self.manifest
+                manifest = parse_manifest(body.decode(), "the manifest from the broker")
             except (ArtifactError, UnicodeDecodeError) as exc:
                 self._log.warning("bad_manifest", "ignored a bad manifest: %s", exc)
+                continue
+            self._admit(self.admission.check(manifest) if self.admission is not None else "")
+            self.manifest = manifest
+            self.joined_at = self.manifest_at = message.sent_at
+            return self.manifest
         raise Stopped()
+
+    def _admit(self, refusal: str) -> None:
+        if refusal:
+            raise CannotTakePart(refusal)
 
     def is_end(self, message: Message) -> bool:
         """A ``control end`` of this run; one sent before the manifest this client joined with is an old one
@@ -244,7 +365,7 @@ class DeviceSession:
     def handle(self, stream: str, message: Message, body: bytes) -> Optional[Union[Task, EvalTask, Weights]]:
         """One step of the state machine: the task to run now (taken: it will not be run again), a weights
         broadcast of the followed submodel (a later global model, for the device to keep), or None. Raises
-        ``RunEnded`` on the run's end."""
+        ``RunEnded`` on the run's end, ``CannotTakePart`` for a newer manifest this device cannot take part in."""
         if isinstance(message, Control):
             if self.is_end(message):
                 raise RunEnded(message.reason or "the coordinator finished", message.sent_at)
@@ -255,10 +376,13 @@ class DeviceSession:
             if not self.fresh_manifest(message):
                 return None
             try:
-                self.manifest = parse_manifest(body.decode(), "the manifest from the broker")
-                self.manifest_at = max(self.manifest_at, message.sent_at)
+                manifest = parse_manifest(body.decode(), "the manifest from the broker")
             except (ArtifactError, UnicodeDecodeError) as exc:
                 self._log.warning("bad_manifest", "ignored a bad manifest: %s", exc)
+                return None
+            self._admit(self.admission.check(manifest) if self.admission is not None else "")
+            self.manifest = manifest
+            self.manifest_at = max(self.manifest_at, message.sent_at)
             return None
         if isinstance(message, Weights):
             return message if message.submodel == self.following else None

@@ -355,6 +355,7 @@ def test_a_device_stops_at_once_in_a_run_of_another_model(broker, tmp_path: Path
     assert seconds < 30, f"it took {seconds:.0f} s to stop"
 
 
+@pytest.mark.slow  # about 35 s: serve exports and evaluates before it announces the run
 def test_a_device_started_before_a_signed_run_it_is_not_enrolled_in_stops_when_the_run_is_announced(
     broker, tmp_path: Path, shard: Path
 ) -> None:  # type: ignore[no-untyped-def]

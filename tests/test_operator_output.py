@@ -426,3 +426,43 @@ def test_the_report_line_is_one_line_without_a_terminal(tmp_path: Path, capsys: 
         f"report: {run_dir / 'report.html'}; metrics: {run_dir / 'metrics.jsonl'}; clients: {run_dir / 'clients.jsonl'}"
     )
     assert line == want, f"report line: {line!r}"
+
+
+@pytest.mark.slow  # about 30 s: serve exports and evaluates before the round
+def test_a_declined_task_is_a_json_decline_event_on_both_sides(tmp_path: Path) -> None:
+    # Prepare: one device whose task cannot end in time on any host (1000 local epochs of 320 samples:
+    # 10,000 steps, which would need < 3 ms a step to fit 30 s); it declines on its measured pace after a few
+    # steps, well within the deadline and its grace
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    documented = [set(fields.split(", ")) for fields in re.findall(r"`decline` \(([a-z_, ]+)\)", readme)]
+    assert len(documented) == 2, (
+        f"the README documents the decline fields {documented}, not the coordinator's and the device's"
+    )
+    broker = Broker(tmp_path / "broker").start()
+    (shard,) = make_shards(tmp_path, [320])
+    procs = [
+        serve(tmp_path, broker, "--rounds", "1", "--min-clients", "1", "--wait-clients-s", "120", "--policy", "static",
+              "--epochs", "1000", "--deadline-s", "30"),
+        spawn_edge(broker.address, shard, "pi-slow", tmp_path, "--log-format", "json", run=RUN),
+    ]  # fmt: skip
+    try:
+        # Execute: the run of one round, to its end
+        assert procs[0].wait(300) == 0, f"serve failed: {(tmp_path / 'serve.err').read_text()[-3000:]}"
+        assert procs[1].wait(60) == 0, f"the device failed: {(tmp_path / 'pi-slow.log').read_text()[-3000:]}"
+    finally:
+        for p in procs:
+            stop(p)
+        broker.stop()
+
+    # Assert: one decline event on each side, with the README's fields, about the same task and reason
+    coordinator = [o for o in json_lines(tmp_path / "serve.err") if o["event"] == "decline"]
+    device = [o for o in json_lines(tmp_path / "pi-slow.log") if o["event"] == "decline"]
+    assert len(coordinator) == 1 and len(device) == 1, f"decline events: coordinator {coordinator}, device {device}"
+    (theirs,), (mine,) = coordinator, device
+    for side, obj, fields in (("coordinator", theirs, documented[0]), ("device", mine, documented[1])):
+        assert fields <= set(obj), f"the {side}'s decline event lacks {sorted(fields - set(obj))}: {obj}"
+    assert (theirs["round"], theirs["node"], mine["round"]) == (1, "pi-slow", 1), f"{theirs} / {mine}"
+    assert "deadline" in mine["reason"] and theirs["reason"] == mine["reason"], f"reasons: {theirs} / {mine}"
+    assert isinstance(mine["task"], str) and mine["task"], f"the device's decline names no task: {mine}"
+    (round_1,) = [o for o in json_lines(tmp_path / "serve.err") if o["event"] == "round" and o["round"] == 1]
+    assert (round_1["updates"], round_1["declined"]) == (0, 1), f"round 1 event: {round_1}"

@@ -103,6 +103,7 @@ DEVICE_EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "%s; attempt %d failed, retrying in %.0f s": ("retry", ("error", "attempt", "delay_s")),
     "run %s is announced": ("announced", ("run",)),
     "serving run %s": ("serving", ("run",)),
+    "cannot take part in run %s: %s": ("cannot_take_part", ("run", "reason")),
 }  # fmt: skip
 """The device's log lines that ``--log-format json`` names as events: format string -> event and the names
 of its arguments (``core.cli.JsonLines``)."""

@@ -95,6 +95,29 @@ def make_round(clients: int, seed: int = 0) -> tuple[GlobalState, list[tuple[int
     return state, updates
 
 
+def honest_round(clients: int, seed: int = 0) -> tuple[GlobalState, list[tuple[int, Tensors, int]]]:
+    """A ResNet18 global state and ``clients`` distinct updates that, like trained ones, share a direction:
+    ``sent + 0.01 (D + noise)`` with one random ``D`` per tensor (the nested prefix of it for a submodel),
+    so that robust aggregation keeps every one (independent noise alone would have half of them left out
+    for disagreeing, and time a smaller round). Client ``i`` trains submodel ``i % 5`` on 100-600 samples."""
+    config = get_model_config(MODEL, DATASET)
+    specs = make_specs(config)
+    state = init_global_state(config, specs, {}, seed)
+    rng = np.random.default_rng(seed + 1)
+    common = {k: rng.standard_normal(v.shape, np.float32) for k, v in state.consistent.items()}
+    own = [{k: rng.standard_normal(v.shape, np.float32) for k, v in sub.items()} for sub in state.inconsistent]
+    updates = []
+    for c in range(clients):
+        index = c % len(specs)
+        tensors = {}
+        for name, value in extract(state, index).items():
+            direction = common[name][prefix_slice(value.shape)] if name in common else own[index][name]
+            noise = rng.standard_normal(value.shape, np.float32)
+            tensors[name] = value + np.float32(0.01) * (direction + noise)
+        updates.append((index, tensors, int(rng.integers(100, 601))))
+    return state, updates
+
+
 def fold(cls: Any, state: GlobalState, updates: list[tuple[int, Tensors, int]]) -> GlobalState:
     agg = cls(state)
     for index, tensors, n in updates:

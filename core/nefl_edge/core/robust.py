@@ -44,7 +44,8 @@ blocks of at most ``BLOCK_VALUES`` clipped deltas at a time (deltas are recomput
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,9 +55,11 @@ from nefl_edge.core.nested import GlobalState, Tensors, prefix_slice
 from nefl_edge.core.specs import param_layout
 
 SELECT_PASSES = 4
-"""Trimming up to this many values per side selects them pass by pass; more: one sort per element."""
-BLOCK_VALUES = 1 << 22
-"""Values (clients x elements) sorted at once in one block of a region: 32 MiB of float32."""
+"""Trimming up to this many values per side selects them with a sorting network over whole rows
+(:func:`_trim_mask`); more: one stable sort per element along the client axis."""
+BLOCK_VALUES = 1 << 20
+"""Values (clients x elements) taken at once in one block of a region: 4 MiB of float32 (the sorting
+network passes over a block dozens of times, so it had better stay in cache)."""
 
 
 @dataclass(frozen=True)
@@ -122,58 +125,89 @@ def trimmed_mean(values: np.ndarray, weights: np.ndarray, trim: float, min_trim:
         kept = np.take_along_axis(flat, order, axis=0).astype(np.float64)
         kept_w = w[order]
         return ((kept * kept_w).sum(axis=0) / kept_w.sum(axis=0)).astype(np.float32).reshape(values.shape[1:])
-    # b passes that drop the smallest and the largest remaining value: no sort of every element's values
-    cols = np.arange(flat.shape[1])
-    keep = np.ones(flat.shape, bool)
-    low, high = flat.copy(), flat.copy()
-    for _ in range(b):
-        i = np.argmin(low, axis=0)
-        low[i, cols], keep[i, cols] = np.inf, False
-        j = np.argmax(high, axis=0)
-        high[j, cols], keep[j, cols] = -np.inf, False
-    kept_w = np.where(keep, w[:, None], 0.0)
-    out = np.einsum("ij,ij->j", flat.astype(np.float64), kept_w) / kept_w.sum(axis=0)
-    return out.astype(np.float32).reshape(values.shape[1:])
+    # The weighted sums of the kept values and of their weights, client by client in order (as a reduction
+    # over the client axis adds them), without clients x elements float64 arrays.
+    total, weight = np.zeros(flat.shape[1]), np.zeros(flat.shape[1])
+    product, kept_w = np.empty(flat.shape[1]), np.empty(flat.shape[1])
+    for row, dropped, wi in zip(flat, _trim_mask(flat, b), w):
+        np.multiply(~dropped, wi, out=kept_w)
+        np.multiply(row, kept_w, out=product, dtype=np.float64)
+        total += product
+        weight += kept_w
+    return (total / weight).astype(np.float32).reshape(values.shape[1:])
 
 
-def _closure(shapes: set[tuple[int, ...]]) -> list[tuple[int, ...]]:
-    """``shapes`` closed under the element-wise minimum, largest first: every element's covering clients are
-    exactly those whose shape contains the smallest of these shapes that contains the element."""
-    out = set(shapes)
-    grew = True
-    while grew:
-        grew = False
-        for a in list(out):
-            for b in list(out):
-                m = tuple(min(x, y) for x, y in zip(a, b))
-                if m not in out:
-                    out.add(m)
-                    grew = True
-    return sorted(out, key=lambda s: int(np.prod(s)), reverse=True)
+def _trim_mask(flat: np.ndarray, b: int) -> list[np.ndarray]:
+    """Per client (row of ``flat``, clients x elements), where a trim of ``b`` per side drops its value: per
+    element the ``b`` smallest and the ``b`` largest values, ties going to the lowest client index on each
+    side (the two sides chosen independently, so a client can be both among the smallest and among the
+    largest only where every value kept is equal). Thresholds from one sorting network
+    (:func:`_sorted_rows`), then element-wise comparisons row by row: no reduction along the strided client
+    axis; only the elements where more values tie at a threshold than are to be dropped take a slower
+    look."""
+    c = flat.shape[0]
+    srt = _sorted_rows(flat)
+    drop = [np.zeros(flat.shape[1], bool) for _ in range(c)]
+    for threshold, within, beyond in ((srt[b - 1], np.less_equal, np.less), (srt[c - b], np.greater_equal, np.greater)):
+        sides = [within(row, threshold) for row in flat]
+        count = np.zeros(flat.shape[1], np.int32)
+        for side in sides:
+            count += side
+        tied = np.flatnonzero(count > b)
+        if tied.size:  # the first clients' tied values go, the rest stay
+            values, at = flat[:, tied], threshold[tied]
+            need = b - beyond(values, at).sum(axis=0)
+            for row, side in zip(values, sides):
+                take = (row == at) & (need > 0)
+                need -= take
+                side[tied] = beyond(row, at) | take
+        for side, out in zip(sides, drop):
+            out |= side
+    return drop
 
 
-def _contains(big: tuple[int, ...], small: tuple[int, ...]) -> bool:
-    return all(a >= b for a, b in zip(big, small))
+def _cells(shapes: Sequence[tuple[int, ...]]) -> Iterator[tuple[tuple[slice, ...], tuple[int, ...]]]:
+    """The boxes that tile the union of the prefixes ``shapes`` (of one tensor) into elements with one
+    covering set each: per dimension, the intervals between consecutive extents of ``shapes``. Yields each
+    box's slices and its far corner (its exclusive upper bounds): a client covers the box iff its shape
+    contains that corner. Every element of the union is in exactly one box, so each is aggregated once; a
+    box may lie outside every prefix when the shapes are not nested (no client covers it)."""
+    bounds = [sorted({0, *(s[d] for s in shapes)}) for d in range(len(shapes[0]))]
+    for corner in itertools.product(*(range(1, len(b)) for b in bounds)):
+        yield (
+            tuple(slice(b[j - 1], b[j]) for b, j in zip(bounds, corner)),
+            tuple(b[j] for b, j in zip(bounds, corner)),
+        )
 
 
-def _region_mean(
-    deltas: list[Callable[[tuple[slice, ...]], np.ndarray]],
+Getter = Callable[[tuple[slice, ...], np.ndarray], np.ndarray]
+"""A client's clipped delta at the given slices, written into the given array (and returned)."""
+
+
+def _box_mean(
+    deltas: list[Getter],
     weights: np.ndarray,
-    shape: tuple[int, ...],
+    box: tuple[slice, ...],
     opts: RobustOptions,
 ) -> np.ndarray:
-    """The trimmed mean over the clients' deltas (``deltas[i](slices)`` gives client ``i``'s clipped delta at
-    ``slices``) of the ``shape`` prefix, in blocks of rows so that the stacked values stay under
-    ``BLOCK_VALUES``."""
-    if len(shape) == 0:
-        return trimmed_mean(np.stack([d(()) for d in deltas]), weights, opts.trim, opts.min_trim)
+    """The trimmed mean over the clients' deltas (``deltas[i](slices, out)`` writes client ``i``'s clipped
+    delta at ``slices`` into ``out``) of the elements of ``box``, in blocks along its first dimension so that
+    the stacked values stay under ``BLOCK_VALUES``."""
+    shape = tuple(b.stop - b.start for b in box)
+    if len(box) == 0:
+        values = np.empty((len(deltas),), np.float32)
+        for d, dst in zip(deltas, values[:, None]):
+            d((), dst.reshape(()))
+        return trimmed_mean(values, weights, opts.trim, opts.min_trim)
     out = np.empty(shape, np.float32)
     row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     rows = max(1, BLOCK_VALUES // max(1, row * len(deltas)))
-    rest = prefix_slice(shape[1:])
+    first, rest = box[0], box[1:]
     for lo in range(0, shape[0], rows):
         hi = min(shape[0], lo + rows)
-        block = np.stack([d((slice(lo, hi), *rest)) for d in deltas])
+        block = np.empty((len(deltas), hi - lo, *shape[1:]), np.float32)
+        for d, dst in zip(deltas, block):
+            d((slice(first.start + lo, first.start + hi), *rest), dst)
         out[lo:hi] = trimmed_mean(block, weights, opts.trim, opts.min_trim)
     return out
 
@@ -185,6 +219,7 @@ class _Deltas:
     def __init__(self, state: GlobalState, updates: list[ClientUpdate], layouts: list[dict[str, Any]]) -> None:
         self.state, self.updates, self.layouts = state, updates, layouts
         self.factor: list[dict[str, float]] = [{} for _ in updates]
+        self._sent_squares: dict[tuple[int, str], float] = {}  # per (submodel, tensor): the same for its clients
 
     def sent(self, i: int, name: str) -> np.ndarray:
         u = self.updates[i]
@@ -192,23 +227,67 @@ class _Deltas:
             return self.state.consistent[name][prefix_slice(self.layouts[u.index][name].shape)]
         return self.state.inconsistent[u.index][name]
 
-    def get(self, i: int, name: str, where: tuple[slice, ...]) -> np.ndarray:
-        delta = np.subtract(self.updates[i].tensors[name][where], self.sent(i, name)[where], dtype=np.float32)
+    def get(self, i: int, name: str, where: tuple[slice, ...], out: np.ndarray | None = None) -> np.ndarray:
+        delta = np.subtract(self.updates[i].tensors[name][where], self.sent(i, name)[where], out, dtype=np.float32)
         factor = self.factor[i].get(name, 1.0)
-        return delta * np.float32(factor) if factor != 1.0 else delta
+        if factor != 1.0:
+            delta *= np.float32(factor)
+        return delta
 
-    def getter(self, i: int, name: str) -> Callable[[tuple[slice, ...]], np.ndarray]:
-        return lambda where: self.get(i, name, where)
+    def getter(self, i: int, name: str) -> Getter:
+        return lambda where, out: self.get(i, name, where, out)
 
     def norm(self, i: int, names: Sequence[str]) -> tuple[float, float]:
-        """(||delta||, ||sent||) over ``names`` of client ``i``, before clipping."""
+        """(||delta||, ||sent||) over ``names`` of client ``i``, before clipping (sums of squares in float64;
+        the sent weights' once per submodel)."""
         change = size = 0.0
+        index = self.updates[i].index
         for n in names:
-            d = np.subtract(self.updates[i].tensors[n], self.sent(i, n), dtype=np.float32).reshape(-1)
-            ref = self.sent(i, n).reshape(-1)
-            change += float(np.dot(d.astype(np.float64), d))
-            size += float(np.dot(ref.astype(np.float64), ref))
+            change += _squares(np.subtract(self.updates[i].tensors[n], self.sent(i, n), dtype=np.float32))
+            if (index, n) not in self._sent_squares:
+                self._sent_squares[index, n] = _squares(np.ascontiguousarray(self.sent(i, n)))
+            size += self._sent_squares[index, n]
         return float(np.sqrt(change)), float(np.sqrt(size))
+
+
+def _squares(x: np.ndarray) -> float:
+    """The float64 sum of squares of a float32 array, without a float64 copy of it."""
+    flat = x.reshape(-1)
+    return float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+
+
+def _merge_exchange(n: int) -> list[tuple[int, int]]:
+    """The compare-exchange pairs of Batcher's merge exchange sort of ``n`` items (Knuth, The Art of Computer
+    Programming vol. 3, 5.2.2, Algorithm M): applied in order, ``(i, j)`` putting the smaller value at ``i``,
+    they sort any input; 31 pairs for 10 items."""
+    pairs: list[tuple[int, int]] = []
+    if n < 2:
+        return pairs
+    t = (n - 1).bit_length()
+    p = 1 << (t - 1)
+    while p > 0:
+        q, r, d = 1 << (t - 1), 0, p
+        while True:
+            pairs += [(i, i + d) for i in range(n - d) if i & p == r]
+            if q == p:
+                break
+            d, q, r = q - p, q // 2, p
+        p //= 2
+    return pairs
+
+
+def _sorted_rows(block: np.ndarray) -> list[np.ndarray]:
+    """The rows of ``block`` (clients x elements) sorted per element: row ``k`` holds every element's
+    ``k``-th smallest value. A sorting network of element-wise minima and maxima over whole rows, which for
+    the few clients of a round is several times faster than a sort along the client axis (strided). Values
+    are finite here (screening rejects NaN; a client with a non-finite delta is left out before)."""
+    rows = [np.array(r) for r in block]
+    spare = np.empty_like(rows[0])
+    for i, j in _merge_exchange(len(rows)):
+        np.minimum(rows[i], rows[j], out=spare)
+        np.maximum(rows[i], rows[j], out=rows[j])
+        rows[i], spare = spare, rows[i]
+    return rows
 
 
 LEAVE_ONE_OUT = 16
@@ -217,25 +296,21 @@ median its way); above, with the median of all (one client moves it little)."""
 
 
 def _leave_one_out_medians(block: np.ndarray) -> np.ndarray:
-    """Row ``i``: the coordinate-wise median of ``block`` without its row ``i`` (one sort of the block: the
-    remaining values are the sorted ones with the row's rank skipped)."""
+    """Row ``i``: the coordinate-wise median of ``block`` without its row ``i``, from one sort of the block
+    (:func:`_sorted_rows`, values ``s_0 <= ... <= s_{n-1}``). Without one copy of a value ``v``, the ``k``-th
+    smallest remaining value is ``s_k`` if ``v >= s_{k+1}`` (a copy of ``v`` sits above ``k``), else
+    ``s_{k+1}``; the multiset left is the same whichever copy of a tied value goes."""
     n = block.shape[0]
-    order = np.argsort(block, axis=0)
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(n)[:, None], axis=0)
-    srt = np.take_along_axis(block, order, axis=0)
+    srt = _sorted_rows(block)
 
-    def remaining(k: int, rank: np.ndarray) -> np.ndarray:  # the k-th smallest value without that rank
-        return np.where(k < rank, srt[k], srt[min(k + 1, n - 1)])
+    def remaining(k: int) -> np.ndarray:  # per row and element: the k-th smallest value without that row's
+        above = srt[min(k + 1, n - 1)]
+        return np.where(block >= above, srt[k], above)
 
-    out = np.empty_like(block)
     m = n - 1
-    for i in range(n):
-        if m % 2:
-            out[i] = remaining(m // 2, ranks[i])
-        else:
-            out[i] = (remaining(m // 2 - 1, ranks[i]) + remaining(m // 2, ranks[i])) / 2
-    return out
+    if m % 2:
+        return remaining(m // 2)
+    return (remaining(m // 2 - 1) + remaining(m // 2)) / 2
 
 
 def _agreement(deltas: _Deltas, layouts: list[dict[str, Any]], state: GlobalState) -> list[float]:
@@ -256,7 +331,9 @@ def _agreement(deltas: _Deltas, layouts: list[dict[str, Any]], state: GlobalStat
         dots, squares, centre_sq = np.zeros(n), np.zeros(n), np.zeros(n)
         for lo in range(0, common[0], rows):
             where = (slice(lo, min(common[0], lo + rows)), *rest)
-            block = np.stack([deltas.get(i, name, where).reshape(-1) for i in range(n)])
+            block = np.empty((n, (where[0].stop - where[0].start) * row), np.float32)
+            for i in range(n):
+                deltas.get(i, name, where, block[i].reshape(-1, *common[1:]))
             if n <= LEAVE_ONE_OUT:
                 centres = _leave_one_out_medians(block)
             else:
@@ -329,12 +406,12 @@ def robust_aggregate(
         if not covering:
             continue
         target = out.consistent[name]
-        for shape in _closure({s for s, _, _ in covering}):
-            mine = [(i, w) for s, i, w in covering if _contains(s, shape)]
+        for box, corner in _cells([s for s, _, _ in covering]):
+            mine = [(i, w) for s, i, w in covering if all(a >= b for a, b in zip(s, corner))]
+            if not mine:  # outside every covering prefix (shapes that are not nested): kept, as in exact
+                continue
             getters = [deltas.getter(i, name) for i, _ in mine]
-            mean = _region_mean(getters, np.array([w for _, w in mine]), shape, opts)
-            where = prefix_slice(shape)
-            target[where] = old[where] + mean
+            target[box] = old[box] + _box_mean(getters, np.array([w for _, w in mine]), box, opts)
 
     # 5. inconsistent tensors, per submodel
     for k in sorted({updates[i].index for i in keep}):
@@ -343,6 +420,6 @@ def robust_aggregate(
         for name, info in layouts[k].items():
             if info.kind == "consistent":
                 continue
-            mean = _region_mean([deltas.getter(i, name) for i, _ in own], ws, info.shape, opts)
+            mean = _box_mean([deltas.getter(i, name) for i, _ in own], ws, prefix_slice(info.shape), opts)
             out.inconsistent[k][name] = (state.inconsistent[k][name] + mean).astype(np.float32)
     return out, report

@@ -35,7 +35,7 @@ from nefl_edge.core.encoding import encode_update
 from nefl_edge.core.mqtt import BrokerAddress, MqttLink
 from nefl_edge.core.nested import extract, init_global_state
 from nefl_edge.core.schemas import Metrics, Status, Task, TrainConfig, Update, Weights
-from nefl_edge.core.signing import Keyring, Signer, signers_by_topic
+from nefl_edge.core.signing import Keyring, Signer, signer_policy
 from nefl_edge.core.specs import get_model_config, make_specs
 from nefl_edge.core.wire import (
     DEFAULT_CHUNK_SIZE,
@@ -214,7 +214,7 @@ def through_broker(tensors: dict[str, np.ndarray], repeats: int) -> dict[str, fl
     payload = bytes(size)
     with LocalBroker("mosquitto") as broker:
         address = BrokerAddress("127.0.0.1", broker.port)
-        senders = signers_by_topic("coordinator")
+        senders = signer_policy("coordinator")
         links = {
             name: MqttLink(name, address, RUN, signer=signer, keyring=KEYRING, sender_of=senders, clean=True)
             for name, signer in (("dev0", DEVICE), ("coordinator", COORDINATOR))

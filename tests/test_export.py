@@ -148,3 +148,25 @@ def test_manifest_describes_each_submodel(small_artifacts: Path, small_specs: li
         assert any(n.endswith("running_mean") for n in names) and "head.weight" in names
         frozen = {p.name for p in sub.params if not p.trainable}
         assert frozen and all("running" in n for n in frozen)
+
+
+def test_artifact_roles_are_one_vocabulary_and_the_manifest_keys_stay_strings(small_artifacts: Path) -> None:
+    """The exporter writes one file per ``ArtifactRole``, the manifest keys them by the role's string value
+    (the wire format before the enum), and the device's backends and evaluator ask only for roles it has."""
+    from nefl_edge.core.schemas import ArtifactRole, Manifest
+    from nefl_edge.edge_client.trainer import BACKEND_FILES
+
+    raw = json.loads((small_artifacts / "manifest.json").read_text())
+    for sub_raw, sub in zip(raw["submodels"], load_manifest(small_artifacts).submodels):
+        assert list(sub_raw["files"]) == ["training", "eval", "checkpoint", "portable", "stats"], sub_raw["files"]
+        assert list(sub.files) == list(ArtifactRole), f"manifest roles {list(sub.files)}"
+        for role, entry in sub.files.items():
+            assert entry.name.endswith("/" + role.file_name), f"{role} is written as {entry.name}"
+            assert sub.files[role.value] is entry, f"a role's string value no longer finds its entry: {role}"
+    assert len({r.file_name for r in ArtifactRole}) == len(ArtifactRole), "two roles share a file name"
+    assert {r for roles in BACKEND_FILES.values() for r in roles} < set(ArtifactRole)
+    manifest = Manifest.model_validate(raw)
+    assert json.loads(manifest.to_json()) == raw, "the manifest no longer round-trips byte for byte as JSON"
+    raw["submodels"][0]["files"]["weights"] = raw["submodels"][0]["files"]["eval"]
+    with pytest.raises(ValueError, match="weights"):
+        Manifest.model_validate(raw)

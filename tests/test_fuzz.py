@@ -47,7 +47,7 @@ from nefl_edge.core.schemas import (
     Update,
     Weights,
 )
-from nefl_edge.core.signing import Keyring, Signer, signers_by_topic
+from nefl_edge.core.signing import Keyring, Signer, signer_policy
 from nefl_edge.core.wire import (
     MAGIC_FRAME,
     MAGIC_MESSAGE,
@@ -202,7 +202,7 @@ SLOW = settings(FAST, max_examples=10_000)
 
 
 def signed_receiver(assembler: Optional[Assembler] = None) -> Receiver:
-    return Receiver(RUN, assembler, KEYRING, signers_by_topic("coord"))
+    return Receiver(RUN, assembler, KEYRING, signer_policy("coord"))
 
 
 def drive(receiver: Receiver, topic: str, payload: bytes) -> Optional[Message]:

@@ -18,7 +18,7 @@ import pytest
 
 from nefl_edge.core.mqtt import BrokerAddress, Inbound, Inbox, MqttLink
 from nefl_edge.core.schemas import Control, Status, Task, TrainConfig
-from nefl_edge.core.signing import Keyring, Signer, save_private_key, signers_by_topic
+from nefl_edge.core.signing import Keyring, Signer, save_private_key, signer_policy
 from nefl_edge.core.wire import Assembler, Topics, encode, frames
 from tests.fakes import KILLERS, Clock, first_frames
 from tests.helpers import Broker, stop, wait_for
@@ -115,7 +115,7 @@ def test_a_signed_last_will_replaces_the_retained_status(broker: Broker, tmp_pat
     device_key = Signer.generate("d1")
     save_private_key(tmp_path / "d1.key", device_key.private_key)
     keyring = Keyring({"d1": device_key.public_key})
-    coordinator = make_link(broker, "coordinator", keyring=keyring, sender_of=signers_by_topic("coord"))
+    coordinator = make_link(broker, "coordinator", keyring=keyring, sender_of=signer_policy("coord"))
     coordinator.subscribe(TOPICS.all_nodes("status"))
     coordinator.connect(10)
     proc = subprocess.Popen(
@@ -131,7 +131,7 @@ def test_a_signed_last_will_replaces_the_retained_status(broker: Broker, tmp_pat
         offline = next_message(coordinator)[1]
     finally:
         stop(proc)
-    late = make_link(broker, "late", keyring=keyring, sender_of=signers_by_topic("coord"))
+    late = make_link(broker, "late", keyring=keyring, sender_of=signer_policy("coord"))
     late.subscribe(TOPICS.all_nodes("status"))
     late.connect(10)
     retained = next_message(late)[1]
@@ -206,7 +206,7 @@ def test_memory_returns_to_its_baseline_after_a_flood() -> None:
 
 def test_signed_traffic_both_ways_and_forgeries_are_refused(broker: Broker, raw: mqtt.Client) -> None:
     coord_key, device_key = Signer.generate("coord"), Signer.generate("d1")
-    policy = signers_by_topic("coord")
+    policy = signer_policy("coord")
     coordinator = make_link(
         broker, "coordinator", signer=coord_key, keyring=Keyring({"d1": device_key.public_key}), sender_of=policy
     )

@@ -43,7 +43,7 @@ from nefl_edge.core.schemas import (
     Update,
     Weights,
 )
-from nefl_edge.core.signing import Keyring, Signer, signers_by_topic
+from nefl_edge.core.signing import Keyring, Signer, signer_policy
 from nefl_edge.core.wire import Topics, encode, pack_tensors, sha256, tensor_parts
 from nefl_edge.edge_client.session import Admission, CannotTakePart, DeviceSession, RunEnded
 
@@ -105,7 +105,7 @@ class Fleet:
             RUN,
             signer=Signer(self.keys[me], me),
             keyring=keyring,
-            sender_of=signers_by_topic(coordinator_key),
+            sender_of=signer_policy(coordinator_key),
         )
 
     def join(self, node: str) -> DeviceSession:
@@ -474,7 +474,7 @@ def signed_link(broker: MemoryBroker, key: Optional[Ed25519PrivateKey]) -> Memor
     if key is None:
         return MemoryLink(broker, RUN)
     return MemoryLink(
-        broker, RUN, signer=Signer(key, "coordinator"), keyring=Keyring(), sender_of=signers_by_topic("coordinator")
+        broker, RUN, signer=Signer(key, "coordinator"), keyring=Keyring(), sender_of=signer_policy("coordinator")
     )
 
 
@@ -484,7 +484,7 @@ def waiting_device(
     """A device connected and subscribed before any coordinator: enrolled (it verifies with ``trusts``'s public
     key) or not (``trusts`` None); ``fits`` says why its data does not fit a manifest's model."""
     keyring = None if trusts is None else Keyring({"coordinator": trusts.public_key()})
-    sender_of = None if keyring is None else signers_by_topic("coordinator")
+    sender_of = None if keyring is None else signer_policy("coordinator")
     link = MemoryLink(broker, RUN, keyring=keyring, sender_of=sender_of)
     device = DeviceSession(link, RUN, "pi-a", admission=Admission(RUN, keyring, "coordinator", fits))
     device.subscribe_run()

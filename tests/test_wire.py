@@ -23,7 +23,7 @@ from nefl_edge.core.signing import (
     load_public_key,
     save_private_key,
     save_public_key,
-    signers_by_topic,
+    signer_policy,
 )
 from nefl_edge.core.wire import (
     Assembler,
@@ -390,7 +390,7 @@ UPDATE = Update(
 
 
 def signed_receiver() -> Receiver:
-    return Receiver("r1", keyring=KEYRING, sender_of=signers_by_topic("coord"))
+    return Receiver("r1", keyring=KEYRING, sender_of=signer_policy("coord"))
 
 
 def sealed(signer: Signer, topic: str, message: Message, body: bytes = b"") -> bytes:
@@ -534,7 +534,7 @@ def count_hashed_bytes(monkeypatch) -> list[int]:  # type: ignore[no-untyped-def
 def test_a_signed_message_is_hashed_once_but_for_its_last_block(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     signer, topic = Signer.generate("coordinator"), "nefl/r1/node/n1/task"
     receiver = Receiver(
-        "r1", keyring=Keyring({"coordinator": signer.public_key}), sender_of=signers_by_topic("coordinator")
+        "r1", keyring=Keyring({"coordinator": signer.public_key}), sender_of=signer_policy("coordinator")
     )
     body = tensor_parts({"w": np.ones((900, 1000), np.float32)})  # 3.4 MiB
     hashed = count_hashed_bytes(monkeypatch)

@@ -494,10 +494,10 @@ def coordinator_link(
     signer = keyring = sender_of = None
     if enrolment_dir is not None:
         from nefl_edge.coordinator.enrolment import COORDINATOR_KEY_ID, coordinator_keyring, coordinator_signer
-        from nefl_edge.core.signing import signers_by_topic
+        from nefl_edge.core.signing import signer_policy
 
         signer, keyring = coordinator_signer(enrolment_dir), coordinator_keyring(enrolment_dir)
-        sender_of = signers_by_topic(COORDINATOR_KEY_ID)
+        sender_of = signer_policy(COORDINATOR_KEY_ID)
         log.info("signed run: %d enrolled devices in %s", len(keyring), enrolment_dir)
     else:
         log.warning(

@@ -160,9 +160,9 @@ def broker_states(run_dir: Path, run: str, wait_s: float = STATUS_WAIT_S) -> dic
     keyring = sender_of = None
     if sec.enrolment_dir is not None:
         from nefl_edge.coordinator.enrolment import COORDINATOR_KEY_ID, coordinator_keyring
-        from nefl_edge.core.signing import signers_by_topic
+        from nefl_edge.core.signing import signer_policy
 
-        keyring, sender_of = coordinator_keyring(Path(sec.enrolment_dir)), signers_by_topic(COORDINATOR_KEY_ID)
+        keyring, sender_of = coordinator_keyring(Path(sec.enrolment_dir)), signer_policy(COORDINATOR_KEY_ID)
     security = sec.security()
     link = MqttLink(
         f"nefl-status-{run}-{uuid.uuid4().hex[:6]}",

@@ -2,14 +2,15 @@
 
 The methods themselves (``coordinator.strategies``: selection, assignment, extraction, aggregation) are
 numpy only, so that the round engine, the grids and the registry import no torch. What a simulated client
-does with its submodel lives here: plain SGD over the device's own batches (``train_torch``, what the
-device's ONNX Runtime trainer does), FjORD's ordered dropout (``fjord_train``) and the sandwich rule's
-in-place distillation into the smallest submodel (``distill_train``).
+does with its submodel lives here: SGD over the device's own batches (``train_torch``, what the device's
+ONNX Runtime trainer does; the update is the one :mod:`nefl_edge.core.sgd` defines, built by
+``sgd_optimizer``), FjORD's ordered dropout (``fjord_train``) and the sandwich rule's in-place distillation
+into the smallest submodel (``distill_train``).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -26,9 +27,14 @@ SMALLEST_PREFIX = "smallest/"
 """Names of the smallest submodel's own (inconsistent) tensors in an in-place distillation update."""
 
 
-def _optimizer(net: torch.nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    params = [p for p in net.parameters() if p.requires_grad]
+def sgd_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.SGD:
+    """The local update of :mod:`nefl_edge.core.sgd` in PyTorch: ``torch.optim.SGD`` with the task's lr,
+    momentum and weight decay and its defaults otherwise (dampening 0, no Nesterov), which is that update."""
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _optimizer(net: torch.nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    return sgd_optimizer([p for p in net.parameters() if p.requires_grad], cfg)
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -134,9 +140,7 @@ def distill_train(
     small = build_submodel(state, 0).to(opts.device).train()
     params = dict(net.named_parameters())
     own = [p for n, p in small.named_parameters() if n not in shared]
-    opt = torch.optim.SGD(
-        [p for p in net.parameters()] + own, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+    opt = sgd_optimizer([p for p in net.parameters()] + own, cfg)
     generator = _generator(opts, cfg.seed)
     for idx in local_batches(len(data), cfg):
         x = torch.from_numpy(data.x[idx]).to(opts.device)

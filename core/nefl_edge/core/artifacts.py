@@ -1,4 +1,5 @@
-"""Artifacts on disk: reading and verifying a manifest, and the device's content-addressed cache."""
+"""Artifacts on disk: reading and verifying a manifest, and the device's content-addressed cache. A submodel's
+files are named by their :class:`~nefl_edge.core.schemas.ArtifactRole`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Dict, Iterable, Optional
 from pydantic import ValidationError
 
 from nefl_edge.core.errors import BadInput
-from nefl_edge.core.schemas import FileEntry, Manifest, SubmodelEntry
+from nefl_edge.core.schemas import ArtifactRole, FileEntry, Manifest, SubmodelEntry
 
 MANIFEST_NAME = "manifest.json"
 
@@ -56,10 +57,12 @@ def load_manifest(folder: Path, verify: bool = True) -> Manifest:
     return manifest
 
 
-def submodel_paths(folder: Path, sub: SubmodelEntry, roles: Optional[Iterable[str]] = None) -> Dict[str, Path]:
+def submodel_paths(
+    folder: Path, sub: SubmodelEntry, roles: Optional[Iterable[ArtifactRole]] = None
+) -> Dict[ArtifactRole, Path]:
     """Paths of a submodel's files (all, or those of ``roles``) in an export folder, each checked against
     its hash."""
-    out: Dict[str, Path] = {}
+    out: Dict[ArtifactRole, Path] = {}
     for role, entry in sub.files.items():
         if roles is not None and role not in roles:
             continue
@@ -100,7 +103,7 @@ class ArtifactCache:
         os.replace(tmp, self.path(digest))
         return self.path(digest)
 
-    def submodel_paths(self, sub: SubmodelEntry, roles: Iterable[str]) -> Optional[Dict[str, Path]]:
+    def submodel_paths(self, sub: SubmodelEntry, roles: Iterable[ArtifactRole]) -> Optional[Dict[ArtifactRole, Path]]:
         """The cached files of a submodel for ``roles``, or ``None`` if any is missing."""
         wanted = {role: f for role, f in sub.files.items() if role in roles}
         if all(self.has(f.sha256) for f in wanted.values()):

@@ -36,7 +36,7 @@ from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 from nefl_edge.core.schemas import Message
-from nefl_edge.core.signing import SIGNATURE_BLOCK, Keyring, SignatureError, Signer, strip_pieces
+from nefl_edge.core.signing import SIGNATURE_BLOCK, Keyring, SignatureError, Signer, SignerPolicy, strip_pieces
 from nefl_edge.core.wire import (
     DEFAULT_CHUNK_SIZE,
     MAGIC_FRAME,
@@ -333,9 +333,16 @@ class Receiver:
     """Turns one payload into a validated inbound message, or into a counted, logged rejection.
 
     Steps: reassemble frames (:class:`core.wire.Assembler`, with its caps); with a ``keyring``, verify the
-    signature and that its key id is ``sender_of(stream)``; decode and validate the logical message; check it
-    is for this ``run``, that its kind belongs on the topic and that a ``node`` field names the node of a node
-    topic. Without a keyring signed and unsigned messages are both accepted (signatures are not checked).
+    signature (over the stream's topic too) and refuse a stream outside the protocol's topics; decode and
+    validate the logical message; with a ``keyring``, check that its signer is the one ``sender_of(message)``
+    names (the protocol's rule, e.g. :func:`core.signing.signer_policy`: a function of the message, not of the
+    topic); check it is for this ``run``, that its kind belongs on the topic and that a ``node`` field names
+    the node of a node topic. Without a keyring signed and unsigned messages are both accepted (signatures are
+    not checked).
+
+    Departure from checking the signer before decoding (as the policy by topic name did): a message signed by
+    a known key but not allowed to it is now decoded (its header validated, its body copied once) before it
+    is refused; only holders of an enrolled key can cause that, and the assembler's caps bound its size.
     """
 
     def __init__(
@@ -343,12 +350,12 @@ class Receiver:
         run: str,
         assembler: Optional[Assembler] = None,
         keyring: Optional[Keyring] = None,
-        sender_of: Optional[Callable[[str], Optional[str]]] = None,
+        sender_of: Optional[SignerPolicy] = None,
         log_burst: int = 5,
         log_window_s: float = 60.0,
     ) -> None:
         if keyring is not None and sender_of is None:
-            raise ValueError("a keyring needs sender_of (who may sign each topic), e.g. signers_by_topic(...)")
+            raise ValueError("a keyring needs sender_of (who may sign each message), e.g. signer_policy(...)")
         self.run = run
         self.assembler = assembler if assembler is not None else FairAssembler()
         self.keyring = keyring
@@ -367,19 +374,25 @@ class Receiver:
         data = self.assembler.feed_pieces(stream, payload, index)
         if data is None:
             return None
+        topic_kind = Topics.kind_of(stream)
+        signer = None
         if self.keyring is not None:
-            assert self.sender_of is not None
             signer, data = self.keyring.verify_pieces(stream, data)
-            allowed = self.sender_of(stream)
-            if signer != allowed:
-                who = f"only {allowed!r} may" if allowed else "nobody may"
-                raise SignatureError(f"message signed by {signer!r}, but {who} publish on this topic", "wrong_signer")
+            if not topic_kind:
+                raise SignatureError(f"message signed by {signer!r} on a topic outside the protocol", "wrong_signer")
         else:
             data = strip_pieces(data)
         message, body = decode(data)
+        if self.keyring is not None:
+            assert self.sender_of is not None
+            allowed = self.sender_of(message)
+            if signer != allowed:
+                who = f"only {allowed!r} may" if allowed else "nobody may"
+                kind = getattr(message, "kind", "?")
+                raise SignatureError(f"a {kind} message signed by {signer!r}, but {who} send it", "wrong_signer")
         if message.run != self.run:
             raise ProtocolError(f"message for run {short(message.run)}, this is run {self.run!r}", "wrong_run")
-        kind, topic_kind = getattr(message, "kind", ""), Topics.kind_of(stream)
+        kind = getattr(message, "kind", "")
         if topic_kind and kind not in MESSAGE_KINDS_BY_TOPIC[topic_kind]:
             raise ProtocolError(f"a {kind} message does not belong on a {topic_kind} topic", "wrong_topic")
         node = getattr(message, "node", None)
@@ -416,8 +429,8 @@ class FramedLink:
     :meth:`_session_up` / :meth:`_session_down` as the connection comes and goes.
 
     With a ``signer`` every published message is signed. With a ``keyring`` every received message must be
-    signed by the key that ``sender_of(stream topic)`` names (see :func:`core.signing.signers_by_topic`);
-    without one, messages are accepted unverified."""
+    signed by the key that ``sender_of(message)`` names (see :func:`core.signing.signer_policy`); without one,
+    messages are accepted unverified."""
 
     def __init__(
         self,
@@ -425,7 +438,7 @@ class FramedLink:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         signer: Optional[Signer] = None,
         keyring: Optional[Keyring] = None,
-        sender_of: Optional[Callable[[str], Optional[str]]] = None,
+        sender_of: Optional[SignerPolicy] = None,
         assembler: Optional[Assembler] = None,
         inbox_size: int = INBOX_SIZE,
         inbox_bytes: int = INBOX_BYTES,

@@ -19,7 +19,7 @@ import logging
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -36,7 +36,7 @@ from nefl_edge.core.link import (
     Receiver,
     split_chunk_topic,
 )
-from nefl_edge.core.signing import Keyring, Signer
+from nefl_edge.core.signing import Keyring, Signer, SignerPolicy
 from nefl_edge.core.wire import DEFAULT_CHUNK_SIZE, Assembler
 
 __all__ = [  # the receive path lives in core.link since the Link interface; these names stay importable here
@@ -117,8 +117,8 @@ class MqttLink(FramedLink):
     paho-mqtt (the framing, signing and receive checks are :class:`core.link.FramedLink`'s).
 
     With a ``signer`` every published message (and the Last Will) is signed. With a ``keyring`` every
-    received message must be signed by the key that ``sender_of(stream topic)`` names (see
-    :func:`core.signing.signers_by_topic`); without one, messages are accepted unverified. Caps on
+    received message must be signed by the key that ``sender_of(message)`` names (see
+    :func:`core.signing.signer_policy`); without one, messages are accepted unverified. Caps on
     partial messages are those of ``assembler`` (default: :class:`core.wire.Assembler`'s). Everything is
     published at QoS 1.
     """
@@ -135,7 +135,7 @@ class MqttLink(FramedLink):
         clean: bool = False,
         signer: Optional[Signer] = None,
         keyring: Optional[Keyring] = None,
-        sender_of: Optional[Callable[[str], Optional[str]]] = None,
+        sender_of: Optional[SignerPolicy] = None,
         assembler: Optional[Assembler] = None,
         inbox_size: int = INBOX_SIZE,
         inbox_bytes: int = INBOX_BYTES,

@@ -6,7 +6,8 @@ field; nothing from the network is trusted before it passes through here.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Dict, List, Literal, Optional, Tuple
+from enum import Enum
+from typing import Annotated, ClassVar, Dict, List, Literal, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -23,6 +24,43 @@ class Strict(BaseModel):
 
 
 # --- the artifact manifest ---------------------------------------------------------------------------------
+
+
+class ArtifactRole(str, Enum):
+    """What one artifact file of a submodel is for: the one vocabulary of the exporter (``export.artifacts``
+    writes a file per role), the manifest (``SubmodelEntry.files`` is keyed by role), the coordinator (which
+    publishes them) and the device (whose training backends and evaluator load them by role). The values are
+    the manifest's keys on the wire; a member equals its value as a string, so ``files["eval"]`` still works.
+    """
+
+    TRAINING = "training"
+    """ONNX Runtime's training graph (loss and gradients; ``com.microsoft`` ops): the ``ort-training`` backend."""
+    EVAL = "eval"
+    """The eval graph (loss and logits, BatchNorm in eval mode): evaluation, and both backends' ``evaluate``."""
+    CHECKPOINT = "checkpoint"
+    """ONNX Runtime's training checkpoint (the tensors' names and kinds): the ``ort-training`` backend."""
+    PORTABLE = "portable"
+    """One whole SGD step in standard ONNX ops (``export.portable``): the ``portable`` backend."""
+    STATS = "stats"
+    """Per-batch BatchNorm statistics (``export.stats``): federated BatchNorm re-estimation."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def file_name(self) -> str:
+        """The file's name in a submodel's export folder. The training, eval and checkpoint names are the ones
+        ONNX Runtime's ``generate_artifacts`` writes."""
+        return _ARTIFACT_FILE_NAMES[self]
+
+
+_ARTIFACT_FILE_NAMES = {
+    ArtifactRole.TRAINING: "training_model.onnx",
+    ArtifactRole.EVAL: "eval_model.onnx",
+    ArtifactRole.CHECKPOINT: "checkpoint",
+    ArtifactRole.PORTABLE: "portable_step.onnx",
+    ArtifactRole.STATS: "bn_stats.onnx",
+}
 
 
 class FileEntry(Strict):
@@ -53,7 +91,7 @@ class SubmodelEntry(Strict):
     gamma: float
     mflops: float
     param_count: int
-    files: Dict[Literal["training", "eval", "checkpoint", "portable", "stats"], FileEntry]
+    files: Dict[ArtifactRole, FileEntry]
     params: List[ParamEntry]
 
 
@@ -144,9 +182,17 @@ class DeviceProfile(Strict):
     probe_mflops: Optional[float] = Field(None, description="forward MFLOPs of the submodel that was timed")
 
 
-class Message(Strict):
-    """Header fields every wire message carries (``schema``, ``run``, ``sent_at``); ``kind`` names the message."""
+Origin = Literal["device", "coordinator"]
 
+
+class Message(Strict):
+    """Header fields every wire message carries (``schema``, ``run``, ``sent_at``); ``kind`` names the message.
+
+    ``origin`` (a class attribute of each kind, not a field) says which side sends it: in a signed run the
+    coordinator signs what it sends, and a device signs what it sends with its own key, as the ``node`` it
+    names (``core.signing.signer_policy``)."""
+
+    origin: ClassVar[Origin]
     schema_: Literal["nefl.wire/3"] = Field("nefl.wire/3", alias="schema")
     run: str = Field(pattern=NAME_PATTERN)
     sent_at: float = 0.0
@@ -170,6 +216,7 @@ class TaskMessage(NodeMessage):
 class Hello(NodeMessage):
     """device -> coordinator: join the run with this profile, sample count and (optional) declared tier."""
 
+    origin: ClassVar[Origin] = "device"
     kind: Literal["hello"] = "hello"
     profile: DeviceProfile
     num_samples: int = Field(ge=0)
@@ -184,6 +231,7 @@ class Hello(NodeMessage):
 class Status(NodeMessage):
     """device -> coordinator (retained): online, training, offline (left) or lost (its Last Will)."""
 
+    origin: ClassVar[Origin] = "device"
     kind: Literal["status"] = "status"
     state: Literal["online", "offline", "training", "lost"] = Field(
         description="offline: the device left; lost: its Last Will (the broker lost it, or went down itself)"
@@ -194,6 +242,7 @@ class Task(TaskMessage):
     """coordinator -> one device: train ``submodel`` from the weights with ``weights_sha256`` and answer within
     ``deadline_s``."""
 
+    origin: ClassVar[Origin] = "coordinator"
     kind: Literal["task"] = "task"
     submodel: int = Field(ge=0)
     weights_sha256: str = Field(pattern=SHA256_PATTERN)
@@ -214,6 +263,7 @@ class Metrics(Strict):
 class Update(TaskMessage):
     """device -> coordinator: the trained tensors of a task (body: safetensors) and how training went."""
 
+    origin: ClassVar[Origin] = "device"
     kind: Literal["update"] = "update"
     submodel: int = Field(ge=0)
     num_samples: int = Field(gt=0)
@@ -226,6 +276,7 @@ class EvalTask(TaskMessage):
     batch statistics over at most ``bn_max_batches`` batches of ``batch_size`` of its training split);
     answer with an ``evaluation`` within ``deadline_s``."""
 
+    origin: ClassVar[Origin] = "coordinator"
     kind: Literal["evaluate"] = "evaluate"
     submodels: List[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=64)
     weights_sha256: List[Annotated[str, Field(pattern=SHA256_PATTERN)]] = Field(min_length=1, max_length=64)
@@ -258,6 +309,7 @@ class Evaluation(TaskMessage):
     ``bn``: per submodel with statistics, whose sums travel in the body (safetensors, ``<k>/<layer>.mean_sum``
     and ``<k>/<layer>.var_sum``)."""
 
+    origin: ClassVar[Origin] = "device"
     kind: Literal["evaluation"] = "evaluation"
     results: List[SubmodelEval] = Field(default_factory=list, max_length=64)
     bn: List[BnCount] = Field(default_factory=list, max_length=64)
@@ -266,6 +318,7 @@ class Evaluation(TaskMessage):
 class Decline(TaskMessage):
     """device -> coordinator: the device will not answer this task, and why."""
 
+    origin: ClassVar[Origin] = "device"
     kind: Literal["decline"] = "decline"
     reason: str
 
@@ -273,6 +326,7 @@ class Decline(TaskMessage):
 class Weights(Message):
     """coordinator -> all (retained, one per submodel): the round's weights of a submodel (body: safetensors)."""
 
+    origin: ClassVar[Origin] = "coordinator"
     kind: Literal["weights"] = "weights"
     round: int = Field(ge=0)
     submodel: int = Field(ge=0)
@@ -281,6 +335,7 @@ class Weights(Message):
 class Artifact(Message):
     """coordinator -> all (retained, content-addressed): one artifact file (body: the file)."""
 
+    origin: ClassVar[Origin] = "coordinator"
     kind: Literal["artifact"] = "artifact"
     name: str
 
@@ -288,6 +343,7 @@ class Artifact(Message):
 class ManifestMessage(Message):
     """coordinator -> all (retained): the run's manifest (body: its JSON)."""
 
+    origin: ClassVar[Origin] = "coordinator"
     kind: Literal["manifest"] = "manifest"
 
 
@@ -296,6 +352,7 @@ class Control(Message):
     (the coordinator is alive: sent every ``coordinator.session.HEARTBEAT_S``; devices leave a run silent for
     ``edge_client.session.SILENT_S``)."""
 
+    origin: ClassVar[Origin] = "coordinator"
     kind: Literal["control"] = "control"
     action: Literal["end", "announce", "heartbeat"]
     reason: str = ""

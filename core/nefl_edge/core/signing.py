@@ -10,17 +10,21 @@ computed like a frame's message digest (:func:`edge_client.wire.message_digest`)
 sha256 of the content if it fits one block, else the sha256 of its blocks' concatenated sha256 digests. So the whole
 logical message (magic, header, body), the signer's key id and the MQTT topic it was published on (without a
 ``/chunk/<i>`` suffix) are bound: a signed message cannot be moved to another topic or credited to another
-key. Because the signature comes last, the envelope's 1 MiB frames (the default chunk size) are exactly
+key (the topic is the stream name of the ``core.link.Link`` it travels on; another transport names its streams
+the same way). Because the signature comes last, the envelope's 1 MiB frames (the default chunk size) are exactly
 those blocks, except the last one or two: sender and receiver reuse the frames' chunk digests, so signing
 hashes no byte a second time beyond the last block (:meth:`Signer.seal_parts`, :meth:`Keyring.verify_pieces`).
 The envelope is chunked into frames like any message (:func:`edge_client.wire.frames`).
 
 A receiver with a :class:`Keyring` accepts a message only if it is signed, the key id is in the keyring,
-the signature verifies, and the key id is the one allowed to publish on the topic (see
-:func:`signers_by_topic`: a device signs its own ``node/<node>/{hello,status,update}`` with key id ``<node>``;
-the coordinator signs tasks, weights, artifacts, the manifest and control). Anything else raises
-:class:`SignatureError` with a reason code: ``unsigned``, ``envelope``, ``unknown_key``, ``bad_signature``,
-``wrong_signer``.
+the signature verifies, and the key id is the one allowed to send that message. Who may send what is a
+function of the protocol message, not of a transport's topic names (:func:`signer_policy`): a device signs
+what it sends (``Message.origin == "device"``: hello, status, update, decline, evaluation) with key id
+``<node>``, the node the message names; the coordinator signs what it sends (task, evaluate, weights,
+artifact, manifest, control). The receiver (``core.link.Receiver``) also checks that the message's kind and
+node are those of the topic it came on, so a device can neither speak for another node nor use another
+node's topics. Anything else raises :class:`SignatureError` with a reason code: ``unsigned``, ``envelope``,
+``unknown_key``, ``bad_signature``, ``wrong_signer``.
 
 Key files: private keys are PKCS#8 PEM (or 32 raw bytes) written with mode 0600, and refused on load if the
 group or others can read them; public keys are SubjectPublicKeyInfo PEM (or 32 raw bytes). A keyring file
@@ -45,7 +49,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from nefl_edge.core.files import write_atomic
-from nefl_edge.core.wire import DEFAULT_CHUNK_SIZE, Buffer, Pieces, ProtocolError, Topics, message_digest, short
+from nefl_edge.core.schemas import Message
+from nefl_edge.core.wire import DEFAULT_CHUNK_SIZE, Buffer, Pieces, ProtocolError, message_digest, short
 
 MAGIC_SIGNED = b"NEFS"
 SIGNATURE_DOMAIN = b"nefl.sig/2"
@@ -53,8 +58,8 @@ SIGNATURE_SIZE = 64
 SIGNATURE_BLOCK = DEFAULT_CHUNK_SIZE  # block size of the signed digest (equal to the default frame chunk)
 KEYRING_SCHEMA = "nefl.keyring/1"
 KEY_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-COORDINATOR_TOPICS = ("task", "manifest", "control", "weights", "artifact")
-DEVICE_TOPICS = ("hello", "status", "update")
+SignerPolicy = Callable[[Message], Optional[str]]
+"""The key id that must have signed a (validated) message, or ``None`` if nobody may send it."""
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -262,17 +267,23 @@ class Keyring:
         return cls.from_json(_read(Path(path)).decode("utf-8", "replace"), str(path))
 
 
-def signers_by_topic(coordinator_key_id: str) -> Callable[[str], Optional[str]]:
-    """The usual rule of who may publish where: on ``<prefix>/<run>/node/<node>/{hello,status,update}`` the
-    device whose key id is ``<node>``; on ``node/<node>/task``, ``manifest``, ``control``, ``weights/<i>``
-    and ``artifact/<sha256>`` the coordinator; on any other topic nobody (``None``)."""
+def signer_policy(coordinator_key_id: str) -> SignerPolicy:
+    """Who must have signed a message, from the message alone: what a device sends (``origin`` ``device``)
+    the device whose key id is the message's ``node``; what the coordinator sends (``origin``
+    ``coordinator``) the coordinator, known by ``coordinator_key_id``; anything else nobody (``None``).
+
+    Each side's link applies it to every message it receives (``core.link.Receiver``), whatever the transport:
+    it reads no topic name. It departs from the policy it replaces (by MQTT topic: ``node/<node>/update`` ->
+    ``<node>``) only in where the node comes from; the receiver's check that a message's node is the node of
+    its topic makes the two equal on MQTT."""
     check_key_id(coordinator_key_id)
 
-    def expected(topic: str) -> Optional[str]:
-        kind = Topics.kind_of(topic)
-        if kind in DEVICE_TOPICS:
-            return Topics.node_of(topic)
-        if kind in COORDINATOR_TOPICS:
+    def expected(message: Message) -> Optional[str]:
+        origin = getattr(type(message), "origin", None)
+        if origin == "device":
+            node = getattr(message, "node", None)
+            return node if isinstance(node, str) else None
+        if origin == "coordinator":
             return coordinator_key_id
         return None
 

@@ -24,6 +24,7 @@ from nefl_edge.core.encoding import encode_update
 from nefl_edge.core.evaluation import split_dataset
 from nefl_edge.core.mqtt import BrokerAddress, MqttLink, Security
 from nefl_edge.core.schemas import (
+    ArtifactRole,
     BnCount,
     DeviceProfile,
     EvalTask,
@@ -37,7 +38,7 @@ from nefl_edge.core.schemas import (
     Task,
     Weights,
 )
-from nefl_edge.core.signing import Keyring, Signer, signers_by_topic
+from nefl_edge.core.signing import Keyring, Signer, signer_policy
 from nefl_edge.core.wire import (
     ProtocolError,
     Topics,
@@ -227,7 +228,7 @@ class EdgeClient:
             chunk_size=opts.chunk_size,
             signer=opts.signer,
             keyring=opts.keyring,
-            sender_of=signers_by_topic(opts.coordinator_key_id) if opts.keyring is not None else None,
+            sender_of=signer_policy(opts.coordinator_key_id) if opts.keyring is not None else None,
         )
         self._watch_takeovers(link)
         return link
@@ -408,7 +409,9 @@ class DeviceWork:
         self._evaluators: Dict[str, SubmodelEvaluator] = {}
         self._splits: Dict[float, Tuple[Dataset, Dataset]] = {}
 
-    def _fetch_artifacts(self, sub: SubmodelEntry, roles: Optional[Tuple[str, ...]] = None) -> Dict[str, Path]:
+    def _fetch_artifacts(
+        self, sub: SubmodelEntry, roles: Optional[Tuple[ArtifactRole, ...]] = None
+    ) -> Dict[ArtifactRole, Path]:
         roles = roles or BACKEND_FILES[self.backend_kind]
         missing = [r for r in roles if r not in sub.files]
         if missing:
@@ -512,7 +515,7 @@ class DeviceWork:
             self._splits = {fraction: split_dataset(self.data, fraction)}
         return self._splits[fraction]
 
-    def _evaluator(self, sub: SubmodelEntry, roles: Tuple[str, ...]) -> SubmodelEvaluator:
+    def _evaluator(self, sub: SubmodelEntry, roles: Tuple[ArtifactRole, ...]) -> SubmodelEvaluator:
         key = f"{sub.key}:{','.join(roles)}"
         if key not in self._evaluators:
             self._evaluators[key] = SubmodelEvaluator(self._fetch_artifacts(sub, roles), *self._threads)
@@ -531,7 +534,8 @@ class DeviceWork:
         over the training split; answer with one ``evaluation`` (or a ``decline``)."""
         manifest = self.session.manifest
         assert manifest is not None
-        roles = tuple(r for r, wanted in (("eval", task.evaluate), ("stats", task.bn_stats)) if wanted)
+        wanted = ((ArtifactRole.EVAL, task.evaluate), (ArtifactRole.STATS, task.bn_stats))
+        roles = tuple(role for role, wanted_role in wanted if wanted_role)
         results: List[SubmodelEval] = []
         counts: List[BnCount] = []
         body: Dict[str, np.ndarray] = {}

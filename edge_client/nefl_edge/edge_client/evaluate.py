@@ -14,6 +14,7 @@ import numpy as np
 
 from nefl_edge.core.data import Dataset
 from nefl_edge.core.evaluation import BnStats, EvalResult, Tensors, stats_batches
+from nefl_edge.core.schemas import ArtifactRole
 from nefl_edge.edge_client.runtime import session_options
 
 MEAN_SUFFIX, VAR_SUFFIX = ".batch_mean", ".batch_var"
@@ -23,24 +24,24 @@ class SubmodelEvaluator:
     """Evaluation (``eval`` graph) and BatchNorm statistics (``stats`` graph) of one submodel, run by stock
     ``onnxruntime`` (also present in the training build)."""
 
-    def __init__(self, files: Dict[str, Path], threads: int = 0, spin: bool = False) -> None:
+    def __init__(self, files: Dict[ArtifactRole, Path], threads: int = 0, spin: bool = False) -> None:
         import onnxruntime as ort
 
         options = session_options(ort, threads, spin)
-        self._sessions: Dict[str, Any] = {
+        self._sessions: Dict[ArtifactRole, Any] = {
             role: ort.InferenceSession(str(files[role]), options, providers=["CPUExecutionProvider"])
-            for role in ("eval", "stats")
+            for role in (ArtifactRole.EVAL, ArtifactRole.STATS)
             if role in files
         }
 
-    def _feed(self, role: str, tensors: Tensors) -> Dict[str, np.ndarray]:
+    def _feed(self, role: ArtifactRole, tensors: Tensors) -> Dict[str, np.ndarray]:
         names = [i.name for i in self._sessions[role].get_inputs()]
         return {n: np.ascontiguousarray(tensors[n], np.float32) for n in names if n in tensors}
 
     def evaluate(self, tensors: Tensors, data: Dataset, batch_size: int = 256) -> EvalResult:
         """Loss sum, correct predictions and count of the submodel with ``tensors`` on ``data``."""
-        session = self._sessions["eval"]
-        feed = self._feed("eval", tensors)
+        session = self._sessions[ArtifactRole.EVAL]
+        feed = self._feed(ArtifactRole.EVAL, tensors)
         result = EvalResult()
         for lo in range(0, len(data), batch_size):
             x, y = data.x[lo : lo + batch_size], data.y[lo : lo + batch_size]
@@ -54,9 +55,9 @@ class SubmodelEvaluator:
     def bn_stats(self, tensors: Tensors, x: np.ndarray, batch_size: int, max_batches: Optional[int] = None) -> BnStats:
         """Sums of the per-batch means and unbiased variances of every BatchNorm layer over
         :func:`stats_batches` of ``x``, under ``tensors``."""
-        session = self._sessions["stats"]
+        session = self._sessions[ArtifactRole.STATS]
         names = [o.name for o in session.get_outputs()]
-        feed = self._feed("stats", tensors)
+        feed = self._feed(ArtifactRole.STATS, tensors)
         stats = BnStats()
         for idx in stats_batches(len(x), batch_size, max_batches):
             feed["input"] = np.ascontiguousarray(x[idx], np.float32)

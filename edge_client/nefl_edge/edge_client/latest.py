@@ -26,7 +26,7 @@ import numpy as np
 
 from nefl_edge.core.errors import BadInput
 from nefl_edge.core.files import write_atomic
-from nefl_edge.core.schemas import Manifest, Metrics, SubmodelEntry
+from nefl_edge.core.schemas import ArtifactRole, Manifest, Metrics, SubmodelEntry
 
 LATEST_SCHEMA = "nefl.latest/2"
 
@@ -93,7 +93,7 @@ class LatestStore:
             "blocks": sub.blocks,
             "input_shape": list(manifest.input_shape),
             "num_classes": manifest.num_classes,
-            "eval_sha256": sub.files["eval"].sha256,
+            "eval_sha256": sub.files[ArtifactRole.EVAL].sha256,
             "saved_at": time.time(),
             "metrics": kept_metrics,
         }

@@ -1,7 +1,7 @@
 """Training with stock ``onnxruntime`` (no training build): runs the portable step graph that
-``export/portable.py`` writes, one whole SGD step per call. Weights, momentum buffers and BatchNorm
-statistics stay in ONNX Runtime as ``OrtValue``s between steps (IO binding); numpy sees only the batch,
-the loss and the logits."""
+``export/portable.py`` writes, one whole SGD step per call (the update of :mod:`nefl_edge.core.sgd`).
+Weights, momentum buffers and BatchNorm statistics stay in ONNX Runtime as ``OrtValue``s between steps (IO
+binding); numpy sees only the batch, the loss and the logits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from nefl_edge.core.schemas import ParamEntry, TrainConfig
+from nefl_edge.core.schemas import ArtifactRole, ParamEntry, TrainConfig
+from nefl_edge.core.sgd import SGD_INPUTS
 from nefl_edge.edge_client.runtime import session_options
 
 Tensors = Dict[str, np.ndarray]
@@ -21,7 +22,7 @@ class PortableBackend:
 
     def __init__(
         self,
-        files: Dict[str, Path],
+        files: Dict[ArtifactRole, Path],
         params: List[ParamEntry],
         train: Optional[TrainConfig] = None,
         threads: int = 0,
@@ -32,8 +33,8 @@ class PortableBackend:
         self._ort = ort
         options = session_options(ort, threads, spin)
         providers = ["CPUExecutionProvider"]
-        self._step = ort.InferenceSession(str(files["portable"]), options, providers=providers)
-        self._eval = ort.InferenceSession(str(files["eval"]), options, providers=providers)
+        self._step = ort.InferenceSession(str(files[ArtifactRole.PORTABLE]), options, providers=providers)
+        self._eval = ort.InferenceSession(str(files[ArtifactRole.EVAL]), options, providers=providers)
         self._outputs = [o.name for o in self._step.get_outputs()]
         self._eval_inputs = [i.name for i in self._eval.get_inputs()]
         self._params = [p.name for p in params]
@@ -60,12 +61,8 @@ class PortableBackend:
         binding = self._step.io_binding()
         binding.bind_cpu_input("input", np.ascontiguousarray(x, np.float32))
         binding.bind_cpu_input("labels", np.ascontiguousarray(y, np.int64))
-        for key, value in (
-            ("lr", self._cfg.lr),
-            ("momentum", self._cfg.momentum),
-            ("weight_decay", self._cfg.weight_decay),
-        ):
-            binding.bind_cpu_input(key, np.array(value, np.float32))
+        for key in SGD_INPUTS:
+            binding.bind_cpu_input(key, np.array(getattr(self._cfg, key), np.float32))
         for name, value in self._values.items():
             binding.bind_ortvalue_input(name, value)
         for name in self._outputs:

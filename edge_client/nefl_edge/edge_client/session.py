@@ -61,7 +61,7 @@ from nefl_edge.core.schemas import (
     Update,
     Weights,
 )
-from nefl_edge.core.signing import Keyring, signers_by_topic
+from nefl_edge.core.signing import Keyring, signer_policy
 from nefl_edge.core.wire import Buffer, LogLimiter, ProtocolError, Topics, sha256, unpack_tensors
 
 MAX_DEFERRED = 256  # messages kept aside while waiting for one (weights, artifacts)
@@ -118,7 +118,7 @@ class Admission:
         self.run, self.enrolled, self.fits = run, keyring is not None, fits
         # an empty keyring turns any signature into "unknown_key", none into "unsigned": the verdict for a device
         # that is not enrolled
-        self.probe = Receiver(run, keyring=keyring or Keyring(), sender_of=signers_by_topic(key_id), log_burst=0)
+        self.probe = Receiver(run, keyring=keyring or Keyring(), sender_of=signer_policy(key_id), log_burst=0)
         self.stream = Topics(run).manifest
         self.signed = False  # the latest manifest was signed (what a device that is not enrolled needs to know)
         self.unverified = ""  # why the latest manifest fails verification (an enrolled device), else ""

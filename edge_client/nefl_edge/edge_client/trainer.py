@@ -1,8 +1,9 @@
 """Local training on the device with ONNX Runtime, and the loop that runs a task's epochs.
 
 The training-build backend drives ``onnxruntime.training.api``: the training graph computes the loss and
-the gradients; the SGD update (momentum, weight decay, with ``torch.optim.SGD``'s exact formula) is done
-here in numpy, because ORT's optimizer graph only has plain SGD.
+the gradients; the SGD update (momentum, weight decay: :mod:`nefl_edge.core.sgd`, ``torch.optim.SGD``'s
+formula) is applied in numpy by :func:`~nefl_edge.core.sgd.sgd_step`, because ORT's optimizer graph only has
+plain SGD.
 
 Samples are fed as loaded ([0, 1]): a run's per-channel input normalisation (``Manifest.normalize``) is the
 first operation of every exported graph, so this trainer, evaluation, statistics and prediction all apply it
@@ -23,7 +24,8 @@ import numpy as np
 
 from nefl_edge.core.data import Dataset
 from nefl_edge.core.schedule import local_batches, planned_steps
-from nefl_edge.core.schemas import Metrics, ParamEntry, TrainConfig
+from nefl_edge.core.schemas import ArtifactRole, Metrics, ParamEntry, TrainConfig
+from nefl_edge.core.sgd import sgd_step
 from nefl_edge.edge_client.runtime import keep_torch_out, session_options
 
 Tensors = Dict[str, np.ndarray]
@@ -95,7 +97,7 @@ class OrtTrainingBackend:
 
     def __init__(
         self,
-        files: Dict[str, Path],
+        files: Dict[ArtifactRole, Path],
         params: List[ParamEntry],
         train: Optional[TrainConfig] = None,
         threads: int = 0,
@@ -105,8 +107,10 @@ class OrtTrainingBackend:
         import onnxruntime
 
         options = session_options(onnxruntime, threads, spin)
-        self._state = api.CheckpointState.load_checkpoint(str(files["checkpoint"]))
-        self._module = api.Module(str(files["training"]), self._state, str(files["eval"]), session_options=options)
+        self._state = api.CheckpointState.load_checkpoint(str(files[ArtifactRole.CHECKPOINT]))
+        self._module = api.Module(
+            str(files[ArtifactRole.TRAINING]), self._state, str(files[ArtifactRole.EVAL]), session_options=options
+        )
         self._params = {p.name: p for p in params}
         self._trainable = [p.name for p in params if p.trainable]
         self._cfg = train or TrainConfig()
@@ -123,19 +127,12 @@ class OrtTrainingBackend:
     def step(self, x: np.ndarray, y: np.ndarray) -> Tuple[float, int]:
         self._module.train()
         loss, logits = self._module(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y, np.int64))
-        cfg = self._cfg
         for name in self._trainable:
             param = self._state.parameters[name]
-            weight = param.data
-            grad = param.grad
-            if cfg.weight_decay:
-                grad = grad + cfg.weight_decay * weight
-            if cfg.momentum:
-                buf = self._momentum.get(name)
-                buf = grad.copy() if buf is None else cfg.momentum * buf + grad
-                self._momentum[name] = buf
-                grad = buf
-            self._state.parameters[name] = (weight - cfg.lr * grad).astype(np.float32)
+            weight, buffer = sgd_step(param.data, param.grad, self._momentum.get(name), self._cfg)
+            if buffer is not None:
+                self._momentum[name] = buffer
+            self._state.parameters[name] = weight
         self._module.lazy_reset_grad()
         return float(loss), int((np.argmax(logits, axis=1) == y).sum())
 
@@ -153,10 +150,11 @@ class OrtTrainingBackend:
 
 
 BACKENDS = ("ort-training", "portable")
-BACKEND_FILES: Dict[str, Tuple[str, ...]] = {
-    "ort-training": ("training", "eval", "checkpoint"),
-    "portable": ("portable", "eval"),
+BACKEND_FILES: Dict[str, Tuple[ArtifactRole, ...]] = {
+    "ort-training": (ArtifactRole.TRAINING, ArtifactRole.EVAL, ArtifactRole.CHECKPOINT),
+    "portable": (ArtifactRole.PORTABLE, ArtifactRole.EVAL),
 }
+"""The artifacts each training backend loads."""
 
 
 def choose_backend(requested: str = "auto") -> str:
@@ -172,7 +170,7 @@ def choose_backend(requested: str = "auto") -> str:
 
 def create_backend(
     kind: str,
-    files: Dict[str, Path],
+    files: Dict[ArtifactRole, Path],
     params: List[ParamEntry],
     train: Optional[TrainConfig] = None,
     threads: int = 0,

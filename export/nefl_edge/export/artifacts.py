@@ -21,27 +21,27 @@ from pathlib import Path
 
 from nefl_edge.core.artifacts import MANIFEST_NAME, ArtifactError, file_entry, load_manifest
 from nefl_edge.core.nested import GlobalState, Tensors, extract
-from nefl_edge.core.schemas import FileEntry, InputNormalization, Manifest, ParamEntry, SubmodelEntry, TrainConfig
+from nefl_edge.core.schemas import (
+    ArtifactRole,
+    FileEntry,
+    InputNormalization,
+    Manifest,
+    ParamEntry,
+    SubmodelEntry,
+    TrainConfig,
+)
 from nefl_edge.core.specs import ModelConfig, SubmodelSpec, mflops, param_count, param_layout
 from nefl_edge.core.wire import pack_tensors
 from nefl_edge.export.portable import (
-    PORTABLE_FILE,
     Builder,
     build_portable_step,
     conv_input_grad_as_conv,
     relu_grad,
 )
-from nefl_edge.export.stats import STATS_FILE, build_stats_graph
+from nefl_edge.export.stats import build_stats_graph
 
 EXPORT_VERSION = 7  # 7: portable BatchNorm backward in fewer passes, strided dW by one-hot Conv im2col
 OPSET = 17
-FILE_NAMES = {
-    "training": "training_model.onnx",
-    "eval": "eval_model.onnx",
-    "checkpoint": "checkpoint",
-    "portable": PORTABLE_FILE,
-    "stats": STATS_FILE,
-}
 
 
 def architecture_key(config: ModelConfig, spec: SubmodelSpec) -> str:
@@ -120,13 +120,12 @@ def _export_one(config: ModelConfig, spec: SubmodelSpec, folder: Path) -> None:
             additional_output_names=["logits"],
         )
     onnx_path.unlink()
-    _fix_eval_batchnorm(folder / FILE_NAMES["eval"])
-    build_stats_graph(folder / FILE_NAMES["eval"], folder / STATS_FILE)
-    _rewrite_training_graph(folder / FILE_NAMES["training"])
+    training, evaluation = folder / ArtifactRole.TRAINING.file_name, folder / ArtifactRole.EVAL.file_name
+    _fix_eval_batchnorm(evaluation)
+    build_stats_graph(evaluation, folder / ArtifactRole.STATS.file_name)
+    _rewrite_training_graph(training)
     (folder / "optimizer_model.onnx").unlink()  # the device applies SGD itself (numpy or the portable graph)
-    build_portable_step(
-        folder / FILE_NAMES["training"], folder / PORTABLE_FILE, requires_grad, frozen, config.num_classes
-    )
+    build_portable_step(training, folder / ArtifactRole.PORTABLE.file_name, requires_grad, frozen, config.num_classes)
 
 
 def _fix_eval_batchnorm(path: Path) -> None:
@@ -176,7 +175,7 @@ def _submodel_entry(config: ModelConfig, spec: SubmodelSpec, index: int, key: st
         gamma=spec.gamma,
         mflops=round(mflops(config, spec), 4),
         param_count=param_count(config, spec),
-        files={role: file_entry(folder / name, f"{folder.name}/{name}") for role, name in FILE_NAMES.items()},
+        files={role: file_entry(folder / role.file_name, f"{folder.name}/{role.file_name}") for role in ArtifactRole},
         params=[ParamEntry(name=n, shape=p.shape, kind=p.kind, trainable=p.trainable) for n, p in layout.items()],
     )
 

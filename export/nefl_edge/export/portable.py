@@ -16,9 +16,10 @@ well-defined kernels, and parity with PyTorch (tests/test_portable.py) checks ea
   ``SoftmaxCrossEntropyLossGrad`` -> ``(exp(log_prob) - one_hot) * dloss / N``;
   ``InPlaceAccumulatorV2`` -> dropped: its value input is the gradient.
 
-Then the SGD update of ``torch.optim.SGD`` (momentum, weight decay) is appended, so the graph maps
-(batch, labels, lr, momentum, weight_decay, weights, momentum buffers, BN statistics) to
-(loss, logits, new weights, new buffers, new statistics).
+Then the SGD update of :mod:`nefl_edge.core.sgd` (``torch.optim.SGD``'s, with momentum and weight decay) is
+appended, from zero buffers on a task's first step, so the graph maps (batch, labels, lr, momentum,
+weight_decay, weights, momentum buffers, BN statistics) to (loss, logits, new weights, new buffers, new
+statistics).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-PORTABLE_FILE = "portable_step.onnx"
+from nefl_edge.core.sgd import SGD_INPUTS
+
 PORTABLE_OPSET = 17
 
 
@@ -301,7 +303,7 @@ def build_portable_step(
         raise RuntimeError(f"the training graph has no gradient for {missing[:3]}")
 
     loss_name = graph.output[0].name
-    lr, mom, wd = "lr", "momentum", "weight_decay"
+    lr, mom, wd = SGD_INPUTS
     scalar = [helper.make_tensor_value_info(n, TensorProto.FLOAT, []) for n in (lr, mom, wd)]
     by_name = {i.name: i for i in graph.input}
     inputs = [by_name["input"], by_name["labels"], *scalar]

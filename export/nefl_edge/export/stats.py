@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-STATS_FILE = "bn_stats.onnx"
 MEAN_SUFFIX, VAR_SUFFIX = ".batch_mean", ".batch_var"
 
 

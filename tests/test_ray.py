@@ -4,13 +4,20 @@ command line's checks. Skipped with the reason where Ray is not installed (the `
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,12 +36,16 @@ def ray_or_skip() -> Any:
     return pytest.importorskip("ray", reason="Ray is not installed here (pip install 'nefl-edge[ray]')")
 
 
-@pytest.fixture(scope="module")
-def small_fmnist(fmnist_dir: Path) -> tuple[list[Dataset], Dataset]:
+def small_data(fmnist_dir: Path) -> tuple[list[Dataset], Dataset]:
     data = load_dataset(fmnist_dir, "train")
     shards = [Dataset(data.x[i * 24 : (i + 1) * 24], data.y[i * 24 : (i + 1) * 24], f"s{i}") for i in range(CLIENTS)]
     test = load_dataset(fmnist_dir, "test")
     return shards, Dataset(test.x[:100], test.y[:100], "test")
+
+
+@pytest.fixture(scope="module")
+def small_fmnist(fmnist_dir: Path) -> tuple[list[Dataset], Dataset]:
+    return small_data(fmnist_dir)
 
 
 def run_config() -> RunConfig:
@@ -73,6 +84,7 @@ def assert_serial(result: SimResult, serial: SimResult, where: str) -> None:
     assert result.updates == serial.updates == [CLIENTS] * ROUNDS, f"{where}: updates {result.updates}"
 
 
+@pytest.mark.slow  # about 20 s on a quiet host (Ray and its workers start), 50 s at load 10
 def test_local_ray_gives_the_serial_state_and_puts_once_per_round(
     small_fmnist: tuple[list[Dataset], Dataset], serial: SimResult, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -122,50 +134,117 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def ray_cli(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def ray_node(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.Popen[str]:
+    """``ray start ... --block`` in a session of its own: the node's processes (GCS, raylet, workers) are its
+    process group, so the test stops exactly them (``ray stop`` would stop every Ray of this user here)."""
     exe = shutil.which("ray", path=str(Path(sys.executable).parent))
     assert exe is not None, "the ray command is not next to this Python"
-    return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    node = subprocess.Popen(
+        [exe, "start", *args, "--block", "--disable-usage-stats"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    deadline, seen = time.monotonic() + timeout, []
+    assert node.stdout is not None
+    for line in node.stdout:  # until the node says it runs (or the process ends)
+        seen.append(line)
+        if "Ray runtime started" in line:
+            threading.Thread(target=node.stdout.read, daemon=True).start()  # keep draining its output
+            return node
+        if time.monotonic() > deadline:
+            break
+    stop_node(node)
+    raise AssertionError(f"ray start {' '.join(args)} did not start: {''.join(seen)[-2000:]}")
+
+
+def stop_node(node: subprocess.Popen[str]) -> None:
+    """SIGTERM to the node's process group (a node drains for up to 30 s), SIGKILL after 40 s; then no process
+    of the group may remain."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(node.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        node.wait(40)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(node.pid, signal.SIGKILL)
+    node.wait(30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(node.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)  # processes of the group still exiting: nothing to await but their disappearance
+    raise AssertionError(f"processes of the Ray node {node.pid} outlived SIGKILL")
+
+
+CLUSTER_DRIVER = """
+import json, sys
+import numpy as np
+from nefl_edge.coordinator import ray_grid
+from nefl_edge.core.data import FASHION_MNIST_DIR
+from tests.test_ray import run, small_data
+
+grids = []
+init = ray_grid.RayGrid.__init__
+def keep(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    grids.append(self)
+ray_grid.RayGrid.__init__ = keep
+result = run(small_data(FASHION_MNIST_DIR), ray_grid.RayOptions(address=sys.argv[1]))
+np.savez(sys.argv[2], **result.state.flat())
+print("RESULT " + json.dumps({"accuracy": result.accuracy, "updates": result.updates, "nodes": grids[0].nodes}))
+"""
+"""The driver of the cluster run, in a process of its own: Ray reads its token when it is first imported."""
 
 
 @pytest.mark.slow
-def test_two_node_loopback_cluster_gives_the_serial_state(
-    small_fmnist: tuple[list[Dataset], Dataset], serial: SimResult, tmp_path: Path
-) -> None:
+def test_two_node_loopback_cluster_gives_the_serial_state(serial: SimResult, tmp_path: Path) -> None:
     ray_or_skip()
-    import ray
-
-    from nefl_edge.coordinator.ray_grid import RayOptions
-
     port = free_port()
-    # a short session folder: Ray's socket paths must stay under 107 characters
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(tmp_path)}
-    head: Optional[subprocess.CompletedProcess[str]] = None
+    temp = Path(tempfile.mkdtemp(prefix="nefl-ray-", dir="/tmp"))  # Ray's socket paths must stay under 108 bytes
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_TMPDIR": str(temp),
+        # the cluster's own token (Ray's token authentication), for both nodes and the driver
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+    }
+    common = ("--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "0")
+    nodes: list[subprocess.Popen[str]] = []
     try:
-        head = ray_cli(
-            "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1",
-            "--num-gpus", "0", "--include-dashboard", "false", "--disable-usage-stats", env=env,
-        )  # fmt: skip
-        assert head.returncode == 0, f"ray start --head failed: {head.stderr[-2000:]}"
-        worker = ray_cli(
-            "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
-            "--num-gpus", "0", "--disable-usage-stats", env=env,
-        )  # fmt: skip
-        assert worker.returncode == 0, f"ray start (the worker node) failed: {worker.stderr[-2000:]}"
+        nodes.append(ray_node("--head", "--port", str(port), "--include-dashboard", "false", *common, env=env))
+        nodes.append(ray_node("--address", f"127.0.0.1:{port}", *common, env=env))
 
-        result = run(small_fmnist, RayOptions(address=f"127.0.0.1:{port}"))
+        driver = subprocess.run(
+            [sys.executable, "-c", CLUSTER_DRIVER, f"127.0.0.1:{port}", str(tmp_path / "state.npz")],
+            cwd=Path(__file__).resolve().parents[1],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
-        assert_serial(result, serial, "two-node Ray cluster")
-        ray.init(address=f"127.0.0.1:{port}", logging_level="WARNING")
-        try:
-            alive = [n for n in ray.nodes() if n["Alive"]]
-            assert len(alive) == 2, f"the cluster has {len(alive)} live node(s), expected the head and the worker"
-        finally:
-            ray.shutdown()
+        assert driver.returncode == 0, f"the simulate on the cluster failed: {driver.stderr[-3000:]}"
+        line = [x for x in driver.stdout.splitlines() if x.startswith("RESULT ")][-1]
+        found = json.loads(line.removeprefix("RESULT "))
+        with np.load(tmp_path / "state.npz") as npz:
+            state = {name: npz[name] for name in npz.files}
+        assert serial.state is not None
+        want = serial.state.flat()
+        assert sorted(state) == sorted(want), "the cluster run's state has other tensors than the serial run's"
+        for name, value in want.items():
+            assert np.array_equal(state[name], value), f"two-node Ray cluster: {name} differs from the serial run's"
+        assert found["accuracy"] == serial.accuracy, f"accuracy {found['accuracy']} != serial {serial.accuracy}"
+        assert found["updates"] == serial.updates, f"updates {found['updates']} != serial {serial.updates}"
+        assert len(found["nodes"]) == 2, f"clients trained on {found['nodes']}: not on both nodes of the cluster"
     finally:
-        if head is not None:
-            stop = ray_cli("stop", "--force", env=env)
-            assert stop.returncode == 0, f"ray stop failed: {stop.stderr[-2000:]}"
+        for node in reversed(nodes):
+            stop_node(node)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_options_refuse_a_share_of_nothing() -> None:

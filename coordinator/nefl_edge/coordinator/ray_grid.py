@@ -30,6 +30,7 @@ import math
 import os
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Optional
@@ -96,13 +97,16 @@ def _train_task(
     index: int,
     shard: Dataset,
     train: TrainConfig,
-) -> tuple[Tensors, float]:
-    """One client's local training in a Ray worker: what ``InProcessGrid.run`` does for one instruction."""
+) -> tuple[Tensors, float, str]:
+    """One client's local training in a Ray worker: what ``InProcessGrid.run`` does for one instruction; also
+    the id of the Ray node it ran on."""
+    import ray
+
     _pinned(threads)
     start = time.perf_counter()
     data = split_dataset(shard, train.eval_fraction)[0]
     tensors = get_strategy(method).local_train(client_state(state, index, sent), index, data, train, opts)
-    return tensors, time.perf_counter() - start
+    return tensors, time.perf_counter() - start, ray.get_runtime_context().get_node_id()
 
 
 def _evaluate_task(threads: int, round_: int, state: GlobalState, shard: Dataset, request: EvalRequest) -> EvalOutcome:
@@ -143,6 +147,8 @@ class RayGrid(InProcessGrid):
         self._shards: dict[str, Any] = {}  # node -> object reference of its shard, put once per run
         self.puts = 0
         """Objects this grid put into the object store (shards, states, submodel weights)."""
+        self.nodes: Counter[str] = Counter()
+        """Client trainings per Ray node id: where the cluster ran them."""
 
     def _connect(self, ray: Any, address: Optional[str]) -> None:
         # Usage statistics would be reported to Ray's servers from a cluster we start: off unless the user says.
@@ -200,7 +206,8 @@ class RayGrid(InProcessGrid):
             )
             jobs.append((ins, job))
         for ins, job in jobs:
-            tensors, seconds = self.ray.get(job)
+            tensors, seconds, node = self.ray.get(job)
+            self.nodes[node] += 1
             samples = len(self._split(ins.node, ins.train.eval_fraction)[0])
             received = self.as_received(sent[ins.submodel][0], ins, tensors)
             yield Outcome(ins.node, ins.submodel, "updated", samples, received, seconds=seconds)

@@ -102,6 +102,7 @@ def paper_config(
         "train.epochs": preset["epochs"],
         "train.update_encoding": encoding,
         "aggregation": aggregation,
+        "eval_every": preset.get("eval_every") or preset["rounds"],  # no eval_every: the last round only
     }
     # One core per run (no evaluation thread beside the training), evaluation on the test set only.
     for key, value in (("bn", preset.get("bn", "tracked")), ("eval_background", False), ("evaluation", "test")):
@@ -162,12 +163,11 @@ def run_one(
     import torch
 
     torch.set_num_threads(1)
+    from nefl_edge.coordinator.config import RunConfig
     from nefl_edge.coordinator.partition import make_partitioner, split_dataset
     from nefl_edge.coordinator.simulate import simulate
-    from nefl_edge.coordinator.strategies import get_strategy
     from nefl_edge.core.data import Dataset, load_dataset
     from nefl_edge.core.schemas import TrainConfig
-    from nefl_edge.core.specs import get_model_config
 
     train = load_dataset(Path(data_dir) if data_dir else None, "train")
     test_all = load_dataset(Path(data_dir) if data_dir else None, "test")
@@ -183,35 +183,17 @@ def run_one(
     tiers = [i % len(GAMMAS) for i in range(clients)]
     if preset.get("protocol") == "paper":
         cfg = paper_config(method, seed, preset, encoding, aggregation or "exact")
-        result = simulate(
-            get_strategy(method),
-            cfg.network(),
-            GAMMAS,
-            shards,
-            tiers,
-            test,
-            cfg.rounds,
-            cfg.train,
-            eval_every=preset.get("eval_every", 0),
-            cfg=cfg,
-        )
+        result = simulate(cfg, shards, tiers, test, threads=1)
         return _record(method, scheme, seed, result, encoding, aggregation)
     if aggregation not in (None, "exact"):
         raise ValueError("robust aggregation is benchmarked under the paper protocol only")
-    result = simulate(
-        get_strategy(method),
-        get_model_config("resnet-small", "fmnist"),
-        GAMMAS,
-        shards,
-        tiers,
-        test,
-        preset["rounds"],
-        TrainConfig(epochs=preset["epochs"], update_encoding=encoding),
-        fraction=0.1,
-        seed=seed,
-        calibration=calibration,
-        eval_every=preset.get("eval_every", 0),
-    )
+    # Every device on the submodel of its tier, statistics re-estimated on the coordinator's held-out images.
+    cfg = RunConfig(
+        method=method, gammas=list(GAMMAS), rounds=preset["rounds"], fraction=0.1, seed=seed, policy="static",
+        cover_submodels=False, bn="server", eval_every=preset.get("eval_every") or preset["rounds"],
+        train=TrainConfig(epochs=preset["epochs"], update_encoding=encoding),
+    )  # fmt: skip
+    result = simulate(cfg, shards, tiers, test, calibration, threads=1)
     return _record(method, scheme, seed, result, encoding)
 
 

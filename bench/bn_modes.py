@@ -32,7 +32,6 @@ def one_run(mode: str, seed: int, rounds: int, eval_every: int) -> dict[str, Any
     from nefl_edge.coordinator.evaluation import held_out
     from nefl_edge.coordinator.partition import make_partitioner, split_dataset
     from nefl_edge.coordinator.simulate import simulate
-    from nefl_edge.coordinator.strategies import get_strategy
     from nefl_edge.core.data import load_dataset
 
     cfg = RunConfig(
@@ -43,10 +42,7 @@ def one_run(mode: str, seed: int, rounds: int, eval_every: int) -> dict[str, Any
     shards = split_dataset(train, make_partitioner("iid", 100, 0.5, seed).split(train.y))
     test, calibration = held_out(test_all, 2000, cfg.bn_calibration if mode == "server" else 0)
     started = time.perf_counter()
-    result = simulate(
-        get_strategy("nefl-wd"), cfg.network(), GAMMAS, shards, [i % 5 for i in range(100)], test, rounds,
-        cfg.train, cfg.fraction, cfg.weighting, seed, calibration, eval_every, cfg=cfg,
-    )  # fmt: skip
+    result = simulate(cfg, shards, [i % 5 for i in range(100)], test, calibration, threads=1)
     return {
         "mode": mode,
         "seed": seed,

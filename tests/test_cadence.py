@@ -59,27 +59,22 @@ def test_background_evaluation_gives_the_results_of_inline_evaluation() -> None:
     from nefl_edge.coordinator.evaluation import held_out
     from nefl_edge.coordinator.partition import make_partitioner, split_dataset
     from nefl_edge.coordinator.simulate import simulate
-    from nefl_edge.coordinator.strategies import get_strategy
     from nefl_edge.core.data import load_dataset
     from nefl_edge.core.schemas import TrainConfig
-    from nefl_edge.core.specs import get_model_config
 
     train_data = load_dataset(None, "train")
     keep = np.random.default_rng(0).permutation(len(train_data))[:600]
     train_data.x, train_data.y = train_data.x[keep], train_data.y[keep]
     shards = split_dataset(train_data, make_partitioner("iid", 3, 0.5, 0).split(train_data.y))
     test, calibration = held_out(load_dataset(None, "test"), 300, 200)
-    gammas = (0.4, 1.0)
     train = TrainConfig(batch_size=50, max_steps=2)
     results = []
     for background in (True, False):
         cfg = RunConfig(
-            method="nefl-wd", gammas=list(gammas), rounds=3, eval_every=2, eval_background=background,
+            method="nefl-wd", gammas=[0.4, 1.0], rounds=3, eval_every=2, eval_background=background,
             bn="server", policy="static", cover_submodels=False, train=train,
         )  # fmt: skip
-        strategy, config = get_strategy("nefl-wd"), get_model_config("resnet-small")
-        kwargs = {"calibration": calibration, "eval_every": 2, "cfg": cfg}
-        results.append(simulate(strategy, config, gammas, shards, [0, 1, 1], test, 3, train, 1.0, **kwargs))
+        results.append(simulate(cfg, shards, [0, 1, 1], test, calibration))
 
     off_path, inline = results
     assert off_path.rounds == inline.rounds == [0, 2, 3]

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from nefl_edge.coordinator.assignment import ClientInfo, capacity, projected_seconds, task_mflops
+from nefl_edge.coordinator.config import RunConfig
 from nefl_edge.coordinator.models import SubmodelNet, initial_consistent
 from nefl_edge.coordinator.simulate import simulate
 from nefl_edge.coordinator.strategies import SMALLEST_PREFIX, get_strategy
@@ -132,10 +133,11 @@ def test_a_short_simulate_run_trains_the_smallest_submodel_through_the_larger_cl
     test = Dataset(data.x[-200:], data.y[-200:], "test")
     runs = {}
     for method in ("nefl-wd", "nefl-wd-distill"):
-        runs[method] = simulate(
-            get_strategy(method), get_model_config("resnet-small"), GAMMAS, shards, [2, 2, 1, 1], test,
-            rounds=2, train=TrainConfig(batch_size=20), fraction=1.0,
+        cfg = RunConfig(
+            method=method, gammas=list(GAMMAS), rounds=2, train=TrainConfig(batch_size=20), policy="static",
+            cover_submodels=False, bn="tracked",
         )  # fmt: skip
+        runs[method] = simulate(cfg, shards, [2, 2, 1, 1], test)
 
     for method, result in runs.items():
         assert result.updates == [4, 4], f"{method}: {result.updates}"

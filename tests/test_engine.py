@@ -48,9 +48,8 @@ def test_simulate_and_serve_give_the_same_global_state(method: str, bn: str, bro
 
     # Execute: in process, through the device's own ONNX Runtime trainer...
     simulated = simulate(
-        strategy, get_model_config("resnet-small", "fmnist"), GAMMAS, [load_npz(s) for s in shards], [0, 1, 2],
-        test, 1, cfg.train, calibration=calibration, trainer="ort", artifacts=artifacts, cfg=cfg,
-    )  # fmt: skip
+        cfg, [load_npz(s) for s in shards], [0, 1, 2], test, calibration, trainer="ort", artifacts=artifacts
+    )
     # ... and over MQTT with three real device processes.
     coord = spawn_coordinator(
         broker.address, tmp_path, "--method", method, "--gammas", "0.2,0.6,1.0", "--rounds", "1", "--seed", "7",

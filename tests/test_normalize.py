@@ -17,7 +17,6 @@ import torch
 from nefl_edge.coordinator.config import ConfigError, load_config
 from nefl_edge.coordinator.models import SubmodelNet, build_submodel, global_forward, initial_consistent
 from nefl_edge.coordinator.simulate import simulate
-from nefl_edge.coordinator.strategies import get_strategy
 from nefl_edge.core.artifacts import load_manifest, submodel_paths
 from nefl_edge.core.data import Dataset, channel_stats, load_dataset
 from nefl_edge.core.nested import GlobalState, extract, init_global_state
@@ -152,13 +151,14 @@ def test_configs_without_statistics_keep_their_architecture_keys() -> None:
 
 
 def test_simulate_normalises_with_the_statistics_of_the_clients_data(train: Dataset) -> None:
-    cfg = load_config(None, {"normalize": True, "rounds": 1, "fraction": 1.0, "policy": "static", "device": "cpu"})
+    cfg = load_config(
+        None, {"normalize": True, "rounds": 1, "fraction": 1.0, "policy": "static", "device": "cpu",
+               "gammas": [0.2, 1.0], "train.epochs": 1, "train.batch_size": 16},
+    )  # fmt: skip
     shards = [Dataset(train.x[i * 40 : (i + 1) * 40], train.y[i * 40 : (i + 1) * 40], f"s{i}") for i in range(5)]
     test = Dataset(train.x[-100:], train.y[-100:], "test")
-    strategy = get_strategy("nefl-wd")
-    small = TrainConfig(epochs=1, batch_size=16)
 
-    result = simulate(strategy, cfg.network(), (0.2, 1.0), shards, [0, 1, 0, 1, 0], test, 1, small, cfg=cfg)
+    result = simulate(cfg, shards, [0, 1, 0, 1, 0], test)
 
     assert result.state is not None
     mean, std = channel_stats(train.x[:200])

@@ -195,7 +195,7 @@ def tiny_fmnist(fmnist_dir: Path) -> tuple[list[Dataset], Dataset]:
 
 def paper_run(method: str, **overrides: object) -> RunConfig:
     base = {"preset": "paper", "method": method, "rounds": 2, "fraction": 1.0, "policy": "static", "device": "cpu"}
-    return load_config(None, {**base, "train.epochs": 1, **overrides})
+    return load_config(None, {**base, "eval_every": 2, "train.epochs": 1, **overrides})
 
 
 @pytest.mark.parametrize("method", ["fjord-paper", "scalefl"])
@@ -204,7 +204,7 @@ def test_new_baselines_run_a_short_paper_simulation(method: str, tiny_fmnist: tu
     cfg = paper_run(method)
     strategy = get_strategy(method)
 
-    result = simulate(strategy, cfg.network(), GAMMAS, shards, list(range(5)), test, 2, cfg.train, cfg=cfg)
+    result = simulate(cfg, shards, list(range(5)), test)
 
     assert result.state is not None and strategy.device_trainable
     assert len(result.accuracy) == 2 and len(result.accuracy[-1]) == 5 and sum(result.updates) == 10
@@ -219,18 +219,15 @@ def test_new_baselines_run_a_short_paper_simulation(method: str, tiny_fmnist: tu
 
 
 def test_parallel_workers_give_the_serial_result(tiny_fmnist: tuple[list[Dataset], Dataset]) -> None:
+    # Training and the evaluation step (federated BatchNorm statistics, federated evaluation) in the pool.
     shards, test = tiny_fmnist
-    cfg = paper_run("nefl-wd")
-    strategy = get_strategy("nefl-wd")
+    cfg = paper_run("nefl-wd", bn="federated", evaluation="both")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each worker
-    try:
-        serial = simulate(strategy, cfg.network(), GAMMAS, shards, list(range(5)), test, 2, cfg.train, cfg=cfg)
-    finally:
-        torch.set_num_threads(threads)
 
-    parallel = simulate(strategy, cfg.network(), GAMMAS, shards, list(range(5)), test, 2, cfg.train, cfg=cfg, workers=2)
+    serial = simulate(cfg, shards, list(range(5)), test, threads=1)  # as each worker
+    parallel = simulate(cfg, shards, list(range(5)), test, workers=2, threads=1)
 
+    assert torch.get_num_threads() == threads, "simulate left its pinned thread count behind"
     assert serial.state is not None and parallel.state is not None
     for name, value in serial.state.flat().items():
         assert np.array_equal(parallel.state.flat()[name], value), name

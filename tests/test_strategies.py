@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nefl_edge.coordinator.config import RunConfig
 from nefl_edge.coordinator.models import initial_consistent
 from nefl_edge.coordinator.simulate import ort_trainer, simulate
 from nefl_edge.coordinator.strategies import STRATEGIES, Strategy, get_strategy, train_torch
@@ -117,17 +118,12 @@ def test_fedavg_full_trains_only_the_able_devices(fmnist_dir: Path) -> None:
     shards = [Dataset(data.x[i * 40 : (i + 1) * 40], data.y[i * 40 : (i + 1) * 40], f"c{i}") for i in range(10)]
     test = Dataset(data.x[-100:], data.y[-100:], "test")
 
-    result = simulate(
-        get_strategy("fedavg-full"),
-        get_model_config("resnet-small"),
-        DEFAULT_GAMMAS,
-        shards,
-        [i % 5 for i in range(10)],
-        test,
-        rounds=1,
-        train=TrainConfig(batch_size=20),
-        fraction=1.0,
-    )
+    cfg = RunConfig(
+        method="fedavg-full", gammas=list(DEFAULT_GAMMAS), rounds=1, train=TrainConfig(batch_size=20),
+        policy="static", cover_submodels=False, bn="tracked",
+    )  # fmt: skip
+
+    result = simulate(cfg, shards, [i % 5 for i in range(10)], test)
 
     assert result.updates == [2]  # tiers 4 of ten devices: clients 4 and 9
     assert result.tier_accuracy()[:4] == [None] * 4 and result.tier_accuracy()[4] is not None

@@ -1,5 +1,11 @@
-"""When and where the global model is evaluated: every ``eval_every`` rounds and after the last one, on a
-worker thread while the next round runs.
+"""The loop around the round, and when and where the global model is evaluated: every ``eval_every`` rounds
+and after the last one, on a worker thread while the next round runs.
+
+:func:`run_rounds` is the one loop of both ``serve`` (``coordinator.run``) and ``simulate``
+(``coordinator.simulate``): the round engine's rounds one after the other over the caller's grid, each
+handed to the caller's ``finish`` with whether it is evaluated (:func:`evaluates`, the engine's own
+cadence, so that ``bn = "federated"`` statistics and federated evaluation come on the same rounds). What a
+finished round leads to (records and checkpoints, or a simulation's accuracy rows) is the caller's.
 
 An evaluation step re-estimates every submodel's BatchNorm statistics on the held-out calibration images
 (``coordinator.evaluation.calibrate_bn``; skipped without calibration images) and then evaluates every
@@ -13,6 +19,7 @@ exported carries the re-estimated statistics.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +29,8 @@ if TYPE_CHECKING:
     import numpy as np
 
     from nefl_edge.coordinator.config import RunConfig
+    from nefl_edge.coordinator.engine import RoundEngine, RoundReport
+    from nefl_edge.coordinator.grid import Grid
     from nefl_edge.core.data import Dataset
     from nefl_edge.core.nested import GlobalState
 
@@ -31,7 +40,9 @@ EVALUATIONS_PER_RUN = 20
 
 
 def eval_every(cfg: RunConfig) -> int:
-    """The evaluation period in rounds: ``cfg.eval_every``, or for 0 ``max(1, rounds // 20)``."""
+    """The evaluation period in rounds: ``cfg.eval_every``, or for 0 ``max(1, rounds // 20)`` (the one
+    meaning of ``eval_every = 0``, in ``serve`` and ``simulate`` alike; ``eval_every = rounds``: only the
+    last round)."""
     return cfg.eval_every or max(1, cfg.rounds // EVALUATIONS_PER_RUN)
 
 
@@ -41,15 +52,52 @@ def evaluates(cfg: RunConfig, round_: int) -> bool:
     return round_ % eval_every(cfg) == 0 or round_ >= cfg.rounds
 
 
-def evaluation_step(state: GlobalState, test: Dataset, calibration: Optional[np.ndarray]) -> list[tuple[float, float]]:
-    """Re-estimate the BatchNorm statistics of every submodel of ``state`` in place (when ``calibration``
-    holds images), then return every submodel's test accuracy and loss."""
-    from nefl_edge.coordinator.evaluation import calibrate_bn, evaluate_all
+Finish = Callable[["RoundReport", "GlobalState", bool, bool], None]
+"""What the caller does with a finished round: ``finish(report, state, evaluate, last)``."""
 
-    if calibration is not None and len(calibration):
-        for k in range(len(state.specs)):
-            calibrate_bn(state, k, calibration)
-    return evaluate_all(state, test)
+
+def run_rounds(
+    engine: RoundEngine,
+    grid: Grid,
+    state: GlobalState,
+    done: int,
+    finish: Finish,
+    stop: Optional[threading.Event] = None,
+) -> GlobalState:
+    """Rounds ``done + 1`` to ``cfg.rounds`` of ``engine`` over ``grid``, starting from ``state``; returns the
+    state after the last finished round. After each round, ``finish(report, state, evaluate, last)``: whether
+    the round is evaluated (``engine.evaluate_at``, by default :func:`evaluates`: the engine ran its
+    evaluation step on the same rounds) and whether it is the run's last. A set ``stop`` ends the loop before
+    the next round; a round that ``stop`` interrupted is not finished and its state is dropped (the caller's
+    last finished state stays the run's). Round 0 (the model before training) is the caller's to evaluate."""
+    rounds = engine.cfg.rounds
+    while done < rounds and not (stop is not None and stop.is_set()):
+        r = done + 1
+        after, report = engine.run_round(r, state, grid, stop)
+        if stop is not None and stop.is_set():
+            break
+        state, done = after, r
+        finish(report, state, engine.evaluate_at(r), r == rounds)
+    return state
+
+
+def evaluation_step(
+    state: GlobalState, test: Dataset, calibration: Optional[np.ndarray], device: str = "cpu"
+) -> list[tuple[float, float]]:
+    """Re-estimate the BatchNorm statistics of every submodel of ``state`` in place when ``calibration``
+    holds images (``bn = "server"``: ``evaluation.recalibrate``), then return every submodel's test accuracy
+    and loss (computed on the torch ``device``)."""
+    from nefl_edge.coordinator.evaluation import evaluate_all, recalibrate
+
+    recalibrate(state, calibration)
+    return evaluate_all(state, test, device)
+
+
+def evaluated_model(state: GlobalState, evaluate: bool, last: bool) -> GlobalState:
+    """The model a finished round hands to its evaluation job: the state itself for the last round (its
+    re-estimated statistics are the run's result) or a round not evaluated, otherwise a copy (the statistics
+    an evaluation computes never reach the rounds that follow)."""
+    return state if last or not evaluate else state.copy()
 
 
 class Evaluator:

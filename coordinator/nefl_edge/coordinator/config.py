@@ -87,6 +87,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 """Named protocols (``--preset``): their values apply where the TOML file and the options set nothing."""
 
 
+DEMO_DEFAULTS: dict[str, Any] = {"rounds": 8, "deadline_s": 180.0}
+"""Where ``nefl-coord demo``'s run departs from the defaults of :class:`RunConfig`: more rounds, and a longer
+deadline for devices that share the coordinator's cores (``coordinator.demo.demo_config``)."""
+DEMO_SET = ("run", "min_clients", "min_updates")
+"""Run settings ``nefl-coord demo`` sets itself (run ``demo``, every device awaited), not options of it."""
+
+
 class ConfigError(BadInput):
     """A configuration value that is wrong; the message names the key."""
 

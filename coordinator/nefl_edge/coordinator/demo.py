@@ -13,12 +13,12 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from nefl_edge.coordinator.broker import BrokerKind, LocalBroker
-from nefl_edge.coordinator.config import RunConfig
+from nefl_edge.coordinator.config import DEMO_DEFAULTS, RunConfig, load_config
 from nefl_edge.coordinator.partition import label_histogram, make_partitioner, plot_histogram, write_shards
 from nefl_edge.coordinator.render import serve_with_progress
 from nefl_edge.coordinator.run import ServeRun, coordinator_link
@@ -27,23 +27,24 @@ from nefl_edge.core.data import load_dataset
 from nefl_edge.core.mqtt import Security
 
 
+def demo_config(clients: int, overrides: dict[str, Any]) -> RunConfig:
+    """The demo's run configuration: the options given (``None``: not given; keyed as ``load_config``
+    expects), :data:`DEMO_DEFAULTS` where not given, the run name ``demo`` and every device awaited."""
+    given = {**DEMO_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
+    return load_config(None, {**given, "run": "demo", "min_clients": clients, "min_updates": 1})
+
+
 @dataclass
 class DemoOptions:
+    """What only the demo has: its devices, their data and the broker; every run setting is ``cfg``'s."""
+
+    cfg: RunConfig = field(default_factory=lambda: demo_config(5, {}))
     clients: int = 5
-    rounds: int = 8
-    method: str = "nefl-wd"
-    gammas: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
-    data_dir: Optional[Path] = None
     broker: Optional[str] = None
     broker_kind: BrokerKind = "auto"
     samples_per_client: int = 2000
     scheme: str = "iid"
     alpha: float = 0.5
-    runs_dir: Path = Path("runs")
-    eval_samples: int = 2000
-    deadline_s: float = 180.0
-    seed: int = 0
-    bn: Optional[str] = None  # BatchNorm mode; None: the run configuration's default
     log_format: str = "text"  # the coordinator's and the devices' (json: one object per event)
 
 
@@ -99,23 +100,10 @@ def stop_all(procs: list[subprocess.Popen[bytes]], grace_s: float = 15.0) -> Non
 
 def run_demo(opts: DemoOptions) -> Optional[Path]:
     """The whole demo; the run directory, or None when it was interrupted (SIGINT / SIGTERM)."""
-    cfg = RunConfig(
-        run="demo",
-        method=opts.method,  # type: ignore[arg-type]
-        gammas=list(opts.gammas),
-        rounds=opts.rounds,
-        min_clients=opts.clients,
-        min_updates=1,
-        deadline_s=opts.deadline_s,
-        eval_samples=opts.eval_samples,
-        seed=opts.seed,
-        **({"bn": opts.bn} if opts.bn else {}),  # type: ignore[arg-type]
-        runs_dir=opts.runs_dir,
-        data_dir=opts.data_dir,
-    )
-    run_dir = opts.runs_dir / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    train = load_dataset(opts.data_dir, "train")
-    parts = make_partitioner(opts.scheme, opts.clients, opts.alpha, opts.seed).split(train.y)
+    cfg = opts.cfg
+    run_dir = cfg.runs_dir / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    train = load_dataset(cfg.data_dir, "train")
+    parts = make_partitioner(opts.scheme, opts.clients, opts.alpha, cfg.seed).split(train.y)
     shards = write_shards(train, parts, run_dir / "shards", opts.samples_per_client)
     hist = label_histogram(train.y, [p[: opts.samples_per_client] for p in parts], 10)
     plot_histogram(hist, run_dir / "shards" / "labels.png", f"{opts.scheme} partition, {opts.clients} devices")
@@ -123,7 +111,7 @@ def run_demo(opts: DemoOptions) -> Optional[Path]:
         f"{opts.clients} devices, up to {opts.samples_per_client} samples each ({opts.scheme}); "
         f"shards in {run_dir / 'shards'}"
     )
-    tiers = [i % len(opts.gammas) for i in range(opts.clients)]
+    tiers = [i % len(cfg.gammas) for i in range(opts.clients)]
     run = ServeRun(cfg, run_dir)
     run.prepare()
     with ExitStack() as stack:

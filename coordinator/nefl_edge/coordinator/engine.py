@@ -226,7 +226,7 @@ class RoundEngine:
         submodel up to the one it can run (``evaluation.federated_summary``: spread and disagreeing devices).
         Fills ``report.federated``, ``report.bn_batches`` and ``report.bn_rejected``."""
         # imported here: coordinator.evaluation imports torch, which the engine itself does not need
-        from nefl_edge.coordinator.evaluation import apply_bn_stats, calibrate_bn, federated_summary, robust_bn_parts
+        from nefl_edge.coordinator.evaluation import apply_bn_stats, federated_summary, recalibrate, robust_bn_parts
 
         cfg = self.cfg
         runnable = {}
@@ -277,8 +277,7 @@ class RoundEngine:
         model = state
         if cfg.bn == "server" and self.calibration is not None and len(self.calibration):
             model = state.copy()
-            for k in range(len(self.plan.specs)):
-                calibrate_bn(model, k, self.calibration)
+            recalibrate(model, self.calibration)
         requests = [EvalRequest(n, subs, True, False, self.holdout, max(batch, 256)) for n, subs in runnable.items()]
         evaluations: dict[int, list[tuple[str, EvalResult]]] = {}
         for outcome in grid.evaluate(r, model, requests):

@@ -15,6 +15,7 @@ BatchNorm, Diao et al., ICLR 2021, re-estimates them for that reason).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,13 +31,17 @@ from nefl_edge.core.nested import GlobalState
 log = logging.getLogger(__name__)
 
 
-def evaluate(state: GlobalState, index: int, data: Dataset, batch: int = 500) -> tuple[float, float]:
-    """Test accuracy and loss of submodel ``index`` (eval mode, its own BatchNorm statistics)."""
-    net = build_submodel(state, index).eval()
+def evaluate(
+    state: GlobalState, index: int, data: Dataset, batch: int = 500, device: str = "cpu"
+) -> tuple[float, float]:
+    """Test accuracy and loss of submodel ``index`` (eval mode, its own BatchNorm statistics), computed on the
+    torch ``device``."""
+    net = build_submodel(state, index).to(device).eval()
     correct, loss = 0, 0.0
     with torch.no_grad():
         for lo in range(0, len(data), batch):
-            x, y = torch.from_numpy(data.x[lo : lo + batch]), torch.from_numpy(data.y[lo : lo + batch])
+            x = torch.from_numpy(data.x[lo : lo + batch]).to(device)
+            y = torch.from_numpy(data.y[lo : lo + batch]).to(device)
             logits = net(x)
             loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
@@ -62,6 +67,17 @@ def calibrate_bn(state: GlobalState, index: int, x: np.ndarray, batch: int = 250
             state.inconsistent[index][name] = tensors[name]
 
 
+def recalibrate(state: GlobalState, calibration: np.ndarray | None) -> bool:
+    """Server-side BatchNorm re-estimation (``bn = "server"``): :func:`calibrate_bn` of every submodel of
+    ``state``, in place, on the coordinator's held-out ``calibration`` images. Returns whether it ran (not
+    without images). The one place serve, simulate and the engine's federated evaluation re-estimate."""
+    if calibration is None or not len(calibration):
+        return False
+    for k in range(len(state.specs)):
+        calibrate_bn(state, k, calibration)
+    return True
+
+
 def held_out(test: Dataset, eval_samples: int, bn_calibration: int, seed: int = 12345) -> tuple[Dataset, np.ndarray]:
     """Two disjoint parts of ``test`` in a fixed shuffled order: ``eval_samples`` labeled samples that
     evaluate every submodel, and the next ``bn_calibration`` unlabeled images for BatchNorm re-estimation
@@ -72,9 +88,9 @@ def held_out(test: Dataset, eval_samples: int, bn_calibration: int, seed: int = 
     return Dataset(test.x[evaluation], test.y[evaluation], test.name), test.x[calibration]
 
 
-def evaluate_all(state: GlobalState, data: Dataset) -> list[tuple[float, float]]:
-    """Accuracy and loss of every submodel of ``state``."""
-    return [evaluate(state, k, data) for k in range(len(state.specs))]
+def evaluate_all(state: GlobalState, data: Dataset, device: str = "cpu") -> list[tuple[float, float]]:
+    """Accuracy and loss of every submodel of ``state`` (computed on the torch ``device``)."""
+    return [evaluate(state, k, data, device=device) for k in range(len(state.specs))]
 
 
 def evaluate_sums(state: GlobalState, index: int, data: Dataset, batch: int = 500) -> EvalResult:
@@ -88,30 +104,41 @@ def bn_batch_stats(
 ) -> BnStats:
     """What a device sends for federated BatchNorm re-estimation, computed in PyTorch: over
     ``edge_client.evaluate.stats_batches`` of ``x``, the sums of every BatchNorm layer's batch mean and
-    unbiased batch variance (train mode) under submodel ``index``'s weights, and the batch count."""
-    net = build_submodel(state, index).train()
-    stats = BnStats()
-    hooks = []
+    unbiased batch variance (train mode) under submodel ``index``'s weights, and the batch count.
+
+    Every BatchNorm layer runs as in train mode, but from one pass over its input (``torch.var_mean``) that
+    both normalises the batch and gives the statistics (:func:`_batch_norm_with_stats`), instead of a train-
+    mode layer plus a second reading of its input in float64: 15-20 % less CPU for the whole pass. The
+    statistics are reduced in float32 and summed over batches in float64 (against float64 throughout: a
+    relative difference of about 1e-7)."""
+    net = build_submodel(state, index).eval()  # the layers below normalise with the batch's own statistics
+    sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, module in net.named_modules():
         if isinstance(module, torch.nn.BatchNorm2d):
-
-            def hook(mod: torch.nn.Module, args: tuple[torch.Tensor, ...], prefix: str = name) -> None:
-                x = args[0].double()
-                mean = x.mean(dim=(0, 2, 3)).numpy()
-                var = x.var(dim=(0, 2, 3), unbiased=True).numpy()
-                stats.mean_sum[prefix] = stats.mean_sum.get(prefix, 0.0) + mean
-                stats.var_sum[prefix] = stats.var_sum.get(prefix, 0.0) + var
-
-            hooks.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for idx in stats_batches(len(x), batch_size, max_batches):
-                net(torch.from_numpy(x[idx]))
-                stats.batches += 1
-    finally:
-        for h in hooks:
-            h.remove()
+            zeros = torch.zeros(module.num_features, dtype=torch.float64)
+            sums[name] = (zeros, zeros.clone())
+            module.forward = functools.partial(_batch_norm_with_stats, module, sums[name])  # type: ignore[method-assign]
+    stats = BnStats()
+    with torch.no_grad():
+        for idx in stats_batches(len(x), batch_size, max_batches):
+            net(torch.from_numpy(x[idx]))
+            stats.batches += 1
+    if stats.batches:
+        for name, (mean, var) in sums.items():
+            stats.mean_sum[name], stats.var_sum[name] = mean.numpy(), var.numpy()
     return stats
+
+
+def _batch_norm_with_stats(
+    module: torch.nn.BatchNorm2d, sums: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    """``module`` in train mode on the batch ``x`` (normalised with the batch's mean and biased variance,
+    running statistics untouched), adding the batch mean and unbiased variance to ``sums``."""
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    n = x.numel() // x.shape[1]
+    sums[0].add_(mean.double())
+    sums[1].add_(var.double() * (n / (n - 1)))
+    return torch.nn.functional.batch_norm(x, mean, var, module.weight, module.bias, False, 0.0, module.eps)
 
 
 def apply_bn_stats(state: GlobalState, index: int, parts: Iterable[BnStats]) -> int:

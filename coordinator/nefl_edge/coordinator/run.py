@@ -1,5 +1,6 @@
-"""One ``serve`` run: its directory, the global state, the round loop over the MQTT grid, checkpoints and
-records. Rendering (progress bars, tables) is the caller's (``coordinator.render``); this module logs.
+"""One ``serve`` run: its directory, the global state, the rounds over the MQTT grid (the loop of
+``coordinator.cadence.run_rounds``, the one ``simulate`` runs too), checkpoints and records. Rendering
+(progress bars, tables) is the caller's (``coordinator.render``); this module logs.
 
 After each round the main thread only snapshots what the round left (state, selection generator, quarantine,
 registry) and starts the next one; a worker (``coordinator.cadence.Evaluator``) evaluates the rounds due
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from nefl_edge.coordinator import checkpoint
-from nefl_edge.coordinator.cadence import Evaluator, evaluates, evaluation_step
+from nefl_edge.coordinator.cadence import Evaluator, evaluated_model, evaluation_step, run_rounds
 from nefl_edge.coordinator.config import RunConfig
 from nefl_edge.coordinator.engine import RoundEngine, RoundReport
 from nefl_edge.coordinator.mqtt_grid import MqttGrid
@@ -155,7 +156,7 @@ class ServeRun:
         """Hand round ``report.round`` to ``evaluator``: evaluate ``state`` if ``evaluate`` (a copy of it,
         unless ``last``: then the state itself, whose re-estimated statistics the checkpoint keeps), write the
         round's records (metrics rows only for an evaluated round) and checkpoint it."""
-        model = state if last or not evaluate else state.copy()
+        model = evaluated_model(state, evaluate, last)
         saved = self._snapshot(report.round, model)
         if evaluate:
             self.evaluated = report.round
@@ -236,22 +237,23 @@ class ServeRun:
             if self.round == 0 and not self.records.metrics():
                 self._finish(RoundReport(0), self.state, True, cfg.rounds == 0, evaluator)
             grid.open()
-            report = RoundReport(self.round)
+            finished: list[RoundReport] = []
+
+            def finish(report: RoundReport, state: GlobalState, evaluate: bool, last: bool) -> None:
+                report.phases["publish"] = grid.publish_s
+                self.state, self.round = state, report.round
+                finished[:] = [report]
+                self._finish(report, state, evaluate, last, evaluator)
+
             with self._signals():
-                while self.round < cfg.rounds and not self.stop.is_set():
-                    r = self.round + 1
-                    state, report = self.engine.run_round(r, self.state, grid, self.stop)
-                    if self.stop.is_set():
-                        break  # an interrupted round is not recorded; the last checkpoint stays the state
-                    report.phases["publish"] = grid.publish_s
-                    self.state, self.round = state, r
-                    self._finish(report, state, evaluates(cfg, r), r == cfg.rounds, evaluator)
+                # an interrupted round is not recorded; the last checkpoint stays the state
+                run_rounds(self.engine, grid, self.state, self.round, finish, self.stop)
                 evaluator.wait()
                 if self.disk_full is not None:
                     raise self.disk_full
                 if self.stop.is_set() and self.evaluated < self.round:
                     # the state a stopped run leaves behind carries re-estimated statistics, as a finished one
-                    last = replace(report, clients=[]) if self.round == report.round else RoundReport(self.round)
+                    last = replace(finished[0], clients=[]) if finished else RoundReport(self.round)
                     self._finish(last, self.state, True, True, evaluator)
                     evaluator.wait()
                 self._publish_final(link)

@@ -399,7 +399,7 @@ def simulate(
         typer.Option(help="PyTorch threads of each training process (default: this machine's cores / workers).", min=1),
     ] = None,
     engine: Annotated[
-        str, typer.Option(help="Who trains the clients: local (this process, or --workers), or ray (nefl-edge[ray]).")
+        str, typer.Option(help="Clients trained locally (this process, --workers) or on ray (extra nefl-edge\\[ray]).")
     ] = "local",
     ray_address: Annotated[
         Optional[str],

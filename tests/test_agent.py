@@ -291,6 +291,35 @@ def test_systemd_unit_quotes_arguments_with_spaces() -> None:
     assert "--run lab" in unit and "LoadCredential" not in unit
 
 
+def test_join_agent_and_the_unit_take_the_device_settings_from_one_declaration() -> None:
+    import dataclasses
+
+    import typer.main
+
+    from nefl_edge.edge_client.cli import SERVICE_SETTINGS, app
+    from nefl_edge.edge_client.settings import AgentOnlyArgs, DeviceArgs, device_flag
+
+    commands = {c.name: c for c in typer.main.get_command(app).commands.values()}  # type: ignore[attr-defined]
+
+    def options(name: str) -> dict[str, list[str]]:
+        return {p.name: sorted(p.opts) for p in commands[name].params}
+
+    settings = [f.name for f in dataclasses.fields(DeviceArgs)]
+    join, agent, service = options("join"), options("agent"), options("install-service")
+
+    assert list(join) == settings, f"join's options {list(join)} are not the declared settings {settings}"
+    assert set(agent) == set(settings) | {f.name for f in dataclasses.fields(AgentOnlyArgs)}, f"agent: {list(agent)}"
+    for name in settings:
+        assert join[name] == agent[name] and device_flag(name) in join[name], f"{name}: {join[name]} / {agent[name]}"
+    passed_on = [p.name for p in SERVICE_SETTINGS]
+    assert all(service[n] == agent[n] for n in passed_on), f"install-service renames a setting: {service}"
+    unit = systemd_unit("/x/nefl-edge", "b:1", Path("/d"), run="r", extra_args=[], password_file=Path("/pw"))
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    flags = {a for a in exec_start.split() if a.startswith("--")}
+    accepted = {o for opts in agent.values() for o in opts}
+    assert flags and flags <= accepted, f"the unit passes flags the agent does not take: {sorted(flags - accepted)}"
+
+
 def test_device_wheel_requires_only_device_packages(tmp_path: Path) -> None:
     from email.parser import Parser
     from zipfile import ZipFile

@@ -41,6 +41,7 @@ from nefl_edge.core.schemas import NAME_PATTERN
 from nefl_edge.core.wire import Buffer
 from nefl_edge.edge_client.client import ClientOptions, EdgeClient, RunOutcome
 from nefl_edge.edge_client.session import CannotTakePart
+from nefl_edge.edge_client.settings import device_flag
 
 log = logging.getLogger(__name__)
 
@@ -310,13 +311,14 @@ def systemd_unit(
     """A systemd unit for the agent: restarts always, runs as ``user`` with its own state and cache folders
     (``/var/lib/nefl-edge``, ``/var/cache/nefl-edge``), no secrets inline: a broker password is handed over
     as a systemd credential (``LoadCredential``) read from ``password_file``, readable by root only. Without
-    ``broker`` the agent takes broker, account and keys from the identity enrolled in its state directory."""
-    args = [exec_path, "agent", *(("--broker", broker) if broker else ()), "--data", str(data)]
-    args += ["--cache", "/var/cache/nefl-edge"]
+    ``broker`` the agent takes broker, account and keys from the identity enrolled in its state directory. The
+    flags are the declared ones (``edge_client.settings.device_flag``)."""
+    args = [exec_path, "agent", *((device_flag("broker"), broker) if broker else ()), device_flag("data"), str(data)]
+    args += [device_flag("cache"), "/var/cache/nefl-edge"]
     if run is not None:
-        args += ["--run", run]
+        args += [device_flag("run"), run]
     if password_file is not None:
-        args += ["--password-file", "%d/broker-password"]
+        args += [device_flag("password_file"), "%d/broker-password"]
     args += list(extra_args or [])
     credential = f"LoadCredential=broker-password:{password_file}\n" if password_file is not None else ""
     return f"""[Unit]

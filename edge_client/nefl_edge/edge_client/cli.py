@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
 import re
 import signal
 import sys
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -18,6 +18,15 @@ import typer
 from nefl_edge.core.cli import check_folder, event, fail, no_flag_metavars, run_app, setup_logging
 from nefl_edge.core.errors import ExitCode
 from nefl_edge.edge_client.runtime import keep_torch_out
+from nefl_edge.edge_client.settings import (
+    DEFAULT_CACHE,
+    AgentOnlyArgs,
+    DeviceArgs,
+    StateDir,
+    declared,
+    device_flag,
+    setting,
+)
 
 if TYPE_CHECKING:
     from nefl_edge.core.data import Dataset
@@ -53,22 +62,6 @@ def _root(
     ] = False,
 ) -> None:
     """nefl-edge: the device side of nested federated learning (ONNX Runtime + MQTT)."""
-
-
-StateDir = Annotated[
-    Optional[Path],
-    typer.Option(help="Identity folder (default $NEFL_STATE_DIR or ~/.local/state/nefl-edge)."),
-]
-BrokerOption = Annotated[
-    Optional[str], typer.Option(help="MQTT broker as HOST or HOST:PORT. Default: the enrolment's broker.")
-]
-NodeIdOption = Annotated[
-    Optional[str],
-    typer.Option(
-        help="This device's id (letters, digits, . _ -). Default: the enrolled name, else the identity's generated "
-        "id. Without --state-dir and enrolment, an explicit id uses no identity (demos, tests)."
-    ),
-]
 
 
 def _open_identity(state_dir: Optional[Path], node_id: Optional[str]) -> Optional[Identity]:
@@ -107,31 +100,6 @@ DEVICE_EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
 }  # fmt: skip
 """The device's log lines that ``--log-format json`` names as events: format string -> event and the names
 of its arguments (``core.cli.JsonLines``)."""
-
-
-@dataclass(frozen=True)
-class DeviceArgs:
-    """The options `join` and `agent` share, as given on the command line."""
-
-    data: Path
-    broker: Optional[str]
-    node_id: Optional[str]
-    state_dir: Optional[Path]
-    run: str
-    tier: Optional[int]
-    cache: Path
-    tls_ca: Optional[Path]
-    tls_cert: Optional[Path]
-    tls_key: Optional[Path]
-    username: Optional[str]
-    password_file: Optional[Path]
-    mqtt_version: str
-    threads: int
-    max_samples: Optional[int]
-    max_message_size: int
-    backend: str
-    verbose: bool
-    log_format: str = "text"
 
 
 def _device(args: DeviceArgs, pinned: bool, agent_options: Any) -> None:
@@ -269,66 +237,33 @@ def _serve_device(
         raise typer.Exit(ExitCode.INTERRUPTED)
 
 
-@app.command()
-def agent(
-    data: Annotated[Path, typer.Option(help="Local data: an IDX or CIFAR folder, or an .npz file with x and y.")],
-    broker: BrokerOption = None,
-    node_id: NodeIdOption = None,
-    state_dir: StateDir = None,
-    run: Annotated[
-        Optional[str],
-        typer.Option(help="Serve only this run, again after each end. Default: any run announced on the broker."),
-    ] = None,
-    once: Annotated[bool, typer.Option("--once", help="Exit after one run (as `join`).")] = False,
-    broker_wait: Annotated[
-        Optional[float], typer.Option(help="Give up (exit 3) if the broker is not reached within S seconds.")
-    ] = None,
-    backoff_max: Annotated[float, typer.Option(help="Longest wait between broker connection attempts (s).")] = 60.0,
-    tier: Annotated[
-        Optional[int],
-        typer.Option(help="Declared device tier for the coordinator's static policy (0 = smallest submodel)."),
-    ] = None,
-    cache: Annotated[
-        Path, typer.Option(help="Folder for cached artifacts and the latest trained weights.")
-    ] = Path.home() / ".cache" / "nefl-edge",
-    tls_ca: Annotated[Optional[Path], typer.Option(help="CA certificate file: connect with TLS.")] = None,
-    tls_cert: Annotated[Optional[Path], typer.Option(help="Client certificate for TLS client authentication.")] = None,
-    tls_key: Annotated[Optional[Path], typer.Option(help="Key of the client certificate.")] = None,
-    username: Annotated[Optional[str], typer.Option(help="Broker user name.")] = None,
-    password_file: Annotated[Optional[Path], typer.Option(help="File holding the broker password.")] = None,
-    mqtt_version: Annotated[str, typer.Option(help="MQTT protocol version: 3.1.1 or 5.")] = "3.1.1",
-    threads: Annotated[
-        int, typer.Option(help="Training threads (0: the fastest setting, measured at the first join and cached).")
-    ] = 0,
-    max_samples: Annotated[Optional[int], typer.Option(help="Use only the first N samples of the data.")] = None,
-    max_message_size: Annotated[
-        int, typer.Option(help="Bytes per MQTT message; larger payloads are chunked.")
-    ] = 1048576,
-    backend: Annotated[
-        str, typer.Option(help="Training backend: auto, ort-training (training build) or portable (stock onnxruntime).")
-    ] = "auto",
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
-    log_format: Annotated[
-        str, typer.Option(help="Log lines as text, or json: one object per event (joined, task, update, decline).")
-    ] = "text",
-) -> None:
+def agent(**options: Any) -> None:
     """The long-lived device agent (what the systemd service runs): waits for the broker with backoff, serves
     run after run (the pinned --run, or any run announced on nefl/+/manifest), reconnects forever."""
     from nefl_edge.edge_client.agent import AgentOptions
 
-    if broker_wait is not None and broker_wait <= 0:
+    only = AgentOnlyArgs(**{f.name: options.pop(f.name) for f in dataclasses.fields(AgentOnlyArgs)})
+    if only.broker_wait is not None and only.broker_wait <= 0:
         fail("--broker-wait must be positive")
-    if backoff_max < 1:
+    if only.backoff_max < 1:
         fail("--backoff-max must be at least 1 s")
-    options = AgentOptions(once=once, broker_wait_s=broker_wait, backoff_max_s=backoff_max)
-    args = DeviceArgs(
-        data, broker, node_id, state_dir, run or "default", tier, cache, tls_ca, tls_cert, tls_key, username,
-        password_file, mqtt_version, threads, max_samples, max_message_size, backend, verbose, log_format,
-    )  # fmt: skip
-    _device(args, pinned=run is not None, agent_options=options)
+    run: Optional[str] = options.pop("run")
+    life = AgentOptions(once=only.once, broker_wait_s=only.broker_wait, backoff_max_s=only.backoff_max)
+    _device(DeviceArgs(run=run or "default", **options), pinned=run is not None, agent_options=life)
 
 
-AGENT_ONLY = ("once", "broker_wait", "backoff_max")
+def _agent_signature() -> inspect.Signature:
+    """:class:`DeviceArgs` with a ``--run`` that is optional (any announced run), then :class:`AgentOnlyArgs`."""
+    run_option = typer.Option(
+        help="Serve only this run, again after each end. Default: any run announced on the broker."
+    )
+    params = declared(DeviceArgs, run=(Annotated[Optional[str], run_option], None))
+    at = next(i for i, p in enumerate(params) if p.name == "run") + 1
+    return inspect.Signature(params[:at] + declared(AgentOnlyArgs) + params[at:])
+
+
+agent.__signature__ = _agent_signature()  # type: ignore[attr-defined]
+app.command()(agent)
 
 
 def join(**options: Any) -> None:
@@ -339,28 +274,14 @@ def join(**options: Any) -> None:
     _device(DeviceArgs(**options), pinned=True, agent_options=None)
 
 
-def _join_signature() -> inspect.Signature:
-    """``agent``'s options without the agent-only ones; ``--run`` names the one run to join."""
-    hints = typing.get_type_hints(agent, include_extras=True)
-    run_option = typer.Option(help="The run to join (the coordinator's --run).")
-    params = [
-        p.replace(annotation=Annotated[str, run_option], default="default")
-        if p.name == "run"
-        else p.replace(annotation=hints[p.name])
-        for p in inspect.signature(agent).parameters.values()
-        if p.name not in AGENT_ONLY
-    ]
-    return inspect.Signature(params)
-
-
-join.__signature__ = _join_signature()  # type: ignore[attr-defined]
+join.__signature__ = inspect.Signature(declared(DeviceArgs))  # type: ignore[attr-defined]
 app.command()(join)
 
 
 @app.command()
 def predict(
     data: Annotated[Path, typer.Option(help="Samples: an .npz file with x (and y for accuracy), or an IDX folder.")],
-    cache: Annotated[Path, typer.Option(help="The device's --cache folder.")] = Path.home() / ".cache" / "nefl-edge",
+    cache: Annotated[Path, typer.Option(help="The device's --cache folder.")] = DEFAULT_CACHE,
     submodel: Annotated[
         Optional[int], typer.Option(help="Which kept submodel (default: the most recently trained).")
     ] = None,
@@ -398,48 +319,64 @@ def predict(
     typer.echo(json.dumps(summary))
 
 
-@app.command("install-service")
-def install_service(
-    data: Annotated[Path, typer.Option(help="The device's data (readable by the service user).")],
-    broker: BrokerOption = None,
-    run: Annotated[Optional[str], typer.Option(help="Pin the agent to this run (default: any run).")] = None,
-    user: Annotated[str, typer.Option(help="The dedicated system user the service runs as.")] = "nefl-edge",
-    password_file: Annotated[
-        Optional[Path], typer.Option(help="Root-only file with the broker password (passed as a systemd credential).")
-    ] = None,
+@dataclass(frozen=True)
+class ServiceArgs:
+    """The options of `install-service` beside the device settings it passes on (:data:`SERVICE_SETTINGS`)."""
+
+    user: Annotated[str, typer.Option(help="The dedicated system user the service runs as.")] = "nefl-edge"
     extra: Annotated[
         Optional[str], typer.Option(help="More agent options, e.g. '--tls-ca /etc/nefl-edge/ca.crt --threads 2'.")
-    ] = None,
+    ] = None
     output: Annotated[Path, typer.Option(help="Where to write the unit.")] = Path(
         "/etc/systemd/system/nefl-edge.service"
-    ),
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the unit instead of writing it.")] = False,
-) -> None:
+    )
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the unit instead of writing it.")] = False
+
+
+SERVICE_SETTINGS = (
+    setting("data", "The device's data (readable by the service user)."),
+    setting("broker"),
+    setting("run", "Pin the agent to this run (default: any run).", optional=True),
+    setting("password_file", "Root-only file with the broker password (passed as a systemd credential)."),
+)
+"""The device settings (``edge_client.settings.DeviceArgs``) that `install-service` writes into the unit."""
+
+
+def install_service(**options: Any) -> None:
     """Write a systemd unit that runs `nefl-edge agent` as a dedicated user and restarts it always."""
     import shlex
     import shutil
 
     from nefl_edge.edge_client.agent import systemd_unit
 
+    own = ServiceArgs(**{f.name: options.pop(f.name) for f in dataclasses.fields(ServiceArgs)})
+    data: Path = options["data"]
+    password_file: Optional[Path] = options["password_file"]
     exe = shutil.which("nefl-edge") or str(Path(sys.executable).with_name("nefl-edge"))
-    extra_args = shlex.split(extra) if extra else []
-    if any(a in ("--password", "--password-file") for a in extra_args):
-        fail("pass the broker password with --password-file here; it becomes a systemd credential")
+    extra_args = shlex.split(own.extra) if own.extra else []
+    if any(a in ("--password", device_flag("password_file")) for a in extra_args):
+        fail(f"pass the broker password with {device_flag('password_file')} here; it becomes a systemd credential")
     if not data.exists():
-        fail(f"--data {data}: no such file or folder (the service reads it as {user})")
+        fail(f"{device_flag('data')} {data}: no such file or folder (the service reads it as {own.user})")
     secret = password_file.resolve() if password_file is not None else None  # LoadCredential needs an absolute path
-    unit = systemd_unit(str(Path(exe).resolve()), broker, data.resolve(), user, run, extra_args, secret)
-    if dry_run:
+    exe = str(Path(exe).resolve())
+    unit = systemd_unit(exe, options["broker"], data.resolve(), own.user, options["run"], extra_args, secret)
+    if own.dry_run:
         typer.echo(unit, nl=False)
         return
     try:
-        output.write_text(unit)
+        own.output.write_text(unit)
     except OSError as exc:
-        fail(f"cannot write {output}: {exc} (run as root, or pass --output FILE / --dry-run)")
-    typer.echo(f"wrote {output}. Then, as root:")
-    typer.echo(f"  useradd --system --home-dir /var/lib/nefl-edge --shell /usr/sbin/nologin {user}")
+        fail(f"cannot write {own.output}: {exc} (run as root, or pass --output FILE / --dry-run)")
+    typer.echo(f"wrote {own.output}. Then, as root:")
+    typer.echo(f"  useradd --system --home-dir /var/lib/nefl-edge --shell /usr/sbin/nologin {own.user}")
     typer.echo("  systemctl daemon-reload && systemctl enable --now nefl-edge")
     typer.echo("  journalctl -u nefl-edge -f     # the agent's log")
+
+
+_user, *_own = declared(ServiceArgs)
+install_service.__signature__ = inspect.Signature([*SERVICE_SETTINGS[:3], _user, SERVICE_SETTINGS[3], *_own])  # type: ignore[attr-defined]
+app.command("install-service")(install_service)
 
 
 @app.command()

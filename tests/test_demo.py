@@ -176,3 +176,27 @@ def test_a_dirichlet_draw_that_starves_a_client_fails_loudly() -> None:
     # Execute / Assert: flwr-datasets' rule (11 draws, then ValueError), not a silent starved client
     with pytest.raises(ValueError, match="fewer than 3 samples in 11 draws"):
         DirichletPartitioner(10, 0.01, seed=0).split(labels)
+
+
+def test_the_demo_takes_its_run_settings_from_the_run_configuration() -> None:
+    from dataclasses import fields
+
+    from nefl_edge.coordinator.config import DEMO_SET, RunConfig
+    from nefl_edge.coordinator.demo import DemoOptions, demo_config
+
+    cfg = demo_config(3, {"rounds": None, "bn": "server", "aggregation": "robust", "runs_dir": Path("elsewhere")})
+    shown = subprocess.run(
+        [sys.executable, "-m", "nefl_edge.coordinator", "demo", "--help"],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, COLUMNS="200", TERM="dumb"),
+    )  # fmt: skip
+
+    redeclared = {f.name for f in fields(DemoOptions)} & set(RunConfig.model_fields)
+    assert not redeclared, f"DemoOptions re-declares run settings: {redeclared}"
+    assert (cfg.run, cfg.min_clients, cfg.min_updates, cfg.rounds, cfg.deadline_s) == ("demo", 3, 1, 8, 180.0)
+    assert (cfg.bn, cfg.aggregation, cfg.runs_dir) == ("server", "robust", Path("elsewhere"))
+    assert shown.returncode == 0, shown.stderr
+    options = set(re.findall(r"--[a-z][a-z-]+", shown.stdout))
+    generated = {f"--{key.replace('_', '-')}" for key in ("aggregation", "bn_device_samples", "eval_every", "seed")}
+    assert generated <= options, f"run settings missing from demo --help: {generated - options}"
+    set_by_demo = {f"--{key.replace('_', '-')}" for key in DEMO_SET} | {"--augment", "--device"}
+    assert not set_by_demo & options, f"demo --help offers what the demo sets itself: {set_by_demo & options}"

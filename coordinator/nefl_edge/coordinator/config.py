@@ -185,7 +185,7 @@ class RunConfig(BaseModel):
         0,
         ge=0,
         description="evaluate (and re-estimate BatchNorm) every k rounds and after the last; 0: every "
-        "max(1, rounds // 20) rounds",
+        "max(1, rounds // 20) rounds (serve and simulate alike: cadence.evaluates)",
     )
     eval_background: bool = Field(
         True, description="evaluate on a copy of the model while the next round runs (off: the round waits)"

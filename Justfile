@@ -70,3 +70,7 @@ house *ARGS:
 # the path of one update from device to global model on a real one-round demo: package crossings and upward calls (--python PY: another install)
 trip *ARGS:
     python -m bench.trip {{ARGS}}
+
+# our simulate (serial, --workers, --engine ray; bn federated and tracked) against Flower's Ray simulation engine on the same FedAvg job; makes .bench-venvs/flower (flwr[simulation], torch) on first use; writes bench/results/flower.json
+bench-flower *ARGS:
+    python -m bench.flower {{ARGS}}

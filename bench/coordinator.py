@@ -93,7 +93,8 @@ def fleet(spec: Fleet, eval_every: int = 1, quick: bool = False) -> dict[str, An
     result["commit"], result["measured_at"] = commit(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     result["load_average_1min"] = [load_before, os.getloadavg()[0]]
     print(
-        f"   overhead {_fmt(result['overhead_s'])} s (max {_fmt(result['overhead_max_s'])}; statistics round trip "
+        f"   overhead {_fmt(result['overhead_s'])} s (max {_fmt(result['overhead_max_s'])}; coordinator CPU in it "
+        f"{_fmt(result.get('overhead_cpu_s'))} s; statistics round trip "
         f"{_fmt(result['bn_s'])}), CPU {_fmt(result['coordinator_cpu_s_per_round'], 1)} s/round, "
         f"peak RSS {result['peak_rss_mb']:.0f} MiB",
         flush=True,
@@ -235,6 +236,7 @@ def _rows(fleets: dict[str, dict[str, Any]], profile: dict[str, float]) -> list[
                 note=f"{median:.2f} s median"
                 + (f", statistics round trip {bn:.2f} s" if bn is not None else "")
                 + f", handed out {_fmt(f.get('handed_out_s'))} s"
+                + (f", coordinator CPU in it {f['overhead_cpu_s']:.2f} s" if f.get("overhead_cpu_s") else "")
                 + f"; CPU {_fmt(f['coordinator_cpu_s_per_round'], 1)} s/round",
             )
         )
@@ -295,17 +297,20 @@ def _section(fleets: dict[str, dict[str, Any]], profile: dict[str, float]) -> st
         "'statistics'; rows measured before it was counted are corrected from their `bn_statistics` phase). "
         "Handed out: the same start until the coordinator has handed the next round's last task to its MQTT "
         "client (the overhead less the broker's delivery and the load generator decoding every device's task "
-        "in one process). Tasks out: the first to the last task of a round arriving; take-in lag: the broker "
-        "acknowledging a "
+        "in one process). Overhead CPU: the coordinator's CPU seconds (all threads) in the overhead window, "
+        "from its `/proc` CPU time sampled every 0.1 s: on a shared host the wall times follow the load, this "
+        "much less (recorded from commit eee912a on). Tasks out: the first to the last task of a round "
+        "arriving; take-in lag: the broker acknowledging a "
         "round's last update -> the coordinator having taken it in. Serve options: `--bn server "
         "--eval-samples 2000 --bn-calibration 500`, or `--bn federated` with `--eval-samples` 2000 (500 at "
         "5,000 and 10,000 devices, 200 for ResNet18). Shared 2-core machine: the coordinator, the broker and "
         "the load generator run side by side (and other engineers' jobs: the 1-minute load average before and "
         "after each fleet is in the last column).",
         "",
-        "| devices | model | bn | evaluation | overhead s (median / max) | statistics s | handed out s | tasks out s "
-        "| take-in lag s | coordinator CPU s / round | peak RSS MiB | MB up / round | commit (load before/after) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| devices | model | bn | evaluation | overhead s (median / max) | overhead CPU s | statistics s "
+        "| handed out s | tasks out s | take-in lag s | coordinator CPU s / round | peak RSS MiB | MB up / round "
+        "| commit (load before/after) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in fleets.values():
         tasks_out = [r["tasks_out_s"] for r in f["rounds"] if "tasks_out_s" in r]
@@ -313,7 +318,8 @@ def _section(fleets: dict[str, dict[str, Any]], profile: dict[str, float]) -> st
         median, most, bn = overheads(f)
         lines.append(
             f"| {f['settings']['devices']} | {f['settings'].get('model', 'resnet-small')} | {_bn(f)} | {where} "
-            f"| {_fmt(median)} / {_fmt(most)} | {_fmt(bn)} | {_fmt(f.get('handed_out_s'))} "
+            f"| {_fmt(median)} / {_fmt(most)} | {_fmt(f.get('overhead_cpu_s'))} | {_fmt(bn)} "
+            f"| {_fmt(f.get('handed_out_s'))} "
             f"| {_fmt(statistics.median(tasks_out) if tasks_out else None)} | {_fmt(f['take_in_lag_s'])} "
             f"| {_fmt(f['coordinator_cpu_s_per_round'], 1)} | {f['peak_rss_mb']:.0f} | {f['mb_per_round']:.0f} "
             f"| {f.get('commit', 'earlier')}{_load(f)} |"

@@ -23,7 +23,11 @@ round r+1 arrives at the load generator. With ``bn = federated`` it therefore in
 trip to the devices (``bn_s``: that phase alone), which the virtual devices answer at once. It also includes
 the broker's delivery and this one process decoding 10,000 devices' tasks one after another, which a real
 fleet does in parallel: ``handed_out_s`` ends instead when the coordinator has handed the last task of
-round r+1 to its MQTT client (from its metrics row: the end of its ``publish`` phase).
+round r+1 to its MQTT client (from its metrics row: the end of its ``publish`` phase). On a shared host the
+wall times follow the load; ``overhead_cpu_s`` is the coordinator's CPU seconds (all its threads) in the same
+window, from samples of its ``/proc`` CPU time every 0.1 s. With statistics, ``bn_tasks_out_s`` and
+``bn_answers_out_s`` are from the round's first ``evaluate`` task arriving here to its last one arriving and to
+the last answer handed to paho.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import paho.mqtt.client as mqtt
 
+from nefl_edge.coordinator.session import SWITCH_INTERVAL_S
 from nefl_edge.core.mqtt import CHUNK_MARK, Receiver
 from nefl_edge.core.schemas import (
     BnCount,
@@ -91,6 +96,8 @@ class RoundTiming:
     last_task_at: float = 0.0
     last_update_at: float = 0.0  # the broker acknowledged the round's last update
     first_eval_task_at: float = 0.0  # the round's first evaluate task (federated statistics) arrived
+    last_eval_task_at: float = 0.0  # ... and its last
+    last_eval_answer_at: float = 0.0  # the last answer to one was handed to paho
     coordinator_cpu_s: float = 0.0  # the coordinator's process CPU seconds when its last task arrived
 
 
@@ -157,6 +164,8 @@ class LoadGen:
     ) -> None:
         host, port = broker.rsplit(":", 1)
         self.host, self.port, self.run = host, int(port), run
+        # many network and sender threads in one process: hand the GIL over as often as the coordinator does
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self.topics = Topics(run)
         self.tiers, self.samples, self.delay_s, self.jitter_s = tiers, samples, delay_s, jitter_s
         self.statuses, self.chunk_size = statuses, chunk_size
@@ -297,6 +306,7 @@ class LoadGen:
             with self._lock:
                 timing = self.rounds.setdefault(message.round, RoundTiming(message.round))
                 timing.first_eval_task_at = timing.first_eval_task_at or now
+                timing.last_eval_task_at = now
             self._seq += 1
             conn.put(time.monotonic(), self._seq, message)
 
@@ -317,6 +327,9 @@ class LoadGen:
             try:
                 if isinstance(task, EvalTask):
                     window.extend(self._evaluation(conn, task))
+                    with self._lock:
+                        timing = self.rounds[task.round]
+                        timing.last_eval_answer_at = max(timing.last_eval_answer_at, time.time())
                     continue
                 body = self._weights_for(task)
                 if body is None:
@@ -462,6 +475,13 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_at(samples: list[tuple[float, float]], when: float) -> float:
+    """The CPU seconds of ``samples`` ((time, CPU seconds), in time order) at ``when``, linearly
+    interpolated (clamped to the first and last sample)."""
+    times = [t for t, _ in samples]
+    return float(np.interp(when, times, [c for _, c in samples]))
+
+
 def peak_rss_mb(pid: int) -> float:
     """The peak resident set size of process ``pid`` so far (VmHWM), MiB."""
     with open(f"/proc/{pid}/status") as fh:
@@ -545,11 +565,16 @@ def measure(
         )  # fmt: skip
         peak = broker_peak = 0.0
         started = time.monotonic()
+        cpu_samples: list[tuple[float, float]] = []  # (time.time(), the coordinator's CPU seconds), every 0.1 s
+        own_samples: list[tuple[float, float]] = []  # the same of this process (the load generator)
         try:
             gen.start(timeout_s=300, alive=lambda: coord.poll() is None)
-            while not gen.wait_end(0.5):
+            while not gen.wait_end(0.1):
                 if coord.poll() is not None:
                     break
+                with contextlib.suppress(OSError):
+                    cpu_samples.append((time.time(), process_cpu(coord.pid)))
+                    own_samples.append((time.time(), process_cpu(os.getpid())))
                 peak = max(peak, peak_rss_mb(coord.pid))
                 broker_peak = max(broker_peak, rss_mb(broker_pid))
                 if time.monotonic() - started > timeout_s:
@@ -598,9 +623,16 @@ def measure(
             entry["handed_out_s"] = handed - phases.get("training", 0.0) + phases.get("publish", 0.0) - collected
         if timing is not None and nxt is not None and nxt.coordinator_cpu_s and timing.coordinator_cpu_s:
             entry["coordinator_cpu_s"] = nxt.coordinator_cpu_s - timing.coordinator_cpu_s
+        if "overhead_s" in entry and nxt is not None and len(cpu_samples) > 1:  # CPU spent in the overhead window
+            entry["overhead_cpu_s"] = cpu_at(cpu_samples, nxt.last_task_at) - cpu_at(cpu_samples, collected)
+            entry["loadgen_overhead_cpu_s"] = cpu_at(own_samples, nxt.last_task_at) - cpu_at(own_samples, collected)
+        if timing is not None and timing.first_eval_task_at and timing.last_eval_answer_at:
+            entry["bn_tasks_out_s"] = timing.last_eval_task_at - timing.first_eval_task_at
+            entry["bn_answers_out_s"] = timing.last_eval_answer_at - timing.first_eval_task_at
         per_round.append(entry)
     overheads = [e["overhead_s"] for e in per_round if "overhead_s" in e]
     cpus = [e["coordinator_cpu_s"] for e in per_round if "coordinator_cpu_s" in e]
+    overhead_cpus = [e["overhead_cpu_s"] for e in per_round if "overhead_cpu_s" in e]
     bns = [e["bn_s"] for e in per_round if "bn_s" in e and "overhead_s" in e]
     handed = [e["handed_out_s"] for e in per_round if "handed_out_s" in e]
     return {
@@ -612,6 +644,7 @@ def measure(
         "bn_s": statistics.median(bns) if bns else None,
         "handed_out_s": statistics.median(handed) if handed else None,
         "coordinator_cpu_s_per_round": statistics.median(cpus) if cpus else None,
+        "overhead_cpu_s": statistics.median(overhead_cpus) if overhead_cpus else None,
         "coordinator_cpu_s_total": cpu_total,
         "peak_rss_mb": peak,
         "updates_sent": gen.updates_sent,

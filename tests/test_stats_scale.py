@@ -258,3 +258,42 @@ def test_split_names_reads_submodel_prefixes_and_names_the_first_bad_one() -> No
     long = tuple(f"1/t{i}" for i in range(2000))  # beyond what is cached: the same answer
     split, submodels, wrong = split_names(long)
     assert len(split) == 2000 and submodels == {1} and wrong == ""
+
+
+def test_message_ids_are_unique_well_formed_and_new_in_a_forked_child() -> None:
+    import os
+
+    ids = [wire.next_message_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids), "a message id repeated"
+    assert all(wire._MSG_ID.fullmatch(i) for i in ids), (
+        f"malformed id {next(i for i in ids if not wire._MSG_ID.fullmatch(i))}"
+    )
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its first id and leave at once
+        os.write(write, wire.next_message_id().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.waitpid(pid, 0)
+    assert child[:16] != ids[0][:16], f"a forked child kept its parent's id prefix {child[:16]}"
+
+
+def test_an_encoded_header_is_the_message_plus_its_body_size() -> None:
+    from nefl_edge.core.schemas import EvalTask
+
+    task = EvalTask(
+        run="r", node="n1", task_id="t", round=3, submodels=[0, 2], weights_sha256=["0" * 64] * 2,
+        evaluate=True, bn_stats=True, deadline_s=60,
+    )  # fmt: skip
+    body = pack_tensors({"w": np.ones(3, np.float32)})
+    encoded = wire.encode(task, body)
+    message, got = wire.decode(encoded)
+    assert got == body, "the body did not come back"
+    assert message.sent_at > 0, "no sent_at was stamped on a message without one"
+    assert message == task.model_copy(update={"sent_at": message.sent_at}), f"{message} != {task}"
+    (size,) = struct.unpack(">I", encoded[4:8])
+    header = json.loads(encoded[8 : 8 + size])
+    assert header["body_size"] == len(body) and list(header)[-1] == "body_size", header
+    stamped = task.model_copy(update={"sent_at": 12.5})
+    assert wire.decode(wire.encode(stamped))[0].sent_at == 12.5, "a given sent_at was replaced"

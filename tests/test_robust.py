@@ -14,7 +14,16 @@ from nefl_edge.coordinator.strategies import get_strategy
 from nefl_edge.core.evaluation import BnStats, EvalResult
 from nefl_edge.core.nefedavg import NeFedAvg
 from nefl_edge.core.nested import GlobalState, Tensors, extract, init_global_state
-from nefl_edge.core.robust import RobustOptions, _leave_one_out_medians, trimmed_mean
+from nefl_edge.core.robust import (
+    ClientUpdate,
+    RobustOptions,
+    _cells,
+    _leave_one_out_medians,
+    _merge_exchange,
+    _sorted_rows,
+    robust_aggregate,
+    trimmed_mean,
+)
 from nefl_edge.core.schemas import DeviceProfile, TrainConfig
 from nefl_edge.core.specs import ModelConfig, SubmodelSpec, mflops, param_layout
 
@@ -293,3 +302,69 @@ def test_trimmed_mean_and_leave_one_out_medians_match_a_naive_loop(clients: int)
     for i in range(clients):
         naive_median = np.median(np.delete(values, i, axis=0), axis=0)
         np.testing.assert_allclose(medians[i], naive_median, rtol=1e-6, err_msg=f"leave-one-out median of {i}")
+
+
+@pytest.mark.parametrize("n", range(1, 17))
+def test_the_sorting_network_sorts_every_binary_input_hence_every_input(n: int) -> None:
+    """The 0-1 principle (Knuth, TAOCP vol. 3, 5.3.4, Theorem Z): a comparator network that sorts all 2^n
+    inputs of zeros and ones sorts every input; one column per binary input."""
+    columns = np.arange(1 << n)
+    binary = ((columns[None, :] >> np.arange(n)[:, None]) & 1).astype(np.float32)
+    got = np.stack(_sorted_rows(binary))
+    assert np.array_equal(got, np.sort(binary, axis=0)), f"{len(_merge_exchange(n))} pairs do not sort {n} rows"
+
+
+def _naive_trimmed_ties(values: list[float], weights: list[float], b: int) -> float:
+    """The trim rule with ties: the b smallest go by (value, client), the b largest by (-value, client), each
+    side on its own; the weighted mean of the clients on neither side."""
+    c = len(values)
+    low = sorted(range(c), key=lambda i: (values[i], i))[:b]
+    high = sorted(range(c), key=lambda i: (-values[i], i))[:b]
+    kept = [i for i in range(c) if i not in low and i not in high]
+    return sum(values[i] * weights[i] for i in kept) / sum(weights[i] for i in kept)
+
+
+@pytest.mark.parametrize("clients", [3, 4, 5, 8, 9, 12, 19, 24, 70])  # 70: sorts, not the network
+def test_trimmed_mean_with_tied_values_matches_a_naive_loop(clients: int) -> None:
+    rng = np.random.default_rng(100 + clients)
+    values = rng.integers(-2, 3, (clients, 300)).astype(np.float32)  # many ties, at the thresholds too
+    values[:, :20] = 1.5  # every client equal
+    weights = rng.integers(1, 50, clients).astype(np.float64)
+    for trim in (0.25, 0.45):
+        b = max(1, int(np.floor(trim * clients)))
+        got = trimmed_mean(values, weights, trim, 3)
+        for e in range(values.shape[1]):
+            naive = _naive_trimmed_ties([float(v) for v in values[:, e]], list(weights), b)
+            assert got[e] == pytest.approx(naive, rel=1e-6), f"{clients} clients, trim {trim}, element {e}"
+
+
+def test_the_cells_tile_the_union_of_prefixes_once_each_with_one_covering_set() -> None:
+    shapes = [(5, 3, 2), (2, 6, 2), (5, 6, 1), (1, 1, 2)]  # not nested: each is largest in some dimension
+    seen = np.zeros((5, 6, 2), int)
+    for box, corner in _cells(shapes):
+        seen[box] += 1
+        cover = {s for s in shapes if all(a >= b for a, b in zip(s, corner))}
+        for e in np.ndindex(*(b.stop - b.start for b in box)):
+            element = tuple(b.start + i for b, i in zip(box, e))
+            mine = {s for s in shapes if all(x < a for x, a in zip(element, s))}
+            assert mine == cover or not mine, f"element {element}: covered by {mine}, its box says {cover}"
+    union = np.zeros_like(seen)
+    for shape in shapes:
+        union[tuple(slice(0, a) for a in shape)] = 1
+    assert np.array_equal(np.minimum(seen, 1), seen), "an element lies in two boxes"
+    assert np.array_equal(seen[union == 1], np.ones(int(union.sum()), int)), "an element of the union has no box"
+
+
+def test_a_client_whose_delta_is_not_finite_is_left_out(
+    small_config: ModelConfig, small_specs: list[SubmodelSpec]
+) -> None:
+    state = init_global_state(small_config, small_specs, {}, seed=6)
+    updates = [ClientUpdate(k, t, float(n), f"c{i}") for i, (k, t, n) in enumerate(_updates(state, [0, 1, 1, 2, 4]))]
+    name = next(n for n in updates[2].tensors if "running_" not in n)
+    hostile = {**updates[2].tensors, name: np.full_like(updates[2].tensors[name], np.inf)}
+    broken = ClientUpdate(updates[2].index, hostile, 1.0, "x")
+    clean, _ = robust_aggregate(state, updates, RobustOptions())
+    got, report = robust_aggregate(state, [*updates[:3], broken, *updates[3:]], RobustOptions())
+    assert report.disagreeing[:1] == ["x"], f"the non-finite update was not left out: {report}"
+    for key, value in got.flat().items():
+        assert np.array_equal(value, clean.flat()[key]), f"{key}: the result is not the one without the client"

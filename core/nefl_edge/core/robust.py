@@ -54,9 +54,9 @@ import numpy as np
 from nefl_edge.core.nested import GlobalState, Tensors, prefix_slice
 from nefl_edge.core.specs import param_layout
 
-SELECT_PASSES = 4
-"""Trimming up to this many values per side selects them with a sorting network over whole rows
-(:func:`_trim_mask`); more: one stable sort per element along the client axis."""
+NETWORK_CLIENTS = 64
+"""Up to this many clients, the trim thresholds come from a sorting network over whole rows
+(:func:`_sorted_rows`); more: two stable sorts along the client axis (the same values are dropped)."""
 BLOCK_VALUES = 1 << 20
 """Values (clients x elements) taken at once in one block of a region: 4 MiB of float32 (the sorting
 network passes over a block dozens of times, so it had better stay in cache)."""
@@ -120,11 +120,6 @@ def trimmed_mean(values: np.ndarray, weights: np.ndarray, trim: float, min_trim:
         return (np.tensordot(w, values.astype(np.float64), axes=1) / w.sum()).astype(np.float32)
     b = max(1, int(np.floor(trim * c)))
     flat = values.reshape(c, -1)
-    if b > SELECT_PASSES:
-        order = np.argsort(flat, axis=0, kind="stable")[b : c - b]
-        kept = np.take_along_axis(flat, order, axis=0).astype(np.float64)
-        kept_w = w[order]
-        return ((kept * kept_w).sum(axis=0) / kept_w.sum(axis=0)).astype(np.float32).reshape(values.shape[1:])
     # The weighted sums of the kept values and of their weights, client by client in order (as a reduction
     # over the client axis adds them), without clients x elements float64 arrays.
     total, weight = np.zeros(flat.shape[1]), np.zeros(flat.shape[1])
@@ -141,11 +136,18 @@ def _trim_mask(flat: np.ndarray, b: int) -> list[np.ndarray]:
     """Per client (row of ``flat``, clients x elements), where a trim of ``b`` per side drops its value: per
     element the ``b`` smallest and the ``b`` largest values, ties going to the lowest client index on each
     side (the two sides chosen independently, so a client can be both among the smallest and among the
-    largest only where every value kept is equal). Thresholds from one sorting network
-    (:func:`_sorted_rows`), then element-wise comparisons row by row: no reduction along the strided client
-    axis; only the elements where more values tie at a threshold than are to be dropped take a slower
-    look."""
+    largest only where every value kept is equal). Up to ``NETWORK_CLIENTS``: thresholds from one sorting
+    network (:func:`_sorted_rows`), then element-wise comparisons row by row, with no reduction along the
+    strided client axis; only the elements where more values tie at a threshold than are to be dropped take
+    a slower look."""
     c = flat.shape[0]
+    if c > NETWORK_CLIENTS:
+        low = np.argsort(flat, axis=0, kind="stable")[:b]
+        high = np.argsort(-flat, axis=0, kind="stable")[:b]
+        dropped = np.zeros(flat.shape, bool)
+        np.put_along_axis(dropped, low, True, axis=0)
+        np.put_along_axis(dropped, high, True, axis=0)
+        return list(dropped)
     srt = _sorted_rows(flat)
     drop = [np.zeros(flat.shape[1], bool) for _ in range(c)]
     for threshold, within, beyond in ((srt[b - 1], np.less_equal, np.less), (srt[c - b], np.greater_equal, np.greater)):
@@ -364,9 +366,23 @@ def robust_aggregate(
     per_sub: dict[int, list[int]] = {}
     for i, u in enumerate(updates):
         per_sub.setdefault(u.index, []).append(i)
+    parts = {}
     for part in ("consistent", "inconsistent"):
         groups = [[n for n, x in layouts[u.index].items() if x.kind == part and not _is_stat(n)] for u in updates]
-        measured = [deltas.norm(i, g) for i, g in enumerate(groups)]
+        parts[part] = groups, [deltas.norm(i, g) for i, g in enumerate(groups)]
+    # A delta that is not finite (values near the float32 limit, or an unscreened update) would turn every
+    # element it covers into NaN: such a client is left out, and the rest aggregated without it.
+    finite = [
+        i
+        for i, u in enumerate(updates)
+        if all(np.isfinite(parts[p][1][i][0]) for p in parts)
+        and all(np.isfinite(deltas.get(i, n, ())).all() for n in layouts[u.index] if _is_stat(n))
+    ]
+    if len(finite) < len(updates):
+        out, report = robust_aggregate(state, [updates[i] for i in finite], opts)
+        report.disagreeing[:0] = [names[i] for i in range(len(updates)) if i not in finite]
+        return out, report
+    for groups, measured in parts.values():
         norms = [m[0] for m in measured]
         sizes = [max(m[1], 1e-12) for m in measured]
         relative = np.array([n / s for n, s in zip(norms, sizes)])

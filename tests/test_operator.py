@@ -409,6 +409,40 @@ def test_a_device_started_before_a_signed_run_it_is_not_enrolled_in_stops_when_t
     print(f"the device stopped {seconds:.2f} s after the signed run's manifest was retained")
 
 
+def test_an_agent_without_run_skips_a_run_it_cannot_take_part_in_and_waits_for_the_next(
+    broker, tmp_path: Path, shard: Path, small_artifacts: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from tests.helpers import device_env
+
+    # Prepare: a discovering agent that is not enrolled
+    log = tmp_path / "roamer.log"
+    args = [sys.executable, "-m", "nefl_edge.edge_client", "agent", "--broker", broker.address, "--data", str(shard),
+            "--node-id", "roamer", "--cache", str(tmp_path / "cache"), "--log-format", "json"]  # fmt: skip
+    with log.open("ab") as out:
+        agent = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=device_env(tmp_path),
+                                 start_new_session=True)  # fmt: skip
+    try:
+        wait_for(lambda: "waiting for a run to be announced" in log.read_text(), 60, "the agent to wait for runs")
+
+        # Execute: a signed run is announced
+        publish_manifest(broker.address, "signed", (small_artifacts / "manifest.json").read_bytes(), signed=True)
+
+        def events(name: str) -> list[dict[str, object]]:
+            lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+            return [e for e in lines if e["event"] == name or str(e["message"]).startswith(name)]
+
+        skipped = wait_for(lambda: events("cannot_take_part"), 30, "the skip event")
+        wait_for(lambda: len(events("waiting for a run to be announced")) == 2, 30, "the agent to wait again")
+        alive = agent.poll() is None
+    finally:
+        stop(agent)
+
+    # Assert: the event names the run and why; the agent lived on
+    assert alive, f"the agent exited {agent.returncode}: {log.read_text()[-2000:]}"
+    assert skipped[0]["run"] == "signed", f"skip event: {skipped[0]}"
+    assert "is signed by its coordinator and this device is not enrolled" in skipped[0]["reason"], skipped[0]
+
+
 # --- the device's unit ---------------------------------------------------------------------------------------
 
 

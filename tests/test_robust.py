@@ -311,7 +311,15 @@ def test_the_sorting_network_sorts_every_binary_input_hence_every_input(n: int) 
     columns = np.arange(1 << n)
     binary = ((columns[None, :] >> np.arange(n)[:, None]) & 1).astype(np.float32)
     got = np.stack(_sorted_rows(binary))
-    assert np.array_equal(got, np.sort(binary, axis=0)), f"{len(_merge_exchange(n))} pairs do not sort {n} rows"
+    want = np.sort(binary, axis=0)
+    assert np.array_equal(got, want), f"{len(_merge_exchange(n))} pairs do not sort {n} rows"
+    b = max(1, n // 4)
+    for ranks in {(b - 1, b, n - b - 1, n - b), (max(0, (n - 1) // 2 - 1), (n - 1) // 2, min(n - 1, (n + 1) // 2))}:
+        ranks = tuple(sorted({r for r in ranks if 0 <= r < n}))
+        picked = _sorted_rows(binary, ranks)
+        for r in ranks:
+            assert np.array_equal(picked[r], want[r]), f"the selection network for ranks {ranks} of {n} misses {r}"
+    assert np.array_equal(binary, ((columns[None, :] >> np.arange(n)[:, None]) & 1)), "the input was changed"
 
 
 def _naive_trimmed_ties(values: list[float], weights: list[float], b: int) -> float:

@@ -44,10 +44,11 @@ blocks of at most ``BLOCK_VALUES`` clipped deltas at a time (deltas are recomput
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -136,10 +137,10 @@ def _trim_mask(flat: np.ndarray, b: int) -> list[np.ndarray]:
     """Per client (row of ``flat``, clients x elements), where a trim of ``b`` per side drops its value: per
     element the ``b`` smallest and the ``b`` largest values, ties going to the lowest client index on each
     side (the two sides chosen independently, so a client can be both among the smallest and among the
-    largest only where every value kept is equal). Up to ``NETWORK_CLIENTS``: thresholds from one sorting
-    network (:func:`_sorted_rows`), then element-wise comparisons row by row, with no reduction along the
-    strided client axis; only the elements where more values tie at a threshold than are to be dropped take
-    a slower look."""
+    largest only where every value kept is equal). Up to ``NETWORK_CLIENTS``: the thresholds (the ``b``-th
+    smallest and largest values) from a selection network (:func:`_sorted_rows`), then element-wise
+    comparisons row by row, with no reduction along the strided client axis; only the elements where a value
+    beyond the ``b`` dropped ties with a threshold take a slower look."""
     c = flat.shape[0]
     if c > NETWORK_CLIENTS:
         low = np.argsort(flat, axis=0, kind="stable")[:b]
@@ -148,23 +149,25 @@ def _trim_mask(flat: np.ndarray, b: int) -> list[np.ndarray]:
         np.put_along_axis(dropped, low, True, axis=0)
         np.put_along_axis(dropped, high, True, axis=0)
         return list(dropped)
-    srt = _sorted_rows(flat)
-    drop = [np.zeros(flat.shape[1], bool) for _ in range(c)]
-    for threshold, within, beyond in ((srt[b - 1], np.less_equal, np.less), (srt[c - b], np.greater_equal, np.greater)):
-        sides = [within(row, threshold) for row in flat]
-        count = np.zeros(flat.shape[1], np.int32)
-        for side in sides:
-            count += side
-        tied = np.flatnonzero(count > b)
-        if tied.size:  # the first clients' tied values go, the rest stay
-            values, at = flat[:, tied], threshold[tied]
+    srt = _sorted_rows(flat, (b - 1, b, c - b - 1, c - b))
+    lo, hi = srt[b - 1], srt[c - b]
+    drop = []
+    for row in flat:
+        out = np.less_equal(row, lo)
+        out |= np.greater_equal(row, hi)
+        drop.append(out)
+    tied = np.flatnonzero((srt[b] == lo) | (srt[c - b - 1] == hi))  # more than b values at a threshold
+    if tied.size:  # there the first clients' tied values go, the rest stay
+        values = flat[:, tied]
+        exact = np.zeros(values.shape, bool)
+        for at, beyond in ((lo[tied], np.less), (hi[tied], np.greater)):
             need = b - beyond(values, at).sum(axis=0)
-            for row, side in zip(values, sides):
+            for row, out in zip(values, exact):
                 take = (row == at) & (need > 0)
                 need -= take
-                side[tied] = beyond(row, at) | take
-        for side, out in zip(sides, drop):
-            out |= side
+                out |= beyond(row, at) | take
+        for out, fixed in zip(drop, exact):
+            out[tied] = fixed
     return drop
 
 
@@ -278,17 +281,38 @@ def _merge_exchange(n: int) -> list[tuple[int, int]]:
     return pairs
 
 
-def _sorted_rows(block: np.ndarray) -> list[np.ndarray]:
+@functools.cache
+def _network(n: int, ranks: Optional[tuple[int, ...]] = None) -> tuple[tuple[int, int], ...]:
+    """:func:`_merge_exchange`'s pairs for ``n`` items; with ``ranks``, only the pairs that the values ending
+    at those ranks depend on (walking back from them: a pair whose two wires no later kept pair or wanted
+    rank reads is dropped), which turns the sorting network into a selection network for those ranks."""
+    pairs = _merge_exchange(n)
+    if ranks is None:
+        return tuple(pairs)
+    needed, kept = set(ranks), []
+    for i, j in reversed(pairs):
+        if i in needed or j in needed:
+            kept.append((i, j))
+            needed |= {i, j}
+    return tuple(reversed(kept))
+
+
+def _sorted_rows(block: np.ndarray, ranks: Optional[tuple[int, ...]] = None) -> list[np.ndarray]:
     """The rows of ``block`` (clients x elements) sorted per element: row ``k`` holds every element's
-    ``k``-th smallest value. A sorting network of element-wise minima and maxima over whole rows, which for
-    the few clients of a round is several times faster than a sort along the client axis (strided). Values
+    ``k``-th smallest value (only the rows of ``ranks`` where they are given). A sorting network of
+    element-wise minima and maxima over whole rows (:func:`_network`), which for the few clients of a round
+    is several times faster than a sort along the client axis (strided). ``block`` is left as it is. Values
     are finite here (screening rejects NaN; a client with a non-finite delta is left out before)."""
-    rows = [np.array(r) for r in block]
-    spare = np.empty_like(rows[0])
-    for i, j in _merge_exchange(len(rows)):
-        np.minimum(rows[i], rows[j], out=spare)
-        np.maximum(rows[i], rows[j], out=rows[j])
-        rows[i], spare = spare, rows[i]
+    rows, owned = list(block), [False] * len(block)
+    spare: Optional[np.ndarray] = None
+    for i, j in _network(len(rows), ranks):
+        low = np.minimum(rows[i], rows[j], out=spare)
+        if owned[j]:
+            np.maximum(rows[i], rows[j], out=rows[j])
+        else:
+            rows[j], owned[j] = np.maximum(rows[i], rows[j]), True
+        spare = rows[i] if owned[i] else None
+        rows[i], owned[i] = low, True
     return rows
 
 
@@ -303,13 +327,13 @@ def _leave_one_out_medians(block: np.ndarray) -> np.ndarray:
     smallest remaining value is ``s_k`` if ``v >= s_{k+1}`` (a copy of ``v`` sits above ``k``), else
     ``s_{k+1}``; the multiset left is the same whichever copy of a tied value goes."""
     n = block.shape[0]
-    srt = _sorted_rows(block)
+    m = n - 1
+    srt = _sorted_rows(block, tuple(range(max(0, m // 2 - 1), min(n, m // 2 + 2))))
 
     def remaining(k: int) -> np.ndarray:  # per row and element: the k-th smallest value without that row's
         above = srt[min(k + 1, n - 1)]
         return np.where(block >= above, srt[k], above)
 
-    m = n - 1
     if m % 2:
         return remaining(m // 2)
     return (remaining(m // 2 - 1) + remaining(m // 2)) / 2

@@ -13,12 +13,13 @@ import pytest
 from nefl_edge.coordinator.models import SubmodelNet, initial_consistent
 from nefl_edge.core.artifacts import ArtifactError, load_manifest, submodel_paths
 from nefl_edge.core.data import load_dataset
-from nefl_edge.core.nested import GlobalState, extract, init_global_state, renest
+from nefl_edge.core.nefedavg import NeFedAvg
+from nefl_edge.core.nested import GlobalState, extract, init_global_state
 from nefl_edge.core.schemas import TrainConfig
 from nefl_edge.core.specs import ModelConfig, SubmodelSpec
-from nefl_edge.core.wire import unpack_tensors
+from nefl_edge.core.wire import pack_tensors, unpack_tensors
 from nefl_edge.edge_client.trainer import OrtTrainingBackend
-from nefl_edge.export.artifacts import export_set, write_weights
+from nefl_edge.export.artifacts import export_set
 from tests.fakes import torch_step
 
 
@@ -71,21 +72,20 @@ def test_ort_step_matches_pytorch_for_every_default_submodel(
 
 
 def test_round_trip_touches_only_the_submodels_slices(
-    small_artifacts: Path, state: GlobalState, batch: tuple[np.ndarray, np.ndarray], tmp_path: Path
+    small_artifacts: Path, state: GlobalState, batch: tuple[np.ndarray, np.ndarray]
 ) -> None:
+    # The real path: the coordinator packs the extracted submodel, the device trains it, NeFedAvg re-nests it.
     manifest = load_manifest(small_artifacts)
     sub = manifest.submodels[1]
-    weights = tmp_path / "w.safetensors"
-    write_weights(state, sub.index, weights)
     backend = OrtTrainingBackend(submodel_paths(small_artifacts, sub), sub.params, TrainConfig())
-    backend.load(unpack_tensors(weights.read_bytes()))
+    backend.load(unpack_tensors(pack_tensors(extract(state, sub.index))))
 
     for _ in range(2):
         backend.step(*batch)
     trained = backend.tensors()
-    new = state.copy()
-    for name, (where, values) in renest(trained, state.config, state.specs[sub.index]).items():
-        new.consistent[name][where] = values
+    aggregator = NeFedAvg(state)
+    aggregator.add(sub.index, trained, len(batch[1]))
+    new = aggregator.result()
 
     changed = 0
     for name, old in state.consistent.items():

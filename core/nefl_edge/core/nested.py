@@ -1,4 +1,5 @@
-"""The global NeFL state and the two maps between it and a submodel: ``extract`` and ``renest``.
+"""The global NeFL state and the map from it to a submodel, ``extract`` (the way back is the aggregation,
+``core.nefedavg.NeFedAvg``).
 
 The global state holds every consistent tensor once, at full size, and one copy of the inconsistent
 tensors (BatchNorm, step sizes) per submodel. Consistent tensors of a submodel are prefix slices of the
@@ -129,17 +130,4 @@ def extract(state: GlobalState, index: int) -> Tensors:
             out[name] = state.consistent[name][prefix_slice(info.shape)].copy()
         else:
             out[name] = state.inconsistent[index][name].copy()
-    return out
-
-
-def renest(sub: Tensors, config: ModelConfig, spec: SubmodelSpec) -> dict[str, tuple[tuple[slice, ...], np.ndarray]]:
-    """Where each consistent tensor of a submodel goes in the global tensors: ``name -> (slices, values)``.
-
-    Inconsistent tensors are not part of the answer; they belong to the submodel's own copy.
-    """
-    layout = param_layout(config, spec)
-    out: dict[str, tuple[tuple[slice, ...], np.ndarray]] = {}
-    for name, info in layout.items():
-        if info.kind == "consistent":
-            out[name] = (prefix_slice(info.shape), sub[name])
     return out

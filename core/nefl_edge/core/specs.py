@@ -21,6 +21,8 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
+from nefl_edge.core.architecture import BatchNorm, Conv, Step, describe
+from nefl_edge.core.architecture import scaled as scaled
 from nefl_edge.core.errors import BadInput
 
 ParamKind = Literal["consistent", "inconsistent"]
@@ -73,26 +75,6 @@ class ModelConfig:
         if not self.input_mean:
             del data["input_mean"], data["input_std"]
         return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, object]) -> ModelConfig:
-        return cls(
-            name=str(data["name"]),
-            stage_blocks=tuple(int(b) for b in data["stage_blocks"]),  # type: ignore[attr-defined]
-            stage_widths=tuple(int(w) for w in data["stage_widths"]),  # type: ignore[attr-defined]
-            in_channels=int(data["in_channels"]),  # type: ignore[call-overload]
-            image_size=int(data["image_size"]),  # type: ignore[call-overload]
-            num_classes=int(data["num_classes"]),  # type: ignore[call-overload]
-            preact=bool(data["preact"]),
-            shared_bn=bool(data.get("shared_bn", False)),
-            learned_step=bool(data.get("learned_step", True)),
-            shared_head=bool(data.get("shared_head", True)),
-            stem_pool=bool(data.get("stem_pool", False)),
-            step_init=str(data.get("step_init", "ode")),
-            specs=str(data.get("specs", "nested")),
-            input_mean=tuple(float(v) for v in data.get("input_mean", ())),  # type: ignore[attr-defined]
-            input_std=tuple(float(v) for v in data.get("input_std", ())),  # type: ignore[attr-defined]
-        )
 
 
 def check_normalization(mean: tuple[float, ...], std: tuple[float, ...], channels: int) -> None:
@@ -147,10 +129,6 @@ def full_spec(config: ModelConfig) -> SubmodelSpec:
     return SubmodelSpec(1.0, tuple(tuple(range(n)) for n in config.stage_blocks), 1.0)
 
 
-def scaled(channels: int, width: float) -> int:
-    return max(1, math.ceil(round(width * channels, 6)))
-
-
 @dataclass(frozen=True)
 class ParamInfo:
     """One tensor of a submodel: its shape (a prefix slice of the global tensor) and its kind."""
@@ -160,19 +138,9 @@ class ParamInfo:
     trainable: bool
 
 
-def _bn(layout: dict[str, ParamInfo], prefix: str, channels: int, shared: bool = False) -> None:
-    affine: ParamKind = "consistent" if shared else "inconsistent"
-    for name, kind, trainable in (
-        ("weight", affine, True),
-        ("bias", affine, True),
-        ("running_mean", "inconsistent", False),
-        ("running_var", "inconsistent", False),
-    ):
-        layout[f"{prefix}.{name}"] = ParamInfo((channels,), kind, trainable)
-
-
 def param_layout(config: ModelConfig, spec: SubmodelSpec) -> dict[str, ParamInfo]:
-    """Every tensor of the submodel, named as in the global model's ``state_dict``.
+    """Every tensor of the submodel, named as in the global model's ``state_dict``, in the order of
+    :meth:`architecture.Architecture.layers` (the network's one description, :func:`architecture.describe`).
 
     Conv and linear weights are consistent (nested slices of one global tensor); BatchNorm parameters and
     statistics and the per-block step sizes are inconsistent (one copy per submodel). The classifier is
@@ -180,44 +148,26 @@ def param_layout(config: ModelConfig, spec: SubmodelSpec) -> dict[str, ParamInfo
     ``learned_step`` and ``shared_head`` switch these choices for the baselines of ``coordinator.strategies``.
     """
     _check_spec(config, spec)
-    w = spec.width
-    layout: dict[str, ParamInfo] = {}
-    c_in = scaled(config.stage_widths[0], w)
-    layout["stem.conv.weight"] = ParamInfo((c_in, config.in_channels, 3, 3), "consistent", True)
-    if not config.preact:
-        _bn(layout, "stem.bn", c_in, config.shared_bn)
-    for s, (n_blocks, width) in enumerate(zip(config.stage_blocks, config.stage_widths, strict=True)):
-        c_out = scaled(width, w)
-        for b in range(n_blocks):
-            if b not in spec.blocks[s]:
-                continue
-            p = f"stages.{s}.{b}"
-            block_in = c_in if b == 0 else c_out
-            layout[f"{p}.conv1.weight"] = ParamInfo((c_out, block_in, 3, 3), "consistent", True)
-            _bn(layout, f"{p}.bn1", block_in if config.preact else c_out, config.shared_bn)
-            layout[f"{p}.conv2.weight"] = ParamInfo((c_out, c_out, 3, 3), "consistent", True)
-            _bn(layout, f"{p}.bn2", c_out, config.shared_bn)
-            if has_shortcut(s, b):
-                layout[f"{p}.shortcut.conv.weight"] = ParamInfo((c_out, block_in, 1, 1), "consistent", True)
-                _bn(layout, f"{p}.shortcut.bn", c_out, config.shared_bn)
-            layout[f"{p}.step"] = ParamInfo((1,), "inconsistent", config.learned_step)
-        c_in = c_out
-    if config.preact:
-        _bn(layout, "final_bn", c_in, config.shared_bn)
+    affine: ParamKind = "consistent" if config.shared_bn else "inconsistent"
     head: ParamKind = "consistent" if config.shared_head else "inconsistent"
-    layout["head.weight"] = ParamInfo((config.num_classes, c_in), head, True)
-    layout["head.bias"] = ParamInfo((config.num_classes,), head, True)
+    layout: dict[str, ParamInfo] = {}
+    for layer in describe(config, spec).layers():
+        if isinstance(layer, Conv):
+            layout[f"{layer.name}.weight"] = ParamInfo(layer.weight_shape, "consistent", True)
+        elif isinstance(layer, BatchNorm):
+            for name, kind, trainable in (
+                ("weight", affine, True),
+                ("bias", affine, True),
+                ("running_mean", "inconsistent", False),
+                ("running_var", "inconsistent", False),
+            ):
+                layout[f"{layer.name}.{name}"] = ParamInfo((layer.channels,), kind, trainable)
+        elif isinstance(layer, Step):
+            layout[layer.name] = ParamInfo((1,), "inconsistent", config.learned_step)
+        else:
+            layout[f"{layer.name}.weight"] = ParamInfo((layer.c_out, layer.c_in), head, True)
+            layout[f"{layer.name}.bias"] = ParamInfo((layer.c_out,), head, True)
     return layout
-
-
-def has_shortcut(stage: int, block: int) -> bool:
-    """Whether a block needs a projection shortcut: the first block of every stage after the first
-    (the stem is as wide as stage 0, so only later stages change shape)."""
-    return block == 0 and stage > 0
-
-
-def stage_stride(stage: int) -> int:
-    return 1 if stage == 0 else 2
 
 
 def _check_spec(config: ModelConfig, spec: SubmodelSpec) -> None:
@@ -236,25 +186,11 @@ def param_count(config: ModelConfig, spec: SubmodelSpec) -> int:
 
 
 def mflops(config: ModelConfig, spec: SubmodelSpec) -> float:
-    """Multiply-adds of one forward pass, in millions (convolutions and the classifier)."""
-    layout = param_layout(config, spec)
-    size = config.image_size
-    macs = size * size * math.prod(layout["stem.conv.weight"].shape)
-    if config.stem_pool:
-        size = math.ceil(size / 2)
-    for s, n_blocks in enumerate(config.stage_blocks):
-        out_size = math.ceil(size / stage_stride(s))
-        for b in range(n_blocks):
-            p = f"stages.{s}.{b}"
-            if f"{p}.conv1.weight" not in layout:
-                continue
-            macs += out_size**2 * math.prod(layout[f"{p}.conv1.weight"].shape)
-            macs += out_size**2 * math.prod(layout[f"{p}.conv2.weight"].shape)
-            if f"{p}.shortcut.conv.weight" in layout:
-                macs += out_size**2 * math.prod(layout[f"{p}.shortcut.conv.weight"].shape)
-        size = out_size
-    macs += math.prod(layout["head.weight"].shape)
-    return macs / 1e6
+    """Multiply-adds of one forward pass, in millions (convolutions and the classifier; BatchNorm, ReLU, pooling
+    and the residual sums are not counted)."""
+    _check_spec(config, spec)
+    arch = describe(config, spec)
+    return (sum(conv.macs for conv in arch.convs()) + arch.head.macs) / 1e6
 
 
 def depth_candidates(config: ModelConfig) -> list[tuple[tuple[int, ...], ...]]:

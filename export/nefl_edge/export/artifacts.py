@@ -1,5 +1,4 @@
-"""Submodel -> ONNX -> ONNX Runtime training artifacts, the manifest that describes them, and per-round
-weights files.
+"""Submodel -> ONNX -> ONNX Runtime training artifacts, and the manifest that describes them.
 
 Artifacts depend only on the architecture (model config + spec + exporter settings), so each submodel's
 folder is named by a hash of those and reused until it changes; a round only moves weights.
@@ -20,7 +19,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from nefl_edge.core.artifacts import MANIFEST_NAME, ArtifactError, file_entry, load_manifest
-from nefl_edge.core.nested import GlobalState, Tensors, extract
 from nefl_edge.core.schemas import (
     ArtifactRole,
     FileEntry,
@@ -31,7 +29,6 @@ from nefl_edge.core.schemas import (
     TrainConfig,
 )
 from nefl_edge.core.specs import ModelConfig, SubmodelSpec, mflops, param_count, param_layout
-from nefl_edge.core.wire import pack_tensors
 from nefl_edge.export.portable import (
     Builder,
     build_portable_step,
@@ -236,10 +233,3 @@ def _intact(out: Path, files: list[FileEntry]) -> bool:
         return all(file_entry(out / f.name, f.name) == f for f in files)
     except OSError:
         return False
-
-
-def write_weights(state: GlobalState, index: int, path: Path) -> Tensors:
-    """The per-round weights file of submodel ``index``, straight from the global tensors."""
-    tensors = extract(state, index)
-    Path(path).write_bytes(pack_tensors(tensors))
-    return tensors

@@ -257,6 +257,32 @@ def test_ray_options_refuse_a_share_of_nothing() -> None:
     assert RayOptions(client_cpus=2.5).threads == 2 and RayOptions(client_cpus=0.5).threads == 1
 
 
+def test_an_address_where_no_cluster_listens_is_refused_at_once() -> None:
+    ray_or_skip()
+    port = free_port()  # nothing listens there any more
+    start = time.monotonic()
+
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nefl_edge.coordinator",
+            "simulate",
+            "--engine",
+            "ray",
+            "--ray-address",
+            f"127.0.0.1:{port}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert run.returncode == 2, f"exited {run.returncode}: {run.stderr[-1000:]}"
+    assert "no Ray cluster answers there" in run.stderr, run.stderr
+    assert time.monotonic() - start < 60, "refusing an address took Ray's own minutes of retries"
+
+
 def test_without_ray_the_message_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
     from nefl_edge.coordinator.ray_grid import import_ray
 

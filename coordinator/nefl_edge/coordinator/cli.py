@@ -437,12 +437,14 @@ def simulate(
         fail(f"--trainer must be torch or ort, got {trainer!r}")
     ray = None
     if engine == "ray":
-        from nefl_edge.coordinator.ray_grid import RayOptions, import_ray
+        from nefl_edge.coordinator.ray_grid import RayOptions, check_reachable, import_ray
 
         if trainer != "torch" or workers > 1:
             fail("--engine ray trains with the PyTorch trainer and Ray runs the clients: drop --trainer and --workers")
         ray = RayOptions(ray_address, client_cpus, client_gpus)  # a wrong share: ConfigError, exit 2
         import_ray()  # not installed: exit 2, saying how to install it
+        if ray_address is not None:
+            check_reachable(ray_address)  # before the data is loaded: Ray itself retries for minutes
     elif engine != "local":
         fail(f"--engine must be local or ray, got {engine!r}")
     elif ray_address is not None or client_cpus != 1.0 or client_gpus != 0.0:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 import warnings
 from collections import Counter
@@ -77,6 +78,21 @@ def import_ray() -> Any:
     except ImportError as e:
         raise ConfigError(f"--engine ray needs Ray, which is not installed here ({INSTALL_HINT})") from e
     return ray
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A :class:`ConfigError` unless something accepts TCP connections at ``address`` (``host:port``; ``auto``
+    and ``ray://`` addresses are left to Ray). Ray itself retries an address where nothing listens for
+    minutes."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray-address {address}: give host:port (the head node's GCS port), or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout).close()
+    except OSError as e:
+        raise ConfigError(f"--ray-address {address}: no Ray cluster answers there ({e.strerror or e})") from e
 
 
 def _pinned(threads: int) -> None:
@@ -156,6 +172,8 @@ class RayGrid(InProcessGrid):
         # OpenMP threads of an idle PyTorch worker wait passively: spinning ones take the CPU of the task beside.
         runtime_env = {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}
         common: dict[str, Any] = {"logging_level": "WARNING", "runtime_env": runtime_env}
+        if address is not None:
+            check_reachable(address)
         try:
             if address is None:
                 ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **common)

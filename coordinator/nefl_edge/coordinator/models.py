@@ -68,7 +68,7 @@ def _run(owner: nn.Module, prefix: str, ops: tuple[Op, ...], x: Tensor) -> Tenso
     return x
 
 
-class Path(nn.Module):
+class Chain(nn.Module):
     """A sequence of operations with a module of its own: the stem, a block's projection shortcut."""
 
     def __init__(self, prefix: str, ops: tuple[Op, ...]) -> None:
@@ -87,7 +87,7 @@ class Block(nn.Module):
         super().__init__()
         self.name, self.body, self.relu_after = block.name, block.body, block.relu_after
         _add_layers(self, block.name, block.layers)
-        self.shortcut = Path(f"{block.name}.shortcut", block.shortcut) if block.shortcut else None
+        self.shortcut = Chain(f"{block.name}.shortcut", block.shortcut) if block.shortcut else None
         self.step = nn.Parameter(torch.ones(1), requires_grad=learned_step)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -115,7 +115,7 @@ class SubmodelNet(nn.Module):
         self.config, self.spec = config, spec
         arch: Architecture = describe(config, spec)
         self.tail = arch.tail
-        self.stem = Path("stem", arch.stem)
+        self.stem = Chain("stem", arch.stem)
         self.stages = nn.ModuleList()
         for stage in arch.stages:
             self.stages.append(nn.ModuleDict({str(b.index): Block(b, config.learned_step) for b in stage}))

@@ -14,11 +14,16 @@ network's shape reads it from here and walks it once:
 It is pure Python (no torch), so the device side and the manifest writer can import it.
 
 The family is the residual network of He et al. ("Deep Residual Learning for Image Recognition", CVPR 2016)
-with BasicBlocks, or their pre-activation form (He et al., "Identity Mappings in Deep Residual Networks",
-ECCV 2016), as the NeFL paper uses it (Kang et al., arXiv 2308.07761). Departures, all from NeFL: every block
-scales its residual branch by a learnable step size (``shortcut(x) + step * f(x)``); a 3x3 stride-1 stem
-(the CIFAR form, optionally followed by the paper code's 3x3 stride-2 max pool) instead of ImageNet's 7x7
-stride-2 stem; and width scaling keeps the first ``ceil(w * C)`` channels of every layer (:func:`scaled`).
+with BasicBlocks and 1x1 projection shortcuts where the shape changes, or their pre-activation form (He et al.,
+"Identity Mappings in Deep Residual Networks", ECCV 2016), as the NeFL paper uses it (Kang et al., arXiv
+2308.07761). Where it departs from He et al.'s ImageNet networks, it follows NeFL: every block scales its
+residual branch by a step size (``shortcut(x) + step * f(x)``); the stem is a 3x3 stride-1 convolution (the
+CIFAR form, optionally followed by the paper code's 3x3 stride-2 max pool) instead of 7x7 stride 2; and width
+scaling keeps the first ``ceil(w * C)`` channels of every layer (:func:`scaled`).
+
+Names are the contract with the torch side and the checkpoints: the stem's layers are ``stem.*``, block ``b``
+of stage ``s`` is ``stages.<s>.<b>`` (its projection ``stages.<s>.<b>.shortcut.*``), the tail's layers are
+named at the top level (``final_bn``) and the classifier is ``head``; ``SubmodelNet`` mirrors this tree.
 """
 
 from __future__ import annotations

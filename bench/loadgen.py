@@ -25,7 +25,8 @@ the broker's delivery and this one process decoding 10,000 devices' tasks one af
 fleet does in parallel: ``handed_out_s`` ends instead when the coordinator has handed the last task of
 round r+1 to its MQTT client (from its metrics row: the end of its ``publish`` phase). On a shared host the
 wall times follow the load; ``overhead_cpu_s`` is the coordinator's CPU seconds (all its threads) in the same
-window, from samples of its ``/proc`` CPU time every 0.1 s. With statistics, ``bn_tasks_out_s`` and
+window, from samples of its ``/proc`` CPU time every 0.1 s, and ``bn_cpu_s`` the same over the statistics
+round trip (``bn_s``; the aggregation before it is milliseconds). With statistics, ``bn_tasks_out_s`` and
 ``bn_answers_out_s`` are from the round's first ``evaluate`` task arriving here to its last one arriving and to
 the last answer handed to paho.
 """
@@ -56,7 +57,6 @@ from typing import Any, Optional, Union
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from nefl_edge.coordinator.session import SWITCH_INTERVAL_S
 from nefl_edge.core.mqtt import CHUNK_MARK, Receiver
 from nefl_edge.core.schemas import (
     BnCount,
@@ -80,6 +80,7 @@ log = logging.getLogger(__name__)
 PROFILE = DeviceProfile(
     arch="x86_64", system="Linux", python="3.11", cores=4, memory_mb=4096, onnxruntime="none", backend="loadgen"
 )
+SWITCH_INTERVAL_S = 0.0005  # this process's thread switch interval (Python's default: 5 ms)
 WINDOW = 8  # updates in flight per connection before the sender waits for the broker's acknowledgement
 STORE_BYTES = "$SYS/broker/store/messages/bytes"  # Mosquitto: bytes of the messages it stores (sys_interval)
 AFTER_COLLECTING = ("aggregation", "bn_statistics", "federated_evaluation")
@@ -164,7 +165,7 @@ class LoadGen:
     ) -> None:
         host, port = broker.rsplit(":", 1)
         self.host, self.port, self.run = host, int(port), run
-        # many network and sender threads in one process: hand the GIL over as often as the coordinator does
+        # many network and sender threads in one process: hand the GIL over often (as coordinator.session does)
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self.topics = Topics(run)
         self.tiers, self.samples, self.delay_s, self.jitter_s = tiers, samples, delay_s, jitter_s
@@ -626,6 +627,8 @@ def measure(
         if "overhead_s" in entry and nxt is not None and len(cpu_samples) > 1:  # CPU spent in the overhead window
             entry["overhead_cpu_s"] = cpu_at(cpu_samples, nxt.last_task_at) - cpu_at(cpu_samples, collected)
             entry["loadgen_overhead_cpu_s"] = cpu_at(own_samples, nxt.last_task_at) - cpu_at(own_samples, collected)
+        if "bn_s" in entry and len(cpu_samples) > 1:  # CPU spent in the statistics round trip alone
+            entry["bn_cpu_s"] = cpu_at(cpu_samples, collected + entry["bn_s"]) - cpu_at(cpu_samples, collected)
         if timing is not None and timing.first_eval_task_at and timing.last_eval_answer_at:
             entry["bn_tasks_out_s"] = timing.last_eval_task_at - timing.first_eval_task_at
             entry["bn_answers_out_s"] = timing.last_eval_answer_at - timing.first_eval_task_at
@@ -633,6 +636,7 @@ def measure(
     overheads = [e["overhead_s"] for e in per_round if "overhead_s" in e]
     cpus = [e["coordinator_cpu_s"] for e in per_round if "coordinator_cpu_s" in e]
     overhead_cpus = [e["overhead_cpu_s"] for e in per_round if "overhead_cpu_s" in e]
+    bn_cpus = [e["bn_cpu_s"] for e in per_round if "bn_cpu_s" in e]
     bns = [e["bn_s"] for e in per_round if "bn_s" in e and "overhead_s" in e]
     handed = [e["handed_out_s"] for e in per_round if "handed_out_s" in e]
     return {
@@ -645,6 +649,7 @@ def measure(
         "handed_out_s": statistics.median(handed) if handed else None,
         "coordinator_cpu_s_per_round": statistics.median(cpus) if cpus else None,
         "overhead_cpu_s": statistics.median(overhead_cpus) if overhead_cpus else None,
+        "bn_cpu_s": statistics.median(bn_cpus) if bn_cpus else None,
         "coordinator_cpu_s_total": cpu_total,
         "peak_rss_mb": peak,
         "updates_sent": gen.updates_sent,

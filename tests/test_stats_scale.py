@@ -297,3 +297,13 @@ def test_an_encoded_header_is_the_message_plus_its_body_size() -> None:
     assert header["body_size"] == len(body) and list(header)[-1] == "body_size", header
     stamped = task.model_copy(update={"sent_at": 12.5})
     assert wire.decode(wire.encode(stamped))[0].sent_at == 12.5, "a given sent_at was replaced"
+
+
+def test_the_statistics_profile_of_bench_coordinator_runs_every_stage() -> None:
+    from bench.coordinator import statistics_profile
+
+    got = statistics_profile(devices=20, repeats=1)
+    stages = ("tasks", "receive", "answer", "read", "fold")
+    assert all(got[s] > 0 for s in stages), f"a stage took no time: {got}"
+    assert got["total"] == pytest.approx(sum(got[s] for s in stages)), got
+    assert got["layers"] >= 5, f"resnet-small's largest submodel has {got['layers']} BatchNorm layers"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nefl_edge.core.architecture import describe
 from nefl_edge.core.specs import ModelConfig, SubmodelSpec, full_spec, param_layout
 
 Tensors = dict[str, np.ndarray]
@@ -74,14 +75,16 @@ def init_global_state(
     inconsistent = []
     for spec in specs:
         tensors: Tensors = {}
+        arch = describe(config, spec)
+        stage_of = {block.step.name: block.stage for block in arch.blocks()}
         for name, info in param_layout(config, spec).items():
-            if name.endswith(".step"):
-                stage = int(name.split(".")[1])
+            if name in stage_of:
+                stage = stage_of[name]
                 # The ODE reading: a stage that skips blocks takes proportionally bigger steps.
                 ode = config.learned_step and config.step_init == "ode"
                 ratio = config.stage_blocks[stage] / len(spec.blocks[stage]) if ode else 1.0
                 tensors[name] = np.full(info.shape, ratio, np.float32)
-            elif info.kind == "inconsistent" and name.startswith("head."):
+            elif info.kind == "inconsistent" and name.startswith(f"{arch.head.name}."):
                 full_head = _initial(name, full[name].shape, consistent, rng)
                 tensors[name] = full_head[prefix_slice(info.shape)].copy()
             elif info.kind == "inconsistent":

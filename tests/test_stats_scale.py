@@ -307,3 +307,29 @@ def test_the_statistics_profile_of_bench_coordinator_runs_every_stage() -> None:
     assert all(got[s] > 0 for s in stages), f"a stage took no time: {got}"
     assert got["total"] == pytest.approx(sum(got[s] for s in stages)), got
     assert got["layers"] >= 5, f"resnet-small's largest submodel has {got['layers']} BatchNorm layers"
+
+
+def test_an_open_session_lowers_the_switch_interval_and_close_restores_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    from nefl_edge.coordinator.session import SWITCH_INTERVAL_S, CoordinatorSession
+    from nefl_edge.core.link import MemoryBroker, MemoryLink
+    from tests.test_session import RUN, extract, manifest
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.004)
+        session = CoordinatorSession(MemoryLink(MemoryBroker(), RUN), RUN, manifest(tmp_path), tmp_path, 5.0, extract)  # type: ignore[arg-type]
+        session.open()
+        assert sys.getswitchinterval() == SWITCH_INTERVAL_S, f"open: {sys.getswitchinterval()}"
+        session.close("done")
+        assert sys.getswitchinterval() == pytest.approx(0.004), f"close did not restore it: {sys.getswitchinterval()}"
+        sys.setswitchinterval(0.0001)  # lower already: left alone
+        session = CoordinatorSession(MemoryLink(MemoryBroker(), RUN), RUN, manifest(tmp_path), tmp_path, 5.0, extract)  # type: ignore[arg-type]
+        session.open()
+        session.close("done")
+        assert sys.getswitchinterval() == pytest.approx(0.0001), (
+            f"a lower interval was changed: {sys.getswitchinterval()}"
+        )
+    finally:
+        sys.setswitchinterval(before)

@@ -53,10 +53,11 @@ HEARTBEAT_S = 10.0  # a control heartbeat this often while the run is open (devi
 REJECTED_BUDGET = 100  # payloads refused (or partial messages evicted) per round beyond which a device is quarantined
 LOST_GRACE_S = 10.0
 SWITCH_INTERVAL_S = 0.0005
-"""The interpreter's thread switch interval while a session is open (Python's default is 5 ms). The network
-thread makes a few system calls per message, each a GIL release; while the main thread screens answers,
-every one of them waited up to the whole interval to run again (with a CPU-bound thread beside it, 5,000
-QoS 1 messages through paho took 4.5-4.8 s at 5 ms and 2.4-3.0 s at 0.5 ms on the 2-core bench host)."""
+"""The interpreter's thread switch interval while a session is open (Python's default is 5 ms; restored by
+:meth:`CoordinatorSession.close`). The network thread makes a few system calls per message, each a GIL
+release; while the main thread screens answers, every one of them waited up to the whole interval to run
+again (with a CPU-bound thread beside it, 5,000 QoS 1 messages through paho took 4.5-4.8 s at 5 ms and
+2.4-3.0 s at 0.5 ms on the 2-core bench host)."""
 GONE_CHECK_S = 0.25  # who is gone is looked at this often, not at every message (O(pending) each)
 PendingTask = TypeVar("PendingTask", Task, EvalTask)
 OutcomeT = TypeVar("OutcomeT", Outcome, EvalOutcome)
@@ -328,11 +329,13 @@ class CoordinatorSession:
         self.heartbeat_s = HEARTBEAT_S
         self._beating = threading.Event()
         self._reask = threading.Event()  # reconnected while tasks were pending: ask them again (collect)
+        self._switch_before: Optional[float] = None  # the switch interval open() lowered (SWITCH_INTERVAL_S)
 
     # --- the run on the link -------------------------------------------------------------------------------
 
     def open(self) -> None:
         if sys.getswitchinterval() > SWITCH_INTERVAL_S:  # process-wide; never raised if someone set it lower
+            self._switch_before = sys.getswitchinterval()
             sys.setswitchinterval(SWITCH_INTERVAL_S)
         for kind in ("hello", "status"):  # updates: only those of the devices with a task (send)
             self.link.subscribe(self.topics.all_nodes(kind))
@@ -403,6 +406,8 @@ class CoordinatorSession:
 
     def close(self, reason: str) -> None:
         self._beating.set()
+        if self._switch_before is not None and sys.getswitchinterval() == SWITCH_INTERVAL_S:
+            sys.setswitchinterval(self._switch_before)  # as it was, unless someone changed it since
         try:
             self.link.publish(self.topics.control, Control(run=self.run_name, action="end", reason=reason))
             for topic in list(self._retained):

@@ -197,7 +197,7 @@ def pinned_threads(threads: int, workers: int) -> Iterator[None]:
     finally:
         torch.set_num_threads(before)
         if policy is None:
-            del os.environ["OMP_WAIT_POLICY"]
+            os.environ.pop("OMP_WAIT_POLICY", None)
 
 
 def client_names(count: int) -> list[str]:

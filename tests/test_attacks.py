@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from nefl_edge.coordinator.assignment import ClientInfo
+from nefl_edge.coordinator.assignment import ClientInfo, assign
 from nefl_edge.coordinator.checkpoint import CheckpointError, DiskFull, durable_append
 from nefl_edge.coordinator.config import RunConfig
 from nefl_edge.coordinator.engine import RoundEngine, RoundReport
@@ -29,11 +29,13 @@ from nefl_edge.coordinator.evaluation import evaluate_all
 from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, InProcessGrid, Instruction, Outcome
 from nefl_edge.coordinator.models import initial_consistent
 from nefl_edge.coordinator.records import METRICS, Records
+from nefl_edge.coordinator.screening import Quarantine
 from nefl_edge.coordinator.strategies import TorchOptions, get_strategy
 from nefl_edge.core.data import Dataset, load_dataset
 from nefl_edge.core.evaluation import EvalResult
 from nefl_edge.core.nested import GlobalState, extract, init_global_state
 from nefl_edge.core.schemas import TrainConfig
+from nefl_edge.core.specs import ModelConfig
 
 CLIENTS, SHARD, ROUNDS, GAMMAS = 4, 700, 4, [0.5, 1.0]
 WIDTHS = (8, 16, 32)  # resnet-small at half width: the suite runs on a loaded 2-core machine
@@ -273,6 +275,46 @@ def test_a_falsified_evaluation_is_seen_and_does_not_set_the_federated_accuracy(
                 assert fed["highest"] == 1.0, "the spread does not show the 100 % device"
         if attack == "falsified_huge":
             assert r.rejected.get("eval_invalid"), f"round {r.round}: 10,000,000 held-out samples were accepted"
+
+
+def test_an_unproven_device_is_never_the_only_cover_of_a_submodel(small_config: ModelConfig) -> None:
+    """A device that declares the only small tier before it delivered anything (a mute device claiming
+    capacity) gets a second device on that submodel, a proven one where there is one."""
+    strategy = get_strategy("nefl-wd")
+    _, plan = strategy.setup(small_config, (0.5, 1.0))
+    caps = {"claims": 0, "b": 1, "c": 1, "d": 1}
+    everyone = frozenset(caps)
+    out = assign(strategy, plan, caps, sorted(caps), cover=True, unproven=everyone)
+    covers = sorted(n for n, k in out.items() if k == 0)
+    assert "claims" in covers and len(covers) == 2, f"round 1: submodel 0 needs a second device: {out}"
+    assert sum(k == 1 for k in out.values()) == 2, f"the large submodel must keep two devices: {out}"
+    out = assign(strategy, plan, caps, sorted(caps), cover=True, unproven=frozenset({"claims", "b"}))
+    assert sorted(n for n, k in out.items() if k == 0) in (["c", "claims"], ["claims", "d"]), (
+        f"the second cover must be a proven device: {out}"
+    )
+    out = assign(strategy, plan, {**caps, "e": 0}, sorted([*caps, "e"]), cover=True, unproven=everyone)
+    assert sorted(n for n, k in out.items() if k == 0) == ["claims", "e"], f"two covers need no third: {out}"
+    assert assign(strategy, plan, caps, sorted(caps), cover=True) == {"claims": 0, "b": 1, "c": 1, "d": 1}, (
+        "without unproven devices (exact NeFedAvg) the assignment is the declared one"
+    )
+
+
+def test_a_device_is_proven_by_a_kept_update_and_unproven_by_a_bad_answer() -> None:
+    q = Quarantine(strikes=3, rounds=2)
+    assert not q.proven("a"), "a new device is not proven"
+    q.record("a", False, 1, updated=False)
+    assert not q.proven("a"), "a decline proves nothing"
+    q.record("a", False, 1)
+    assert q.proven("a"), "a kept update proves the device"
+    q.strike("a", 1, "left out", instead_of_good=True)
+    assert not q.proven("a"), "an update the robust aggregation left out takes it back"
+    q.record("a", False, 2)
+    q.record("a", False, 3, dropped=True)
+    assert not q.proven("a"), "a drop takes it back"
+    q.record("a", False, 4)
+    restored = Quarantine()
+    restored.restore(q.dump())
+    assert restored.proven("a"), "a checkpoint keeps who is proven"
 
 
 def test_a_full_disk_while_recording_is_one_sentence_not_a_traceback() -> None:

@@ -107,6 +107,7 @@ def assign(
     window: int = 0,
     window_rng: Optional[np.random.Generator] = None,
     unreliable: frozenset[str] = frozenset(),
+    unproven: frozenset[str] = frozenset(),
 ) -> dict[str, int]:
     """Submodel per selected client. With ``window`` (and its generator ``window_rng``), a client of capacity
     ``t`` trains the submodel of a tier drawn uniformly from :func:`window_tiers`, as the paper's code does
@@ -116,24 +117,30 @@ def assign(
     with ``rng``, one drawn at random, so that over the rounds every submodel's own parameters see the data
     of many devices. A client of ``unreliable`` (one that left a task unanswered lately) is never the only
     cover of a submodel: where it is, a reliable client that is not the only one on its own submodel and can
-    afford it trains that submodel too."""
+    afford it trains that submodel too. A client of ``unproven`` (no update of it kept yet: new to the run, or
+    its last one was rejected or left out) is never the only cover either: a second client joins it, a proven
+    one where there is one (the engine passes ``unproven`` with ``aggregation = "robust"``: a device that
+    claims a tier nobody else has and then never answers would otherwise take that submodel's first round,
+    issue 22). This departs from the paper, where every client trains the submodel of its tier."""
     if window and window_rng is not None:
         drawn = {n: int(window_rng.choice(window_tiers(plan, capacities[n], window))) for n in sorted(selected)}
         afford = {n: strategy.assign(plan, drawn[n]) for n in selected}
     else:
         afford = {n: strategy.assign(plan, capacities[n]) for n in selected}
     out = {n: k for n, k in afford.items() if k is not None}
-    if not cover and not unreliable:
+    if not cover and not unreliable and not unproven:
         return out
     speeds = speeds or {}
     for missing in range(len(plan.specs)):
         covers = [n for n, k in out.items() if k == missing]
-        if covers and any(n not in unreliable for n in covers):
+        trusted = [n for n in covers if n not in unreliable]
+        if trusted and (len(trusted) > 1 or trusted[0] not in unproven):
             continue
         if not covers and not cover:
             continue
         counts = Counter(k for n, k in out.items() if n not in unreliable)
         donors = [n for n, k in out.items() if k > missing and counts[k] > 1 and n not in unreliable]
+        donors = [n for n in donors if n not in unproven] or donors
         if not donors:
             continue
         if rng is not None:

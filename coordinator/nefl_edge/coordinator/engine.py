@@ -133,6 +133,8 @@ class RoundEngine:
         speeds = {n: c.profile.samples_per_s or 0.0 for n, c in clients.items() if c.profile is not None}
         rotate = self.rng if cfg.cover_rule == "random" else None
         unreliable = frozenset(n for n in selected if self.quarantine.dropped_recently(n, r))
+        robust = cfg.aggregation == "robust"  # robust mode also gives an unproven only cover a second client
+        unproven = frozenset(n for n in selected if robust and not self.quarantine.proven(n))
         assignment = assign(
             self.strategy,
             self.plan,
@@ -144,6 +146,7 @@ class RoundEngine:
             cfg.tier_window,
             self.rng,
             unreliable,
+            unproven,
         )
         instructions = [
             Instruction(
@@ -355,7 +358,9 @@ class RoundEngine:
         if status == "rejected":
             key = reason.split(":", 1)[0]
             report.rejected[key] = report.rejected.get(key, 0) + 1
-        self.quarantine.record(outcome.node, status == "rejected", r, dropped=status == "dropped")
+        self.quarantine.record(
+            outcome.node, status == "rejected", r, dropped=status == "dropped", updated=status == "updated"
+        )
         if status in ("updated", "dropped"):
             doubt = self.evidence.observe(
                 outcome.node,

@@ -88,21 +88,27 @@ class Quarantine:
     """Strikes with decay: every rejected update, task that never came back (``dropped``) or update the
     robust aggregation left out adds one strike; every task done well halves the count. A client reaching
     ``strikes`` sits out ``rounds`` rounds (three rejections in a row always do; one bad answer between
-    good ones fades away)."""
+    good ones fades away). A client is *proven* once an update of it was taken and kept (:meth:`proven`); an
+    update the robust aggregation left out, or a drop, takes that back."""
 
     strikes: int = 3
     rounds: int = 5
     _streak: dict[str, float] = field(default_factory=dict)
     _until: dict[str, int] = field(default_factory=dict)
     _recent_drop: dict[str, int] = field(default_factory=dict)
+    _proven: dict[str, int] = field(default_factory=dict)
 
-    def record(self, node: str, rejected: bool, round_: int, dropped: bool = False) -> None:
-        """One outcome of ``node``'s task of ``round_``: a strike when ``rejected`` or ``dropped``."""
+    def record(self, node: str, rejected: bool, round_: int, dropped: bool = False, updated: bool = True) -> None:
+        """One outcome of ``node``'s task of ``round_``: a strike when ``rejected`` or ``dropped``; otherwise
+        ``updated`` (an update was taken, not a decline) makes ``node`` proven."""
         if dropped:
             self._recent_drop[node] = round_
         if not (rejected or dropped):
             self._streak[node] = self._streak.get(node, 0) / 2
+            if updated:
+                self._proven[node] = round_
             return
+        self._proven.pop(node, None)
         self.strike(node, round_, "dropped its task" if dropped else "rejected update")
 
     def strike(self, node: str, round_: int, why: str, instead_of_good: bool = False) -> None:
@@ -110,6 +116,7 @@ class Quarantine:
         robust aggregation then left out), so that halving is undone first."""
         if instead_of_good:
             self._streak[node] = self._streak.get(node, 0) * 2
+        self._proven.pop(node, None)
         self._streak[node] = self._streak.get(node, 0) + 1
         if self._streak[node] >= self.strikes - 1e-9:
             self._until[node] = round_ + self.rounds
@@ -129,6 +136,11 @@ class Quarantine:
         last = self._recent_drop.get(node)
         return last is not None and round_ - last <= within
 
+    def proven(self, node: str) -> bool:
+        """Whether the last task ``node`` answered was an update taken and kept (a device new to the run, or
+        one whose last update was rejected, left out or never came, is not)."""
+        return node in self._proven
+
     def blocked(self, node: str, round_: int) -> bool:
         return self._until.get(node, 0) >= round_
 
@@ -136,13 +148,19 @@ class Quarantine:
         return sorted(n for n, until in self._until.items() if until >= round_)
 
     def dump(self) -> dict[str, dict[str, float]]:
-        return {"streak": dict(self._streak), "until": dict(self._until), "dropped": dict(self._recent_drop)}
+        return {
+            "streak": dict(self._streak),
+            "until": dict(self._until),
+            "dropped": dict(self._recent_drop),
+            "proven": dict(self._proven),
+        }
 
     def restore(self, data: Optional[dict[str, dict[str, float]]]) -> None:
         if data:
             self._streak = {k: float(v) for k, v in data.get("streak", {}).items()}
             self._until = {k: int(v) for k, v in data.get("until", {}).items()}
             self._recent_drop = {k: int(v) for k, v in data.get("dropped", {}).items()}
+            self._proven = {k: int(v) for k, v in data.get("proven", {}).items()}
 
 
 @dataclass

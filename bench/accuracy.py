@@ -480,8 +480,8 @@ def aggregation_main(args: argparse.Namespace, preset: dict[str, Any]) -> None:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()
-    if args.render_only:
-        if out.exists():
+    if args.render_only:  # the partial file while the benchmark runs (its runs are written to --out), else --out
+        if not partial.exists():
             record = json.loads(out.read_text())
         else:
             runs = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
@@ -501,9 +501,10 @@ def aggregation_main(args: argparse.Namespace, preset: dict[str, Any]) -> None:
         key=lambda r: (r["seed"], r["scheme"], METHOD_ORDER.index(r["method"]), AGGREGATIONS.index(r["aggregation"])),
     )
     record["summary"] = summarize_aggregations(record["runs"])
-    if not args.render_only:
+    if not args.render_only or partial.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=2) + "\n")
+    if not args.render_only:
         partial.unlink(missing_ok=True)
     text = render_aggregations(record)
     if out.resolve().parent == (ROOT / "bench" / "results").resolve():  # a trial elsewhere leaves the docs alone

@@ -16,8 +16,9 @@ that it signs valid messages that lie. One attack class per test:
 Each attacked run (seed 0) is held to the clean runs of seeds 0 and 1 (:data:`CLEAN_SEEDS`): on every submodel
 its final test accuracy (the coordinator's test samples) must be at least the lower clean seed's minus
 :data:`TOLERANCE`. The spread between the clean seeds is printed with the figures, so that the 2 points can be
-read against it. Every run takes about a minute on a quiet 2-core machine (several on a loaded one): all slow.
-"""
+read against it. Measured at load 16 on a 2-core machine: 79-113 s a run (the mute run 191 s: each of its
+3 drops waits out the deadline), 15.7 minutes for the module: all slow. Figures: docs/benchmarks.md, "Attacks
+through a broker"."""
 
 from __future__ import annotations
 

@@ -224,8 +224,10 @@ def test_quarantine_and_the_robust_aggregation_show_in_metrics_jsonl(fmnist_dir:
 
 REVERSED_SHORTFALL = pytest.mark.xfail(
     reason="measured (4 rounds, seed 0, after the unproven-cover rule): submodel 1 ends at 63.6 % (scaled) and "
-    "62.6 % (sign flip) against 67.0 / 70.7 % for clean seeds 0 / 1, 3.4-4.4 points below although the update is "
-    "left out every round; through a broker (tests/test_attacks_broker.py) the same attacks cost nothing",
+    "62.6 % (sign flip) against 67.0 / 70.7 % for clean seeds 0 / 1, 3.4-4.4 points below: the update is left out "
+    "every round, so submodel 1 gets 1-2 honest updates a round where the clean run gets 2-3; the run without the "
+    "device (also 2) ends at 68.8 %, so one seed cannot tell that loss of data from noise; through a broker "
+    "(tests/test_attacks_broker.py, 2 clean seeds) the same attacks stay within 1.5 points",
     strict=False,
 )
 

@@ -30,7 +30,11 @@ covers. Here, per round (:func:`robust_aggregate`):
    coverage; here the coverage differs per region of a nested tensor, the kept values keep their weights,
    and where fewer than ``min_trim`` (3) clients cover an element nothing can be trimmed and the weighted
    mean of the clipped deltas is used (the fallback: clipping and the agreement step are then the only
-   protection of that element).
+   protection of that element). Ties: the ``b`` smallest go by (value, client order), the ``b`` largest
+   by (value descending, client order). Computation: a tensor is cut into boxes whose elements share one
+   covering set (:func:`_cells`, each element once), and per box the trim thresholds come from a
+   selection network of element-wise minima and maxima over the clients' rows (Batcher's merge exchange,
+   pruned; :func:`_sorted_rows`), not from a sort along the strided client axis.
 5. **Inconsistent tensors** (BatchNorm affine parameters, step sizes, running statistics: one copy per
    submodel) get the same trimmed mean among the clients of their submodel.
 
@@ -39,7 +43,10 @@ An element no client covers keeps its value, as in exact NeFedAvg.
 Memory: unlike the streaming exact mode, a trimmed mean needs every value of an element at once, so the
 round's updates are kept (references to what the grid delivered: the sum of the round's update sizes)
 until :func:`robust_aggregate`; its own working memory is one copy of the global model (the result) plus
-blocks of at most ``BLOCK_VALUES`` clipped deltas at a time (deltas are recomputed per block, never stored).
+blocks of at most ``BLOCK_VALUES`` clipped deltas at a time (deltas are recomputed per block, never stored)
+and their network rows and float64 sums: bounded whatever the model size or the number of clients
+(measured by ``python -m bench aggregation``: 1.40x a ResNet18 model with 10 updates, against 2.02x for
+the exact mode, beside the kept updates).
 """
 
 from __future__ import annotations

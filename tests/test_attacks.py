@@ -358,12 +358,16 @@ TEN_NOISE = pytest.mark.xfail(
 @pytest.mark.slow
 @pytest.mark.parametrize("attack", [pytest.param("scaled", marks=TEN_NOISE), pytest.param("inflated", marks=TEN_NOISE)])
 def test_one_hostile_device_of_ten_costs_at_most_two_points(fmnist_dir: Path, attack: str) -> None:
-    clean, _ = run_attack(str(fmnist_dir), None, clients=10)
+    cleans = [run_attack(str(fmnist_dir), None, clients=10, seed=s)[0] for s in CLEAN_SEEDS]
+    clean = [min(c[k] for c in cleans) for k in range(len(cleans[0]))]  # the lower clean seed, as in _check
     attacked, _ = run_attack(str(fmnist_dir), attack, clients=10)
-    figures = {name: [round(100 * a, 1) for a in v] for name, v in (("clean", clean), ("attacked", attacked))}
+    runs = [*((f"clean seed {s}", c) for s, c in zip(CLEAN_SEEDS, cleans)), ("attacked", attacked)]
+    figures = {name: [round(100 * a, 1) for a in v] for name, v in runs}
     print(f"ten devices, {attack}: {figures} %")
     for k, (a, c) in enumerate(zip(attacked, clean)):
-        assert a >= c - TOLERANCE, f"{attack}, one of ten: submodel {k} at {100 * a:.1f} % vs {100 * c:.1f} % clean"
+        assert a >= c - TOLERANCE, (
+            f"{attack}, one of ten: submodel {k} at {100 * a:.1f} % vs {100 * c:.1f} % for the lower clean seed"
+        )
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from nefl_edge.coordinator.cadence import Evaluator, eval_every, evaluates
-from nefl_edge.coordinator.config import RunConfig
+from nefl_edge.coordinator.cadence import Evaluator
+from nefl_edge.coordinator.config import RunConfig, eval_every, evaluates
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nefl_edge.coordinator.cadence import evaluates, run_rounds
-from nefl_edge.coordinator.config import RunConfig
+from nefl_edge.coordinator.cadence import run_rounds
+from nefl_edge.coordinator.config import RunConfig, evaluates
 from nefl_edge.coordinator.engine import RoundEngine, RoundReport
 from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, InProcessGrid
 from nefl_edge.coordinator.models import initial_consistent
@@ -49,7 +49,7 @@ class CountingGrid(InProcessGrid):
 def test_the_loop_and_the_engine_evaluate_the_same_rounds(
     rounds: int, every: int, tiny: tuple[list[Dataset], Dataset]
 ) -> None:
-    # eval_every = 0 has one meaning (cadence.eval_every: every max(1, rounds // 20) rounds), for the rounds
+    # eval_every = 0 has one meaning (config.eval_every: every max(1, rounds // 20) rounds), for the rounds
     # the loop hands over as evaluated and for the engine's federated statistics pass alike.
     shards, _ = tiny
     cfg = RunConfig(gammas=[0.4, 1.0], rounds=rounds, eval_every=every, policy="static", bn="federated", train=SMALL)

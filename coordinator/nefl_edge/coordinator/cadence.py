@@ -3,7 +3,7 @@ and after the last one, on a worker thread while the next round runs.
 
 :func:`run_rounds` is the one loop of both ``serve`` (``coordinator.run``) and ``simulate``
 (``coordinator.simulate``): the round engine's rounds one after the other over the caller's grid, each
-handed to the caller's ``finish`` with whether it is evaluated (:func:`evaluates`, the engine's own
+handed to the caller's ``finish`` with whether it is evaluated (``config.evaluates``, the engine's own
 cadence, so that ``bn = "federated"`` statistics and federated evaluation come on the same rounds). What a
 finished round leads to (records and checkpoints, or a simulation's accuracy rows) is the caller's.
 
@@ -28,30 +28,12 @@ from typing import TYPE_CHECKING, Optional
 if TYPE_CHECKING:
     import numpy as np
 
-    from nefl_edge.coordinator.config import RunConfig
     from nefl_edge.coordinator.engine import RoundEngine, RoundReport
     from nefl_edge.coordinator.grid import Grid
     from nefl_edge.core.data import Dataset
     from nefl_edge.core.nested import GlobalState
 
 log = logging.getLogger(__name__)
-EVALUATIONS_PER_RUN = 20
-"""With ``eval_every = 0`` a run is evaluated about this many times (and after its last round)."""
-
-
-def eval_every(cfg: RunConfig) -> int:
-    """The evaluation period in rounds: ``cfg.eval_every``, or for 0 ``max(1, rounds // 20)`` (the one
-    meaning of ``eval_every = 0``, in ``serve`` and ``simulate`` alike; ``eval_every = rounds``: only the
-    last round)."""
-    return cfg.eval_every or max(1, cfg.rounds // EVALUATIONS_PER_RUN)
-
-
-def evaluates(cfg: RunConfig, round_: int) -> bool:
-    """Whether round ``round_`` is evaluated: round 0 (before training), every ``eval_every(cfg)`` rounds,
-    and the last round."""
-    return round_ % eval_every(cfg) == 0 or round_ >= cfg.rounds
-
-
 Finish = Callable[["RoundReport", "GlobalState", bool, bool], None]
 """What the caller does with a finished round: ``finish(report, state, evaluate, last)``."""
 
@@ -66,7 +48,7 @@ def run_rounds(
 ) -> GlobalState:
     """Rounds ``done + 1`` to ``cfg.rounds`` of ``engine`` over ``grid``, starting from ``state``; returns the
     state after the last finished round. After each round, ``finish(report, state, evaluate, last)``: whether
-    the round is evaluated (``engine.evaluate_at``, by default :func:`evaluates`: the engine ran its
+    the round is evaluated (``engine.evaluate_at``, by default ``config.evaluates``: the engine ran its
     evaluation step on the same rounds) and whether it is the run's last. A set ``stop`` ends the loop before
     the next round; a round that ``stop`` interrupted is not finished and its state is dropped (the caller's
     last finished state stays the run's). Round 0 (the model before training) is the caller's to evaluate."""

@@ -185,7 +185,7 @@ class RunConfig(BaseModel):
         0,
         ge=0,
         description="evaluate (and re-estimate BatchNorm) every k rounds and after the last; 0: every "
-        "max(1, rounds // 20) rounds (serve and simulate alike: cadence.evaluates)",
+        "max(1, rounds // 20) rounds (serve and simulate alike: config.evaluates)",
     )
     eval_background: bool = Field(
         True, description="evaluate on a copy of the model while the next round runs (off: the round waits)"
@@ -432,3 +432,20 @@ def parse_gammas(text: Optional[str]) -> Optional[list[float]]:
         return [float(g) for g in text.split(",") if g.strip()]
     except ValueError:
         raise ConfigError(f"--gammas must be comma-separated numbers, got {text!r}") from None
+
+
+EVALUATIONS_PER_RUN = 20
+"""With ``eval_every = 0`` a run is evaluated about this many times (and after its last round)."""
+
+
+def eval_every(cfg: RunConfig) -> int:
+    """The evaluation period in rounds: ``cfg.eval_every``, or for 0 ``max(1, rounds // 20)`` (the one
+    meaning of ``eval_every = 0``, in ``serve`` and ``simulate`` alike; ``eval_every = rounds``: only the
+    last round)."""
+    return cfg.eval_every or max(1, cfg.rounds // EVALUATIONS_PER_RUN)
+
+
+def evaluates(cfg: RunConfig, round_: int) -> bool:
+    """Whether round ``round_`` is evaluated: round 0 (before training), every ``eval_every(cfg)`` rounds,
+    and the last round."""
+    return round_ % eval_every(cfg) == 0 or round_ >= cfg.rounds

@@ -30,8 +30,7 @@ from typing import Any, Optional
 import numpy as np
 
 from nefl_edge.coordinator.assignment import assign, capacity, task_mflops
-from nefl_edge.coordinator.cadence import evaluates
-from nefl_edge.coordinator.config import ConfigError, RunConfig
+from nefl_edge.coordinator.config import ConfigError, RunConfig, evaluates
 from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, Grid, Instruction, Outcome
 from nefl_edge.coordinator.screening import MAX_SAMPLES, Quarantine, SpeedEvidence, UpdateRejected, screen
 from nefl_edge.coordinator.strategies import Aggregator, Plan, Strategy

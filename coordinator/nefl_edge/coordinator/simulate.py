@@ -237,7 +237,7 @@ def simulate(
     (``cadence.run_rounds``) over an in-process grid. What only a simulation has: device ``i`` (node
     ``client_names(...)[i]``) holds ``shards[i]`` and declares tier ``tiers[i]`` (affords
     ``cfg.gammas[tiers[i]]``); every submodel is evaluated on ``test`` before training, every
-    ``cfg.eval_every`` rounds (``cadence.evaluates``) and after the last round; with ``bn = "server"``
+    ``cfg.eval_every`` rounds (``config.evaluates``) and after the last round; with ``bn = "server"``
     the BatchNorm statistics are re-estimated on the ``calibration`` images first (required then, ignored
     otherwise). ``trainer`` ``ort`` trains through the exported ONNX Runtime ``artifacts`` (the device's
     code path). ``workers`` > 1 trains each round's clients, and runs the evaluation step, in that many

@@ -192,3 +192,15 @@ class InProcessGrid:
     def rejections(self) -> dict[str, int]:
         """Nothing is ever rejected in process."""
         return {}
+
+
+def no_training(state: GlobalState, index: int, data: Dataset, cfg: TrainConfig) -> Tensors:
+    """The trainer of a grid whose training runs elsewhere (a pool, Ray): it is never called."""
+    raise AssertionError("an evaluation task trains nothing")
+
+
+def evaluate_one(round_: int, state: GlobalState, shard: Dataset, request: EvalRequest) -> EvalOutcome:
+    """One client's part of the evaluation step, alone (what a worker process or a Ray task runs):
+    :meth:`InProcessGrid.evaluate` over that client, so a pool gives the serial grid's outcome."""
+    grid = InProcessGrid({request.node: shard}, {request.node: 0}, no_training)
+    return next(iter(grid.evaluate(round_, state, [request])))

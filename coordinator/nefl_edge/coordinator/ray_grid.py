@@ -37,7 +37,16 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from nefl_edge.coordinator.config import ConfigError
-from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, InProcessGrid, Instruction, Outcome, client_state
+from nefl_edge.coordinator.grid import (
+    EvalOutcome,
+    EvalRequest,
+    InProcessGrid,
+    Instruction,
+    Outcome,
+    client_state,
+    evaluate_one,
+    no_training,
+)
 from nefl_edge.coordinator.strategies import Extract, get_strategy
 from nefl_edge.coordinator.training_options import TorchOptions
 from nefl_edge.core.data import Dataset
@@ -128,12 +137,7 @@ def _train_task(
 def _evaluate_task(threads: int, round_: int, state: GlobalState, shard: Dataset, request: EvalRequest) -> EvalOutcome:
     """One client's evaluation step in a Ray worker: ``InProcessGrid.evaluate`` over this client alone."""
     _pinned(threads)
-    grid = InProcessGrid({request.node: shard}, {request.node: 0}, _no_training)
-    return next(iter(grid.evaluate(round_, state, [request])))
-
-
-def _no_training(state: GlobalState, index: int, data: Dataset, cfg: TrainConfig) -> Tensors:
-    raise AssertionError("an evaluation task trains nothing")
+    return evaluate_one(round_, state, shard, request)
 
 
 class RayGrid(InProcessGrid):
@@ -149,7 +153,7 @@ class RayGrid(InProcessGrid):
         opts: TorchOptions,
         ray_options: RayOptions = RayOptions(),
     ) -> None:
-        super().__init__(shards, tiers, _no_training)
+        super().__init__(shards, tiers, no_training)
         self.method, self.ray_options = method, ray_options
         # A task sees a GPU only where it reserved a share of one: the coordinator's --device is not the workers'.
         self.opts = replace(opts, device="cuda" if ray_options.client_gpus > 0 else "cpu")

@@ -20,7 +20,15 @@ import numpy as np
 from nefl_edge.coordinator.cadence import Evaluator, evaluated_model, evaluation_step, run_rounds
 from nefl_edge.coordinator.config import ConfigError, RunConfig, load_config
 from nefl_edge.coordinator.engine import RoundEngine, RoundReport
-from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, InProcessGrid, Instruction, Outcome, client_state
+from nefl_edge.coordinator.grid import (
+    EvalOutcome,
+    EvalRequest,
+    InProcessGrid,
+    Instruction,
+    Outcome,
+    client_state,
+    evaluate_one,
+)
 from nefl_edge.coordinator.models import initial_consistent
 from nefl_edge.coordinator.strategies import Extract, LocalTrainer, TorchOptions, get_strategy
 from nefl_edge.core.data import Dataset
@@ -88,10 +96,6 @@ def torch_device(requested: str) -> str:
     return requested
 
 
-def _no_training(state: GlobalState, index: int, data: Dataset, cfg: TrainConfig) -> Tensors:
-    raise AssertionError("an evaluation task trains nothing")
-
-
 def _worker_init(threads: int) -> None:
     pin_torch_threads(threads)
 
@@ -102,12 +106,6 @@ def _train_task(
     start = time.perf_counter()
     tensors = get_strategy(method).local_train(state, index, data, train, opts)
     return tensors, time.perf_counter() - start
-
-
-def _evaluate_task(round_: int, state: GlobalState, shard: Dataset, request: EvalRequest) -> EvalOutcome:
-    """One client's part of the evaluation step in a worker: ``InProcessGrid.evaluate`` over that client."""
-    grid = InProcessGrid({request.node: shard}, {request.node: 0}, _no_training)
-    return next(iter(grid.evaluate(round_, state, [request])))
 
 
 class ParallelGrid(InProcessGrid):
@@ -152,7 +150,7 @@ class ParallelGrid(InProcessGrid):
     def evaluate(self, round_: int, state: GlobalState, requests: list[EvalRequest]) -> Iterator[EvalOutcome]:
         """The clients' evaluation requests at once in the pool (what ``InProcessGrid.evaluate`` computes for
         each, in request order)."""
-        jobs = [self.pool.submit(_evaluate_task, round_, state, self.shards[req.node], req) for req in requests]
+        jobs = [self.pool.submit(evaluate_one, round_, state, self.shards[req.node], req) for req in requests]
         for job in jobs:
             yield job.result()
 

@@ -110,6 +110,7 @@ def test_device_survives_garbage_and_declines_what_it_cannot_do(
     assert "rejected payload" in log
 
 
+@pytest.mark.slow  # kept out of the default suite for time (25-65 s under load); ./dev test-slow runs it
 def test_a_task_in_progress_is_uploaded_after_the_broker_comes_back(
     broker: Broker, small_artifacts: Path, small_config: ModelConfig, small_specs: list[SubmodelSpec], tmp_path: Path
 ) -> None:

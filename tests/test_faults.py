@@ -36,6 +36,7 @@ def checkpoint_round(directory: Path) -> int:
         return -1
 
 
+@pytest.mark.slow  # kept out of the default suite for time (25-65 s under load); ./dev test-slow runs it
 @pytest.mark.parametrize("first", ["devices", "coordinator"])
 def test_a_broker_restart_mid_round_loses_no_update(first: str, broker: Broker, tmp_path: Path) -> None:
     # Prepare: two devices with enough data that round 1 is still training when the broker goes down.

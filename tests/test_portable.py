@@ -52,7 +52,8 @@ def test_portable_graphs_use_only_standard_operators(small_artifacts: Path) -> N
     ("cfg", "steps"),
     [
         (TrainConfig(lr=0.01, momentum=0.0, weight_decay=0.0), 1),
-        (TrainConfig(lr=0.01, momentum=0.9, weight_decay=5e-4), 3),
+        # slow (30 s under load); tests/test_sgd.py checks both device backends' momentum step by default
+        pytest.param(TrainConfig(lr=0.01, momentum=0.9, weight_decay=5e-4), 3, marks=pytest.mark.slow),
     ],
     ids=["sgd-1-step", "momentum-wd-3-steps"],
 )

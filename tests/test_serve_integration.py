@@ -58,6 +58,7 @@ def test_three_devices_three_rounds_improve_every_submodel(broker: Broker, tmp_p
     assert "worst" in log and "average" in log
 
 
+@pytest.mark.slow  # kept out of the default suite for time (25-65 s under load); ./dev test-slow runs it
 def test_a_client_killed_mid_round_is_dropped_and_the_rest_aggregate(broker: Broker, tmp_path: Path) -> None:
     shards = make_shards(tmp_path, [600, 600, 6000])
     coord = spawn_coordinator(broker.address, tmp_path, "--rounds", "1", "--deadline-s", "60", "--epochs", "2", *COMMON)
@@ -76,6 +77,7 @@ def test_a_client_killed_mid_round_is_dropped_and_the_rest_aggregate(broker: Bro
     assert "went offline" in (tmp_path / "coordinator.log").read_text()
 
 
+@pytest.mark.slow  # kept out of the default suite for time (25-65 s under load); ./dev test-slow runs it
 def test_coordinator_killed_after_round_two_resumes_without_losing_or_repeating_rounds(
     broker: Broker, tmp_path: Path
 ) -> None:
@@ -104,6 +106,7 @@ def test_coordinator_killed_after_round_two_resumes_without_losing_or_repeating_
     assert "resuming" in (tmp_path / "coordinator.log").read_text()
 
 
+@pytest.mark.slow  # kept out of the default suite for time (25-65 s under load); ./dev test-slow runs it
 def test_a_broker_restart_mid_run_loses_nothing_and_late_devices_still_get_the_artifacts(
     broker: Broker, tmp_path: Path
 ) -> None:

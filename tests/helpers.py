@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from nefl_edge.coordinator.broker import LocalBroker, free_port
+from nefl_edge.coordinator.broker import LocalBroker, free_ports
 from nefl_edge.core.data import load_dataset
 
 
@@ -28,7 +28,7 @@ class Broker(LocalBroker):
 
     def start(self, with_auth: bool = False) -> Broker:  # type: ignore[override]
         if with_auth:
-            self.password_port, self.tls_port = free_port(), free_port()
+            self.password_port, self.tls_port = free_ports(2)
             passwd = self.folder / "passwd"
             passwd.write_text("")
             subprocess.run(["mosquitto_passwd", "-b", str(passwd), "device", "s3cret-pw"], check=True)

@@ -32,7 +32,7 @@ from typing import Any, Iterator, Optional
 
 import pytest
 
-from nefl_edge.coordinator.broker import free_port, port_open
+from nefl_edge.coordinator.broker import free_ports, port_open
 from nefl_edge.coordinator.broker_config import BrokerOptions, BrokerSettings, write_broker_config
 from nefl_edge.coordinator.enrolment import add_device
 from nefl_edge.coordinator.records import read_jsonl
@@ -126,7 +126,7 @@ class Deployment:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.tls_port, self.plain_port = free_port(), free_port()
+        self.tls_port, self.plain_port = free_ports(2)
         opts = BrokerOptions(
             folder / "broker",
             ("127.0.0.1",),

@@ -19,7 +19,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from nefl_edge.coordinator.broker import free_port, port_open
+from nefl_edge.coordinator.broker import free_ports, port_open
 from nefl_edge.coordinator.broker_config import (
     BrokerOptions,
     BrokerSettings,
@@ -46,7 +46,7 @@ class Deployment:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.tls_port, self.plain_port = free_port(), free_port()
+        self.tls_port, self.plain_port = free_ports(2)
         opts = BrokerOptions(
             folder / "broker",
             ("127.0.0.1",),

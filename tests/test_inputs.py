@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 import pytest
 
-from nefl_edge.coordinator.broker import free_port, port_open
+from nefl_edge.coordinator.broker import free_ports, port_open
 from nefl_edge.coordinator.broker_config import BrokerOptions, config_text, set_password, write_broker_config
 from nefl_edge.coordinator.checkpoint import DiskFull
 from nefl_edge.coordinator.config import ConfigError
@@ -246,7 +246,7 @@ def _client(user: str, password: str, port: int):  # type: ignore[no-untyped-def
 
 
 def test_generated_broker_config_bounds_queues_and_mosquitto_starts_on_it(tmp_path: Path) -> None:
-    port, plain = free_port(), free_port()
+    port, plain = free_ports(2)
     root = "root" if os.geteuid() == 0 else None  # as root Mosquitto would drop to a user who cannot read tmp
     opts = BrokerOptions(tmp_path / "broker", ("127.0.0.1",), port, plain, bind="127.0.0.1", user=root)
     settings = write_broker_config(opts)

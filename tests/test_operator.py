@@ -21,7 +21,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from nefl_edge.coordinator.broker import free_port, port_open
+from nefl_edge.coordinator.broker import free_port, free_ports, port_open
 from nefl_edge.coordinator.broker_config import BrokerOptions, make_ca, write_broker_config
 from nefl_edge.coordinator.run import Downgrade, RunSecurity, is_loopback
 from nefl_edge.core.identity import public_key_text
@@ -309,7 +309,7 @@ def test_an_enrolled_device_stops_at_once_when_the_run_is_not_its_coordinators(
     from nefl_edge.core.identity import install_bundle, open_identity
     from nefl_edge.core.mqtt import Security
 
-    tls_port, plain_port = free_port(), free_port()
+    tls_port, plain_port = free_ports(2)
     options = BrokerOptions(tmp_path / "broker", ("127.0.0.1",), tls_port, plain_port, bind="127.0.0.1",
                             persistence=False, user="root" if AS_ROOT else None)  # fmt: skip
     settings = write_broker_config(options)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from nefl_edge.coordinator import checkpoint
-from nefl_edge.coordinator.broker import free_port, port_open
+from nefl_edge.coordinator.broker import free_ports, port_open
 from nefl_edge.coordinator.broker_config import BrokerOptions, BrokerSettings, set_password, write_broker_config
 from nefl_edge.coordinator.enrolment import add_device
 from nefl_edge.coordinator.records import read_jsonl
@@ -63,7 +63,7 @@ class SignedDeployment:
         import os
 
         self.folder = folder
-        self.tls_port, self.plain_port = free_port(), free_port()
+        self.tls_port, self.plain_port = free_ports(2)
         opts = BrokerOptions(
             folder / "broker",
             ("127.0.0.1",),

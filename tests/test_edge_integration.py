@@ -147,7 +147,8 @@ def test_join_reports_a_missing_data_file_and_an_unreachable_broker(tmp_path: Pa
     import subprocess
     import sys
 
-    from tests.helpers import device_env, free_port, make_shards
+    from nefl_edge.coordinator.broker import free_port
+    from tests.helpers import device_env, make_shards
 
     missing = subprocess.run(
         [

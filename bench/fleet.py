@@ -145,6 +145,14 @@ def class_accuracy(run_directory: Path) -> Optional[dict[str, Any]]:
 
 
 POLICIES = ("nefl-deadline", "fedavg-full-wait", "fedavg-full-drop", "fedavg-smallest")
+DEVICE_EVAL_PHASES = ("bn_statistics", "federated_evaluation")
+"""The engine's phases in which devices work for the evaluation (inside the round, so inside the times)."""
+
+
+def held_means(accuracy: list[float], held: list[int]) -> tuple[Optional[float], float]:
+    """The mean accuracy over the ``held`` classes (None without any) and over the other classes."""
+    h = [a for c, a in enumerate(accuracy) if c in held]
+    return (statistics.fmean(h) if h else None), statistics.fmean(a for c, a in enumerate(accuracy) if c not in held)
 
 
 def policy_args(name: str, deadline_s: float, wait_deadline_s: float) -> list[str]:
@@ -158,6 +166,19 @@ def policy_args(name: str, deadline_s: float, wait_deadline_s: float) -> list[st
     if name == "fedavg-smallest":
         return ["--method", "fedavg-smallest", "--policy", "deadline", "--deadline-s", str(deadline_s)]
     raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+
+
+def serve_args(name: str, run: str, devices: int, args: argparse.Namespace) -> list[str]:
+    """Every ``serve`` option of policy ``name``'s run: the same for every policy but :func:`policy_args`.
+    Every round is evaluated (``--eval-every 1``): serve's default since 6040267 is every
+    ``max(1, rounds // 20)`` rounds, 25 with ``--max-rounds 500``, which would leave a 300 s run one point or
+    none on its accuracy curve and no time to target. ``--serve-args`` come last and override these."""
+    return [
+        "--run", run, "--rounds", str(args.max_rounds), "--min-clients", str(devices),
+        "--gammas", GAMMAS, "--eval-samples", str(args.eval_samples), "--eval-every", "1",
+        "--wait-clients-s", "300", "--seed", str(args.seed),
+        *policy_args(name, args.deadline_s, args.wait_deadline_s), *shlex.split(args.serve_args),
+    ]  # fmt: skip
 
 
 class HelloWatch:
@@ -198,12 +219,7 @@ def run_policy(
     run = f"bench-{index}-{name}"
     watch = HelloWatch(fleet.local_broker, run)
     fleet.start_all(run, *shlex.split(args.device_args))
-    coord = fleet.spawn_coordinator(
-        "--run", run, "--rounds", str(args.max_rounds), "--min-clients", str(len(fleet.devices)),
-        "--gammas", GAMMAS, "--eval-samples", str(args.eval_samples), "--wait-clients-s", "300",
-        "--seed", str(args.seed), *policy_args(name, args.deadline_s, args.wait_deadline_s),
-        *shlex.split(args.serve_args), cpus=service_cpus,
-    )  # fmt: skip
+    coord = fleet.spawn_coordinator(*serve_args(name, run, len(fleet.devices), args), cpus=service_cpus)
     t0: Optional[float] = None
     ends: dict[int, float] = {}
     started = time.time()
@@ -238,7 +254,15 @@ def run_policy(
     clients = read_jsonl(out / "clients.jsonl") if out else []
     classes = {node: d.cls.name for node, d in fleet.devices.items()}
     result = summarize(name, rows, ends, args, clients, classes)
-    result["class_accuracy"] = class_accuracy(out) if out is not None else None
+    ca = class_accuracy(out) if out is not None else None
+    if ca is not None:
+        held = list(HELD_LABELS) if args.partition == "device-correlated" else []
+        means = [held_means(acc, held) for acc in ca["per_submodel"]]
+        ca["held_mean"] = [h for h, _ in means]
+        ca["other_mean"] = [o for _, o in means]
+        # the checkpoint is the last finished round; one that ended just past the budget is not on the curve
+        ca["last_curve_round"] = result["curve"][-1]["round"] if result["curve"] else None
+    result["class_accuracy"] = ca
     return result
 
 
@@ -253,7 +277,7 @@ def summarize(
     by_round: dict[int, list[dict[str, Any]]] = {}
     for row in rows:
         by_round.setdefault(int(row["round"]), []).append(row)
-    curve = []
+    curve: list[dict[str, Any]] = []
     for r in sorted(by_round):
         if r == 0 or r not in ends or ends[r] > args.budget_s:
             continue
@@ -265,6 +289,7 @@ def summarize(
             "selected": first.get("selected"), "updates": first.get("updates"),
             "declined": first.get("declined"), "dropped": first.get("dropped"), "round_s": first.get("seconds"),
             "eval_s": float((first.get("phases") or {}).get("evaluation", 0.0)),
+            "device_eval_s": sum(float((first.get("phases") or {}).get(k, 0.0)) for k in DEVICE_EVAL_PHASES),
         })  # fmt: skip
 
     def reach(key: str) -> Optional[float]:
@@ -287,6 +312,7 @@ def summarize(
         "submodels_by_class": {k: sorted(v) for k, v in trained.items()},
         "mean_round_s": None if not curve else statistics.fmean(p["round_s"] or 0 for p in curve),
         "coordinator_eval_s": round(sum(p["eval_s"] for p in curve), 1),
+        "device_eval_s": round(sum(p["device_eval_s"] for p in curve), 1),
         "curve": curve,
     }
 
@@ -342,13 +368,51 @@ def render(record: dict[str, Any]) -> str:
         "leaves out (cannot afford its model) count as missing; submodel indices are those of the method. "
         "The emulation keeps the classes' speed ratios, not a board's absolute speed "
         "(tests/hil/device_classes.toml says where the figures come from); tbf adds no propagation delay. "
-        f"Coordinator: {record.get('pinning', 'not pinned')}; its test-set evaluation ends after each round's "
-        "`ended_at` and is not counted in the times (its seconds per policy: "
+        f"Coordinator: {record.get('pinning', 'not pinned')}. Every round is evaluated; the coordinator's "
+        "test-set evaluation runs on a copy of the model after the round's `ended_at`, while the next round runs, "
+        "and is not counted in the times (its seconds per policy: "
         + ", ".join(f"{p['policy']} {p.get('coordinator_eval_s', '—')} s" for p in record["policies"])
+        + "). The devices' part of each evaluation (federated BatchNorm statistics, before `ended_at`) is counted "
+        "(its seconds per policy: "
+        + ", ".join(f"{p['policy']} {p.get('device_eval_s', '—')} s" for p in record["policies"])
         + ").",
     ]
     lines += class_table(record)
+    lines += goal_lines(record)
     return "\n".join(lines)
+
+
+def goal_lines(record: dict[str, Any]) -> list[str]:
+    """Issue 23's fleet goal read off the record: NeFL (``nefl-deadline``) reaches the target at least 2x
+    sooner than ``fedavg-full-wait``, and ends above ``fedavg-full-drop`` on the held classes. Empty unless
+    the three policies ran; the held-class part only under a partition with held classes."""
+    by = {p["policy"]: p for p in record["policies"]}
+    if not {"nefl-deadline", "fedavg-full-wait", "fedavg-full-drop"} <= set(by):
+        return []
+    budget = record["options"]["budget_s"]
+    nefl, wait, drop = by["nefl-deadline"], by["fedavg-full-wait"], by["fedavg-full-drop"]
+    parts = []
+    for key, what in (("time_to_target_worst_s", "worst"), ("time_to_target_best_s", "best")):
+        t_nefl, t_wait = nefl[key], wait[key]
+        if t_nefl is None:
+            ratio = "NeFL does not reach it in the budget"
+        elif t_wait is None:
+            ratio = f"fedavg-full-wait does not reach it in {budget:.0f} s, so at least {budget / t_nefl:.1f}x"
+        else:
+            ratio = f"{t_wait:.0f} s vs {t_nefl:.0f} s, {t_wait / t_nefl:.1f}x"
+        parts.append(f"NeFL's {what} submodel against fedavg-full-wait's model: {ratio}")
+    lines = ["", "**The issue's goal, read off this run.** Time to target: " + "; ".join(parts) + "."]
+    held = record.get("held_labels") or []
+    ca_nefl, ca_drop = nefl.get("class_accuracy"), drop.get("class_accuracy")
+    if held and ca_nefl and ca_drop:
+        mine = [h for h, _ in (held_means(a, held) for a in ca_nefl["per_submodel"])]
+        theirs = held_means(ca_drop["per_submodel"][0], held)[0]
+        above = sum(1 for h in mine if h is not None and theirs is not None and h > theirs)
+        lines.append(
+            f"Held classes' mean at the end: NeFL's submodels {', '.join(_pct(h) for h in mine)} % against "
+            f"fedavg-full-drop's {_pct(theirs)} %: {above} of {len(mine)} NeFL submodels above it."
+        )
+    return lines
 
 
 def class_table(record: dict[str, Any]) -> list[str]:
@@ -371,13 +435,21 @@ def class_table(record: dict[str, Any]) -> list[str]:
             lines.append(f"| {p['policy']} | — |" + " — |" * (len(CLASS_NAMES) + 2))
             continue
         for k, acc in enumerate(ca["per_submodel"]):
-            h = [acc[c] for c in held]
-            o = [a for c, a in enumerate(acc) if c not in held]
+            h, o = held_means(acc, held)
             lines.append(
                 f"| {p['policy']} | {k} ({ca['round']}) | "
                 + " | ".join(_pct(a) for a in acc)
-                + f" | {_pct(statistics.fmean(h)) if h else '—'} | {_pct(statistics.fmean(o))} |"
+                + f" | {_pct(h)} | {_pct(o)} |"
             )
+    late = [
+        f"{p['policy']} (checkpoint round {p['class_accuracy']['round']}, last round in the budget "
+        f"{p['class_accuracy']['last_curve_round']})"
+        for p in record["policies"]
+        if p.get("class_accuracy")
+        and p["class_accuracy"].get("last_curve_round") not in (None, p["class_accuracy"]["round"])
+    ]
+    if late:
+        lines += ["", "The last checkpoint is a round that ended just past the budget for: " + "; ".join(late) + "."]
     return lines
 
 

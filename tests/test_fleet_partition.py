@@ -3,7 +3,9 @@ the device"): seeded, disjoint, and the slow class holds the footwear, on the re
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import pytest
@@ -11,11 +13,16 @@ import pytest
 from bench.fleet import (
     FAST_SHARE,
     HELD_LABELS,
+    POLICIES,
     SLOW_CLASSES,
     SLOW_SHARE,
     class_table,
     device_correlated_split,
     fleet_partition,
+    goal_lines,
+    policy_args,
+    serve_args,
+    summarize,
 )
 from nefl_edge.core.data import load_dataset
 from tests.hil.fleet import load_fleet
@@ -106,3 +113,82 @@ def test_per_class_accuracy_of_a_checkpoint_adds_up_to_the_coordinators_accuracy
     expected = evaluate(state, 0, test)[0]
     assert abs(overall - expected) < 1e-9, f"per-class accuracies weigh up to {overall}, evaluate says {expected}"
     assert class_accuracy(tmp_path / "missing") is None
+
+
+def _options(**changes: object) -> argparse.Namespace:
+    base = dict(
+        max_rounds=500, eval_samples=1000, seed=0, deadline_s=15.0, wait_deadline_s=300.0, serve_args="",
+        budget_s=100.0, target=0.75,
+    )  # fmt: skip
+    base.update(changes)
+    return argparse.Namespace(**base)
+
+
+def test_every_policy_evaluates_every_round_and_differs_from_the_others_only_in_its_policy_options() -> None:
+    args = _options()
+    runs = {name: serve_args(name, "r", 6, args) for name in POLICIES}
+
+    for name, argv in runs.items():
+        every = [argv[i + 1] for i, a in enumerate(argv) if a == "--eval-every"]
+        assert every == ["1"], f"{name}: --eval-every {every}; the curve needs every round evaluated"
+        own = policy_args(name, args.deadline_s, args.wait_deadline_s)
+        shared = argv[: len(argv) - len(own)]
+        assert argv[len(shared) :] == own, f"{name}: its policy options are not the last ones: {argv}"
+        assert shared == runs["nefl-deadline"][: len(shared)], f"{name} shares other settings than nefl-deadline"
+    override = serve_args("nefl-deadline", "r", 6, _options(serve_args="--eval-every 5"))
+    assert override[-2:] == ["--eval-every", "5"], "--serve-args must come last, to override the defaults"
+
+
+def test_the_summary_counts_rounds_in_the_budget_times_to_target_and_evaluation_seconds_apart() -> None:
+    # (round, ended at s, accuracies of three submodels, coordinator evaluation s, device statistics s)
+    plan = [
+        (1, 20.0, [0.5, 0.6, 0.7], 1.0, 0.5),
+        (2, 45.0, [0.6, 0.74, 0.76], 1.5, 0.25),
+        (3, 70.0, [0.76, 0.8, 0.81], 2.0, 0.5),
+        (4, 101.0, [0.9, 0.9, 0.9], 4.0, 1.0),  # ends past the 100 s budget: not counted
+    ]
+    rows = [
+        {"round": r, "submodel": k, "accuracy": a, "updates": 3, "seconds": 10.0,
+         "phases": {"evaluation": ev, "bn_statistics": dev, "training": 9.0}}
+        for r, _, accs, ev, dev in plan for k, a in enumerate(accs)
+    ]  # fmt: skip
+    rows += [{"round": 0, "submodel": k, "accuracy": 0.1} for k in range(3)]
+    ends = {r: t for r, t, *_ in plan}
+
+    out = summarize("p", rows, ends, _options(), [], {"a": "pi4", "b": "pi5"})
+
+    counted = [p for p in plan if p[1] <= 100.0]
+    assert out["rounds"] == len(counted) == 3, out["rounds"]
+    assert out["time_to_target_best_s"] == next(t for _, t, a, *_ in counted if max(a) >= 0.75) == 45.0
+    assert out["time_to_target_worst_s"] == next(t for _, t, a, *_ in counted if min(a) >= 0.75) == 70.0
+    assert out["coordinator_eval_s"] == round(sum(p[3] for p in counted), 1), out["coordinator_eval_s"]
+    assert out["device_eval_s"] == round(sum(p[4] for p in counted), 1), out["device_eval_s"]
+    assert out["final"]["worst"] == 0.76 and out["final"]["best"] == 0.81, out["final"]
+    assert out["participation"] == 9 / (3 * 2), out["participation"]
+
+
+def test_the_goal_lines_give_the_speed_up_to_target_and_the_held_classes_against_fedavg_full_drop() -> None:
+    def acc(held: float) -> list[float]:
+        return [held if c in HELD_LABELS else 0.9 for c in range(10)]
+
+    def policy(name: str, worst: Optional[float], best: Optional[float], held: list[float]) -> dict[str, object]:
+        per = [acc(h) for h in held]
+        return {"policy": name, "time_to_target_worst_s": worst, "time_to_target_best_s": best,
+                "class_accuracy": {"round": 9, "per_submodel": per}}  # fmt: skip
+
+    record: dict[str, Any] = {
+        "options": {"budget_s": 300.0},
+        "held_labels": list(HELD_LABELS),
+        "policies": [
+            policy("nefl-deadline", 50.0, 20.0, [0.6, 0.65, 0.8]),
+            policy("fedavg-full-wait", None, 100.0, [0.9]),
+            policy("fedavg-full-drop", 30.0, 30.0, [0.65]),
+        ],
+    }
+
+    text = "\n".join(goal_lines(record))
+
+    assert "at least 6.0x" in text, text  # fedavg-full-wait never reaches it: a bound, 300 / 50
+    assert "100 s vs 20 s, 5.0x" in text, text
+    assert "60.0, 65.0, 80.0 % against fedavg-full-drop's 65.0 %: 1 of 3" in text, text
+    assert goal_lines({**record, "policies": record["policies"][:2]}) == [], "a goal without fedavg-full-drop"

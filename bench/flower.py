@@ -246,6 +246,9 @@ def run_one(name: str, how: dict[str, Any], spec: dict[str, Any], python: Path, 
         ]  # fmt: skip
         if spec["data_dir"]:
             command += ["--data-dir", spec["data_dir"]]
+    # Ray starts its workers at nice 15 by default; on a shared host that puts the Ray contenders (Flower's and
+    # ours) behind every other job. Every contender runs at the caller's priority.
+    env["RAY_worker_niceness"] = "0"
     load = os.getloadavg()[0]
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)

@@ -4,17 +4,18 @@ real Fashion-MNIST, and real `nefl-edge` / `nefl-coord` processes."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
-from nefl_edge.coordinator.broker import LocalBroker, free_ports
+from nefl_edge.coordinator.broker import LocalBroker, free_ports, port_open
 from nefl_edge.core.data import load_dataset
 
 
@@ -45,6 +46,76 @@ class Broker(LocalBroker):
             )
         super().start()
         return self
+
+
+class EnrolledBroker:
+    """A deployment's broker as ``nefl-coord broker-config`` and ``add-device`` make it: the generated folder
+    (TLS, password file, ACL; ``settings``), the enrolment folder ``enrol`` with ``devices`` enrolled, each with
+    its own installed identity (``states[name]``, what ``nefl-edge join --state-dir`` reads) and broker password
+    (``passwords[name]``, the coordinator's under ``settings.coordinator_user``); :meth:`start` runs Mosquitto
+    on it (TLS on ``tls_port``, plain MQTT on loopback ``plain_port``, both with passwords and the ACL)."""
+
+    def __init__(self, folder: Path, devices: Sequence[str], persistence: bool = False) -> None:
+        from nefl_edge.coordinator.broker_config import BrokerOptions, write_broker_config
+        from nefl_edge.coordinator.enrolment import add_device
+        from nefl_edge.core.identity import install_bundle, open_identity
+
+        self.folder = folder
+        self.tls_port, self.plain_port = free_ports(2)
+        opts = BrokerOptions(
+            folder / "broker",
+            ("127.0.0.1",),
+            self.tls_port,
+            self.plain_port,
+            bind="127.0.0.1",
+            persistence=persistence,
+            user="root" if os.geteuid() == 0 else None,  # as root Mosquitto would drop to a user who can't read
+        )
+        self.settings = write_broker_config(opts)
+        self.enrol = folder / "enrol"
+        self.passwords = {self.settings.coordinator_user: self.settings.coordinator_password_file.read_text().strip()}
+        self.states: dict[str, Path] = {}
+        for name in devices:
+            state = folder / "state" / name
+            with open_identity(state) as ident:
+                public = ident.public_key
+            bundle = add_device(self.enrol, name, public, self.settings.folder).bundle
+            self.passwords[name] = str(json.loads(bundle.read_text())["password"])
+            install_bundle(state, bundle).close()
+            bundle.unlink()
+            self.states[name] = state
+        self.log = folder / "mosquitto.log"
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+
+    @property
+    def address(self) -> str:
+        """The TLS listener, as devices and the coordinator are given it."""
+        return f"127.0.0.1:{self.tls_port}"
+
+    def add_account(self, user: str, password: str, acl: Sequence[str]) -> None:
+        """Another broker account with its own ACL lines (e.g. an attacker's), before :meth:`start`."""
+        from nefl_edge.coordinator.broker_config import set_password
+
+        set_password(self.settings.password_file, user, password)
+        with (self.settings.folder / "acl").open("a") as out:
+            out.write("\n".join(["", f"user {user}", *acl]) + "\n")
+
+    def start(self) -> EnrolledBroker:
+        with self.log.open("ab") as log:
+            conf = str(self.settings.folder / "mosquitto.conf")
+            self.proc = subprocess.Popen(["mosquitto", "-c", conf], stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: port_open(self.tls_port) and port_open(self.plain_port), 10, "mosquitto to listen", 0.05)
+        return self
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads its password file and ACL."""
+        assert self.proc is not None, "the broker was not started"
+        self.proc.send_signal(signal.SIGHUP)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
 
 
 def make_certs(folder: Path) -> None:

@@ -4,9 +4,7 @@ comes after a positive control on the same connection has arrived."""
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import socket
 import ssl
 import struct
@@ -17,20 +15,16 @@ from typing import Iterator, List, Optional
 
 import paho.mqtt.client as mqtt
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from nefl_edge.coordinator.broker import free_ports, port_open
 from nefl_edge.coordinator.broker_config import (
     BrokerOptions,
-    BrokerSettings,
     config_text,
     hash_password,
     verify_password,
-    write_broker_config,
 )
-from nefl_edge.coordinator.enrolment import add_device, remove_device
+from nefl_edge.coordinator.enrolment import remove_device
 from tests.fakes import Peer
-from tests.helpers import wait_for
+from tests.helpers import EnrolledBroker, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -41,43 +35,11 @@ def node(name: str, kind: str) -> str:
     return f"nefl/{RUN}/node/{name}/{kind}"
 
 
-class Deployment:
-    """A broker folder from ``write_broker_config``, two enrolled devices, and Mosquitto running it."""
+class Deployment(EnrolledBroker):
+    """The generated, enrolled broker (:class:`tests.helpers.EnrolledBroker`, persistent) with two devices."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.tls_port, self.plain_port = free_ports(2)
-        opts = BrokerOptions(
-            folder / "broker",
-            ("127.0.0.1",),
-            self.tls_port,
-            self.plain_port,
-            bind="127.0.0.1",
-            user="root" if os.geteuid() == 0 else None,  # as root Mosquitto would drop to a user who can't read
-        )
-        self.settings: BrokerSettings = write_broker_config(opts)
-        self.passwords = {"nefl-coord": self.settings.coordinator_password_file.read_text().strip()}
-        for name in ("pi-a", "pi-b"):
-            done = add_device(folder / "enrol", name, Ed25519PrivateKey.generate().public_key(), opts.out)
-            self.passwords[name] = _bundle_password(done.bundle)
-        self.log = folder / "mosquitto.log"
-        self.proc: Optional[subprocess.Popen[bytes]] = None
-
-    def start(self) -> Deployment:
-        with self.log.open("ab") as log:
-            conf = str(self.settings.folder / "mosquitto.conf")
-            self.proc = subprocess.Popen(["mosquitto", "-c", conf], stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: port_open(self.tls_port) and port_open(self.plain_port), 10, "mosquitto to listen", 0.05)
-        return self
-
-    def reload(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGHUP)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        super().__init__(folder, ("pi-a", "pi-b"), persistence=True)
 
     def peer(self, user: Optional[str], password: Optional[str] = None, tls: bool = True, **kw: object) -> Peer:
         if user is not None and password is None:
@@ -104,7 +66,8 @@ def stays_false(predicate, seconds: float = 0.3) -> bool:  # type: ignore[no-unt
 
 @pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[Deployment]:
-    d = Deployment(tmp_path).start()
+    d = Deployment(tmp_path)
+    d.start()
     peers: List[Peer] = []
     real_peer = d.peer
 

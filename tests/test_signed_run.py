@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 
 from nefl_edge.coordinator import checkpoint
-from nefl_edge.coordinator.broker import free_ports, port_open
-from nefl_edge.coordinator.broker_config import BrokerOptions, BrokerSettings, set_password, write_broker_config
+from nefl_edge.coordinator.broker_config import BrokerOptions, write_broker_config
 from nefl_edge.coordinator.enrolment import add_device
 from nefl_edge.coordinator.records import read_jsonl
 from nefl_edge.coordinator.registry import Registry
@@ -45,7 +44,7 @@ from nefl_edge.core.signing import Signer
 from nefl_edge.core.wire import encode, frames, pack_tensors
 from nefl_edge.edge_client.client import ClientOptions, EdgeClient, TakeoverWatch
 from tests.fakes import Peer
-from tests.helpers import Broker, device_env, make_shards, spawn_coordinator, stop, wait_for
+from tests.helpers import Broker, EnrolledBroker, device_env, make_shards, spawn_coordinator, stop, wait_for
 
 RUN = "signed"
 MALLORY = "mallory"
@@ -55,56 +54,16 @@ def topic(node: str, kind: str) -> str:
     return f"nefl/{RUN}/node/{node}/{kind}"
 
 
-class SignedDeployment:
-    """The generated broker folder, two enrolled device identities (``state/<name>``), and an attacker
+class SignedDeployment(EnrolledBroker):
+    """The generated, enrolled broker (:class:`tests.helpers.EnrolledBroker`) with two devices, and an attacker
     account appended to the generated ACL with read and write on every nefl topic."""
 
     def __init__(self, folder: Path) -> None:
         import os
 
-        self.folder = folder
-        self.tls_port, self.plain_port = free_ports(2)
-        opts = BrokerOptions(
-            folder / "broker",
-            ("127.0.0.1",),
-            self.tls_port,
-            self.plain_port,
-            bind="127.0.0.1",
-            persistence=False,
-            user="root" if os.geteuid() == 0 else None,
-        )
-        self.settings: BrokerSettings = write_broker_config(opts)
-        self.enrol = folder / "enrol"
-        self.states: Dict[str, Path] = {}
-        for name in ("pi-a", "pi-b"):
-            state = folder / "state" / name
-            with open_identity(state) as ident:
-                public = ident.public_key
-            bundle = add_device(self.enrol, name, public, self.settings.folder).bundle
-            install_bundle(state, bundle).close()
-            bundle.unlink()
-            self.states[name] = state
+        super().__init__(folder, ("pi-a", "pi-b"))
         self.mallory_password = "mallory-" + os.urandom(8).hex()
-        set_password(self.settings.password_file, MALLORY, self.mallory_password)
-        with (self.settings.folder / "acl").open("a") as acl:
-            acl.write(f"\nuser {MALLORY}\ntopic readwrite nefl/#\n")
-        self.proc: Optional[subprocess.Popen[bytes]] = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.tls_port}"
-
-    def start(self) -> SignedDeployment:
-        log = (self.folder / "mosquitto.log").open("ab")
-        conf = str(self.settings.folder / "mosquitto.conf")
-        self.proc = subprocess.Popen(["mosquitto", "-c", conf], stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: port_open(self.tls_port) and port_open(self.plain_port), 10, "mosquitto to listen", 0.05)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        self.add_account(MALLORY, self.mallory_password, ["topic readwrite nefl/#"])
 
     def attacker(self) -> Peer:
         """A raw paho client on the loopback plain listener with the attacker's account."""
@@ -113,7 +72,8 @@ class SignedDeployment:
 
 @pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[SignedDeployment]:
-    d = SignedDeployment(tmp_path).start()
+    d = SignedDeployment(tmp_path)
+    d.start()
     yield d
     d.stop()
 

@@ -137,6 +137,26 @@ class _Connection:
             self.wake.notify_all()
 
 
+def carried_request(task: Task) -> EvalTask:
+    """The statistics a training task asks for before training (``Task.bn_stats``), as the ``evaluate`` task
+    whose answer they are (same id and round: the coordinator binds them to the task)."""
+    return EvalTask.model_construct(
+        run=task.run,
+        node=task.node,
+        task_id=task.task_id,
+        round=task.round,
+        submodels=[task.submodel],
+        weights_sha256=[task.weights_sha256],
+        evaluate=False,
+        bn_stats=True,
+        eval_fraction=task.train.eval_fraction,
+        batch_size=task.train.batch_size,
+        bn_max_batches=task.bn_max_batches,
+        deadline_s=task.deadline_s,
+        sent_at=task.sent_at,
+    )
+
+
 class LoadGen:
     """``devices`` virtual devices over ``connections`` MQTT connections to ``broker`` (HOST:PORT) for run
     ``run``. Device ``i`` is node ``<prefix>-<i>`` of tier ``i % tiers`` with ``samples`` samples. A task is
@@ -300,6 +320,9 @@ class LoadGen:
                 timing.last_task_at = now
                 if timing.tasks == self.expected_tasks and self.cpu_of is not None:
                     timing.coordinator_cpu_s = self.cpu_of()
+            if message.bn_stats:  # the statistics of the received weights, at once (before "training")
+                self._seq += 1
+                conn.put(time.monotonic(), self._seq, carried_request(message))
             self._seq += 1
             wait = self.delay_s + (random.uniform(0, self.jitter_s) if self.jitter_s else 0.0)
             conn.put(time.monotonic() + wait, self._seq, message)

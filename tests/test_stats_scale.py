@@ -333,3 +333,183 @@ def test_an_open_session_lowers_the_switch_interval_and_close_restores_it(tmp_pa
         )
     finally:
         sys.setswitchinterval(before)
+
+
+# --- statistics carried by a training task (Task.bn_stats) -----------------------------------------------------
+
+
+def carried_setup(bn_stats: bool = True) -> tuple[object, dict[str, object], object]:
+    """An ``Answers`` with one pending training task of round 3, submodel 1 (asking for statistics over at most
+    4 batches when ``bn_stats``), and a function making an ``evaluation`` item for it."""
+    from nefl_edge.coordinator.grid import Instruction
+    from nefl_edge.coordinator.session import Answers, train_tasks
+    from nefl_edge.core.schemas import BnCount, Evaluation, TrainConfig
+    from nefl_edge.core.wire import Topics
+
+    topics = Topics("r")
+    tasks = train_tasks("r", 3, [Instruction("d1", 1, TrainConfig())], {1: "a" * 64}, 30.0, bn_stats, 4)
+    pending: dict[str, object] = dict(tasks)
+
+    def item(**change: object) -> tuple[str, Evaluation, bytes]:
+        prefix = change.pop("prefix", 1)
+        fields: dict[str, object] = {"run": "r", "node": "d1", "task_id": tasks["d1"].task_id, "round": 3}
+        fields["bn"] = [BnCount(submodel=1, batches=4)]
+        fields.update(change)
+        sums = {f"{prefix}/bn.mean_sum": np.zeros(2, np.float32), f"{prefix}/bn.var_sum": np.ones(2, np.float32)}
+        body = pack_tensors(sums)
+        return topics.node("d1", "update"), Evaluation(**fields), body  # type: ignore[arg-type]
+
+    return Answers(), pending, item
+
+
+def test_statistics_carried_by_a_task_are_bound_to_that_task_round_and_submodel() -> None:
+    from nefl_edge.core.schemas import BnCount, SubmodelEval
+
+    answers, pending, item = carried_setup()
+    cases = {
+        "another task id": item(task_id="f" * 16),
+        "another round": item(round=2),
+        "another submodel": item(bn=[BnCount(submodel=2, batches=4)], prefix=2),
+        "more batches than asked": item(bn=[BnCount(submodel=1, batches=5)]),
+        "results nobody asked for": item(results=[SubmodelEval(submodel=1, loss=1.0, correct=1, count=2)]),
+        "tensors of another submodel": item(prefix=0),
+    }
+    for what, bad in cases.items():
+        fresh, still, _ = carried_setup()
+        outcome = fresh.update(3, bad, still, 0.0)  # type: ignore[attr-defined]
+        refused = outcome is None or outcome.status == "rejected"
+        assert refused, f"statistics with {what} were taken: {outcome}"
+        assert "d1" in still, f"statistics with {what} resolved the training task"
+    good = answers.update(3, item(), pending, 0.0)  # type: ignore[attr-defined]
+    assert good is not None and good.status == "evaluated", f"the task's own statistics were refused: {good}"
+    assert good.bn_batches == {1: 4} and set(good.bn_tensors[1]) == {"bn.mean_sum", "bn.var_sum"}, good
+    assert "d1" in pending, "the statistics resolved the training task: its update would be refused"
+    again = answers.update(3, item(), pending, 0.0)  # type: ignore[attr-defined]
+    assert again is None and answers.rejections["duplicate"] == 1, f"a second copy was taken: {again}"
+
+
+def test_statistics_are_refused_for_a_task_that_did_not_ask_or_after_its_update() -> None:
+    from nefl_edge.core.schemas import Metrics, Update
+
+    answers, pending, item = carried_setup(bn_stats=False)
+    assert answers.update(3, item(), pending, 0.0) is None, "statistics taken for a task that did not ask"  # type: ignore[attr-defined]
+    answers, pending, item = carried_setup()
+    stream, evaluation, _ = item()
+    metrics = Metrics(loss_first=1.0, loss_last=1.0, accuracy=0.5, steps=1, seconds=1.0)
+    update = Update(
+        run="r", node="d1", task_id=evaluation.task_id, round=3, submodel=1, num_samples=10, metrics=metrics
+    )
+    body = pack_tensors({"w": np.zeros(1, np.float32)})
+    done = answers.update(3, (stream, update, body), pending, 0.0)  # type: ignore[attr-defined]
+    assert done is not None and done.status == "updated" and "d1" not in pending, done
+    assert answers.update(3, item(), pending, 0.0) is None, "statistics taken after the task's update"  # type: ignore[attr-defined]
+
+
+# --- the coordinator's inbox when full (core.link.Inbox) ----------------------------------------------------------
+
+
+class NaiveInbox:
+    """The inbox's rule written the obvious way (the implementation before issue 24's third pass): a list in
+    arrival order; when full, scan every sender for the heaviest unfavoured one (first found wins a tie) and drop
+    its oldest message."""
+
+    def __init__(self, maxsize: int, max_bytes: int) -> None:
+        self.maxsize, self.max_bytes = maxsize, max_bytes
+        self.items: list[tuple[str, int]] = []
+        self.since: dict[str, int] = {}  # when each waiting sender started waiting: the scan's dict order
+        self.clock = 0
+
+    def held(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for sender, size in sorted(self.items, key=lambda i: self.since[i[0]]):
+            entry = out.setdefault(sender, [0, 0])
+            entry[0] += 1
+            entry[1] += size
+        return out
+
+    def take(self, index: int = 0) -> tuple[str, int]:
+        item = self.items.pop(index)
+        if all(s != item[0] for s, _ in self.items):
+            del self.since[item[0]]
+        return item
+
+    def full(self, size: int) -> tuple[bool, bool]:
+        total = sum(s for _, s in self.items)
+        if total and total + size > self.max_bytes:
+            return True, True
+        return len(self.items) >= self.maxsize, False
+
+    def offer(self, sender: str, size: int, favoured) -> bool:  # type: ignore[no-untyped-def]
+        full, by_bytes = self.full(size)
+        while full:
+            held = self.held()
+            best, most = None, (0, 0)
+            for s, (count, nbytes) in held.items():
+                weight = (nbytes, count) if by_bytes else (count, nbytes)
+                if weight > most and not favoured(s):
+                    best, most = s, weight
+            mine = held.get(sender, [0, 0])
+            if best is None or best == sender:
+                return False
+            if not favoured(sender) and (mine[1], mine[0]) >= (held[best][1], held[best][0]):
+                return False
+            self.take(next(i for i, item in enumerate(self.items) if item[0] == best))
+            full, by_bytes = self.full(size)
+        if sender not in self.since:
+            self.clock += 1
+            self.since[sender] = self.clock
+        self.items.append((sender, size))
+        return True
+
+
+def inbound(sender: str, size: int) -> tuple[str, object, bytes]:
+    from nefl_edge.core.wire import Topics
+
+    return Topics("r").node(sender, "status"), None, b"x" * size
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_full_inbox_evicts_what_the_naive_scan_evicts(seed: int) -> None:
+    from nefl_edge.core.link import Inbox
+    from nefl_edge.core.wire import Topics
+
+    rng = np.random.default_rng(seed)
+    senders = [f"d{i}" for i in range(int(rng.integers(3, 40)))]
+    lucky = set(rng.choice(senders, size=len(senders) // 3, replace=False))
+    favoured = (lambda s: s.removeprefix("nefl/r/node/") in lucky) if seed % 2 else None
+    maxsize, max_bytes = int(rng.integers(2, 30)), int(rng.integers(50, 2000))
+    inbox, naive = Inbox(maxsize, max_bytes), NaiveInbox(maxsize, max_bytes)
+    for step in range(1500):
+        if rng.random() < 0.3 and naive.items:
+            got = inbox.get_nowait()
+            want = naive.take()
+            assert (Topics.sender_of(got[0]), len(got[2])) == want, f"step {step}: got {got[0]} instead of {want}"
+            continue
+        sender, size = str(rng.choice(senders)), int(rng.integers(0, 120))
+        key = Topics.sender_of(inbound(sender, size)[0])
+        took = inbox.offer(inbound(sender, size), favoured) is None  # type: ignore[arg-type]
+        wanted = naive.offer(key, size, favoured or (lambda s: False))
+        assert took == wanted, f"step {step}: offer of {size} bytes from {sender}: {took} != naive {wanted}"
+        assert inbox.qsize() == len(naive.items) and inbox.bytes == sum(s for _, s in naive.items), f"step {step}"
+        assert inbox.held == naive.held(), f"step {step}: held {inbox.held} != {naive.held()}"
+
+
+def test_a_full_inbox_of_favoured_senders_asks_about_few_of_them_per_offer() -> None:
+    # 10,000 devices with a pending task each hold one status in a full inbox; every further status is dropped
+    # (nobody may be evicted). The scan asked the predicate 10,000 times per offer; the heap asks it a few times.
+    from nefl_edge.core.link import Inbox
+
+    calls = 0
+
+    def favoured(sender: str) -> bool:
+        nonlocal calls
+        calls += 1
+        return True
+
+    inbox = Inbox(10_000, 1 << 30)
+    for i in range(10_000):
+        assert inbox.offer(inbound(f"d{i}", 10), favoured) is None  # type: ignore[arg-type]
+    calls = 0
+    refused = [inbox.offer(inbound(f"d{i}", 10), favoured) for i in range(1000)]  # type: ignore[arg-type]
+    assert all(r is not None for r in refused), "a favoured sender's message was evicted"
+    assert calls <= 3 * 1000, f"{calls} favour checks for 1,000 offers to a full inbox of 10,000 senders"

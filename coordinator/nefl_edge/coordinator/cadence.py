@@ -51,15 +51,34 @@ def run_rounds(
     the round is evaluated (``engine.evaluate_at``, by default ``config.evaluates``: the engine ran its
     evaluation step on the same rounds) and whether it is the run's last. A set ``stop`` ends the loop before
     the next round; a round that ``stop`` interrupted is not finished and its state is dropped (the caller's
-    last finished state stays the run's). Round 0 (the model before training) is the caller's to evaluate."""
+    last finished state stays the run's). Round 0 (the model before training) is the caller's to evaluate.
+
+    An evaluated round whose ``bn = "federated"`` statistics the next round's tasks carry
+    (``RoundEngine.owes``: see ``coordinator.engine``) is finished once the next round has collected them, just
+    before that round itself; a serve run therefore checkpoints it then (with the selection state after the
+    next round's draw), and a run stopped in between finishes it with the statistics that came."""
     rounds = engine.cfg.rounds
-    while done < rounds and not (stop is not None and stop.is_set()):
-        r = done + 1
-        after, report = engine.run_round(r, state, grid, stop)
-        if stop is not None and stop.is_set():
-            break
-        state, done = after, r
-        finish(report, state, engine.evaluate_at(r), r == rounds)
+    engine.carry_statistics = True
+    waiting: Optional[tuple[RoundReport, GlobalState, bool, bool]] = None  # a round that owes its statistics
+    try:
+        while done < rounds and not (stop is not None and stop.is_set()):
+            r = done + 1
+            after, report = engine.run_round(r, state, grid, stop)
+            if waiting is not None:  # round r brought its statistics (all that came)
+                finish(*waiting)
+                waiting = None
+            if stop is not None and stop.is_set():
+                break
+            state, done = after, r
+            if engine.owes(r):
+                waiting = (report, state, True, r == rounds)
+            else:
+                finish(report, state, engine.evaluate_at(r), r == rounds)
+        if waiting is not None:
+            finish(*waiting)
+    finally:
+        engine.carry_statistics = False
+        engine.owed = None
     return state
 
 

@@ -14,18 +14,35 @@ BatchNorm batch statistics of the aggregated weights on their training split and
 submodel's statistics to their exact combination; with federated evaluation the clients then evaluate every
 submodel they can run on their held-out split (``eval_fraction`` of their data, never trained on), and
 ``report.federated`` holds the sample-weighted result per submodel.
+
+Statistics carried by the next round (``carry_statistics``, set by ``cadence.run_rounds``, the loop of
+``serve`` and ``simulate``): with ``bn = "federated"``, evaluation on the coordinator's side and a strategy
+whose training weights are its deployed submodels (``Strategy.tracked_bn``), an evaluated round other than the
+last sends no statistics round trip of its own. Round r+1's training tasks carry the request instead: each
+device computes the statistics of the weights it received (state r's submodel it is about to train) on its
+training split before training and sends them before its update (``MqttGrid.run_carrying``; a grid without it
+runs :meth:`Grid.evaluate` for the same requests before the round's training). State r gets them once round
+r+1 has collected (:meth:`RoundEngine.owes` says a round waits for that) and before round r+1 aggregates, so
+the state r+1 aggregates from carries them, as before. Round r's report gets the phase
+``bn_statistics_carried``: from round r+1's tasks going out to the last statistics in (it overlaps round r+1's
+training). Departures from the step after aggregation: the statistics of state r come from round r+1's
+devices, each on the submodel it is assigned there (a submodel no device of round r+1 trains keeps its
+previous statistics); the last round keeps its own round trip. Robust aggregation (a majority per submodel)
+and federated evaluation (on the re-estimated statistics, a trip after them) keep the step after
+aggregation.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -40,6 +57,16 @@ from nefl_edge.core.schedule import planned_steps
 from nefl_edge.core.specs import ModelConfig, param_layout
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Owed:
+    """An evaluated round whose BatchNorm statistics the next round's tasks carry: its state and report (both
+    completed in place by the next :meth:`RoundEngine.run_round`)."""
+
+    round: int
+    state: GlobalState
+    report: RoundReport
 
 
 @dataclass
@@ -111,6 +138,33 @@ class RoundEngine:
         """Whether clients evaluate on held-out splits (the caller resolves ``evaluation = "auto"``)."""
         self.evaluate_at: Callable[[int], bool] = lambda r: evaluates(cfg, r)
         """Whether round ``r`` ends with the evaluation step (the caller's evaluation cadence)."""
+        self.carry_statistics = False
+        """Whether an evaluated round's ``bn = "federated"`` statistics may come with the next round's tasks
+        (see the module docstring; ``cadence.run_rounds`` sets it, the caller then finishes a round that
+        :meth:`owes` them after the next one)."""
+        self.owed: Optional[Owed] = None
+
+    @property
+    def carries(self) -> bool:
+        """Whether this run's federated statistics can ride on the next round's tasks (module docstring)."""
+        cfg = self.cfg
+        return (
+            self.carry_statistics
+            and cfg.bn == "federated"
+            and self.strategy.tracked_bn
+            and cfg.aggregation != "robust"
+            and not self.federated_eval
+        )
+
+    def owes(self, r: int) -> bool:
+        """Whether round ``r``'s statistics are still to come, with the next round's tasks."""
+        return self.owed is not None and self.owed.round == r
+
+    @property
+    def bn_max_batches(self) -> Optional[int]:
+        """The most batches a device sums statistics over (``bn_device_samples``; None: all)."""
+        batch = self.cfg.train.batch_size
+        return -(-self.cfg.bn_device_samples // batch) if self.cfg.bn_device_samples else None
 
     def run_round(
         self, r: int, state: GlobalState, grid: Grid, stop: Optional[threading.Event] = None
@@ -164,10 +218,33 @@ class RoundEngine:
         extract = functools.partial(self.strategy.extract, round_=r)
         references = {k: extract(state, k) for k in sorted(set(assignment.values()))} if cfg.update_norm_bound else {}
         collecting = time.monotonic()
-        for outcome in grid.run(r, state, instructions, extract):
-            self._fold(r, outcome, clients[outcome.node].num_samples, references, agg, report)
+        owed, self.owed = self.owed, None
+        if owed is not None and owed.state is not state:  # the caller went on from another state: not these
+            owed = None
+        parts: dict[int, list[tuple[str, BnStats]]] = {}
+        outcomes: Iterator[Union[Outcome, EvalOutcome]] = iter(())
+        if owed is None:
+            outcomes = grid.run(r, state, instructions, extract)
+        elif getattr(grid, "run_carrying", None) is not None:
+            outcomes = grid.run_carrying(r, state, instructions, extract, self.bn_max_batches)  # type: ignore[attr-defined]
+        else:  # the same requests, answered before training
+            batch, held = cfg.train.batch_size, self.holdout
+            asks = [
+                EvalRequest(i.node, (i.submodel,), False, True, held, batch, self.bn_max_batches) for i in instructions
+            ]
+            outcomes = itertools.chain(grid.evaluate(r, state, asks), grid.run(r, state, instructions, extract))
+        for outcome in outcomes:
+            if isinstance(outcome, EvalOutcome):
+                assert owed is not None
+                for k, stats in self._screen_evaluation(r, outcome, owed.report, self.bn_max_batches)[1].items():
+                    parts.setdefault(k, []).append((outcome.node, stats))
+                owed.report.phases["bn_statistics_carried"] = time.monotonic() - collecting
+            else:
+                self._fold(r, outcome, clients[outcome.node].num_samples, references, agg, report)
             if stop is not None and stop.is_set():
                 break
+        if owed is not None:  # before aggregating: the next state starts from these statistics, as before
+            self._apply_statistics(owed.round, owed.state, parts, owed.report)
         report.bytes_out = grid.bytes_out - out_before
         for reason, count in grid.rejections().items():
             report.rejected[reason] = report.rejected.get(reason, 0) + count
@@ -192,8 +269,11 @@ class RoundEngine:
             state = self.strategy.keep(state, r)
         report.phases["aggregation"] = time.monotonic() - aggregating
         if report.aggregated and self.evaluate_at(r) and not (stop is not None and stop.is_set()):
-            answered = [c["node"] for c in report.clients if c["status"] != "dropped"]
-            self.evaluation_step(r, state, grid, {n: caps[n] for n in answered}, report)
+            if self.carries and r < cfg.rounds:
+                self.owed = Owed(r, state, report)
+            else:
+                answered = [c["node"] for c in report.clients if c["status"] != "dropped"]
+                self.evaluation_step(r, state, grid, {n: caps[n] for n in answered}, report)
         report.seconds = time.monotonic() - started
         report.ended_at = time.time()
         return state, report
@@ -228,7 +308,7 @@ class RoundEngine:
         submodel up to the one it can run (``evaluation.federated_summary``: spread and disagreeing devices).
         Fills ``report.federated``, ``report.bn_batches`` and ``report.bn_rejected``."""
         # imported here: coordinator.evaluation imports torch, which the engine itself does not need
-        from nefl_edge.coordinator.evaluation import apply_bn_stats, federated_summary, recalibrate, robust_bn_parts
+        from nefl_edge.coordinator.evaluation import federated_summary, recalibrate
 
         cfg = self.cfg
         runnable = {}
@@ -258,20 +338,7 @@ class RoundEngine:
             for outcome in grid.evaluate(r, state, requests):
                 for k, stats in self._screen_evaluation(r, outcome, report, max_batches)[1].items():
                     parts.setdefault(k, []).append((outcome.node, stats))
-            for k, found in sorted(parts.items()):
-                if robust:
-                    kept, liars = robust_bn_parts(found, cfg.robust_max_weight)
-                    if liars:
-                        report.bn_rejected[k] = liars
-                        log.warning("round %d: BatchNorm statistics of %s for submodel %d left out", r, liars, k)
-                else:
-                    kept = [stats for _, stats in found]
-                report.bn_batches[k] = apply_bn_stats(state, k, kept)
-            missing = [k for k in range(len(self.plan.specs)) if k not in report.bn_batches]
-            if missing:
-                log.warning(
-                    "round %d: no BatchNorm statistics for submodels %s; they keep their previous ones", r, missing
-                )
+            self._apply_statistics(r, state, parts, report)
             report.phases["bn_statistics"] = time.monotonic() - started
         if not self.federated_eval:
             return
@@ -290,6 +357,27 @@ class RoundEngine:
             if summary["samples"]:
                 report.federated[k] = summary
         report.phases["federated_evaluation"] = time.monotonic() - evaluating
+
+    def _apply_statistics(
+        self, r: int, state: GlobalState, parts: dict[int, list[tuple[str, BnStats]]], report: RoundReport
+    ) -> None:
+        """Set every submodel's BatchNorm statistics in ``state`` (round ``r``'s) to the exact combination of the
+        devices' ``parts`` (robust aggregation: without the devices far from the rest); fills
+        ``report.bn_batches`` and ``report.bn_rejected``."""
+        from nefl_edge.coordinator.evaluation import apply_bn_stats, robust_bn_parts
+
+        for k, found in sorted(parts.items()):
+            if self.cfg.aggregation == "robust":
+                kept, liars = robust_bn_parts(found, self.cfg.robust_max_weight)
+                if liars:
+                    report.bn_rejected[k] = liars
+                    log.warning("round %d: BatchNorm statistics of %s for submodel %d left out", r, liars, k)
+            else:
+                kept = [stats for _, stats in found]
+            report.bn_batches[k] = apply_bn_stats(state, k, kept)
+        missing = [k for k in range(len(self.plan.specs)) if k not in report.bn_batches]
+        if missing:
+            log.warning("round %d: no BatchNorm statistics for submodels %s; they keep their previous ones", r, missing)
 
     def _screen_evaluation(
         self, r: int, outcome: EvalOutcome, report: RoundReport, max_batches: Optional[int] = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from nefl_edge.coordinator.assignment import ClientInfo
 from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, Instruction, Outcome
@@ -91,7 +91,23 @@ class MqttGrid:
         self, round_: int, state: GlobalState, instructions: list[Instruction], extract: Extract = extract
     ) -> Iterator[Outcome]:
         """The round's weights as ``extract`` (the strategy's) cuts them; see :meth:`CoordinatorSession.run`."""
-        return self.session.run(round_, state, instructions, extract)
+        for outcome in self.session.run(round_, state, instructions, extract):
+            assert isinstance(outcome, Outcome)  # no task asked for statistics
+            yield outcome
+
+    def run_carrying(
+        self,
+        round_: int,
+        state: GlobalState,
+        instructions: list[Instruction],
+        extract: Extract,
+        bn_max_batches: Optional[int],
+    ) -> Iterator[Union[Outcome, EvalOutcome]]:
+        """:meth:`run` whose tasks also ask for the BatchNorm statistics of the weights they ship, over at most
+        ``bn_max_batches`` batches of each device's training split: one :class:`EvalOutcome` per device that
+        sends them, before its update (the engine's ``bn = "federated"`` statistics of ``state``, carried by the
+        next round's tasks instead of a round trip of their own)."""
+        return self.session.run(round_, state, instructions, extract, True, bn_max_batches)
 
     def evaluate(self, round_: int, state: GlobalState, requests: list[EvalRequest]) -> Iterator[EvalOutcome]:
         return self.session.evaluate(round_, state, requests)

@@ -60,7 +60,7 @@ again (with a CPU-bound thread beside it, 5,000 QoS 1 messages through paho took
 2.4-3.0 s at 0.5 ms on the 2-core bench host)."""
 GONE_CHECK_S = 0.25  # who is gone is looked at this often, not at every message (O(pending) each)
 PendingTask = TypeVar("PendingTask", Task, EvalTask)
-OutcomeT = TypeVar("OutcomeT", Outcome, EvalOutcome)
+OutcomeT = TypeVar("OutcomeT", bound=Union[Outcome, EvalOutcome])
 Extract = Callable[[GlobalState, int], Tensors]
 """The weights of submodel ``k`` of a global state, as they are sent (the grid's extraction)."""
 
@@ -78,9 +78,16 @@ def task_ids(count: int) -> list[str]:
 
 
 def train_tasks(
-    run: str, round_: int, instructions: list[Instruction], digests: dict[int, str], deadline_s: float
+    run: str,
+    round_: int,
+    instructions: list[Instruction],
+    digests: dict[int, str],
+    deadline_s: float,
+    bn_stats: bool = False,
+    bn_max_batches: Optional[int] = None,
 ) -> dict[str, Task]:
-    """One training task per instruction, by node, each with a fresh id and the digest of its weights."""
+    """One training task per instruction, by node, each with a fresh id and the digest of its weights (and, with
+    ``bn_stats``, the request for those weights' BatchNorm statistics before training)."""
     return {
         ins.node: Task(
             run=run,
@@ -91,6 +98,8 @@ def train_tasks(
             weights_sha256=digests[ins.submodel],
             train=ins.train,
             deadline_s=deadline_s,
+            bn_stats=bn_stats,
+            bn_max_batches=bn_max_batches if bn_stats else None,
         )
         for ins, task_id in zip(instructions, task_ids(len(instructions)))
     }
@@ -154,6 +163,8 @@ class Answers:
         self.earlier_ids: dict[str, set[str]] = {}
         """Task ids a pending task had before it was asked again (:meth:`CoordinatorSession.ask_again`): an
         answer to one of them is as good (the device may have been training it all along)."""
+        self.carried_in: set[str] = set()
+        """The devices whose statistics for their training task (``Task.bn_stats``) came in this round."""
         self._log = LogLimiter(log)
 
     def claim(
@@ -188,11 +199,14 @@ class Answers:
         pending: dict[str, Task],
         started: float,
         reference: Optional[Callable[[int], Tensors]] = None,
-    ) -> Optional[Outcome]:
-        """The outcome a device's update or decline resolves, or None (not an answer, or one to ignore).
+    ) -> Optional[Union[Outcome, EvalOutcome]]:
+        """The outcome a device's update or decline resolves, or None (not an answer, or one to ignore); an
+        ``evaluation`` is the statistics its task carried (:meth:`carried`), which leave the task pending.
         ``reference(k)``: the weights of submodel ``k`` sent this round, which encoded updates are deltas
         against (``core.encoding``)."""
         stream, message, body = item
+        if isinstance(message, Evaluation):
+            return self.carried(round_, item, pending, started)
         if not isinstance(message, (Update, Decline)):
             return None
         claimed = self.claim(round_, stream, message, pending)
@@ -223,6 +237,34 @@ class Answers:
             bytes_in=len(body),
         )
 
+    def carried(self, round_: int, item: Inbound, pending: dict[str, Task], started: float) -> Optional[EvalOutcome]:
+        """The statistics a training task asked for before training (``Task.bn_stats``), read as the answer to an
+        ``evaluate`` task of that task's submodel alone with ``bn_max_batches`` (:meth:`read_evaluation`). They
+        are bound to the task: its device's stream, its id (or an earlier one), this round, once per task and
+        only while its update has not come (the task stays pending); anything else from a device whose task
+        asks for statistics is dropped and counted (``unknown_sender``, ``stale``, ``duplicate``), from any other
+        device ignored as before tasks carried statistics (e.g. a late answer to the previous evaluation step).
+        The task's ``weights_sha256`` names the state they are of."""
+        stream, message, body = item
+        assert isinstance(message, Evaluation)
+        node = Topics.node_of(stream)
+        task = pending.get(node)
+        if task is None or not task.bn_stats:
+            return None
+        if message.node != node:
+            self.reject("unknown_sender", f"{message.kind} for {message.node} on {stream}", node)
+            return None
+        earlier = self.earlier_ids.get(node, set())
+        if (message.task_id != task.task_id and message.task_id not in earlier) or message.round != round_:
+            self.reject("stale", f"statistics from {node} for task {message.task_id} of round {message.round}", node)
+            return None
+        if node in self.carried_in:
+            self.reject("duplicate", f"second statistics from {node} for task {message.task_id}", node)
+            return None
+        self.carried_in.add(node)
+        seconds = time.monotonic() - started
+        return self.read_evaluation(node, message, body, [task.submodel], False, True, task.bn_max_batches, seconds)
+
     def evaluation(
         self, round_: int, item: Inbound, pending: dict[str, EvalTask], started: float
     ) -> Optional[EvalOutcome]:
@@ -243,17 +285,34 @@ class Answers:
             return EvalOutcome(node, "declined", reason=message.reason[:300], seconds=seconds)
         if not isinstance(message, Evaluation):  # an update never answers an evaluate task: claim refused it
             return None
-        asked = set(task.submodels)
+        return self.read_evaluation(
+            node, message, body, task.submodels, task.evaluate, task.bn_stats, task.bn_max_batches, seconds
+        )
+
+    def read_evaluation(
+        self,
+        node: str,
+        message: Evaluation,
+        body: bytes,
+        submodels: list[int],
+        evaluate: bool,
+        bn_stats: bool,
+        bn_max_batches: Optional[int],
+        seconds: float,
+    ) -> EvalOutcome:
+        """The outcome of an ``evaluation`` claimed for a task that asked ``submodels``, ``evaluate`` and/or
+        ``bn_stats`` over at most ``bn_max_batches`` batches (:meth:`evaluation`'s rules)."""
+        asked = set(submodels)
         claimed = [r.submodel for r in message.results] + [b.submodel for b in message.bn]
         bad = ""
         if not set(claimed) <= asked or len(set(r.submodel for r in message.results)) != len(message.results):
             bad = f"wrong_submodels: {sorted(set(claimed) - asked)[:5]} or repeated"
-        elif (message.results and not task.evaluate) or (message.bn and not task.bn_stats):
+        elif (message.results and not evaluate) or (message.bn and not bn_stats):
             bad = "unasked: results or statistics that were not asked for"
         elif len(set(b.submodel for b in message.bn)) != len(message.bn):
             bad = "wrong_submodels: repeated statistics"
-        elif task.bn_max_batches is not None and any(b.batches > task.bn_max_batches for b in message.bn):
-            bad = f"bad_counts: more than {task.bn_max_batches} batches"
+        elif bn_max_batches is not None and any(b.batches > bn_max_batches for b in message.bn):
+            bad = f"bad_counts: more than {bn_max_batches} batches"
         if bad:
             return EvalOutcome(node, "rejected", reason=bad, bytes_in=len(body), seconds=seconds)
         try:
@@ -261,8 +320,8 @@ class Answers:
         except ProtocolError as exc:
             return EvalOutcome(node, "rejected", reason=f"bad_payload: {exc}", bytes_in=len(body), seconds=seconds)
         per_submodel: dict[int, dict[str, Any]] = {b.submodel: {} for b in message.bn}
-        split, submodels, wrong = split_names(tuple(tensors))
-        if wrong or not submodels <= per_submodel.keys():
+        split, named, wrong = split_names(tuple(tensors))
+        if wrong or not named <= per_submodel.keys():
             name = wrong or next(n for n, k, _ in split if k not in per_submodel)
             reason = f"bad_names: {name[:80]}"
             return EvalOutcome(node, "rejected", reason=reason, bytes_in=len(body), seconds=seconds)
@@ -531,20 +590,29 @@ class CoordinatorSession:
     def send(self, tasks: dict[str, PendingTask]) -> None:
         self._reask.clear()  # these are sent on the connection there is now
         self.answers.earlier_ids = {}
+        self.answers.carried_in = set()
         self.listen(frozenset(tasks))
         for node, task in tasks.items():
             self.bytes_out += self.link.publish(self.topics.node(node, "task"), task)
 
     def run(
-        self, round_: int, state: GlobalState, instructions: list[Instruction], extract: Optional[Extract] = None
-    ) -> Iterator[Outcome]:
+        self,
+        round_: int,
+        state: GlobalState,
+        instructions: list[Instruction],
+        extract: Optional[Extract] = None,
+        bn_stats: bool = False,
+        bn_max_batches: Optional[int] = None,
+    ) -> Iterator[Union[Outcome, EvalOutcome]]:
         """A training round: the weights as ``extract`` (the round's; default: the session's) cuts them, one
         task per instruction, and the outcomes as :meth:`Answers.update` reads the answers (encoded updates
-        decoded against the weights that were sent)."""
+        decoded against the weights that were sent). With ``bn_stats`` every task also asks for the BatchNorm
+        statistics of the weights it ships (over at most ``bn_max_batches`` batches), which come back as an
+        :class:`EvalOutcome` per device before its update (:meth:`Answers.carried`)."""
         cut = extract or self.extract
         started = time.monotonic()
         digests = self.publish_weights(round_, state, {ins.submodel for ins in instructions}, cut)
-        tasks = train_tasks(self.run_name, round_, instructions, digests, self.deadline_s)
+        tasks = train_tasks(self.run_name, round_, instructions, digests, self.deadline_s, bn_stats, bn_max_batches)
         self.send(tasks)
         self.publish_s = time.monotonic() - started
 
@@ -552,10 +620,12 @@ class CoordinatorSession:
             if self.on_progress is not None:
                 self.on_progress(f"round {round_}: {answered}/{total} clients answered")
 
-        def answer(round_: int, item: Inbound, pending: dict[str, Task], started: float) -> Optional[Outcome]:
+        def answer(
+            round_: int, item: Inbound, pending: dict[str, Task], started: float
+        ) -> Optional[Union[Outcome, EvalOutcome]]:
             return self.answers.update(round_, item, pending, started, lambda k: cut(state, k))
 
-        def dropped(node: str, task: Task, why: str) -> Outcome:
+        def dropped(node: str, task: Task, why: str) -> Union[Outcome, EvalOutcome]:
             return Outcome(node, task.submodel, "dropped", reason=why)
 
         yield from self.collect(round_, tasks, started, answer, dropped, progress)

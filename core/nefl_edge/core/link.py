@@ -25,6 +25,8 @@ messages). The wire bytes are the real ones.
 
 from __future__ import annotations
 
+import collections
+import heapq
 import json
 import logging
 import queue
@@ -33,7 +35,7 @@ import struct
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 from nefl_edge.core.schemas import Message
 from nefl_edge.core.signing import SIGNATURE_BLOCK, Keyring, SignatureError, Signer, SignerPolicy, strip_pieces
@@ -153,7 +155,16 @@ class Inbox(queue.Queue):  # type: ignore[type-arg]
     When it is full, room is made from the sender (``Topics.sender_of`` of the stream) holding the most, never
     from a ``favoured`` one (e.g. a device with a pending task): a new message of a favoured sender, or of a
     sender holding less than the heaviest, evicts the heaviest unfavoured sender's oldest messages; otherwise
-    the new message is the one dropped."""
+    the new message is the one dropped.
+
+    Finding the heaviest and its oldest message is O(log n) amortised in the senders waiting (a scan of every
+    sender per offered message, as before, cost 10,000 predicate calls per status a full inbox dropped at 10,000
+    devices): each sender's waiting messages are a deque of their own, evicted ones are marked and skipped by
+    ``get``, and two lazily pruned heaps (by messages, by bytes) order the senders with the unfavoured first.
+    Departure from a scan: whether a sender is favoured is read when its message arrives and again when it
+    comes to the top of a heap, so a sender whose favour changed since its last message is found only when it
+    reaches the top (a favoured one at the top ends the search: the senders below it are taken as favoured
+    too). Ties go to the sender waiting the longest, as the scan's first-inserted order did."""
 
     def __init__(self, maxsize: int, max_bytes: int) -> None:
         super().__init__(maxsize)
@@ -161,6 +172,16 @@ class Inbox(queue.Queue):  # type: ignore[type-arg]
         self.bytes = 0
         self.held: Dict[str, List[int]] = {}  # sender -> [messages, bytes] waiting
         self.evicted: Counter[str] = Counter()  # messages evicted to make room, by sender
+        self._cells: Dict[str, Deque[List[Any]]] = {}  # sender -> its waiting [item, alive] cells, oldest first
+        self._since: Dict[str, int] = {}  # sender -> when it started waiting (a counter): the tie-break
+        self._unfavoured: Dict[str, bool] = {}  # sender -> not favoured, as last read
+        self._heaps: Tuple[List[Tuple[bool, int, int, int, str]], List[Tuple[bool, int, int, int, str]]] = ([], [])
+        self._live = 0
+        self._dead = 0  # evicted cells still in ``self.queue``
+        self._clock = 0
+
+    def _qsize(self) -> int:
+        return self._live
 
     def _full(self, size: int) -> Tuple[Optional[str], bool]:
         """Why ``size`` more bytes do not fit (None if they do), and whether the bytes are the limit."""
@@ -174,57 +195,103 @@ class Inbox(queue.Queue):  # type: ignore[type-arg]
         """Queue ``item`` (making room as the class says), or say why not."""
         size, sender = len(item[2]), Topics.sender_of(item[0])
         with self.mutex:
+            mine_favoured = favoured is not None and favoured(sender)
+            if sender in self.held and self._unfavoured[sender] == mine_favoured:
+                self._unfavoured[sender] = not mine_favoured
+                self._push(sender)
             full, by_bytes = self._full(size)
             while full is not None:
                 victim = self._heaviest(favoured, by_bytes)
                 mine = self.held.get(sender, [0, 0])
                 if victim is None or victim == sender:
                     return full
-                if not (favoured is not None and favoured(sender)):
+                if not mine_favoured:
                     theirs = self.held[victim]
                     if (mine[1], mine[0]) >= (theirs[1], theirs[0]):
                         return full
                 self._evict(victim)
                 full, by_bytes = self._full(size)
-            self._put(item)
+            self._put(item, not mine_favoured)
             self.unfinished_tasks += 1
             self.not_empty.notify()
         return None
 
     def _heaviest(self, favoured: Optional[Callable[[str], bool]], by_bytes: bool) -> Optional[str]:
         """The unfavoured sender holding the most bytes (``by_bytes``) or messages waiting, if any."""
-        best, most = None, (0, 0)
-        for sender, (count, held) in self.held.items():
-            weight = (held, count) if by_bytes else (count, held)
-            if weight > most and not (favoured is not None and favoured(sender)):
-                best, most = sender, weight
-        return best
+        heap = self._heaps[by_bytes]
+        while heap:
+            was_favoured, _, _, _, sender = top = heap[0]
+            if sender not in self.held or top != self._entry(sender, by_bytes):
+                heapq.heappop(heap)  # an older weight of this sender, or a sender no longer waiting
+                continue
+            is_favoured = favoured is not None and favoured(sender)
+            if is_favoured != was_favoured:  # its favour changed since its last message: file it anew
+                self._unfavoured[sender] = not is_favoured
+                self._push(sender)
+                continue
+            return None if is_favoured else sender
+        return None
+
+    def _entry(self, sender: str, by_bytes: bool) -> Tuple[bool, int, int, int, str]:
+        """``sender``'s heap entry: a min-heap of (favoured, -weight..., since) puts the heaviest unfavoured first."""
+        count, held = self.held[sender]
+        first, second = (held, count) if by_bytes else (count, held)
+        return (not self._unfavoured[sender], -first, -second, self._since[sender], sender)
+
+    def _push(self, sender: str) -> None:
+        for by_bytes in (False, True):
+            heap = self._heaps[by_bytes]
+            if len(heap) > 2 * len(self.held) + 64:  # mostly stale entries: rebuild, O(n) once per n pushes
+                heap[:] = [self._entry(s, by_bytes) for s in self.held]
+                heapq.heapify(heap)
+            else:
+                heapq.heappush(heap, self._entry(sender, by_bytes))
 
     def _evict(self, sender: str) -> None:
-        for i, item in enumerate(self.queue):
-            if Topics.sender_of(item[0]) == sender:
-                del self.queue[i]
-                self._account(item, -1)
-                self.unfinished_tasks -= 1
-                self.evicted[sender] += 1
-                self.not_full.notify()
-                return
+        cell = self._cells[sender][0]
+        item, cell[0], cell[1] = cell[0], None, False
+        self._dead += 1
+        self._account(item, -1)
+        self.unfinished_tasks -= 1
+        self.evicted[sender] += 1
+        self.not_full.notify()
+        if self._dead > self._live + 1024:  # the consumer is far behind: drop the marked cells from the queue
+            self.queue = collections.deque(c for c in self.queue if c[1])
+            self._dead = 0
 
-    def _account(self, item: Inbound, sign: int) -> None:
+    def _account(self, item: Inbound, sign: int, unfavoured: bool = True) -> None:
         sender, size = Topics.sender_of(item[0]), len(item[2])
         self.bytes += sign * size
-        held = self.held.setdefault(sender, [0, 0])
+        self._live += sign
+        held = self.held.get(sender)
+        if held is None:
+            held = self.held[sender] = [0, 0]
+            self._cells[sender] = collections.deque()
+            self._unfavoured[sender] = unfavoured
+            self._clock += 1
+            self._since[sender] = self._clock
         held[0] += sign
         held[1] += sign * size
+        if sign < 0:
+            self._cells[sender].popleft()
         if held[0] <= 0:
-            del self.held[sender]
+            for table in (self.held, self._cells, self._since, self._unfavoured):
+                del table[sender]  # type: ignore[attr-defined]
+        else:
+            self._push(sender)
 
-    def _put(self, item: Inbound) -> None:
-        self._account(item, 1)
-        super()._put(item)
+    def _put(self, item: Inbound, unfavoured: bool = True) -> None:  # type: ignore[override]
+        cell = [item, True]
+        self._account(item, 1, unfavoured)
+        self._cells[Topics.sender_of(item[0])].append(cell)
+        self.queue.append(cell)
 
     def _get(self) -> Inbound:
-        item: Inbound = super()._get()
+        cell = self.queue.popleft()
+        while not cell[1]:
+            self._dead -= 1
+            cell = self.queue.popleft()
+        item: Inbound = cell[0]
         self._account(item, -1)
         return item
 

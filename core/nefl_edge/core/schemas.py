@@ -12,7 +12,7 @@ from typing import Annotated, ClassVar, Dict, List, Literal, Optional, Tuple
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MANIFEST_SCHEMA = "nefl.manifest/1"
-WIRE_SCHEMA = "nefl.wire/3"
+WIRE_SCHEMA = "nefl.wire/4"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
@@ -193,7 +193,7 @@ class Message(Strict):
     names (``core.signing.signer_policy``)."""
 
     origin: ClassVar[Origin]
-    schema_: Literal["nefl.wire/3"] = Field("nefl.wire/3", alias="schema")
+    schema_: Literal["nefl.wire/4"] = Field("nefl.wire/4", alias="schema")
     run: str = Field(pattern=NAME_PATTERN)
     sent_at: float = 0.0
 
@@ -240,7 +240,9 @@ class Status(NodeMessage):
 
 class Task(TaskMessage):
     """coordinator -> one device: train ``submodel`` from the weights with ``weights_sha256`` and answer within
-    ``deadline_s``."""
+    ``deadline_s``. With ``bn_stats``, first answer with an ``evaluation`` of this task's id holding the
+    BatchNorm statistics of those weights (as an ``evaluate`` task of ``submodels = [submodel]``,
+    ``batch_size = train.batch_size`` and ``bn_max_batches`` asks them), then train."""
 
     origin: ClassVar[Origin] = "coordinator"
     kind: Literal["task"] = "task"
@@ -248,6 +250,12 @@ class Task(TaskMessage):
     weights_sha256: str = Field(pattern=SHA256_PATTERN)
     train: TrainConfig
     deadline_s: float = Field(gt=0, description="seconds from receipt by which the update must be sent")
+    bn_stats: bool = Field(
+        False,
+        description="before training, send the BatchNorm statistics of the received weights (an ``evaluation`` "
+        "with this task's id: the federated statistics of the state they are, carried by the next round's task)",
+    )
+    bn_max_batches: Optional[int] = Field(None, ge=1, description="bn_stats: at most this many training batches")
 
 
 class Metrics(Strict):

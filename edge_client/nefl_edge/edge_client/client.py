@@ -478,11 +478,13 @@ class DeviceWork:
             remaining = task.deadline_s - (time.monotonic() - received)
             weights = self.session.weights(sub, task.round, task.weights_sha256, remaining, follow=True)
             self.keep(manifest, sub, task.round, weights)
+            data = self._split(task.train.eval_fraction)[0]
+            if task.bn_stats:
+                self._carried_statistics(task, sub, weights, data)
             backend.load(weights, task.train)
             self.session.status("training")
             budget = task.deadline_s - (time.monotonic() - received) - UPLOAD_MARGIN_S
             progress = ProgressLog(log.info, self.opts.progress_every_s, f"round {task.round}: ")
-            data = self._split(task.train.eval_fraction)[0]
             metrics = train_local(backend, data, task.train, deadline_s=budget, on_progress=progress)
         except DeadlineMissed as exc:
             self.session.decline(task, str(exc))
@@ -507,6 +509,31 @@ class DeviceWork:
             metrics.loss_last,
             metrics.accuracy,
             metrics.seconds,
+        )
+
+    def _carried_statistics(
+        self, task: Task, sub: SubmodelEntry, weights: Dict[str, np.ndarray], data: Dataset
+    ) -> None:
+        """What a training task with ``bn_stats`` asks first: the BatchNorm statistics of the received ``weights``
+        on the training split, sent as an ``evaluation`` of the task (as :meth:`run_evaluation` computes them).
+        A failure here costs only the statistics (logged), not the training."""
+        started = time.monotonic()
+        try:
+            stats = self._evaluator(sub, (ArtifactRole.STATS,)).bn_stats(
+                weights, data.x, task.train.batch_size, task.bn_max_batches
+            )
+            if not stats.batches:
+                return
+            body = {f"{sub.index}/{name}": v for name, v in stats.tensors().items()}
+            counts = [BnCount(submodel=sub.index, batches=stats.batches)]
+            self.session.send_evaluation(task, [], counts, pack_tensors(body))
+        except (RunEnded, Stopped):
+            raise
+        except Exception as exc:
+            log.warning("round %d: no BatchNorm statistics sent: %s: %s", task.round, type(exc).__name__, exc)
+            return
+        log.info(
+            "round %d: sent the statistics of the received weights in %.1f s", task.round, time.monotonic() - started
         )
 
     def _split(self, fraction: float) -> Tuple[Dataset, Dataset]:

@@ -253,8 +253,10 @@ class DeviceSession:
         return self.link.publish(self.topics.node(self.node, "update"), update, body)
 
     def send_evaluation(
-        self, task: EvalTask, results: List[SubmodelEval], counts: List[BnCount], body: Buffer = b""
+        self, task: AnyTask, results: List[SubmodelEval], counts: List[BnCount], body: Buffer = b""
     ) -> int:
+        """Answer ``task`` with an ``evaluation``: an evaluate task's, or the statistics a training task asks for
+        before training (``Task.bn_stats``)."""
         answer = Evaluation(
             run=self.run, node=self.node, task_id=task.task_id, round=task.round, results=results, bn=counts
         )

@@ -221,7 +221,6 @@ def run_policy(
     fleet.start_all(run, *shlex.split(args.device_args))
     coord = fleet.spawn_coordinator(*serve_args(name, run, len(fleet.devices), args), cpus=service_cpus)
     t0: Optional[float] = None
-    ends: dict[int, float] = {}
     started = time.time()
     try:
         while coord.poll() is None:
@@ -230,17 +229,12 @@ def run_policy(
                 t0 = watch.all_seen(set(fleet.devices))
                 if t0 is None and now - started > 600:
                     raise RuntimeError(f"{name}: the devices did not all join within 600 s; see {fleet.workdir}")
-            out = run_dir(fleet.workdir / "runs", run)
-            if out is not None and t0 is not None:
-                for row in read_jsonl(out / "metrics.jsonl"):
-                    if row["round"] > 0:
-                        ends.setdefault(row["round"], float(row.get("ended_at") or now) - t0)
             if t0 is not None and now - t0 > args.budget_s:
                 coord.send_signal(signal.SIGINT)
                 break
             time.sleep(0.2)
-        try:
-            coord.wait(120)
+        try:  # it evaluates the rounds still queued (up to 4) before it exits: minutes on a loaded host
+            coord.wait(600)
         except subprocess.TimeoutExpired:
             coord.kill()
     finally:
@@ -253,7 +247,7 @@ def run_policy(
         print(f"{name}: coordinator exited with {coord.returncode}; see {fleet.workdir / 'coordinator.log'}")
     clients = read_jsonl(out / "clients.jsonl") if out else []
     classes = {node: d.cls.name for node, d in fleet.devices.items()}
-    result = summarize(name, rows, ends, args, clients, classes)
+    result = summarize(name, rows, {} if t0 is None else round_ends(rows, t0), args, clients, classes)
     ca = class_accuracy(out) if out is not None else None
     if ca is not None:
         held = list(HELD_LABELS) if args.partition == "device-correlated" else []
@@ -264,6 +258,13 @@ def run_policy(
         ca["last_curve_round"] = result["curve"][-1]["round"] if result["curve"] else None
     result["class_accuracy"] = ca
     return result
+
+
+def round_ends(rows: list[dict[str, Any]], t0: float) -> dict[int, float]:
+    """Per trained round, the seconds from ``t0`` to the engine's ``ended_at``, read from every metrics row of
+    the run once the coordinator has exited: a row is written after the coordinator's evaluation of its round,
+    so the last rounds in the budget may be written after the run was stopped."""
+    return {int(r["round"]): float(r["ended_at"]) - t0 for r in rows if r["round"] > 0 and r.get("ended_at")}
 
 
 def summarize(
@@ -278,6 +279,15 @@ def summarize(
     for row in rows:
         by_round.setdefault(int(row["round"]), []).append(row)
     curve: list[dict[str, Any]] = []
+
+    def gap(r: int, row: dict[str, Any]) -> float:
+        """Seconds between round ``r - 1``'s end and round ``r``'s start: the coordinator's work between
+        rounds (snapshot, and waiting for its evaluation when 4 evaluations are already queued)."""
+        before = by_round.get(r - 1)
+        if r < 2 or not before or not row.get("started_at") or not before[0].get("ended_at"):
+            return 0.0
+        return max(0.0, float(row["started_at"]) - float(before[0]["ended_at"]))
+
     for r in sorted(by_round):
         if r == 0 or r not in ends or ends[r] > args.budget_s:
             continue
@@ -290,6 +300,7 @@ def summarize(
             "declined": first.get("declined"), "dropped": first.get("dropped"), "round_s": first.get("seconds"),
             "eval_s": float((first.get("phases") or {}).get("evaluation", 0.0)),
             "device_eval_s": sum(float((first.get("phases") or {}).get(k, 0.0)) for k in DEVICE_EVAL_PHASES),
+            "before_s": gap(r, first),
         })  # fmt: skip
 
     def reach(key: str) -> Optional[float]:
@@ -313,6 +324,7 @@ def summarize(
         "mean_round_s": None if not curve else statistics.fmean(p["round_s"] or 0 for p in curve),
         "coordinator_eval_s": round(sum(p["eval_s"] for p in curve), 1),
         "device_eval_s": round(sum(p["device_eval_s"] for p in curve), 1),
+        "between_rounds_s": round(sum(p["before_s"] for p in curve), 1),
         "curve": curve,
     }
 
@@ -375,7 +387,10 @@ def render(record: dict[str, Any]) -> str:
         + "). The devices' part of each evaluation (federated BatchNorm statistics, before `ended_at`) is counted "
         "(its seconds per policy: "
         + ", ".join(f"{p['policy']} {p.get('device_eval_s', '—')} s" for p in record["policies"])
-        + ").",
+        + "). Time between one round's end and the next one's start (counted; it would grow if the coordinator's "
+        "evaluation fell 4 rounds behind): "
+        + ", ".join(f"{p['policy']} {p.get('between_rounds_s', '—')} s" for p in record["policies"])
+        + ".",
     ]
     lines += class_table(record)
     lines += goal_lines(record)

@@ -21,6 +21,7 @@ from bench.fleet import (
     fleet_partition,
     goal_lines,
     policy_args,
+    round_ends,
     serve_args,
     summarize,
 )
@@ -140,29 +141,35 @@ def test_every_policy_evaluates_every_round_and_differs_from_the_others_only_in_
 
 
 def test_the_summary_counts_rounds_in_the_budget_times_to_target_and_evaluation_seconds_apart() -> None:
-    # (round, ended at s, accuracies of three submodels, coordinator evaluation s, device statistics s)
+    # (round, started at s, ended at s, accuracies of three submodels, coordinator evaluation s, device stats s)
     plan = [
-        (1, 20.0, [0.5, 0.6, 0.7], 1.0, 0.5),
-        (2, 45.0, [0.6, 0.74, 0.76], 1.5, 0.25),
-        (3, 70.0, [0.76, 0.8, 0.81], 2.0, 0.5),
-        (4, 101.0, [0.9, 0.9, 0.9], 4.0, 1.0),  # ends past the 100 s budget: not counted
+        (1, 5.0, 20.0, [0.5, 0.6, 0.7], 1.0, 0.5),
+        (2, 20.5, 45.0, [0.6, 0.74, 0.76], 1.5, 0.25),
+        (3, 47.0, 70.0, [0.76, 0.8, 0.81], 2.0, 0.5),
+        (4, 70.0, 101.0, [0.9, 0.9, 0.9], 4.0, 1.0),  # ends past the 100 s budget: not counted
     ]
+    t0 = 1.7e9
     rows = [
-        {"round": r, "submodel": k, "accuracy": a, "updates": 3, "seconds": 10.0,
+        {"round": r, "submodel": k, "accuracy": a, "updates": 3, "seconds": end - start,
+         "started_at": t0 + start, "ended_at": t0 + end,
          "phases": {"evaluation": ev, "bn_statistics": dev, "training": 9.0}}
-        for r, _, accs, ev, dev in plan for k, a in enumerate(accs)
+        for r, start, end, accs, ev, dev in plan for k, a in enumerate(accs)
     ]  # fmt: skip
-    rows += [{"round": 0, "submodel": k, "accuracy": 0.1} for k in range(3)]
-    ends = {r: t for r, t, *_ in plan}
+    rows += [{"round": 0, "submodel": k, "accuracy": 0.1, "ended_at": 0.0} for k in range(3)]
 
+    ends = round_ends(rows, t0)
     out = summarize("p", rows, ends, _options(), [], {"a": "pi4", "b": "pi5"})
 
-    counted = [p for p in plan if p[1] <= 100.0]
+    assert ends == {r: end for r, _, end, *_ in plan}, ends
+
+    counted = [p for p in plan if p[2] <= 100.0]
     assert out["rounds"] == len(counted) == 3, out["rounds"]
-    assert out["time_to_target_best_s"] == next(t for _, t, a, *_ in counted if max(a) >= 0.75) == 45.0
-    assert out["time_to_target_worst_s"] == next(t for _, t, a, *_ in counted if min(a) >= 0.75) == 70.0
-    assert out["coordinator_eval_s"] == round(sum(p[3] for p in counted), 1), out["coordinator_eval_s"]
-    assert out["device_eval_s"] == round(sum(p[4] for p in counted), 1), out["device_eval_s"]
+    assert out["time_to_target_best_s"] == next(t for _, _, t, a, *_ in counted if max(a) >= 0.75) == 45.0
+    assert out["time_to_target_worst_s"] == next(t for _, _, t, a, *_ in counted if min(a) >= 0.75) == 70.0
+    assert out["coordinator_eval_s"] == round(sum(p[4] for p in counted), 1), out["coordinator_eval_s"]
+    assert out["device_eval_s"] == round(sum(p[5] for p in counted), 1), out["device_eval_s"]
+    between = sum(now[1] - before[2] for before, now in zip(counted, counted[1:]))
+    assert out["between_rounds_s"] == round(between, 1) == 2.5, out["between_rounds_s"]
     assert out["final"]["worst"] == 0.76 and out["final"]["best"] == 0.81, out["final"]
     assert out["participation"] == 9 / (3 * 2), out["participation"]
 

@@ -153,13 +153,13 @@ def test_manifest_describes_each_submodel(small_artifacts: Path, small_specs: li
 def test_artifact_roles_are_one_vocabulary_and_the_manifest_keys_stay_strings(small_artifacts: Path) -> None:
     """The exporter writes one file per ``ArtifactRole``, the manifest keys them by the role's string value
     (the wire format before the enum), and the device's backends and evaluator ask only for roles it has."""
-    from nefl_edge.core.schemas import ArtifactRole, Manifest
+    from nefl_edge.core.schemas import SUBMODEL_ROLES, ArtifactRole, Manifest
     from nefl_edge.edge_client.trainer import BACKEND_FILES
 
     raw = json.loads((small_artifacts / "manifest.json").read_text())
     for sub_raw, sub in zip(raw["submodels"], load_manifest(small_artifacts).submodels):
         assert list(sub_raw["files"]) == ["training", "eval", "checkpoint", "portable", "stats"], sub_raw["files"]
-        assert list(sub.files) == list(ArtifactRole), f"manifest roles {list(sub.files)}"
+        assert list(sub.files) == list(SUBMODEL_ROLES), f"manifest roles {list(sub.files)}"
         for role, entry in sub.files.items():
             assert entry.name.endswith("/" + role.file_name), f"{role} is written as {entry.name}"
             assert sub.files[role.value] is entry, f"a role's string value no longer finds its entry: {role}"

@@ -83,7 +83,7 @@ Scaling = Annotated[str, typer.Option(help="Scaling: WD (width+depth), W (width)
 
 
 COORDINATOR_EXTRA = ("torch", "onnx", "rich", "matplotlib", "amqtt")
-SIMULATE_ONLY_METHODS = ("fjord", "nefl-wd-distill")  # local training of its own (Strategy.local_train): not on devices
+SIMULATE_ONLY_METHODS = ("fjord",)  # local training of its own (Strategy.local_train): not on devices
 SERVE_METHODS = tuple(m for m in METHODS if m not in SIMULATE_ONLY_METHODS)
 
 LogFormat = Annotated[
@@ -187,7 +187,7 @@ def export(
     strategy = get_strategy(method)
     config, plan = strategy.setup(get_model_config(model, dataset), tuple(parse_gammas(gammas) or DEFAULT_GAMMAS))
     start = time.perf_counter()
-    manifest = export_set(config, plan.specs, out, log=typer.echo)
+    manifest = export_set(config, plan.specs, out, log=typer.echo, distill=plan.distill_smallest)
     typer.echo(f"{len(manifest.submodels)} submodels in {time.perf_counter() - start:.1f} s -> {out}")
     for sub in manifest.submodels:
         sizes = ", ".join(f"{role} {entry.size / 1024:.0f} KiB" for role, entry in sub.files.items())
@@ -472,7 +472,7 @@ def simulate(
 
         configured, plan = strategy.setup(config, gammas)
         artifacts = Path(tempfile.mkdtemp(prefix="nefl-sim-artifacts-"))
-        export_set(configured, plan.specs, artifacts)
+        export_set(configured, plan.specs, artifacts, distill=plan.distill_smallest)
     if not json_lines:
         typer.echo(f"{strategy.name}: {strategy.reference}")
 

@@ -119,7 +119,9 @@ class ServeRun:
         saved = checkpoint.load(self.run_dir) if self.resume else None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.run_dir / "config.json", cfg.model_dump_json(indent=1), 0o644)
-        self.manifest = export_set(self.config, self.plan.specs, self.run_dir / "artifacts", cfg.train, log=log.info)
+        self.manifest = export_set(
+            self.config, self.plan.specs, self.run_dir / "artifacts", cfg.train, log.info, self.plan.distill_smallest
+        )
         self.engine = RoundEngine(self.strategy, cfg, self.config, self.plan, self.calibration)
         self.engine.federated_eval = federated_eval
         if saved is not None:

@@ -64,18 +64,35 @@ class SimResult:
 def ort_trainer(folder: Path) -> LocalTrainer:
     """Local training through exported artifacts with the edge client's own trainer (``train_local``)."""
     from nefl_edge.core.artifacts import load_manifest, submodel_paths
-    from nefl_edge.edge_client.trainer import BACKEND_FILES, TrainerBackend, choose_backend, create_backend, train_local
+    from nefl_edge.edge_client.trainer import (
+        BACKEND_FILES,
+        DISTILL_FILES,
+        SMALLEST_PREFIX,
+        TrainerBackend,
+        choose_backend,
+        create_backend,
+        distill_student,
+        train_local,
+    )
 
     manifest = load_manifest(folder)
     kind = choose_backend("auto")
     backends: dict[int, TrainerBackend] = {}  # one ONNX Runtime session per submodel; load() resets it fully
 
     def train(state: GlobalState, index: int, data: Dataset, cfg: TrainConfig) -> Tensors:
+        sub = manifest.submodels[index]
+        student = distill_student(manifest, sub)  # nefl-wd-distill: also the smallest submodel's own tensors
         if index not in backends:
-            sub = manifest.submodels[index]
-            backends[index] = create_backend(kind, submodel_paths(folder, sub, BACKEND_FILES[kind]), sub.params, cfg, 1)
+            roles = (BACKEND_FILES if student is None else DISTILL_FILES)[kind]
+            backends[index] = create_backend(
+                kind, submodel_paths(folder, sub, roles), sub.params, cfg, 1, student=student
+            )
         backend = backends[index]
-        backend.load(extract(state, index), cfg)
+        sent = extract(state, index)
+        if student is not None:
+            own = (p.name for p in student if p.kind != "consistent")
+            sent.update({SMALLEST_PREFIX + n: state.inconsistent[0][n] for n in own})
+        backend.load(sent, cfg)
         train_local(backend, data, cfg)
         return backend.tensors()
 

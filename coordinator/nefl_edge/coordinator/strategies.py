@@ -384,7 +384,15 @@ class InPlaceDistillation(Strategy):
     early exits with a KL term on temperature-scaled logits beside the label loss; we use temperature 1 and
     no label loss on the student, and have no early exits (the smallest is a separate nested submodel). No
     source averages the student's own normalisation layers over the distilling clients: that is ours.
-    Simulate only: the devices' ONNX Runtime training graphs hold one submodel (``serve`` refuses it)."""
+    On devices (``serve``, ``simulate --trainer ort``) the same step runs in ONNX Runtime: the export adds to
+    every submodel above 0 the smallest submodel's student graph and the whole step as one portable graph
+    (``export.distill``), and the device's trainer runs them (``edge_client.trainer.OrtDistillBackend``, or the
+    portable backend on stock ``onnxruntime``)."""
+
+    @property
+    def device_trainable(self) -> bool:
+        """The devices run this step too (``export.distill``'s graphs)."""
+        return True
 
     def plan(self, config: ModelConfig, gammas: tuple[float, ...]) -> Plan:
         """NeFL-WD's plan, with the smallest submodel distilled by every other client."""

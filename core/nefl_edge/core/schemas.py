@@ -43,6 +43,13 @@ class ArtifactRole(str, Enum):
     """One whole SGD step in standard ONNX ops (``export.portable``): the ``portable`` backend."""
     STATS = "stats"
     """Per-batch BatchNorm statistics (``export.stats``): federated BatchNorm re-estimation."""
+    DISTILL_TRAINING = "distill-training"
+    """In-place distillation (``nefl-wd-distill``, submodels above 0 only): the smallest submodel's ONNX Runtime
+    training graph on the soft targets of the device's submodel (``export.distill``): ``ort-training``."""
+    DISTILL_CHECKPOINT = "distill-checkpoint"
+    """The checkpoint of that student graph: ``ort-training``."""
+    DISTILL_PORTABLE = "distill-portable"
+    """The whole distillation step (both losses, one SGD step) in standard ONNX ops: ``portable``."""
 
     def __str__(self) -> str:
         return self.value
@@ -60,7 +67,21 @@ _ARTIFACT_FILE_NAMES = {
     ArtifactRole.CHECKPOINT: "checkpoint",
     ArtifactRole.PORTABLE: "portable_step.onnx",
     ArtifactRole.STATS: "bn_stats.onnx",
+    ArtifactRole.DISTILL_TRAINING: "student_training.onnx",
+    ArtifactRole.DISTILL_CHECKPOINT: "student_checkpoint",
+    ArtifactRole.DISTILL_PORTABLE: "distill_step.onnx",
 }
+SUBMODEL_ROLES = (
+    ArtifactRole.TRAINING,
+    ArtifactRole.EVAL,
+    ArtifactRole.CHECKPOINT,
+    ArtifactRole.PORTABLE,
+    ArtifactRole.STATS,
+)
+"""The files every submodel has."""
+DISTILL_ROLES = (ArtifactRole.DISTILL_TRAINING, ArtifactRole.DISTILL_CHECKPOINT, ArtifactRole.DISTILL_PORTABLE)
+"""The files a submodel above 0 has in addition when its clients also distil into the smallest submodel: their
+presence in ``SubmodelEntry.files`` is what tells a device that a task on it is a distillation step."""
 
 
 class FileEntry(Strict):

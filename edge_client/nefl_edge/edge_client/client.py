@@ -54,11 +54,13 @@ from nefl_edge.edge_client.profile import device_profile, probe_threads, thread_
 from nefl_edge.edge_client.session import SILENT_S, Admission, CannotTakePart, DeviceSession, RunEnded, Stopped
 from nefl_edge.edge_client.trainer import (
     BACKEND_FILES,
+    DISTILL_FILES,
     DeadlineMissed,
     ProgressLog,
     TrainerBackend,
     choose_backend,
     create_backend,
+    distill_student,
     train_local,
 )
 
@@ -428,12 +430,14 @@ class DeviceWork:
         return paths
 
     def _backend(self, manifest: Manifest, sub: SubmodelEntry) -> TrainerBackend:
-        if sub.key not in self._backends:
-            paths = self._fetch_artifacts(sub)
-            self._backends[sub.key] = create_backend(
-                self.backend_kind, paths, sub.params, manifest.train, *self._threads
+        student = distill_student(manifest, sub)  # nefl-wd-distill: the step also trains the smallest submodel
+        key = sub.key if student is None else f"{sub.key}:distill"
+        if key not in self._backends:
+            paths = self._fetch_artifacts(sub, None if student is None else DISTILL_FILES[self.backend_kind])
+            self._backends[key] = create_backend(
+                self.backend_kind, paths, sub.params, manifest.train, *self._threads, student=student
             )
-        return self._backends[sub.key]
+        return self._backends[key]
 
     def profile(self, manifest: Manifest) -> DeviceProfile:
         probe = min(manifest.submodels, key=lambda s: s.mflops)

@@ -51,6 +51,9 @@ class PortableBackend:
 
     def load(self, tensors: Tensors, train: Optional[TrainConfig] = None) -> None:
         """Set every tensor of the submodel (and the task's hyper-parameters); momentum starts afresh."""
+        missing = [name for name in self._params if name not in tensors]
+        if missing:  # e.g. a distillation step's smallest/<name> (edge_client.trainer.distill_student)
+            raise ValueError(f"the weights lack {', '.join(missing[:3])}")
         if train is not None:
             self._cfg = train
         self._values = {name: self._value(tensors[name]) for name in self._params}

@@ -24,7 +24,15 @@ import numpy as np
 
 from nefl_edge.core.data import Dataset
 from nefl_edge.core.schedule import local_batches, planned_steps
-from nefl_edge.core.schemas import ArtifactRole, Metrics, ParamEntry, TrainConfig
+from nefl_edge.core.schemas import (
+    DISTILL_ROLES,
+    ArtifactRole,
+    Manifest,
+    Metrics,
+    ParamEntry,
+    SubmodelEntry,
+    TrainConfig,
+)
 from nefl_edge.core.sgd import sgd_step
 from nefl_edge.edge_client.runtime import keep_torch_out, session_options
 
@@ -125,16 +133,30 @@ class OrtTrainingBackend:
         self._momentum.clear()
 
     def step(self, x: np.ndarray, y: np.ndarray) -> Tuple[float, int]:
+        loss, logits = self.forward_backward(x, y)
+        self.apply_sgd()
+        return loss, int((np.argmax(logits, axis=1) == y).sum())
+
+    def forward_backward(self, x: np.ndarray, y: np.ndarray) -> Tuple[float, np.ndarray]:
+        """The loss and logits of one training-mode pass; the gradients wait in the state for :meth:`apply_sgd`."""
         self._module.train()
         loss, logits = self._module(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y, np.int64))
+        return float(loss), logits
+
+    def apply_sgd(self, extra: Optional[Tensors] = None) -> None:
+        """One SGD step of every trainable tensor on its gradient (plus ``extra``'s, added to the gradient's
+        leading corner: a nested submodel's gradient of the same tensor), then the gradients are reset."""
         for name in self._trainable:
             param = self._state.parameters[name]
-            weight, buffer = sgd_step(param.data, param.grad, self._momentum.get(name), self._cfg)
+            grad = param.grad
+            if extra is not None and name in extra:
+                grad = np.array(grad, dtype=np.float32)
+                grad[tuple(slice(0, n) for n in extra[name].shape)] += extra[name]
+            weight, buffer = sgd_step(param.data, grad, self._momentum.get(name), self._cfg)
             if buffer is not None:
                 self._momentum[name] = buffer
             self._state.parameters[name] = weight
         self._module.lazy_reset_grad()
-        return float(loss), int((np.argmax(logits, axis=1) == y).sum())
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> Tuple[float, int]:
         self._module.eval()
@@ -149,12 +171,116 @@ class OrtTrainingBackend:
         return {name: buf.copy() for name, buf in self._momentum.items()}
 
 
+SMALLEST_PREFIX = "smallest/"
+"""Names of the smallest submodel's own tensors in a distillation step's weights and update
+(``coordinator.strategies.SMALLEST_PREFIX``)."""
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float32)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return np.ascontiguousarray(e / e.sum(axis=1, keepdims=True), dtype=np.float32)
+
+
+class OrtDistillBackend:
+    """The in-place distillation step of ``nefl-wd-distill`` (``coordinator.strategies.InPlaceDistillation``)
+    with the training build, for a task on submodel ``k > 0``: submodel ``k``'s training graph on the labels,
+    the smallest submodel's student graph (``ArtifactRole.DISTILL_TRAINING``, ``export.distill``) on
+    ``softmax`` of submodel ``k``'s logits of the same pass (detached: it is an input), with the shared
+    tensors the nested prefixes of submodel ``k``'s as they are before the step; then one SGD step of
+    submodel ``k``'s tensors on the sum of both gradients and of the smallest submodel's own tensors
+    (``smallest/<name>`` in the weights and the update) on theirs: ``torch_training.distill_train``'s step."""
+
+    name = "ort-training"
+
+    def __init__(
+        self,
+        files: Dict[ArtifactRole, Path],
+        params: List[ParamEntry],
+        student: List[ParamEntry],
+        train: Optional[TrainConfig] = None,
+        threads: int = 0,
+        spin: bool = False,
+    ) -> None:
+        api = training_api()
+        import onnxruntime
+
+        self._teacher = OrtTrainingBackend(files, params, train, threads, spin)
+        options = session_options(onnxruntime, threads, spin)
+        self._state = api.CheckpointState.load_checkpoint(str(files[ArtifactRole.DISTILL_CHECKPOINT]))
+        self._module = api.Module(str(files[ArtifactRole.DISTILL_TRAINING]), self._state, session_options=options)
+        self._shared = {p.name: tuple(p.shape) for p in student if p.kind == "consistent"}
+        self._own = {p.name: p for p in student if p.kind != "consistent"}
+        self._cfg = train or TrainConfig()
+        self._momentum: Dict[str, np.ndarray] = {}
+
+    def load(self, tensors: Tensors, train: Optional[TrainConfig] = None) -> None:
+        """Submodel ``k``'s tensors and the smallest submodel's own ones (``smallest/<name>``, a ``ValueError``
+        when missing or misshapen); momentum starts afresh."""
+        for name, entry in self._own.items():
+            value = tensors.get(SMALLEST_PREFIX + name)
+            if value is None or tuple(np.shape(value)) != tuple(entry.shape):
+                raise ValueError(f"the weights lack the smallest submodel's {name} at {tuple(entry.shape)}")
+        self._teacher.load(tensors, train)
+        if train is not None:
+            self._cfg = train
+        for name in self._own:
+            self._state.parameters[name] = np.asarray(tensors[SMALLEST_PREFIX + name], dtype=np.float32)
+        self._momentum.clear()
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> Tuple[float, int]:
+        """One distillation step; the loss reported is submodel ``k``'s cross-entropy."""
+        loss, logits = self._teacher.forward_backward(x, y)
+        teacher = self._teacher._state.parameters
+        for name, shape in self._shared.items():
+            self._state.parameters[name] = np.ascontiguousarray(teacher[name].data[tuple(slice(0, n) for n in shape)])
+        self._module.train()
+        self._module(np.ascontiguousarray(x, np.float32), _softmax(logits))
+        params = self._state.parameters
+        self._teacher.apply_sgd({name: np.asarray(params[name].grad) for name in self._shared})
+        for name, entry in self._own.items():
+            if entry.trainable:
+                weight, buffer = sgd_step(params[name].data, params[name].grad, self._momentum.get(name), self._cfg)
+                if buffer is not None:
+                    self._momentum[name] = buffer
+                params[name] = weight
+        self._module.lazy_reset_grad()
+        return loss, int((np.argmax(logits, axis=1) == y).sum())
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> Tuple[float, int]:
+        return self._teacher.evaluate(x, y)
+
+    def tensors(self) -> Tensors:
+        out = self._teacher.tensors()
+        out.update({SMALLEST_PREFIX + n: np.array(self._state.parameters[n].data, np.float32) for n in self._own})
+        return out
+
+    def momentum_buffers(self) -> Tensors:
+        """SGD momentum buffers by parameter name (``smallest/<name>`` for the smallest submodel's own)."""
+        out = self._teacher.momentum_buffers()
+        out.update({SMALLEST_PREFIX + n: b.copy() for n, b in self._momentum.items()})
+        return out
+
+
+def distill_student(manifest: Manifest, sub: SubmodelEntry) -> Optional[List[ParamEntry]]:
+    """The smallest submodel's tensors when a task on ``sub`` is an in-place distillation step (the manifest
+    lists ``sub``'s distillation files, ``ArtifactRole.DISTILL_*``), else ``None``."""
+    if not any(role in sub.files for role in DISTILL_ROLES) or sub.index == 0:
+        return None
+    return list(manifest.submodels[0].params)
+
+
 BACKENDS = ("ort-training", "portable")
 BACKEND_FILES: Dict[str, Tuple[ArtifactRole, ...]] = {
     "ort-training": (ArtifactRole.TRAINING, ArtifactRole.EVAL, ArtifactRole.CHECKPOINT),
     "portable": (ArtifactRole.PORTABLE, ArtifactRole.EVAL),
 }
 """The artifacts each training backend loads."""
+DISTILL_FILES: Dict[str, Tuple[ArtifactRole, ...]] = {
+    "ort-training": (*BACKEND_FILES["ort-training"], ArtifactRole.DISTILL_TRAINING, ArtifactRole.DISTILL_CHECKPOINT),
+    "portable": (ArtifactRole.DISTILL_PORTABLE, ArtifactRole.EVAL),
+}
+"""The artifacts each training backend loads for an in-place distillation step (:func:`distill_student`)."""
 
 
 def choose_backend(requested: str = "auto") -> str:
@@ -175,13 +301,26 @@ def create_backend(
     train: Optional[TrainConfig] = None,
     threads: int = 0,
     spin: bool = False,
+    student: Optional[List[ParamEntry]] = None,
 ) -> TrainerBackend:
     """A ``kind`` backend on one submodel's files, with ``threads`` intra-op threads and spin-waiting
-    ``spin`` (see :func:`session_options`)."""
+    ``spin`` (see :func:`session_options`). With ``student`` (the smallest submodel's tensors,
+    :func:`distill_student`), the in-place distillation step on the files of :data:`DISTILL_FILES`: the
+    portable flavour is one graph whose tensors are the submodel's and ``smallest/<name>`` of the smallest
+    submodel's own."""
     if kind == "portable":
         from nefl_edge.edge_client.portable import PortableBackend
 
+        if student is not None:
+            own = [p.model_copy(update={"name": SMALLEST_PREFIX + p.name}) for p in student if p.kind != "consistent"]
+            step = {
+                ArtifactRole.PORTABLE: files[ArtifactRole.DISTILL_PORTABLE],
+                ArtifactRole.EVAL: files[ArtifactRole.EVAL],
+            }
+            return PortableBackend(step, [*params, *own], train, threads, spin)
         return PortableBackend(files, params, train, threads, spin)
+    if student is not None:
+        return OrtDistillBackend(files, params, student, train, threads, spin)
     return OrtTrainingBackend(files, params, train, threads, spin)
 
 

@@ -17,9 +17,12 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from nefl_edge.core.artifacts import MANIFEST_NAME, ArtifactError, file_entry, load_manifest
 from nefl_edge.core.schemas import (
+    DISTILL_ROLES,
+    SUBMODEL_ROLES,
     ArtifactRole,
     FileEntry,
     InputNormalization,
@@ -71,20 +74,17 @@ def _quiet() -> Iterator[None]:
             root.setLevel(level)
 
 
-def _export_one(config: ModelConfig, spec: SubmodelSpec, folder: Path) -> None:
+def forward_model(config: ModelConfig, spec: SubmodelSpec, onnx_path: Path) -> tuple[Any, list[str], list[str]]:
+    """The submodel's training-mode forward graph (input -> logits, exported by PyTorch to ``onnx_path``, which
+    is removed again), and the names of its trainable and frozen tensors, checked to be all of the layout."""
     import onnx
     import torch
 
     from nefl_edge.coordinator.models import SubmodelNet
-    from nefl_edge.edge_client.trainer import training_api
-
-    training_api()
-    from onnxruntime.training import artifacts
 
     net = SubmodelNet(config, spec).train()
     layout = param_layout(config, spec)
     dummy = torch.zeros(2, config.in_channels, config.image_size, config.image_size)
-    onnx_path = folder / "forward.onnx"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*num_batches_tracked.*")
         torch.onnx.export(
@@ -100,12 +100,23 @@ def _export_one(config: ModelConfig, spec: SubmodelSpec, folder: Path) -> None:
             dynamo=False,
         )
     model = onnx.load(str(onnx_path))
+    onnx_path.unlink()
     initializers = {i.name for i in model.graph.initializer}
     requires_grad = [n for n, p in layout.items() if p.trainable and n in initializers]
     frozen = [n for n, p in layout.items() if not p.trainable and n in initializers]
     missing = set(layout) - initializers
     if missing:
         raise RuntimeError(f"exported graph lacks tensors {sorted(missing)[:5]}")
+    return model, requires_grad, frozen
+
+
+def _export_one(config: ModelConfig, spec: SubmodelSpec, folder: Path) -> None:
+    from nefl_edge.edge_client.trainer import training_api
+
+    training_api()
+    from onnxruntime.training import artifacts
+
+    model, requires_grad, frozen = forward_model(config, spec, folder / "forward.onnx")
     with _quiet():
         artifacts.generate_artifacts(
             model,
@@ -116,7 +127,6 @@ def _export_one(config: ModelConfig, spec: SubmodelSpec, folder: Path) -> None:
             artifact_directory=str(folder),
             additional_output_names=["logits"],
         )
-    onnx_path.unlink()
     training, evaluation = folder / ArtifactRole.TRAINING.file_name, folder / ArtifactRole.EVAL.file_name
     _fix_eval_batchnorm(evaluation)
     build_stats_graph(evaluation, folder / ArtifactRole.STATS.file_name)
@@ -162,8 +172,21 @@ def _rewrite_training_graph(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _submodel_entry(config: ModelConfig, spec: SubmodelSpec, index: int, key: str, folder: Path) -> SubmodelEntry:
+def distill_key(config: ModelConfig, big: SubmodelSpec, small: SubmodelSpec) -> str:
+    """Names the distillation files of submodel ``big`` (``export.distill``): both architectures."""
+    blob = {"big": architecture_key(config, big), "small": architecture_key(config, small), "distill": 1}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def _submodel_entry(
+    config: ModelConfig, spec: SubmodelSpec, index: int, key: str, folder: Path, distill: Path | None = None
+) -> SubmodelEntry:
     layout = param_layout(config, spec)
+    files = {role: file_entry(folder / role.file_name, f"{folder.name}/{role.file_name}") for role in SUBMODEL_ROLES}
+    if distill is not None:
+        files.update(
+            {role: file_entry(distill / role.file_name, f"{distill.name}/{role.file_name}") for role in DISTILL_ROLES}
+        )
     return SubmodelEntry(
         index=index,
         key=key,
@@ -172,7 +195,7 @@ def _submodel_entry(config: ModelConfig, spec: SubmodelSpec, index: int, key: st
         gamma=spec.gamma,
         mflops=round(mflops(config, spec), 4),
         param_count=param_count(config, spec),
-        files={role: file_entry(folder / role.file_name, f"{folder.name}/{role.file_name}") for role in ArtifactRole},
+        files=files,
         params=[ParamEntry(name=n, shape=p.shape, kind=p.kind, trainable=p.trainable) for n, p in layout.items()],
     )
 
@@ -183,8 +206,11 @@ def export_set(
     out: Path,
     train: TrainConfig | None = None,
     log: Callable[[str], None] | None = None,
+    distill: bool = False,
 ) -> Manifest:
-    """Write (or reuse) the artifacts of every submodel under ``out`` and the manifest for the set."""
+    """Write (or reuse) the artifacts of every submodel under ``out`` and the manifest for the set. With
+    ``distill`` (``Plan.distill_smallest``), every submodel above 0 also gets the files of its in-place
+    distillation step into submodel 0 (``export.distill``), in a folder named by ``distill_key``."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
         raise ArtifactError(f"{out} exists and is not an artifact folder (no {MANIFEST_NAME}); choose another --out")
@@ -205,7 +231,8 @@ def export_set(
                 log(f"exported submodel {index} (gamma {spec.gamma:.2f}) -> {folder.name}")
         elif log is not None:
             log(f"reused submodel {index} (gamma {spec.gamma:.2f}) from cache {folder.name}")
-        entries.append(_submodel_entry(config, spec, index, key, folder))
+        distilled = _distill_folder(config, specs, index, folder, out, old, log) if distill and index else None
+        entries.append(_submodel_entry(config, spec, index, key, folder, distilled))
     manifest = Manifest(
         model=config.to_dict(),
         input_shape=(config.in_channels, config.image_size, config.image_size),
@@ -219,6 +246,34 @@ def export_set(
     )
     (out / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest
+
+
+def _distill_folder(
+    config: ModelConfig,
+    specs: list[SubmodelSpec],
+    index: int,
+    folder: Path,
+    out: Path,
+    old: SubmodelEntry | None,
+    log: Callable[[str], None] | None,
+) -> Path:
+    """The folder of submodel ``index``'s distillation files, written unless an intact one is listed in ``old``."""
+    from nefl_edge.export.distill import export_distill
+
+    key = distill_key(config, specs[index], specs[0])
+    target = out / f"distill-{key[:16]}"
+    listed = [f for r, f in old.files.items() if r in DISTILL_ROLES] if old is not None else []
+    named = len(listed) == len(DISTILL_ROLES) and all(f.name.startswith(target.name + "/") for f in listed)
+    if named and _intact(out, listed):
+        return target
+    if target.exists():
+        shutil.rmtree(target)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out))
+    export_distill(config, specs[index], specs[0], folder / ArtifactRole.TRAINING.file_name, tmp)
+    tmp.rename(target)
+    if log is not None:
+        log(f"exported the distillation step of submodel {index} into submodel 0 -> {target.name}")
+    return target
 
 
 def _previous_entries(out: Path) -> dict[str, SubmodelEntry]:

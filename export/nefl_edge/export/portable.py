@@ -13,7 +13,8 @@ well-defined kernels, and parity with PyTorch (tests/test_portable.py) checks ea
   ``Gemm`` per kernel position, of the output gradient with a strided window of the padded input. (The
   export rewrites stride-1 input gradients as ``Conv`` in the training graph already, for both backends.)
 - ``ReluGrad`` -> ``Mul(dY, Cast(Greater(Y, 0)))``; ``Scale`` -> ``Div`` / ``Mul``;
-  ``SoftmaxCrossEntropyLossGrad`` -> ``(exp(log_prob) - one_hot) * dloss / N``;
+  ``SoftmaxCrossEntropyLossGrad`` -> ``(exp(log_prob) - one_hot) * dloss / N``; ``LogSoftmaxGrad_13`` (only in
+  the distillation step of ``export.distill``) -> ``dY - exp(Y) * sum(dY)``;
   ``InPlaceAccumulatorV2`` -> dropped: its value input is the gradient.
 
 Then the SGD update of :mod:`nefl_edge.core.sgd` (``torch.optim.SGD``'s, with momentum and weight decay) is
@@ -263,6 +264,15 @@ def _lower_sce_grad(b: Builder, node: Any, num_classes: int) -> None:
     b.op("Mul", [diff, b.op("Div", [dloss, n])[0]], outputs=[node.output[0]])
 
 
+def _lower_log_softmax_grad(b: Builder, node: Any) -> None:
+    """``LogSoftmaxGrad_13(dY, Y)`` of ``Y = log_softmax(X, axis)``: ``dX = dY - exp(Y) * sum(dY, axis)`` (the
+    distillation student's soft-target loss, ``export.distill``)."""
+    dy, y = node.input[:2]
+    axis = int(_attrs(node).get("axis", -1))
+    (total,) = b.op("ReduceSum", [dy, b.const([axis])], keepdims=1)
+    b.op("Sub", [dy, b.op("Mul", [b.op("Exp", [y])[0], total])[0]], outputs=[node.output[0]])
+
+
 def build_portable_step(
     training_model: Path, out: Path, trainable: list[str], frozen: list[str], num_classes: int
 ) -> None:
@@ -292,6 +302,8 @@ def build_portable_step(
             b.op("Div" if down else "Mul", [node.input[0], factor], outputs=[node.output[0]])
         elif kind == "SoftmaxCrossEntropyLossGrad":
             _lower_sce_grad(b, node, num_classes)
+        elif kind == "LogSoftmaxGrad_13":
+            _lower_log_softmax_grad(b, node)
         elif kind == "InPlaceAccumulatorV2":
             grads[node.input[1].removesuffix("_grad")] = node.input[1]
         elif node.domain not in ("", "ai.onnx"):

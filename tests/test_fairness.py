@@ -31,7 +31,7 @@ from nefl_edge.core.schemas import (
 )
 from nefl_edge.core.wire import Topics, sha256, tensor_parts
 from nefl_edge.edge_client.session import DeviceSession
-from tests.helpers import Broker
+from tests.helpers import Broker, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -190,3 +190,84 @@ def test_flooding_accounts_cost_the_honest_devices_no_update(broker: Broker, tmp
     assert not any(assembler.evicted_by[f"{Topics(RUN).base}/node/{n}"] for n in HONEST), (
         f"an honest device's partial was evicted: {dict(assembler.evicted_by)}"
     )
+
+
+def retained_on(port: int, pattern: str) -> dict[str, bytes]:
+    """The retained messages on ``pattern`` now (topic: payload), read by a fresh subscription; complete once
+    a marker published after the subscription comes back (the broker sends a subscription's retained
+    messages before anything published later)."""
+    import uuid
+
+    import paho.mqtt.client as mqtt
+
+    marker, found = f"probe/{uuid.uuid4().hex}", {}
+    back, subscribed = threading.Event(), threading.Event()
+
+    def on_message(c: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
+        if m.topic == marker:
+            back.set()
+        elif m.retain and m.payload:
+            found[m.topic] = bytes(m.payload)
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=marker.replace("/", "-"), clean_session=True)
+    client.on_message = on_message
+    client.on_subscribe = lambda *args: subscribed.set()
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        client.subscribe([(pattern, 1), (marker, 1)])
+        assert subscribed.wait(5), "no SUBACK"
+        client.publish(marker, b"end", qos=1)
+        assert back.wait(10), "the marker did not come back"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return found
+
+
+def retain(port: int, topics: list[str], payload: bytes) -> None:
+    """Publish ``payload`` retained on each of ``topics`` (a device account: the plain broker has no ACL)."""
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="rogue", clean_session=True)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        for topic in topics:
+            client.publish(topic, payload, qos=1, retain=True).wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_retained_messages_where_the_protocol_retains_none_are_deleted_and_counted(
+    broker: Broker, tmp_path: Path, protocol: str
+) -> None:
+    # Prepare: a device retained messages before the run, under this run's name and another; a retained
+    # status (its Last Will's topic) is the protocol's own
+    port, junk, node = broker.port, b"x" * 4096, f"nefl/{RUN}/node/rogue"
+    retain(port, ["nefl/other/node/rogue/hello", f"{node}/update"], junk)
+    retain(port, [f"{node}/status/chunk/0"], b"its status")
+    link = MqttLink("coordinator", BrokerAddress("127.0.0.1", port), RUN, clean=True, protocol=protocol)  # type: ignore[arg-type]
+    coordinator = CoordinatorSession(link, RUN, manifest(tmp_path), tmp_path, 4.0, extract)  # type: ignore[arg-type]
+    try:
+        # Execute: the run starts (its sweep); then the device retains during the run, and a round begins
+        coordinator.open()
+        swept = retained_on(port, "nefl/+/node/rogue/#")
+        before_round = coordinator.offenders()
+        retain(port, [f"{node}/hello", f"{node}/status"], junk)
+        if protocol == "5":  # Retain As Published: seen as it is published, before any round
+            wait_for(lambda: not set(retained_on(port, f"{node}/#")) - {f"{node}/status/chunk/0"}, 10, "deletion")
+        coordinator.listen(frozenset())  # a round: its renewed subscriptions show what is retained now
+        wait_for(lambda: not set(retained_on(port, f"{node}/#")) - {f"{node}/status/chunk/0"}, 10, "deletion")
+        during_run = coordinator.offenders()
+    finally:
+        coordinator.close("test over")
+
+    # Assert: what was retained where the protocol retains nothing is gone, in every run, and its device counted
+    # (the engine quarantines offenders); the retained status stayed until the coordinator ... (not its to clear)
+    assert swept == {f"{node}/status/chunk/0": b"its status"}, f"the sweep at the start left {sorted(swept)}"
+    assert before_round == ["rogue"], f"offenders after the sweep: {before_round}"
+    assert during_run == ["rogue"], f"offenders after retained messages during the run: {during_run}"
+    assert retained_on(port, f"{node}/#") == {f"{node}/status/chunk/0": b"its status"}

@@ -58,6 +58,9 @@ SWITCH_INTERVAL_S = 0.0005
 release; while the main thread screens answers, every one of them waited up to the whole interval to run
 again (with a CPU-bound thread beside it, 5,000 QoS 1 messages through paho took 4.5-4.8 s at 5 ms and
 2.4-3.0 s at 0.5 ms on the 2-core bench host)."""
+NEVER_RETAINED = ("hello", "status", "update")
+"""Device topics on which the protocol never retains a message (a device's retained status and Last Will are on
+``status/chunk/0``); the generated ACL lets the coordinator delete what is retained there."""
 GONE_CHECK_S = 0.25  # who is gone is looked at this often, not at every message (O(pending) each)
 PendingTask = TypeVar("PendingTask", Task, EvalTask)
 OutcomeT = TypeVar("OutcomeT", bound=Union[Outcome, EvalOutcome])
@@ -385,6 +388,9 @@ class CoordinatorSession:
         self._log = LogLimiter(log)
         link.admit = self._admit
         link.favoured = self._favoured
+        link.on_retained = self._retained_by_device
+        self._retainers: Counter[str] = Counter()  # devices that retained messages the protocol never retains
+        self._retainers_lock = threading.Lock()
         self.heartbeat_s = HEARTBEAT_S
         self._beating = threading.Event()
         self._reask = threading.Event()  # reconnected while tasks were pending: ask them again (collect)
@@ -425,6 +431,9 @@ class CoordinatorSession:
         one's chunks, and older artifacts and weights stay."""
         base = self.topics.base
         filters = [f"{base}/manifest/chunk/+", f"{base}/artifact/+/chunk/+", f"{base}/weights/+/chunk/+"]
+        # and what any device retained where the protocol never retains, under every run name (issue 22):
+        # each arrives flagged retained, so :meth:`_retained_by_device` deletes it and counts its device
+        sweep = [f"{self.topics.base.split('/')[0]}/+/node/+/{kind}" for kind in NEVER_RETAINED]
         found: set[str] = set()
         arrived = threading.Event()
 
@@ -433,10 +442,11 @@ class CoordinatorSession:
                 found.add(topic)
                 arrived.set()
                 return True
-            return False
+            return not topic.startswith(base + "/")  # other runs' live traffic, which the sweep lets in
 
         self.link.on_payload = tap
         try:
+            self.link.subscribe_exact(sweep)
             self.link.subscribe_all(filters)
             self.link.flush(5.0)
             end = time.monotonic() + limit_s
@@ -444,7 +454,7 @@ class CoordinatorSession:
                 arrived.clear()
                 if not arrived.wait(quiet_s):
                     break
-            self.link.unsubscribe_all(filters)
+            self.link.unsubscribe_all(filters + sweep)
         finally:
             self.link.on_payload = None
         if found:
@@ -514,6 +524,24 @@ class CoordinatorSession:
         self.link.unsubscribe_all([self.topics.node(node, "update")])
         self._log.warning("cut", "%s sent more than %d refused payloads: no longer listened to", node, REJECTED_BUDGET)
 
+    def _retained_by_device(self, topic: str, payload: Any) -> bool:
+        """The link's ``on_retained``: a retained message on a device topic where the protocol retains nothing
+        (:data:`NEVER_RETAINED`, in any run) is deleted at once and its device counted as an offender
+        (:meth:`offenders`: quarantined); True for those and for the deletions' echoes. Retained statuses
+        (``status/chunk/0``) and the coordinator's own broadcasts are left to the link. Over MQTT 5 (Retain As
+        Published) this sees a retained publish as it happens, over 3.1.1 when a subscription is made or
+        renewed (:meth:`listen` renews the hello and status ones every round)."""
+        parts = topic.split("/")
+        if len(parts) != 5 or parts[2] != "node" or parts[4] not in NEVER_RETAINED:
+            return False
+        if len(payload) == 0:
+            return True
+        self.link.clear_topics([topic])
+        with self._retainers_lock:
+            self._retainers[parts[3]] += 1
+        self._log.warning("retained", "%s retained %d bytes on %s: deleted, an offence", parts[3], len(payload), topic)
+        return True
+
     def _favoured(self, sender: str) -> bool:
         return sender.startswith(self._node_prefix) and sender[len(self._node_prefix) :] in self.tasked
 
@@ -522,6 +550,7 @@ class CoordinatorSession:
         before the subscription, which the broker takes in order before the tasks)."""
         self.cut_off = set()
         self._offences_at_task = {n: self.link.rejected_of(n) for n in nodes}
+        self.link.subscribe_exact([self.topics.all_nodes(kind) for kind in ("hello", "status")])  # retained again
         before, self.tasked = self.tasked, self.tasked | nodes  # both, until the broker has the change
         self.link.subscribe_all([self.topics.node(n, "update") for n in sorted(nodes - before)])
         self.link.unsubscribe_all([self.topics.node(n, "update") for n in sorted(before - nodes)])
@@ -529,11 +558,14 @@ class CoordinatorSession:
 
     def offenders(self, budget: int = REJECTED_BUDGET) -> list[str]:
         """The devices with more than ``budget`` payloads refused by the link or the answer rules (partial
-        messages evicted by the caps included) since the last call: to be quarantined."""
+        messages evicted by the caps included), or with a retained message where the protocol retains none
+        (:meth:`_retained_by_device`), since the last call: to be quarantined."""
         now = self.link.rejected_by() + self.answers.by_node
         grown = {n: c - self._offences_seen[n] for n, c in now.items()}
         self._offences_seen = now
-        return sorted(n for n, c in grown.items() if c > budget)
+        with self._retainers_lock:
+            retainers, self._retainers = set(self._retainers), Counter()
+        return sorted({n for n, c in grown.items() if c > budget} | retainers)
 
     def rejections(self) -> dict[str, int]:
         """Messages rejected since the last call: by the answer rules (stale, unknown sender) and by the link

@@ -85,6 +85,8 @@ class Link(Protocol):
     on_payload: Optional[Callable[[str, Buffer], bool]]
     admit: Optional[Callable[[str], bool]]
     """Which streams are listened to now; the others are dropped unread and counted as ``unsolicited``."""
+    on_retained: Optional[Callable[[str, Buffer], bool]]
+    """Sees each payload that arrives with the retain flag (see ``core.mqtt``) before ``on_payload``; True: taken."""
 
     @property
     def favoured(self) -> Optional[Callable[[str], bool]]:
@@ -122,6 +124,12 @@ class Link(Protocol):
         ...
 
     def unsubscribe_all(self, topics: Sequence[str]) -> None: ...
+
+    def subscribe_exact(self, filters: Sequence[str]) -> None:
+        """Subscribe exactly ``filters`` (no chunk forms; not restored after a reconnect): the broker sends
+        their retained messages, again for a filter already subscribed, without interrupting its flow (MQTT
+        3.1.1, 3.8.4). Nothing while not connected."""
+        ...
 
     def publish(
         self, topic: str, message: Message, body: Union[Buffer, Sequence[Buffer]] = b"", retain: bool = False
@@ -523,6 +531,9 @@ class FramedLink:
         self.on_payload: Optional[Callable[[str, Buffer], bool]] = None
         """A tap on raw inbound payloads, before any check: True means it took the payload (the receiver never
         sees it); an exception it raises is counted as a rejection."""
+        self.on_retained: Optional[Callable[[str, Buffer], bool]] = None
+        """Called with each payload the transport receives with the retain flag set, before anything else; True
+        means it took the payload; an exception it raises is counted as a rejection (``_took_retained``)."""
         self.admit: Optional[Callable[[str], bool]] = None
         """Which streams are listened to now (called with the stream topic): False drops the payload before it
         is reassembled or checked, counted as ``unsolicited`` (e.g. the coordinator's updates from devices
@@ -615,6 +626,19 @@ class FramedLink:
                 self.receiver.reject(topic, "inbox_full", full)
         except Exception as exc:  # receive() never raises; this guards the topic decoding and the queue
             self.receiver.reject("?", f"internal:{type(exc).__name__}", short(str(exc), 200))
+
+    def _took_retained(self, topic: str, payload: Buffer) -> bool:
+        """Whether ``on_retained`` took a retained payload; never raises."""
+        try:
+            return self.on_retained is not None and self.on_retained(topic, payload)
+        except Exception as exc:
+            self.receiver.reject(topic, f"internal:{type(exc).__name__}", short(str(exc), 200))
+            return True
+
+    def subscribe_exact(self, filters: Sequence[str]) -> None:
+        """See :meth:`Link.subscribe_exact`."""
+        if filters and self.connected.is_set():
+            self._add_filters(list(filters))
 
     def _awaited(self, stream: str) -> bool:
         """Whether ``stream`` is the update topic of a ``favoured`` sender (a device with a pending task)."""

@@ -10,7 +10,10 @@ subscribes the chunked form on which retained messages travel (``<topic>/chunk/0
 chunks exactly, which brokers such as RabbitMQ need; ``<topic>/chunk/+`` for a wildcard filter), so retained
 and plain messages on a topic both arrive.
 
-Correct over MQTT 3.1.1; MQTT 5 is optional (``protocol="5"``), used only for a session expiry interval.
+Correct over MQTT 3.1.1; MQTT 5 is optional (``protocol="5"``), used for a session expiry interval and for
+subscriptions with Retain As Published (MQTT 5.0, 3.8.3.1): a message a client publishes retained then arrives
+with its retain flag, so that ``on_retained`` sees it at once; over 3.1.1 only retained messages sent for a new
+subscription carry the flag (MQTT 3.1.1, 3.3.1.3).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from nefl_edge.core.errors import BadInput, ExitCode, NeflError
 from nefl_edge.core.link import (
@@ -206,6 +210,8 @@ class MqttLink(FramedLink):
         self._session_down(reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.retain and self.on_retained is not None and self._took_retained(msg.topic, msg.payload):
+            return
         self._deliver(msg.topic, msg.payload)
 
     # --- transport -----------------------------------------------------------------------------------------
@@ -214,7 +220,11 @@ class MqttLink(FramedLink):
         self.client.publish(topic, payload, qos=1, retain=retain)
 
     def _add_filters(self, filters: List[str]) -> None:
-        self.client.subscribe([(f, 1) for f in filters])
+        if self.protocol == "5":
+            options = SubscribeOptions(qos=1, retainAsPublished=True)
+            self.client.subscribe([(f, options) for f in filters])
+        else:
+            self.client.subscribe([(f, 1) for f in filters])
 
     def _drop_filters(self, filters: List[str]) -> None:
         self.client.unsubscribe(filters)

@@ -144,7 +144,11 @@ def class_accuracy(run_directory: Path) -> Optional[dict[str, Any]]:
     return {"round": saved.round, "per_submodel": out}
 
 
-POLICIES = ("nefl-deadline", "fedavg-full-wait", "fedavg-full-drop", "fedavg-smallest")
+DEFAULT_POLICIES = ("nefl-deadline", "fedavg-full-wait", "fedavg-full-drop", "fedavg-smallest")
+POLICIES = (*DEFAULT_POLICIES, "nefl-distill-deadline")
+"""``nefl-distill-deadline``: ``nefl-wd-distill`` (in-place distillation into the smallest submodel) with the
+deadline policy, every other setting as ``nefl-deadline``; not in the default set (run it with
+``--policies nefl-distill-deadline --append``)."""
 DEVICE_EVAL_PHASES = ("bn_statistics", "federated_evaluation")
 """The engine's phases in which devices work for the evaluation (inside the round, so inside the times)."""
 
@@ -159,6 +163,8 @@ def policy_args(name: str, deadline_s: float, wait_deadline_s: float) -> list[st
     """The ``serve`` options that make up a policy (``--method`` takes the names of ``simulate --method``)."""
     if name == "nefl-deadline":
         return ["--method", "nefl-wd", "--policy", "deadline", "--deadline-s", str(deadline_s)]
+    if name == "nefl-distill-deadline":
+        return ["--method", "nefl-wd-distill", "--policy", "deadline", "--deadline-s", str(deadline_s)]
     if name == "fedavg-full-wait":
         return ["--method", "fedavg-full", "--policy", "deadline", "--deadline-s", str(wait_deadline_s)]
     if name == "fedavg-full-drop":
@@ -384,14 +390,20 @@ def render(record: dict[str, Any]) -> str:
         "test-set evaluation runs on a copy of the model after the round's `ended_at`, while the next round runs, "
         "and is not counted in the times (its seconds per policy: "
         + ", ".join(f"{p['policy']} {p.get('coordinator_eval_s', '—')} s" for p in record["policies"])
-        + "). The devices' part of each evaluation (federated BatchNorm statistics, before `ended_at`) is counted "
-        "(its seconds per policy: "
+        + "). The devices' part of each evaluation is counted: the federated BatchNorm statistics of round r's "
+        "model are computed by round r+1's devices before they train (the tasks carry the request), inside round "
+        "r+1's time; only a run's last round has a statistics round trip of its own (those seconds per policy: "
         + ", ".join(f"{p['policy']} {p.get('device_eval_s', '—')} s" for p in record["policies"])
         + "). Time between one round's end and the next one's start (counted; it would grow if the coordinator's "
         "evaluation fell 4 rounds behind): "
         + ", ".join(f"{p['policy']} {p.get('between_rounds_s', '—')} s" for p in record["policies"])
         + ".",
     ]
+    for extra in record.get("appended", []):
+        lines.append(
+            f"Appended: {', '.join(extra['policies'])} by `{extra['command']}` at commit `{extra['commit']}` "
+            f"({extra['date']}), same fleet, partition and options."
+        )
     lines += class_table(record)
     lines += goal_lines(record)
     return "\n".join(lines)
@@ -468,11 +480,34 @@ def class_table(record: dict[str, Any]) -> list[str]:
     return lines
 
 
+SAME_RUN_OPTIONS = ("policies", "append", "no_publish")
+"""Options that may differ between a record and the policies appended to it."""
+
+
+def merge_records(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with ``new``'s policies added (a policy in both: ``new``'s row), and ``new``'s command, commit,
+    date and seconds listed under ``appended``. ValueError when the two ran with other options, another fleet
+    or partition (their numbers would not be comparable)."""
+    mine = {k: v for k, v in old["options"].items() if k not in SAME_RUN_OPTIONS}
+    theirs = {k: v for k, v in new["options"].items() if k not in SAME_RUN_OPTIONS}
+    if mine != theirs or old["fleet"] != new["fleet"] or old.get("partition") != new.get("partition"):
+        changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        raise ValueError(f"cannot append to a record run with other settings ({', '.join(changed) or 'the fleet'})")
+    added = {p["policy"] for p in new["policies"]}
+    merged = dict(old)
+    merged["policies"] = [p for p in old["policies"] if p["policy"] not in added] + new["policies"]
+    merged["appended"] = [
+        *old.get("appended", []),
+        {"policies": sorted(added), **{k: new[k] for k in ("command", "commit", "date", "wall_s")}},
+    ]
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fleet", default="bench", help="fleet file or name under tests/hil/fleets/")
     parser.add_argument(
-        "--policies", default=",".join(POLICIES), help="comma-separated subset of " + ", ".join(POLICIES)
+        "--policies", default=",".join(DEFAULT_POLICIES), help="comma-separated subset of " + ", ".join(POLICIES)
     )
     parser.add_argument("--budget-s", type=float, default=180.0, help="wall-clock budget per policy")
     parser.add_argument("--deadline-s", type=float, default=15.0, help="round deadline of the deadline policies")
@@ -485,6 +520,11 @@ def main() -> None:
     parser.add_argument("--device-args", default="", help="extra options for every `nefl-edge join`")
     parser.add_argument("--workdir", type=Path, default=None, help="where logs and run directories go")
     parser.add_argument("--no-publish", action="store_true", help="do not write bench/results and docs")
+    parser.add_argument(
+        "--append", action="store_true",
+        help="add these policies to the published record of the same fleet, partition and options (a policy "
+        "run again replaces its row) instead of replacing the record",
+    )  # fmt: skip
     parser.add_argument(
         "--partition", default="fleet", choices=PARTITIONS,
         help="fleet: the fleet file's scheme; device-correlated: the slow class holds the footwear (see docstring)",
@@ -572,6 +612,8 @@ def main() -> None:
         name = record["results_name"]
         out = ROOT / "bench" / "results" / f"fleet-{name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
+        if args.append and out.exists():
+            record = merge_records(json.loads(out.read_text()), record)
         out.write_text(json.dumps(record, indent=1) + "\n")
         write_section(f"fleet-{name}", render(record))
         print(f"wrote {out.relative_to(ROOT)} and the fleet-{name} section of docs/benchmarks.md")

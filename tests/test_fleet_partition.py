@@ -20,6 +20,7 @@ from bench.fleet import (
     device_correlated_split,
     fleet_partition,
     goal_lines,
+    merge_records,
     policy_args,
     round_ends,
     serve_args,
@@ -199,3 +200,29 @@ def test_the_goal_lines_give_the_speed_up_to_target_and_the_held_classes_against
     assert "100 s vs 20 s, 5.0x" in text, text
     assert "60.0, 65.0, 80.0 % against fedavg-full-drop's 65.0 %: 1 of 3" in text, text
     assert goal_lines({**record, "policies": record["policies"][:2]}) == [], "a goal without fedavg-full-drop"
+
+
+def test_appending_policies_keeps_the_record_and_refuses_other_settings() -> None:
+    def record(policies: list[str], **options: object) -> dict[str, Any]:
+        opts = {"fleet": "bench-device", "budget_s": 300.0, "policies": ",".join(policies), "append": False}
+        opts.update(options)
+        return {
+            "options": opts, "fleet": [{"node": "a"}], "partition": "device-correlated", "command": "c",
+            "commit": "abc", "date": "d", "wall_s": 1,
+            "policies": [{"policy": p, "rounds": i} for i, p in enumerate(policies)],
+        }  # fmt: skip
+
+    old = record(["nefl-deadline", "fedavg-full-wait"])
+    new = record(["nefl-distill-deadline", "fedavg-full-wait"], append=True)
+    new["commit"], new["policies"][1]["rounds"] = "def", 9
+
+    merged = merge_records(old, new)
+
+    assert [p["policy"] for p in merged["policies"]] == ["nefl-deadline", "nefl-distill-deadline", "fedavg-full-wait"]
+    assert merged["policies"][2]["rounds"] == 9, "a policy run again must replace its row"
+    assert merged["commit"] == "abc" and merged["appended"][0]["commit"] == "def", merged
+    assert merged["appended"][0]["policies"] == ["fedavg-full-wait", "nefl-distill-deadline"], merged["appended"]
+    with pytest.raises(ValueError, match="budget_s"):
+        merge_records(old, record(["nefl-distill-deadline"], budget_s=60.0))
+    with pytest.raises(ValueError):
+        merge_records(old, {**new, "partition": "fleet"})

@@ -153,7 +153,16 @@ class RunConfig(BaseModel):
     robust_trim: float = Field(0.25, ge=0, lt=0.5, description="robust: share trimmed from each side per element")
     robust_clip: float = Field(2.0, gt=0, description="robust: clip updates to this x the round's median norm")
     robust_agree: float = Field(
-        0.0, ge=-1, le=1, description="robust: leave out updates whose cosine with the median update is below this"
+        0.0,
+        ge=-1,
+        le=1,
+        description="robust: leave out outlier updates whose cosine with the median update is below this",
+    )
+    robust_agree_z: float = Field(
+        3.0,
+        ge=0,
+        description="robust: ... and more than this many robust standard deviations (1.4826 MAD) below the round's "
+        "median cosine (0: every cosine below robust_agree)",
     )
     robust_max_weight: float = Field(
         2.0, ge=1, description="robust: cap each client's weight at this x the round's median weight"
@@ -290,7 +299,13 @@ class RunConfig(BaseModel):
         """The robust aggregation's parameters (None with ``aggregation = "exact"``)."""
         if self.aggregation != "robust":
             return None
-        return RobustOptions(self.robust_trim, self.robust_clip, self.robust_agree, self.robust_max_weight)
+        return RobustOptions(
+            trim=self.robust_trim,
+            clip=self.robust_clip,
+            agree=self.robust_agree,
+            agree_z=self.robust_agree_z,
+            max_weight=self.robust_max_weight,
+        )
 
     def network(self) -> ModelConfig:
         """The model shape of the run (model, data set, stem and step-size initialisation, submodel specs, and

@@ -13,13 +13,27 @@ covers. Here, per round (:func:`robust_aggregate`):
    ``||sent||``; the median is over the clients of the same submodel when at least three trained it, else
    over every client of the round (with nested submodels one client per submodel is common).
 2. **Agreement.** With at least three clients, every client's clipped consistent delta on the region all
-   of them cover is compared, tensor by tensor, with the coordinate-wise median of the other clients'
-   deltas (the robust centre; leave-one-out up to ``LEAVE_ONE_OUT`` clients); a client whose cosine
-   similarity with it, averaged over the tensors, is below ``agree`` is left out of the round (a sign flip
-   or a scaled reversal points away from it). This is in the spirit of centered clipping (Karimireddy, He and Jaggi
-   2021, "Learning from history for Byzantine robust optimization", ICML), which also measures clients
-   against a robust centre; departure: one median step instead of their iterated clipping around the
-   previous round's momentum, and exclusion instead of clipping around the centre.
+   of them cover is compared with the coordinate-wise median of the other clients' deltas (the robust centre;
+   leave-one-out up to ``LEAVE_ONE_OUT`` clients): one cosine similarity over that whole region. A client
+   is left out of the round when its cosine is both below ``agree`` (it points away from the centre) and an
+   outlier among the round's cosines: below ``median - agree_z * 1.4826 * MAD`` (the Hampel identifier,
+   Hampel 1974; Leys et al. 2013, "Detecting outliers: do not use standard deviation around the mean, use
+   absolute deviation around the median", J. Exp. Social Psychology, who call 3 very conservative). Measuring
+   clients against a robust centre follows centered clipping (Karimireddy, He and Jaggi 2021, "Learning from
+   history for Byzantine robust optimization", ICML); thresholding their cosine follows FLTrust (Cao, Fang,
+   Liu and Gong, NDSS 2021), whose trust score is ``ReLU(cosine)`` with a server update as reference.
+   Departures, measured (paper preset, IID and Dirichlet seed 0, 40 rounds of 10 clients): on honest
+   non-IID or late-round updates the cosines sit near 0 (median 0.24 in round 1, 0.03 by round 20), so the
+   absolute rule alone (FLTrust's ``cosine < 0``) left out 92 and 106 of 400 honest updates, and the outlier
+   rule with ``agree_z = 3`` leaves out 11 of 800. The price: a reversed copy of an honest update
+   (cosine about minus its own) is told apart only while the honest ones agree: it was caught in 25 of 30
+   early-round trials (rounds 1-5), 40 of 90 in rounds 6-20 and 7 of 120 later, where its clipped delta is
+   as near orthogonal to the centre as the honest ones and only clipping and the trimmed mean bound it.
+   The previous round's aggregate as the centre (centered clipping's momentum) was worse: honest cosines
+   with it had a negative median from round 13 on. One cosine over the whole region, not a mean of
+   per-tensor cosines: it caught more reversed updates at the same honest cost (40 vs 28 of 90 in rounds
+   6-20). With three clients a median and MAD of three scores can hardly flag one; four is the least that
+   the attack suite uses.
 3. **Weights.** Sample counts (or 1 with ``uniform`` weighting) are capped at ``max_weight`` times the
    round's median weight, so a client that claims more samples than the others cannot take more than that
    share of any average.
@@ -80,7 +94,10 @@ class RobustOptions:
     clip: float = 2.0
     """Updates are clipped to this multiple of the round's median (relative) update norm."""
     agree: float = 0.0
-    """Clients whose delta has a cosine similarity below this with the median delta are left out."""
+    """Only a client whose delta's cosine similarity with the median delta is below this can be left out."""
+    agree_z: float = 3.0
+    """... and only when its cosine is also more than this many robust standard deviations (1.4826 x the MAD
+    of the round's cosines) below their median (the Hampel identifier; 0: every cosine below ``agree``)."""
     max_weight: float = 2.0
     """No client weighs more than this multiple of the round's median weight."""
     min_trim: int = 3
@@ -91,6 +108,8 @@ class RobustOptions:
             raise ValueError(f"trim must be in [0, 0.5), got {self.trim}")
         if self.clip <= 0 or self.max_weight < 1 or not -1 <= self.agree <= 1 or self.min_trim < 3:
             raise ValueError("clip must be > 0, max_weight >= 1, agree in [-1, 1] and min_trim >= 3")
+        if not self.agree_z >= 0:
+            raise ValueError(f"agree_z must be >= 0, got {self.agree_z}")
 
 
 @dataclass
@@ -347,12 +366,11 @@ def _leave_one_out_medians(block: np.ndarray) -> np.ndarray:
 
 
 def _agreement(deltas: _Deltas, layouts: list[dict[str, Any]], state: GlobalState) -> list[float]:
-    """Per client: the mean over the consistent tensors that every client has of the cosine similarity
-    between its clipped delta and the coordinate-wise median of the other clients' deltas, on the prefix
-    every client covers. Per tensor, not over the flattened model: the large convolutions would drown the
-    classifier, where honest updates agree most."""
+    """Per client: the cosine similarity between its clipped delta and the coordinate-wise median of the other
+    clients' deltas, over the consistent tensors that every client has, on the prefix every client covers
+    (one cosine over that whole region: see the module docstring for why not a mean of per-tensor ones)."""
     n = len(deltas.updates)
-    sums, counted = np.zeros(n), 0
+    dots, squares, centre_sq = np.zeros(n), np.zeros(n), np.zeros(n)
     for name in state.consistent:
         shapes = [layouts[u.index][name].shape for u in deltas.updates if name in layouts[u.index]]
         if len(shapes) < n or not shapes[0]:
@@ -361,7 +379,6 @@ def _agreement(deltas: _Deltas, layouts: list[dict[str, Any]], state: GlobalStat
         row = int(np.prod(common[1:])) if len(common) > 1 else 1
         rows = max(1, BLOCK_VALUES // max(1, row * n * (n if n <= LEAVE_ONE_OUT else 1)))
         rest = prefix_slice(common[1:])
-        dots, squares, centre_sq = np.zeros(n), np.zeros(n), np.zeros(n)
         for lo in range(0, common[0], rows):
             where = (slice(lo, min(common[0], lo + rows)), *rest)
             block = np.empty((n, (where[0].stop - where[0].start) * row), np.float32)
@@ -374,10 +391,22 @@ def _agreement(deltas: _Deltas, layouts: list[dict[str, Any]], state: GlobalStat
             dots += np.einsum("ij,ij->i", block, centres, dtype=np.float64)
             squares += np.einsum("ij,ij->i", block, block, dtype=np.float64)
             centre_sq += np.einsum("ij,ij->i", centres, centres, dtype=np.float64)
-        denom = np.sqrt(squares * centre_sq)
-        sums += np.divide(dots, denom, out=np.zeros(n), where=denom > 0)
-        counted += 1
-    return [float(v / counted) if counted else 1.0 for v in sums]
+    denom = np.sqrt(squares * centre_sq)
+    return [float(v) for v in np.divide(dots, denom, out=np.zeros(n), where=denom > 0)]
+
+
+def disagreeing(scores: Sequence[float], agree: float, agree_z: float) -> list[int]:
+    """The positions of the ``scores`` (cosines with the centre) that are below ``agree`` and, with
+    ``agree_z > 0``, below ``median - agree_z * 1.4826 * MAD`` of all the scores (Hampel identifier: the
+    MAD scaled to a normal standard deviation). At most half of the scores can be below their median."""
+    values = np.asarray(scores, np.float64)
+    if not values.size:
+        return []
+    bar = agree
+    if agree_z > 0:
+        centre = float(np.median(values))
+        bar = min(bar, centre - agree_z * 1.4826 * float(np.median(np.abs(values - centre))))
+    return [i for i, v in enumerate(values) if v < bar]
 
 
 def robust_aggregate(
@@ -426,13 +455,15 @@ def robust_aggregate(
                     deltas.factor[i][n] = factor
                 report.clipped[names[i]] = min(report.clipped.get(names[i], 1.0), factor)
 
-    # 2. agreement with the coordinate-wise median of the others on the region every client covers
+    # 2. agreement with the coordinate-wise median of the others on the region every client covers: an
+    # outlier below it is left out
     keep = list(range(len(updates)))
     if len(updates) >= 3:
         scores = _agreement(deltas, layouts, state)
         for i in range(len(updates)):
             report.cosine[names[i]] = scores[i]
-        keep = [i for i in keep if report.cosine[names[i]] >= opts.agree]
+        out_of_line = set(disagreeing(scores, opts.agree, opts.agree_z))
+        keep = [i for i in keep if i not in out_of_line]
         report.disagreeing = [names[i] for i in range(len(updates)) if i not in keep]
         if not keep:  # nobody agrees with the centre (it is ~0): keep everyone, clipped
             keep, report.disagreeing = list(range(len(updates))), []

@@ -389,8 +389,9 @@ class CoordinatorSession:
         link.admit = self._admit
         link.favoured = self._favoured
         link.on_retained = self._retained_by_device
-        self._retainers: Counter[str] = Counter()  # devices that retained messages the protocol never retains
-        self._retainers_lock = threading.Lock()
+        self._retained_by: Counter[str] = Counter()  # retained messages deleted (_retained_by_device), by node
+        self._retained_new = 0  # and how many since the last rejections()
+        self._retained_lock = threading.Lock()
         self.heartbeat_s = HEARTBEAT_S
         self._beating = threading.Event()
         self._reask = threading.Event()  # reconnected while tasks were pending: ask them again (collect)
@@ -526,20 +527,21 @@ class CoordinatorSession:
 
     def _retained_by_device(self, topic: str, payload: Any) -> bool:
         """The link's ``on_retained``: a retained message on a device topic where the protocol retains nothing
-        (:data:`NEVER_RETAINED`, in any run) is deleted at once and its device counted as an offender
-        (:meth:`offenders`: quarantined); True for those and for the deletions' echoes. Retained statuses
-        (``status/chunk/0``) and the coordinator's own broadcasts are left to the link. Over MQTT 5 (Retain As
-        Published) this sees a retained publish as it happens, over 3.1.1 when a subscription is made or
-        renewed (:meth:`listen` renews the hello and status ones every round)."""
+        (:data:`NEVER_RETAINED`, in any run) is deleted at once and counted as refused traffic of its device
+        (``retained`` in :meth:`rejections`; :meth:`offenders` over budget); True for those and for the deletions'
+        echoes. Retained statuses (``status/chunk/0``) and the coordinator's own broadcasts are left to the link.
+        Over MQTT 5 (Retain As Published) this sees a retained publish as it happens, over 3.1.1 when a
+        subscription is made or renewed (:meth:`listen` renews the hello and status ones every round)."""
         parts = topic.split("/")
         if len(parts) != 5 or parts[2] != "node" or parts[4] not in NEVER_RETAINED:
             return False
         if len(payload) == 0:
             return True
         self.link.clear_topics([topic])
-        with self._retainers_lock:
-            self._retainers[parts[3]] += 1
-        self._log.warning("retained", "%s retained %d bytes on %s: deleted, an offence", parts[3], len(payload), topic)
+        with self._retained_lock:
+            self._retained_by[parts[3]] += 1
+            self._retained_new += 1
+        self._log.warning("retained", "%s retained %d bytes on %s: deleted, refused", parts[3], len(payload), topic)
         return True
 
     def _favoured(self, sender: str) -> bool:
@@ -558,14 +560,14 @@ class CoordinatorSession:
 
     def offenders(self, budget: int = REJECTED_BUDGET) -> list[str]:
         """The devices with more than ``budget`` payloads refused by the link or the answer rules (partial
-        messages evicted by the caps included), or with a retained message where the protocol retains none
-        (:meth:`_retained_by_device`), since the last call: to be quarantined."""
-        now = self.link.rejected_by() + self.answers.by_node
+        messages evicted by the caps and retained messages deleted included) since the last call: to be
+        quarantined."""
+        with self._retained_lock:
+            retained = Counter(self._retained_by)
+        now = self.link.rejected_by() + self.answers.by_node + retained
         grown = {n: c - self._offences_seen[n] for n, c in now.items()}
         self._offences_seen = now
-        with self._retainers_lock:
-            retainers, self._retainers = set(self._retainers), Counter()
-        return sorted({n for n, c in grown.items() if c > budget} | retainers)
+        return sorted(n for n, c in grown.items() if c > budget)
 
     def rejections(self) -> dict[str, int]:
         """Messages rejected since the last call: by the answer rules (stale, unknown sender) and by the link
@@ -573,6 +575,8 @@ class CoordinatorSession:
         link = self.link.rejections
         out = self.answers.rejections + Counter({k: v - self._link_seen[k] for k, v in link.items()})
         self._link_seen = Counter(link)
+        with self._retained_lock:
+            out["retained"], self._retained_new = self._retained_new, 0
         self.answers.rejections.clear()
         return {k: v for k, v in out.items() if v > 0}
 

@@ -13,7 +13,7 @@ from nefl_edge.coordinator.screening import Quarantine, SpeedEvidence
 from nefl_edge.coordinator.strategies import get_strategy
 from nefl_edge.core.evaluation import BnStats, EvalResult
 from nefl_edge.core.nefedavg import NeFedAvg
-from nefl_edge.core.nested import GlobalState, Tensors, extract, init_global_state
+from nefl_edge.core.nested import GlobalState, Tensors, extract, init_global_state, prefix_slice
 from nefl_edge.core.robust import (
     ClientUpdate,
     RobustOptions,
@@ -21,6 +21,7 @@ from nefl_edge.core.robust import (
     _leave_one_out_medians,
     _merge_exchange,
     _sorted_rows,
+    disagreeing,
     robust_aggregate,
     trimmed_mean,
 )
@@ -376,3 +377,64 @@ def test_a_client_whose_delta_is_not_finite_is_left_out(
     assert report.disagreeing[:1] == ["x"], f"the non-finite update was not left out: {report}"
     for key, value in got.flat().items():
         assert np.array_equal(value, clean.flat()[key]), f"{key}: the result is not the one without the client"
+
+
+def _naive_hampel(scores: list[float], agree: float, z: float) -> list[int]:
+    """The agreement step's rule written out: below ``agree`` and below median - z * 1.4826 * MAD."""
+    n = len(scores)
+    xs = sorted(scores)
+    med = (xs[(n - 1) // 2] + xs[n // 2]) / 2
+    devs = sorted(abs(x - med) for x in scores)
+    mad = (devs[(n - 1) // 2] + devs[n // 2]) / 2
+    bar = min(agree, med - z * 1.4826 * mad) if z > 0 else agree
+    return [i for i, x in enumerate(scores) if x < bar]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_agreement_rule_matches_a_naive_hampel_identifier(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    scores = [float(v) for v in np.round(rng.normal(0.05, 0.06, int(rng.integers(3, 25))), 2)]  # ties: rounded
+    if seed % 2:
+        scores[int(rng.integers(len(scores)))] = -0.4  # a reversed update among them
+    for agree, z in ((0.0, 3.0), (0.0, 0.0), (0.1, 2.5), (-1.0, 3.0), (1.0, 1.0)):
+        got = disagreeing(scores, agree, z)
+        assert got == _naive_hampel(scores, agree, z), f"agree {agree}, z {z}, scores {scores}: left out {got}"
+    assert len(disagreeing(scores, 1.0, 0.5)) <= len(scores) // 2, "more than half below the median"
+
+
+def test_honest_updates_that_barely_agree_are_kept_and_a_reversed_one_among_agreeing_ones_is_not(
+    small_config: ModelConfig, small_specs: list[SubmodelSpec]
+) -> None:
+    """Late-round or non-IID honest updates: each shares a little of one direction (a share drawn per client,
+    some below 0) under much independent noise, so their cosines with the median of the others sit near 0,
+    some below it (the paper preset's honest cosines had a median of 0.03 by round 20). The plain rule
+    ``cosine < 0`` leaves those out; the outlier rule keeps them all. Among updates that agree, a reversed
+    scaled copy (``w - 5 (trained - w)``) is still left out."""
+    state = init_global_state(small_config, small_specs, {}, seed=7)
+    rng = np.random.default_rng(11)
+    direction = {n: rng.standard_normal(v.shape).astype(np.float32) for n, v in state.consistent.items()}
+
+    def trained(k: int, share: float) -> Tensors:
+        out = {}
+        for n, v in extract(state, k).items():
+            change = rng.standard_normal(v.shape).astype(np.float32)
+            if n in direction:
+                change += np.float32(share) * direction[n][prefix_slice(v.shape)]
+            out[n] = v + np.float32(0.01) * change
+        return out
+
+    subs = [0, 1, 2, 3, 4] * 2
+    shares = 0.1 + 0.25 * rng.standard_normal(len(subs))
+    weak = [ClientUpdate(k, trained(k, a), 100.0, f"c{i}") for i, (k, a) in enumerate(zip(subs, shares))]
+    _, plain = robust_aggregate(state, weak, RobustOptions(agree_z=0.0))
+    _, report = robust_aggregate(state, weak, RobustOptions())
+    cosines = {n: round(c, 3) for n, c in report.cosine.items()}
+    assert plain.disagreeing, f"the setting is too easy: cosine < 0 leaves no honest update out ({cosines})"
+    assert report.disagreeing == [], f"honest updates left out: {report.disagreeing} (cosines {cosines})"
+
+    agreeing = [ClientUpdate(k, trained(k, 1.0), 100.0, f"c{i}") for i, k in enumerate(subs[:6])]
+    sent = extract(state, agreeing[0].index)
+    reversed_ = {n: sent[n] - 5 * (t - sent[n]) for n, t in agreeing[0].tensors.items()}
+    hostile = ClientUpdate(agreeing[0].index, reversed_, 100.0, "hostile")
+    _, report = robust_aggregate(state, [*agreeing[1:], hostile], RobustOptions())
+    assert report.disagreeing == ["hostile"], f"not exactly the reversed update left out: {report.cosine}"

@@ -19,16 +19,18 @@ RSS. ``python -m bench.loadgen --devices 500 --rounds 3`` prints them.
 Round overhead (what :func:`measure` reports per round): from the coordinator taking in the last update of
 round r (the end of its collecting loop: ``ended_at`` of its metrics row less the phases after it,
 aggregation and the evaluation step's ``bn_statistics`` and ``federated_evaluation``) until the last task of
-round r+1 arrives at the load generator. With ``bn = federated`` it therefore includes the statistics round
-trip to the devices (``bn_s``: that phase alone), which the virtual devices answer at once. It also includes
-the broker's delivery and this one process decoding 10,000 devices' tasks one after another, which a real
-fleet does in parallel: ``handed_out_s`` ends instead when the coordinator has handed the last task of
-round r+1 to its MQTT client (from its metrics row: the end of its ``publish`` phase). On a shared host the
-wall times follow the load; ``overhead_cpu_s`` is the coordinator's CPU seconds (all its threads) in the same
-window, from samples of its ``/proc`` CPU time every 0.1 s, and ``bn_cpu_s`` the same over the statistics
-round trip (``bn_s``; the aggregation before it is milliseconds). With statistics, ``bn_tasks_out_s`` and
-``bn_answers_out_s`` are from the round's first ``evaluate`` task arriving here to its last one arriving and to
-the last answer handed to paho.
+round r+1 arrives at the load generator. With ``bn = federated`` the statistics of round r normally come with
+round r+1's tasks (``coordinator.engine``: the virtual devices answer them at once, before their update), off
+the overhead: ``bn_carried_s`` is from those tasks going out to the last statistics in; only the last round
+(which has no overhead) and runs with robust aggregation or federated evaluation keep a statistics round trip
+of their own after aggregation (``bn_s``, then inside the overhead). The overhead also includes the broker's
+delivery and the load generator decoding every device's task, which a real fleet does in parallel: spread the
+devices over ``processes`` load-generator processes; ``handed_out_s`` ends instead when the coordinator has
+handed the last task of round r+1 to its MQTT client (from its metrics row: the end of its ``publish`` phase).
+On a shared host the wall times follow the load; ``overhead_cpu_s`` is the coordinator's CPU seconds (all its
+threads) in the same window, from samples of its ``/proc`` CPU time every 0.1 s, and ``bn_cpu_s`` the same over
+a statistics round trip (``bn_s``). With a round trip, ``bn_tasks_out_s`` and ``bn_answers_out_s`` are from the
+round's first ``evaluate`` task arriving here to its last one arriving and to the last answer handed to paho.
 """
 
 from __future__ import annotations
@@ -159,7 +161,9 @@ def carried_request(task: Task) -> EvalTask:
 
 class LoadGen:
     """``devices`` virtual devices over ``connections`` MQTT connections to ``broker`` (HOST:PORT) for run
-    ``run``. Device ``i`` is node ``<prefix>-<i>`` of tier ``i % tiers`` with ``samples`` samples. A task is
+    ``run``. Device ``i`` is node ``<prefix>-<i>`` of tier ``i % tiers`` with ``samples`` samples (``first``
+    and ``total``: devices ``first`` to ``first + devices - 1`` of a fleet of ``total`` spread over several
+    load-generator processes, :func:`fleet_part`). A task is
     answered ``delay_s`` (plus up to ``jitter_s``) after it arrived (at the earliest once its weights did).
     ``expected_tasks`` per round marks when a round's tasks are all out (then ``cpu_of`` is sampled: e.g. the
     coordinator's CPU time). While the broker stores more than ``hold_mb`` of messages (its
@@ -182,6 +186,8 @@ class LoadGen:
         expected_tasks: Optional[int] = None,
         cpu_of: Optional[Any] = None,
         hold_mb: Optional[float] = None,
+        first: int = 0,
+        total: Optional[int] = None,
     ) -> None:
         host, port = broker.rsplit(":", 1)
         self.host, self.port, self.run = host, int(port), run
@@ -195,9 +201,9 @@ class LoadGen:
         self.hold_bytes = None if hold_mb is None else hold_mb * 2**20
         self.broker_bytes = self.broker_bytes_max = 0  # what the broker says it stores, if it says
         self.held_s = 0.0
-        width = len(str(devices - 1))
-        names = [f"{prefix}-{i:0{width}d}" for i in range(devices)]
-        self.tier_of = {n: i % tiers for i, n in enumerate(names)}
+        width = len(str((total or devices) - 1))
+        names = [f"{prefix}-{i:0{width}d}" for i in range(first, first + devices)]
+        self.tier_of = {n: (first + i) % tiers for i, n in enumerate(names)}
         count = max(1, min(connections, devices))
         self.connections = [self._connection(c, names[c::count]) for c in range(count)]
         self.manifest = threading.Event()
@@ -477,6 +483,52 @@ class LoadGen:
         return out
 
 
+# --- several load-generator processes ----------------------------------------------------------------------
+
+
+def fleet_part(args: argparse.Namespace) -> None:
+    """One load-generator process of a fleet spread over several (``python -m bench.loadgen --part``): its
+    slice of the devices until the run ends, then its per-round timings as JSON in ``args.out``. A real
+    fleet's devices each decode their own task; one Python process decoding 10,000 of them after another
+    (and acknowledging each QoS 1 delivery from one GIL) is a bench artefact the parts spread over processes."""
+    gen = LoadGen(
+        args.broker, args.run, args.devices, args.connections, delay_s=args.delay_s, jitter_s=args.jitter_s,
+        hold_mb=args.hold_mb, first=args.first, total=args.total,
+    )  # fmt: skip
+    signal.signal(signal.SIGTERM, lambda signum, frame: gen.ended.set())
+    try:
+        gen.start(timeout_s=args.timeout_s)
+        gen.wait_end(args.timeout_s)
+    finally:
+        gen.close()
+        result = {
+            "rounds": {r: asdict(t) for r, t in gen.rounds.items()},
+            "updates_sent": gen.updates_sent,
+            "bytes_sent": gen.bytes_sent,
+            "rejected": dict(gen.rejected),
+            "held_s": gen.held_s,
+        }
+        Path(args.out).write_text(json.dumps(result))
+
+
+def merge_parts(gen: LoadGen, parts: list[dict[str, Any]]) -> None:
+    """Fold the timings of other load-generator processes into ``gen``'s: task counts add up, first times are
+    the earliest seen anywhere and last times the latest."""
+    for part in parts:
+        gen.updates_sent += part["updates_sent"]
+        gen.bytes_sent += part["bytes_sent"]
+        gen.held_s += part["held_s"]
+        gen.rejected.update(part["rejected"])
+        for key, seen in part["rounds"].items():
+            mine = gen.rounds.setdefault(int(key), RoundTiming(int(key)))
+            mine.tasks += seen["tasks"]
+            for name in ("first_task_at", "first_eval_task_at"):
+                values = [v for v in (getattr(mine, name), seen[name]) if v]
+                setattr(mine, name, min(values) if values else 0.0)
+            for name in ("last_task_at", "last_update_at", "last_eval_task_at", "last_eval_answer_at"):
+                setattr(mine, name, max(getattr(mine, name), seen[name]))
+
+
 # --- measuring a real coordinator ----------------------------------------------------------------------------
 
 
@@ -534,6 +586,7 @@ def measure(
     profile: Optional[Path] = None,
     broker_queue: Optional[int] = None,
     broker_mb: float = 3072.0,
+    processes: int = 1,
 ) -> dict[str, Any]:
     """One ``nefl-coord serve`` run of ``rounds`` rounds with ``devices`` virtual devices, every device
     selected every round (fraction 1, tiers round-robin over the 5 default submodels); returns the settings,
@@ -545,7 +598,10 @@ def measure(
     that a coordinator that falls behind a burst of updates (2 statuses and 1 update per device) loses none.
     While the broker stores more than ``broker_mb`` of messages the virtual devices hold their answers (a
     fleet of large models would otherwise pile gigabytes into it for a coordinator that takes in slower);
-    ``answers_held_s`` in the result says how long."""
+    ``answers_held_s`` in the result says how long. ``processes``: the devices are spread over this many
+    load-generator processes (this one and ``processes - 1`` children, :func:`fleet_part`), each with
+    ``connections`` connections; their timings are merged (:func:`merge_parts`) and the coordinator's CPU at a
+    round's last task is then read from the 0.1 s samples."""
     from nefl_edge.coordinator.broker import LocalBroker
 
     folder = Path(folder or tempfile.mkdtemp(prefix="nefl-loadgen-"))
@@ -564,6 +620,7 @@ def measure(
         "broker_queue": broker_queue or max(10_000, 4 * devices),
         "answer_delay_s": [delay_s, delay_s + jitter_s],
         "broker_mb": broker_mb,
+        "loadgen_processes": processes,
     }
     queue_line = f"max_queued_messages {settings['broker_queue']}"
     with LocalBroker("mosquitto", folder / "broker", extra_config=(queue_line, "sys_interval 1")) as broker:
@@ -583,9 +640,22 @@ def measure(
             spy_args += ["--nonblocking", "--threads", "-o", str(profile)]
             spy = subprocess.Popen(spy_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         broker_pid = broker.proc.pid if broker.proc is not None else -1
+        bounds = [devices * p // processes for p in range(processes + 1)]
+        children = []
+        for p in range(1, processes):
+            part = [
+                sys.executable, "-m", "bench.loadgen", "--part", "--broker", broker.address, "--run", run,
+                "--devices", str(bounds[p + 1] - bounds[p]), "--first", str(bounds[p]), "--total", str(devices),
+                "--connections", str(connections), "--delay-s", str(delay_s), "--jitter-s", str(jitter_s),
+                "--hold-mb", str(broker_mb), "--timeout-s", str(timeout_s), "--out", str(folder / f"part{p}.json"),
+            ]  # fmt: skip
+            with (folder / f"part{p}.log").open("ab") as out:
+                root = Path(__file__).resolve().parents[1]
+                children.append(subprocess.Popen(part, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root))
         gen = LoadGen(
-            broker.address, run, devices, connections, delay_s=delay_s, jitter_s=jitter_s,
-            cpu_of=lambda: process_cpu(coord.pid), hold_mb=broker_mb,
+            broker.address, run, bounds[1], connections, delay_s=delay_s, jitter_s=jitter_s,
+            cpu_of=lambda: process_cpu(coord.pid), hold_mb=broker_mb, total=devices,
+            expected_tasks=None if processes == 1 else -1,
         )  # fmt: skip
         peak = broker_peak = 0.0
         started = time.monotonic()
@@ -609,6 +679,12 @@ def measure(
             code = coord.wait(120)
         finally:
             gen.close()
+            for child in children:
+                try:
+                    child.wait(120)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait(10)
             if coord.poll() is None:
                 coord.kill()
                 coord.wait(10)
@@ -617,6 +693,14 @@ def measure(
                     spy.wait(30)  # py-spy writes its file once the coordinator has exited
     if code != 0:
         raise RuntimeError(f"nefl-coord serve exited with {code}: {(folder / 'coordinator.log').read_text()[-2000:]}")
+    if processes > 1:
+        missing = [p for p in range(1, processes) if not (folder / f"part{p}.json").is_file()]
+        if missing:
+            raise RuntimeError(f"load-generator parts {missing} wrote no timings; see {folder}/part*.log")
+        merge_parts(gen, [json.loads((folder / f"part{p}.json").read_text()) for p in range(1, processes)])
+        for timing in gen.rounds.values():
+            if timing.last_task_at and len(cpu_samples) > 1:
+                timing.coordinator_cpu_s = cpu_at(cpu_samples, timing.last_task_at)
     run_dirs = sorted((folder / "runs").glob(f"{run}-*"))
     metrics = {r["round"]: r for r in read_jsonl(run_dirs[-1] / "metrics.jsonl") if r["submodel"] == 0}
     per_round = []
@@ -634,6 +718,8 @@ def measure(
             entry["collected_at"] = collected
             if "bn_statistics" in row["phases"]:
                 entry["bn_s"] = row["phases"]["bn_statistics"]
+            if "bn_statistics_carried" in row["phases"]:  # came with the next round's tasks, off the overhead
+                entry["bn_carried_s"] = row["phases"]["bn_statistics_carried"]
             if timing is not None and timing.last_update_at:
                 entry["take_in_lag_s"] = collected - timing.last_update_at  # last update acknowledged -> taken in
         entry["overhead_from"] = "coordinator" if row is not None else "load generator"
@@ -662,6 +748,7 @@ def measure(
     bn_cpus = [e["bn_cpu_s"] for e in per_round if "bn_cpu_s" in e]
     bns = [e["bn_s"] for e in per_round if "bn_s" in e and "overhead_s" in e]
     handed = [e["handed_out_s"] for e in per_round if "handed_out_s" in e]
+    carried = [e["bn_carried_s"] for e in per_round if "bn_carried_s" in e]
     return {
         "settings": settings,
         "rounds": per_round,
@@ -670,6 +757,7 @@ def measure(
         "overhead_max_s": max(overheads) if overheads else None,
         "bn_s": statistics.median(bns) if bns else None,
         "handed_out_s": statistics.median(handed) if handed else None,
+        "bn_carried_s": statistics.median(carried) if carried else None,
         "coordinator_cpu_s_per_round": statistics.median(cpus) if cpus else None,
         "overhead_cpu_s": statistics.median(overhead_cpus) if overhead_cpus else None,
         "bn_cpu_s": statistics.median(bn_cpus) if bn_cpus else None,
@@ -699,7 +787,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--serve-options", default="", help='more options of serve, e.g. "--bn server"')
     parser.add_argument("--folder", type=Path, default=None)
     parser.add_argument("--profile", type=Path, default=None, help="py-spy the coordinator into this file")
+    parser.add_argument("--processes", type=int, default=1, help="spread the devices over this many processes")
+    parser.add_argument("--part", action="store_true", help="(internal) one process of a spread fleet")
+    parser.add_argument("--broker", help="(--part) HOST:PORT")
+    parser.add_argument("--run", help="(--part) the run name")
+    parser.add_argument("--first", type=int, default=0, help="(--part) index of its first device")
+    parser.add_argument("--total", type=int, default=None, help="(--part) devices in the whole fleet")
+    parser.add_argument("--hold-mb", type=float, default=3072.0, help="(--part) see measure's broker_mb")
+    parser.add_argument("--timeout-s", type=float, default=600.0, help="(--part) give up after this long")
+    parser.add_argument("--out", type=Path, help="(--part) where its timings go")
     args = parser.parse_args(argv)
+    if args.part:
+        logging.basicConfig(level=logging.WARNING)
+        fleet_part(args)
+        return
     logging.basicConfig(level=logging.WARNING)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # stop the broker and serve too
     result = measure(
@@ -714,6 +815,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         delay_s=args.delay_s,
         jitter_s=args.jitter_s,
         profile=args.profile,
+        processes=args.processes,
     )
     print(json.dumps(result, indent=1))
 

@@ -44,6 +44,7 @@ def reestimated(state: GlobalState, k: int, x: np.ndarray, batch: int) -> dict[s
     return {n: v.numpy() for n, v in net.state_dict().items() if "running_" in n}
 
 
+@pytest.mark.slow  # 264 s at load 14 on 2 cores (PyTorch training and re-estimation of three submodels)
 def test_in_process_the_statistics_of_round_r_come_from_round_r_plus_1_and_round_r_waits_for_them() -> None:
     # Prepare: three clients of 64, 96 and 64 real images (multiples of the batch of 32), one of each tier; every
     # client selected every round; bn federated, evaluation on the coordinator's side, every round.

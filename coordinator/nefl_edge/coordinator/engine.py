@@ -243,6 +243,8 @@ class RoundEngine:
                 self._fold(r, outcome, clients[outcome.node].num_samples, references, agg, report)
             if stop is not None and stop.is_set():
                 break
+        if getattr(grid, "publish_s", None) is not None:  # seconds to publish the weights and tasks (MQTT)
+            report.phases["publish"] = grid.publish_s  # type: ignore[attr-defined]
         if owed is not None:  # before aggregating: the next state starts from these statistics, as before
             self._apply_statistics(owed.round, owed.state, parts, owed.report)
         report.bytes_out = grid.bytes_out - out_before

@@ -242,7 +242,7 @@ class ServeRun:
             finished: list[RoundReport] = []
 
             def finish(report: RoundReport, state: GlobalState, evaluate: bool, last: bool) -> None:
-                report.phases["publish"] = grid.publish_s
+                report.phases.setdefault("publish", grid.publish_s)  # the engine's own (a deferred round's)
                 self.state, self.round = state, report.round
                 finished[:] = [report]
                 self._finish(report, state, evaluate, last, evaluator)

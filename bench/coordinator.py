@@ -472,16 +472,26 @@ def _section(
         "without a limit (paho's `max_inflight_messages_set(0)` on the coordinator's link and Mosquitto's "
         "`max_inflight_messages 0`) 3.0 s, an experiment not kept (paho does not honour an MQTT 5 broker's "
         "Receive Maximum). At 10,000 devices the next round's tasks also compete with the first updates of that "
-        "round: 100 s to deliver them at load 15-18, 5.5 s at load 4-6. Under 2 s at 10,000 devices needs the "
-        "statistics off the critical path (the next round's training task could carry the request: its weights "
-        "are the aggregated state they are for), not built.",
+        "round: 100 s to deliver them at load 15-18, 5.5 s at load 4-6.",
+        "",
+        "Third pass (issue 24): the statistics left the critical path. An evaluated round's `bn = federated` "
+        "statistics now come with the next round's training tasks (`Task.bn_stats`, `nefl.wire/4`): each "
+        "device first sends the statistics of the weights it received, bound to that task, then trains; the "
+        "coordinator finishes the round (evaluation, records, checkpoint) once they are in, and only the last "
+        "round keeps a round trip of its own (docs/protocol.md; column 'carried'). The load generator spreads "
+        "large fleets over several processes (column 'load-gen processes'): one Python process decoding and "
+        "acknowledging every QoS 1 task was a bench artefact a real fleet does not have. The coordinator's "
+        "inbox finds the sender to evict in O(log n) (it scanned every sender per offered message when full, "
+        "which is when statuses were dropped at 10,000 devices).",
         "",
         "Inline is how every round ran before evaluation moved off the critical path: evaluation and BatchNorm "
         "re-estimation of all 5 submodels sat between the last update and the next round's tasks. "
-        "`bn = federated` (the default): after aggregation every device of the round gets an `evaluate` task "
-        "for the statistics of the submodel it trained and answers at once (the virtual devices send "
-        "statistics of the real layer shapes without computing them), so the overhead includes that round "
-        "trip but not a real device's forward pass over its 512 samples.",
+        "`bn = federated` (the default) in the rows without a 'carried' figure: after aggregation every device of "
+        "the round gets an `evaluate` task for the statistics of the submodel it trained and answers at once "
+        "(the virtual devices send statistics of the real layer shapes without computing them), so the overhead "
+        "includes that round trip but not a real device's forward pass over its 512 samples. With carried "
+        "statistics the virtual devices answer the request at once on receiving their task, before their "
+        "update; a real device spends that forward pass inside the round's training time.",
         "",
         f"Take-in of one ResNet18 update ({profile['update_mb']:.0f} MB, the largest submodel), in process, "
         f"ms: receive (frames -> message) {profile['receive']:.1f}, unpack {profile['unpack']:.1f}, screen "

@@ -232,7 +232,8 @@ class RoundEngine:
             asks = [
                 EvalRequest(i.node, (i.submodel,), False, True, held, batch, self.bn_max_batches) for i in instructions
             ]
-            outcomes = itertools.chain(grid.evaluate(r, state, asks), grid.run(r, state, instructions, extract))
+            before = grid.evaluate(owed.round, state, asks)  # the evaluation step of state r, run now
+            outcomes = itertools.chain(before, grid.run(r, state, instructions, extract))
         for outcome in outcomes:
             if isinstance(outcome, EvalOutcome):
                 assert owed is not None

@@ -6,18 +6,12 @@ folder is named by a hash of those and reused until it changes; a round only mov
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
-import os
 import shutil
-import sys
 import tempfile
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from nefl_edge.core.artifacts import MANIFEST_NAME, ArtifactError, file_entry, load_manifest
 from nefl_edge.core.schemas import (
@@ -32,16 +26,12 @@ from nefl_edge.core.schemas import (
     TrainConfig,
 )
 from nefl_edge.core.specs import ModelConfig, SubmodelSpec, mflops, param_count, param_layout
-from nefl_edge.export.portable import (
-    Builder,
-    build_portable_step,
-    conv_input_grad_as_conv,
-    relu_grad,
-)
+from nefl_edge.export.distill import DISTILL_VERSION, export_distill
+from nefl_edge.export.portable import build_portable_step
 from nefl_edge.export.stats import build_stats_graph
+from nefl_edge.export.training_graph import OPSET, forward_model, quiet, rewrite_training_graph
 
 EXPORT_VERSION = 7  # 7: portable BatchNorm backward in fewer passes, strided dW by one-hot Conv im2col
-OPSET = 17
 
 
 def architecture_key(config: ModelConfig, spec: SubmodelSpec) -> str:
@@ -55,61 +45,6 @@ def architecture_key(config: ModelConfig, spec: SubmodelSpec) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """generate_artifacts prints ~110 lines to the C-level stderr and logs INFO lines on the root logger;
-    keep both out of the user's terminal."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.WARNING)
-    with open(os.devnull, "wb") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            root.setLevel(level)
-
-
-def forward_model(config: ModelConfig, spec: SubmodelSpec, onnx_path: Path) -> tuple[Any, list[str], list[str]]:
-    """The submodel's training-mode forward graph (input -> logits, exported by PyTorch to ``onnx_path``, which
-    is removed again), and the names of its trainable and frozen tensors, checked to be all of the layout."""
-    import onnx
-    import torch
-
-    from nefl_edge.coordinator.models import SubmodelNet
-
-    net = SubmodelNet(config, spec).train()
-    layout = param_layout(config, spec)
-    dummy = torch.zeros(2, config.in_channels, config.image_size, config.image_size)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*num_batches_tracked.*")
-        torch.onnx.export(
-            net,
-            (dummy,),
-            str(onnx_path),
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=OPSET,
-            training=torch.onnx.TrainingMode.TRAINING,
-            do_constant_folding=False,
-            dynamo=False,
-        )
-    model = onnx.load(str(onnx_path))
-    onnx_path.unlink()
-    initializers = {i.name for i in model.graph.initializer}
-    requires_grad = [n for n, p in layout.items() if p.trainable and n in initializers]
-    frozen = [n for n, p in layout.items() if not p.trainable and n in initializers]
-    missing = set(layout) - initializers
-    if missing:
-        raise RuntimeError(f"exported graph lacks tensors {sorted(missing)[:5]}")
-    return model, requires_grad, frozen
-
-
 def _export_one(config: ModelConfig, spec: SubmodelSpec, folder: Path) -> None:
     from nefl_edge.edge_client.trainer import training_api
 
@@ -117,7 +52,7 @@ def _export_one(config: ModelConfig, spec: SubmodelSpec, folder: Path) -> None:
     from onnxruntime.training import artifacts
 
     model, requires_grad, frozen = forward_model(config, spec, folder / "forward.onnx")
-    with _quiet():
+    with quiet():
         artifacts.generate_artifacts(
             model,
             requires_grad=requires_grad,
@@ -130,7 +65,7 @@ def _export_one(config: ModelConfig, spec: SubmodelSpec, folder: Path) -> None:
     training, evaluation = folder / ArtifactRole.TRAINING.file_name, folder / ArtifactRole.EVAL.file_name
     _fix_eval_batchnorm(evaluation)
     build_stats_graph(evaluation, folder / ArtifactRole.STATS.file_name)
-    _rewrite_training_graph(training)
+    rewrite_training_graph(training)
     (folder / "optimizer_model.onnx").unlink()  # the device applies SGD itself (numpy or the portable graph)
     build_portable_step(training, folder / ArtifactRole.PORTABLE.file_name, requires_grad, frozen, config.num_classes)
 
@@ -148,33 +83,9 @@ def _fix_eval_batchnorm(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _rewrite_training_graph(path: Path) -> None:
-    """Replace slow ``com.microsoft`` kernels of the training graph by faster standard ops that compute the
-    same: ``ReluGrad`` (a per-element branch, 16-22 % of a step) by ``Mul(dY, Cast(Greater(Y, 0)))``, and the
-    input gradient of stride-1 ``ConvGrad`` nodes by a ``Conv`` (``ConvGrad`` keeps the weight gradient)."""
-    import onnx
-    from onnx import helper
-
-    model = onnx.load(str(path))
-    b = Builder("rewrite")
-    for node in model.graph.node:
-        if node.domain == "com.microsoft" and node.op_type == "ReluGrad":
-            relu_grad(b, node.input[0], node.input[1], node.output[0])
-            continue
-        if node.domain == "com.microsoft" and node.op_type == "ConvGrad" and node.output and node.output[0]:
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            if conv_input_grad_as_conv(b, node.input[0], node.input[2], node.output[0], attrs):
-                node.output[0] = ""
-        b.nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(b.nodes)
-    model.graph.initializer.extend(b.inits)
-    onnx.save(model, str(path))
-
-
 def distill_key(config: ModelConfig, big: SubmodelSpec, small: SubmodelSpec) -> str:
     """Names the distillation files of submodel ``big`` (``export.distill``): both architectures."""
-    blob = {"big": architecture_key(config, big), "small": architecture_key(config, small), "distill": 1}
+    blob = {"big": architecture_key(config, big), "small": architecture_key(config, small), "distill": DISTILL_VERSION}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
@@ -258,8 +169,6 @@ def _distill_folder(
     log: Callable[[str], None] | None,
 ) -> Path:
     """The folder of submodel ``index``'s distillation files, written unless an intact one is listed in ``old``."""
-    from nefl_edge.export.distill import export_distill
-
     key = distill_key(config, specs[index], specs[0])
     target = out / f"distill-{key[:16]}"
     listed = [f for r, f in old.files.items() if r in DISTILL_ROLES] if old is not None else []

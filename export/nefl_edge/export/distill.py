@@ -38,6 +38,8 @@ from typing import Any
 from nefl_edge.core.schemas import ArtifactRole
 from nefl_edge.core.specs import ModelConfig, SubmodelSpec, param_layout
 
+DISTILL_VERSION = 1
+"""Changes whenever the distillation graphs do (it is part of their folder's name, ``artifacts.distill_key``)."""
 SMALLEST_PREFIX = "smallest/"
 """Names of the smallest submodel's own tensors in a distillation step (``strategies.SMALLEST_PREFIX``)."""
 TARGETS = "targets"
@@ -63,7 +65,7 @@ def export_student(config: ModelConfig, small: SubmodelSpec, folder: Path) -> No
     from onnx import TensorProto, helper, numpy_helper
 
     from nefl_edge.edge_client.trainer import training_api
-    from nefl_edge.export.artifacts import _quiet, _rewrite_training_graph, forward_model
+    from nefl_edge.export.training_graph import forward_model, quiet, rewrite_training_graph
 
     training_api()
     from onnxruntime.training import artifacts
@@ -86,7 +88,7 @@ def export_student(config: ModelConfig, small: SubmodelSpec, folder: Path) -> No
         logits = graph.output[0]
         del graph.output[:]
         graph.output.extend([helper.make_tensor_value_info("loss", TensorProto.FLOAT, []), logits])
-        with _quiet():
+        with quiet():
             artifacts.generate_artifacts(
                 model,
                 requires_grad=requires_grad,
@@ -95,7 +97,7 @@ def export_student(config: ModelConfig, small: SubmodelSpec, folder: Path) -> No
                 optimizer=artifacts.OptimType.SGD,
                 artifact_directory=str(work),
             )
-        _rewrite_training_graph(work / "training_model.onnx")
+        rewrite_training_graph(work / "training_model.onnx")
         (work / "training_model.onnx").rename(folder / ArtifactRole.DISTILL_TRAINING.file_name)
         (work / "checkpoint").rename(folder / ArtifactRole.DISTILL_CHECKPOINT.file_name)
     finally:

@@ -23,7 +23,6 @@ through a broker"."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -32,19 +31,20 @@ from typing import Any, Iterator, Optional
 
 import pytest
 
-from nefl_edge.coordinator.broker import free_ports, port_open
-from nefl_edge.coordinator.broker_config import BrokerOptions, BrokerSettings, write_broker_config
-from nefl_edge.coordinator.enrolment import add_device
+from nefl_edge.coordinator.broker_config import DEVICE_TOPICS
 from nefl_edge.coordinator.records import read_jsonl
-from nefl_edge.core.identity import install_bundle, open_identity
-from tests.helpers import device_env, make_shards, spawn_coordinator, stop, wait_for
+from tests.helpers import EnrolledBroker, device_env, make_shards, spawn_coordinator, stop
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(3000)]  # a test may run 3 runs
 
-DEVICES = ["pi-0", "pi-1", "pi-2", "pi-3"]
-HOSTILE = "pi-3"
+HOSTILE = "pi-3"  # of four (the last device of a deployment is hostile)
 SHARD = 600
 ROUNDS = 4
+TEN_SHARD = 300
+TEN_ROUNDS = 3
+RETAINED_BYTES = 256 << 10
+RETAINED_BELOW = 40  # topics below each of its own three (hello/x/0 ...): 30 MiB if the ACL let them through
+RETAINED_RUNS = 8  # invented run names, four topics each (what the ACL allows): 8 MiB
 CLEAN_SEEDS = (0, 1)
 TOLERANCE = 0.02
 RUN_TIMEOUT_S = 900
@@ -113,6 +113,57 @@ if attack == "mute":
     client.DeviceWork.run_task = lambda self, task, received: None
     client.DeviceWork.run_evaluation = lambda self, task, received: None
 
+if attack in ("flood", "retained"):
+    import os, threading, time
+    from pathlib import Path
+    from nefl_edge.core import mqtt as core_mqtt
+    from nefl_edge.core.wire import frames
+
+    node = Path(sys.argv[sys.argv.index("--state-dir") + 1]).name  # the enrolled identity's folder is its name
+
+    def flood(link):
+        # new partial messages (the first 1 KiB chunk of 4 KiB messages that never finish) on its own update
+        # topic, as fast as QoS 1 lets it: a window of 100 unacknowledged publishes kept full
+        topic, sent = f"nefl/{link.run}/node/{node}/update", 0
+        pool = [frames(bytes([i]) * 4096, 1024)[0] for i in range(64)]
+        while True:
+            try:
+                info = link.client.publish(topic, pool[sent % len(pool)], qos=1)
+                sent += 1
+                if sent % 100 == 0:
+                    info.wait_for_publish(5)
+                if sent == 1000 or sent % 20000 == 0:
+                    print(f"ATTACK flood: {sent} partial messages sent", flush=True)
+            except Exception as exc:  # e.g. while reconnecting: go on
+                print(f"ATTACK flood: {exc!r}", flush=True)
+                time.sleep(0.1)
+
+    def store(link):
+        # retained messages of RETAINED_BYTES on every topic the account may write (and topics it may not, below
+        # its own: the ACL of before issue 22 let it write <kind>/#), in this run and in RETAINED_RUNS invented runs;
+        # then again on this run's topics every 2 s (the coordinator must see them arrive during the run)
+        payload = os.urandom(RETAINED_BYTES)
+        own = [f"nefl/{link.run}/node/{node}/{kind}" for kind in ("hello", "status", "update")]
+        below = [f"{t}/x/{i}" for t in own for i in range(RETAINED_BELOW)]
+        others = [f"nefl/invented-{i}/node/{node}/{k}" for i in range(RETAINED_RUNS) for k in ALLOWED]
+        for t in own + below + others:
+            link.client.publish(t, payload, qos=1, retain=True).wait_for_publish(30)
+        print(f"ATTACK retained: {len(own + below + others)} topics of {len(payload)} bytes", flush=True)
+        while True:
+            time.sleep(2.0)
+            for t in own[:2]:
+                link.client.publish(t, payload, qos=1, retain=True)
+
+    connect, started = core_mqtt.MqttLink.connect, []
+    def connect_and_attack(self, timeout_s=15.0):
+        if attack == "flood" and not started:
+            self.client.max_inflight_messages_set(100)  # paho takes it only before connecting
+        connect(self, timeout_s)
+        if not started:
+            started.append(threading.Thread(target=flood if attack == "flood" else store, args=(self,), daemon=True))
+            started[0].start()
+    core_mqtt.MqttLink.connect = connect_and_attack
+
 from nefl_edge.edge_client.cli import main
 sys.argv = ["nefl-edge", *sys.argv[2:]]
 main()
@@ -121,51 +172,75 @@ main()
 device's own functions wrapped (its protocol, session, signing and ONNX Runtime training are the real ones)."""
 
 
-class Deployment:
-    """The generated broker folder with four enrolled device identities (``states[name]``), and its Mosquitto."""
+class Deployment(EnrolledBroker):
+    """The generated, enrolled broker (:class:`tests.helpers.EnrolledBroker`) with ``devices``, running, and a
+    Fashion-MNIST shard of ``shard`` samples per device; the last device is the hostile one. ``rounds`` and
+    ``deadline_s``: of every run on it."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.tls_port, self.plain_port = free_ports(2)
-        opts = BrokerOptions(
-            folder / "broker",
-            ("127.0.0.1",),
-            self.tls_port,
-            self.plain_port,
-            bind="127.0.0.1",
-            persistence=False,
-            user="root" if os.geteuid() == 0 else None,
-        )
-        self.settings: BrokerSettings = write_broker_config(opts)
-        self.enrol = folder / "enrol"
-        self.states: dict[str, Path] = {}
-        for name in DEVICES:
-            state = folder / "state" / name
-            with open_identity(state) as ident:
-                public = ident.public_key
-            bundle = add_device(self.enrol, name, public, self.settings.folder).bundle
-            install_bundle(state, bundle).close()
-            bundle.unlink()
-            self.states[name] = state
-        self.shards = make_shards(folder, [SHARD] * len(DEVICES))
-        log = (folder / "mosquitto.log").open("ab")
-        conf = str(self.settings.folder / "mosquitto.conf")
-        self.proc = subprocess.Popen(["mosquitto", "-c", conf], stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: port_open(self.tls_port) and port_open(self.plain_port), 10, "mosquitto to listen", 0.05)
+    def __init__(self, folder: Path, devices: list[str], shard: int, rounds: int, deadline_s: float) -> None:
+        super().__init__(folder, devices)
+        self.devices, self.hostile, self.rounds, self.deadline_s = devices, devices[-1], rounds, deadline_s
+        self.shards = make_shards(folder, [shard] * len(devices))
+        self.runs: dict[tuple[Optional[str], int], RunResult] = {}
+        self.start()
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.tls_port}"
+    def rss_kib(self) -> int:
+        """The broker's resident memory now (KiB, from /proc)."""
+        assert self.proc is not None
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+    def retained(self, node: str, quiet_s: float = 1.5, limit_s: float = 30.0) -> dict[str, int]:
+        """The retained messages stored now on ``node``'s topics of every run (topic: bytes), as the coordinator's
+        account reads them (plain loopback listener; run after the coordinator exited: same client id)."""
+        import threading
+        import time
+
+        import paho.mqtt.client as mqtt
+
+        found: dict[str, int] = {}
+        arrived = threading.Event()
+
+        def on_message(c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
+            if msg.retain and msg.payload:
+                found[msg.topic] = len(msg.payload)
+            arrived.set()
+
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="survey", clean_session=True)
+        client.username_pw_set(self.settings.coordinator_user, self.passwords[self.settings.coordinator_user])
+        client.on_message = on_message
+        client.connect("127.0.0.1", self.plain_port)
+        client.loop_start()
+        try:
+            client.subscribe(f"nefl/+/node/{node}/#", 1)
+            end = time.monotonic() + limit_s
+            while time.monotonic() < end:
+                arrived.clear()
+                if not arrived.wait(quiet_s):
+                    break
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        return found
+
+
+FOUR = ["pi-0", "pi-1", "pi-2", "pi-3"]
+TEN = [f"pi-{i}" for i in range(10)]
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    d = Deployment(tmp_path_factory.mktemp("deployment"))
+    """One hostile device of four."""
+    d = Deployment(tmp_path_factory.mktemp("deployment"), FOUR, SHARD, ROUNDS, 30)
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def ten(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """One hostile device of ten (smaller shards, three rounds and a longer deadline: ten `join` processes
+    share the machine's cores)."""
+    d = Deployment(tmp_path_factory.mktemp("ten"), TEN, TEN_SHARD, TEN_ROUNDS, 120)
     yield d
     d.stop()
 
@@ -178,6 +253,7 @@ class RunResult:
     clients: list[dict[str, Any]]
     log: str
     seconds: float
+    hostile_log: str = ""
 
     def final(self) -> list[float]:
         """The last round's test accuracy per submodel (the coordinator's test samples)."""
@@ -189,9 +265,13 @@ class RunResult:
         """The round-level fields (the same on every submodel's row), by round."""
         return {r["round"]: r for r in self.metrics if r["submodel"] == 0 and r["round"] > 0}
 
+    def updated(self, round_: int) -> set[str]:
+        """The devices whose update of ``round_`` the coordinator took (clients.jsonl)."""
+        return {c["node"] for c in self.clients if c["round"] == round_ and c["status"] == "updated"}
+
 
 def enrolled_run(d: Deployment, attack: Optional[str], seed: int) -> RunResult:
-    """One robust run of ``ROUNDS`` rounds: three honest enrolled devices and ``HOSTILE`` doing ``attack``
+    """One robust run of ``d.rounds`` rounds: the honest enrolled devices and ``d.hostile`` doing ``attack``
     (None: honest). Static tiers: the devices train the large submodel, except in the ``mute`` run, where the
     hostile device declares the only small-submodel tier (so it alone would cover that submodel)."""
     import time
@@ -205,21 +285,31 @@ def enrolled_run(d: Deployment, attack: Optional[str], seed: int) -> RunResult:
         folder,
         *("--run", run, "--enrolment-dir", str(d.enrol), "--tls-ca", str(d.settings.ca_cert)),
         *("--username", "nefl-coord", "--password-file", str(d.settings.coordinator_password_file)),
-        *("--rounds", str(ROUNDS), "--gammas", "0.5,1.0", "--min-clients", "4", "--policy", "static"),
-        *("--aggregation", "robust", "--seed", str(seed), "--lr", "0.05", "--momentum", "0.9"),
+        *("--rounds", str(d.rounds), "--gammas", "0.5,1.0", "--min-clients", str(len(d.devices))),
+        *("--policy", "static", "--aggregation", "robust", "--seed", str(seed), "--lr", "0.05", "--momentum", "0.9"),
         *("--max-steps", "12", "--bn", "federated", "--bn-device-samples", "128", "--evaluation", "both"),
         *("--eval-samples", "1000", "--eval-every", "1", "--no-eval-background"),
-        *("--deadline-s", "30", "--wait-clients-s", "300"),
+        *("--deadline-s", str(d.deadline_s), "--wait-clients-s", "300"),
     )
     edges = []
     started = time.monotonic()
+    settings = "\n".join(
+        f"{k} = {v!r}"
+        for k, v in dict(
+            RETAINED_BYTES=RETAINED_BYTES,
+            RETAINED_BELOW=RETAINED_BELOW,
+            RETAINED_RUNS=RETAINED_RUNS,
+            ALLOWED=DEVICE_TOPICS,
+        ).items()
+    )
     try:
-        for i, node in enumerate(DEVICES):
-            tier = (0 if node == HOSTILE else 1) if attack == "mute" else 1
+        for i, node in enumerate(d.devices):
+            tier = (0 if node == d.hostile else 1) if attack == "mute" else 1
             args = ["join", "--state-dir", str(d.states[node]), "--data", str(d.shards[i]), "--run", run]
             args += ["--cache", str(folder / f"cache-{node}"), "--threads", "1", "--tier", str(tier)]
-            lie = attack if node == HOSTILE and attack else None
-            command = [sys.executable, "-c", HOSTILE_DEVICE, lie, *args] if lie else [sys.executable, "-m"]
+            lie = attack if node == d.hostile and attack else None
+            script = settings + "\n" + HOSTILE_DEVICE
+            command = [sys.executable, "-c", script, lie, *args] if lie else [sys.executable, "-m"]
             if not lie:
                 command += ["nefl_edge.edge_client", *args]
             log = (folder / f"{node}.log").open("ab")
@@ -236,20 +326,18 @@ def enrolled_run(d: Deployment, attack: Optional[str], seed: int) -> RunResult:
             stop(p)
     log = (folder / "coordinator.log").read_text()
     assert code == 0, f"{name}: the coordinator exited {code}:\n{log[-3000:]}"
-    hostile_log = (folder / f"{HOSTILE}.log").read_text()
-    assert edge_codes == [0] * len(DEVICES), f"{name}: devices exited {edge_codes}:\n{hostile_log[-2000:]}"
+    hostile_log = (folder / f"{d.hostile}.log").read_text()
+    assert edge_codes == [0] * len(d.devices), f"{name}: devices exited {edge_codes}:\n{hostile_log[-2000:]}"
     run_dir = next((folder / "runs").glob(f"{run}-*"))
-    return RunResult(read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "clients.jsonl"), log, seconds)
-
-
-_runs: dict[tuple[Optional[str], int], RunResult] = {}
+    metrics, clients = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "clients.jsonl")
+    return RunResult(metrics, clients, log, seconds, hostile_log)
 
 
 def cached_run(d: Deployment, attack: Optional[str], seed: int = 0) -> RunResult:
-    """Runs are shared between the tests of this module (the clean ones by every test)."""
-    if (attack, seed) not in _runs:
-        _runs[attack, seed] = enrolled_run(d, attack, seed)
-    return _runs[attack, seed]
+    """Runs are shared between the tests of a deployment (the clean ones by every test)."""
+    if (attack, seed) not in d.runs:
+        d.runs[attack, seed] = enrolled_run(d, attack, seed)
+    return d.runs[attack, seed]
 
 
 def percent(values: list[float]) -> str:
@@ -264,6 +352,7 @@ def held_to_clean(d: Deployment, attack: str) -> RunResult:
     spread = [max(c[k] for c in clean) - floor[k] for k in range(len(floor))]
     figures = {
         "attack": attack,
+        "devices": len(d.devices),
         **{f"clean seed {s}": percent(c) for s, c in zip(CLEAN_SEEDS, clean)},
         "clean spread": percent(spread),
         "attacked": percent(attacked.final()),
@@ -273,8 +362,9 @@ def held_to_clean(d: Deployment, attack: str) -> RunResult:
     print(json.dumps(figures))
     for k, (a, f) in enumerate(zip(attacked.final(), floor)):
         assert a >= f - TOLERANCE, (
-            f"{attack}: submodel {k} ends at {100 * a:.1f} %, more than {100 * TOLERANCE:.0f} points below the lower "
-            f"clean seed ({100 * f:.1f} %; clean spread {100 * spread[k]:.1f} points)"
+            f"{attack} ({len(d.devices)} devices): submodel {k} ends at {100 * a:.1f} %, more than "
+            f"{100 * TOLERANCE:.0f} points below the lower clean seed ({100 * f:.1f} %; clean spread "
+            f"{100 * spread[k]:.1f} points)"
         )
     return attacked
 
@@ -329,3 +419,103 @@ def test_a_mute_device_claiming_capacity_is_quarantined_and_never_the_only_cover
     for r in sorted(rounds):
         trained = {c["submodel"] for c in result.clients if c["round"] == r and c["status"] == "updated"}
         assert trained == {0, 1}, f"round {r}: a submodel left untrained behind the mute device: {trained}"
+
+
+def test_own_topic_flooding_costs_no_honest_update(deployment: Deployment) -> None:
+    d = deployment
+    rss_before = d.rss_kib()
+    result = held_to_clean(d, "flood")
+    rss_after = d.rss_kib()
+    rounds = result.rounds()
+    honest = set(d.devices) - {d.hostile}
+    lost = {r: sorted(honest - result.updated(r)) for r in rounds}
+    lines = result.hostile_log.splitlines()
+    sent = [int(line.split()[2]) for line in lines if line.startswith("ATTACK flood: ") and line.endswith(" sent")]
+    print(
+        json.dumps({"flood partials sent (at least)": max(sent, default=0), "broker RSS KiB": [rss_before, rss_after]})
+    )
+    assert sent, f"the hostile device did not flood:\n{result.hostile_log[-2000:]}"
+    assert not any(lost.values()), f"honest updates lost to the flood, by round: {lost}"
+    over = [r for r, row in rounds.items() if row["rejected"].get("over_budget")]
+    sat_out = [r for r, row in rounds.items() if d.hostile in row["quarantined_nodes"]]
+    assert over and sat_out and min(sat_out) == min(over) + 1, (
+        f"the flooding device was not quarantined the round after it went over budget: over budget in {over}, "
+        f"quarantined in {sat_out}"
+    )
+
+
+def test_retained_storage_is_bounded_deleted_and_counted(deployment: Deployment) -> None:
+    from nefl_edge.coordinator.session import CoordinatorSession
+    from nefl_edge.core.mqtt import BrokerAddress, MqttLink, Security
+
+    d = deployment
+    rss_before = d.rss_kib()
+    result = held_to_clean(d, "retained")
+    rss_after = d.rss_kib()
+    stored = d.retained(d.hostile)
+    run = "atk-retained-0"
+    by_run: dict[str, list[str]] = {}
+    for topic in stored:
+        by_run.setdefault(topic.split("/")[1], []).append(topic.split("/", 4)[4])
+    print(
+        json.dumps(
+            {
+                "retained on its topics after the run": {r: sorted(t) for r, t in by_run.items()},
+                "bytes": sum(stored.values()),
+                "broker RSS KiB": [rss_before, rss_after],
+            }
+        )
+    )
+    assert "ATTACK retained" in result.hostile_log, f"the attack did not run:\n{result.hostile_log[-2000:]}"
+    beyond = {r: [t for t in ts if t not in DEVICE_TOPICS] for r, ts in by_run.items()}
+    assert not any(beyond.values()), f"retained beyond the protocol's topics: {beyond}"
+    assert "update" not in by_run.get(run, []), "the retained update of this run was not deleted"
+    deleted = {r: row["rejected"].get("retained", 0) for r, row in result.rounds().items()}
+    assert all(deleted.values()), f"rounds in which the coordinator deleted nothing retained: {deleted}"
+    growth = (rss_after - rss_before) << 10
+    assert growth < 3 * RETAINED_BELOW * RETAINED_BYTES, (
+        f"the broker grew by {growth >> 20} MiB: the messages below its topics were stored"
+    )
+
+    # a new coordinator deletes what the device retained under every run name, and counts it
+    link = MqttLink(
+        "sweep",
+        BrokerAddress("127.0.0.1", d.plain_port),
+        "sweep",
+        Security(username=d.settings.coordinator_user, password_file=d.settings.coordinator_password_file),
+        clean=True,
+    )
+    session = CoordinatorSession(link, "sweep", None, d.folder, 1.0, None)  # type: ignore[arg-type]
+    link.connect(10)
+    try:
+        session.clear_stale()
+        link.flush(10)
+        offenders, deleted_at_start = session.offenders(budget=0), session.rejections().get("retained", 0)
+    finally:
+        link.close()
+    left = d.retained(d.hostile)
+    assert offenders == [d.hostile], f"the sweep at the start of a run did not count the device: {offenders}"
+    assert deleted_at_start >= RETAINED_RUNS * 3, f"the sweep deleted {deleted_at_start} retained messages"
+    assert all(t.endswith("/status/chunk/0") for t in left), f"the sweep left {sorted(left)}"
+
+
+@pytest.mark.parametrize("attack", ["scaled", "inflated", "bn_mean", "flood"])
+def test_one_hostile_device_of_ten(ten: Deployment, attack: str) -> None:
+    result = held_to_clean(ten, attack)
+    rounds = result.rounds()
+    if attack == "scaled":
+        kept = {r: ten.hostile not in row["robust"].get("left_out", []) for r, row in rounds.items()}
+        assert not any(kept.values()), f"its update was kept in some rounds: {kept}"
+    elif attack == "inflated":
+        capped = {r: row["robust"].get("capped", []) for r, row in rounds.items()}
+        assert all(ten.hostile in c for c in capped.values()), f"the 10,000,000 samples were not capped: {capped}"
+    elif attack == "bn_mean":
+        rejected = {r: row["bn_rejected"] for r, row in rounds.items()}
+        kept = {r: [k for k, found in row.items() if ten.hostile not in found] for r, row in rejected.items()}
+        assert all(rejected.values()) and not any(kept.values()), f"its statistics kept: {rejected}"
+    else:
+        honest = set(ten.devices) - {ten.hostile}
+        lost = {r: sorted(honest - result.updated(r)) for r in rounds}
+        assert not any(lost.values()), f"honest updates lost to the flood, by round: {lost}"
+        sat_out = [r for r, row in rounds.items() if ten.hostile in row["quarantined_nodes"]]
+        assert sat_out, "the flooding device was never quarantined"

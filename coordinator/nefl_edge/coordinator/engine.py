@@ -241,7 +241,7 @@ class RoundEngine:
                     parts.setdefault(k, []).append((outcome.node, stats))
                 owed.report.phases["bn_statistics_carried"] = time.monotonic() - collecting
             else:
-                self._fold(r, outcome, clients[outcome.node].num_samples, references, agg, report)
+                self._fold(r, outcome, clients[outcome.node].num_samples, references, agg, report, owed is not None)
             if stop is not None and stop.is_set():
                 break
         if getattr(grid, "publish_s", None) is not None:  # seconds to publish the weights and tasks (MQTT)
@@ -382,6 +382,11 @@ class RoundEngine:
         if missing:
             log.warning("round %d: no BatchNorm statistics for submodels %s; they keep their previous ones", r, missing)
 
+    def _statistics_samples(self, outcome: Outcome) -> int:
+        """The training samples a device's statistics pass runs over (at most ``bn_device_samples``)."""
+        samples = outcome.num_samples or self.declared.get(outcome.node, 0)
+        return min(samples, self.cfg.bn_device_samples) if self.cfg.bn_device_samples else samples
+
     def _screen_evaluation(
         self, r: int, outcome: EvalOutcome, report: RoundReport, max_batches: Optional[int] = None
     ) -> tuple[dict[int, EvalResult], dict[int, BnStats]]:
@@ -427,7 +432,11 @@ class RoundEngine:
         references: dict[int, Any],
         agg: Aggregator,
         report: RoundReport,
+        carried: bool = False,
     ) -> None:
+        """Screen and fold one outcome; record it and the speed it shows (``carried``: the task also asked for
+        statistics before training, a forward pass over up to ``bn_device_samples`` samples, counted as a third
+        of a training step per sample: forward and backward cost about three forward passes)."""
         status, reason = outcome.status, outcome.reason
         if status == "updated":
             assert outcome.tensors is not None
@@ -457,7 +466,8 @@ class RoundEngine:
                 self._profiles.get(outcome.node),
                 self.mflops[outcome.submodel],
                 planned_steps(outcome.num_samples or self.declared.get(outcome.node, 0), self.cfg.train)
-                * self.cfg.train.batch_size,
+                * self.cfg.train.batch_size
+                + (self._statistics_samples(outcome) // 3 if carried else 0),
                 outcome.seconds,
                 self.cfg.deadline_s,
                 status == "updated",

@@ -212,7 +212,11 @@ class RoundEngine:
             for n in selected
         ]
         report.selected = len(instructions)
-        log.info("round %d: %d clients, submodels %s", r, len(instructions), dict(sorted(assignment.items())))
+        if len(assignment) <= 50:
+            log.info("round %d: %d clients, submodels %s", r, len(instructions), dict(sorted(assignment.items())))
+        else:  # a fleet's whole map is a line of 200 KB at 10,000 devices, every round: clients per submodel
+            shares = dict(sorted(Counter(assignment.values()).items()))
+            log.info("round %d: %d clients, by submodel %s (clients.jsonl: who)", r, len(instructions), shares)
         out_before = grid.bytes_out
         agg = self.strategy.aggregator(state, cfg.weighting, r, cfg.robust_options())
         extract = functools.partial(self.strategy.extract, round_=r)

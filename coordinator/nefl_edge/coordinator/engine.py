@@ -201,12 +201,13 @@ class RoundEngine:
             unreliable,
             unproven,
         )
+        lr, holdout = cfg.lr_at(r), self.holdout  # once a round, not once per client (10,000 at scale)
         instructions = [
             Instruction(
                 n,
                 assignment[n],
                 cfg.train.model_copy(
-                    update={"seed": int(self.rng.integers(1 << 31)), "lr": cfg.lr_at(r), "eval_fraction": self.holdout}
+                    update={"seed": int(self.rng.integers(1 << 31)), "lr": lr, "eval_fraction": holdout}
                 ),
             )
             for n in selected

@@ -135,13 +135,15 @@ def test_sigterm_ends_the_run_cleanly_for_the_devices(broker: Broker, tmp_path: 
 
 
 def test_a_device_that_leaves_cleanly_is_seen_at_once(broker: Broker, tmp_path: Path) -> None:
-    # Prepare: two devices; the second leaves after round 1 while the run goes on. Evaluation inline, so
-    # that round 1's checkpoint exists before round 2 starts (in the background it can lag a round behind).
+    # Prepare: two devices; the second leaves after round 1 while the run goes on. Evaluation inline and
+    # tracked BatchNorm statistics, so that round 1's checkpoint exists before round 2 starts (in the
+    # background it can lag a round behind; with bn = federated an evaluated round's statistics come with the
+    # next round's tasks, and its checkpoint waits for that round).
     shards = make_shards(tmp_path, [300, 300])
     coord = spawn_coordinator(
         broker.address,
         tmp_path,
-        *("--rounds", "3", "--deadline-s", "100", "--min-clients", "1", "--no-eval-background"),
+        *("--rounds", "3", "--deadline-s", "100", "--min-clients", "1", "--no-eval-background", "--bn", "tracked"),
         *COMMON,
     )
     edges = [spawn_edge(broker.address, s, f"dev{i}", tmp_path, tier=i) for i, s in enumerate(shards)]

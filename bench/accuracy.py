@@ -551,8 +551,9 @@ def render_aggregations(record: dict[str, Any]) -> str:
         "",
         "Every client honest; the coordinator aggregates with exact NeFedAvg or with robust NeFedAvg "
         '(`aggregation = "robust"`, core/robust.py, its default options: clip at 2x the median update norm, '
-        "agreement with the median of the others, weights capped at 2x the median, trimmed mean of 25 % per "
-        "side). Everything else is the accuracy benchmark's paper protocol: "
+        "agreement with the median of the others (an update below 0 and a 3-MAD outlier left out), weights "
+        "capped at 2x the median, trimmed mean of 25 % per side). Everything else is the accuracy benchmark's "
+        "paper protocol: "
         f"{preset['rounds']} rounds, {preset['epochs']} local epochs, 100 devices, 10 a round, a seeded "
         f"{preset.get('train_samples')}-sample training subset, {preset['test_samples']} test samples; the two "
         "modes of a seed share data, partition, initial weights and client draws.",

@@ -156,10 +156,14 @@ def test_json_logs_parse_and_name_the_events(served: Served) -> None:
     assert names.count("selection") == 2 and names[-1] == "report", f"events: {names}"
     assert (served.folder / "serve.out").read_text() == "", "json mode printed a table on stdout"
 
-    # Assert: lines in round order: round r's accuracy before round r+1's selection.
+    # Assert: lines in round order. With bn = federated an evaluated round is finished once the next round's
+    # tasks have brought its statistics back, so round r's line comes after round r+1's selection, before
+    # round r+1's own line; round 0 (the initial state) before round 1's selection.
     position = {(o["event"], o.get("round")): i for i, o in enumerate(coordinator)}
+    assert position[("round", 0)] < position[("selection", 1)], "round 0's line after round 1's selection"
     for r in (0, 1):
-        assert position[("round", r)] < position[("selection", r + 1)], f"round {r}'s line after round {r + 1}'s"
+        assert position[("round", r)] < position[("round", r + 1)], f"round {r}'s line after round {r + 1}'s"
+        assert position[("selection", r + 1)] < position[("round", r + 1)], f"round {r + 1}'s line before its selection"
 
     # Assert: each device's events.
     for node, lines in devices.items():

@@ -246,6 +246,18 @@ def spawn_coordinator(broker: str, folder: Path, *extra: str) -> subprocess.Pope
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
+def serve_until_done(broker: str, folder: Path, shards: Sequence[Path], *options: str, timeout: float) -> None:
+    """A real `serve` with ``options`` and one real device per shard (``dev{i}`` of tier ``i``): waits up to
+    ``timeout`` s for the coordinator to exit 0 (its log's tail otherwise), then stops every process."""
+    coord = spawn_coordinator(broker, folder, *options)
+    edges = [spawn_edge(broker, shard, f"dev{i}", folder, tier=i) for i, shard in enumerate(shards)]
+    try:
+        assert coord.wait(timeout) == 0, (folder / "coordinator.log").read_text()[-3000:]
+    finally:
+        for p in [coord, *edges]:
+            stop(p)
+
+
 def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> Optional[int]:
     """Signal the process group, wait, then SIGKILL; the exit code."""
     if proc.poll() is None:

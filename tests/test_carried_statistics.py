@@ -22,7 +22,7 @@ from nefl_edge.core.data import Dataset, load_dataset
 from nefl_edge.core.nested import GlobalState, init_global_state
 from nefl_edge.core.schemas import TrainConfig
 from nefl_edge.core.specs import get_model_config
-from tests.helpers import Broker, make_shards, spawn_coordinator, spawn_edge, stop
+from tests.helpers import Broker, make_shards, serve_until_done
 
 GAMMAS = (0.2, 0.6, 1.0)
 
@@ -101,19 +101,14 @@ def test_serve_carries_the_statistics_in_the_next_rounds_tasks_with_real_devices
 ) -> None:
     # Prepare: three real devices of tiers 0, 1, 2; bn federated, the coordinator's own test samples.
     shards = make_shards(tmp_path, [320, 320, 320])
-    coord = spawn_coordinator(
-        broker.address, tmp_path, "--bn", "federated", "--evaluation", "test", "--eval-samples", "200",
+    options = (
+        "--bn", "federated", "--evaluation", "test", "--eval-samples", "200",
         "--policy", "static", "--gammas", "0.2,0.6,1.0", "--rounds", "3", "--eval-every", "1",
         "--min-clients", "3", "--max-steps", "4", "--lr", "0.05", "--deadline-s", "120", "--wait-clients-s", "90",
     )  # fmt: skip
 
     # Execute
-    edges = [spawn_edge(broker.address, s, f"dev{i}", tmp_path, tier=i) for i, s in enumerate(shards)]
-    try:
-        assert coord.wait(420) == 0, (tmp_path / "coordinator.log").read_text()[-3000:]
-    finally:
-        for p in [coord, *edges]:
-            stop(p)
+    serve_until_done(broker.address, tmp_path, shards, *options, timeout=420)
 
     # Assert: rounds 1 and 2 got their statistics from the next round's tasks (no round trip of their own),
     # round 3 from its own; every submodel re-estimated each round; every update taken, nothing refused.

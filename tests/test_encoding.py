@@ -17,7 +17,7 @@ from nefl_edge.core.nested import GlobalState, extract, init_global_state
 from nefl_edge.core.schemas import TrainConfig
 from nefl_edge.core.specs import full_spec, get_model_config, make_specs, param_count
 from nefl_edge.core.wire import pack_tensors, unpack_tensors
-from tests.helpers import Broker, make_shards, spawn_coordinator, spawn_edge, stop, wait_for
+from tests.helpers import Broker, make_shards, serve_until_done, wait_for
 
 Tensors = dict[str, np.ndarray]
 
@@ -127,18 +127,14 @@ def test_the_in_process_grid_gives_the_update_the_same_round_trip() -> None:
 @pytest.mark.integration
 def test_a_served_run_with_float16_updates_completes(broker: Broker, tmp_path: Path) -> None:
     shards = make_shards(tmp_path, [600, 600])
-    coord = spawn_coordinator(
+    serve_until_done(
         broker.address,
         tmp_path,
+        shards,
         *("--rounds", "1", "--deadline-s", "120", "--gammas", "0.2,1.0", "--min-clients", "2"),
         *("--eval-samples", "500", "--max-steps", "5", "--update-encoding", "float16", "--wait-clients-s", "90"),
+        timeout=300,
     )
-    edges = [spawn_edge(broker.address, shard, f"dev{i}", tmp_path, tier=i) for i, shard in enumerate(shards)]
-    try:
-        assert coord.wait(300) == 0, (tmp_path / "coordinator.log").read_text()[-3000:]
-    finally:
-        for p in [coord, *edges]:
-            stop(p)
     out = wait_for(lambda: next((tmp_path / "runs").glob("default-*"), None), 10, "the run directory")
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["updates"] for r in records if r["round"] == 1] == [2, 2]

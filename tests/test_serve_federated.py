@@ -10,7 +10,7 @@ import pytest
 
 from nefl_edge.coordinator.records import read_jsonl
 from nefl_edge.core.evaluation import split_held_out
-from tests.helpers import Broker, make_shards, spawn_coordinator, spawn_edge, stop
+from tests.helpers import Broker, make_shards, serve_until_done
 
 pytestmark = pytest.mark.integration
 
@@ -19,20 +19,15 @@ def test_serve_runs_with_no_coordinator_data_and_evaluates_on_the_devices(broker
     # Prepare: three devices of tiers 0, 1, 2; the coordinator's data folder does not exist.
     sizes = [400, 400, 400]
     shards = make_shards(tmp_path, sizes)
-    coord = spawn_coordinator(
-        broker.address, tmp_path, "--data-dir", str(tmp_path / "no-data"), "--evaluation", "federated",
+    options = (
+        "--data-dir", str(tmp_path / "no-data"), "--evaluation", "federated",
         "--bn", "federated", "--policy", "static",
         "--gammas", "0.2,0.6,1.0", "--rounds", "2", "--eval-every", "1", "--min-clients", "3", "--max-steps", "8",
         "--lr", "0.05", "--deadline-s", "120", "--wait-clients-s", "90", "--eval-fraction", "0.2",
     )  # fmt: skip
 
     # Execute
-    edges = [spawn_edge(broker.address, s, f"dev{i}", tmp_path, tier=i) for i, s in enumerate(shards)]
-    try:
-        assert coord.wait(420) == 0, (tmp_path / "coordinator.log").read_text()[-3000:]
-    finally:
-        for p in [coord, *edges]:
-            stop(p)
+    serve_until_done(broker.address, tmp_path, shards, *options, timeout=420)
 
     # Assert: rounds 1 and 2 evaluated by the devices, submodel k on the held-out splits of the devices that
     # can run it (tiers >= k), with BatchNorm statistics from every submodel; no round 0 (nothing to test on).

@@ -438,3 +438,46 @@ def test_honest_updates_that_barely_agree_are_kept_and_a_reversed_one_among_agre
     hostile = ClientUpdate(agreeing[0].index, reversed_, 100.0, "hostile")
     _, report = robust_aggregate(state, [*agreeing[1:], hostile], RobustOptions())
     assert report.disagreeing == ["hostile"], f"not exactly the reversed update left out: {report.cosine}"
+
+
+def test_the_clipping_limit_is_computed_again_over_the_kept_updates_only(
+    small_config: ModelConfig, small_specs: list[SubmodelSpec]
+) -> None:
+    """A small reversed update (a tenth of an honest one's length, pointing the other way) is left out by the
+    agreement step; it must not pull down the median norm that clips the honest ones. Planted: four honest
+    updates of one submodel at 1, 1.2, 3 and 3.2 times one length. With the left-out update in the median
+    (0.1, 1, 1.2, 3, 3.2: 1.2) the limit 2 x 1.2 clips the two long ones; over the kept four (median 2.1)
+    nothing is clipped. The result must be the naive reference's over the kept updates alone."""
+    state = init_global_state(small_config, small_specs, {}, seed=8)
+    rng = np.random.default_rng(12)
+    k = len(small_specs) - 1
+    sent = extract(state, k)
+    direction = {n: rng.standard_normal(v.shape).astype(np.float32) for n, v in sent.items()}
+
+    def trained(scale: float) -> Tensors:
+        return {
+            n: v + np.float32(0.002 * scale) * (direction[n] + 0.2 * rng.standard_normal(v.shape).astype(np.float32))
+            for n, v in sent.items()
+        }
+
+    honest = [(k, trained(s), 100) for s in (1.0, 1.2, 3.0, 3.2)]
+    hostile = (k, trained(-0.1), 100)
+    everyone = [*honest, hostile]
+    groups = [n for n, info in param_layout(state.config, small_specs[k]).items() if info.kind == "consistent"]
+    relative = [
+        _naive_norm({n: t[n] - sent[n] for n in groups}, groups) / _naive_norm(sent, groups) for _, t, _ in everyone
+    ]
+    opts = RobustOptions()
+    old_limit = opts.clip * float(np.median(relative))
+    new_limit = opts.clip * float(np.median(relative[:4]))
+    assert any(r > old_limit for r in relative[:4]), f"the setting is too easy: the old limit clips nobody {relative}"
+    assert all(r <= new_limit for r in relative[:4]), f"the kept updates' own limit clips {relative} at {new_limit}"
+
+    got, report = robust_aggregate(
+        state, [ClientUpdate(k, t, float(n), f"c{i}") for i, (k, t, n) in enumerate(everyone)], opts
+    )
+    assert report.disagreeing == ["c4"], f"not exactly the small reversed update left out: {report.cosine}"
+    assert report.clipped == {}, f"honest updates clipped by a limit the left-out update set: {report.clipped}"
+    expected = _naive(state, honest, opts, sample=300)
+    worst = max(abs(_lookup(got, key) - value) for key, value in expected.items())
+    assert worst < 2e-5, f"the result differs from the naive aggregation of the kept updates by {worst}"

@@ -34,7 +34,10 @@ covers. Here, per round (:func:`robust_aggregate`):
    with it had a negative median from round 13 on. One cosine over the whole region, not a mean of
    per-tensor cosines: it caught more reversed updates at the same honest cost (40 vs 28 of 90 in rounds
    6-20). With three clients a median and MAD of three scores can hardly flag one; four is the least that
-   the attack suite uses.
+   the attack suite uses. The clients left out no longer count for clipping: the limits of step 1 are
+   computed again from the kept clients' norms only (:func:`clip_factors`; until 2026-12-08 a left-out
+   update, say a small reversed one, still pulled the median that clips the honest ones). Step 1's first
+   limits serve only the cosines of this step, which compare directions against a median centre.
 3. **Weights.** Sample counts (or 1 with ``uniform`` weighting) are capped at ``max_weight`` times the
    round's median weight, so a client that claims more samples than the others cannot take more than that
    share of any average.
@@ -125,8 +128,8 @@ class ClientUpdate:
 
 @dataclass
 class RobustReport:
-    """What the robust aggregation did: who was clipped (node or position -> factor < 1), who was left out
-    for disagreeing with the others, and whose weight was capped."""
+    """What the robust aggregation did: which kept clients were clipped (node or position -> factor < 1), who
+    was left out for disagreeing with the others, and whose weight was capped."""
 
     clipped: dict[str, float] = field(default_factory=dict)
     disagreeing: list[str] = field(default_factory=list)
@@ -410,6 +413,36 @@ def disagreeing(scores: Sequence[float], agree: float, agree_z: float) -> list[i
     return [i for i, v in enumerate(values) if v < bar]
 
 
+def clip_factors(
+    deltas: _Deltas,
+    measured: Sequence[Sequence[tuple[float, float]]],
+    groups: Sequence[Sequence[Sequence[str]]],
+    members: Sequence[int],
+    opts: RobustOptions,
+) -> None:
+    """Set ``deltas.factor`` of the clients ``members`` (and clear everyone else's): per part (consistent,
+    inconsistent: ``measured[p][i]`` is client ``i``'s ``(||delta||, ||sent||)`` over ``groups[p][i]``), a
+    client whose relative norm exceeds ``opts.clip`` times the median relative norm of its peers is scaled
+    down to that limit. Its peers: the members of its submodel when at least three of them are members,
+    else every member. Only ``members`` enter the median: an update the agreement step left out must not
+    set the limit of those that are kept (a small reversed update would pull the median down and clip the
+    honest ones harder)."""
+    for factor in deltas.factor:
+        factor.clear()
+    per_sub: dict[int, list[int]] = {}
+    for i in members:
+        per_sub.setdefault(deltas.updates[i].index, []).append(i)
+    for part, names in zip(measured, groups):
+        relative = {i: part[i][0] / max(part[i][1], 1e-12) for i in members}
+        for i in members:
+            own = per_sub[deltas.updates[i].index]
+            peers = own if len(own) >= 3 else members
+            limit = opts.clip * float(np.median([relative[j] for j in peers])) * max(part[i][1], 1e-12)
+            if part[i][0] > limit > 0:
+                for n in names[i]:
+                    deltas.factor[i][n] = limit / part[i][0]
+
+
 def robust_aggregate(
     state: GlobalState, updates: list[ClientUpdate], opts: RobustOptions
 ) -> tuple[GlobalState, RobustReport]:
@@ -424,9 +457,6 @@ def robust_aggregate(
     deltas = _Deltas(state, updates, layouts)
 
     # 1. clipping, consistent and inconsistent trained tensors apart, relative to the sent weights
-    per_sub: dict[int, list[int]] = {}
-    for i, u in enumerate(updates):
-        per_sub.setdefault(u.index, []).append(i)
     parts = {}
     for part in ("consistent", "inconsistent"):
         groups = [[n for n, x in layouts[u.index].items() if x.kind == part and not _is_stat(n)] for u in updates]
@@ -443,22 +473,12 @@ def robust_aggregate(
         out, report = robust_aggregate(state, [updates[i] for i in finite], opts)
         report.disagreeing[:0] = [names[i] for i in range(len(updates)) if i not in finite]
         return out, report
-    for groups, measured in parts.values():
-        norms = [m[0] for m in measured]
-        sizes = [max(m[1], 1e-12) for m in measured]
-        relative = np.array([n / s for n, s in zip(norms, sizes)])
-        for i, u in enumerate(updates):
-            peers = per_sub[u.index] if len(per_sub[u.index]) >= 3 else list(range(len(updates)))
-            limit = opts.clip * float(np.median(relative[peers])) * sizes[i]
-            if norms[i] > limit > 0:
-                factor = limit / norms[i]
-                for n in groups[i]:
-                    deltas.factor[i][n] = factor
-                report.clipped[names[i]] = min(report.clipped.get(names[i], 1.0), factor)
+    everyone = list(range(len(updates)))
+    clip_factors(deltas, [measured for _, measured in parts.values()], [g for g, _ in parts.values()], everyone, opts)
 
     # 2. agreement with the coordinate-wise median of the others on the region every client covers: an
     # outlier below it is left out
-    keep = list(range(len(updates)))
+    keep = everyone
     if len(updates) >= 3:
         scores = _agreement(deltas, layouts, state)
         for i in range(len(updates)):
@@ -467,7 +487,12 @@ def robust_aggregate(
         keep = [i for i in keep if i not in out_of_line]
         report.disagreeing = [names[i] for i in range(len(updates)) if i not in keep]
         if not keep:  # nobody agrees with the centre (it is ~0): keep everyone, clipped
-            keep, report.disagreeing = list(range(len(updates))), []
+            keep, report.disagreeing = everyone, []
+    if keep != everyone:  # 1'. the clipping limit again, from the kept updates' norms only
+        clip_factors(deltas, [measured for _, measured in parts.values()], [g for g, _ in parts.values()], keep, opts)
+    for i in keep:
+        if deltas.factor[i]:
+            report.clipped[names[i]] = min(deltas.factor[i].values())
 
     # 3. weight cap
     raw = np.array([updates[i].weight for i in keep], np.float64)

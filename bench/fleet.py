@@ -7,8 +7,12 @@ class), one after the other on the same fleet:
 - ``nefl-deadline``: NeFL-WD with the deadline policy (each device gets the largest submodel it can finish);
 - ``fedavg-full-wait``: FedAvg of the full model, a deadline long enough to wait for every device;
 - ``fedavg-full-drop``: FedAvg of the full model with the NeFL deadline: devices that cannot finish in time
-  decline or miss it and are dropped from the round;
+  decline or miss it and are dropped from the round (``--no-fit-steps``: they are not given fewer local steps);
 - ``fedavg-smallest``: FedAvg of the smallest submodel (every device can train it).
+
+Every deadline policy but ``fedavg-full-drop`` runs with serve's default ``--fit-steps``: a device whose
+projection cannot fit even the planned local steps of the submodel it gets trains as many steps as fit
+(``coordinator.assignment.affordable_steps``, FedProx's partial work) instead of declining every round.
 
 The clock of a run starts when every device has said hello (observed on the broker), so device start-up is
 not counted; each round ends at the engine's ``ended_at`` in the run's ``metrics.jsonl`` (after aggregation
@@ -167,8 +171,8 @@ def policy_args(name: str, deadline_s: float, wait_deadline_s: float) -> list[st
         return ["--method", "nefl-wd-distill", "--policy", "deadline", "--deadline-s", str(deadline_s)]
     if name == "fedavg-full-wait":
         return ["--method", "fedavg-full", "--policy", "deadline", "--deadline-s", str(wait_deadline_s)]
-    if name == "fedavg-full-drop":
-        return ["--method", "fedavg-full", "--policy", "deadline", "--deadline-s", str(deadline_s)]
+    if name == "fedavg-full-drop":  # dropped, by definition: no shorter task for a device that cannot finish
+        return ["--method", "fedavg-full", "--policy", "deadline", "--deadline-s", str(deadline_s), "--no-fit-steps"]
     if name == "fedavg-smallest":
         return ["--method", "fedavg-smallest", "--policy", "deadline", "--deadline-s", str(deadline_s)]
     raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
@@ -315,9 +319,11 @@ def summarize(
     last = curve[-1] if curve else None
     counted = {p["round"] for p in curve}
     trained: dict[str, set[int]] = {}  # class -> submodels its devices trained (per-device records)
+    steps: dict[str, list[int]] = {}  # class -> local steps of each of its updates
     for c in clients:
         if c.get("round") in counted and c.get("status") == "updated" and c.get("node") in classes:
             trained.setdefault(classes[c["node"]], set()).add(int(c["submodel"]))
+            steps.setdefault(classes[c["node"]], []).append(int(c.get("steps") or 0))
     device_rounds = len(curve) * len(classes)
     return {
         "policy": name,
@@ -327,6 +333,8 @@ def summarize(
         "final": None if last is None else {k: last[k] for k in ("worst", "average", "best", "accuracy")},
         "participation": None if not device_rounds else sum(p["updates"] or 0 for p in curve) / device_rounds,
         "submodels_by_class": {k: sorted(v) for k, v in trained.items()},
+        "updates_by_class": {k: len(v) for k, v in steps.items()},
+        "mean_steps_by_class": {k: round(statistics.fmean(v), 1) for k, v in steps.items()},
         "mean_round_s": None if not curve else statistics.fmean(p["round_s"] or 0 for p in curve),
         "coordinator_eval_s": round(sum(p["eval_s"] for p in curve), 1),
         "device_eval_s": round(sum(p["device_eval_s"] for p in curve), 1),
@@ -351,6 +359,11 @@ def _by_class(trained: dict[str, list[int]]) -> str:
     return ", ".join(f"{c}: {'/'.join(map(str, subs))}" for c, subs in trained.items()) or "—"
 
 
+def _steps(policy: dict[str, Any]) -> str:
+    updates, steps = policy.get("updates_by_class") or {}, policy.get("mean_steps_by_class") or {}
+    return ", ".join(f"{c}: {n} ({steps.get(c, 0):.1f})" for c, n in updates.items()) or "—"
+
+
 def render(record: dict[str, Any]) -> str:
     opts = record["options"]
     lines = [
@@ -367,8 +380,9 @@ def render(record: dict[str, Any]) -> str:
         f"Raw numbers and curves: `bench/results/fleet-{record.get('results_name', opts['fleet'])}.json`.",
         "",
         "| policy | rounds in budget | time to target, worst submodel (s) | time to target, best (s) | "
-        "worst % | average % | best % | updates / device-rounds | mean round (s) | submodels trained, by class |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "worst % | average % | best % | updates / device-rounds | mean round (s) | submodels trained, by class | "
+        "updates (mean local steps), by class |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in record["policies"]:
         final = p["final"] or {}
@@ -377,7 +391,7 @@ def render(record: dict[str, Any]) -> str:
             f"{_sec(p['time_to_target_best_s'], opts['budget_s'])} | {_pct(final.get('worst'))} | "
             f"{_pct(final.get('average'))} | {_pct(final.get('best'))} | "
             f"{_share(p['participation'])} | {'—' if p['mean_round_s'] is None else round(p['mean_round_s'], 1)} | "
-            f"{_by_class(p['submodels_by_class'])} |"
+            f"{_by_class(p['submodels_by_class'])} | {_steps(p)} |"
         )
     lines += [
         "",
@@ -409,36 +423,45 @@ def render(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+NEFL_POLICIES = ("nefl-deadline", "nefl-distill-deadline")
+"""The NeFL policies the goal is read for (each that ran, on its own lines)."""
+
+
 def goal_lines(record: dict[str, Any]) -> list[str]:
-    """Issue 23's fleet goal read off the record: NeFL (``nefl-deadline``) reaches the target at least 2x
-    sooner than ``fedavg-full-wait``, and ends above ``fedavg-full-drop`` on the held classes. Empty unless
-    the three policies ran; the held-class part only under a partition with held classes."""
+    """Issue 23's fleet goal read off the record, for each NeFL policy that ran (:data:`NEFL_POLICIES`): it
+    reaches the target at least 2x sooner than ``fedavg-full-wait``, and ends above ``fedavg-full-drop`` on the
+    held classes. Empty unless a NeFL policy and both FedAvg-full policies ran; the held-class part only under a
+    partition with held classes."""
     by = {p["policy"]: p for p in record["policies"]}
-    if not {"nefl-deadline", "fedavg-full-wait", "fedavg-full-drop"} <= set(by):
+    nefls = [n for n in NEFL_POLICIES if n in by]
+    if not nefls or not {"fedavg-full-wait", "fedavg-full-drop"} <= set(by):
         return []
     budget = record["options"]["budget_s"]
-    nefl, wait, drop = by["nefl-deadline"], by["fedavg-full-wait"], by["fedavg-full-drop"]
-    parts = []
-    for key, what in (("time_to_target_worst_s", "worst"), ("time_to_target_best_s", "best")):
-        t_nefl, t_wait = nefl[key], wait[key]
-        if t_nefl is None:
-            ratio = "NeFL does not reach it in the budget"
-        elif t_wait is None:
-            ratio = f"fedavg-full-wait does not reach it in {budget:.0f} s, so at least {budget / t_nefl:.1f}x"
-        else:
-            ratio = f"{t_wait:.0f} s vs {t_nefl:.0f} s, {t_wait / t_nefl:.1f}x"
-        parts.append(f"NeFL's {what} submodel against fedavg-full-wait's model: {ratio}")
-    lines = ["", "**The issue's goal, read off this run.** Time to target: " + "; ".join(parts) + "."]
-    held = record.get("held_labels") or []
-    ca_nefl, ca_drop = nefl.get("class_accuracy"), drop.get("class_accuracy")
-    if held and ca_nefl and ca_drop:
-        mine = [h for h, _ in (held_means(a, held) for a in ca_nefl["per_submodel"])]
-        theirs = held_means(ca_drop["per_submodel"][0], held)[0]
-        above = sum(1 for h in mine if h is not None and theirs is not None and h > theirs)
-        lines.append(
-            f"Held classes' mean at the end: NeFL's submodels {', '.join(_pct(h) for h in mine)} % against "
-            f"fedavg-full-drop's {_pct(theirs)} %: {above} of {len(mine)} NeFL submodels above it."
-        )
+    wait, drop = by["fedavg-full-wait"], by["fedavg-full-drop"]
+    lines = ["", "**The issue's goal, read off this run.**"]
+    for name in nefls:
+        nefl = by[name]
+        parts = []
+        for key, what in (("time_to_target_worst_s", "worst"), ("time_to_target_best_s", "best")):
+            t_nefl, t_wait = nefl[key], wait[key]
+            if t_nefl is None:
+                ratio = "NeFL does not reach it in the budget"
+            elif t_wait is None:
+                ratio = f"fedavg-full-wait does not reach it in {budget:.0f} s, so at least {budget / t_nefl:.1f}x"
+            else:
+                ratio = f"{t_wait:.0f} s vs {t_nefl:.0f} s, {t_wait / t_nefl:.1f}x"
+            parts.append(f"NeFL's {what} submodel against fedavg-full-wait's model: {ratio}")
+        lines.append(f"`{name}`, time to target: " + "; ".join(parts) + ".")
+        held = record.get("held_labels") or []
+        ca_nefl, ca_drop = nefl.get("class_accuracy"), drop.get("class_accuracy")
+        if held and ca_nefl and ca_drop:
+            mine = [h for h, _ in (held_means(a, held) for a in ca_nefl["per_submodel"])]
+            theirs = held_means(ca_drop["per_submodel"][0], held)[0]
+            above = sum(1 for h in mine if h is not None and theirs is not None and h > theirs)
+            lines.append(
+                f"`{name}`, held classes' mean at the end: NeFL's submodels {', '.join(_pct(h) for h in mine)} % "
+                f"against fedavg-full-drop's {_pct(theirs)} %: {above} of {len(mine)} NeFL submodels above it."
+            )
     return lines
 
 

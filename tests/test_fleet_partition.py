@@ -137,6 +137,8 @@ def test_every_policy_evaluates_every_round_and_differs_from_the_others_only_in_
         shared = argv[: len(argv) - len(own)]
         assert argv[len(shared) :] == own, f"{name}: its policy options are not the last ones: {argv}"
         assert shared == runs["nefl-deadline"][: len(shared)], f"{name} shares other settings than nefl-deadline"
+    dropping = [name for name, argv in runs.items() if "--no-fit-steps" in argv]
+    assert dropping == ["fedavg-full-drop"], f"policies that give a slow device no shorter task: {dropping}"
     override = serve_args("nefl-deadline", "r", 6, _options(serve_args="--eval-every 5"))
     assert override[-2:] == ["--eval-every", "5"], "--serve-args must come last, to override the defaults"
 
@@ -159,7 +161,14 @@ def test_the_summary_counts_rounds_in_the_budget_times_to_target_and_evaluation_
     rows += [{"round": 0, "submodel": k, "accuracy": 0.1, "ended_at": 0.0} for k in range(3)]
 
     ends = round_ends(rows, t0)
-    out = summarize("p", rows, ends, _options(), [], {"a": "pi4", "b": "pi5"})
+    clients = [
+        {"round": 1, "node": "a", "submodel": 0, "status": "updated", "steps": 4},
+        {"round": 2, "node": "a", "submodel": 1, "status": "updated", "steps": 7},
+        {"round": 2, "node": "b", "submodel": 2, "status": "updated", "steps": 15},
+        {"round": 3, "node": "b", "submodel": 2, "status": "declined"},
+        {"round": 4, "node": "b", "submodel": 2, "status": "updated", "steps": 15},  # past the budget
+    ]
+    out = summarize("p", rows, ends, _options(), clients, {"a": "pi4", "b": "pi5"})
 
     assert ends == {r: end for r, _, end, *_ in plan}, ends
 
@@ -173,6 +182,9 @@ def test_the_summary_counts_rounds_in_the_budget_times_to_target_and_evaluation_
     assert out["between_rounds_s"] == round(between, 1) == 2.5, out["between_rounds_s"]
     assert out["final"]["worst"] == 0.76 and out["final"]["best"] == 0.81, out["final"]
     assert out["participation"] == 9 / (3 * 2), out["participation"]
+    assert out["submodels_by_class"] == {"pi4": [0, 1], "pi5": [2]}, out["submodels_by_class"]
+    assert out["updates_by_class"] == {"pi4": 2, "pi5": 1}, out["updates_by_class"]
+    assert out["mean_steps_by_class"] == {"pi4": (4 + 7) / 2, "pi5": 15}, out["mean_steps_by_class"]
 
 
 def test_the_goal_lines_give_the_speed_up_to_target_and_the_held_classes_against_fedavg_full_drop() -> None:
@@ -200,6 +212,10 @@ def test_the_goal_lines_give_the_speed_up_to_target_and_the_held_classes_against
     assert "100 s vs 20 s, 5.0x" in text, text
     assert "60.0, 65.0, 80.0 % against fedavg-full-drop's 65.0 %: 1 of 3" in text, text
     assert goal_lines({**record, "policies": record["policies"][:2]}) == [], "a goal without fedavg-full-drop"
+    distill = policy("nefl-distill-deadline", 25.0, 10.0, [0.7, 0.7, 0.7])
+    both = "\n".join(goal_lines({**record, "policies": [*record["policies"], distill]}))
+    assert "`nefl-deadline`, time to target" in both and "`nefl-distill-deadline`, time to target" in both, both
+    assert "at least 12.0x" in both and "70.0, 70.0, 70.0 % against fedavg-full-drop's 65.0 %: 3 of 3" in both, both
 
 
 def test_appending_policies_keeps_the_record_and_refuses_other_settings() -> None:

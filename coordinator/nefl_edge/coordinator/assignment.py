@@ -3,7 +3,12 @@
 A client's *capacity* is an index into the run's gammas: the largest parameter ratio it can afford.
 ``static``: the tier the device declared (``nefl-edge join --tier``; none: the smallest).
 ``deadline``: the largest tier whose submodel the device can train within ``margin`` of the round deadline,
-projected from the throughput the device measured on a probe submodel and scaled by forward MFLOPs.
+projected from the throughput the device measured on a probe submodel and scaled by forward MFLOPs. When the
+round's tasks carry the previous round's federated BatchNorm statistics (``Task.bn_stats``: the device first
+runs forward passes over up to ``bn_max_batches`` batches of its training split), that pass is priced too
+(:func:`statistics_samples`, :data:`FORWARD_SHARE`). A device that cannot fit even the smallest submodel's
+planned steps is given fewer local steps (:func:`affordable_steps`, ``RunConfig.fit_steps``) rather than a task
+it would decline every round.
 
 The strategy then maps a capacity to one of its submodels (``Strategy.assign``). With ``cover`` the
 assignment is rebalanced so that every submodel of the method gets at least one client when the selected
@@ -29,6 +34,11 @@ Policy = Literal["static", "deadline"]
 DEADLINE_MARGIN = 0.7
 """Share of the deadline a projected local training may use: the rest absorbs download, upload, the
 device's warm-up and the error of projecting from a probe submodel (tested in tests/test_engine.py)."""
+FORWARD_SHARE = 1.0 / 3.0
+"""A forward pass's share of one training step's compute per sample: the backward pass costs about twice the
+forward (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", sec. 2.1: 2N FLOPs a token forward,
+6N forward and backward). The engine's speed evidence counts a carried statistics pass the same way; the
+optimizer update and BatchNorm's statistics outputs are not counted."""
 
 
 @dataclass(frozen=True)
@@ -41,16 +51,79 @@ class ClientInfo:
     profile: Optional[DeviceProfile] = None
 
 
-def projected_seconds(profile: DeviceProfile, cost_mflops: float, num_samples: int, train: TrainConfig) -> float:
-    """Seconds a device needs for a task on a submodel of ``cost_mflops``; ``inf`` when its profile has no
+def _rate(profile: DeviceProfile) -> Optional[float]:
+    """Training MFLOP-samples a second (probe throughput x probe forward MFLOPs); None when the profile has no
     usable throughput. Every number a device sent is checked before use (never a division by it)."""
     speed, probe = profile.samples_per_s, profile.probe_mflops
     if speed is None or probe is None or not (math.isfinite(speed) and math.isfinite(probe)):
-        return math.inf
-    if speed <= 1e-6 or probe <= 1e-6 or cost_mflops <= 0:
+        return None
+    if speed <= 1e-6 or probe <= 1e-6 or not math.isfinite(speed * probe):
+        return None
+    return speed * probe
+
+
+def statistics_samples(num_samples: int, batch_size: int, max_batches: Optional[int]) -> int:
+    """Samples a carried statistics pass runs forward on a training split of ``num_samples``: the batches of
+    ``core.evaluation.stats_batches`` (consecutive, none smaller than two, at most ``max_batches``), counted
+    without building them (the engine prices every client of a round)."""
+    if batch_size < 2:  # its first batch already has no variance: no statistics at all
+        return 0
+    full, rest = divmod(max(0, num_samples), batch_size)
+    sizes = full + (rest >= 2)
+    if max_batches is not None and sizes > max_batches:
+        return max_batches * batch_size
+    return full * batch_size + (rest if rest >= 2 else 0)
+
+
+def projected_seconds(
+    profile: DeviceProfile,
+    cost_mflops: float,
+    num_samples: int,
+    train: TrainConfig,
+    stats_samples: int = 0,
+    stats_mflops: float = 0.0,
+) -> float:
+    """Seconds a device needs for a task on a submodel of ``cost_mflops``: its planned local steps, plus, when
+    the task carries a statistics pass, ``stats_samples`` forward passes of a submodel of ``stats_mflops``
+    (:data:`FORWARD_SHARE` of a training sample each); ``inf`` when its profile has no usable throughput."""
+    rate = _rate(profile)
+    if rate is None or cost_mflops <= 0:
         return math.inf
     samples = planned_steps(num_samples, train) * train.batch_size
-    return samples / (speed * probe / cost_mflops)
+    return (samples * cost_mflops + FORWARD_SHARE * max(0, stats_samples) * max(0.0, stats_mflops)) / rate
+
+
+def affordable_steps(
+    profile: Optional[DeviceProfile],
+    cost_mflops: float,
+    num_samples: int,
+    train: TrainConfig,
+    limit_s: float,
+    stats_samples: int = 0,
+    stats_mflops: float = 0.0,
+) -> Optional[int]:
+    """The local steps a device can take within ``limit_s`` (the deadline's margin) after its carried
+    statistics pass, when that is fewer than the task's planned steps; None when the whole task fits or the
+    profile has no usable throughput (nothing to go on). At least one step: the device's own pace check still
+    declines a task it cannot finish.
+
+    This is FedProx's "variable amount of local work" (Li et al., MLSys 2020, arXiv 1812.06127, sec. 3): a
+    straggler sends a partial solution instead of being dropped. As in FedProx, and unlike FedNova (Wang et al.,
+    NeurIPS 2020, arXiv 2007.07481), the update keeps its sample-count weight in the aggregation: FedNova
+    divides each update by its local steps to remove the objective inconsistency that unequal local work
+    brings; we depart from it so that a slow device's data is not discounted for its hardware (the data that
+    only slow devices hold would otherwise weigh less than its share)."""
+    if profile is None:
+        return None
+    rate = _rate(profile)
+    if rate is None or cost_mflops <= 0:
+        return None
+    planned = planned_steps(num_samples, train)
+    if projected_seconds(profile, cost_mflops, num_samples, train, stats_samples, stats_mflops) <= limit_s:
+        return None
+    step_s = train.batch_size * cost_mflops / rate
+    left = limit_s - FORWARD_SHARE * max(0, stats_samples) * max(0.0, stats_mflops) / rate
+    return max(1, min(planned - 1, math.floor(left / step_s)))
 
 
 def task_mflops(config: ModelConfig, plan: Plan, index: int) -> float:
@@ -71,8 +144,11 @@ def capacity(
     train: TrainConfig,
     deadline_s: float,
     margin: float = DEADLINE_MARGIN,
+    stats_samples: int = 0,
 ) -> int:
-    """The client's capacity tier (an index into the run's gammas) under ``policy``."""
+    """The client's capacity tier (an index into the run's gammas) under ``policy``: under ``deadline`` the
+    largest whose task fits ``margin * deadline_s``, a carried statistics pass of ``stats_samples`` on that
+    submodel included (:func:`projected_seconds`); the smallest when none fits."""
     tiers = len(plan.tier_submodel)
     if policy == "static" or client.profile is None:
         return min(client.tier, tiers - 1) if client.tier is not None else 0
@@ -81,7 +157,9 @@ def capacity(
         if index is None:
             continue
         cost = task_mflops(config, plan, index)
-        if projected_seconds(client.profile, cost, client.num_samples, train) <= margin * deadline_s:
+        pass_cost = mflops(config, plan.specs[index]) if stats_samples else 0.0  # the task's submodel alone
+        seconds = projected_seconds(client.profile, cost, client.num_samples, train, stats_samples, pass_cost)
+        if seconds <= margin * deadline_s:
             best = tier
     return best
 

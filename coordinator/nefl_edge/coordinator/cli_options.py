@@ -25,7 +25,7 @@ BROKER_PANEL, ROUNDS_PANEL, METHOD_PANEL, EVALUATION_PANEL, OUTPUT_PANEL = (
     "Broker and security", "Rounds", "Method and local training", "Evaluation", "Output",
 )  # fmt: skip
 _ROUNDS = {"run", "rounds", "fraction", "min_clients", "min_updates", "policy", "cover_submodels", "cover_rule",
-           "deadline_s", "wait_clients_s", "tier_window", "seed"}  # fmt: skip
+           "deadline_s", "fit_steps", "wait_clients_s", "tier_window", "seed"}  # fmt: skip
 _EVALUATION = {"eval_samples", "bn", "bn_calibration", "bn_device_samples", "evaluation", "eval_fraction",
                "eval_every", "eval_background"}  # fmt: skip
 

@@ -138,6 +138,12 @@ class RunConfig(BaseModel):
         "devices' data over the rounds) or the weakest that can (fast devices keep the large submodels)",
     )
     deadline_s: float = Field(120.0, gt=0, description="seconds a client has for its task")
+    fit_steps: bool = Field(
+        True,
+        description="deadline policy: a device whose projection cannot fit even its submodel's planned local "
+        "steps within the deadline's margin trains as many as fit (FedProx's partial work) instead of declining "
+        "(off: it gets the whole task, declines or misses it, and is dropped from the round)",
+    )
     wait_clients_s: float = Field(120.0, gt=0, description="seconds a round waits for min_clients")
     weighting: Literal["samples", "uniform"] = Field("samples", description="NeFedAvg weights: samples or uniform")
     update_norm_bound: float = Field(

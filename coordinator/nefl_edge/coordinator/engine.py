@@ -46,7 +46,15 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from nefl_edge.coordinator.assignment import assign, capacity, task_mflops
+from nefl_edge.coordinator.assignment import (
+    DEADLINE_MARGIN,
+    ClientInfo,
+    affordable_steps,
+    assign,
+    capacity,
+    statistics_samples,
+    task_mflops,
+)
 from nefl_edge.coordinator.config import ConfigError, RunConfig, evaluates
 from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, Grid, Instruction, Outcome
 from nefl_edge.coordinator.screening import MAX_SAMPLES, Quarantine, SpeedEvidence, UpdateRejected, screen
@@ -54,7 +62,8 @@ from nefl_edge.coordinator.strategies import Aggregator, Plan, Strategy
 from nefl_edge.core.evaluation import BnStats, EvalResult, bn_channels
 from nefl_edge.core.nested import GlobalState
 from nefl_edge.core.schedule import planned_steps
-from nefl_edge.core.specs import ModelConfig, param_layout
+from nefl_edge.core.schemas import TrainConfig
+from nefl_edge.core.specs import ModelConfig, mflops, param_layout
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +141,10 @@ class RoundEngine:
         self.update_shapes = [strategy.update_shapes(config, plan, k) for k in range(len(plan.specs))]
         self.mflops = [task_mflops(config, plan, k) for k in range(len(plan.specs))]
         """Forward MFLOPs per submodel (the speed evidence of every answer needs them; computed once)."""
+        self.pass_mflops = [mflops(config, spec) for spec in plan.specs]
+        """Forward MFLOPs of a carried statistics pass per submodel (the submodel alone, without a student)."""
+        self._task_train: dict[str, TrainConfig] = {}
+        """This round's clients whose task has fewer local steps than planned (``fit_steps``): their train."""
         self.declared: dict[str, int] = {}
         """Samples each client of the current round declared (its hello): what its evaluation may claim."""
         self.federated_eval = cfg.evaluation in ("federated", "both")
@@ -176,8 +189,15 @@ class RoundEngine:
         self._profiles = {n: c.profile for n, c in clients.items()}
         clients = {n: replace(c, profile=self.evidence.profile(n, c.profile)) for n, c in clients.items()}
         report.phases["waiting"] = time.monotonic() - started
+        # this round's tasks carry the last round's statistics pass: the deadline projection prices it
+        carried = self.owed is not None and self.owed.state is state
+        batch, max_batches = cfg.train.batch_size, self.bn_max_batches
+        passes = {
+            n: statistics_samples(c.num_samples, batch, max_batches) if carried else 0 for n, c in clients.items()
+        }
         caps = {
-            n: capacity(c, cfg.policy, self.plan, self.config, cfg.train, cfg.deadline_s) for n, c in clients.items()
+            n: capacity(c, cfg.policy, self.plan, self.config, cfg.train, cfg.deadline_s, stats_samples=passes[n])
+            for n, c in clients.items()
         }
         blocked = self.quarantine.active(r)
         report.quarantined, report.quarantined_nodes = len(blocked), blocked
@@ -212,6 +232,11 @@ class RoundEngine:
             )
             for n in selected
         ]
+        self._task_train = {}
+        if cfg.policy == "deadline" and cfg.fit_steps:
+            instructions = [self._fit_steps(i, clients[i.node], passes[i.node]) for i in instructions]
+            if self._task_train:
+                log.info("round %d: %d clients get fewer local steps to fit the deadline", r, len(self._task_train))
         report.selected = len(instructions)
         if len(assignment) <= 50:
             log.info("round %d: %d clients, submodels %s", r, len(instructions), dict(sorted(assignment.items())))
@@ -387,6 +412,26 @@ class RoundEngine:
         if missing:
             log.warning("round %d: no BatchNorm statistics for submodels %s; they keep their previous ones", r, missing)
 
+    def _fit_steps(self, instruction: Instruction, client: ClientInfo, stats_samples: int) -> Instruction:
+        """``instruction`` with fewer local steps (``TrainConfig.max_steps``) when the client's projection
+        cannot fit its submodel's planned steps, after the carried statistics pass, within the deadline's
+        margin (``assignment.affordable_steps``); unchanged otherwise."""
+        k = instruction.submodel
+        steps = affordable_steps(
+            client.profile,
+            self.mflops[k],
+            client.num_samples,
+            instruction.train,
+            DEADLINE_MARGIN * self.cfg.deadline_s,
+            stats_samples,
+            self.pass_mflops[k],
+        )
+        if steps is None:
+            return instruction
+        train = instruction.train.model_copy(update={"max_steps": steps})
+        self._task_train[instruction.node] = train
+        return replace(instruction, train=train)
+
     def _statistics_samples(self, outcome: Outcome) -> int:
         """The training samples a device's statistics pass runs over (at most ``bn_device_samples``)."""
         samples = outcome.num_samples or self.declared.get(outcome.node, 0)
@@ -470,7 +515,10 @@ class RoundEngine:
                 outcome.node,
                 self._profiles.get(outcome.node),
                 self.mflops[outcome.submodel],
-                planned_steps(outcome.num_samples or self.declared.get(outcome.node, 0), self.cfg.train)
+                planned_steps(
+                    outcome.num_samples or self.declared.get(outcome.node, 0),
+                    self._task_train.get(outcome.node, self.cfg.train),
+                )
                 * self.cfg.train.batch_size
                 + (self._statistics_samples(outcome) // 3 if carried else 0),
                 outcome.seconds,

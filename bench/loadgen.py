@@ -31,6 +31,13 @@ On a shared host the wall times follow the load; ``overhead_cpu_s`` is the coord
 threads) in the same window, from samples of its ``/proc`` CPU time every 0.1 s, and ``bn_cpu_s`` the same over
 a statistics round trip (``bn_s``). With a round trip, ``bn_tasks_out_s`` and ``bn_answers_out_s`` are from the
 round's first ``evaluate`` task arriving here to its last one arriving and to the last answer handed to paho.
+
+Where the tasks' way out goes (issue 24): ``acked_s`` ends when the broker has acknowledged the last task of
+round r+1 to the coordinator (its log line, :data:`ACKED`), so ``handed_out_s`` -> ``acked_s`` is the
+coordinator's MQTT client sending them and ``acked_s`` -> ``overhead_s`` the broker delivering them and the load
+generator decoding them; ``broker_overhead_cpu_s`` and ``loadgen_overhead_cpu_s`` are the broker's and every
+load-generator process's CPU seconds in the overhead window (``coordinator_overhead_cpu_s`` is
+``overhead_cpu_s``).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import json
 import logging
 import os
 import random
+import re
 import shlex
 import signal
 import statistics
@@ -59,7 +67,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from nefl_edge.core.mqtt import CHUNK_MARK, Receiver
+from nefl_edge.core.mqtt import CHUNK_MARK, MAX_INFLIGHT, Receiver
 from nefl_edge.core.schemas import (
     BnCount,
     Control,
@@ -87,6 +95,8 @@ WINDOW = 8  # updates in flight per connection before the sender waits for the b
 STORE_BYTES = "$SYS/broker/store/messages/bytes"  # Mosquitto: bytes of the messages it stores (sys_interval)
 AFTER_COLLECTING = ("aggregation", "bn_statistics", "federated_evaluation")
 """The phases of a metrics row that run between the end of the collecting loop and ``ended_at``."""
+ACKED = re.compile(r"the broker acknowledged the (\d+) (task|evaluate) messages of round (\d+) at ([\d.]+)")
+"""The coordinator's log line (``coordinator.session``) when the broker has acknowledged a round's tasks."""
 
 
 @dataclass
@@ -567,6 +577,15 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+def coordinator_acks(log_text: str) -> dict[tuple[int, str], float]:
+    """When the broker had acknowledged each round's tasks, by (round, kind: ``task`` or ``evaluate``), from the
+    coordinator's log (:data:`ACKED`; the first such line of a round and kind)."""
+    out: dict[tuple[int, str], float] = {}
+    for match in ACKED.finditer(log_text):
+        out.setdefault((int(match.group(3)), match.group(2)), float(match.group(4)))
+    return out
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
@@ -623,7 +642,10 @@ def measure(
         "loadgen_processes": processes,
     }
     queue_line = f"max_queued_messages {settings['broker_queue']}"
-    with LocalBroker("mosquitto", folder / "broker", extra_config=(queue_line, "sys_interval 1")) as broker:
+    inflight_line = f"max_inflight_messages {MAX_INFLIGHT}"  # as `nefl-coord broker-config` writes it
+    settings["broker_inflight"] = MAX_INFLIGHT
+    config = (queue_line, inflight_line, "sys_interval 1")
+    with LocalBroker("mosquitto", folder / "broker", extra_config=config) as broker:
         args = [
             sys.executable, "-m", "nefl_edge.coordinator", "serve", "--broker", broker.address,
             "--runs-dir", str(folder / "runs"), "--run", run, "--model", model, "--rounds", str(rounds),
@@ -660,7 +682,9 @@ def measure(
         peak = broker_peak = 0.0
         started = time.monotonic()
         cpu_samples: list[tuple[float, float]] = []  # (time.time(), the coordinator's CPU seconds), every 0.1 s
-        own_samples: list[tuple[float, float]] = []  # the same of this process (the load generator)
+        own_samples: list[tuple[float, float]] = []  # the same of the load-generator processes, all of them
+        broker_samples: list[tuple[float, float]] = []  # and of the broker
+        pids = [os.getpid()] + [child.pid for child in children]
         try:
             gen.start(timeout_s=300, alive=lambda: coord.poll() is None)
             while not gen.wait_end(0.1):
@@ -668,7 +692,8 @@ def measure(
                     break
                 with contextlib.suppress(OSError):
                     cpu_samples.append((time.time(), process_cpu(coord.pid)))
-                    own_samples.append((time.time(), process_cpu(os.getpid())))
+                    own_samples.append((time.time(), sum(process_cpu(pid) for pid in pids)))
+                    broker_samples.append((time.time(), process_cpu(broker_pid)))
                 peak = max(peak, peak_rss_mb(coord.pid))
                 broker_peak = max(broker_peak, rss_mb(broker_pid))
                 if time.monotonic() - started > timeout_s:
@@ -701,6 +726,7 @@ def measure(
         for timing in gen.rounds.values():
             if timing.last_task_at and len(cpu_samples) > 1:
                 timing.coordinator_cpu_s = cpu_at(cpu_samples, timing.last_task_at)
+    acked = coordinator_acks((folder / "coordinator.log").read_text(errors="replace"))
     run_dirs = sorted((folder / "runs").glob(f"{run}-*"))
     metrics = {r["round"]: r for r in read_jsonl(run_dirs[-1] / "metrics.jsonl") if r["submodel"] == 0}
     per_round = []
@@ -734,8 +760,12 @@ def measure(
         if timing is not None and nxt is not None and nxt.coordinator_cpu_s and timing.coordinator_cpu_s:
             entry["coordinator_cpu_s"] = nxt.coordinator_cpu_s - timing.coordinator_cpu_s
         if "overhead_s" in entry and nxt is not None and len(cpu_samples) > 1:  # CPU spent in the overhead window
-            entry["overhead_cpu_s"] = cpu_at(cpu_samples, nxt.last_task_at) - cpu_at(cpu_samples, collected)
-            entry["loadgen_overhead_cpu_s"] = cpu_at(own_samples, nxt.last_task_at) - cpu_at(own_samples, collected)
+            end = nxt.last_task_at
+            entry["overhead_cpu_s"] = cpu_at(cpu_samples, end) - cpu_at(cpu_samples, collected)
+            entry["loadgen_overhead_cpu_s"] = cpu_at(own_samples, end) - cpu_at(own_samples, collected)
+            entry["broker_overhead_cpu_s"] = cpu_at(broker_samples, end) - cpu_at(broker_samples, collected)
+        if collected and (r + 1, "task") in acked:  # the broker acknowledged round r+1's last task
+            entry["acked_s"] = acked[(r + 1, "task")] - collected
         if "bn_s" in entry and len(cpu_samples) > 1:  # CPU spent in the statistics round trip alone
             entry["bn_cpu_s"] = cpu_at(cpu_samples, collected + entry["bn_s"]) - cpu_at(cpu_samples, collected)
         if timing is not None and timing.first_eval_task_at and timing.last_eval_answer_at:
@@ -748,6 +778,9 @@ def measure(
     bn_cpus = [e["bn_cpu_s"] for e in per_round if "bn_cpu_s" in e]
     bns = [e["bn_s"] for e in per_round if "bn_s" in e and "overhead_s" in e]
     handed = [e["handed_out_s"] for e in per_round if "handed_out_s" in e]
+    acks = [e["acked_s"] for e in per_round if "acked_s" in e]
+    loadgen_cpus = [e["loadgen_overhead_cpu_s"] for e in per_round if "loadgen_overhead_cpu_s" in e]
+    broker_cpus = [e["broker_overhead_cpu_s"] for e in per_round if "broker_overhead_cpu_s" in e]
     carried = [e["bn_carried_s"] for e in per_round if "bn_carried_s" in e]
     return {
         "settings": settings,
@@ -757,6 +790,9 @@ def measure(
         "overhead_max_s": max(overheads) if overheads else None,
         "bn_s": statistics.median(bns) if bns else None,
         "handed_out_s": statistics.median(handed) if handed else None,
+        "acked_s": statistics.median(acks) if acks else None,
+        "loadgen_overhead_cpu_s": statistics.median(loadgen_cpus) if loadgen_cpus else None,
+        "broker_overhead_cpu_s": statistics.median(broker_cpus) if broker_cpus else None,
         "bn_carried_s": statistics.median(carried) if carried else None,
         "coordinator_cpu_s_per_round": statistics.median(cpus) if cpus else None,
         "overhead_cpu_s": statistics.median(overhead_cpus) if overhead_cpus else None,

@@ -57,19 +57,25 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from nefl_edge.core.errors import BadInput
 from nefl_edge.core.identity import make_private_dir, write_atomic
+from nefl_edge.core.mqtt import MAX_INFLIGHT
 from nefl_edge.core.wire import DEFAULT_CHUNK_SIZE
 
 BROKER_SCHEMA = "nefl.broker/1"
 COORDINATOR_USER = "nefl-coord"
 DEFAULT_TLS_PORT = 8883
 DEFAULT_MAX_PACKET = DEFAULT_CHUNK_SIZE + (64 << 10)
-MAX_QUEUED_MESSAGES = 10_000
+MAX_QUEUED_MESSAGES = 100_000
 MAX_QUEUED_BYTES = 1 << 30
 """Per client, Mosquitto keeps at most this many QoS 1 messages (and bytes) beyond those in flight, for a
 client that is offline (a persistent session) or reads slower than it is sent to, and drops the rest. Mosquitto
 2.0 has no per-account setting: the bound applies to the coordinator too, whose queue holds every device's
 updates while it aggregates, so it is sized for that (1 GiB: 100 updates of 10 MiB) rather than for a device,
-whose own queue holds its tasks and the broadcasts (manifest, final model) of a few rounds."""
+whose own queue holds its tasks and the broadcasts (manifest, final model) of a few rounds. The count fits a
+round of 10,000 devices (issue 24): each sends its statistics as it gets its task and two statuses and an update
+later, a burst of 10,000-30,000 small messages the coordinator takes in behind its window; bytes stay bounded."""
+MAX_INFLIGHT_MESSAGES = MAX_INFLIGHT
+"""Mosquitto's ``max_inflight_messages``: QoS 1 messages it sends to a client unacknowledged, and the Receive
+Maximum it announces to MQTT 5 clients, which bounds their window (:data:`core.mqtt.MAX_INFLIGHT`, the same)."""
 PERSISTENT_CLIENT_EXPIRATION = "1d"
 """A persistent session whose client has not come back within this time is removed with its queue."""
 PBKDF2_ITERATIONS = 101  # Mosquitto's own default; the generated passwords carry 256 random bits anyway
@@ -326,6 +332,7 @@ def config_text(opts: BrokerOptions) -> str:
     lines += [
         f"max_queued_messages {opts.max_queued_messages}",
         f"max_queued_bytes {opts.max_queued_bytes}",
+        f"max_inflight_messages {MAX_INFLIGHT_MESSAGES}",
         f"persistent_client_expiration {PERSISTENT_CLIENT_EXPIRATION}",
     ]
     if opts.persistence:

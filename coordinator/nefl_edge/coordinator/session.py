@@ -396,6 +396,7 @@ class CoordinatorSession:
         self._beating = threading.Event()
         self._reask = threading.Event()  # reconnected while tasks were pending: ask them again (collect)
         self._switch_before: Optional[float] = None  # the switch interval open() lowered (SWITCH_INTERVAL_S)
+        self._acks_due: Optional[tuple[int, int, str]] = None  # (link.published after send, tasks, their kind)
 
     # --- the run on the link -------------------------------------------------------------------------------
 
@@ -630,6 +631,21 @@ class CoordinatorSession:
         self.listen(frozenset(tasks))
         for node, task in tasks.items():
             self.bytes_out += self.link.publish(self.topics.node(node, "task"), task)
+        published = getattr(self.link, "published", None)  # MqttLink's count (issue 24's measurements)
+        if isinstance(published, int) and tasks:
+            self._acks_due = (published, len(tasks), next(iter(tasks.values())).kind)
+
+    def _note_acknowledged(self, round_: int) -> None:
+        """Log when the broker has acknowledged every task of the latest :meth:`send` (the time of the latest
+        acknowledgement then, ``time.time()``; checked as answers are collected): with the devices' arrival
+        times it tells the coordinator's sending from the broker's delivery (``bench.loadgen``)."""
+        if self._acks_due is None:
+            return
+        due, count, kind = self._acks_due
+        if getattr(self.link, "acked", 0) >= due:
+            self._acks_due = None
+            at = getattr(self.link, "acked_at", 0.0)
+            log.info("the broker acknowledged the %d %s messages of round %d at %.3f", count, kind, round_, at)
 
     def run(
         self,
@@ -698,6 +714,7 @@ class CoordinatorSession:
         deadline = started + self.deadline_s + GRACE_S
         look = 0.0
         while pending and time.monotonic() < deadline and not self.stop.is_set():
+            self._note_acknowledged(round_)
             if self._reask.is_set():
                 self._reask.clear()
                 self.ask_again(round_, pending)

@@ -10,6 +10,10 @@ subscribes the chunked form on which retained messages travel (``<topic>/chunk/0
 chunks exactly, which brokers such as RabbitMQ need; ``<topic>/chunk/+`` for a wildcard filter), so retained
 and plain messages on a topic both arrive.
 
+QoS 1 messages go out through a window of :data:`MAX_INFLIGHT` unacknowledged ones, kept by the link, not by
+paho (see :class:`MqttLink`): issue 24 measured the next round's 10,000 tasks taking 6.4 s to reach the devices
+behind paho's default window of 20 while the devices' answers came in on the same connection.
+
 Correct over MQTT 3.1.1; MQTT 5 is optional (``protocol="5"``), used for a session expiry interval and for
 subscriptions with Retain As Published (MQTT 5.0, 3.8.3.1): a message a client publishes retained then arrives
 with its retain flag, so that ``on_retained`` sees it at once; over 3.1.1 only retained messages sent for a new
@@ -18,8 +22,11 @@ subscription carry the flag (MQTT 3.1.1, 3.3.1.3).
 
 from __future__ import annotations
 
+import collections
 import logging
 import ssl
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple
@@ -59,6 +66,12 @@ log = logging.getLogger(__name__)
 BACKPRESSURE_S = 5.0
 """How long paho's network thread may hold an awaited answer for room in a full inbox
 (:meth:`core.link.FramedLink._offer_waiting`): well within the 45 s a broker waits on a 30 s keepalive."""
+MAX_INFLIGHT = 1000
+"""QoS 1 messages a link keeps unacknowledged at once (paho's default is 20). A window must cover the messages
+sent in one round trip to the broker: at 20, the 10,000 tasks of a round went out 20 per PUBACK round trip of a
+network thread that also took in the devices' answers (issue 24: 6.4 s at 10,000 devices). Over MQTT 5 the
+broker's Receive Maximum lowers it (MQTT 5.0, 3.2.2.3.3 and 4.9); ``nefl-coord broker-config`` writes
+Mosquitto's ``max_inflight_messages`` (which it announces as its Receive Maximum) to match."""
 
 
 class BrokerError(NeflError, ConnectionError):
@@ -124,7 +137,14 @@ class MqttLink(FramedLink):
     received message must be signed by the key that ``sender_of(message)`` names (see
     :func:`core.signing.signer_policy`); without one, messages are accepted unverified. Caps on
     partial messages are those of ``assembler`` (default: :class:`core.wire.Assembler`'s). Everything is
-    published at QoS 1.
+    published at QoS 1, at most ``max_inflight`` messages unacknowledged (over MQTT 5 at most the broker's
+    Receive Maximum); the rest wait in the link's queue, in order, and go out as acknowledgements come.
+
+    The window is the link's, not paho's (whose own limit is switched off): paho 2.2 refills its window by
+    scanning its queue of unacknowledged messages from the start on every PUBACK (``Client._update_inflight``),
+    O(window) per message, and it ignores a broker's Receive Maximum. Here a PUBACK costs O(1) and hands the
+    next queued messages to paho from its network thread. :attr:`acked` and :attr:`acked_at` count the
+    acknowledgements and time the latest (``time.time()``), for measurements.
     """
 
     def __init__(
@@ -143,8 +163,20 @@ class MqttLink(FramedLink):
         assembler: Optional[Assembler] = None,
         inbox_size: int = INBOX_SIZE,
         inbox_bytes: int = INBOX_BYTES,
+        max_inflight: int = MAX_INFLIGHT,
     ) -> None:
         super().__init__(run, chunk_size, signer, keyring, sender_of, assembler, inbox_size, inbox_bytes)
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight must be at least 1, not {max_inflight}")
+        self.max_inflight = max_inflight
+        self.window = max_inflight  # this connection's: max_inflight, or less if the broker's Receive Maximum is
+        self._out = threading.Condition()  # guards the window's counters and queue; never held while calling paho
+        self._waiting: collections.deque[Tuple[str, bytes, bool]] = collections.deque()
+        self._in_flight = 0  # handed to paho and not yet acknowledged (paho resends them after a reconnect)
+        self._handing = 0  # taken off the queue by the network thread and not yet handed to paho
+        self._published = 0  # QoS 1 messages accepted by _send, in order: a message's sequence number
+        self.acked = 0
+        self.acked_at = 0.0
         self.backpressure_s = BACKPRESSURE_S
         self.broker = broker
         self.protocol = protocol
@@ -155,6 +187,7 @@ class MqttLink(FramedLink):
             kwargs["clean_session"] = clean
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, **kwargs)
         self.client.suppress_exceptions = True  # second line of defence: paho logs instead of dying
+        self.client.max_inflight_messages_set(0)  # the link keeps the window (class docstring)
         security.apply(self.client)
         if will is not None:
             will_topic, will_frame = self._will_frame(will)
@@ -163,6 +196,7 @@ class MqttLink(FramedLink):
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
         self._refused: Optional[str] = None
 
     # --- connection ----------------------------------------------------------------------------------------
@@ -202,6 +236,11 @@ class MqttLink(FramedLink):
             client.disconnect()
             return
         log.info("connected to broker %s", self.broker)
+        receive_maximum = getattr(props, "ReceiveMaximum", None) if self.protocol == "5" else None
+        with self._out:
+            self.window = min(self.max_inflight, receive_maximum or self.max_inflight)
+        if self.window < self.max_inflight:
+            log.info("broker %s takes at most %d messages in flight (Receive Maximum)", self.broker, self.window)
         self._session_up(reason)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -217,7 +256,71 @@ class MqttLink(FramedLink):
     # --- transport -----------------------------------------------------------------------------------------
 
     def _send(self, topic: str, payload: bytes, retain: bool) -> None:
-        self.client.publish(topic, payload, qos=1, retain=retain)
+        self._enqueue(topic, payload, retain)
+
+    def _enqueue(self, topic: str, payload: bytes, retain: bool) -> int:
+        """Hand one QoS 1 message to paho if the window has room and nothing waits before it, else queue it;
+        its sequence number (:meth:`flush`). paho is called outside ``_out``: its network thread holds paho's
+        own lock when it calls :meth:`_on_publish`, which takes ``_out``."""
+        with self._out:
+            self._published += 1
+            number = self._published
+            now = not self._waiting and not self._handing and self._in_flight < self.window
+            if now:
+                self._in_flight += 1
+            else:
+                self._waiting.append((topic, payload, retain))
+        if now:
+            self._hand(topic, payload, retain)
+        return number
+
+    def _hand(self, topic: str, payload: bytes, retain: bool) -> None:
+        try:
+            self.client.publish(topic, payload, qos=1, retain=retain)
+        except Exception:
+            with self._out:
+                self._in_flight -= 1
+            raise
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        """paho's network thread, on each PUBACK: one slot of the window is free; hand over what now fits. paho
+        keeps a message until it is acknowledged (resending it after a reconnect), so every message handed
+        over is acknowledged exactly once."""
+        try:
+            with self._out:
+                self.acked += 1
+                self.acked_at = time.time()
+                self._in_flight -= 1
+                batch = []
+                while self._waiting and self._in_flight < self.window:
+                    batch.append(self._waiting.popleft())
+                    self._in_flight += 1
+                self._handing += len(batch)
+                self._out.notify_all()
+            for topic, payload, retain in batch:
+                try:
+                    self.client.publish(topic, payload, qos=1, retain=retain)
+                except Exception:  # not sendable (e.g. a bad topic): never acknowledged, so free its slot
+                    log.exception("could not publish a queued message on %s", topic)
+                    with self._out:
+                        self._in_flight -= 1
+                finally:
+                    with self._out:
+                        self._handing -= 1
+        except Exception:  # never kill paho's network thread
+            log.exception("the publish window failed")
+
+    @property
+    def published(self) -> int:
+        """QoS 1 messages published on this link so far: the last one is acknowledged once :attr:`acked`
+        reaches this."""
+        with self._out:
+            return self._published
+
+    def in_flight(self) -> Tuple[int, int]:
+        """(messages handed to paho and not yet acknowledged, messages waiting in the link's queue)."""
+        with self._out:
+            return self._in_flight + self._handing, len(self._waiting)
 
     def _add_filters(self, filters: List[str]) -> None:
         if self.protocol == "5":
@@ -230,13 +333,12 @@ class MqttLink(FramedLink):
         self.client.unsubscribe(filters)
 
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait until the broker acknowledged everything published so far (QoS 1 is sent in order, so the
-        last message's acknowledgement stands for all), at most ``timeout_s``; False if it did not come."""
-        info = self.client.publish(f"nefl/{self.run}/flush", b"", qos=1) if self.connected.is_set() else None
-        if info is None:
+        """Wait until the broker acknowledged everything published so far, at most ``timeout_s``; False if it
+        did not. A marker goes out behind everything queued: a broker acknowledges QoS 1 messages of one
+        connection in order (MQTT 3.1.1, 4.6), so once as many acknowledgements came as messages up to the
+        marker, all of them are in."""
+        if not self.connected.is_set():
             return False
-        try:
-            info.wait_for_publish(timeout_s)
-        except (RuntimeError, ValueError):
-            return False
-        return info.is_published()
+        number = self._enqueue(f"nefl/{self.run}/flush", b"", False)
+        with self._out:
+            return self._out.wait_for(lambda: self.acked >= number, timeout_s)

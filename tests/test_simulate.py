@@ -6,16 +6,18 @@ PyTorch's threads are pinned for the run. (The worker pool's training and evalua
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from nefl_edge.coordinator.cadence import run_rounds
 from nefl_edge.coordinator.config import RunConfig, evaluates
 from nefl_edge.coordinator.engine import RoundEngine, RoundReport
-from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, InProcessGrid
+from nefl_edge.coordinator.grid import EvalOutcome, EvalRequest, InProcessGrid, wait_policy
 from nefl_edge.coordinator.models import initial_consistent
 from nefl_edge.coordinator.simulate import client_names, fleet_config, pinned_threads, simulate
 from nefl_edge.coordinator.strategies import get_strategy
@@ -115,3 +117,52 @@ def test_simulate_pins_pytorch_threads_and_passive_openmp_for_the_run(
     assert seen == [(wanted, "PASSIVE")], f"during the run: {seen}"
     assert torch.get_num_threads() == threads, "the caller's thread count was not restored"
     assert "OMP_WAIT_POLICY" not in os.environ, "the wait policy outlived the run"
+
+
+def test_workers_carry_the_statistics_to_the_serial_state(
+    tiny: tuple[list[Dataset], Dataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bn = federated with evaluation on the coordinator's side: rounds 2 and 3 carry the statistics of rounds
+    # 1 and 2 (ParallelGrid.run_carrying submits them with the trainings); the last round keeps its own trip.
+    from nefl_edge.coordinator import simulate as simulate_module
+
+    shards, test = tiny
+    cfg = RunConfig(gammas=[0.4, 1.0], rounds=3, eval_every=1, policy="static", bn="federated", train=SMALL)
+    carried: list[int] = []
+    run_carrying = simulate_module.ParallelGrid.run_carrying
+
+    def counted(self: simulate_module.ParallelGrid, round_: int, *args: object) -> Iterator[object]:
+        carried.append(round_)
+        return run_carrying(self, round_, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(simulate_module.ParallelGrid, "run_carrying", counted)
+    serial = simulate(cfg, shards, [0, 1, 0, 1], test, threads=1)  # as each worker
+    parallel = simulate(cfg, shards, [0, 1, 0, 1], test, workers=2, threads=1)
+
+    assert carried == [2, 3], f"rounds whose tasks carried the statistics in the pool: {carried}"
+    assert serial.state is not None and parallel.state is not None
+    for name, value in serial.state.flat().items():
+        assert np.array_equal(parallel.state.flat()[name], value), f"{name} differs from the serial run"
+    assert parallel.accuracy == serial.accuracy, f"accuracy {parallel.accuracy} != serial {serial.accuracy}"
+
+
+def test_serial_simulate_evaluates_inline_and_workers_in_the_background(
+    tiny: tuple[list[Dataset], Dataset],
+) -> None:
+    # The process that trains takes the cores: its evaluation waits for the round (no thread beside it).
+    shards, test = tiny
+    cfg = RunConfig(gammas=[1.0], rounds=1, policy="static", bn="tracked", eval_background=True, train=SMALL)
+    threads: dict[str, str] = {}
+
+    for mode, workers in (("serial", 1), ("workers", 2)):
+        simulate(cfg, shards[:2], [0, 0], test, threads=1, workers=workers, on_round=lambda r, a, mode=mode: (
+            threads.setdefault(mode, threading.current_thread().name)
+        ))  # fmt: skip
+
+    assert threads["serial"] == threading.main_thread().name, f"serial evaluated on {threads['serial']}"
+    assert threads["workers"] != threading.main_thread().name, "--workers evaluated on the main thread"
+
+
+def test_wait_policy_spins_only_where_one_process_has_the_cores() -> None:
+    assert wait_policy(1) == "ACTIVE"
+    assert [wait_policy(2), wait_policy(1, "ray"), wait_policy(1, "local", "ort")] == ["PASSIVE"] * 3

@@ -415,8 +415,9 @@ def simulate(
     import os
     import tempfile
 
-    # PyTorch's OpenMP threads wait passively (read once, when torch is imported): simulate.pinned_threads
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from nefl_edge.coordinator.grid import wait_policy  # imports no torch: OpenMP reads the policy at its import
+
+    os.environ.setdefault("OMP_WAIT_POLICY", wait_policy(workers, engine, trainer))
     from rich.console import Console
 
     from nefl_edge.coordinator.evaluation import held_out

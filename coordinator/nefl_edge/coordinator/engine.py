@@ -20,8 +20,8 @@ Statistics carried by the next round (``carry_statistics``, set by ``cadence.run
 whose training weights are its deployed submodels (``Strategy.tracked_bn``), an evaluated round other than the
 last sends no statistics round trip of its own. Round r+1's training tasks carry the request instead: each
 device computes the statistics of the weights it received (state r's submodel it is about to train) on its
-training split before training and sends them before its update (``MqttGrid.run_carrying``; a grid without it
-runs :meth:`Grid.evaluate` for the same requests before the round's training). State r gets them once round
+training split before training and sends them before its update (:meth:`Grid.run_carrying`; an in-process grid
+answers the same requests with its :meth:`Grid.evaluate` before the round's training). State r gets them once round
 r+1 has collected (:meth:`RoundEngine.owes` says a round waits for that) and before round r+1 aggregates, so
 the state r+1 aggregates from carries them, as before. Round r's report gets the phase
 ``bn_statistics_carried``: from round r+1's tasks going out to the last statistics in (it overlaps round r+1's
@@ -35,7 +35,6 @@ aggregation.
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import threading
 import time
@@ -255,15 +254,8 @@ class RoundEngine:
         outcomes: Iterator[Union[Outcome, EvalOutcome]] = iter(())
         if owed is None:
             outcomes = grid.run(r, state, instructions, extract)
-        elif getattr(grid, "run_carrying", None) is not None:
-            outcomes = grid.run_carrying(r, state, instructions, extract, self.bn_max_batches)  # type: ignore[attr-defined]
-        else:  # the same requests, answered before training
-            batch, held = cfg.train.batch_size, self.holdout
-            asks = [
-                EvalRequest(i.node, (i.submodel,), False, True, held, batch, self.bn_max_batches) for i in instructions
-            ]
-            before = grid.evaluate(owed.round, state, asks)  # the evaluation step of state r, run now
-            outcomes = itertools.chain(before, grid.run(r, state, instructions, extract))
+        else:
+            outcomes = grid.run_carrying(r, state, instructions, extract, self.bn_max_batches)
         for outcome in outcomes:
             if isinstance(outcome, EvalOutcome):
                 assert owed is not None
@@ -274,14 +266,14 @@ class RoundEngine:
                 self._fold(r, outcome, clients[outcome.node].num_samples, references, agg, report, owed is not None)
             if stop is not None and stop.is_set():
                 break
-        if getattr(grid, "publish_s", None) is not None:  # seconds to publish the weights and tasks (MQTT)
-            report.phases["publish"] = grid.publish_s  # type: ignore[attr-defined]
+        if grid.publish_s is not None:  # seconds to publish the weights and tasks (MQTT)
+            report.phases["publish"] = grid.publish_s
         if owed is not None:  # before aggregating: the next state starts from these statistics, as before
             self._apply_statistics(owed.round, owed.state, parts, owed.report)
         report.bytes_out = grid.bytes_out - out_before
         for reason, count in grid.rejections().items():
             report.rejected[reason] = report.rejected.get(reason, 0) + count
-        for node in getattr(grid, "offenders", list)():  # refused traffic over budget (MQTT grids)
+        for node in grid.offenders():  # refused traffic over budget (MQTT grids)
             self.quarantine.block(node, r, "refused traffic over budget")
             report.rejected["over_budget"] = report.rejected.get("over_budget", 0) + 1
         report.phases["training"] = time.monotonic() - collecting

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Protocol
+from typing import Literal, Optional, Protocol, Union
 
 from nefl_edge.coordinator.assignment import ClientInfo
 from nefl_edge.coordinator.strategies import Extract, LocalTrainer
@@ -96,6 +96,20 @@ class Grid(Protocol):
         arrive (``dropped`` for those that did not answer in time)."""
         ...
 
+    def run_carrying(
+        self,
+        round_: int,
+        state: GlobalState,
+        instructions: list[Instruction],
+        extract: Extract,
+        bn_max_batches: Optional[int],
+    ) -> Iterator[Union[Outcome, EvalOutcome]]:
+        """:meth:`run` whose tasks also ask for the BatchNorm statistics of the weights they ship (``state``,
+        the previous round's aggregate), over at most ``bn_max_batches`` batches of each client's training
+        split, computed before the client trains: one :class:`EvalOutcome` per client that sends them, before
+        its update (``engine`` module docstring: statistics carried by the next round)."""
+        ...
+
     def evaluate(self, round_: int, state: GlobalState, requests: list[EvalRequest]) -> Iterator[EvalOutcome]:
         """Send every request with the weights of its deployed submodels in ``state`` (nested prefixes); yield
         one outcome per request (``dropped`` for those that did not answer in time)."""
@@ -106,10 +120,29 @@ class Grid(Protocol):
         """Bytes sent so far (weights, tasks)."""
         ...
 
+    @property
+    def publish_s(self) -> Optional[float]:
+        """Seconds the last round took to publish its weights and tasks (``None``: a grid that publishes
+        nothing, whose rounds have no ``publish`` phase)."""
+        ...
+
     def rejections(self) -> dict[str, int]:
         """Messages rejected since the last call that belong to no instruction (stale, duplicate, unknown
         sender), by reason."""
         ...
+
+    def offenders(self) -> list[str]:
+        """The clients whose refused traffic since the last call is over budget (the engine quarantines them)."""
+        ...
+
+
+def carried_requests(instructions: list[Instruction], bn_max_batches: Optional[int]) -> list[EvalRequest]:
+    """The statistics requests a round's tasks carry (:meth:`Grid.run_carrying`): each client's, on the
+    submodel it is about to train, over its training split as the task splits it."""
+    return [
+        EvalRequest(i.node, (i.submodel,), False, True, i.train.eval_fraction, i.train.batch_size, bn_max_batches)
+        for i in instructions
+    ]
 
 
 def client_state(state: GlobalState, index: int, sent: Tensors) -> GlobalState:
@@ -155,6 +188,19 @@ class InProcessGrid:
             tensors = self.as_received(sent, ins, trained)
             yield Outcome(ins.node, ins.submodel, "updated", len(data), tensors, seconds=time.perf_counter() - start)
 
+    def run_carrying(
+        self,
+        round_: int,
+        state: GlobalState,
+        instructions: list[Instruction],
+        extract: Extract,
+        bn_max_batches: Optional[int],
+    ) -> Iterator[Union[Outcome, EvalOutcome]]:
+        """Every client's carried statistics request (:func:`carried_requests`) answered by :meth:`evaluate`,
+        then :meth:`run`: what a device computes before it trains, in the same order of results."""
+        yield from self.evaluate(round_ - 1, state, carried_requests(instructions, bn_max_batches))
+        yield from self.run(round_, state, instructions, extract)
+
     @staticmethod
     def as_received(sent: Tensors, ins: Instruction, tensors: Tensors) -> Tensors:
         """A client's trained tensors as the coordinator receives them: through the round trip of the task's
@@ -189,9 +235,33 @@ class InProcessGrid:
         """Nothing travels."""
         return 0
 
+    @property
+    def publish_s(self) -> Optional[float]:
+        """Nothing is published."""
+        return None
+
     def rejections(self) -> dict[str, int]:
         """Nothing is ever rejected in process."""
         return {}
+
+    def offenders(self) -> list[str]:
+        """No traffic is refused in process."""
+        return []
+
+
+def wait_policy(workers: int, engine: str = "local", trainer: str = "torch") -> str:
+    """The OpenMP wait policy (``OMP_WAIT_POLICY``) of a simulation's own process, which GNU OpenMP reads
+    once, when torch is imported (``cli.simulate`` sets it before that; this module imports no torch):
+    ``ACTIVE`` when this process alone trains, with PyTorch on all the cores it pins (``workers`` = 1, the
+    local engine, the torch trainer), ``PASSIVE`` otherwise. A process that has the cores to itself loses
+    most where its threads sleep: a training step of the small conv net is many short parallel regions, and
+    a passive thread is woken for each (2 rounds of the Flower benchmark's job, serial: 44 s passive, 41 s
+    active; with the evaluation inline, 36 s and 28 s, as fast as ``--workers 2``). Where processes share
+    the cores (``--workers``, Ray, the coordinator beside them), a spinning thread takes the core a
+    neighbour needs: spinning threads on a loaded host made 2 threads 10x slower than 1 in the device
+    benchmark (``bench/device.py``). The ONNX Runtime trainer keeps ``PASSIVE``: idle torch threads must not
+    spin beside its own thread pool."""
+    return "ACTIVE" if workers == 1 and engine == "local" and trainer == "torch" else "PASSIVE"
 
 
 def no_training(state: GlobalState, index: int, data: Dataset, cfg: TrainConfig) -> Tensors:

@@ -10,10 +10,10 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from nefl_edge.coordinator.grid import (
     InProcessGrid,
     Instruction,
     Outcome,
+    carried_requests,
     client_state,
     evaluate_one,
 )
@@ -125,6 +126,10 @@ def _train_task(
     return tensors, time.perf_counter() - start
 
 
+_Job = tuple[Instruction, Tensors, int, "Future[tuple[Tensors, float]]"]
+"""A training submitted to the pool: its instruction, the weights sent, its training samples, the result."""
+
+
 class ParallelGrid(InProcessGrid):
     """The in-process grid with a round's clients trained at once in ``workers`` processes (PyTorch on the
     CPU, ``threads`` torch threads each), and the evaluation step (``bn = "federated"`` statistics, federated
@@ -152,12 +157,36 @@ class ParallelGrid(InProcessGrid):
         self, round_: int, state: GlobalState, instructions: list[Instruction], extract: Extract = extract
     ) -> Iterator[Outcome]:
         """The round's clients trained at once in the pool, on what ``extract`` sends each (``client_state``)."""
+        yield from self._outcomes(self._submit(state, instructions, extract))
+
+    def run_carrying(
+        self,
+        round_: int,
+        state: GlobalState,
+        instructions: list[Instruction],
+        extract: Extract,
+        bn_max_batches: Optional[int],
+    ) -> Iterator[Union[Outcome, EvalOutcome]]:
+        """``InProcessGrid.run_carrying`` with the statistics requests and the trainings submitted to the pool
+        together (no worker waits for the last statistics before training starts); the same outcomes in the
+        same order."""
+        asks = carried_requests(instructions, bn_max_batches)
+        statistics = [self.pool.submit(evaluate_one, round_ - 1, state, self.shards[a.node], a) for a in asks]
+        jobs = self._submit(state, instructions, extract)
+        for job in statistics:
+            yield job.result()
+        yield from self._outcomes(jobs)
+
+    def _submit(self, state: GlobalState, instructions: list[Instruction], extract: Extract) -> list[_Job]:
         jobs = []
         for ins in instructions:
             data = self._split(ins.node, ins.train.eval_fraction)[0]
             sent = extract(state, ins.submodel)
             local = client_state(state, ins.submodel, sent)
             jobs.append((ins, sent, len(data), self.pool.submit(self.task, local, ins.submodel, data, ins.train)))
+        return jobs
+
+    def _outcomes(self, jobs: list[_Job]) -> Iterator[Outcome]:
         for ins, sent, samples, job in jobs:
             tensors, seconds = job.result()
             yield Outcome(
@@ -197,9 +226,8 @@ def pinned_threads(threads: int, workers: int) -> Iterator[None]:
     """For one simulation: PyTorch's OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE``, unless the
     caller set a policy) in the worker processes it starts, whose environment is this one's, and this
     process runs ``threads`` intra-op threads (when it trains: ``workers`` = 1); both restored afterwards.
-    Spinning OpenMP threads on a loaded host made 2 threads 10x slower than 1 in the device benchmark
-    (``bench/device.py``). OpenMP reads the policy once, when torch is imported: ``nefl-coord simulate`` sets
-    it for its own process before that (``cli.simulate``)."""
+    OpenMP reads the policy once, when torch is imported: ``nefl-coord simulate`` sets this process's own
+    before that (``grid.wait_policy``), so the worker processes (1 thread each, or Ray's) get that one."""
     import torch
 
     policy = os.environ.get("OMP_WAIT_POLICY")
@@ -257,8 +285,9 @@ def simulate(
     otherwise). ``trainer`` ``ort`` trains through the exported ONNX Runtime ``artifacts`` (the device's
     code path). ``workers`` > 1 trains each round's clients, and runs the evaluation step, in that many
     processes (PyTorch trainer on the CPU; the same result as one); ``threads`` are PyTorch's intra-op
-    threads of each training process (default: this machine's cores over ``workers``), pinned with
-    passive OpenMP waiting (:func:`pinned_threads`). ``ray`` trains them as Ray tasks instead
+    threads of each training process (default: this machine's cores over ``workers``, :func:`pinned_threads`;
+    OpenMP's wait policy: ``grid.wait_policy``). The evaluation on ``test`` runs on a background thread
+    (``cfg.eval_background``) except where this process trains on the CPU. ``ray`` trains them as Ray tasks instead
     (``coordinator.ray_grid``; the same result too). ``on_round(r, accuracies)`` is called for every
     evaluated round after round 0."""
     start = time.perf_counter()
@@ -317,7 +346,10 @@ def simulate(
         if evaluate:
             evaluator.submit(functools.partial(score, r=report.round, model=evaluated_model(state, evaluate, last)))
 
-    evaluator = Evaluator(cfg.eval_background)  # off the last round: a copy, evaluated while the next round runs
+    # Off the last round: a copy, evaluated while the next round runs; inline where this process trains on
+    # the CPU, whose cores its training threads already take (a background evaluation only oversubscribes them).
+    trains_here = ray is None and workers == 1 and device == "cpu"
+    evaluator = Evaluator(cfg.eval_background and not trains_here)
     try:
         with pinned_threads(threads, workers if ray is None else 0):
             evaluator.submit(functools.partial(score, 0, state.copy()))

@@ -392,6 +392,15 @@ def _load(fleet: dict[str, Any]) -> str:
     return f" ({load[0]:.1f}/{load[1]:.1f})" if load else ""
 
 
+def _cpus(fleet: dict[str, Any]) -> str:
+    """The CPU seconds in the overhead window of the coordinator, and of the broker and the load generator where
+    the record has them (from issue 24's fourth pass; the load generator's of every process)."""
+    parts = [fleet.get("overhead_cpu_s")]
+    if fleet.get("broker_overhead_cpu_s") is not None:
+        parts += [fleet.get("broker_overhead_cpu_s"), fleet.get("loadgen_overhead_cpu_s")]
+    return " / ".join(_fmt(v) for v in parts)
+
+
 def _fmt(value: Optional[float], digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -415,10 +424,15 @@ def _section(
         "trip after aggregation (column 'statistics'; rows measured before it was counted are corrected from "
         "their `bn_statistics` phase). Handed out: the same start until the coordinator has handed the next "
         "round's last task to its MQTT client (the coordinator's side: the overhead less the broker's delivery "
-        "and the load generator decoding every device's task). Load-gen processes: the virtual devices spread "
+        "and the load generator decoding every device's task). Acknowledged: the same start until the coordinator's "
+        "MQTT client has read the broker's acknowledgement of the next round's last task (Mosquitto acknowledges a "
+        "QoS 1 message once it has queued it for its subscribers; the coordinator reads that behind whatever the "
+        "broker sent it before, e.g. the devices' statistics; from issue 24's fourth pass). Load-gen processes: the "
+        "virtual devices spread "
         "over that many processes (rows measured before issue 24's third pass: one process decoded every task). "
         "Overhead CPU: "
-        "the coordinator's CPU seconds (all threads) in the overhead window, "
+        "the coordinator's CPU seconds (all threads) in the overhead window (and the broker's and all load-generator "
+        "processes' where three figures are given), "
         "from its `/proc` CPU time sampled every 0.1 s: on a shared host the wall times follow the load, this "
         "much less (recorded from commit eee912a on). Tasks out: the first to the last task of a round "
         "arriving; take-in lag: the broker acknowledging a "
@@ -429,9 +443,9 @@ def _section(
         "after each fleet is in the last column).",
         "",
         "| devices | load-gen processes | model | bn | evaluation | overhead s (median / max) | overhead CPU s "
-        "| statistics s | carried s | handed out s | tasks out s | take-in lag s | coordinator CPU s / round "
-        "| peak RSS MiB | MB up / round | commit (load before/after) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "(coordinator / broker / load-gen) | statistics s | carried s | handed out s | acknowledged s | tasks out s "
+        "| take-in lag s | coordinator CPU s / round | peak RSS MiB | MB up / round | commit (load before/after) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in fleets.values():
         tasks_out = [r["tasks_out_s"] for r in f["rounds"] if "tasks_out_s" in r]
@@ -440,8 +454,8 @@ def _section(
         lines.append(
             f"| {f['settings']['devices']} | {f['settings'].get('loadgen_processes', 1)} "
             f"| {f['settings'].get('model', 'resnet-small')} | {_bn(f)} | {where} "
-            f"| {_fmt(median)} / {_fmt(most)} | {_fmt(f.get('overhead_cpu_s'))} | {_fmt(bn)} "
-            f"| {_fmt(f.get('bn_carried_s'))} | {_fmt(f.get('handed_out_s'))} "
+            f"| {_fmt(median)} / {_fmt(most)} | {_cpus(f)} | {_fmt(bn)} "
+            f"| {_fmt(f.get('bn_carried_s'))} | {_fmt(f.get('handed_out_s'))} | {_fmt(f.get('acked_s'))} "
             f"| {_fmt(statistics.median(tasks_out) if tasks_out else None)} | {_fmt(f['take_in_lag_s'])} "
             f"| {_fmt(f['coordinator_cpu_s_per_round'], 1)} | {f['peak_rss_mb']:.0f} | {f['mb_per_round']:.0f} "
             f"| {f.get('commit', 'earlier')}{_load(f)} |"

@@ -93,31 +93,40 @@ def test_local_ray_gives_the_serial_state_and_puts_once_per_round(
 
     grids: list[ray_grid.RayGrid] = []
     rounds: list[list[Instruction]] = []
-    steps: list[int] = []
-    init, train, evaluate = ray_grid.RayGrid.__init__, ray_grid.RayGrid.run, ray_grid.RayGrid.evaluate
+    steps: list[int] = []  # requests of each evaluation step of its own
+    carried: list[int] = []  # rounds whose tasks carried the previous round's statistics pass
+    init, submit, evaluate = ray_grid.RayGrid.__init__, ray_grid.RayGrid._submit, ray_grid.RayGrid.evaluate
+    run_carrying = ray_grid.RayGrid.run_carrying
 
     def keep(self: ray_grid.RayGrid, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
         grids.append(self)
 
-    def seen_run(self: ray_grid.RayGrid, r: int, state: Any, instructions: list[Instruction], *a: Any) -> Any:
+    def seen_submit(self: ray_grid.RayGrid, ref: Any, state: Any, instructions: list[Instruction], *a: Any) -> Any:
         rounds.append(instructions)
-        return train(self, r, state, instructions, *a)
+        return submit(self, ref, state, instructions, *a)
 
     def seen_evaluate(self: ray_grid.RayGrid, r: int, state: Any, requests: list[Any]) -> Any:
         steps.append(len(requests))
         return evaluate(self, r, state, requests)
 
+    def seen_carrying(self: ray_grid.RayGrid, r: int, *a: Any) -> Any:
+        carried.append(r)
+        return run_carrying(self, r, *a)
+
     monkeypatch.setattr(ray_grid.RayGrid, "__init__", keep)
-    monkeypatch.setattr(ray_grid.RayGrid, "run", seen_run)
+    monkeypatch.setattr(ray_grid.RayGrid, "_submit", seen_submit)
     monkeypatch.setattr(ray_grid.RayGrid, "evaluate", seen_evaluate)
+    monkeypatch.setattr(ray_grid.RayGrid, "run_carrying", seen_carrying)
 
     result = run(small_fmnist, ray_grid.RayOptions())
 
     assert_serial(result, serial, "local Ray")
     (grid,) = grids
-    assert len(rounds) == ROUNDS and all(steps) and len(steps) == ROUNDS, f"rounds {len(rounds)}, steps {steps}"
-    # shards once per run; per round the state and each trained submodel's weights; per evaluation step the state
+    assert len(rounds) == ROUNDS and all(steps), f"rounds {len(rounds)}, evaluation steps {steps}"
+    assert carried == list(range(2, ROUNDS + 1)) and len(steps) == 1, f"carried {carried}, own steps {steps}"
+    # shards once per run; per round the state (its carried statistics tasks' too) and each trained
+    # submodel's weights; per evaluation step of its own the state
     nodes = {ins.node for instructions in rounds for ins in instructions}
     want = len(nodes) + sum(1 + len({ins.submodel for ins in instructions}) for instructions in rounds) + len(steps)
     per_client = sum(2 * len(instructions) for instructions in rounds)

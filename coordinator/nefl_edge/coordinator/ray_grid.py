@@ -9,7 +9,8 @@ on the weights it is sent, its data and its seed, so the final state is the seri
 What goes through Ray's object store, and how often:
 
 - each client's data shard: once per run (``ray.put`` the first time the client is selected or evaluated);
-- the global state: once per round, and once per evaluation step (the aggregated state);
+- the global state: once per round (its tasks' carried statistics pass included), and once per evaluation
+  step of its own (the aggregated state);
 - the weights of each submodel the round trains (the strategy's ``extract``): once per round and submodel;
 - never per client: a task gets object references, which Ray resolves from shared memory on its node
   (numpy arrays without a copy) or fetches once per node.
@@ -34,7 +35,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from nefl_edge.coordinator.config import ConfigError
 from nefl_edge.coordinator.grid import (
@@ -43,6 +44,7 @@ from nefl_edge.coordinator.grid import (
     InProcessGrid,
     Instruction,
     Outcome,
+    carried_requests,
     client_state,
     evaluate_one,
     no_training,
@@ -209,7 +211,34 @@ class RayGrid(InProcessGrid):
     ) -> Iterator[Outcome]:
         """The round's clients as Ray tasks: the state and each trained submodel's weights put once, every
         client's task started at once (Ray runs as many as the cluster has room for); outcomes in order."""
+        yield from self._outcomes(self._submit(self._put(state), state, instructions, extract))
+
+    def run_carrying(
+        self,
+        round_: int,
+        state: GlobalState,
+        instructions: list[Instruction],
+        extract: Extract,
+        bn_max_batches: Optional[int],
+    ) -> Iterator[Union[Outcome, EvalOutcome]]:
+        """``InProcessGrid.run_carrying`` with every client's statistics task and training task started at once
+        (no worker waits for the last statistics before training starts) and the state put once for both; the
+        same outcomes in the same order."""
         state_ref = self._put(state)
+        statistics = [
+            self._evaluate.remote(self.ray_options.threads, round_ - 1, state_ref, self._shard(a.node), a)
+            for a in carried_requests(instructions, bn_max_batches)
+        ]
+        jobs = self._submit(state_ref, state, instructions, extract)
+        for job in statistics:
+            yield self.ray.get(job)
+        yield from self._outcomes(jobs)
+
+    def _submit(
+        self, state_ref: Any, state: GlobalState, instructions: list[Instruction], extract: Extract
+    ) -> list[tuple[Instruction, Tensors, Any]]:
+        """Start every instruction's training task (each trained submodel's weights put once); per task its
+        instruction, the weights sent and the task's reference."""
         sent: dict[int, tuple[Tensors, Any]] = {}
         jobs = []
         for ins in instructions:
@@ -226,12 +255,15 @@ class RayGrid(InProcessGrid):
                 self._shard(ins.node),
                 ins.train,
             )
-            jobs.append((ins, job))
-        for ins, job in jobs:
+            jobs.append((ins, sent[ins.submodel][0], job))
+        return jobs
+
+    def _outcomes(self, jobs: list[tuple[Instruction, Tensors, Any]]) -> Iterator[Outcome]:
+        for ins, weights, job in jobs:
             tensors, seconds, node = self.ray.get(job)
             self.nodes[node] += 1
             samples = len(self._split(ins.node, ins.train.eval_fraction)[0])
-            received = self.as_received(sent[ins.submodel][0], ins, tensors)
+            received = self.as_received(weights, ins, tensors)
             yield Outcome(ins.node, ins.submodel, "updated", samples, received, seconds=seconds)
 
     def evaluate(self, round_: int, state: GlobalState, requests: list[EvalRequest]) -> Iterator[EvalOutcome]:

@@ -150,7 +150,9 @@ def test_the_distillation_projection_prices_its_pass_on_the_teacher_alone() -> N
 
 
 class RecordingGrid(InProcessGrid):
-    """The in-process grid with device profiles, recording every round's instructions."""
+    """The in-process grid with device profiles, recording every round's instructions; its clients send back
+    the weights they were sent (what they were told is under test, not what training makes of it). Its
+    statistics passes are the in-process grid's own (PyTorch)."""
 
     def __init__(self, shards: dict[str, Dataset], profiles: dict[str, DeviceProfile]) -> None:
         super().__init__(shards, {n: 0 for n in shards}, train_torch)
@@ -162,11 +164,13 @@ class RecordingGrid(InProcessGrid):
 
     def run(self, round_: int, state: Any, instructions: list[Instruction], extract: Any = None) -> Any:
         self.sent.append(list(instructions))
-        outcomes: list[Outcome] = list(super().run(round_, state, instructions, extract))
-        return iter(outcomes)
+        for ins in instructions:
+            n = len(self.shards[ins.node])
+            yield Outcome(ins.node, ins.submodel, "updated", n, extract(state, ins.submodel), seconds=0.0)
 
 
-@pytest.mark.parametrize("fit", [True, False])
+# 32 s and 43 s at load 9 on the 2 shared cores (loading the data set, three submodels' statistics in PyTorch)
+@pytest.mark.parametrize("fit", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_the_engine_prices_the_carried_pass_and_shortens_the_task_of_a_device_too_slow_for_any(fit: bool) -> None:
     # Prepare: three clients of 160 real images (5 steps of 32): "slow" needs 1.25 x the deadline's margin for
     # the smallest submodel alone; "mid" fits the full model's training alone but not with the statistics pass
@@ -174,7 +178,7 @@ def test_the_engine_prices_the_carried_pass_and_shortens_the_task_of_a_device_to
     strategy = get_strategy("nefl-wd")
     config, plan = strategy.setup(get_model_config("resnet-small", "fmnist"), GAMMAS)
     costs = [mflops(config, s) for s in plan.specs]
-    n, batch, deadline = 160, 32, 100.0
+    n, batch, deadline = 160, 32, 1e6  # no task takes half of it: the speed evidence never overrides a profile
     limit = DEADLINE_MARGIN * deadline
     passing = statistics_samples(n, batch, 16)
     data = load_dataset(None, "train")

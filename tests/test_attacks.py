@@ -4,9 +4,10 @@ Each run is a real federated run of the round engine (the one ``serve`` runs) ov
 Fashion-MNIST with real local training; the hostile client is a wrapper around that grid that rewrites what
 one device sends, exactly as a compromised device would (the transport and its signatures are tested in
 test_security.py / test_signed_run.py; here what matters is what the engine does with valid-looking lies).
-Every attacked run with ``aggregation = "robust"`` must end at most 2 points below the lower of two clean robust
-seeds on every submodel, on the coordinator's test samples (``_check``); each test prints its figures. The same
-attacks through a real broker and enrolled devices: tests/test_attacks_broker.py.
+Every attack with ``aggregation = "robust"``, on its mean over :data:`SEEDS`, must end at most 2 points below the
+clean robust runs' mean over the same seeds on every submodel, on 5,000 test samples (:func:`held_to_clean`; an
+attack whose device's data is lost: or below the mean of the runs without that device, if lower); each test prints
+its figures. The same attacks through a real broker and enrolled devices: tests/test_attacks_broker.py.
 """
 
 from __future__ import annotations
@@ -42,7 +43,11 @@ CLIENTS, SHARD, ROUNDS, GAMMAS = 4, 700, 4, [0.5, 1.0]
 WIDTHS = (8, 16, 32)  # resnet-small at half width: the suite runs on a loaded 2-core machine
 HOSTILE = "client-003"
 TOLERANCE = 0.02
-CLEAN_SEEDS = (0, 1)
+SEEDS = (0, 1, 2)
+"""Every comparison is between means over these seeds, run for run (the same seed's data order, initial weights
+and batch orders): one seed of 4 short rounds moves 4-6 points with any change of the run (the hostile device's
+honest BatchNorm answers alone moved submodel 1 by 6 points on seed 0), more than the 2-point bar."""
+TEST_SAMPLES = 5000  # half the test set: two models' accuracies on 1,000 shared samples differ by ~1.4 points by chance
 
 
 class HostileGrid(InProcessGrid):
@@ -113,7 +118,7 @@ def _data(folder: str, clients: int = CLIENTS) -> tuple[list[Dataset], Dataset]:
     train, test = load_dataset(Path(folder), "train"), load_dataset(Path(folder), "test")
     order = np.random.default_rng(0).permutation(len(train))[: clients * SHARD]
     shards = [Dataset(train.x[idx], train.y[idx], train.name) for idx in np.split(order, clients)]
-    pick = np.random.default_rng(1).permutation(len(test))[:1000]
+    pick = np.random.default_rng(1).permutation(len(test))[:TEST_SAMPLES]
     return shards, Dataset(test.x[pick], test.y[pick], test.name)
 
 
@@ -179,25 +184,36 @@ LOSES_ITS_DATA = ("scaled", "signflip", "mute")
 robust run cannot do better than the clean run without that device (``absent``)."""
 
 
-def _check(fmnist_dir: Path, attack: str) -> list[RoundReport]:
-    """Hold the attacked run (seed 0) to the clean runs of ``CLEAN_SEEDS``: at least the lower clean seed minus 2
-    points on every submodel (an attack that costs the device's data: or the run without it, if lower). One seed
-    of 4 short rounds moves several points with any change of a run (measured: 63.4 / 67.0 % and the seed-1
-    figures printed beside it), so a single clean run cannot be the reference of a 2-point bound."""
-    cleans = [run_attack(str(fmnist_dir), None, seed=s)[0] for s in CLEAN_SEEDS]
-    clean = [min(c[k] for c in cleans) for k in range(len(cleans[0]))]
-    absent, _ = run_attack(str(fmnist_dir), "absent" if attack != "mute" else "absent_mute")
-    attacked, reports = run_attack(str(fmnist_dir), attack)
-    reference = [min(c, a) for c, a in zip(clean, absent)] if attack in LOSES_ITS_DATA else clean
-    name = "lower clean seed or without the device" if attack in LOSES_ITS_DATA else "lower clean seed"
-    text = {n: " / ".join(f"{100 * a:.1f}" for a in v) for n, v in (("a", absent), ("x", attacked))}
-    seeds = ", ".join(f"seed {s} " + " / ".join(f"{100 * a:.1f}" for a in c) for s, c in zip(CLEAN_SEEDS, cleans))
-    print(f"{attack}: clean {seeds} %, without the device {text['a']} %, attacked {text['x']} %")
-    for k, (a, c) in enumerate(zip(attacked, reference)):
+def _percent(values: Any) -> str:
+    return " / ".join(f"{100 * a:.1f}" for a in values)
+
+
+def held_to_clean(fmnist_dir: Path, attack: str, clients: int = CLIENTS) -> list[list[RoundReport]]:
+    """Hold the attack's mean over :data:`SEEDS` to the clean runs' mean over the same seeds: at least that
+    minus 2 points on every submodel (an attack that costs the device's data, :data:`LOSES_ITS_DATA`: or the
+    mean of the runs without the device, if lower). Prints every run's figures and the gaps; returns the
+    attacked runs' round reports, seed by seed."""
+    folder = str(fmnist_dir)
+    absent_kind = "absent_mute" if attack == "mute" else "absent"
+    runs = {
+        kind: [run_attack(folder, kind, seed=s, clients=clients) for s in SEEDS]
+        for kind in (attack, None, *((absent_kind,) if attack in LOSES_ITS_DATA else ()))
+    }
+    means = {kind: np.mean([acc for acc, _ in rs], axis=0) for kind, rs in runs.items()}
+    reference = np.minimum(means[None], means[absent_kind]) if attack in LOSES_ITS_DATA else means[None]
+    name = "clean or without the device" if attack in LOSES_ITS_DATA else "clean"
+    lines = [f"{attack}, {clients} devices, seeds {list(SEEDS)}:"]
+    for kind, rs in runs.items():
+        per_seed = ", ".join(_percent(acc) for acc, _ in rs)
+        lines.append(f"  {kind or 'clean'}: {per_seed} %; mean {_percent(means[kind])} %")
+    lines.append(f"  attacked - clean: {_percent(means[attack] - means[None])} points")
+    print("\n".join(lines))
+    for k, (a, c) in enumerate(zip(means[attack], reference)):
         assert a >= c - TOLERANCE, (
-            f"{attack}: submodel {k} ends at {100 * a:.1f} %, more than 2 points below the {name} ({100 * c:.1f} %)"
+            f"{attack}, {clients} devices: submodel {k} ends at {100 * a:.1f} % on the mean of seeds {list(SEEDS)}, "
+            f"more than 2 points below the mean {name} ({100 * c:.1f} %)"
         )
-    return reports
+    return [reports for _, reports in runs[attack]]
 
 
 def test_a_scaled_reversed_update_is_left_out_and_its_device_quarantined(fmnist_dir: Path) -> None:
@@ -238,8 +254,12 @@ REVERSED_SHORTFALL = pytest.mark.xfail(
 @REVERSED_SHORTFALL
 @pytest.mark.slow
 def test_a_scaled_reversed_update_does_not_cost_accuracy(fmnist_dir: Path) -> None:
-    reports = _check(fmnist_dir, "scaled")
-    assert all(HOSTILE in r.robust.get("left_out", []) for r in reports[:3]), "the scaled update was kept"
+    runs = held_to_clean(fmnist_dir, "scaled")
+    kept = {
+        s: [r.round for r in reports[:3] if HOSTILE not in r.robust.get("left_out", [])]
+        for s, reports in zip(SEEDS, runs)
+    }
+    assert not any(kept.values()), f"the scaled update was kept (seed: rounds): {kept}"
 
 
 @pytest.mark.slow
@@ -256,12 +276,18 @@ def test_without_robust_aggregation_the_scaled_update_owns_the_model(fmnist_dir:
     "attack", [pytest.param("signflip", marks=REVERSED_SHORTFALL), "inflated", "bn_mean", "bn_var", "mute"]
 )
 def test_one_hostile_device_of_four_does_not_own_the_model(fmnist_dir: Path, attack: str) -> None:
-    reports = _check(fmnist_dir, attack)
-    if attack == "inflated":
-        assert all(HOSTILE in r.robust.get("capped", []) for r in reports), "the inflated sample count was not capped"
-    if attack.startswith("bn_"):
-        rejected = reports[-1].bn_rejected
-        assert rejected and all(found == [HOSTILE] for found in rejected.values()), f"liar kept: {rejected}"
+    for seed, reports in zip(SEEDS, held_to_clean(fmnist_dir, attack)):
+        if attack == "inflated":
+            capped = [r.robust.get("capped", []) for r in reports]
+            assert all(HOSTILE in c for c in capped), f"seed {seed}: the inflated sample count was not capped: {capped}"
+        if attack == "signflip":
+            left_out = [r.robust.get("left_out", []) for r in reports[:3]]
+            assert all(HOSTILE in lo for lo in left_out), f"seed {seed}: the sign-flipped update was kept: {left_out}"
+        if attack.startswith("bn_"):
+            rejected = reports[-1].bn_rejected
+            assert rejected and all(found == [HOSTILE] for found in rejected.values()), (
+                f"seed {seed}: liar kept: {rejected}"
+            )
 
 
 @pytest.mark.slow
@@ -363,16 +389,7 @@ TEN_NOISE = pytest.mark.xfail(
 @pytest.mark.slow
 @pytest.mark.parametrize("attack", [pytest.param("scaled", marks=TEN_NOISE), pytest.param("inflated", marks=TEN_NOISE)])
 def test_one_hostile_device_of_ten_costs_at_most_two_points(fmnist_dir: Path, attack: str) -> None:
-    cleans = [run_attack(str(fmnist_dir), None, clients=10, seed=s)[0] for s in CLEAN_SEEDS]
-    clean = [min(c[k] for c in cleans) for k in range(len(cleans[0]))]  # the lower clean seed, as in _check
-    attacked, _ = run_attack(str(fmnist_dir), attack, clients=10)
-    runs = [*((f"clean seed {s}", c) for s, c in zip(CLEAN_SEEDS, cleans)), ("attacked", attacked)]
-    figures = {name: [round(100 * a, 1) for a in v] for name, v in runs}
-    print(f"ten devices, {attack}: {figures} %")
-    for k, (a, c) in enumerate(zip(attacked, clean)):
-        assert a >= c - TOLERANCE, (
-            f"{attack}, one of ten: submodel {k} at {100 * a:.1f} % vs {100 * c:.1f} % for the lower clean seed"
-        )
+    held_to_clean(fmnist_dir, attack, clients=10)
 
 
 @pytest.mark.slow

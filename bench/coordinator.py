@@ -53,6 +53,8 @@ class Fleet:
     answers_per_s: float = 250.0
     processes: int = 1
     """Load-generator processes the devices are spread over (``bench.loadgen.measure``)."""
+    bn_delay_s: float = 0.0
+    """Seconds after its task a virtual device sends the statistics the task asks for (0: at once)."""
 
 
 SMALL = ("--eval-samples", "500")  # the coordinator's own test evaluation, in the background, kept cheap
@@ -65,6 +67,7 @@ FLEETS: dict[str, Fleet] = {
     "2000-federated": Fleet(2000, extra=FEDERATED),
     "5000-federated": Fleet(5000, 2, ("--bn", "federated", *SMALL), processes=2),
     "10000-federated": Fleet(10000, 2, ("--bn", "federated", *SMALL), processes=4),
+    "10000-federated-bn-2s": Fleet(10000, 2, ("--bn", "federated", *SMALL), processes=4, bn_delay_s=2.0),
     "1000-resnet18-federated": Fleet(1000, 2, ("--bn", "federated", "--eval-samples", "200"), model="resnet18",
                                      answers_per_s=25.0),
 }  # fmt: skip
@@ -90,6 +93,7 @@ def fleet(spec: Fleet, eval_every: int = 1, quick: bool = False) -> dict[str, An
         delay_s=1.0 if quick else DELAY_S,
         jitter_s=jitter,
         processes=spec.processes,
+        bn_delay_s=spec.bn_delay_s,
     )
     lags = [r["take_in_lag_s"] for r in result["rounds"] if "take_in_lag_s" in r]
     result["take_in_lag_s"] = statistics.median(lags) if lags else None
@@ -387,6 +391,11 @@ def _bn(fleet: dict[str, Any]) -> str:
     return extra[extra.index("--bn") + 1] if "--bn" in extra else "federated"
 
 
+def _late(fleet: dict[str, Any]) -> str:
+    delay = fleet["settings"].get("statistics_delay_s")
+    return f" (statistics {delay:g} s after the task)" if delay else ""
+
+
 def _load(fleet: dict[str, Any]) -> str:
     load = fleet.get("load_average_1min")
     return f" ({load[0]:.1f}/{load[1]:.1f})" if load else ""
@@ -453,7 +462,7 @@ def _section(
         median, most, bn = overheads(f)
         lines.append(
             f"| {f['settings']['devices']} | {f['settings'].get('loadgen_processes', 1)} "
-            f"| {f['settings'].get('model', 'resnet-small')} | {_bn(f)} | {where} "
+            f"| {f['settings'].get('model', 'resnet-small')} | {_bn(f)}{_late(f)} | {where} "
             f"| {_fmt(median)} / {_fmt(most)} | {_cpus(f)} | {_fmt(bn)} "
             f"| {_fmt(f.get('bn_carried_s'))} | {_fmt(f.get('handed_out_s'))} | {_fmt(f.get('acked_s'))} "
             f"| {_fmt(statistics.median(tasks_out) if tasks_out else None)} | {_fmt(f['take_in_lag_s'])} "

@@ -174,7 +174,8 @@ class LoadGen:
     ``run``. Device ``i`` is node ``<prefix>-<i>`` of tier ``i % tiers`` with ``samples`` samples (``first``
     and ``total``: devices ``first`` to ``first + devices - 1`` of a fleet of ``total`` spread over several
     load-generator processes, :func:`fleet_part`). A task is
-    answered ``delay_s`` (plus up to ``jitter_s``) after it arrived (at the earliest once its weights did).
+    answered ``delay_s`` (plus up to ``jitter_s``) after it arrived (at the earliest once its weights did); the
+    statistics a task asks for first (``Task.bn_stats``) ``bn_delay_s`` after it arrived (0: at once).
     ``expected_tasks`` per round marks when a round's tasks are all out (then ``cpu_of`` is sampled: e.g. the
     coordinator's CPU time). While the broker stores more than ``hold_mb`` of messages (its
     ``$SYS/broker/store/messages/bytes``: a coordinator that takes in slower than the fleet answers) the
@@ -198,6 +199,7 @@ class LoadGen:
         hold_mb: Optional[float] = None,
         first: int = 0,
         total: Optional[int] = None,
+        bn_delay_s: float = 0.0,
     ) -> None:
         host, port = broker.rsplit(":", 1)
         self.host, self.port, self.run = host, int(port), run
@@ -205,6 +207,7 @@ class LoadGen:
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self.topics = Topics(run)
         self.tiers, self.samples, self.delay_s, self.jitter_s = tiers, samples, delay_s, jitter_s
+        self.bn_delay_s = bn_delay_s
         self.statuses, self.chunk_size = statuses, chunk_size
         self.expected_tasks = devices if expected_tasks is None else expected_tasks
         self.cpu_of = cpu_of
@@ -336,9 +339,9 @@ class LoadGen:
                 timing.last_task_at = now
                 if timing.tasks == self.expected_tasks and self.cpu_of is not None:
                     timing.coordinator_cpu_s = self.cpu_of()
-            if message.bn_stats:  # the statistics of the received weights, at once (before "training")
+            if message.bn_stats:  # the statistics of the received weights, first (before "training")
                 self._seq += 1
-                conn.put(time.monotonic(), self._seq, carried_request(message))
+                conn.put(time.monotonic() + self.bn_delay_s, self._seq, carried_request(message))
             self._seq += 1
             wait = self.delay_s + (random.uniform(0, self.jitter_s) if self.jitter_s else 0.0)
             conn.put(time.monotonic() + wait, self._seq, message)
@@ -503,6 +506,7 @@ def fleet_part(args: argparse.Namespace) -> None:
     (and acknowledging each QoS 1 delivery from one GIL) is a bench artefact the parts spread over processes."""
     gen = LoadGen(
         args.broker, args.run, args.devices, args.connections, delay_s=args.delay_s, jitter_s=args.jitter_s,
+        bn_delay_s=args.bn_delay_s,
         hold_mb=args.hold_mb, first=args.first, total=args.total,
     )  # fmt: skip
     signal.signal(signal.SIGTERM, lambda signum, frame: gen.ended.set())
@@ -606,6 +610,7 @@ def measure(
     broker_queue: Optional[int] = None,
     broker_mb: float = 3072.0,
     processes: int = 1,
+    bn_delay_s: float = 0.0,
 ) -> dict[str, Any]:
     """One ``nefl-coord serve`` run of ``rounds`` rounds with ``devices`` virtual devices, every device
     selected every round (fraction 1, tiers round-robin over the 5 default submodels); returns the settings,
@@ -620,7 +625,8 @@ def measure(
     ``answers_held_s`` in the result says how long. ``processes``: the devices are spread over this many
     load-generator processes (this one and ``processes - 1`` children, :func:`fleet_part`), each with
     ``connections`` connections; their timings are merged (:func:`merge_parts`) and the coordinator's CPU at a
-    round's last task is then read from the 0.1 s samples."""
+    round's last task is then read from the 0.1 s samples. ``bn_delay_s``: the virtual devices send the statistics
+    a training task asks for this long after it came (a real device's forward pass over its batches; 0: at once)."""
     from nefl_edge.coordinator.broker import LocalBroker
 
     folder = Path(folder or tempfile.mkdtemp(prefix="nefl-loadgen-"))
@@ -638,6 +644,7 @@ def measure(
         "extra": list(extra),
         "broker_queue": broker_queue or max(10_000, 4 * devices),
         "answer_delay_s": [delay_s, delay_s + jitter_s],
+        "statistics_delay_s": bn_delay_s,
         "broker_mb": broker_mb,
         "loadgen_processes": processes,
     }
@@ -669,13 +676,14 @@ def measure(
                 sys.executable, "-m", "bench.loadgen", "--part", "--broker", broker.address, "--run", run,
                 "--devices", str(bounds[p + 1] - bounds[p]), "--first", str(bounds[p]), "--total", str(devices),
                 "--connections", str(connections), "--delay-s", str(delay_s), "--jitter-s", str(jitter_s),
+                "--bn-delay-s", str(bn_delay_s),
                 "--hold-mb", str(broker_mb), "--timeout-s", str(timeout_s), "--out", str(folder / f"part{p}.json"),
             ]  # fmt: skip
             with (folder / f"part{p}.log").open("ab") as out:
                 root = Path(__file__).resolve().parents[1]
                 children.append(subprocess.Popen(part, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root))
         gen = LoadGen(
-            broker.address, run, bounds[1], connections, delay_s=delay_s, jitter_s=jitter_s,
+            broker.address, run, bounds[1], connections, delay_s=delay_s, jitter_s=jitter_s, bn_delay_s=bn_delay_s,
             cpu_of=lambda: process_cpu(coord.pid), hold_mb=broker_mb, total=devices,
             expected_tasks=None if processes == 1 else -1,
         )  # fmt: skip
@@ -820,6 +828,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--sync-eval", action="store_true", help="evaluate on the coordinator's main thread")
     parser.add_argument("--jitter-s", type=float, default=0.0, help="answers spread over this many seconds")
     parser.add_argument("--delay-s", type=float, default=0.0, help="answers at the earliest this long after a task")
+    parser.add_argument("--bn-delay-s", type=float, default=0.0, help="a task's statistics this long after it came")
     parser.add_argument("--serve-options", default="", help='more options of serve, e.g. "--bn server"')
     parser.add_argument("--folder", type=Path, default=None)
     parser.add_argument("--profile", type=Path, default=None, help="py-spy the coordinator into this file")
@@ -850,6 +859,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         folder=args.folder,
         delay_s=args.delay_s,
         jitter_s=args.jitter_s,
+        bn_delay_s=args.bn_delay_s,
         profile=args.profile,
         processes=args.processes,
     )

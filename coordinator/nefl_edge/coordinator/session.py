@@ -58,12 +58,6 @@ SWITCH_INTERVAL_S = 0.0005
 release; while the main thread screens answers, every one of them waited up to the whole interval to run
 again (with a CPU-bound thread beside it, 5,000 QoS 1 messages through paho took 4.5-4.8 s at 5 ms and
 2.4-3.0 s at 0.5 ms on the 2-core bench host)."""
-TASKS_OUT_WAIT_S = 10.0
-"""How long :meth:`CoordinatorSession.send` waits, at most, for the broker to acknowledge a round's tasks before it
-takes in answers (while the inbox is less than half full). Issue 24: paho's network thread makes a few system
-calls per packet, each a release of the GIL; while the main thread took in the answers that the first tasks
-brought (each device's statistics at once), every one of them waited for the GIL, and the last of 10,000 tasks
-reached its device seconds after the coordinator had handed it to paho. Answers wait in the inbox meanwhile."""
 NEVER_RETAINED = ("hello", "status", "update")
 """Device topics on which the protocol never retains a message (a device's retained status and Last Will are on
 ``status/chunk/0``); the generated ACL lets the coordinator delete what is retained there."""
@@ -641,14 +635,6 @@ class CoordinatorSession:
         if isinstance(published, int) and tasks:
             self._acks_due = (published, len(tasks), next(iter(tasks.values())).kind)
 
-    def _tasks_out(self) -> None:
-        """Wait (:data:`TASKS_OUT_WAIT_S`) until the broker acknowledged the tasks of the latest :meth:`send`,
-        while the inbox is less than half full; at once on a link that does not count acknowledgements."""
-        wait = getattr(self.link, "wait_acknowledged", None)
-        inbox = getattr(self.link, "inbox", None)
-        if self._acks_due is not None and wait is not None and inbox is not None and TASKS_OUT_WAIT_S > 0:
-            wait(self._acks_due[0], TASKS_OUT_WAIT_S, lambda: inbox.qsize() < max(1, inbox.maxsize // 2))
-
     def _note_acknowledged(self, round_: int) -> None:
         """Log when the broker has acknowledged every task of the latest :meth:`send` (the time of the latest
         acknowledgement then, ``time.time()``; checked as answers are collected): with the devices' arrival
@@ -681,7 +667,6 @@ class CoordinatorSession:
         tasks = train_tasks(self.run_name, round_, instructions, digests, self.deadline_s, bn_stats, bn_max_batches)
         self.send(tasks)
         self.publish_s = time.monotonic() - started
-        self._tasks_out()
 
         def progress(answered: int, total: int) -> None:
             if self.on_progress is not None:
@@ -705,7 +690,6 @@ class CoordinatorSession:
         digests = self.publish_weights(round_, state, {k for req in requests for k in req.submodels})
         tasks = eval_tasks(self.run_name, round_, requests, digests, self.deadline_s)
         self.send(tasks)
-        self._tasks_out()
         yield from self.collect(
             round_,
             tasks,

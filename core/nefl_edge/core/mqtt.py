@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -316,18 +316,6 @@ class MqttLink(FramedLink):
         reaches this."""
         with self._out:
             return self._published
-
-    def wait_acknowledged(self, number: int, timeout_s: float, keep_waiting: Callable[[], bool]) -> bool:
-        """Wait until the broker acknowledged the first ``number`` messages (:attr:`published` counts them), at
-        most ``timeout_s`` and only while ``keep_waiting()`` (looked at every 10 ms); True if they were."""
-        deadline = time.monotonic() + timeout_s
-        with self._out:
-            while self.acked < number:
-                left = deadline - time.monotonic()
-                if left <= 0 or not keep_waiting():
-                    return False
-                self._out.wait(min(left, 0.01))
-            return True
 
     def in_flight(self) -> Tuple[int, int]:
         """(messages handed to paho and not yet acknowledged, messages waiting in the link's queue)."""

@@ -43,6 +43,11 @@ def test_a_small_virtual_fleet_runs_a_served_run_with_evaluation_every_second_ro
     assert 0 < second["handed_out_s"] <= second["overhead_s"] + 0.5, (
         f"tasks handed to paho {second['handed_out_s']:.3f} s after collecting, arriving {second['overhead_s']:.3f} s"
     )
+    assert second["handed_out_s"] <= second["acked_s"] + 0.5 <= second["overhead_s"] + 1.0, (
+        f"handed to paho {second['handed_out_s']:.3f} s, acknowledged by the broker {second.get('acked_s')} s, "
+        f"arrived {second['overhead_s']:.3f} s after collecting (the session's log line read by the load generator)"
+    )
+    assert second["broker_overhead_cpu_s"] >= 0 and second["loadgen_overhead_cpu_s"] > 0, second
     assert result["coordinator_cpu_s_per_round"] is not None and result["peak_rss_mb"] > 50
 
 

@@ -15,7 +15,6 @@ BatchNorm, Diao et al., ICLR 2021, re-estimates them for that reason).
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -106,39 +105,33 @@ def bn_batch_stats(
     ``edge_client.evaluate.stats_batches`` of ``x``, the sums of every BatchNorm layer's batch mean and
     unbiased batch variance (train mode) under submodel ``index``'s weights, and the batch count.
 
-    Every BatchNorm layer runs as in train mode, but from one pass over its input (``torch.var_mean``) that
-    both normalises the batch and gives the statistics (:func:`_batch_norm_with_stats`), instead of a train-
-    mode layer plus a second reading of its input in float64: 15-20 % less CPU for the whole pass. The
-    statistics are reduced in float32 and summed over batches in float64 (against float64 throughout: a
-    relative difference of about 1e-7)."""
-    net = build_submodel(state, index).eval()  # the layers below normalise with the batch's own statistics
+    Every BatchNorm layer runs PyTorch's own train-mode kernel with ``momentum`` 1, so that after each batch
+    its running statistics are that batch's mean and unbiased variance (``running = (1 - m) * running + m *
+    batch``), read and summed in float64; the rest of the network runs in eval mode. The kernel normalises
+    and measures a batch in one fused pass: 40 % less CPU for the whole pass than a ``torch.var_mean`` per
+    layer plus a functional normalisation (656 -> 392 ms for 16 batches of 32 on one thread, ``resnet-small``),
+    the statistics equal to about 1e-5 relative (float32 reductions in another order)."""
+    net = build_submodel(state, index).eval()  # dropout and the like off; the BatchNorm layers below train
+    layers = [(name, m) for name, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
     sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name, module in net.named_modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            zeros = torch.zeros(module.num_features, dtype=torch.float64)
-            sums[name] = (zeros, zeros.clone())
-            module.forward = functools.partial(_batch_norm_with_stats, module, sums[name])  # type: ignore[method-assign]
+    for name, module in layers:
+        module.train()
+        module.momentum = 1.0
+        zeros = torch.zeros(module.num_features, dtype=torch.float64)
+        sums[name] = (zeros, zeros.clone())
     stats = BnStats()
     with torch.no_grad():
         for idx in stats_batches(len(x), batch_size, max_batches):
             net(torch.from_numpy(x[idx]))
+            for name, module in layers:
+                assert module.running_mean is not None and module.running_var is not None
+                sums[name][0].add_(module.running_mean)
+                sums[name][1].add_(module.running_var)
             stats.batches += 1
     if stats.batches:
         for name, (mean, var) in sums.items():
             stats.mean_sum[name], stats.var_sum[name] = mean.numpy(), var.numpy()
     return stats
-
-
-def _batch_norm_with_stats(
-    module: torch.nn.BatchNorm2d, sums: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor
-) -> torch.Tensor:
-    """``module`` in train mode on the batch ``x`` (normalised with the batch's mean and biased variance,
-    running statistics untouched), adding the batch mean and unbiased variance to ``sums``."""
-    var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
-    n = x.numel() // x.shape[1]
-    sums[0].add_(mean.double())
-    sums[1].add_(var.double() * (n / (n - 1)))
-    return torch.nn.functional.batch_norm(x, mean, var, module.weight, module.bias, False, 0.0, module.eps)
 
 
 def apply_bn_stats(state: GlobalState, index: int, parts: Iterable[BnStats]) -> int:

@@ -367,7 +367,8 @@ def _steps(policy: dict[str, Any]) -> str:
 def render(record: dict[str, Any]) -> str:
     opts = record["options"]
     lines = [
-        f"## Stragglers on an emulated fleet: NeFL vs FedAvg ({record['scheme']} shards)",
+        f"## Stragglers on an emulated fleet: NeFL vs FedAvg ({record['scheme']} shards)"
+        + (f", `{record['run_label']}`" if record.get("run_label") else ""),
         "",
         f"`{record['command']}` at commit `{record['commit']}`. Fleet `{opts['fleet']}` "
         f"({', '.join(f'{n} x {c}' for c, n in record['classes_count'].items())}; CPU quota per device = class "
@@ -377,17 +378,21 @@ def render(record: dict[str, Any]) -> str:
         f"(wait policy: {opts['wait_deadline_s']:.0f} s); budget {opts['budget_s']:.0f} s of wall-clock per "
         f"policy, counted from the moment every device has joined; target accuracy {_pct(opts['target'])} %. "
         f"Host: {record['environment'].get('cpus')} CPUs, cgroup {record['environment'].get('cgroup')}. "
-        f"Raw numbers and curves: `bench/results/fleet-{record.get('results_name', opts['fleet'])}.json`.",
+        "Raw numbers and curves: `"
+        + record.get("results_file", f"bench/results/fleet-{record.get('results_name', opts['fleet'])}.json")
+        + "`.",
         "",
         "| policy | rounds in budget | time to target, worst submodel (s) | time to target, best (s) | "
         "worst % | average % | best % | updates / device-rounds | mean round (s) | submodels trained, by class | "
         "updates (mean local steps), by class |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    reused = record.get("reused") or {}
     for p in record["policies"]:
         final = p["final"] or {}
+        mark = f" (reused from `{reused['commit']}`)" if p["policy"] in reused.get("policies", []) else ""
         lines.append(
-            f"| {p['policy']} | {p['rounds']} | {_sec(p['time_to_target_worst_s'], opts['budget_s'])} | "
+            f"| {p['policy']}{mark} | {p['rounds']} | {_sec(p['time_to_target_worst_s'], opts['budget_s'])} | "
             f"{_sec(p['time_to_target_best_s'], opts['budget_s'])} | {_pct(final.get('worst'))} | "
             f"{_pct(final.get('average'))} | {_pct(final.get('best'))} | "
             f"{_share(p['participation'])} | {'—' if p['mean_round_s'] is None else round(p['mean_round_s'], 1)} | "
@@ -417,6 +422,12 @@ def render(record: dict[str, Any]) -> str:
         lines.append(
             f"Appended: {', '.join(extra['policies'])} by `{extra['command']}` at commit `{extra['commit']}` "
             f"({extra['date']}), same fleet, partition and options."
+        )
+    if reused:
+        lines.append(
+            f"Reused, not re-run: {', '.join(reused['policies'])}, from `{reused['file']}` (commit "
+            f"`{reused['commit']}`, {reused['date']}, `{reused['command']}`), same fleet, partition and options; "
+            "the commits between touched neither FedAvg policy's assignment (one submodel) but may shift timings."
         )
     lines += class_table(record)
     lines += goal_lines(record)
@@ -503,7 +514,7 @@ def class_table(record: dict[str, Any]) -> list[str]:
     return lines
 
 
-SAME_RUN_OPTIONS = ("policies", "append", "no_publish")
+SAME_RUN_OPTIONS = ("policies", "append", "no_publish", "out", "reuse")
 """Options that may differ between a record and the policies appended to it."""
 
 
@@ -523,6 +534,27 @@ def merge_records(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         *old.get("appended", []),
         {"policies": sorted(added), **{k: new[k] for k in ("command", "commit", "date", "wall_s")}},
     ]
+    return merged
+
+
+def reuse_rows(old: dict[str, Any], new: dict[str, Any], source: str) -> dict[str, Any]:
+    """``new`` with the rows of ``old``'s policies that ``new`` did not run, in :data:`POLICIES` order, and
+    where they came from under ``reused``. ValueError as :func:`merge_records` when the settings differ."""
+    mine = {k: v for k, v in old["options"].items() if k not in SAME_RUN_OPTIONS}
+    theirs = {k: v for k, v in new["options"].items() if k not in SAME_RUN_OPTIONS}
+    if mine != theirs or old["fleet"] != new["fleet"] or old.get("partition") != new.get("partition"):
+        changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        raise ValueError(f"cannot reuse rows of a record run with other settings ({', '.join(changed) or 'fleet'})")
+    ran = {p["policy"] for p in new["policies"]}
+    taken = [p for p in old["policies"] if p["policy"] not in ran]
+    order = {name: i for i, name in enumerate(POLICIES)}
+    merged = dict(new)
+    merged["policies"] = sorted([*new["policies"], *taken], key=lambda p: order.get(p["policy"], len(order)))
+    merged["reused"] = {
+        "policies": [p["policy"] for p in taken],
+        "file": source,
+        **{k: old[k] for k in ("commit", "command", "date")},
+    }
     return merged
 
 
@@ -547,6 +579,15 @@ def main() -> None:
         "--append", action="store_true",
         help="add these policies to the published record of the same fleet, partition and options (a policy "
         "run again replaces its row) instead of replacing the record",
+    )  # fmt: skip
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help="record file (default bench/results/fleet-<fleet>[-correlated].json); its stem names the docs section",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reuse", type=Path, default=None,
+        help="a record of the same fleet, partition and options whose rows of the policies not run now are kept "
+        "(marked as reused, with their commit)",
     )  # fmt: skip
     parser.add_argument(
         "--partition", default="fleet", choices=PARTITIONS,
@@ -628,18 +669,23 @@ def main() -> None:
         "environment": environment_summary(),
         "policies": results,
     }
+    out = args.out or ROOT / "bench" / "results" / f"fleet-{record['results_name']}.json"
+    out = out if out.is_absolute() else Path.cwd() / out
+    if args.out is not None:
+        record["run_label"] = out.stem
+        record["results_file"] = str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out)
+    if args.reuse is not None:
+        record = reuse_rows(json.loads(args.reuse.read_text()), record, args.reuse.name)
     print(render(record))
     if not args.no_publish:
         from bench.common import write_section
 
-        name = record["results_name"]
-        out = ROOT / "bench" / "results" / f"fleet-{name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         if args.append and out.exists():
             record = merge_records(json.loads(out.read_text()), record)
         out.write_text(json.dumps(record, indent=1) + "\n")
-        write_section(f"fleet-{name}", render(record))
-        print(f"wrote {out.relative_to(ROOT)} and the fleet-{name} section of docs/benchmarks.md")
+        write_section(out.stem, render(record))
+        print(f"wrote {out} and the {out.stem} section of docs/benchmarks.md")
 
 
 if __name__ == "__main__":

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import pytest
 
 from nefl_edge.coordinator.assignment import (
     DEADLINE_MARGIN,
     ClientInfo,
     affordable_steps,
+    assign,
     capacity,
     projected_seconds,
     statistics_samples,
@@ -225,3 +227,135 @@ def test_the_engine_prices_the_carried_pass_and_shortens_the_task_of_a_device_to
         assert first is not None and second is not None and second < first, (
             f"the carried pass did not shorten the slow client's task ({first} then {second} steps)"
         )
+
+
+# The bench-device fleet (tests/hil/fleets/bench-device.toml) as the second fleet run saw it with the pass
+# priced (docs/benchmarks.md, device-correlated section): capacities per device, and its class speeds.
+FLEET_SPEEDS = {"pi-zero-2w-0": 1.0, "pi-zero-2w-1": 1.0, "pi4-0": 3.5, "pi4-1": 3.5, "pi5-0": 9.0, "orin-nano-0": 10.0}
+FLEET_CAPACITIES = {
+    "nefl-wd": {"pi-zero-2w-0": 0, "pi-zero-2w-1": 0, "pi4-0": 1, "pi4-1": 1, "pi5-0": 4, "orin-nano-0": 4},
+    "nefl-wd-distill": {"pi-zero-2w-0": 0, "pi-zero-2w-1": 0, "pi4-0": 0, "pi4-1": 0, "pi5-0": 4, "orin-nano-0": 4},
+}
+
+
+def naive_cover(caps: dict[str, int], last: dict[int, int], stretch: bool, subs: int = 5) -> dict[str, int]:
+    """The cover rule written out for a method whose tier t is submodel t (nefl-wd, 5 gammas), every client
+    reliable and proven, the ``weakest`` rule: each uncovered submodel, least recently trained first (ties: the
+    larger first), goes to the weakest client on a larger submodel that another client shares; failing that,
+    with ``stretch``, to the strongest client one tier below it or further whose submodel another client
+    shares and whose capacity + 1 reaches it."""
+    out = dict(caps)
+    for m in sorted(range(subs), key=lambda k: (last.get(k, -1), -k)):
+        if m in out.values():
+            continue
+        shared = [n for n in sorted(out) if list(out.values()).count(out[n]) >= 2]
+        down = [n for n in shared if out[n] > m]
+        up = [n for n in shared if out[n] < m <= caps[n] + 1] if stretch else []
+        if down:
+            out[min(down, key=lambda n: (caps[n], FLEET_SPEEDS[n]))] = m
+        elif up:
+            out[max(up, key=lambda n: (caps[n], FLEET_SPEEDS[n]))] = m
+    return out
+
+
+@pytest.mark.parametrize("stretch", [True, False])
+@pytest.mark.parametrize("method", ["nefl-wd", "nefl-wd-distill"])
+def test_on_the_bench_device_fleet_every_submodel_is_trained_every_few_rounds(method: str, stretch: bool) -> None:
+    # Prepare: the fleet's capacities; 6 devices for 5 submodels, two or four of them limited to submodel 0
+    strategy = get_strategy(method)
+    _, plan = strategy.setup(get_model_config("resnet-small", "fmnist"), (0.2, 0.4, 0.6, 0.8, 1.0))
+    caps = FLEET_CAPACITIES[method]
+    last: dict[int, int] = {}
+    rounds: list[dict[str, int]] = []
+
+    # Execute: 30 rounds, every assigned client's update kept (the engine's last_trained)
+    for r in range(1, 31):
+        got = assign(strategy, plan, caps, sorted(caps), True, FLEET_SPEEDS, None, 0, None,
+                     last_trained=last, stretch=stretch)  # fmt: skip
+        want = naive_cover(caps, last, stretch)
+        assert got == want, f"{method}, stretch {stretch}, round {r}: {got}; naive {want}"
+        rounds.append(got)
+        last.update({k: r for k in got.values()})
+
+    # Assert: the longest run of rounds without each submodel, and nobody beyond its capacity (+ 1 stretched)
+    k_max = {("nefl-wd", True): 1, ("nefl-wd", False): 2, ("nefl-wd-distill", True): 2}
+    k_max[("nefl-wd-distill", False)] = 3
+    for k in range(5):
+        trained_in = [r for r, got in enumerate(rounds, start=1) if k in got.values()]
+        gaps = [b - a for a, b in zip([0, *trained_in], [*trained_in, len(rounds) + 1])]
+        assert max(gaps) <= k_max[method, stretch], (
+            f"{method}, stretch {stretch}: submodel {k} trained in rounds {trained_in}, a gap of {max(gaps)} "
+            f"rounds > {k_max[method, stretch]}"
+        )
+    for got in rounds:
+        over = {n: k for n, k in got.items() if k > caps[n] + (1 if stretch else 0)}
+        assert not over, f"{method}, stretch {stretch}: clients beyond their capacity: {over} ({caps})"
+    # the old order (lowest uncovered submodel first, no history, no stretch) leaves one submodel untrained
+    old = assign(strategy, plan, caps, sorted(caps), True, FLEET_SPEEDS)
+    assert len(set(old.values())) < 5, f"{method}: the old rule already covered every submodel: {old}"
+
+
+def test_a_stretched_client_is_the_strongest_that_reaches_and_keeps_its_submodel_covered() -> None:
+    strategy = get_strategy("nefl-wd")
+    _, plan = strategy.setup(get_model_config("resnet-small", "fmnist"), (0.2, 0.4, 0.6, 0.8, 1.0))
+    speeds = {"a": 1.0, "b": 2.0, "c": 3.0}
+    # a and b share submodel 1, c is alone on 0: submodel 2 goes to b (faster of the two), never to c
+    got = assign(strategy, plan, {"a": 1, "b": 1, "c": 0}, ["a", "b", "c"], True, speeds, stretch=True)
+    assert got == {"a": 1, "b": 2, "c": 0}, f"stretch to submodel 2: {got}"
+    # three on submodel 1: the weakest goes down to 0, the fastest up to 2; 3 and 4 are beyond one tier
+    got = assign(strategy, plan, {"a": 1, "b": 1, "c": 1}, ["a", "b", "c"], True, speeds, stretch=True)
+    assert got == {"a": 0, "b": 1, "c": 2}, f"down to 0 (weakest) and up to 2 (fastest), nothing further: {got}"
+    # a random cover rule does not draw the stretched client: it is still the fastest
+    rng = np.random.default_rng(0)
+    fast_a = {"a": 5.0, "b": 2.0, "c": 3.0}
+    for _ in range(10):
+        got = assign(strategy, plan, {"a": 1, "b": 1, "c": 0}, ["a", "b", "c"], True, fast_a, rng, stretch=True)
+        assert got == {"a": 2, "b": 1, "c": 0}, f"random rule: the stretched client was drawn: {got}"
+    # an unreliable client is never stretched; without stretch nothing moves up
+    caps = {"a": 1, "b": 1, "c": 0}
+    got = assign(strategy, plan, caps, ["a", "b", "c"], True, speeds, stretch=True, unreliable=frozenset("b"))
+    assert got == caps, f"an unreliable client stretched, or its partner left alone: {got}"
+    assert assign(strategy, plan, caps, ["a", "b", "c"], True, speeds) == caps, "moved up without stretch"
+
+
+def test_the_engine_stretches_a_shared_client_to_the_uncovered_submodel_with_the_steps_that_fit() -> None:
+    # Prepare: "a" and "b" fit submodel 0's planned steps but not submodel 1's (b is the faster); "c" fits all.
+    # Without the stretch submodel 1 has no donor (c is alone on 2) and stays untrained every round.
+    strategy = get_strategy("nefl-wd")
+    config, plan = strategy.setup(get_model_config("resnet-small", "fmnist"), GAMMAS)
+    costs = [mflops(config, s) for s in plan.specs]
+    n, batch, deadline = 160, 32, 1e6
+    limit = DEADLINE_MARGIN * deadline
+    data = load_dataset(None, "train")
+    shards = {name: Dataset(data.x[i * n : (i + 1) * n], data.y[i * n : (i + 1) * n], name) for i, name in
+              enumerate(("a", "b", "c"))}  # fmt: skip
+    at_one = naive_seconds(1.0, costs[0], costs[1], n, batch, n // batch, 0, 0.0) / limit  # submodel 1 just fits
+    speeds = {"a": 0.7 * at_one, "b": 0.8 * at_one, "c": 1e6}
+    profiles = {k: DeviceProfile(**PROFILE, samples_per_s=v, probe_mflops=costs[0]) for k, v in speeds.items()}
+    for k in ("a", "b"):
+        assert naive_seconds(speeds[k], costs[0], costs[0], n, batch, n // batch, 0, 0.0) <= limit, f"{k}: no fit"
+    cfg = RunConfig(
+        gammas=list(GAMMAS), bn="tracked", evaluation="test", policy="deadline", deadline_s=deadline, rounds=3,
+        eval_every=100, fraction=1.0, min_clients=3, cover_submodels=True, cover_rule="weakest",
+        train=TrainConfig(lr=0.05, batch_size=batch),
+    )  # fmt: skip
+    engine = RoundEngine(strategy, cfg, config, plan)
+    grid = RecordingGrid(shards, profiles)
+    state = init_global_state(config, plan.specs, initial_consistent(config, 3), 3)
+
+    # Execute: three rounds
+    run_rounds(engine, grid, state, 0, lambda *args: None)
+
+    # Assert: every round b (the faster of the two sharing submodel 0) trains submodel 1 with the steps that fit
+    assert len(grid.sent) == 3, f"{len(grid.sent)} rounds of tasks"
+    for r, sent in enumerate(grid.sent, start=1):
+        got = {i.node: (i.submodel, i.train.max_steps) for i in sent}
+        steps = got["b"][1]
+        assert got["a"] == (0, None) and got["c"] == (2, None), f"round {r}: {got}"
+        assert got["b"][0] == 1 and steps is not None, f"round {r}: b was not stretched to submodel 1: {got}"
+
+        def t(s: int) -> float:
+            return naive_seconds(speeds["b"], costs[0], costs[1], n, batch, s, 0, 0.0)
+
+        assert t(steps) <= limit < t(steps + 1), f"round {r}: b got {steps} steps; naive {t(steps)}, {t(steps + 1)}"
+    assert engine.last_trained == {0: 3, 1: 3, 2: 3}, f"the engine's record of trained rounds: {engine.last_trained}"

@@ -22,6 +22,7 @@ from bench.fleet import (
     goal_lines,
     merge_records,
     policy_args,
+    reuse_rows,
     round_ends,
     serve_args,
     summarize,
@@ -242,3 +243,29 @@ def test_appending_policies_keeps_the_record_and_refuses_other_settings() -> Non
         merge_records(old, record(["nefl-distill-deadline"], budget_s=60.0))
     with pytest.raises(ValueError):
         merge_records(old, {**new, "partition": "fleet"})
+
+
+def test_reusing_rows_keeps_the_new_record_and_names_where_the_reused_rows_came_from() -> None:
+    def record(policies: list[str], commit: str, **options: object) -> dict[str, Any]:
+        opts = {"fleet": "bench-device", "budget_s": 300.0, "policies": ",".join(policies), "out": None}
+        opts.update(options)
+        return {
+            "options": opts, "fleet": [{"node": "a"}], "partition": "device-correlated", "command": f"c-{commit}",
+            "commit": commit, "date": "d", "wall_s": 1,
+            "policies": [{"policy": p, "rounds": i} for i, p in enumerate(policies)],
+        }  # fmt: skip
+
+    old = record(["nefl-deadline", "fedavg-full-wait", "fedavg-full-drop", "fedavg-smallest"], "old")
+    new = record(["nefl-distill-deadline", "nefl-deadline"], "new", out="x.json", reuse="y.json")
+
+    merged = reuse_rows(old, new, "y.json")
+
+    names = [p["policy"] for p in merged["policies"]]
+    assert names == ["nefl-deadline", "fedavg-full-wait", "fedavg-full-drop", "fedavg-smallest",
+                     "nefl-distill-deadline"], f"rows or their order: {names}"  # fmt: skip
+    assert merged["policies"][0]["rounds"] == 1, "a policy run now must keep its new row, not the reused one"
+    assert merged["commit"] == "new", f"the record's commit is the reused one: {merged['commit']}"
+    assert merged["reused"]["policies"] == ["fedavg-full-wait", "fedavg-full-drop", "fedavg-smallest"], merged
+    assert (merged["reused"]["commit"], merged["reused"]["file"]) == ("old", "y.json"), merged["reused"]
+    with pytest.raises(ValueError, match="budget_s"):
+        reuse_rows(old, record(["nefl-deadline"], "new", budget_s=60.0), "y.json")

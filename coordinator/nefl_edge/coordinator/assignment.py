@@ -14,6 +14,13 @@ The strategy then maps a capacity to one of its submodels (``Strategy.assign``).
 assignment is rebalanced so that every submodel of the method gets at least one client when the selected
 clients can afford it: a client may always train a smaller submodel than it can afford, as in the paper,
 where each client trains the submodel its tier allows and the tiers cover every submodel.
+
+When the selected clients cannot cover every submodel in one round (six devices, five submodels, two of the
+devices limited to the smallest), :func:`assign` spreads the gap over rounds: the uncovered submodel trained
+least recently gets the donor first (``last_trained``), and under the deadline policy with ``fit_steps`` a
+client with a duplicate on its submodel may train one tier above its capacity, with the local steps that fit
+(``stretch``). Nested weights do not make this unnecessary: a submodel's own slice (its widest channels and
+deepest blocks) and its BatchNorm and step-size parameters are trained only by the clients that train it.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Mapping, Optional
 
 import numpy as np
 
@@ -186,6 +193,8 @@ def assign(
     window_rng: Optional[np.random.Generator] = None,
     unreliable: frozenset[str] = frozenset(),
     unproven: frozenset[str] = frozenset(),
+    last_trained: Optional[Mapping[int, int]] = None,
+    stretch: bool = False,
 ) -> dict[str, int]:
     """Submodel per selected client. With ``window`` (and its generator ``window_rng``), a client of capacity
     ``t`` trains the submodel of a tier drawn uniformly from :func:`window_tiers`, as the paper's code does
@@ -199,7 +208,23 @@ def assign(
     its last one was rejected or left out) is never the only cover either: a second client joins it, a proven
     one where there is one (the engine passes ``unproven`` with ``aggregation = "robust"``: a device that
     claims a tier nobody else has and then never answers would otherwise take that submodel's first round,
-    issue 22). This departs from the paper, where every client trains the submodel of its tier."""
+    issue 22). This departs from the paper, where every client trains the submodel of its tier.
+
+    When the donors cannot cover every submodel at once, the rule spreads the gap over rounds. The uncovered
+    submodels are served in the order of ``last_trained`` (submodel -> the last round a client's update of it
+    was kept; never trained first; among equals the larger first, the one fewer clients can move down to;
+    without it, the lowest index first as before), so the one trained least recently gets the donor. With
+    ``stretch`` (the engine passes it under the deadline policy with ``fit_steps``), a submodel that no donor
+    can take goes to a client that shares a smaller submodel with another client and whose tier one above its
+    capacity reaches it (the highest capacity, then the fastest; never drawn, even with ``rng``); the engine
+    gives that client the local steps that fit its deadline (:func:`affordable_steps`, FedProx's partial
+    work). Where this departs from NeFL (Kang et al. 2023, arXiv 2308.07761): the paper assigns each client
+    the submodel its capacity allows; the authors' code (``honggkang/nested-federated-learning``) draws each
+    client's submodel every round from a window around its tier, which may exceed the capacity (``window``
+    here), so that over the rounds every submodel is drawn. The recency order and the one-tier stretch are
+    ours: they give every submodel a client every few rounds on a fleet too small or too slow to cover them
+    all, without drawing tiers a slow device cannot meet (tests/test_assignment.py models the rule naively on
+    the bench-device fleet's capacities)."""
     if window and window_rng is not None:
         drawn = {n: int(window_rng.choice(window_tiers(plan, capacities[n], window))) for n in sorted(selected)}
         afford = {n: strategy.assign(plan, drawn[n]) for n in selected}
@@ -209,7 +234,11 @@ def assign(
     if not cover and not unreliable and not unproven:
         return out
     speeds = speeds or {}
-    for missing in range(len(plan.specs)):
+    order = list(range(len(plan.specs)))
+    if last_trained is not None:  # the least recently trained first (never: first of all), then the larger
+        order.sort(key=lambda k: (last_trained.get(k, -1), -k))
+    last_tier = len(plan.tier_submodel) - 1
+    for missing in order:
         covers = [n for n, k in out.items() if k == missing]
         trusted = [n for n in covers if n not in unreliable]
         if trusted and (len(trusted) > 1 or trusted[0] not in unproven):
@@ -219,6 +248,12 @@ def assign(
         counts = Counter(k for n, k in out.items() if n not in unreliable)
         donors = [n for n, k in out.items() if k > missing and counts[k] > 1 and n not in unreliable]
         donors = [n for n in donors if n not in unproven] or donors
+        if not donors and stretch and cover and not covers:
+            donors = _stretch_donors(strategy, plan, capacities, out, counts, missing, last_tier)
+            donors = [n for n in donors if n not in unreliable and n not in unproven]
+            if donors:  # the strongest, never a draw: the stretched task loses the fewest of its steps
+                out[max(sorted(donors), key=lambda n: (capacities[n], speeds.get(n, 0.0)))] = missing
+            continue
         if not donors:
             continue
         if rng is not None:
@@ -227,3 +262,25 @@ def assign(
             node = min(sorted(donors), key=lambda n: (capacities[n], speeds.get(n, 0.0)))
         out[node] = missing
     return out
+
+
+def _stretch_donors(
+    strategy: Strategy,
+    plan: Plan,
+    capacities: dict[str, int],
+    out: dict[str, int],
+    counts: Counter[int],
+    missing: int,
+    last_tier: int,
+) -> list[str]:
+    """Clients that may train submodel ``missing`` one tier above their capacity: another client shares their
+    current submodel, which is smaller than ``missing``, and the submodel of their capacity's next tier is at
+    least ``missing``."""
+    found = []
+    for n, k in out.items():
+        if k >= missing or counts[k] < 2 or capacities[n] >= last_tier:
+            continue
+        reach = strategy.assign(plan, capacities[n] + 1)
+        if reach is not None and reach >= missing:
+            found.append(n)
+    return found

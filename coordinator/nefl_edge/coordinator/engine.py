@@ -155,6 +155,9 @@ class RoundEngine:
         (see the module docstring; ``cadence.run_rounds`` sets it, the caller then finishes a round that
         :meth:`owes` them after the next one)."""
         self.owed: Optional[Owed] = None
+        self.last_trained: dict[int, int] = {}
+        """The last round in which an update of each submodel was kept (the cover rule serves the submodel
+        trained least recently first: ``assignment.assign``)."""
 
     @property
     def carries(self) -> bool:
@@ -219,6 +222,8 @@ class RoundEngine:
             self.rng,
             unreliable,
             unproven,
+            self.last_trained,
+            cfg.policy == "deadline" and cfg.fit_steps,  # one tier up for an uncovered submodel, its steps fit
         )
         lr, holdout = cfg.lr_at(r), self.holdout  # once a round, not once per client (10,000 at scale)
         instructions = [
@@ -280,6 +285,7 @@ class RoundEngine:
         aggregating = time.monotonic()
         trained = Counter(c["submodel"] for c in report.clients if c["status"] == "updated")
         report.untrained = [k for k in range(len(self.plan.specs)) if not trained[k]]
+        self.last_trained.update({k: r for k in trained})
         if report.updates >= cfg.min_updates:
             state = agg.result()
             report.aggregated = True

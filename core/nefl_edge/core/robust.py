@@ -40,7 +40,7 @@ covers. Here, per round (:func:`robust_aggregate`):
    limits serve only the cosines of this step, which compare directions against a median centre. Measured
    price (paper preset, Dirichlet seeds 0-1, docs/benchmarks.md "Robust or exact"): the worst tier ends 1.5
    and 1.1 points lower than with the limits of step 1 kept, on honest runs only (their left-out updates
-   are honest ones, and without them the median norm is lower).
+   are honest ones, likely larger, and without them the median norm is lower: not verified).
 3. **Weights.** Sample counts (or 1 with ``uniform`` weighting) are capped at ``max_weight`` times the
    round's median weight, so a client that claims more samples than the others cannot take more than that
    share of any average.

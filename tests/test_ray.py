@@ -137,6 +137,28 @@ def test_local_ray_gives_the_serial_state_and_puts_once_per_round(
     assert not ray.is_initialized(), "simulate left Ray initialised in this process"
 
 
+@pytest.mark.slow  # a local Ray starts: 3 s on a quiet host, 10-20 s under load
+def test_a_local_ray_gets_the_wait_policy_from_the_environment_not_a_runtime_env(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ray = ray_or_skip()
+    from nefl_edge.coordinator.ray_grid import RayGrid, RayOptions
+    from nefl_edge.coordinator.training_options import TorchOptions
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    grid = RayGrid({}, {}, "fedavg-full", TorchOptions(), RayOptions())
+    try:
+        job_env = dict(ray.get_runtime_context().runtime_env)
+        policy = ray.remote(num_cpus=1)(lambda: os.environ.get("OMP_WAIT_POLICY"))
+        seen = ray.get([policy.remote() for _ in range(2)], timeout=120)
+    finally:
+        grid.close()
+
+    assert job_env == {}, f"a local Ray's job has a runtime environment {job_env}: its workers start on first use"
+    assert seen == ["PASSIVE", "PASSIVE"], f"the workers' OMP_WAIT_POLICY is {seen}, not PASSIVE"
+    assert "OMP_WAIT_POLICY" not in os.environ, "starting Ray left OMP_WAIT_POLICY set in the driver's environment"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

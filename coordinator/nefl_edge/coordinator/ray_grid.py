@@ -22,6 +22,15 @@ that joins the cluster is used from the next round), and the per-round payload i
 client's instruction. The evaluation step (federated BatchNorm statistics, federated evaluation) runs as tasks
 too, one per request, with the exact code of ``InProcessGrid.evaluate``.
 
+Start-up (issue 24: Ray was 6.6 % slower than ``--workers 2`` on the Flower benchmark's job): a local Ray gets
+the workers' environment (``OMP_WAIT_POLICY``) from the driver's, which its processes inherit, not as a job
+``runtime_env``. ``ray.init`` prestarts a worker per CPU, but a job with a runtime environment gets workers
+started for it on its first tasks (Ray 2.60, at nice 19 on the shared 2-core host: two trivial first tasks took
+0.19 s on the two prestarted workers without one, 0.82 s on a single new worker with ``env_vars`` only; Ray's
+own release test ``benchmark_worker_startup.py`` times worker start-up with and without a runtime env). Not
+done, as it would not pay: warm-up tasks when the grid is made (the first round's tasks follow within
+milliseconds and do the same imports; the coordinator's own set-up, loading the data, is over by then).
+
 Ray is imported only when a :class:`RayGrid` is made, so that the CLI starts without it.
 """
 
@@ -161,12 +170,12 @@ class RayGrid(InProcessGrid):
         self.opts = replace(opts, device="cuda" if ray_options.client_gpus > 0 else "cpu")
         ray = self.ray = import_ray()
         self.started = False
+        self._shards: dict[str, Any] = {}  # node -> object reference of its shard, put once per run
         if not ray.is_initialized():
             self._connect(ray, ray_options.address)
         resources = {"num_cpus": ray_options.client_cpus, "num_gpus": ray_options.client_gpus}
         self._train = ray.remote(**resources)(_train_task)
         self._evaluate = ray.remote(**resources)(_evaluate_task)
-        self._shards: dict[str, Any] = {}  # node -> object reference of its shard, put once per run
         self.puts = 0
         """Objects this grid put into the object store (shards, states, submodel weights)."""
         self.nodes: Counter[str] = Counter()
@@ -176,17 +185,22 @@ class RayGrid(InProcessGrid):
         # Usage statistics would be reported to Ray's servers from a cluster we start: off unless the user says.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # OpenMP threads of an idle PyTorch worker wait passively: spinning ones take the CPU of the task beside.
-        runtime_env = {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}
-        common: dict[str, Any] = {"logging_level": "WARNING", "runtime_env": runtime_env}
-        if address is not None:
-            check_reachable(address)
+        # A local Ray's processes inherit it from this one's environment (its prestarted workers then serve the
+        # first tasks); a cluster's workers get it as the job's runtime environment.
+        policy = os.environ.get("OMP_WAIT_POLICY")
         try:
             if address is None:
-                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **common)
+                os.environ["OMP_WAIT_POLICY"] = policy or "PASSIVE"
+                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="WARNING")
             else:
-                ray.init(address=address, **common)
+                check_reachable(address)
+                runtime_env = {"env_vars": {"OMP_WAIT_POLICY": policy or "PASSIVE"}}
+                ray.init(address=address, logging_level="WARNING", runtime_env=runtime_env)
         except ConnectionError as e:
             raise ConfigError(f"--ray-address {address}: no Ray cluster answers there ({e})") from e
+        finally:
+            if policy is None:  # this process's own OpenMP read its policy when torch was imported
+                os.environ.pop("OMP_WAIT_POLICY", None)
         self.started = True
         cluster = ray.cluster_resources()
         if cluster.get("CPU", 0) < self.ray_options.client_cpus or cluster.get("GPU", 0) < self.ray_options.client_gpus:

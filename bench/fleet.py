@@ -650,7 +650,10 @@ def main() -> None:
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "wall_s": round(time.time() - started),
-        "options": {**{k: v for k, v in vars(args).items() if k != "workdir"}, "fleet": spec.name},
+        "options": {
+            **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "workdir"},
+            "fleet": spec.name,
+        },
         "fleet": described,
         "classes_count": counts,
         "core_per_speed": spec.core_per_speed,

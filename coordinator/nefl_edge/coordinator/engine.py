@@ -47,6 +47,7 @@ import numpy as np
 
 from nefl_edge.coordinator.assignment import (
     DEADLINE_MARGIN,
+    FORWARD_SHARE,
     ClientInfo,
     affordable_steps,
     assign,
@@ -518,7 +519,7 @@ class RoundEngine:
                     self._task_train.get(outcome.node, self.cfg.train),
                 )
                 * self.cfg.train.batch_size
-                + (self._statistics_samples(outcome) // 3 if carried else 0),
+                + (self._statistics_samples(outcome) // round(1 / FORWARD_SHARE) if carried else 0),
                 outcome.seconds,
                 self.cfg.deadline_s,
                 status == "updated",
